@@ -1,0 +1,44 @@
+"""Every AnnData key and registry name used by scmixvae, in one place."""
+
+from __future__ import annotations
+
+#: Default ``key_added`` of the ``tl`` verbs; results land in ``obs[f"{key}_type"]`` etc.
+DEFAULT_KEY = "cplmixvae"
+#: Default ``key_added`` of :func:`scmixvae.tl.rank_state_genes`.
+DEFAULT_STATE_GENES_KEY = "cplmixvae_state_genes"
+
+#: Scale factor used to library-normalise counts before ``log1p`` (encoder input, Gaussian target).
+NORMALISATION_SCALE = 1e4
+
+#: Environment variable that points the dataset loaders at a local folder of ``.h5ad`` files.
+DATA_DIR_ENV = "SCMIXVAE_DATA_DIR"
+
+
+def type_key(key: str) -> str:
+    """``obs`` column of the consensus type."""
+    return f"{key}_type"
+
+
+def confidence_key(key: str) -> str:
+    """``obs`` column of the consensus confidence."""
+    return f"{key}_confidence"
+
+
+def agreement_key(key: str) -> str:
+    """``obs`` column: whether all agents agree with the consensus."""
+    return f"{key}_agree"
+
+
+def agent_type_key(key: str, agent: int) -> str:
+    """``obs`` column of one agent's type."""
+    return f"{key}_agent{agent}_type"
+
+
+def state_key(key: str) -> str:
+    """``obsm`` key of the state latent."""
+    return f"X_{key}_state"
+
+
+def category_name(k: int) -> str:
+    """Name of category ``k`` as written to AnnData (strings, so that the columns are categorical)."""
+    return str(k)
