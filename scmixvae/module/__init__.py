@@ -1,0 +1,6 @@
+"""Torch modules of scmixvae."""
+
+from ._components import StackedBatchNorm, StackedLinear, StackedMLP
+from ._module import CplMixVAEModule, check_temperature
+
+__all__ = ["CplMixVAEModule", "StackedBatchNorm", "StackedLinear", "StackedMLP", "check_temperature"]

@@ -1,0 +1,157 @@
+"""Checks of user input, raised before any work starts."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import scipy.sparse as sp
+from anndata import AnnData
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 10_000
+
+
+def _iter_chunks(matrix):
+    """Yield row blocks of a dense, sparse or backed matrix as dense-or-sparse in-memory arrays."""
+    n = matrix.shape[0]
+    for start in range(0, n, _CHUNK):
+        block = matrix[start : start + _CHUNK]
+        yield block
+
+
+def _values(block) -> np.ndarray:
+    if sp.issparse(block):
+        return np.asarray(block.data)
+    return np.asarray(block)
+
+
+def get_matrix(adata: AnnData, layer: str | None):
+    """Return ``adata.X`` or ``adata.layers[layer]`` with a clear error when the layer is missing."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+    if layer is None:
+        if adata.X is None:
+            raise ValueError("adata.X is empty; pass `layer=` naming the layer that holds the raw counts.")
+        return adata.X
+    if not isinstance(layer, str):
+        raise TypeError(f"`layer` must be a string or None, got {type(layer).__name__}.")
+    if layer not in adata.layers:
+        raise ValueError(
+            f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys())}). "
+            "Pass the name of the layer that holds the raw counts, or layer=None for adata.X."
+        )
+    return adata.layers[layer]
+
+
+def check_counts(adata: AnnData, layer: str | None = None) -> None:
+    """Check that the registered matrix holds raw counts.
+
+    Raises a :class:`ValueError` for NaN or infinite values, negative or non-integer values, and cells
+    without any count; warns about genes without any count (they are kept; they cost time and carry no
+    information, remove them with ``sc.pp.filter_genes(adata, min_counts=1)``).
+    """
+    matrix = get_matrix(adata, layer)
+    where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if adata.n_obs == 0 or adata.n_vars == 0:
+        raise ValueError(f"{where} is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    dtype = getattr(matrix, "dtype", None)
+    if dtype is not None and not (np.issubdtype(dtype, np.number) or dtype == bool):
+        raise TypeError(f"{where} has dtype {dtype}; raw counts must be numeric (integers stored as int or float).")
+    cell_totals = np.zeros(adata.n_obs)
+    gene_totals = np.zeros(adata.n_vars)
+    start = 0
+    for block in _iter_chunks(matrix):
+        values = _values(block)
+        if values.size:
+            if not np.all(np.isfinite(values)):
+                raise ValueError(
+                    f"{where} contains NaN or infinite values. Raw counts are finite; remove or fix these entries."
+                )
+            if values.min() < 0:
+                raise ValueError(
+                    f"{where} contains negative values: the model needs raw counts. If the counts are in a layer, "
+                    "pass `layer=` to setup_anndata."
+                )
+            if not np.all(np.equal(np.mod(values, 1), 0)):
+                raise ValueError(
+                    f"{where} contains non-integer values: the model needs raw (integer) counts, not normalised or "
+                    "log-transformed data. Pass `layer=` naming the layer with the raw counts "
+                    "(e.g. adata.layers['counts'])."
+                )
+        n = block.shape[0]
+        cell_totals[start : start + n] = np.asarray(block.sum(axis=1)).ravel()
+        gene_totals += np.asarray(block.sum(axis=0)).ravel()
+        start += n
+    empty_cells = np.flatnonzero(cell_totals == 0)
+    if empty_cells.size:
+        names = ", ".join(map(str, adata.obs_names[empty_cells[:5]]))
+        raise ValueError(
+            f"{empty_cells.size} cells have no counts in {where} (e.g. {names}). Remove them first, e.g. "
+            "`sc.pp.filter_cells(adata, min_counts=1)`."
+        )
+    n_empty_genes = int((gene_totals == 0).sum())
+    if n_empty_genes:
+        warnings.warn(
+            f"{n_empty_genes} genes have no counts in {where}; they are kept but carry no information. "
+            "Remove them with `sc.pp.filter_genes(adata, min_counts=1)`.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def check_unique_names(adata: AnnData) -> None:
+    """Raise for duplicated ``obs_names`` or ``var_names``."""
+    for axis, names in (("obs_names", adata.obs_names), ("var_names", adata.var_names)):
+        if not names.is_unique:
+            dup = names[names.duplicated()].unique()[:5].tolist()
+            fix = "adata.obs_names_make_unique()" if axis == "obs_names" else "adata.var_names_make_unique()"
+            raise ValueError(f"adata.{axis} has duplicates (e.g. {dup}); call `{fix}` first.")
+
+
+def check_obs_keys(adata: AnnData, **keys: str | list[str] | None) -> None:
+    """Raise a clear error for keys that are not columns of ``adata.obs``."""
+    for arg, value in keys.items():
+        if value is None:
+            continue
+        values = [value] if isinstance(value, str) else value
+        if not isinstance(values, list | tuple) or not all(isinstance(v, str) for v in values):
+            raise TypeError(f"`{arg}` must be a column name (str) or a list of them, got {value!r}.")
+        missing = [v for v in values if v not in adata.obs.columns]
+        if missing:
+            raise ValueError(
+                f"`{arg}`: column(s) {missing} not found in adata.obs (available: {list(adata.obs.columns)})."
+            )
+
+
+def check_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
+    """Validate an integer parameter."""
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} ({value!r}).")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"`{name}` must be {bound}, got {value}.")
+    return int(value)
+
+
+def check_float(name: str, value, *, minimum: float = 0.0, maximum: float | None = None, strict: bool = False):
+    """Validate a real parameter (``strict``: strictly above ``minimum``)."""
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
+    value = float(value)
+    if not np.isfinite(value) or value < minimum or (strict and value == minimum) or (
+        maximum is not None and value > maximum
+    ):
+        lo = f"> {minimum}" if strict else f">= {minimum}"
+        hi = "" if maximum is None else f" and <= {maximum}"
+        raise ValueError(f"`{name}` must be {lo}{hi}, got {value}.")
+    return value
+
+
+def check_choice(name: str, value, choices) -> str:
+    """Validate a string option."""
+    if value not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+    return value

@@ -1,0 +1,386 @@
+"""The coupled mixture VAE as an scvi-tools model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager
+from scvi.data.fields import (
+    CategoricalJointObsField,
+    CategoricalObsField,
+    LayerField,
+    NumericalJointObsField,
+)
+from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
+
+from .. import _validation as check
+from .._constants import category_name
+from ..module import CplMixVAEModule
+from ..module._module import Likelihood
+from ..train import CplMixVAETrainingPlan
+
+logger = logging.getLogger(__name__)
+
+
+class CplMixVAE(UnsupervisedTrainingMixin, BaseModelClass):
+    """Coupled mixture VAE (cpl-mixVAE): cell types and continuous within-type states.
+
+    ``n_agents`` autoencoders that share no weights each see their own augmented copy of a cell and
+    infer a category (the type) and a continuous state conditioned on it; a coupling loss pulls the
+    agents' categorical posteriors together, so the category is what survives within-type
+    perturbation. See the user guide for the generative story and the loss.
+
+    Parameters
+    ----------
+    adata
+        AnnData registered with :meth:`setup_anndata`; raw counts.
+    n_agents
+        Number of coupled agents ``A`` (published: 2).
+    n_categories
+        Number of categories ``K`` (published: a little above the expected number of types).
+    n_state
+        Dimension of the continuous state latent (published: 2).
+    n_hidden
+        Width of the hidden layers (published: 100).
+    n_layers
+        Hidden layers of each encoder and decoder.
+    n_latent
+        Width of the encoder trunk's output (published: 10).
+    likelihood
+        ``"nb"`` or ``"zinb"`` on counts with the observed library size as offset, or ``"gaussian"``
+        on log1p of library-normalised expression (the published squared error).
+    input_dropout
+        Independent per-agent input dropout at training time (published: 0.5).
+    tau
+        Temperature of the categorical head; ``None`` ties it to ``1 / K`` (published: 0.005 at K = 120).
+        A warning is raised when it does not fit ``K``.
+    beta
+        Weight of the state KL divergence (published: 1).
+    coupling_weight
+        Weight ``lambda`` of the coupling distance (published: 1).
+    **module_kwargs
+        Further keyword arguments of :class:`~scmixvae.module.CplMixVAEModule`
+        (``dispersion``, ``gumbel_temperature``, ``coupling``).
+
+    Examples
+    --------
+    >>> import scmixvae
+    >>> adata = scmixvae.data.simulate(n_cells=3000, n_genes=1000, n_types=8)
+    >>> scmixvae.model.CplMixVAE.setup_anndata(adata)
+    >>> model = scmixvae.model.CplMixVAE(adata, n_categories=8)
+    >>> model.train(max_epochs=50)
+    >>> adata.obs["type_pred"] = model.predict()
+    >>> adata.obsm["X_state"] = model.get_latent_representation()
+    """
+
+    _module_cls = CplMixVAEModule
+    _training_plan_cls = CplMixVAETrainingPlan
+
+    def __init__(
+        self,
+        adata: AnnData | None = None,
+        *,
+        n_agents: int = 2,
+        n_categories: int = 10,
+        n_state: int = 2,
+        n_hidden: int = 100,
+        n_layers: int = 2,
+        n_latent: int = 10,
+        likelihood: Likelihood = "nb",
+        input_dropout: float = 0.5,
+        tau: float | None = None,
+        beta: float = 1.0,
+        coupling_weight: float = 1.0,
+        **module_kwargs,
+    ):
+        super().__init__(adata)
+        check.check_int("n_agents", n_agents, minimum=1)
+        check.check_int("n_categories", n_categories, minimum=1)
+        check.check_int("n_state", n_state, minimum=1)
+        check.check_int("n_hidden", n_hidden, minimum=1)
+        check.check_int("n_layers", n_layers, minimum=1)
+        check.check_int("n_latent", n_latent, minimum=1)
+        check.check_choice("likelihood", likelihood, ("nb", "zinb", "gaussian"))
+        check.check_float("input_dropout", input_dropout, maximum=0.95)
+        check.check_float("beta", beta)
+        check.check_float("coupling_weight", coupling_weight)
+        if tau is not None:
+            check.check_float("tau", tau, strict=True)
+        if adata is not None and n_categories > adata.n_obs:
+            raise ValueError(f"n_categories={n_categories} is larger than the number of cells ({adata.n_obs}).")
+
+        n_cats_per_cov = None
+        if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
+            n_cats_per_cov = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
+        self.module = self._module_cls(
+            n_input=self.summary_stats.n_vars,
+            n_agents=n_agents,
+            n_categories=n_categories,
+            n_state=n_state,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_latent=n_latent,
+            n_batch=self.summary_stats.n_batch,
+            n_cats_per_cov=n_cats_per_cov,
+            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
+            likelihood=likelihood,
+            input_dropout=input_dropout,
+            tau=tau,
+            beta=beta,
+            coupling_weight=coupling_weight,
+            **module_kwargs,
+        )
+        self._model_summary_string = (
+            f"CplMixVAE model with the following parameters: \nn_agents: {n_agents}, n_categories: {n_categories}, "
+            f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
+            f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
+            f"beta: {beta}, coupling_weight: {coupling_weight}."
+        )
+        self.init_params_ = self._get_init_params(locals())
+
+    @classmethod
+    def setup_anndata(
+        cls,
+        adata: AnnData,
+        layer: str | None = None,
+        batch_key: str | None = None,
+        labels_key: str | None = None,
+        categorical_covariate_keys: list[str] | None = None,
+        continuous_covariate_keys: list[str] | None = None,
+        **kwargs,
+    ) -> None:
+        """Register an AnnData object with raw counts for :class:`CplMixVAE`.
+
+        The counts are checked first (finite, non-negative integers, no empty cell); nothing of
+        ``adata`` is changed apart from scvi-tools' registry entries (``uns["_scvi_uuid"]``,
+        ``uns["_scvi_manager_uuid"]``).
+
+        Parameters
+        ----------
+        adata
+            AnnData with raw counts in ``X`` or in ``layer``.
+        layer
+            Layer holding the raw counts; ``None`` for ``X``.
+        batch_key
+            ``obs`` column of the batch, injected one-hot into every agent's encoder and decoder.
+        labels_key
+            ``obs`` column of known labels (not used in training; kept for downstream comparisons).
+        categorical_covariate_keys
+            ``obs`` columns of further categorical covariates (one-hot, like the batch).
+        continuous_covariate_keys
+            ``obs`` columns of continuous covariates.
+        """
+        check.check_unique_names(adata)
+        check.check_obs_keys(
+            adata,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+            continuous_covariate_keys=continuous_covariate_keys,
+        )
+        check.check_counts(adata, layer)
+        setup_method_args = cls._get_setup_method_args(**locals())
+        anndata_fields = [
+            LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
+            CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
+            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
+            NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
+        ]
+        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager.register_fields(adata, **kwargs)
+        cls.register_manager(adata_manager)
+
+    # ------------------------------------------------------------------ read-outs
+    @property
+    def n_categories(self) -> int:
+        """Number of categories that survive pruning."""
+        return self.module.n_active_categories
+
+    @property
+    def category_names(self) -> list[str]:
+        """Names of the surviving categories (their index among the initial ``n_categories``)."""
+        return [category_name(k) for k in np.flatnonzero(self.module.category_mask.cpu().numpy())]
+
+    @torch.inference_mode()
+    def _posteriors(
+        self,
+        adata: AnnData | None,
+        indices: Sequence[int] | None,
+        batch_size: int | None,
+        *,
+        state: Literal["own", "consensus"] | None = None,
+        give_mean: bool = True,
+    ) -> tuple[pd.Index, np.ndarray, np.ndarray | None]:
+        """Category posteriors ``(A, n, K)`` and optionally state latents ``(A, n, S)`` of the real cells."""
+        self._check_if_trained(warn=True)
+        adata = self._validate_anndata(adata)
+        if indices is None:
+            indices = np.arange(adata.n_obs)
+        indices = np.asarray(indices)
+        dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        module = self.module
+        was_training = module.training
+        module.eval()
+        qs, states = [], []
+        try:
+            for tensors in dl:
+                out = module.inference(**module._get_inference_input(tensors))
+                q = out["q"]
+                qs.append(q.cpu())
+                if state is None:
+                    continue
+                if state == "consensus":
+                    consensus = q.mean(0).argmax(-1)
+                    c = torch.nn.functional.one_hot(consensus, module.n_categories).float().expand(module.n_agents, -1, -1)
+                    mean, var = module.state_posterior(out["h"], c)
+                else:
+                    mean, var = out["qs_m"], out["qs_v"]
+                states.append((mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)).cpu())
+        finally:
+            module.train(was_training)
+        active = module.category_mask.cpu().numpy()
+        q = torch.cat(qs, dim=1).numpy()[..., active]
+        s = torch.cat(states, dim=1).numpy() if states else None
+        return adata.obs_names[indices], q, s
+
+    def _check_agent(self, agent: int | None) -> None:
+        if agent is not None:
+            check.check_int("agent", agent, minimum=0, maximum=self.module.n_agents - 1)
+
+    def get_category_probabilities(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        agent: int | None = None,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Posterior probability of each surviving category, one column per category.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the training genes; defaults to the one the model was set up with.
+        indices
+            Cells to use; all by default.
+        agent
+            One agent's posterior ``q_a(c | x)``; ``None`` averages over the agents (the consensus).
+        batch_size
+            Minibatch size (``scvi.settings.batch_size`` by default).
+        """
+        self._check_agent(agent)
+        names, q, _ = self._posteriors(adata, indices, batch_size)
+        probs = q.mean(0) if agent is None else q[agent]
+        return pd.DataFrame(probs, index=names, columns=self.category_names)
+
+    def predict(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        soft: bool = False,
+        agent: int | None = None,
+        batch_size: int | None = None,
+    ) -> pd.Series | pd.DataFrame:
+        """Consensus category of each cell: the argmax of the agents' mean posterior.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_category_probabilities`.
+        soft
+            Return the probabilities (one column per category) instead of the labels.
+        agent
+            Use one agent's posterior instead of the consensus.
+
+        Returns
+        -------
+        A categorical :class:`~pandas.Series` of category names indexed by ``obs_names``, or a
+        :class:`~pandas.DataFrame` when ``soft=True``.
+        """
+        probs = self.get_category_probabilities(adata, indices, agent=agent, batch_size=batch_size)
+        if soft:
+            return probs
+        labels = pd.Categorical(probs.columns[probs.to_numpy().argmax(1)], categories=probs.columns)
+        return pd.Series(labels, index=probs.index, name="category")
+
+    def get_latent_representation(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        agent: int | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+    ) -> np.ndarray:
+        """Continuous state latent of each cell, ``(n_cells, n_state)``.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_category_probabilities`.
+        agent
+            ``None`` (consensus): agent 0's state posterior conditioned on the consensus category, so
+            that cells of one type share one state space. An integer: that agent's state posterior
+            conditioned on its own category.
+        give_mean
+            Return the posterior mean rather than a sample.
+        """
+        self._check_agent(agent)
+        _, _, s = self._posteriors(
+            adata, indices, batch_size, state="consensus" if agent is None else "own", give_mean=give_mean
+        )
+        return s[0 if agent is None else agent]
+
+    def get_agent_agreement(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Fraction of cells on which each pair of agents assigns the same category, ``(A, A)``."""
+        _, q, _ = self._posteriors(adata, indices, batch_size)
+        labels = q.argmax(-1)
+        agents = [f"agent{a}" for a in range(q.shape[0])]
+        agree = (labels[:, None, :] == labels[None, :, :]).mean(-1)
+        return pd.DataFrame(agree, index=agents, columns=agents)
+
+    def get_consensus_matrix(
+        self,
+        agent_a: int = 0,
+        agent_b: int = 1,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        normalize: bool = True,
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Co-assignment matrix of two agents over the surviving categories.
+
+        Entry ``(k, l)`` counts the cells that agent ``agent_a`` puts in ``k`` and ``agent_b`` in ``l``;
+        with ``normalize=True`` each row is divided by its sum (rows of empty categories stay zero), so
+        the diagonal is the per-category consensus.
+        """
+        self._check_agent(agent_a)
+        self._check_agent(agent_b)
+        _, q, _ = self._posteriors(adata, indices, batch_size)
+        k = q.shape[-1]
+        la, lb = q[agent_a].argmax(-1), q[agent_b].argmax(-1)
+        matrix = np.zeros((k, k))
+        np.add.at(matrix, (la, lb), 1)
+        if normalize:
+            rows = matrix.sum(1, keepdims=True)
+            matrix = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
+        names = self.category_names
+        return pd.DataFrame(
+            matrix, index=pd.Index(names, name=f"agent{agent_a}"), columns=pd.Index(names, name=f"agent{agent_b}")
+        )

@@ -1,0 +1,146 @@
+"""Layers whose weights are stacked along an agent axis, so that all agents run in one batched matmul."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+
+class StackedLinear(nn.Module):
+    """``A`` independent linear layers evaluated together.
+
+    Parameters
+    ----------
+    n_agents
+        Number of independent layers ``A``.
+    n_in
+        Input features of each layer.
+    n_out
+        Output features of each layer.
+    n_cov
+        Width of an optional covariate vector shared by all agents (one-hot batch, categorical
+        and continuous covariates), concatenated to the input.
+    bias
+        Whether to add a bias.
+
+    Notes
+    -----
+    The input is either shared by all agents, shape ``(B, n_in)`` (one GEMM with the agents' weights
+    side by side), or per agent, shape ``(A, B, n_in)`` (one batched matmul). The output is
+    ``(A, B, n_out)``.
+    """
+
+    def __init__(self, n_agents: int, n_in: int, n_out: int, *, n_cov: int = 0, bias: bool = True):
+        super().__init__()
+        self.n_agents, self.n_in, self.n_out, self.n_cov = n_agents, n_in, n_out, n_cov
+        bound = 1.0 / math.sqrt(n_in + n_cov)
+        self.weight = nn.Parameter(torch.empty(n_agents, n_in, n_out).uniform_(-bound, bound))
+        self.weight_cov = (
+            nn.Parameter(torch.empty(n_agents, n_cov, n_out).uniform_(-bound, bound)) if n_cov > 0 else None
+        )
+        self.bias = nn.Parameter(torch.empty(n_agents, 1, n_out).uniform_(-bound, bound)) if bias else None
+
+    def _shared(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # (B, n) @ (n, A * n_out) -> (A, B, n_out)
+        a, n, o = weight.shape
+        out = x @ weight.permute(1, 0, 2).reshape(n, a * o)
+        return out.view(x.shape[0], a, o).transpose(0, 1)
+
+    def forward(self, x: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the ``A`` layers to a shared ``(B, n_in)`` or a per-agent ``(A, B, n_in)`` input."""
+        if x.dim() == 2:
+            out = self._shared(x, self.weight)
+            if self.bias is not None:
+                out = out + self.bias
+        elif self.bias is not None:
+            out = torch.baddbmm(self.bias, x, self.weight)
+        else:
+            out = torch.bmm(x, self.weight)
+        if self.weight_cov is not None and cov is not None:
+            out = out + self._shared(cov, self.weight_cov)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"n_agents={self.n_agents}, n_in={self.n_in}, n_out={self.n_out}, n_cov={self.n_cov}"
+
+
+class StackedBatchNorm(nn.Module):
+    """Batch normalisation over the cells of each agent separately, input ``(A, B, n)``."""
+
+    def __init__(self, n_agents: int, n_features: int, *, affine: bool = False, momentum: float = 0.1, eps=1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("running_mean", torch.zeros(n_agents, 1, n_features))
+        self.register_buffer("running_var", torch.ones(n_agents, 1, n_features))
+        if affine:
+            self.weight = nn.Parameter(torch.ones(n_agents, 1, n_features))
+            self.bias = nn.Parameter(torch.zeros(n_agents, 1, n_features))
+        else:
+            self.weight = self.bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` with batch statistics (training, more than one cell) or running statistics."""
+        if self.training and x.shape[1] > 1:
+            var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
+            with torch.no_grad():
+                n = x.shape[1]
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+        else:
+            mean, var = self.running_mean, self.running_var
+        out = (x - mean) * torch.rsqrt(var + self.eps)
+        if self.weight is not None:
+            out = out * self.weight + self.bias
+        return out
+
+
+class StackedMLP(nn.Module):
+    """``A`` independent multilayer perceptrons (Linear → ReLU per hidden layer), evaluated together.
+
+    Parameters
+    ----------
+    n_agents
+        Number of agents.
+    n_in
+        Input width.
+    n_hidden
+        Width of each hidden layer.
+    n_layers
+        Number of hidden layers (at least 1).
+    n_cov
+        Width of the shared covariate vector.
+    inject_covariates
+        Whether the covariates enter every hidden layer (scVI's decoder) or the first only.
+    dropout_rate
+        Dropout after each hidden layer.
+    """
+
+    def __init__(
+        self,
+        n_agents: int,
+        n_in: int,
+        n_hidden: int,
+        n_layers: int,
+        *,
+        n_cov: int = 0,
+        inject_covariates: bool = False,
+        dropout_rate: float = 0.0,
+    ):
+        super().__init__()
+        dims = [n_in] + [n_hidden] * n_layers
+        self.layers = nn.ModuleList(
+            StackedLinear(n_agents, d_in, d_out, n_cov=n_cov if (i == 0 or inject_covariates) else 0)
+            for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True))
+        )
+        self.dropout_rate = dropout_rate
+
+    def forward(self, x: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
+        """Apply the layers; ``x`` is ``(B, n_in)`` (shared) or ``(A, B, n_in)``."""
+        for layer in self.layers:
+            x = F.relu(layer(x, cov))
+            if self.dropout_rate > 0:
+                x = F.dropout(x, self.dropout_rate, self.training)
+        return x

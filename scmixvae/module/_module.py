@@ -1,0 +1,350 @@
+"""The torch module of the coupled mixture VAE: A agents evaluated together."""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.distributions import NegativeBinomial, ZeroInflatedNegativeBinomial
+from scvi.module.base import BaseModuleClass, LossOutput, auto_move_data
+from torch import nn
+from torch.distributions import Normal
+from torch.nn import functional as F
+
+from .._constants import NORMALISATION_SCALE
+from ._components import StackedBatchNorm, StackedLinear, StackedMLP
+from ._losses import coupling_distance, gaussian_log_likelihood, kl_normal_standard, nb_log_likelihood, negative_entropy
+
+logger = logging.getLogger(__name__)
+
+Likelihood = Literal["nb", "zinb", "gaussian"]
+
+
+def check_temperature(tau: float, n_categories: int, *, stacklevel: int = 2) -> None:
+    """Warn when the categorical temperature ``tau`` does not fit ``n_categories``.
+
+    The tempered posterior is ``softmax(p / tau)`` with ``p`` on the simplex, so the largest log-odds it
+    can express is ``1 / tau``. Below ``2 log K`` the posteriors cannot become confident and the
+    categories collapse; far above ``K`` (``tau * K < 0.05``) the softmax saturates and gradients vanish.
+    """
+    if n_categories < 2:
+        return
+    if 1.0 / tau < 2.0 * math.log(n_categories):
+        warnings.warn(
+            f"tau={tau:g} is too large for n_categories={n_categories}: the posteriors cannot become confident "
+            f"(1/tau < 2 log K = {2 * math.log(n_categories):.2f}) and categories will collapse. "
+            f"Leave tau=None (1/K) or use tau <= {1 / (2 * math.log(n_categories)):.3g}.",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+    elif tau * n_categories < 0.05:
+        warnings.warn(
+            f"tau={tau:g} is very small for n_categories={n_categories} (tau * K = {tau * n_categories:.3g} < 0.05): "
+            "the categorical head saturates and stops learning. Leave tau=None (1/K).",
+            UserWarning,
+            stacklevel=stacklevel,
+        )
+
+
+class CplMixVAEModule(BaseModuleClass):
+    """Coupled mixture VAE: ``A`` autoencoding agents with stacked weights and a coupling loss.
+
+    Parameters
+    ----------
+    n_input
+        Number of genes ``D``.
+    n_agents
+        Number of agents ``A``.
+    n_categories
+        Number of categories ``K`` (the maximum, before pruning).
+    n_state
+        Dimension ``S`` of the continuous state latent.
+    n_hidden
+        Width of the hidden layers.
+    n_layers
+        Hidden layers of the encoder trunk and of the decoder.
+    n_latent
+        Width ``L`` of the encoder trunk's output (batch-normalised without affine parameters).
+    n_batch
+        Number of batches (one-hot covariate of encoder and decoder).
+    n_cats_per_cov
+        Categories of each extra categorical covariate.
+    n_continuous_cov
+        Number of continuous covariates.
+    likelihood
+        ``"gaussian"`` on log1p of library-normalised expression (published), ``"nb"`` or ``"zinb"`` on
+        counts with the observed library size as offset.
+    dispersion
+        ``"gene"`` or ``"gene-batch"`` inverse dispersion of the count likelihoods.
+    input_dropout
+        Probability of the independent per-agent input dropout at training time (the agents' views).
+    tau
+        Temperature of the categorical head; ``None`` ties it to ``1 / K`` of the surviving categories.
+    gumbel_temperature
+        Temperature of the Gumbel-softmax sample of the category at training time.
+    beta
+        Weight of the state KL divergence.
+    coupling_weight
+        Weight ``lambda`` of the coupling distance.
+    coupling
+        ``"aitchison"`` (published approximation) or ``"clr"`` (centred log-ratios).
+    """
+
+    def __init__(
+        self,
+        n_input: int,
+        *,
+        n_agents: int = 2,
+        n_categories: int = 10,
+        n_state: int = 2,
+        n_hidden: int = 100,
+        n_layers: int = 2,
+        n_latent: int = 10,
+        n_batch: int = 0,
+        n_cats_per_cov: Sequence[int] | None = None,
+        n_continuous_cov: int = 0,
+        likelihood: Likelihood = "nb",
+        dispersion: Literal["gene", "gene-batch"] = "gene",
+        input_dropout: float = 0.5,
+        tau: float | None = None,
+        gumbel_temperature: float = 1.0,
+        beta: float = 1.0,
+        coupling_weight: float = 1.0,
+        coupling: Literal["aitchison", "clr"] = "aitchison",
+    ):
+        super().__init__()
+        self.n_input, self.n_agents, self.n_categories, self.n_state = n_input, n_agents, n_categories, n_state
+        self.n_batch = n_batch
+        self.likelihood, self.dispersion, self.coupling = likelihood, dispersion, coupling
+        self.input_dropout, self.tau, self.gumbel_temperature = input_dropout, tau, gumbel_temperature
+        self.beta, self.coupling_weight = beta, coupling_weight
+        self.n_cats_per_cov = list(n_cats_per_cov or [])
+        n_cov = (n_batch if n_batch > 1 else 0) + sum(self.n_cats_per_cov) + n_continuous_cov
+        self.n_cov = n_cov
+        if tau is not None:
+            check_temperature(tau, n_categories, stacklevel=3)
+
+        a = n_agents
+        self.encoder = StackedMLP(a, n_input, n_hidden, n_layers, n_cov=n_cov)
+        self.trunk_out = StackedLinear(a, n_hidden, n_latent)
+        self.trunk_norm = StackedBatchNorm(a, n_latent, affine=False)
+        self.category_head = StackedLinear(a, n_latent, n_categories)
+        self.state_head = StackedLinear(a, n_latent + n_categories, 2 * n_state)
+        self.decoder = StackedMLP(a, n_categories + n_state, n_hidden, n_layers, n_cov=n_cov, inject_covariates=True)
+        self.px_head = StackedLinear(a, n_hidden, n_input)
+        if likelihood == "zinb":
+            self.px_dropout_head = StackedLinear(a, n_hidden, n_input)
+        if likelihood in ("nb", "zinb"):
+            n_disp = n_batch if dispersion == "gene-batch" else 1
+            self.px_r = nn.Parameter(torch.randn(a, n_disp, n_input))
+        self.register_buffer("category_mask", torch.ones(n_categories, dtype=torch.bool))
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def n_active_categories(self) -> int:
+        """Number of categories that survive pruning."""
+        return int(self.category_mask.sum())
+
+    @property
+    def effective_tau(self) -> float:
+        """Temperature in use: ``tau`` or ``1 / K`` of the surviving categories."""
+        return self.tau if self.tau is not None else 1.0 / max(self.n_active_categories, 1)
+
+    def _covariates(self, batch_index, cat_covs, cont_covs) -> torch.Tensor | None:
+        parts = []
+        if self.n_batch > 1:
+            parts.append(F.one_hot(batch_index.reshape(-1).long(), self.n_batch).float())
+        if self.n_cats_per_cov:
+            for cov, n in zip(torch.split(cat_covs, 1, dim=1), self.n_cats_per_cov, strict=True):
+                parts.append(F.one_hot(cov.reshape(-1).long(), n).float())
+        if cont_covs is not None and cont_covs.shape[-1] > 0:
+            parts.append(cont_covs.float())
+        return torch.cat(parts, dim=-1) if parts else None
+
+    @staticmethod
+    def normalise(x: torch.Tensor, library: torch.Tensor) -> torch.Tensor:
+        """``log1p`` of library-normalised counts (encoder input and Gaussian target)."""
+        return torch.log1p(x * (NORMALISATION_SCALE / library.clamp(min=1.0)))
+
+    def _augment(self, x_norm: torch.Tensor) -> torch.Tensor:
+        """Each agent's view of the cells: independent input dropout, ``(A, B, D)``; shared input otherwise."""
+        if not self.training or self.input_dropout <= 0:
+            return x_norm
+        keep = 1.0 - self.input_dropout
+        mask = torch.empty((self.n_agents, *x_norm.shape), device=x_norm.device).bernoulli_(keep)
+        return x_norm * mask / keep
+
+    # ------------------------------------------------------------------ scvi-tools interface
+    def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
+        return {
+            "x": tensors[REGISTRY_KEYS.X_KEY],
+            "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY),
+            "cat_covs": tensors.get(REGISTRY_KEYS.CAT_COVS_KEY),
+            "cont_covs": tensors.get(REGISTRY_KEYS.CONT_COVS_KEY),
+        }
+
+    def _get_generative_input(self, tensors: dict[str, torch.Tensor], inference_outputs: dict, **kwargs) -> dict:
+        return {
+            "s": inference_outputs["s"],
+            "c": inference_outputs["c"],
+            "library": inference_outputs["library"],
+            "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY),
+            "cov": inference_outputs["cov"],
+        }
+
+    def categorical_posterior(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tempered categorical posterior ``softmax(softmax(W h + b) / tau)`` over surviving categories."""
+        mask = self.category_mask
+        logits = self.category_head(h).masked_fill(~mask, float("-inf"))
+        p = torch.softmax(logits, dim=-1)
+        tempered = (p / self.effective_tau).masked_fill(~mask, float("-inf"))
+        log_q = torch.log_softmax(tempered, dim=-1)
+        return log_q.exp(), log_q
+
+    def state_posterior(self, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``q(s | x, c)``."""
+        out = self.state_head(torch.cat([h, c], dim=-1))
+        mean, log_var = out.split(self.n_state, dim=-1)
+        return mean, torch.exp(log_var.clamp(-15.0, 15.0)) + 1e-6
+
+    @auto_move_data
+    def inference(
+        self,
+        x: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cat_covs: torch.Tensor | None = None,
+        cont_covs: torch.Tensor | None = None,
+        category: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Encode a minibatch with every agent.
+
+        Parameters
+        ----------
+        x
+            Counts ``(B, D)``.
+        batch_index, cat_covs, cont_covs
+            Covariates as registered.
+        category
+            Optional category index per cell ``(B,)`` on which to condition the state posterior of every
+            agent (instead of each agent's own sample or argmax).
+
+        Returns
+        -------
+        ``q`` and ``log_q`` ``(A, B, K)``, the category ``c`` fed to the state head and the decoder
+        (Gumbel-softmax sample in training, one-hot argmax otherwise), the state posterior ``qs_m``,
+        ``qs_v`` and sample ``s`` ``(A, B, S)``, the trunk output ``h``, ``library`` ``(B, 1)``,
+        ``x_norm`` and the covariate vector ``cov``.
+        """
+        library = x.sum(-1, keepdim=True)
+        x_norm = self.normalise(x, library)
+        cov = self._covariates(batch_index, cat_covs, cont_covs)
+        h = self.trunk_norm(self.trunk_out(self.encoder(self._augment(x_norm), cov)))
+        q, log_q = self.categorical_posterior(h)
+        k = self.n_categories
+        if category is not None:
+            c = F.one_hot(category.reshape(-1).long(), k).float().expand(self.n_agents, -1, -1)
+        elif self.training:
+            gumbel = -torch.log(-torch.log(torch.rand_like(q).clamp_(1e-10, 1.0 - 1e-7)))
+            logits = (log_q + gumbel).masked_fill(~self.category_mask, float("-inf"))
+            c = torch.softmax(logits / self.gumbel_temperature, dim=-1)
+        else:
+            c = F.one_hot(q.argmax(-1), k).float()
+        qs_m, qs_v = self.state_posterior(h, c)
+        s = qs_m + qs_v.sqrt() * torch.randn_like(qs_m)
+        return {
+            "q": q, "log_q": log_q, "c": c, "qs_m": qs_m, "qs_v": qs_v, "s": s, "h": h,
+            "library": library, "x_norm": x_norm, "cov": cov,
+        }  # fmt: skip
+
+    @auto_move_data
+    def generative(
+        self,
+        s: torch.Tensor,
+        c: torch.Tensor,
+        library: torch.Tensor,
+        batch_index: torch.Tensor | None = None,
+        cov: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Decode ``[c; s]`` with every agent into the likelihood's parameters ``(A, B, D)``."""
+        hidden = self.decoder(torch.cat([c, s], dim=-1), cov)
+        out = self.px_head(hidden)
+        if self.likelihood == "gaussian":
+            return {"px_mean": out}
+        log_scale = torch.log_softmax(out, dim=-1)
+        px_r = self.px_r
+        if self.dispersion == "gene-batch" and self.n_batch > 1:
+            px_r = px_r[:, batch_index.reshape(-1).long()]
+        result = {"px_log_scale": log_scale, "px_log_rate": log_scale + torch.log(library), "px_r": px_r.exp()}
+        if self.likelihood == "zinb":
+            result["px_dropout"] = self.px_dropout_head(hidden)
+        return result
+
+    def log_likelihood(self, x: torch.Tensor, inference_outputs: dict, generative_outputs: dict) -> torch.Tensor:
+        """Log-likelihood of each cell under each agent's decoder, ``(A, B)``."""
+        if self.likelihood == "gaussian":
+            return gaussian_log_likelihood(inference_outputs["x_norm"], generative_outputs["px_mean"])
+        theta = generative_outputs["px_r"]
+        if self.likelihood == "nb":
+            return nb_log_likelihood(x, generative_outputs["px_log_rate"], theta)
+        dist = ZeroInflatedNegativeBinomial(
+            mu=generative_outputs["px_log_rate"].exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]
+        )
+        return dist.log_prob(x).sum(-1)
+
+    def px_distribution(self, generative_outputs: dict) -> torch.distributions.Distribution:
+        """The decoder's distribution as an object (``scvi.distributions`` for counts)."""
+        if self.likelihood == "gaussian":
+            return Normal(generative_outputs["px_mean"], 1.0)
+        rate, theta = generative_outputs["px_log_rate"].exp(), generative_outputs["px_r"]
+        scale = generative_outputs["px_log_scale"].exp()
+        if self.likelihood == "nb":
+            return NegativeBinomial(mu=rate, theta=theta, scale=scale)
+        return ZeroInflatedNegativeBinomial(mu=rate, theta=theta, zi_logits=generative_outputs["px_dropout"], scale=scale)
+
+    def loss(
+        self, tensors: dict[str, torch.Tensor], inference_outputs: dict, generative_outputs: dict, kl_weight: float = 1.0
+    ) -> LossOutput:
+        """The cpl-mixVAE loss.
+
+        ``max(A - 1, 1) * sum_a mean_i [Rec_a + beta * kl_weight * KL_a] + sum_{a<b} [NE_a + NE_b + lambda * D_ab]``.
+        """
+        x = tensors[REGISTRY_KEYS.X_KEY]
+        a = self.n_agents
+        rec = -self.log_likelihood(x, inference_outputs, generative_outputs)  # (A, B)
+        kl = kl_normal_standard(inference_outputs["qs_m"], inference_outputs["qs_v"])  # (A, B)
+        q, log_q = inference_outputs["q"], inference_outputs["log_q"]
+        neg_ent = negative_entropy(q, log_q)  # (A,)
+        elbo_terms = (rec + self.beta * kl_weight * kl).mean(-1)  # (A,)
+        loss = max(a - 1, 1) * elbo_terms.sum()
+        extra = {}
+        if a > 1:
+            dist = coupling_distance(q, self.category_mask, kind=self.coupling)
+            pairs = torch.triu_indices(a, a, offset=1, device=dist.device)
+            pair_dist = dist[pairs[0], pairs[1]]
+            loss = loss + (a - 1) * neg_ent.sum() + self.coupling_weight * pair_dist.sum()
+            extra["coupling"] = pair_dist.mean().detach()
+            with torch.no_grad():
+                labels = q.argmax(-1)
+                extra["agreement"] = (labels == labels[:1]).all(0).float().mean()
+        for i in range(a):
+            extra[f"reconstruction_agent{i}"] = rec[i].detach().mean()
+            extra[f"kl_agent{i}"] = kl[i].detach().mean()
+            extra[f"neg_entropy_agent{i}"] = neg_ent[i].detach()
+        return LossOutput(
+            loss=loss,
+            reconstruction_loss=rec.mean(0),
+            kl_local=kl.mean(0),
+            extra_metrics=extra,
+        )
+
+    @torch.inference_mode()
+    def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:
+        """Sample counts (or Gaussian expression) from agent 0's generative model, ``(n_samples, B, D)``."""
+        inference_outputs, generative_outputs = self.forward(tensors, compute_loss=False)
+        dist = self.px_distribution(generative_outputs)
+        return dist.sample((n_samples,))[:, 0]
