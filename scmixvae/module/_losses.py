@@ -8,7 +8,11 @@ import torch
 
 
 def nb_log_likelihood(
-    x: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor, *, log_x_factorial: torch.Tensor | None = None
+    x: torch.Tensor,
+    log_mu: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Negative binomial log-likelihood, summed over genes.
 
@@ -17,23 +21,38 @@ def nb_log_likelihood(
     x
         Counts ``(B, D)``.
     log_mu
-        Log means, ``(B, D)`` or ``(A, B, D)``.
+        Log means, ``(A, B, D)``.
     theta
-        Inverse dispersion, broadcastable to ``log_mu``.
-    log_x_factorial
-        ``lgamma(x + 1).sum(-1)``, shape ``(B,)``; pass it to compute it once for all agents.
+        Inverse dispersion, broadcastable to ``log_mu`` (``(A, 1, D)`` or ``(A, B, D)``).
+    nonzero
+        Row and column indices of the non-zero counts (``x.nonzero(as_tuple=True)``); computed when
+        not given.
 
     Returns
     -------
-    Log-likelihood per cell (and agent), shape ``log_mu.shape[:-1]``. Equal to
+    Log-likelihood per agent and cell, ``(A, B)``; equal to
     ``scvi.distributions.NegativeBinomial(mu, theta).log_prob(x).sum(-1)``.
+
+    Notes
+    -----
+    Every term that vanishes at ``x = 0`` (the log-gamma terms and ``x log(mu / (theta + mu))``) is
+    evaluated on the non-zero counts only, so the cost of the log-gamma functions scales with the
+    number of non-zero counts, not with cells times genes.
     """
     log_theta = torch.log(theta)
     log_theta_mu = torch.logaddexp(log_theta, log_mu)
-    ll = theta * (log_theta - log_theta_mu) + x * (log_mu - log_theta_mu) + torch.lgamma(x + theta) - torch.lgamma(theta)
-    if log_x_factorial is None:
-        log_x_factorial = torch.lgamma(x + 1).sum(-1)
-    return ll.sum(-1) - log_x_factorial
+    ll = (theta * (log_theta - log_theta_mu)).sum(-1)
+    rows, cols = x.nonzero(as_tuple=True) if nonzero is None else nonzero
+    counts = x[rows, cols]
+    shape = log_mu.shape
+    theta_nz = theta.expand(shape)[:, rows, cols]
+    sparse_terms = (
+        counts * (log_mu[:, rows, cols] - log_theta_mu[:, rows, cols])
+        + torch.lgamma(counts + theta_nz)
+        - torch.lgamma(theta_nz)
+        - torch.lgamma(counts + 1)
+    )
+    return ll.index_add(-1, rows, sparse_terms)
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,176 @@
+import math
+
+import pytest
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.distributions import NegativeBinomial
+
+from scmixvae.module import CplMixVAEModule, StackedBatchNorm, StackedLinear, check_temperature
+from scmixvae.module._losses import coupling_distance, gaussian_log_likelihood, nb_log_likelihood, negative_entropy
+
+
+@pytest.fixture
+def counts():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.poisson(torch.rand(32, 50, generator=gen) * 3, generator=gen)
+    x[:, 0] += 1  # no empty cell
+    return x
+
+
+def test_stacked_linear_matches_independent_layers():
+    torch.manual_seed(0)
+    layer = StackedLinear(3, 5, 4, n_cov=2)
+    x = torch.randn(7, 5)
+    cov = torch.randn(7, 2)
+    shared = layer(x, cov)
+    per_agent = layer(x.expand(3, 7, 5).contiguous(), cov)
+    assert shared.shape == (3, 7, 4)
+    for a in range(3):
+        expected = x @ layer.weight[a] + cov @ layer.weight_cov[a] + layer.bias[a]
+        torch.testing.assert_close(shared[a], expected)
+        torch.testing.assert_close(per_agent[a], expected)
+
+
+def test_stacked_batchnorm_normalises_each_agent_and_tracks_running_stats():
+    bn = StackedBatchNorm(2, 3)
+    x = torch.randn(2, 100, 3) * torch.tensor([1.0, 5.0]).view(2, 1, 1) + 3
+    out = bn(x)
+    torch.testing.assert_close(out.mean(1), torch.zeros(2, 3), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.var(1, correction=0), torch.ones(2, 3), atol=1e-3, rtol=0)
+    assert torch.all(bn.running_mean > 0.2)
+    bn.eval()
+    single = bn(x[:, :1])
+    assert single.shape == (2, 1, 3)
+
+
+def test_nb_log_likelihood_matches_scvi(counts):
+    log_mu = torch.randn(2, *counts.shape)
+    theta = torch.rand(2, 1, counts.shape[1]) * 5 + 0.1
+    ours = nb_log_likelihood(counts, log_mu, theta)
+    ref = NegativeBinomial(mu=log_mu.exp(), theta=theta.expand_as(log_mu)).log_prob(counts).sum(-1)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-3)
+
+
+def test_gaussian_log_likelihood_is_unit_variance_normal():
+    x, mean = torch.randn(4, 6), torch.randn(2, 4, 6)
+    ref = torch.distributions.Normal(mean, 1.0).log_prob(x).sum(-1)
+    torch.testing.assert_close(gaussian_log_likelihood(x, mean), ref)
+
+
+def test_coupling_distance_zero_for_identical_posteriors_and_ignores_masked_categories():
+    q = torch.softmax(torch.randn(1, 16, 4), -1).expand(2, 16, 4)
+    mask = torch.ones(4, dtype=torch.bool)
+    dist = coupling_distance(q, mask)
+    assert dist.shape == (2, 2)
+    assert dist[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    q2 = torch.stack([q[0], torch.softmax(torch.randn(16, 4), -1)])
+    assert coupling_distance(q2, mask)[0, 1] > 0
+    # a masked category with differing values contributes nothing
+    q3 = q2.clone()
+    q3[1, :, 3] = q3[0, :, 3]
+    mask3 = torch.tensor([True, True, True, False])
+    q4 = q3.clone()
+    q4[1, :, 3] = 0.5
+    torch.testing.assert_close(coupling_distance(q3, mask3), coupling_distance(q4, mask3))
+    assert coupling_distance(q2, mask, kind="clr")[0, 1] > 0
+
+
+def test_negative_entropy_of_uniform_is_minus_log_k():
+    q = torch.full((2, 5, 4), 0.25)
+    torch.testing.assert_close(negative_entropy(q, q.log()), torch.full((2,), -math.log(4)))
+
+
+def _tensors(x, batch=None):
+    t = {REGISTRY_KEYS.X_KEY: x}
+    if batch is not None:
+        t[REGISTRY_KEYS.BATCH_KEY] = batch
+    return t
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "gaussian"])
+def test_forward_shapes_and_every_parameter_gets_gradient(counts, likelihood):
+    torch.manual_seed(0)
+    module = CplMixVAEModule(counts.shape[1], n_agents=3, n_categories=4, n_state=2, likelihood=likelihood)
+    inference, generative, loss = module(_tensors(counts))
+    assert inference["q"].shape == (3, 32, 4)
+    assert inference["qs_m"].shape == (3, 32, 2)
+    torch.testing.assert_close(inference["q"].sum(-1), torch.ones(3, 32))
+    loss.loss.backward()
+    for name, param in module.named_parameters():
+        assert param.grad is not None and torch.any(param.grad != 0), name
+    metrics = set(loss.extra_metrics)
+    assert {"coupling", "agreement", "reconstruction_agent2", "kl_agent0", "neg_entropy_agent1"} <= metrics
+
+
+def test_agents_see_different_views_in_training_and_the_real_cell_in_eval(counts):
+    module = CplMixVAEModule(counts.shape[1], n_agents=2, input_dropout=0.5)
+    x_norm = module.normalise(counts, counts.sum(-1, keepdim=True))
+    nonzero = counts.nonzero(as_tuple=True)
+    views = module._augment(x_norm, nonzero)
+    assert views.shape == (2, *counts.shape)
+    assert not torch.equal(views[0], views[1])
+    assert torch.all(views[:, counts == 0] == 0)
+    kept = views[0][views[0] != 0]
+    torch.testing.assert_close(kept, (x_norm * 2)[views[0] != 0])
+    module.eval()
+    assert module._augment(x_norm, nonzero) is x_norm
+
+
+def test_masked_categories_get_no_mass_and_tau_follows_active_k(counts):
+    module = CplMixVAEModule(counts.shape[1], n_categories=5)
+    assert module.effective_tau == pytest.approx(1 / 5)
+    module.category_mask[[1, 3]] = False
+    assert module.effective_tau == pytest.approx(1 / 3)
+    inference, _, loss = module(_tensors(counts))
+    assert torch.all(inference["q"][..., [1, 3]] == 0)
+    assert torch.all(inference["c"][..., [1, 3]] == 0)
+    assert torch.isfinite(loss.loss)
+
+
+def test_single_agent_has_no_coupling_term(counts):
+    module = CplMixVAEModule(counts.shape[1], n_agents=1)
+    _, _, loss = module(_tensors(counts))
+    assert "coupling" not in loss.extra_metrics
+    assert torch.isfinite(loss.loss)
+
+
+def test_loss_matches_the_published_formula(counts):
+    torch.manual_seed(1)
+    module = CplMixVAEModule(counts.shape[1], n_agents=3, n_categories=4, likelihood="gaussian", beta=0.5)
+    inf, gen, loss = module(_tensors(counts))
+    rec = -module.log_likelihood(counts, inf, gen)
+    kl = 0.5 * (inf["qs_v"] + inf["qs_m"] ** 2 - 1 - inf["qs_v"].log()).sum(-1)
+    ne = (inf["q"] * inf["log_q"]).sum(-1).mean(-1)
+    dist = coupling_distance(inf["q"], module.category_mask)
+    expected = 2 * (rec + 0.5 * kl).mean(-1).sum()
+    for a in range(3):
+        for b in range(a + 1, 3):
+            expected = expected + ne[a] + ne[b] + dist[a, b]
+    torch.testing.assert_close(loss.loss, expected)
+
+
+def test_batch_covariate_changes_the_decoder_output(counts):
+    torch.manual_seed(0)
+    module = CplMixVAEModule(counts.shape[1], n_batch=2, likelihood="nb", dispersion="gene-batch")
+    module.eval()
+    zeros = torch.zeros(32, 1)
+    _, gen0 = module(_tensors(counts, zeros), compute_loss=False)
+    _, gen1 = module(_tensors(counts, zeros + 1), compute_loss=False)
+    assert not torch.allclose(gen0["px_log_rate"], gen1["px_log_rate"])
+    assert gen0["px_r"].shape == (2, 32, counts.shape[1])
+
+
+def test_temperature_check_warns_for_a_tau_that_does_not_fit_k():
+    with pytest.warns(UserWarning, match="too large"):
+        check_temperature(0.5, 50)
+    with pytest.warns(UserWarning, match="very small"):
+        check_temperature(1e-5, 10)
+    with pytest.warns(UserWarning, match="too large"):
+        CplMixVAEModule(10, n_categories=40, tau=0.3)
+
+
+def test_sample_returns_counts(counts):
+    module = CplMixVAEModule(counts.shape[1])
+    samples = module.sample(_tensors(counts), n_samples=2)
+    assert samples.shape == (2, *counts.shape)
+    assert torch.all(samples == samples.round()) and torch.all(samples >= 0)
