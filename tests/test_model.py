@@ -1,0 +1,161 @@
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+import torch
+
+from scmixvae.model import CplMixVAE
+
+
+def _fit(adata, **kwargs):
+    train = {"max_epochs": 1, "batch_size": 64, "enable_progress_bar": False}
+    train.update(kwargs.pop("train", {}))
+    model = CplMixVAE(adata, n_hidden=16, **kwargs)
+    model.train(**train)
+    return model
+
+
+def test_setup_registers_fields_and_leaves_data_alone(sim_adata):
+    before = sim_adata.X.copy()
+    CplMixVAE.setup_anndata(sim_adata, batch_key="batch")
+    model = CplMixVAE(sim_adata, n_categories=3)
+    assert model.summary_stats.n_batch == 2
+    assert model.module.n_batch == 2
+    assert (sim_adata.X != before).nnz == 0
+
+
+@pytest.mark.parametrize("likelihood", ["nb", "zinb", "gaussian"])
+def test_train_logs_every_loss_term_per_agent(sim_adata, likelihood):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = _fit(sim_adata, n_categories=3, likelihood=likelihood, train={"max_epochs": 2})
+    history = model.history
+    for key in ["coupling_train", "agreement_train", "reconstruction_agent0_train", "reconstruction_agent1_train",
+                "kl_agent0_train", "neg_entropy_agent1_train", "elbo_train", "train_loss"]:
+        assert key in history, key
+        assert len(history[key]) == 2
+    assert model.is_trained_
+
+
+def test_readouts_have_documented_shapes_and_index(trained_model):
+    model = trained_model
+    adata = model.adata
+    labels = model.predict()
+    assert isinstance(labels, pd.Series) and isinstance(labels.dtype, pd.CategoricalDtype)
+    assert labels.index.equals(adata.obs_names)
+    soft = model.predict(soft=True)
+    assert soft.shape == (adata.n_obs, 4)
+    assert list(soft.columns) == ["0", "1", "2", "3"]
+    np.testing.assert_allclose(soft.sum(1), 1.0, rtol=1e-5)
+    assert (soft.to_numpy().argmax(1) == soft.columns.get_indexer(labels)).all()
+    probs0 = model.get_category_probabilities(agent=0)
+    probs1 = model.get_category_probabilities(agent=1)
+    np.testing.assert_allclose((probs0 + probs1) / 2, soft, rtol=1e-5, atol=1e-6)
+    assert model.get_latent_representation().shape == (adata.n_obs, 2)
+    assert model.get_latent_representation(agent=1).shape == (adata.n_obs, 2)
+    sub = model.get_latent_representation(indices=[0, 5, 7], batch_size=2)
+    np.testing.assert_allclose(sub, model.get_latent_representation()[[0, 5, 7]], rtol=1e-5, atol=1e-6)
+    assert model.predict(indices=[3, 4]).index.tolist() == adata.obs_names[[3, 4]].tolist()
+
+
+def test_readouts_are_deterministic_and_use_the_real_cell(trained_model):
+    a = trained_model.predict(soft=True)
+    b = trained_model.predict(soft=True)
+    pd.testing.assert_frame_equal(a, b)
+    np.testing.assert_array_equal(trained_model.get_latent_representation(), trained_model.get_latent_representation())
+    assert not trained_model.module.training
+
+
+def test_agreement_and_consensus_matrix_are_consistent(trained_model):
+    agreement = trained_model.get_agent_agreement()
+    assert agreement.shape == (2, 2)
+    np.testing.assert_allclose(np.diag(agreement), 1.0)
+    q0 = trained_model.predict(agent=0)
+    q1 = trained_model.predict(agent=1)
+    assert agreement.loc["agent0", "agent1"] == pytest.approx((q0.astype(str) == q1.astype(str)).mean())
+    counts = trained_model.get_consensus_matrix(0, 1, normalize=False)
+    assert counts.to_numpy().sum() == trained_model.adata.n_obs
+    assert np.trace(counts.to_numpy()) == (q0.astype(str) == q1.astype(str)).sum()
+    norm = trained_model.get_consensus_matrix(0, 1)
+    rows = norm.to_numpy().sum(1)
+    assert np.all((np.abs(rows - 1) < 1e-9) | (rows == 0))
+
+
+def test_save_load_round_trip_is_exact(trained_model, tmp_path):
+    trained_model.module.category_mask[3] = False
+    try:
+        trained_model.save(tmp_path / "model", overwrite=True, save_anndata=False)
+        loaded = CplMixVAE.load(tmp_path / "model", adata=trained_model.adata)
+        assert loaded.n_categories == 3
+        pd.testing.assert_frame_equal(trained_model.predict(soft=True), loaded.predict(soft=True))
+        np.testing.assert_array_equal(trained_model.get_latent_representation(), loaded.get_latent_representation())
+        for (name, a), (_, b) in zip(trained_model.module.state_dict().items(), loaded.module.state_dict().items(),
+                                     strict=True):
+            assert torch.equal(a, b), name
+    finally:
+        trained_model.module.category_mask[3] = True
+
+
+def test_repr_names_the_model_and_its_parameters(trained_model, capsys):
+    print(trained_model)
+    out = capsys.readouterr().out
+    assert "CplMixVAE" in out and "n_agents: 2" in out and "Trained" in out
+
+
+def test_same_seed_gives_identical_results(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    results = []
+    for _ in range(2):
+        scvi.settings.seed = 7
+        model = _fit(sim_adata, n_categories=3)
+        results.append((model.predict(soft=True), model.get_latent_representation()))
+    pd.testing.assert_frame_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+
+
+def test_train_continues_from_current_weights(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = _fit(sim_adata, n_categories=3, train={"max_epochs": 2})
+    first = model.history["train_loss"].iloc[-1, 0]
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    assert model.history["train_loss"].iloc[0, 0] < first * 1.5
+
+
+def test_covariates_are_used(sim_adata):
+    sim_adata.obs["depth"] = np.log(np.asarray(sim_adata.X.sum(1)).ravel())
+    CplMixVAE.setup_anndata(sim_adata, batch_key="batch", continuous_covariate_keys=["depth"],
+                            categorical_covariate_keys=["batch"])
+    model = _fit(sim_adata, n_categories=3)
+    assert model.module.n_cov == 2 + 2 + 1
+    assert model.predict().shape == (sim_adata.n_obs,)
+
+
+def test_readouts_on_new_data_with_the_same_genes(trained_model):
+    new = trained_model.adata[:50].copy()
+    labels = trained_model.predict(new)
+    assert labels.index.equals(new.obs_names)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"n_categories": 0}, ValueError, "n_categories"),
+        ({"n_categories": 2.5}, TypeError, "n_categories"),
+        ({"n_categories": 10_000}, ValueError, "larger than the number of cells"),
+        ({"likelihood": "poisson"}, ValueError, "likelihood"),
+        ({"input_dropout": 1.0}, ValueError, "input_dropout"),
+        ({"tau": 0.0}, ValueError, "tau"),
+        ({"n_agents": "2"}, TypeError, "n_agents"),
+    ],
+)
+def test_bad_parameters_raise(sim_adata, kwargs, error, match):
+    CplMixVAE.setup_anndata(sim_adata)
+    with pytest.raises(error, match=match):
+        CplMixVAE(sim_adata, **kwargs)
+
+
+@pytest.mark.gpu
+def test_train_on_gpu(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = _fit(sim_adata, n_categories=3, train={"accelerator": "gpu", "devices": 1})
+    assert model.device.startswith("cuda") or "cuda" in str(model.device)
+    assert model.predict().shape == (sim_adata.n_obs,)
