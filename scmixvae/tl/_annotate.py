@@ -1,0 +1,76 @@
+"""Write a trained model's types and states into AnnData."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+from anndata import AnnData
+
+from .._constants import DEFAULT_KEY, agent_type_key, agreement_key, confidence_key, state_key, type_key
+
+
+def annotate(
+    adata: AnnData,
+    model,
+    *,
+    key_added: str = DEFAULT_KEY,
+    batch_size: int | None = None,
+    copy: bool = False,
+) -> AnnData | None:
+    """Write consensus types, their confidence, per-agent types and the state latent into ``adata``.
+
+    Parameters
+    ----------
+    adata
+        AnnData with the model's training genes (the training AnnData or new cells).
+    model
+        A trained :class:`~scmixvae.model.CplMixVAE`.
+    key_added
+        Prefix of every key written.
+    batch_size
+        Minibatch size of the read-outs.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the annotated copy when ``copy=True``. Writes
+
+    - ``obs[f"{key_added}_type"]``: consensus category (categorical of strings);
+    - ``obs[f"{key_added}_confidence"]``: mean posterior mass of the agents on the consensus category;
+    - ``obs[f"{key_added}_agree"]``: whether every agent's own category equals the consensus;
+    - ``obs[f"{key_added}_agent{a}_type"]``: each agent's category;
+    - ``obsm[f"X_{key_added}_state"]``: the consensus state latent (:meth:`~scmixvae.model.CplMixVAE.get_latent_representation`);
+    - ``uns[key_added]``: ``params`` (the model's parameters as h5ad-serialisable values), ``categories``
+      and ``agent_agreement`` (pairwise agreement matrix).
+    """
+    if not isinstance(key_added, str) or not key_added:
+        raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
+    if copy:
+        adata = adata.copy()
+    target = adata
+    names, q, _ = model._posteriors(adata, None, batch_size)
+    state = model.get_latent_representation(adata, batch_size=batch_size)
+    categories = model.category_names
+    mean_q = q.mean(0)
+    consensus = mean_q.argmax(1)
+    agent_labels = q.argmax(-1)
+    target.obs[type_key(key_added)] = pd.Categorical.from_codes(consensus, categories=categories)
+    target.obs[confidence_key(key_added)] = mean_q[np.arange(len(consensus)), consensus].astype(np.float32)
+    target.obs[agreement_key(key_added)] = (agent_labels == consensus[None]).all(0)
+    for a in range(q.shape[0]):
+        target.obs[agent_type_key(key_added, a)] = pd.Categorical.from_codes(agent_labels[a], categories=categories)
+    target.obsm[state_key(key_added)] = state.astype(np.float32)
+    agreement = (agent_labels[:, None, :] == agent_labels[None, :, :]).mean(-1)
+    params = {k: v for k, v in model.init_params_["non_kwargs"].items()}
+    params.update(model.init_params_.get("kwargs", {}).get("module_kwargs", {}) or {})
+    target.uns[key_added] = {
+        "params": {k: (json.dumps(v) if v is None or isinstance(v, dict | list) else v) for k, v in params.items()},
+        "categories": np.asarray(categories, dtype=str),
+        "agent_agreement": agreement,
+        "n_categories": int(model.n_categories),
+    }
+    del names
+    return adata if copy else None
