@@ -25,11 +25,17 @@ from .._constants import category_name
 from ..module import CplMixVAEModule
 from ..module._module import Likelihood
 from ..train import CplMixVAETrainingPlan
+from ._rnaseq import CplMixVAERNAMixin
 
 logger = logging.getLogger(__name__)
 
 
-class CplMixVAE(UnsupervisedTrainingMixin, BaseModelClass):
+def default_max_epochs(n_cells: int) -> int:
+    """Default number of training epochs: ``250,000 / n_cells`` clipped to ``[20, 100]``."""
+    return int(np.clip(round(250_000 / max(n_cells, 1)), 20, 100))
+
+
+class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Coupled mixture VAE (cpl-mixVAE): cell types and continuous within-type states.
 
     ``n_agents`` autoencoders that share no weights each see their own augmented copy of a cell and
@@ -197,6 +203,57 @@ class CplMixVAE(UnsupervisedTrainingMixin, BaseModelClass):
         adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
+
+    def train(
+        self,
+        max_epochs: int | None = None,
+        accelerator: str = "auto",
+        devices: int | list[int] | str = "auto",
+        train_size: float | None = None,
+        validation_size: float | None = None,
+        batch_size: int = 128,
+        early_stopping: bool = False,
+        plan_kwargs: dict | None = None,
+        **kwargs,
+    ):
+        """Train the model with scvi-tools' trainer (same arguments as :meth:`scvi.model.SCVI.train`).
+
+        Parameters
+        ----------
+        max_epochs
+            Number of epochs; ``None`` uses :func:`default_max_epochs` (``250,000 / n_cells`` clipped to
+            ``[20, 100]``: the agents' consensus settles within a few thousand minibatch steps).
+        accelerator, devices
+            Lightning accelerator and devices (``"auto"`` picks a GPU when there is one).
+        train_size, validation_size
+            Fractions of cells for training and validation (scvi-tools' defaults: 0.9 / 0.1).
+        batch_size
+            Minibatch size.
+        early_stopping
+            Stop when the validation ELBO stops improving (scvi-tools' ``early_stopping_*`` options apply).
+        plan_kwargs
+            Keyword arguments of :class:`~scmixvae.train.CplMixVAETrainingPlan` (``lr``, ``weight_decay``,
+            ``n_epochs_kl_warmup``...).
+        **kwargs
+            Further keyword arguments of :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and of the
+            Lightning trainer (``enable_progress_bar``, ``callbacks``, ``strategy``...).
+        """
+        if max_epochs is None:
+            max_epochs = default_max_epochs(self.adata.n_obs)
+        check.check_int("max_epochs", max_epochs, minimum=1)
+        check.check_int("batch_size", batch_size, minimum=2)
+        self.module.train()
+        return super().train(
+            max_epochs=max_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            **kwargs,
+        )
 
     # ------------------------------------------------------------------ read-outs
     @property

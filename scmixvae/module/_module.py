@@ -93,6 +93,9 @@ class CplMixVAEModule(BaseModuleClass):
         Weight ``lambda`` of the coupling distance.
     coupling
         ``"aitchison"`` (published approximation) or ``"clr"`` (centred log-ratios).
+    category_state_interaction
+        Feed the decoder ``[c; c ⊗ s]`` instead of ``[c; s]``: each category gets its own linear map of
+        the state into the first hidden layer, so that states act through type-specific gene programs.
     """
 
     def __init__(
@@ -116,6 +119,7 @@ class CplMixVAEModule(BaseModuleClass):
         beta: float = 1.0,
         coupling_weight: float = 1.0,
         coupling: Literal["aitchison", "clr"] = "aitchison",
+        category_state_interaction: bool = True,
     ):
         super().__init__()
         self.n_input, self.n_agents, self.n_categories, self.n_state = n_input, n_agents, n_categories, n_state
@@ -123,6 +127,7 @@ class CplMixVAEModule(BaseModuleClass):
         self.likelihood, self.dispersion, self.coupling = likelihood, dispersion, coupling
         self.input_dropout, self.tau, self.gumbel_temperature = input_dropout, tau, gumbel_temperature
         self.beta, self.coupling_weight = beta, coupling_weight
+        self.category_state_interaction = category_state_interaction
         self.n_cats_per_cov = list(n_cats_per_cov or [])
         n_cov = (n_batch if n_batch > 1 else 0) + sum(self.n_cats_per_cov) + n_continuous_cov
         self.n_cov = n_cov
@@ -135,7 +140,8 @@ class CplMixVAEModule(BaseModuleClass):
         self.trunk_norm = StackedBatchNorm(a, n_latent, affine=False)
         self.category_head = StackedLinear(a, n_latent, n_categories)
         self.state_head = StackedLinear(a, n_latent + n_categories, 2 * n_state)
-        self.decoder = StackedMLP(a, n_categories + n_state, n_hidden, n_layers, n_cov=n_cov, inject_covariates=True)
+        n_dec_in = n_categories * (1 + n_state) if category_state_interaction else n_categories + n_state
+        self.decoder = StackedMLP(a, n_dec_in, n_hidden, n_layers, n_cov=n_cov, inject_covariates=True)
         self.px_head = StackedLinear(a, n_hidden, n_input)
         if likelihood == "zinb":
             self.px_dropout_head = StackedLinear(a, n_hidden, n_input)
@@ -270,6 +276,12 @@ class CplMixVAEModule(BaseModuleClass):
             "library": library, "x_norm": x_norm, "cov": cov, "nonzero": nonzero,
         }  # fmt: skip
 
+    def decoder_input(self, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        """``[c; s]``, or ``[c; c ⊗ s]`` with ``category_state_interaction`` (a state map of its own per category)."""
+        if not self.category_state_interaction:
+            return torch.cat([c, s], dim=-1)
+        return torch.cat([c, (c.unsqueeze(-1) * s.unsqueeze(-2)).flatten(-2)], dim=-1)
+
     @auto_move_data
     def generative(
         self,
@@ -280,7 +292,7 @@ class CplMixVAEModule(BaseModuleClass):
         cov: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Decode ``[c; s]`` with every agent into the likelihood's parameters ``(A, B, D)``."""
-        hidden = self.decoder(torch.cat([c, s], dim=-1), cov)
+        hidden = self.decoder(self.decoder_input(c, s), cov)
         out = self.px_head(hidden)
         if self.likelihood == "gaussian":
             return {"px_mean": out}

@@ -1,0 +1,185 @@
+"""Issue 2 benchmark: accuracy on the simulator and the real sets, and seconds per epoch against scVI.
+
+    python benchmarks/bench_core.py --threads 1                      # everything
+    python benchmarks/bench_core.py --parts sim speed --threads 1    # a subset
+    python benchmarks/bench_core.py --parts real --peers-from benchmarks/results/peers.json
+
+Parts:
+- ``sim``: simulator, 8 well-separated types of unequal size, 3,000 cells x 1,000 genes, ``n_categories=8``: ARI of
+  the consensus type, mean within-type |Spearman| between the best state coordinate and the true state, agreement.
+- ``real``: the five files in ``../shared/data`` with ``n_categories`` = number of reference labels, ``nb`` and
+  ``gaussian`` likelihoods, next to scVI + Leiden and PCA + Leiden (run here, or read from ``--peers-from``, the
+  output of ``bench_peers.py``, which is then named in the table).
+- ``speed``: seconds per training epoch for A = 1, 2, 3, 5 agents and scVI on the same data and batch size,
+  timed in this process one after the other (first epoch dropped), as ratios to scVI.
+
+Writes ``benchmarks/results/{name}.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "scvi", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _fit(adata, *, seed: int, train_kwargs: dict | None = None, **model_kwargs):
+    import scvi
+
+    from scmixvae.model import CplMixVAE
+
+    scvi.settings.seed = seed
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, **model_kwargs)
+    start = time.perf_counter()
+    model.train(enable_progress_bar=False, **(train_kwargs or {}))
+    return model, time.perf_counter() - start
+
+
+def state_correlation(state: np.ndarray, truth_state: np.ndarray, types: np.ndarray) -> float:
+    """Mean over true types of the best |Spearman| between a state coordinate and the true state."""
+    from scipy.stats import spearmanr
+
+    rhos = []
+    for t in np.unique(types):
+        sel = types == t
+        rhos.append(max(abs(spearmanr(state[sel, j], truth_state[sel])[0]) for j in range(state.shape[1])))
+    return float(np.mean(rhos))
+
+
+def part_sim(args) -> list[dict]:
+    from _common import clustering_scores
+
+    from scmixvae.data import simulate
+
+    rows = []
+    for seed in args.seeds:
+        adata = simulate(n_cells=3000, n_genes=1000, n_types=8, type_sizes="unbalanced", seed=seed)
+        truth = adata.obs["type"].astype(str).to_numpy()
+        for likelihood in args.likelihoods:
+            model, seconds = _fit(adata, seed=seed, n_categories=8, likelihood=likelihood)
+            pred = model.predict().astype(str).to_numpy()
+            state = model.get_latent_representation()
+            rows.append({
+                "part": "sim", "dataset": "sim_3000x1000_8types", "seed": seed, "method": f"CplMixVAE[{likelihood}]",
+                **clustering_scores(truth, pred),
+                "state_spearman": state_correlation(state, adata.obs["state"].to_numpy(), truth),
+                "agreement": float(model.get_agent_agreement().iloc[0, 1]),
+                "epochs": len(model.history["train_loss"]), "seconds": seconds,
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+    return rows
+
+
+def part_real(args) -> list[dict]:
+    from _common import REAL_DATASETS, clustering_scores, load_real, run_pca_leiden, run_scvi_leiden
+
+    peers = {}
+    if args.peers_from:
+        for row in json.loads(Path(args.peers_from).read_text())["rows"]:
+            peers.setdefault(row["dataset"], []).append(row | {"source": Path(args.peers_from).name})
+    rows = []
+    for name in args.datasets:
+        adata, labels = load_real(name)
+        k = len(np.unique(labels))
+        for likelihood in args.likelihoods:
+            model, seconds = _fit(adata.copy(), seed=args.seeds[0], n_categories=k, likelihood=likelihood)
+            pred = model.predict().astype(str).to_numpy()
+            rows.append({
+                "part": "real", "dataset": name, "method": f"CplMixVAE[{likelihood}]", "k_ref": k,
+                "n_clusters": len(np.unique(pred)), **clustering_scores(labels, pred),
+                "agreement": float(model.get_agent_agreement().iloc[0, 1]),
+                "epochs": len(model.history["train_loss"]), "seconds": seconds, "source": "this run",
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+        if name in peers:
+            for row in peers[name]:
+                rows.append({"part": "real", "dataset": name, "method": row["method"], "k_ref": k,
+                             "n_clusters": row.get("n_clusters"), "ari": row["ari"], "nmi": row["nmi"],
+                             "seconds": row.get("seconds"), "source": row["source"]})  # fmt: skip
+        else:
+            for fn in (run_pca_leiden, run_scvi_leiden):
+                res = fn(adata.copy(), labels, seed=args.seeds[0])
+                rows.append({"part": "real", "dataset": name, "method": res["method"], "k_ref": k,
+                             "n_clusters": res["n_clusters"], "ari": res["ari"], "nmi": res["nmi"],
+                             "seconds": res["seconds"], "source": "this run"})  # fmt: skip
+        print(rows[-1], flush=True)
+    means = {}
+    for row in rows:
+        means.setdefault(row["method"], []).append(row["ari"])
+    for method, values in means.items():
+        rows.append({"part": "real", "dataset": "MEAN", "method": method, "ari": float(np.mean(values))})
+    return rows
+
+
+def part_speed(args) -> list[dict]:
+    import scvi
+    from _common import EpochTimer, load_real
+
+    from scmixvae.model import CplMixVAE
+
+    adata, _ = load_real(args.speed_dataset)
+    rows = []
+    for batch_size in args.batch_sizes:
+        scvi.settings.seed = 0
+        scvi.model.SCVI.setup_anndata(adata)
+        timer = EpochTimer()
+        scvi.model.SCVI(adata).train(max_epochs=args.speed_epochs, batch_size=batch_size, callbacks=[timer],
+                                     enable_progress_bar=False)  # fmt: skip
+        scvi_s = timer.seconds_per_epoch()
+        rows.append({"part": "speed", "dataset": args.speed_dataset, "method": "scVI", "batch_size": batch_size,
+                     "s_per_epoch": scvi_s, "ratio_to_scvi": 1.0})  # fmt: skip
+        for likelihood in args.likelihoods:
+            for n_agents in (1, 2, 3, 5):
+                CplMixVAE.setup_anndata(adata)
+                model = CplMixVAE(adata, n_agents=n_agents, n_categories=10, likelihood=likelihood)
+                timer = EpochTimer()
+                model.train(max_epochs=args.speed_epochs, batch_size=batch_size, callbacks=[timer],
+                            enable_progress_bar=False)  # fmt: skip
+                s = timer.seconds_per_epoch()
+                rows.append({"part": "speed", "dataset": args.speed_dataset,
+                             "method": f"CplMixVAE[{likelihood}] A={n_agents}", "batch_size": batch_size,
+                             "s_per_epoch": s, "ratio_to_scvi": s / scvi_s})  # fmt: skip
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", default=["sim", "real", "speed"], choices=["sim", "real", "speed"])
+    p.add_argument("--datasets", nargs="+", default=["ifnb", "worm", "bladder", "pbmc", "kidney"])
+    p.add_argument("--likelihoods", nargs="+", default=["nb", "gaussian"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--peers-from", default=None, help="JSON of bench_peers.py to reuse instead of rerunning peers")
+    p.add_argument("--speed-dataset", default="pbmc")
+    p.add_argument("--speed-epochs", type=int, default=4)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
+    p.add_argument("--name", default="core")
+    args = p.parse_args(argv)
+    from _common import set_threads, write_results
+
+    set_threads(args.threads)
+    _quiet()
+    rows = []
+    for part in args.parts:
+        rows += {"sim": part_sim, "real": part_real, "speed": part_speed}[part](args)
+    write_results(args.name, rows, extra_md=f"Command: `python benchmarks/bench_core.py {' '.join(argv or sys.argv[1:])}`")
+
+
+if __name__ == "__main__":
+    main()

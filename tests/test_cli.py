@@ -1,0 +1,41 @@
+import anndata
+import pytest
+
+from scmixvae._cli import main
+
+
+def test_demo_writes_annotated_h5ad_figure_and_model(tmp_path):
+    out = tmp_path / "demo"
+    rc = main(["demo", "--output", str(out), "--n-cells", "300", "--n-genes", "80", "--n-types", "3",
+               "--max-epochs", "1", "--quiet", "--accelerator", "cpu"])
+    assert rc == 0
+    adata = anndata.read_h5ad(out / "demo.h5ad")
+    assert "cplmixvae_type" in adata.obs and "X_cplmixvae_state" in adata.obsm
+    assert (out / "demo.png").stat().st_size > 0
+    assert (out / "model" / "model.pt").exists()
+
+
+def test_fit_writes_output_and_figures(tmp_path, sim_adata):
+    src = tmp_path / "in.h5ad"
+    sim_adata.write_h5ad(src)
+    rc = main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--n-categories", "3", "--max-epochs", "1",
+               "--batch-key", "batch", "--figures", str(tmp_path / "figs"), "--quiet", "--key-added", "mix"])
+    assert rc == 0
+    adata = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert "mix_type" in adata.obs
+    assert (tmp_path / "figs" / "types_and_states.png").exists()
+
+
+def test_fit_reports_bad_path_and_bad_key(tmp_path, sim_adata, capsys):
+    assert main(["fit", str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "o.h5ad")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    src = tmp_path / "in.h5ad"
+    sim_adata.write_h5ad(src)
+    assert main(["fit", str(src), "-o", str(tmp_path / "o.h5ad"), "--batch-key", "nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["fit", str(src), "-o", str(tmp_path / "o.txt")]) == 2
+
+
+def test_unknown_command_exits():
+    with pytest.raises(SystemExit):
+        main(["bogus"])

@@ -1,0 +1,61 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from anndata import AnnData
+
+from scmixvae.model import CplMixVAE
+
+
+def _adata(x):
+    return AnnData(x)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "match"),
+    [
+        (lambda x: x.__setitem__((0, 0), np.nan), "NaN or infinite"),
+        (lambda x: x.__setitem__((0, 0), np.inf), "NaN or infinite"),
+        (lambda x: x.__setitem__((0, 0), -1), "negative"),
+        (lambda x: x.__setitem__((0, 0), 0.5), "non-integer"),
+        (lambda x: x.__setitem__(1, 0), "no counts"),
+    ],
+)
+def test_bad_counts_raise_before_registration(mutate, match):
+    x = np.random.default_rng(0).poisson(2, (20, 10)).astype(np.float32) + 1
+    mutate(x)
+    adata = _adata(sp.csr_matrix(x))
+    with pytest.raises(ValueError, match=match):
+        CplMixVAE.setup_anndata(adata)
+    assert "_scvi_uuid" not in adata.uns
+
+
+def test_missing_layer_and_key_are_named():
+    adata = _adata(np.ones((5, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match="Layer 'counts' not found"):
+        CplMixVAE.setup_anndata(adata, layer="counts")
+    with pytest.raises(ValueError, match="batch_key"):
+        CplMixVAE.setup_anndata(adata, batch_key="sample")
+
+
+def test_duplicated_names_are_refused():
+    adata = _adata(np.ones((4, 3), dtype=np.float32))
+    adata.var_names = ["a", "a", "b"]
+    with pytest.raises(ValueError, match="var_names_make_unique"):
+        CplMixVAE.setup_anndata(adata)
+
+
+def test_empty_genes_warn_but_are_kept():
+    x = np.ones((6, 3), dtype=np.float32)
+    x[:, 2] = 0
+    adata = _adata(x)
+    with pytest.warns(UserWarning, match="1 genes have no counts"):
+        CplMixVAE.setup_anndata(adata)
+    assert adata.n_vars == 3
+
+
+def test_integer_dtype_and_dense_input_are_accepted():
+    adata = _adata(np.random.default_rng(0).poisson(3, (30, 8)).astype(np.int64) + 1)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=2, n_hidden=8)
+    model.train(max_epochs=1, enable_progress_bar=False)
+    assert model.predict().shape == (30,)
