@@ -16,8 +16,10 @@ from anndata import AnnData
 
 logger = logging.getLogger(__name__)
 
-#: Elements (cells x genes) sampled at once; bounds the memory of one chunk to a few dozen MB.
-_CHUNK_ELEMENTS = 1 << 22
+#: Matrix entries (cells x genes) drawn at once: bounds the memory of the uniform draws to a few MB.
+_CHUNK_ELEMENTS = 1 << 20
+#: Default number of marker genes per type and of genes per state program (fewer when there are few genes).
+_DEFAULT_PROGRAM_GENES = 40
 #: Ratio of the largest to the smallest type under ``type_sizes="unbalanced"``.
 _UNBALANCED_RATIO = 8.0
 #: Spread of the baseline log-mean across genes (a long tail of rarely detected genes, as in real data) ...
@@ -35,8 +37,8 @@ def simulate(
     n_genes: int = 1000,
     n_types: int = 8,
     *,
-    n_marker_genes: int = 40,
-    n_state_genes: int = 40,
+    n_marker_genes: int | None = None,
+    n_state_genes: int | None = None,
     type_sizes: Literal["unbalanced", "balanced"] | Sequence[float] | None = "unbalanced",
     n_batches: int = 1,
     batch_effect: float = 0.5,
@@ -53,9 +55,10 @@ def simulate(
 
     The generative story, in natural-log units:
 
-    1. **Genes.** Each gene ``g`` has a baseline log-mean ``b_g ~ Normal(0, 1.6)`` (a heavy-tailed spread of
-       gene means, as in real data) and a negative-binomial dispersion ``phi_g = dispersion * LogNormal(0, 0.5)``
-       (variance ``mu + phi_g mu^2``).
+    1. **Genes.** Each gene ``g`` has a baseline log-mean ``b_g``: a ``Normal(0, 3)`` draw, softly capped at 5.5
+       (``b = 5.5 - log(1 + exp(5.5 - x))``), i.e. a long tail of rarely detected genes and no gene above a few
+       percent of the counts, as in real data; and a negative-binomial dispersion
+       ``phi_g = dispersion * LogNormal(0, 0.5)`` (variance ``mu + phi_g mu^2``).
     2. **Types.** Type ``t`` has a gene program ``a_t``: ``n_marker_genes`` random marker genes get a log-fold
        change of magnitude ``type_separation * Uniform(1, 2.5)``, up for 80% of them and down for the rest;
        all other entries are 0. Types are assigned to cells at random in the proportions set by ``type_sizes``.
@@ -64,7 +67,9 @@ def simulate(
        ``t`` (they may be markers or state genes of other types), with preference for expressed genes
        (probability proportional to ``exp(b_g / 2)``) so that the state shows in the counts. Their log-fold
        changes are ``state_strength * Uniform(0.5, 1.5)``, 80% up and 20% down, and act as ``s_c * p_t``: a
-       continuous gradient inside each type, from ``s_c = 0`` (baseline) to ``s_c = 1`` (full program).
+       continuous gradient inside each type, from ``s_c = 0`` (baseline) to ``s_c = 1`` (full program). With the
+       defaults the gradient is clear (e.g. the mean of a type's up-regulated state genes tracks ``s_c``) but
+       does not split the type into clusters.
     4. **Shared state** (``shared_state=True``). One more program ``q`` on ``n_state_genes`` genes, the same for
        all types (like a stimulation), driven by a second per-cell value ``r_c ~ Uniform(0, 1)``
        (``obs["shared_state"]``), with log-fold changes drawn as for the state programs.
@@ -74,10 +79,15 @@ def simulate(
        ``library_size_sigma`` (``obs["library_size"]``: the expected total count of the cell).
     7. **Counts.** With ``eta_cg = b_g + a_tg + s_c p_tg + r_c q_g + e_kg`` and
        ``mu_cg = l_c * softmax_g(eta_c)_g``, the count is negative binomial (gamma-Poisson) with mean
-       ``mu_cg`` and dispersion ``phi_g``.
+       ``mu_cg`` and dispersion ``phi_g``, drawn exactly (by inversion of its CDF, or as a gamma-Poisson
+       mixture for large means). As the means are proportions of the library, a program that raises some genes
+       lowers the share of all others a little.
 
-    Cells are generated in chunks (a few million matrix entries at a time), so memory stays bounded and
-    100,000 cells x 2,000 genes take a few seconds. The same ``seed`` gives identical output.
+    The defaults give a realistic but solvable problem: 8 unbalanced types that PCA + Leiden on log-normalised
+    counts recovers (adjusted Rand index near 1), a few thousand counts per cell and about 70% (1,000 genes) to
+    75% (2,000 genes) zeros. Counts are drawn by a compiled kernel, one uniform draw per matrix entry, for about
+    a million entries at a time, so memory stays bounded and large data sets are fast (100,000 cells x 2,000
+    genes in seconds); the same ``seed`` gives identical output.
 
     Parameters
     ----------
@@ -88,10 +98,11 @@ def simulate(
     n_types
         Number of cell types, at most ``n_cells``.
     n_marker_genes
-        Number of marker genes in each type program.
+        Number of marker genes in each type program; default 40, or ``n_genes // 2`` (at least 1) if fewer.
     n_state_genes
         Number of genes in each type's state program (and in the shared program); at most
-        ``n_genes - n_marker_genes``. ``0`` switches the within-type state off.
+        ``n_genes - n_marker_genes``; default 40, or ``n_genes - n_marker_genes`` if fewer. ``0`` switches the
+        within-type state off.
     type_sizes
         ``"unbalanced"`` (default; ``None`` means the same): geometric proportions, the largest type 8x the
         smallest, ``type_0`` the largest. ``"balanced"``: equal proportions. Or a sequence of ``n_types``
@@ -144,6 +155,10 @@ def simulate(
     _check_int("n_types", n_types, minimum=1)
     if n_types > n_cells:
         raise ValueError(f"`n_types` ({n_types}) must not exceed `n_cells` ({n_cells}); ask for fewer types.")
+    if n_marker_genes is None:
+        n_marker_genes = max(1, min(_DEFAULT_PROGRAM_GENES, n_genes // 2))
+    if n_state_genes is None and isinstance(n_marker_genes, numbers.Integral):
+        n_state_genes = max(0, min(_DEFAULT_PROGRAM_GENES, n_genes - n_marker_genes))
     _check_int("n_marker_genes", n_marker_genes, minimum=1)
     if n_marker_genes > n_genes:
         raise ValueError(
@@ -153,7 +168,7 @@ def simulate(
     if n_state_genes > n_genes - n_marker_genes:
         raise ValueError(
             f"`n_state_genes` ({n_state_genes}) must be at most `n_genes - n_marker_genes` "
-            f"({n_genes - n_marker_genes}): state genes are drawn outside the type's markers."
+            f"({n_genes - n_marker_genes}), as state genes are drawn outside the type's markers; lower one of them."
         )
     _check_int("n_batches", n_batches, minimum=1)
     if n_batches > n_cells:
@@ -240,13 +255,13 @@ def simulate(
     adata = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names)))
     adata.uns["simulation"] = {
         "params": {
-            "n_cells": n_cells,
-            "n_genes": n_genes,
-            "n_types": n_types,
-            "n_marker_genes": n_marker_genes,
-            "n_state_genes": n_state_genes,
+            "n_cells": int(n_cells),
+            "n_genes": int(n_genes),
+            "n_types": int(n_types),
+            "n_marker_genes": int(n_marker_genes),
+            "n_state_genes": int(n_state_genes),
             "type_sizes": sizes_mode,
-            "n_batches": n_batches,
+            "n_batches": int(n_batches),
             "batch_effect": float(batch_effect),
             "shared_state": bool(shared_state),
             "library_size_mean": float(library_size_mean),
@@ -254,7 +269,7 @@ def simulate(
             "dispersion": float(dispersion),
             "type_separation": float(type_separation),
             "state_strength": float(state_strength),
-            "seed": seed,
+            "seed": int(seed),
         },
         "type_proportions": proportions,
         "baseline": baseline,
@@ -374,6 +389,7 @@ def _negative_binomial_kernel(
     """
     n_rows, n_genes = uniform.shape
     factor = np.ones(n_genes)
+    candidates = np.empty(n_genes, dtype=np.int64)
     for i in range(n_rows):
         weights = static[type_batch[i]]
         total = static_sum[type_batch[i]]
@@ -382,11 +398,15 @@ def _negative_binomial_kernel(
             factor[g] = math.exp(state[i] * state_dyn[types[i], d] + shared[i] * shared_dyn[d])
             total += weights[g] * (factor[g] - 1.0)
         scale = library_size[i] / total
+        # branch-free first pass: the candidates, i.e. the genes with u + mean > 1
+        n_candidates = 0
         for j in range(n_genes):
+            candidates[n_candidates] = j
+            n_candidates += uniform[i, j] + scale * weights[j] * factor[j] > 1.0
+        for c in range(n_candidates):
+            j = candidates[c]
             mean = scale * weights[j] * factor[j]
             u = uniform[i, j]
-            if u + mean <= 1.0:
-                continue
             if mean > high_mean:
                 data[nnz] = -mean
                 indices[nnz] = j
@@ -440,8 +460,7 @@ def _type_proportions(
         if type_sizes == "balanced":
             return np.full(n_types, 1.0 / n_types), "balanced"
         raise ValueError(
-            f"`type_sizes` must be 'unbalanced', 'balanced' or a sequence of {n_types} proportions, "
-            f"got {type_sizes!r}."
+            f"`type_sizes` must be 'unbalanced', 'balanced' or a sequence of {n_types} proportions, got {type_sizes!r}."
         )
     try:
         proportions = np.asarray(type_sizes, dtype=np.float64)
@@ -450,9 +469,7 @@ def _type_proportions(
             f"`type_sizes` must be 'unbalanced', 'balanced' or a sequence of numbers, got {type_sizes!r}."
         ) from err
     if proportions.shape != (n_types,):
-        raise ValueError(
-            f"`type_sizes` must have one proportion per type ({n_types}), got shape {proportions.shape}."
-        )
+        raise ValueError(f"`type_sizes` must have one proportion per type ({n_types}), got shape {proportions.shape}.")
     if not np.all(np.isfinite(proportions)) or np.any(proportions <= 0):
         raise ValueError(f"`type_sizes` must hold positive finite proportions, got {proportions.tolist()}.")
     if not np.isclose(proportions.sum(), 1.0, rtol=0, atol=1e-6):
