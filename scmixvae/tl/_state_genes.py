@@ -1,0 +1,605 @@
+"""Type-specific state genes: traverse each type's state axis and rank genes by the decoded change."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from anndata import AnnData
+from scipy import sparse, stats
+from scvi import REGISTRY_KEYS
+from torch.nn import functional as F
+
+from .._constants import DEFAULT_STATE_GENES_KEY, NORMALISATION_SCALE, category_name
+
+logger = logging.getLogger(__name__)
+
+#: ``params["method"]`` of the rankings written by :func:`rank_state_genes`.
+METHOD = "cplmixvae_state_traversal"
+#: Rows of the count matrix read at once by the streamed gene statistics.
+_CHUNK_SIZE = 4096
+#: Smallest number of cells a group needs for its state axis and spread.
+_MIN_CELLS = 3
+
+Axis = Literal["pc1"] | int
+Measure = Literal["endpoints", "range"]
+
+
+def group_key(key: str) -> str:
+    """``obs`` column of the consensus groups written by :func:`rank_state_genes` when ``groupby=None``."""
+    return f"{key}_group"
+
+
+# ---------------------------------------------------------------------------------------------- checks
+def _check_model(model) -> None:
+    from ..model import CplMixVAE
+
+    if not isinstance(model, CplMixVAE):
+        raise TypeError(f"`model` must be a trained scmixvae.model.CplMixVAE, got {type(model).__name__}.")
+
+
+def _check_traversal_args(model, *, axis, n_sigma, n_steps, agent) -> None:
+    if isinstance(axis, bool) or not (axis == "pc1" or isinstance(axis, int | np.integer)):
+        raise ValueError(f'`axis` must be "pc1" or the index of a state dimension, got {axis!r}.')
+    n_state = model.module.n_state
+    if not isinstance(axis, str) and not 0 <= int(axis) < n_state:
+        raise ValueError(
+            f"`axis`={axis} is out of range: the model has {n_state} state dimension(s) (0..{n_state - 1})."
+        )
+    if isinstance(n_sigma, bool) or not isinstance(n_sigma, int | float) or not np.isfinite(n_sigma) or n_sigma <= 0:
+        raise ValueError(f"`n_sigma` must be a positive number, got {n_sigma!r}.")
+    if isinstance(n_steps, bool) or not isinstance(n_steps, int | np.integer) or n_steps < 2:
+        raise ValueError(f"`n_steps` must be an integer >= 2 (start and end of the path), got {n_steps!r}.")
+    n_agents = model.module.n_agents
+    if isinstance(agent, bool) or not isinstance(agent, int | np.integer) or not 0 <= agent < n_agents:
+        raise ValueError(f"`agent` must be an integer in 0..{n_agents - 1}, got {agent!r}.")
+
+
+def _check_groupby(adata: AnnData, groupby: str) -> None:
+    """``groupby`` must name a categorical ``obs`` column with string categories (what scanpy's plots need)."""
+    if not isinstance(groupby, str) or groupby not in adata.obs:
+        raise ValueError(f"`groupby`={groupby!r} is not a column of adata.obs; pass an obs column or None.")
+    column = adata.obs[groupby]
+    if not isinstance(column.dtype, pd.CategoricalDtype) or not all(isinstance(c, str) for c in column.cat.categories):
+        raise ValueError(
+            f"adata.obs[{groupby!r}] must be categorical with string categories (as scanpy's rankings need); "
+            f"convert it first: adata.obs[{groupby!r}] = adata.obs[{groupby!r}].astype(str).astype('category')."
+        )
+
+
+def _category_index(model, category: str | int) -> int:
+    """Index among the initial categories of a surviving category given by name or index."""
+    names = model.category_names
+    name = category_name(int(category)) if isinstance(category, int | np.integer) else category
+    if not isinstance(name, str) or name not in names:
+        raise ValueError(f"`category` must be one of the model's surviving categories {names}, got {category!r}.")
+    return int(name)
+
+
+# ---------------------------------------------------------------------------------------------- streamed reads
+def gene_std(x, *, chunk_size: int = _CHUNK_SIZE) -> np.ndarray:
+    """Per-gene standard deviation of ``log1p`` of library-normalised counts, streamed over row chunks.
+
+    Each chunk of ``chunk_size`` cells is normalised to ``1e4`` counts per cell (the model's encoder
+    input), transformed with ``log1p`` and reduced to per-gene sums and sums of squares in float64;
+    a sparse matrix stays sparse, so memory is bounded by one chunk whatever the number of cells.
+
+    Parameters
+    ----------
+    x
+        Raw counts, cells x genes: a :mod:`scipy.sparse` matrix, a dense array or a backed AnnData matrix.
+    chunk_size
+        Number of rows read at once.
+
+    Returns
+    -------
+    The population standard deviation (``ddof=0``) of every gene, float64 ``(n_genes,)``.
+    """
+    n_obs, n_vars = x.shape
+    if n_obs == 0:
+        raise ValueError("Cannot compute gene spreads on an empty matrix (0 cells).")
+    total = np.zeros(n_vars)
+    total_sq = np.zeros(n_vars)
+    for start in range(0, n_obs, chunk_size):
+        block = x[start : start + chunk_size]
+        if sparse.issparse(block):
+            block = sparse.csr_matrix(block, dtype=np.float64)
+            library = np.asarray(block.sum(1)).ravel()
+            block = sparse.diags(NORMALISATION_SCALE / np.maximum(library, 1.0)) @ block
+            block.data = np.log1p(block.data)
+            total += np.asarray(block.sum(0)).ravel()
+            total_sq += np.asarray(block.multiply(block).sum(0)).ravel()
+        else:
+            block = np.asarray(block, dtype=np.float64)
+            library = block.sum(1, keepdims=True)
+            block = np.log1p(block * (NORMALISATION_SCALE / np.maximum(library, 1.0)))
+            total += block.sum(0)
+            total_sq += (block**2).sum(0)
+    mean = total / n_obs
+    return np.sqrt(np.maximum(total_sq / n_obs - mean**2, 0.0))
+
+
+@torch.inference_mode()
+def _encode(model, adata: AnnData, batch_size: int | None) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None]:
+    """One pass over the cells: consensus category (initial index), encoder trunk ``h`` ``(A, n, L)``.
+
+    Also returns the mean of the continuous covariates (``None`` without them). Memory is ``n x A x L``
+    floats (the trunk width, not the genes).
+    """
+    module = model.module
+    dl = model._make_data_loader(adata=adata, indices=np.arange(adata.n_obs), batch_size=batch_size)
+    was_training = module.training
+    module.eval()
+    consensus, hs = [], []
+    cont_sum, n = None, 0
+    try:
+        for tensors in dl:
+            inputs = module._get_inference_input(tensors)
+            out = module.inference(**inputs)
+            consensus.append(out["q"].mean(0).argmax(-1).cpu())
+            hs.append(out["h"].cpu())
+            cont = inputs.get("cont_covs")
+            if cont is not None and cont.shape[-1] > 0:
+                part = cont.float().sum(0).cpu()
+                cont_sum = part if cont_sum is None else cont_sum + part
+            n += out["h"].shape[1]
+    finally:
+        module.train(was_training)
+    cont_mean = None if cont_sum is None else cont_sum / n
+    return torch.cat(consensus).numpy(), torch.cat(hs, dim=1), cont_mean
+
+
+@torch.inference_mode()
+def _states(model, h: torch.Tensor, k: int, agent: int) -> np.ndarray:
+    """State posterior means of agent ``agent`` for trunk outputs ``h`` ``(A, n, L)`` conditioned on ``k``."""
+    module = model.module
+    h = h.to(module.device)
+    c = F.one_hot(torch.full((h.shape[1],), k, device=h.device), module.n_categories).float()
+    mean, _ = module.state_posterior(h, c.expand(module.n_agents, -1, -1))
+    return mean[agent].cpu().numpy().astype(np.float64)
+
+
+def _path_geometry(states: np.ndarray, axis: Axis) -> tuple[np.ndarray, np.ndarray, float]:
+    """Centre, unit direction and spread (sd of the projections) of the main axis of ``states``."""
+    center = states.mean(0)
+    if axis == "pc1":
+        centred = states - center
+        cov = centred.T @ centred / max(len(states) - 1, 1)
+        eigval, eigvec = np.linalg.eigh(cov)
+        direction = eigvec[:, -1]
+        # deterministic sign (as sklearn's svd_flip): the largest loading is positive
+        direction = direction * np.sign(direction[np.argmax(np.abs(direction))])
+        sigma = float(np.sqrt(max(eigval[-1], 0.0)))
+    else:
+        direction = np.zeros(states.shape[1])
+        direction[int(axis)] = 1.0
+        sigma = float(states[:, int(axis)].std(ddof=1))
+    return center, direction, sigma
+
+
+@torch.inference_mode()
+def _decode_path(
+    model,
+    k: int,
+    center: np.ndarray,
+    direction: np.ndarray,
+    sigma: float,
+    *,
+    n_sigma: float,
+    n_steps: int,
+    agent: int,
+    cont_mean: torch.Tensor | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Decode ``s = center + t sigma direction`` for ``t`` in ``[-n_sigma, n_sigma]`` with ``c = onehot(k)``.
+
+    Covariates: batch 0 (the first category of the batch key), code 0 of every categorical
+    covariate, the mean of every continuous covariate. Returns ``t`` ``(n_steps,)``, the decoded
+    ``log1p`` normalised expression ``(n_steps, D)`` and the normalised expression itself (per
+    ``1e4``).
+    """
+    module = model.module
+    was_training = module.training
+    module.eval()
+    try:
+        device = module.device
+        t = np.linspace(-n_sigma, n_sigma, n_steps)
+        s = torch.as_tensor(center[None] + (t * sigma)[:, None] * direction[None], dtype=torch.float32, device=device)
+        c = F.one_hot(torch.full((n_steps,), k, device=device), module.n_categories).float()
+        batch_index = torch.zeros((n_steps, 1), dtype=torch.long, device=device)
+        cat_covs = (
+            torch.zeros((n_steps, len(module.n_cats_per_cov)), dtype=torch.long, device=device)
+            if module.n_cats_per_cov
+            else None
+        )
+        cont = None if cont_mean is None else cont_mean.to(device)[None].expand(n_steps, -1)
+        cov = module._covariates(batch_index, cat_covs, cont)
+        library = torch.ones((n_steps, 1), device=device)
+        out = module.generative(s, c, library, batch_index, cov)
+        if module.likelihood == "gaussian":
+            x_log = out["px_mean"][agent].double().cpu().numpy()
+            expr = np.maximum(np.expm1(x_log), 0.0)
+        else:
+            expr = (out["px_log_scale"][agent].double().exp() * NORMALISATION_SCALE).cpu().numpy()
+            x_log = np.log1p(expr)
+    finally:
+        module.train(was_training)
+    return t, x_log, expr
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+def benjamini_hochberg(pvals: np.ndarray) -> np.ndarray:
+    """Benjamini–Hochberg adjusted p-values (step-up, monotone, clipped to ``[0, 1]``)."""
+    p = np.asarray(pvals, dtype=np.float64)
+    n = p.size
+    if n == 0:
+        return p.copy()
+    order = np.argsort(p)
+    ranked = p[order] * n / np.arange(1, n + 1)
+    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(n)
+    out[order] = np.clip(ranked, 0.0, 1.0)
+    return out
+
+
+def _outlier_pvalues(scores: np.ndarray) -> np.ndarray:
+    """Upper-tail p-values of ``log(score)`` under a normal fitted robustly (median, MAD) to all genes."""
+    pvals = np.ones(scores.shape, dtype=np.float64)
+    positive = scores > 0
+    if positive.sum() < 3:
+        return pvals
+    log_scores = np.log(scores[positive])
+    median = np.median(log_scores)
+    spread = 1.4826 * np.median(np.abs(log_scores - median))
+    if not spread > 0:
+        spread = log_scores.std()
+    if spread > 0:
+        pvals[positive] = stats.norm.sf((log_scores - median) / spread)
+    return np.clip(pvals, 0.0, 1.0)
+
+
+def _traversal_scores(
+    x_log: np.ndarray, expr: np.ndarray, std: np.ndarray | None, measure: Measure
+) -> tuple[np.ndarray, np.ndarray]:
+    """Score (change along the path, optionally per gene spread) and signed log2 fold change end vs start."""
+    change = np.abs(x_log[-1] - x_log[0]) if measure == "endpoints" else x_log.max(0) - x_log.min(0)
+    if std is not None:
+        change = np.divide(change, std, out=np.zeros_like(change), where=std > 0)
+    lfc = np.log2((expr[-1] + 1e-9) / (expr[0] + 1e-9))
+    return change, lfc
+
+
+# ---------------------------------------------------------------------------------------------- public API
+def state_traversal(
+    model,
+    category: str | int,
+    *,
+    adata: AnnData | None = None,
+    cells: Sequence[int] | np.ndarray | None = None,
+    axis: Axis = "pc1",
+    n_sigma: float = 3.0,
+    n_steps: int = 10,
+    agent: int = 0,
+    batch_size: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Decode the expression along the main state axis of one category.
+
+    The cells' state posterior means (agent ``agent``, conditioned on ``category``) give a centre and
+    a main axis (their first principal component, or one state dimension); ``s`` moves along it from
+    ``-n_sigma`` to ``+n_sigma`` standard deviations of the cells' projections and is decoded by agent
+    ``agent``'s decoder with ``c = onehot(category)``. Covariates are fixed to a reference: batch 0
+    (the first category of the batch key), code 0 of each categorical covariate and the mean of each
+    continuous covariate.
+
+    Parameters
+    ----------
+    model
+        A trained :class:`~scmixvae.model.CplMixVAE`.
+    category
+        A surviving category, by name (as in :attr:`~scmixvae.model.CplMixVAE.category_names`) or index.
+    adata
+        AnnData with the model's genes; defaults to the training data.
+    cells
+        Integer indices or a boolean mask of the cells that define the state distribution; by default
+        the cells whose consensus category is ``category``.
+    axis
+        ``"pc1"`` or the index of one state dimension.
+    n_sigma
+        Half-length of the path in standard deviations of the cells along the axis.
+    n_steps
+        Number of points on the path (at least 2).
+    agent
+        Agent whose state space and decoder are used.
+    batch_size
+        Minibatch size of the encoding pass.
+
+    Returns
+    -------
+    ``steps``, the positions on the path in standard deviations ``(n_steps,)``, and the decoded
+    expression ``(n_steps, n_genes)`` as ``log1p`` of library-normalised expression (per ``1e4``), the
+    scale of the data's ``log1p``-normalised counts.
+    """
+    _check_model(model)
+    _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
+    k = _category_index(model, category)
+    model._check_if_trained(warn=True)
+    adata = model._validate_anndata(adata)
+    consensus, h, cont_mean = _encode(model, adata, batch_size)
+    if cells is None:
+        mask = consensus == k
+    else:
+        cells = np.asarray(cells)
+        mask = np.zeros(adata.n_obs, dtype=bool)
+        mask[cells] = True
+    if mask.sum() < _MIN_CELLS:
+        raise ValueError(
+            f"Category {category!r} has {int(mask.sum())} cell(s); the state axis needs at least {_MIN_CELLS}."
+        )
+    states = _states(model, h[:, torch.as_tensor(np.flatnonzero(mask))], k, agent)
+    center, direction, sigma = _path_geometry(states, axis)
+    t, x_log, _ = _decode_path(
+        model, k, center, direction, sigma, n_sigma=n_sigma, n_steps=n_steps, agent=agent, cont_mean=cont_mean
+    )
+    return t, x_log
+
+
+def rank_state_genes(
+    adata: AnnData,
+    model,
+    *,
+    groupby: str | None = None,
+    axis: Axis = "pc1",
+    n_sigma: float = 3.0,
+    n_steps: int = 10,
+    normalize: bool = True,
+    measure: Measure = "endpoints",
+    agent: int = 0,
+    batch_size: int | None = None,
+    key_added: str = DEFAULT_STATE_GENES_KEY,
+    copy: bool = False,
+) -> AnnData | None:
+    """Rank the genes that change along each type's state axis (type-specific state genes).
+
+    For each group (by default each consensus category of the model): the state posterior means of
+    its cells (agent ``agent``, conditioned on the group's category) give a centre and a main axis
+    (first principal component, or one state dimension). The state moves along the axis from
+    ``-n_sigma`` to ``+n_sigma`` standard deviations and is decoded with the category fixed
+    (:func:`state_traversal`). Each gene is scored by how much its decoded ``log1p`` normalised
+    expression changes along that path, divided by its standard deviation across all cells (the
+    published score, ``|x_end - x_start| / std``).
+
+    Parameters
+    ----------
+    adata
+        AnnData with the model's genes (the training data or new cells).
+    model
+        A trained :class:`~scmixvae.model.CplMixVAE`.
+    groupby
+        ``obs`` column of the groups. ``None`` uses the model's consensus categories and writes them to
+        ``obs[f"{key_added}_group"]``. Otherwise a categorical column with string categories, e.g. the
+        ``obs["cplmixvae_type"]`` of :func:`~scmixvae.tl.annotate` or reference cell types; each group is
+        decoded with the category most of its cells are assigned to (itself for the consensus types).
+    axis
+        ``"pc1"`` (first principal component of the group's state means) or the index of one state
+        dimension. The sign of a principal axis is arbitrary; it is fixed so that its largest loading is
+        positive.
+    n_sigma
+        Half-length of the path, in standard deviations of the group's cells along the axis.
+    n_steps
+        Number of points on the path (at least 2).
+    normalize
+        Divide each gene's change by its standard deviation of ``log1p`` normalised expression over all
+        cells of ``adata`` (computed streamed over chunks of the count matrix). Genes that never vary get
+        a score of 0. ``False`` keeps the change in ``log1p`` units.
+    measure
+        ``"endpoints"``: ``|x_end - x_start|`` (published); ``"range"``: ``max - min`` along the path,
+        which also catches genes that peak inside the path.
+    agent
+        Agent whose state space and decoder are used (the consensus state is agent 0's).
+    batch_size
+        Minibatch size of the encoding pass.
+    key_added
+        Key in ``uns`` of the ranking.
+    copy
+        Return a modified copy instead of writing into ``adata``.
+
+    Returns
+    -------
+    ``None``, or the modified copy when ``copy=True``. Writes
+
+    - ``uns[key_added]`` in the schema of :func:`scanpy.tl.rank_genes_groups`, all genes ranked per group
+      by decreasing score, so that :func:`scanpy.get.rank_genes_groups_df`,
+      :func:`scanpy.pl.rank_genes_groups_dotplot` and :func:`get_state_genes` read it:
+
+      - ``names``, ``scores``, ``logfoldchanges``, ``pvals``, ``pvals_adj``: record arrays, one field per group;
+      - ``scores``: the change along the path (per gene standard deviation with ``normalize=True``);
+      - ``logfoldchanges``: signed ``log2`` fold change of the decoded normalised expression, end of the
+        path versus start (the direction follows the oriented axis);
+      - ``pvals``: how unusual the gene's score is among the genes of the same group: the upper tail
+        of a normal fitted robustly (median and MAD) to the log scores of all genes of the group. It
+        is a gene-outlier measure on one decoded path, not a test over cells; genes with a score of
+        0 get 1;
+      - ``pvals_adj``: Benjamini–Hochberg adjustment of ``pvals`` across the genes of each group;
+      - ``params``: ``groupby``, ``reference="rest"``, ``method="cplmixvae_state_traversal"``,
+        ``use_raw=False``, ``corr_method="benjamini-hochberg"`` and the traversal settings;
+      - ``traversal``: per group (in the order of ``groups``) the ``category`` decoded, ``n_cells``,
+        ``center`` and unit ``direction`` of the axis in state space and ``sigma``, the cells' standard
+        deviation along it, and the ``continuous_covariates`` decoded with (their means; empty without
+        them); used by :func:`~scmixvae.pl.state_traversal_heatmap`.
+
+    - ``obs[f"{key_added}_group"]``: the consensus category (categorical; categories without cells are
+      left out, as scanpy's plots need), when ``groupby=None``.
+
+    Groups with fewer than 3 cells, or whose cells do not spread along the axis, are left out with a
+    logged warning.
+    """
+    _check_model(model)
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    if not isinstance(key_added, str) or not key_added:
+        raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
+    _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
+    if measure not in ("endpoints", "range"):
+        raise ValueError(f'`measure` must be "endpoints" or "range", got {measure!r}.')
+    if groupby is not None:
+        _check_groupby(adata, groupby)
+    if copy:
+        adata = adata.copy()
+    model._check_if_trained(warn=True)
+    model_adata = model._validate_anndata(adata)
+
+    consensus, h, cont_mean = _encode(model, model_adata, batch_size)
+    names = model.category_names
+    if groupby is None:
+        groupby = group_key(key_added)
+        # categories without cells are dropped: scanpy's plots fail on empty categories
+        groups = pd.Categorical([category_name(k) for k in consensus], categories=names).remove_unused_categories()
+        write_groups = True
+    else:
+        groups, write_groups = adata.obs[groupby].array, False
+    std = None
+    if normalize:
+        counts = model.get_anndata_manager(model_adata, required=True).get_from_registry(REGISTRY_KEYS.X_KEY)
+        std = gene_std(counts)
+
+    results, geometry = {}, {}
+    for group in groups.categories:
+        idx = np.flatnonzero(np.asarray(groups == group))
+        if len(idx) < _MIN_CELLS:
+            logger.warning(
+                "Group %r has %d cell(s) (< %d); it is left out of the ranking.", group, len(idx), _MIN_CELLS
+            )
+            continue
+        k = int(np.bincount(consensus[idx]).argmax())
+        states = _states(model, h[:, torch.as_tensor(idx)], k, agent)
+        center, direction, sigma = _path_geometry(states, axis)
+        if not sigma > 0:
+            logger.warning("The cells of group %r do not spread along the state axis; it is left out.", group)
+            continue
+        _, x_log, expr = _decode_path(
+            model, k, center, direction, sigma, n_sigma=n_sigma, n_steps=n_steps, agent=agent, cont_mean=cont_mean
+        )
+        scores, lfc = _traversal_scores(x_log, expr, std, measure)
+        pvals = _outlier_pvalues(scores)
+        results[str(group)] = (scores, lfc, pvals, benjamini_hochberg(pvals))
+        geometry[str(group)] = (category_name(k), len(idx), center, direction, sigma)
+    if not results:
+        raise ValueError(
+            f"No group of {groupby!r} has at least {_MIN_CELLS} cells spread along the state axis; nothing to rank."
+        )
+    if write_groups:
+        adata.obs[groupby] = groups
+    adata.uns[key_added] = _to_rank_genes_groups(
+        results,
+        np.asarray(adata.var_names, dtype=str),
+        params={
+            "groupby": groupby,
+            "reference": "rest",
+            "method": METHOD,
+            "use_raw": False,
+            "corr_method": "benjamini-hochberg",
+            "axis": str(axis),
+            "n_sigma": float(n_sigma),
+            "n_steps": int(n_steps),
+            "normalize": bool(normalize),
+            "measure": measure,
+            "agent": int(agent),
+        },
+    )
+    adata.uns[key_added]["traversal"] = {
+        "groups": np.asarray(list(geometry), dtype=str),
+        "category": np.asarray([g[0] for g in geometry.values()], dtype=str),
+        "n_cells": np.asarray([g[1] for g in geometry.values()], dtype=np.int64),
+        "center": np.stack([g[2] for g in geometry.values()]),
+        "direction": np.stack([g[3] for g in geometry.values()]),
+        "sigma": np.asarray([g[4] for g in geometry.values()], dtype=np.float64),
+        "continuous_covariates": np.zeros(0) if cont_mean is None else cont_mean.numpy().astype(np.float64),
+    }
+    return adata if copy else None
+
+
+def _to_rank_genes_groups(results: dict, genes: np.ndarray, *, params: dict) -> dict:
+    """Record arrays of :func:`scanpy.tl.rank_genes_groups`, every gene ranked by decreasing score."""
+    columns = {"names": [], "scores": [], "logfoldchanges": [], "pvals": [], "pvals_adj": []}
+    for scores, lfc, pvals, pvals_adj in results.values():
+        order = np.argsort(-scores, kind="stable")
+        columns["names"].append(genes[order].astype(object))
+        columns["scores"].append(scores[order].astype(np.float32))
+        columns["logfoldchanges"].append(lfc[order].astype(np.float32))
+        columns["pvals"].append(pvals[order].astype(np.float64))
+        columns["pvals_adj"].append(pvals_adj[order].astype(np.float64))
+    groups = list(results)
+    dtypes = {
+        "names": "O",
+        "scores": "float32",
+        "logfoldchanges": "float32",
+        "pvals": "float64",
+        "pvals_adj": "float64",
+    }
+    out = {"params": params}
+    for column, arrays in columns.items():
+        out[column] = np.rec.fromarrays(arrays, dtype=[(g, dtypes[column]) for g in groups])
+    return out
+
+
+def get_state_genes(
+    adata: AnnData,
+    *,
+    key: str = DEFAULT_STATE_GENES_KEY,
+    group: str | Sequence[str] | None = None,
+    n_genes: int | None = None,
+) -> pd.DataFrame:
+    """Return the state genes of :func:`rank_state_genes` as a tidy table.
+
+    Parameters
+    ----------
+    adata
+        AnnData on which :func:`rank_state_genes` (or :func:`scanpy.tl.rank_genes_groups`) was run.
+    key
+        Key of the ranking in ``uns``.
+    group
+        One group, several, or ``None`` for all.
+    n_genes
+        Top genes per group; all by default.
+
+    Returns
+    -------
+    A :class:`~pandas.DataFrame` with columns ``group``, ``names``, ``scores``, ``logfoldchanges``,
+    ``pvals``, ``pvals_adj`` (those present in the ranking), ordered by group and decreasing score.
+    """
+    ranking = _get_ranking(adata, key)
+    available = list(ranking["names"].dtype.names)
+    groups = available if group is None else [group] if isinstance(group, str) else list(group)
+    missing = [g for g in groups if g not in available]
+    if missing:
+        raise ValueError(f"Group(s) {missing} not in uns[{key!r}]; available groups: {available}.")
+    if n_genes is not None and (isinstance(n_genes, bool) or not isinstance(n_genes, int) or n_genes < 1):
+        raise ValueError(f"`n_genes` must be a positive integer or None, got {n_genes!r}.")
+    columns = [c for c in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj") if c in ranking]
+    frames = []
+    for g in groups:
+        frame = pd.DataFrame({c: ranking[c][g] for c in columns})
+        if n_genes is not None:
+            frame = frame.iloc[:n_genes]
+        frame.insert(0, "group", g)
+        frames.append(frame)
+    out = pd.concat(frames, ignore_index=True)
+    out["group"] = pd.Categorical(out["group"], categories=groups)
+    out["names"] = out["names"].astype(str)
+    return out
+
+
+def _get_ranking(adata: AnnData, key: str) -> dict:
+    """``uns[key]`` after checking that it holds a ``rank_genes_groups``-style ranking."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    if key not in adata.uns:
+        raise ValueError(f"No gene ranking in adata.uns[{key!r}]; run scmixvae.tl.rank_state_genes first.")
+    ranking = adata.uns[key]
+    required = ("names", "scores")
+    if not isinstance(ranking, dict) or any(r not in ranking for r in required):
+        raise ValueError(f"adata.uns[{key!r}] is not a rank_genes_groups-style ranking (needs {required}).")
+    return ranking

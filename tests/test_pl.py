@@ -1,0 +1,147 @@
+import warnings
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+from scmixvae import pl, tl
+from scmixvae.data._simulate import simulate
+from scmixvae.model import CplMixVAE
+
+KEY = "cplmixvae_state_genes"
+
+
+@pytest.fixture(scope="module")
+def annotated():
+    """A model trained 2 epochs and its annotated data with state genes per consensus type."""
+    scvi.settings.seed = 0
+    adata = simulate(n_cells=300, n_genes=100, n_types=3, type_sizes="balanced", n_state_genes=15, seed=3)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=3, n_hidden=32)
+    model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
+    tl.annotate(adata, model)
+    tl.rank_state_genes(adata, model, groupby="cplmixvae_type")
+    return adata, model
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def _save(fig: Figure, path) -> None:
+    fig.savefig(path, dpi=40)
+    assert path.exists() and path.stat().st_size > 0
+
+
+def test_consensus_heatmap_from_model_and_matrix(annotated, tmp_path):
+    _, model = annotated
+    ax = pl.consensus_heatmap(model, show=False)
+    assert isinstance(ax, Axes)
+    k = model.n_categories
+    assert [t.get_text() for t in ax.get_xticklabels()] == model.category_names
+    assert ax.images[0].get_array().shape == (k, k)
+    fig = pl.consensus_heatmap(model, 1, 0, return_fig=True)
+    assert isinstance(fig, Figure)
+    _save(fig, tmp_path / "consensus.png")
+    matrix = pd.DataFrame(np.eye(3), index=list("abc"), columns=list("abc"))
+    _, own_ax = plt.subplots()
+    assert pl.consensus_heatmap(matrix, ax=own_ax, show=False) is own_ax
+    with pytest.raises(ValueError, match="square"):
+        pl.consensus_heatmap(np.ones((2, 3)), show=False)
+    with pytest.raises(TypeError, match="CplMixVAE or a square matrix"):
+        pl.consensus_heatmap([[1.0]], show=False)
+
+
+def test_state_traversal_heatmap_shows_the_top_genes(annotated, tmp_path):
+    adata, model = annotated
+    group = adata.uns[KEY]["names"].dtype.names[0]
+    ax = pl.state_traversal_heatmap(adata, model, group, n_genes=7, show=False)
+    assert isinstance(ax, Axes)
+    assert [t.get_text() for t in ax.get_yticklabels()] == list(adata.uns[KEY]["names"][group][:7])
+    values = ax.images[0].get_array()
+    assert values.shape == (7, adata.uns[KEY]["params"]["n_steps"])
+    assert np.nanmin(values) >= 0 and np.nanmax(values) <= 1
+    fig = pl.state_traversal_heatmap(adata, model, group, n_genes=5, standard_scale=None, return_fig=True)
+    _save(fig, tmp_path / "traversal.png")
+    with pytest.raises(ValueError, match="not a group"):
+        pl.state_traversal_heatmap(adata, model, "nope", show=False)
+
+
+def test_state_traversal_heatmap_decodes_the_ranking_path(annotated):
+    adata, model = annotated
+    group = adata.uns[KEY]["names"].dtype.names[0]
+    ax = pl.state_traversal_heatmap(adata, model, group, n_genes=3, standard_scale=None, show=False)
+    _, decoded = tl.state_traversal(model, group, adata=adata)
+    genes = adata.var_names.get_indexer(adata.uns[KEY]["names"][group][:3])
+    np.testing.assert_allclose(ax.images[0].get_array(), decoded[:, genes].T, rtol=1e-5, atol=1e-6)
+
+
+def test_state_genes_dotplot_wraps_scanpy(annotated, tmp_path):
+    adata, _ = annotated
+    axes = pl.state_genes_dotplot(adata, n_genes=2, show=False)
+    assert isinstance(axes, dict) and isinstance(axes["mainplot_ax"], Axes)
+    assert "dendrogram_cplmixvae_type" not in adata.uns  # nothing computed on the data by default
+    fig = pl.state_genes_dotplot(adata, n_genes=2, return_fig=True)
+    assert isinstance(fig, Figure)
+    _save(fig, tmp_path / "dotplot.png")
+    # a category without cells (scanpy's own dot plot fails on it) is left out
+    data = adata.copy()
+    data.obs["cplmixvae_type"] = data.obs["cplmixvae_type"].cat.add_categories(["empty"])
+    axes = pl.state_genes_dotplot(data, n_genes=2, show=False)
+    assert "empty" not in [t.get_text() for t in axes["mainplot_ax"].get_yticklabels()]
+    with pytest.raises(ValueError, match="rank_state_genes first"):
+        pl.state_genes_dotplot(adata, key="missing", show=False)
+
+
+def test_training_history_panels(annotated, tmp_path, monkeypatch):
+    _, model = annotated
+    axes = pl.training_history(model, show=False)
+    assert isinstance(axes, list) and len(axes) == 2
+    labels = {line.get_label() for line in axes[0].get_lines()}
+    assert {"reconstruction_agent0", "reconstruction_agent1", "kl_agent0", "kl_agent1"} <= labels
+    assert {"agreement", "coupling"} <= {line.get_label() for line in axes[1].get_lines()}
+    ax = pl.training_history(model, keys=["train_loss"], show=False)
+    assert isinstance(ax, Axes) and len(ax.get_lines()) == 1
+    pruning = pd.DataFrame({"round": [0, 1, 2], "n_categories": [3, 3, 2]})
+    monkeypatch.setattr(type(model), "pruning_history", property(lambda self: pruning), raising=False)
+    fig = pl.training_history(model, return_fig=True)
+    assert isinstance(fig, Figure) and len([a for a in fig.axes if a.get_title()]) == 3
+    np.testing.assert_array_equal(fig.axes[-1].get_lines()[0].get_ydata(), [3, 3, 2])
+    _save(fig, tmp_path / "history.png")
+    with pytest.raises(ValueError, match=r"not in model\.history"):
+        pl.training_history(model, keys=["nope"], show=False)
+
+
+def test_embedding_colours_types_states_and_genes(annotated, tmp_path):
+    adata, _ = annotated
+    ax = pl.embedding(adata, show=False)
+    assert isinstance(ax, Axes)
+    assert len(ax.collections) == adata.obs["cplmixvae_type"].nunique()  # one per category with cells
+    assert ax.get_legend() is not None
+    fig = pl.embedding(adata, color="state", return_fig=True)
+    assert len(fig.axes) == 2  # the scatter and its colour bar
+    _save(fig, tmp_path / "embedding_state.png")
+    fig, own_ax = plt.subplots()
+    assert pl.embedding(adata, color=adata.var_names[0], ax=own_ax, show=False) is own_ax
+    assert pl.embedding(adata, color=None, show=False).collections[0].get_offsets().shape == (adata.n_obs, 2)
+    with pytest.raises(ValueError, match="No embedding"):
+        pl.embedding(adata, basis="umap", show=False)
+    with pytest.raises(ValueError, match="neither a column"):
+        pl.embedding(adata, color="nope", show=False)
+
+
+def test_show_true_returns_none(annotated):
+    _, model = annotated
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Agg cannot show
+        assert pl.consensus_heatmap(model, show=True) is None

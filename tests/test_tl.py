@@ -1,0 +1,391 @@
+import logging
+
+import numpy as np
+import pandas as pd
+import pytest
+import scanpy as sc
+import scvi
+from scipy import sparse
+
+from scmixvae import tl
+from scmixvae.data._simulate import simulate
+from scmixvae.model import CplMixVAE
+from scmixvae.tl._state_genes import benjamini_hochberg, gene_std
+
+KEY = "cplmixvae_state_genes"
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """300 cells x 100 genes, 3 types, 2 batches; a model trained 2 epochs (three consensus categories)."""
+    scvi.settings.seed = 0
+    adata = simulate(n_cells=300, n_genes=100, n_types=3, type_sizes="balanced", n_batches=2, n_state_genes=15, seed=3)
+    CplMixVAE.setup_anndata(adata, batch_key="batch")
+    model = CplMixVAE(adata, n_categories=3, n_hidden=32)
+    model.train(max_epochs=2, batch_size=64, enable_progress_bar=False)
+    return adata, model
+
+
+@pytest.fixture(scope="module")
+def ranked(fitted):
+    """The training data (a copy) with the consensus state genes."""
+    adata, model = fitted
+    return tl.rank_state_genes(adata, model, copy=True)
+
+
+# ------------------------------------------------------------------------------------------ rank_state_genes
+def test_rank_state_genes_writes_the_rank_genes_groups_schema(fitted, ranked):
+    adata, model = fitted
+    result = ranked.uns[KEY]
+    groups = result["names"].dtype.names
+    labels = model.predict(ranked)
+    assert set(groups) == set(labels.unique().astype(str))
+    for column in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj"):
+        assert isinstance(result[column], np.recarray), column
+        assert result[column].dtype.names == groups
+        assert len(result[column]) == adata.n_vars
+    for g in groups:
+        assert sorted(result["names"][g]) == sorted(adata.var_names)
+        scores = result["scores"][g]
+        assert np.all(np.diff(scores) <= 0)
+        for p in ("pvals", "pvals_adj"):
+            assert np.all((result[p][g] >= 0) & (result[p][g] <= 1))
+        assert np.all(result["pvals_adj"][g] >= result["pvals"][g] - 1e-12)
+        assert np.isfinite(result["logfoldchanges"][g]).all()
+    params = result["params"]
+    assert params["groupby"] == f"{KEY}_group"
+    assert params["reference"] == "rest"
+    assert params["method"] == "cplmixvae_state_traversal"
+    assert params["use_raw"] is False
+    assert params["corr_method"] == "benjamini-hochberg"
+    column = ranked.obs[params["groupby"]]
+    assert isinstance(column.dtype, pd.CategoricalDtype)
+    assert (column.astype(str).to_numpy() == labels.astype(str).to_numpy()).all()
+
+
+def test_scores_are_the_change_along_state_traversal_over_the_gene_spread(fitted, ranked):
+    adata, model = fitted
+    group = ranked.uns[KEY]["names"].dtype.names[0]
+    steps, decoded = tl.state_traversal(model, group, adata=ranked)
+    assert steps.shape == (10,) and decoded.shape == (10, adata.n_vars)
+    np.testing.assert_allclose(steps[[0, -1]], [-3.0, 3.0])
+    std = gene_std(adata.X)
+    assert (std == 0).any()  # genes without counts: no spread, score 0
+    change = np.abs(decoded[-1] - decoded[0])
+    expected = pd.Series(np.divide(change, std, out=np.zeros_like(change), where=std > 0), index=adata.var_names)
+    stored = pd.Series(ranked.uns[KEY]["scores"][group], index=ranked.uns[KEY]["names"][group])
+    np.testing.assert_allclose(stored[adata.var_names], expected, rtol=1e-4, atol=1e-5)
+    raw = tl.rank_state_genes(adata, model, normalize=False, copy=True).uns[KEY]
+    raw_scores = pd.Series(raw["scores"][group], index=raw["names"][group])
+    np.testing.assert_allclose(raw_scores[adata.var_names], np.abs(decoded[-1] - decoded[0]), rtol=1e-4, atol=1e-6)
+
+
+def test_range_measure_is_at_least_the_endpoint_change(fitted, ranked):
+    adata, model = fitted
+    ranged = tl.rank_state_genes(adata, model, measure="range", copy=True).uns[KEY]
+    for g in ranged["names"].dtype.names:
+        end = pd.Series(ranked.uns[KEY]["scores"][g], index=ranked.uns[KEY]["names"][g])
+        rng = pd.Series(ranged["scores"][g], index=ranged["names"][g])
+        assert np.all(rng[end.index].to_numpy() >= end.to_numpy() - 1e-5)
+
+
+def test_integer_axis_moves_along_one_state_dimension(fitted):
+    adata, model = fitted
+    out = tl.rank_state_genes(adata, model, axis=1, copy=True).uns[KEY]
+    directions = out["traversal"]["direction"]
+    np.testing.assert_array_equal(directions, np.tile([0.0, 1.0], (len(directions), 1)))
+    assert out["params"]["axis"] == "1"
+    pc1 = tl.rank_state_genes(adata, model, copy=True).uns[KEY]["traversal"]["direction"]
+    np.testing.assert_allclose(np.linalg.norm(pc1, axis=1), 1.0)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"axis": 2}, "out of range"),
+        ({"axis": "pc2"}, "axis"),
+        ({"axis": True}, "axis"),
+        ({"n_steps": 1}, "n_steps"),
+        ({"n_sigma": 0}, "n_sigma"),
+        ({"agent": 2}, "agent"),
+        ({"measure": "max"}, "measure"),
+        ({"groupby": "missing"}, "not a column"),
+        ({"groupby": "state"}, "categorical"),
+    ],
+)
+def test_bad_arguments_raise_before_any_work(fitted, kwargs, match):
+    adata, model = fitted
+    before = (set(adata.uns), list(adata.obs.columns))
+    with pytest.raises(ValueError, match=match):
+        tl.rank_state_genes(adata, model, **kwargs)
+    assert (set(adata.uns), list(adata.obs.columns)) == before
+
+
+def test_model_and_key_types_are_checked(fitted):
+    adata, model = fitted
+    with pytest.raises(TypeError, match="CplMixVAE"):
+        tl.rank_state_genes(adata, object())
+    with pytest.raises(TypeError, match="key_added"):
+        tl.rank_state_genes(adata, model, key_added="")
+
+
+def test_groupby_uses_the_majority_category_and_skips_tiny_groups(fitted, caplog):
+    adata, model = fitted
+    data = adata.copy()
+    labels = model.predict(data).astype(str).to_numpy()
+    data.obs["ref"] = data.obs["type"].astype(str)
+    data.obs.iloc[:2, data.obs.columns.get_loc("ref")] = "tiny"
+    data.obs["ref"] = data.obs["ref"].astype("category")
+    with caplog.at_level(logging.WARNING, logger="scmixvae.tl._state_genes"):
+        tl.rank_state_genes(data, model, groupby="ref")
+    assert "tiny" in caplog.text
+    traversal = data.uns[KEY]["traversal"]
+    assert "tiny" not in data.uns[KEY]["names"].dtype.names
+    for group, category in zip(traversal["groups"], traversal["category"], strict=True):
+        majority = pd.Series(labels[(data.obs["ref"] == group).to_numpy()]).mode()[0]
+        assert category == majority
+    assert data.uns[KEY]["params"]["groupby"] == "ref"
+
+
+def test_nothing_to_rank_raises_and_leaves_the_data_alone(fitted):
+    adata, model = fitted
+    data = adata.copy()
+    data.obs["single"] = pd.Categorical(data.obs_names.astype(str))
+    before = set(data.uns)
+    with pytest.raises(ValueError, match="nothing to rank"):
+        tl.rank_state_genes(data, model, groupby="single")
+    assert KEY not in data.uns and set(data.uns) <= before | {"_scvi_uuid", "_scvi_manager_uuid"}
+
+
+def test_state_traversal_takes_a_category_name_or_index_and_checks_it(fitted):
+    _, model = fitted
+    name = model.predict().value_counts().idxmax()
+    steps, by_name = tl.state_traversal(model, name, n_steps=4, n_sigma=2.0)
+    _, by_index = tl.state_traversal(model, int(name), n_steps=4, n_sigma=2.0)
+    np.testing.assert_allclose(steps, [-2.0, -2.0 / 3, 2.0 / 3, 2.0])
+    np.testing.assert_allclose(by_name, by_index)
+    with pytest.raises(ValueError, match="surviving categories"):
+        tl.state_traversal(model, "99")
+
+
+def test_copy_returns_a_new_object_and_leaves_the_original_alone(fitted, ranked):
+    adata, _ = fitted
+    assert ranked is not adata
+    assert KEY not in adata.uns
+    assert f"{KEY}_group" not in adata.obs
+
+
+def test_copy_false_writes_in_place_and_returns_none(fitted):
+    adata, model = fitted
+    data = adata.copy()
+    assert tl.rank_state_genes(data, model, key_added="sg") is None
+    assert "sg" in data.uns and "sg_group" in data.obs
+
+
+def test_results_survive_h5ad_and_scanpy_readers(fitted, tmp_path):
+    adata, model = fitted
+    data = tl.annotate(adata, model, copy=True)
+    tl.rank_state_genes(data, model, groupby="cplmixvae_type")
+    path = tmp_path / "ranked.h5ad"
+    data.write_h5ad(path)
+    back = sc.read_h5ad(path)
+    for column in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj"):
+        for g in data.uns[KEY]["names"].dtype.names:
+            np.testing.assert_array_equal(back.uns[KEY][column][g], data.uns[KEY][column][g])
+    assert back.uns[KEY]["params"] == data.uns[KEY]["params"]
+    df = sc.get.rank_genes_groups_df(back, group=None, key=KEY)
+    n_groups = len(data.uns[KEY]["names"].dtype.names)
+    assert len(df) == n_groups * data.n_vars
+    assert {"group", "names", "scores", "logfoldchanges", "pvals", "pvals_adj"} <= set(df.columns)
+
+
+def test_scanpy_dotplot_reads_the_ranking(ranked):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    axes = sc.pl.rank_genes_groups_dotplot(ranked, key=KEY, n_genes=3, show=False, dendrogram=False)
+    assert "mainplot_ax" in axes
+    n_groups = len(ranked.uns[KEY]["names"].dtype.names)
+    labels = [t.get_text() for t in axes["mainplot_ax"].get_xticklabels()]
+    assert len(labels) == 3 * n_groups
+    plt.close("all")
+
+
+def test_get_state_genes_is_tidy(ranked):
+    groups = ranked.uns[KEY]["names"].dtype.names
+    df = tl.get_state_genes(ranked, n_genes=4)
+    assert list(df.columns) == ["group", "names", "scores", "logfoldchanges", "pvals", "pvals_adj"]
+    assert len(df) == 4 * len(groups)
+    one = tl.get_state_genes(ranked, group=groups[0])
+    assert len(one) == ranked.n_vars
+    assert one["names"].tolist() == list(ranked.uns[KEY]["names"][groups[0]])
+    with pytest.raises(ValueError, match="not in uns"):
+        tl.get_state_genes(ranked, group="nope")
+    with pytest.raises(ValueError, match="rank_state_genes first"):
+        tl.get_state_genes(ranked, key="missing")
+
+
+# ------------------------------------------------------------------------------------------ streamed statistics
+def test_gene_std_streamed_over_chunks_equals_the_dense_std():
+    rng = np.random.default_rng(0)
+    counts = rng.negative_binomial(2, 0.6, size=(53, 17)).astype(np.float32)
+    counts[5] = 0  # an empty cell
+    counts[:, 3] = 0  # a gene never seen
+    dense = np.log1p(counts.astype(np.float64) / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4)
+    expected = dense.std(0)
+    np.testing.assert_allclose(gene_std(sparse.csr_matrix(counts), chunk_size=7), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(gene_std(counts, chunk_size=10), expected, rtol=1e-10, atol=1e-12)
+    assert gene_std(sparse.csr_matrix(counts))[3] == 0
+
+
+def test_rank_state_genes_never_densifies_the_whole_matrix(fitted, monkeypatch):
+    adata, model = fitted
+    original = sparse.csr_matrix.toarray
+
+    def guarded(self, *args, **kwargs):
+        if self.shape[0] > 128:
+            raise AssertionError(f"densified {self.shape}")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(sparse.csr_matrix, "toarray", guarded)
+    monkeypatch.setattr(sparse.csr_matrix, "todense", guarded)
+    assert sparse.issparse(adata.X)
+    out = tl.rank_state_genes(adata, model, batch_size=64, copy=True)
+    assert KEY in out.uns
+
+
+def test_benjamini_hochberg_matches_the_step_up_definition():
+    p = np.array([0.01, 0.04, 0.03, 0.5, 0.2])
+    # sorted: 0.01, 0.03, 0.04, 0.2, 0.5 -> p * n / rank = 0.05, 0.075, 0.0667, 0.25, 0.5, then cumulative min from top
+    np.testing.assert_allclose(benjamini_hochberg(p), [0.05, 0.0666667, 0.0666667, 0.5, 0.25], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ gene sets
+def test_gene_sets_have_human_and_mouse_symbols():
+    ieg_human = tl.gene_sets("immediate_early", "human")
+    ieg_mouse = tl.gene_sets("immediate_early", "mouse")
+    assert {"FOS", "JUNB", "EGR1", "NR4A1", "ARC", "NPAS4", "DUSP1", "IER2"} <= set(ieg_human)
+    assert {"Fos", "Junb", "Egr1", "Nr4a1", "Arc", "Npas4", "Dusp1", "Ier2"} <= set(ieg_mouse)
+    isg_human = tl.gene_sets("interferon", "human")
+    isg_mouse = tl.gene_sets("interferon", "mouse")
+    assert {"ISG15", "IFIT1", "IFIT3", "IFI6", "MX1", "ISG20", "IFITM3", "OAS1", "RSAD2", "LY6E"} <= set(isg_human)
+    assert {"Isg15", "Ifit1", "Mx1", "Oas1a", "Rsad2"} <= set(isg_mouse)
+    assert "Ifi6" not in isg_mouse
+    for genes in (ieg_human, ieg_mouse, isg_human, isg_mouse):
+        assert len(genes) == len(set(genes))
+    with pytest.raises(ValueError, match="Unknown gene set"):
+        tl.gene_sets("neuropeptides", "human")
+    with pytest.raises(ValueError, match="species"):
+        tl.gene_sets("interferon", "rat")
+
+
+@pytest.mark.parametrize("method", ["rank", "permutation"])
+def test_enrichment_finds_a_top_ranked_set_and_not_a_random_one(ranked, method):
+    group = ranked.uns[KEY]["names"].dtype.names[0]
+    top = list(ranked.uns[KEY]["names"][group][:10])
+    result = tl.gene_set_enrichment(ranked, top, method=method, n_permutations=200)
+    assert list(result.columns) == [
+        "group", "n_genes_in_set", "statistic", "mean_rank", "pvalue", "pvalue_adj", "n_in_top20",
+    ]  # fmt: skip
+    assert set(result["group"]) == set(ranked.uns[KEY]["names"].dtype.names)
+    assert result[["pvalue", "pvalue_adj"]].apply(lambda c: c.between(0, 1)).all().all()
+    row = result.set_index("group").loc[group]
+    assert row["pvalue"] < 0.01
+    assert row["n_in_top20"] == 10 and row["n_genes_in_set"] == 10
+    assert row["mean_rank"] == pytest.approx(5.5)
+    # random sets are not enriched: their p-values are calibrated (about uniform), whatever the ranking
+    rng = np.random.default_rng(1)
+    random_p = np.concatenate(
+        [
+            tl.gene_set_enrichment(
+                ranked, list(rng.choice(ranked.var_names, 10, replace=False)), method=method, n_permutations=100
+            )["pvalue"].to_numpy()
+            for _ in range(60)
+        ]
+    )
+    assert np.mean(random_p < 0.05) < 0.12
+    assert np.median(random_p) > 0.3
+
+
+def test_enrichment_ignores_absent_genes_and_checks_its_input(ranked, caplog):
+    genes = [*list(ranked.var_names[:5]), "NOT_A_GENE"]
+    with caplog.at_level(logging.INFO, logger="scmixvae.tl._gene_sets"):
+        result = tl.gene_set_enrichment(ranked, genes)
+    assert "1 of 6 genes" in caplog.text
+    assert (result["n_genes_in_set"] == 5).all()
+    with pytest.raises(ValueError, match="None of the genes"):
+        tl.gene_set_enrichment(ranked, ["FOS", "JUNB"])
+    with pytest.raises(ValueError, match="rank_state_genes first"):
+        tl.gene_set_enrichment(ranked, genes, key="missing")
+    with pytest.raises(TypeError, match="sequence of gene names"):
+        tl.gene_set_enrichment(ranked, "FOS")
+    with pytest.raises(ValueError, match="method"):
+        tl.gene_set_enrichment(ranked, genes, method="gsea")
+
+
+# ------------------------------------------------------------------------------------------ differential expression
+@pytest.fixture(scope="module")
+def converged():
+    """A model trained long enough (50 epochs, lr 5e-3: a few seconds) for its decoder to carry the markers."""
+    scvi.settings.seed = 0
+    adata = simulate(n_cells=400, n_genes=150, n_types=3, type_sizes="balanced", n_state_genes=20, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=3, n_hidden=32)
+    model.train(max_epochs=50, batch_size=64, enable_progress_bar=False, plan_kwargs={"lr": 5e-3})
+    tl.annotate(adata, model)
+    return adata, model
+
+
+def test_differential_expression_between_types_ranks_the_markers(converged):
+    from sklearn.metrics import roc_auc_score
+
+    adata, model = converged
+    de = model.differential_expression(groupby="cplmixvae_type", mode="change", silent=True)
+    expected = {"lfc_mean", "lfc_std", "bayes_factor", "proba_de", "scale1", "scale2", "group1", "group2"}
+    assert expected <= set(de.columns)
+    types = list(adata.obs["type"].cat.categories)
+    programs = adata.uns["simulation"]["type_programs"]
+    top_hits = []
+    for group in adata.obs["cplmixvae_type"].cat.categories:
+        rows = de[de["group1"] == group]
+        assert len(rows) == adata.n_vars
+        true_type = adata.obs.loc[adata.obs["cplmixvae_type"] == group, "type"].mode()[0]
+        up_markers = adata.var_names[programs[types.index(true_type)] > 0]
+        # the type's up-regulated markers have the largest decoded log fold changes
+        assert roc_auc_score(rows.index.isin(up_markers), rows["lfc_mean"]) > 0.8, (group, true_type)
+        top = rows[rows["lfc_mean"] > 0].sort_values("bayes_factor", ascending=False).index[:10]
+        top_hits.append(int(np.isin(top, up_markers).sum()))
+    assert max(top_hits) >= 8, top_hits
+
+
+def test_normalized_expression_shapes_and_scales(converged):
+    adata, model = converged
+    expr = model.get_normalized_expression(indices=[0, 3, 5])
+    assert isinstance(expr, pd.DataFrame)
+    assert expr.index.tolist() == adata.obs_names[[0, 3, 5]].tolist()
+    np.testing.assert_allclose(expr.sum(1), 1.0, rtol=1e-4)
+    latent = model.get_normalized_expression(indices=[0, 3, 5], library_size="latent", return_numpy=True)
+    np.testing.assert_allclose(latent.sum(1), np.asarray(adata.X[[0, 3, 5]].sum(1)).ravel(), rtol=1e-4)
+    samples = model.get_normalized_expression(indices=[0, 1], n_samples=3, return_mean=False)
+    assert samples.shape == (3, 2, adata.n_vars)
+    overall = model.get_normalized_expression(indices=np.arange(10), n_samples_overall=25)
+    assert overall.shape == (25, adata.n_vars)
+    subset = model.get_normalized_expression(indices=[0], gene_list=list(adata.var_names[:4]))
+    assert subset.columns.tolist() == list(adata.var_names[:4])
+    with pytest.raises(ValueError, match="not a batch"):
+        model.get_normalized_expression(transform_batch="batch_9")
+    with pytest.raises(ValueError, match="uniform"):
+        model.get_normalized_expression(weights="importance")
+
+
+def test_gaussian_normalized_expression_is_a_positive_scale():
+    scvi.settings.seed = 0
+    adata = simulate(n_cells=120, n_genes=40, n_types=2, n_marker_genes=10, n_state_genes=10, n_batches=2, seed=2)
+    CplMixVAE.setup_anndata(adata, batch_key="batch")
+    model = CplMixVAE(adata, n_categories=2, n_hidden=16, likelihood="gaussian")
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    expr = model.get_normalized_expression(transform_batch=["batch_0", "batch_1"], return_numpy=True)
+    assert expr.shape == (adata.n_obs, adata.n_vars)
+    assert np.isfinite(expr).all() and (expr >= 0).all()
