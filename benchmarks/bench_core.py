@@ -86,7 +86,7 @@ def part_sim(args) -> list[dict]:
 
 
 def part_real(args) -> list[dict]:
-    from _common import REAL_DATASETS, clustering_scores, load_real, run_pca_leiden, run_scvi_leiden
+    from _common import clustering_scores, load_real, run_pca_leiden, run_scvi_leiden
 
     peers = {}
     if args.peers_from:
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for part in args.parts:
         rows += {"sim": part_sim, "real": part_real, "speed": part_speed}[part](args)
-    write_results(args.name, rows, extra_md=f"Command: `python benchmarks/bench_core.py {' '.join(argv or sys.argv[1:])}`")
+    command = " ".join(argv or sys.argv[1:])
+    write_results(args.name, rows, extra_md=f"Command: `python benchmarks/bench_core.py {command}`")
 
 
 if __name__ == "__main__":

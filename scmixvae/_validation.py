@@ -58,7 +58,7 @@ def check_counts(adata: AnnData, layer: str | None = None) -> None:
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{where} is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     dtype = getattr(matrix, "dtype", None)
-    if dtype is not None and not (np.issubdtype(dtype, np.number) or dtype == bool):
+    if dtype is not None and not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
         raise TypeError(f"{where} has dtype {dtype}; raw counts must be numeric (integers stored as int or float).")
     cell_totals = np.zeros(adata.n_obs)
     gene_totals = np.zeros(adata.n_vars)
@@ -141,8 +141,11 @@ def check_float(name: str, value, *, minimum: float = 0.0, maximum: float | None
     if isinstance(value, bool) or not isinstance(value, int | float | np.number):
         raise TypeError(f"`{name}` must be a number, got {type(value).__name__} ({value!r}).")
     value = float(value)
-    if not np.isfinite(value) or value < minimum or (strict and value == minimum) or (
-        maximum is not None and value > maximum
+    if (
+        not np.isfinite(value)
+        or value < minimum
+        or (strict and value == minimum)
+        or (maximum is not None and value > maximum)
     ):
         lo = f"> {minimum}" if strict else f">= {minimum}"
         hi = "" if maximum is None else f" and <= {maximum}"

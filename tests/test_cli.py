@@ -6,8 +6,24 @@ from scmixvae._cli import main
 
 def test_demo_writes_annotated_h5ad_figure_and_model(tmp_path):
     out = tmp_path / "demo"
-    rc = main(["demo", "--output", str(out), "--n-cells", "300", "--n-genes", "80", "--n-types", "3",
-               "--max-epochs", "1", "--quiet", "--accelerator", "cpu"])
+    rc = main(
+        [
+            "demo",
+            "--output",
+            str(out),
+            "--n-cells",
+            "300",
+            "--n-genes",
+            "80",
+            "--n-types",
+            "3",
+            "--max-epochs",
+            "1",
+            "--quiet",
+            "--accelerator",
+            "cpu",
+        ]
+    )
     assert rc == 0
     adata = anndata.read_h5ad(out / "demo.h5ad")
     assert "cplmixvae_type" in adata.obs and "X_cplmixvae_state" in adata.obsm
@@ -18,8 +34,25 @@ def test_demo_writes_annotated_h5ad_figure_and_model(tmp_path):
 def test_fit_writes_output_and_figures(tmp_path, sim_adata):
     src = tmp_path / "in.h5ad"
     sim_adata.write_h5ad(src)
-    rc = main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--n-categories", "3", "--max-epochs", "1",
-               "--batch-key", "batch", "--figures", str(tmp_path / "figs"), "--quiet", "--key-added", "mix"])
+    rc = main(
+        [
+            "fit",
+            str(src),
+            "-o",
+            str(tmp_path / "out.h5ad"),
+            "--n-categories",
+            "3",
+            "--max-epochs",
+            "1",
+            "--batch-key",
+            "batch",
+            "--figures",
+            str(tmp_path / "figs"),
+            "--quiet",
+            "--key-added",
+            "mix",
+        ]
+    )
     assert rc == 0
     adata = anndata.read_h5ad(tmp_path / "out.h5ad")
     assert "mix_type" in adata.obs

@@ -29,8 +29,16 @@ def test_train_logs_every_loss_term_per_agent(sim_adata, likelihood):
     CplMixVAE.setup_anndata(sim_adata)
     model = _fit(sim_adata, n_categories=3, likelihood=likelihood, train={"max_epochs": 2})
     history = model.history
-    for key in ["coupling_train", "agreement_train", "reconstruction_agent0_train", "reconstruction_agent1_train",
-                "kl_agent0_train", "neg_entropy_agent1_train", "elbo_train", "train_loss"]:
+    for key in [
+        "coupling_train",
+        "agreement_train",
+        "reconstruction_agent0_train",
+        "reconstruction_agent1_train",
+        "kl_agent0_train",
+        "neg_entropy_agent1_train",
+        "elbo_train",
+        "train_loss",
+    ]:
         assert key in history, key
         assert len(history[key]) == 2
     assert model.is_trained_
@@ -88,8 +96,9 @@ def test_save_load_round_trip_is_exact(trained_model, tmp_path):
         assert loaded.n_categories == 3
         pd.testing.assert_frame_equal(trained_model.predict(soft=True), loaded.predict(soft=True))
         np.testing.assert_array_equal(trained_model.get_latent_representation(), loaded.get_latent_representation())
-        for (name, a), (_, b) in zip(trained_model.module.state_dict().items(), loaded.module.state_dict().items(),
-                                     strict=True):
+        for (name, a), (_, b) in zip(
+            trained_model.module.state_dict().items(), loaded.module.state_dict().items(), strict=True
+        ):
             assert torch.equal(a, b), name
     finally:
         trained_model.module.category_mask[3] = True
@@ -122,8 +131,9 @@ def test_train_continues_from_current_weights(sim_adata):
 
 def test_covariates_are_used(sim_adata):
     sim_adata.obs["depth"] = np.log(np.asarray(sim_adata.X.sum(1)).ravel())
-    CplMixVAE.setup_anndata(sim_adata, batch_key="batch", continuous_covariate_keys=["depth"],
-                            categorical_covariate_keys=["batch"])
+    CplMixVAE.setup_anndata(
+        sim_adata, batch_key="batch", continuous_covariate_keys=["depth"], categorical_covariate_keys=["batch"]
+    )
     model = _fit(sim_adata, n_categories=3)
     assert model.module.n_cov == 2 + 2 + 1
     assert model.predict().shape == (sim_adata.n_obs,)

@@ -91,7 +91,7 @@ def _tensors(x, batch=None):
 def test_forward_shapes_and_every_parameter_gets_gradient(counts, likelihood):
     torch.manual_seed(0)
     module = CplMixVAEModule(counts.shape[1], n_agents=3, n_categories=4, n_state=2, likelihood=likelihood)
-    inference, generative, loss = module(_tensors(counts))
+    inference, _, loss = module(_tensors(counts))
     assert inference["q"].shape == (3, 32, 4)
     assert inference["qs_m"].shape == (3, 32, 2)
     torch.testing.assert_close(inference["q"].sum(-1), torch.ones(3, 32))

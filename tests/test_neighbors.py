@@ -8,9 +8,10 @@ import pandas as pd
 import pytest
 import scanpy as sc
 from scipy import sparse
+from sklearn.neighbors import KNeighborsTransformer
+
 from scmixvae import _neighbors
 from scmixvae._neighbors import leiden, neighbors
-from sklearn.neighbors import KNeighborsTransformer
 
 GETNNZ_MSG = "'csr_array' object has no attribute 'getnnz'"
 

@@ -24,7 +24,7 @@ from .. import _validation as check
 from .._constants import category_name
 from ..module import CplMixVAEModule
 from ..module._module import Likelihood
-from ..train import CplMixVAETrainingPlan
+from ..train import CplMixVAETrainingPlan, _pruning
 from ._rnaseq import CplMixVAERNAMixin
 
 logger = logging.getLogger(__name__)
@@ -441,3 +441,73 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         return pd.DataFrame(
             matrix, index=pd.Index(names, name=f"agent{agent_a}"), columns=pd.Index(names, name=f"agent{agent_b}")
         )
+
+    # ------------------------------------------------------------------ model order
+    def prune(
+        self,
+        *,
+        threshold: float = 0.95,
+        min_categories: int = 2,
+        max_rounds: int | None = None,
+        epochs_per_round: int | None = None,
+        batch_size: int = 128,
+        **train_kwargs,
+    ) -> pd.DataFrame:
+        """Choose the number of categories: prune the ones the agents do not agree on, keep the best round.
+
+        Start from more categories than there are types (``n_categories``). Round 0 scores the model as it
+        is (an untrained model is trained first). Each round labels the cells by each agent's argmax, scores
+        every category by the agents' agreement on it (co-assignment ``M_kk / max(row_k, col_k)``, averaged
+        over agent pairs), masks the empty ones and those far below the rest (at least one, at most 20% of
+        the surviving ones per round), and trains on for a few epochs until the loss settles. The round kept
+        is the one with the most categories whose mean consensus reaches ``threshold`` (or, when none does,
+        the one with the highest consensus); its weights and category mask are restored, so
+        :attr:`n_categories`, :meth:`predict` and every read-out reflect it. A warning is raised when the
+        kept posteriors look collapsed. See :func:`scmixvae.train._pruning.prune` for the exact rules.
+
+        Parameters
+        ----------
+        threshold
+            Mean consensus a round must reach (published: 0.95).
+        min_categories
+            Never prune below this number of categories.
+        max_rounds
+            Most pruning rounds; ``None``: until ``threshold`` is reached or ``min_categories`` is left.
+        epochs_per_round
+            Epochs trained after each pruning step; ``None``: until the training loss stops improving, at
+            most ``100,000 / n_cells`` clipped to ``[10, 40]``.
+        batch_size
+            Minibatch size of training and of the read-outs.
+        **train_kwargs
+            Keyword arguments of :meth:`train` other than ``max_epochs`` (``plan_kwargs``, ``accelerator``,
+            ``enable_progress_bar``, ``callbacks``...).
+
+        Returns
+        -------
+        The history of the rounds (also :attr:`pruning_history`): ``round``, ``n_categories``,
+        ``mean_consensus``, ``train_loss``, ``epochs``, ``categories`` and ``pruned`` (JSON lists of category
+        names), ``agreement`` (JSON object: category → agreement) and ``selected``.
+
+        Examples
+        --------
+        >>> model = scmixvae.model.CplMixVAE(adata, n_categories=30)
+        >>> history = model.prune()
+        >>> model.n_categories, history.loc[history["selected"], "mean_consensus"]
+        """
+        return _pruning.prune(
+            self,
+            threshold=threshold,
+            min_categories=min_categories,
+            max_rounds=max_rounds,
+            epochs_per_round=epochs_per_round,
+            batch_size=batch_size,
+            **train_kwargs,
+        )
+
+    @property
+    def pruning_history(self) -> pd.DataFrame:
+        """One row per pruning round (see :meth:`prune`); empty before pruning. Saved with the model."""
+        history = getattr(self, "pruning_history_", None)
+        if history is None:
+            return pd.DataFrame(columns=_pruning.HISTORY_COLUMNS)
+        return history

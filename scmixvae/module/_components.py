@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -133,7 +134,7 @@ class StackedMLP(nn.Module):
         dims = [n_in] + [n_hidden] * n_layers
         self.layers = nn.ModuleList(
             StackedLinear(n_agents, d_in, d_out, n_cov=n_cov if (i == 0 or inject_covariates) else 0)
-            for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:], strict=True))
+            for i, (d_in, d_out) in enumerate(itertools.pairwise(dims))
         )
         self.dropout_rate = dropout_rate
 

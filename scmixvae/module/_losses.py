@@ -66,8 +66,12 @@ def kl_normal_standard(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
 
 
 def negative_entropy(q: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """``mean_i sum_k q log q`` per agent; ``q`` is ``(A, B, K)``, returns ``(A,)``."""
-    return torch.where(q > 0, q * log_q, torch.zeros_like(q)).sum(-1).mean(-1)
+    """``mean_i sum_k q log q`` per agent; ``q`` is ``(A, B, K)``, returns ``(A,)``.
+
+    Masked categories (``q = 0``, ``log_q = -inf``) contribute 0, and so does their gradient: ``log_q`` is
+    replaced before the product, since ``torch.where`` on ``q * log_q`` would back-propagate ``0 * inf = NaN``.
+    """
+    return (q * torch.where(q > 0, log_q, torch.zeros_like(log_q))).sum(-1).mean(-1)
 
 
 def coupling_distance(

@@ -318,19 +318,25 @@ class CplMixVAEModule(BaseModuleClass):
         return dist.log_prob(x).sum(-1)
 
     def px_distribution(self, generative_outputs: dict) -> torch.distributions.Distribution:
-        """The decoder's distribution as an object (``scvi.distributions`` for counts)."""
+        """Return the decoder's distribution as an object (``scvi.distributions`` for counts)."""
         if self.likelihood == "gaussian":
             return Normal(generative_outputs["px_mean"], 1.0)
         rate, theta = generative_outputs["px_log_rate"].exp(), generative_outputs["px_r"]
         scale = generative_outputs["px_log_scale"].exp()
         if self.likelihood == "nb":
             return NegativeBinomial(mu=rate, theta=theta, scale=scale)
-        return ZeroInflatedNegativeBinomial(mu=rate, theta=theta, zi_logits=generative_outputs["px_dropout"], scale=scale)
+        return ZeroInflatedNegativeBinomial(
+            mu=rate, theta=theta, zi_logits=generative_outputs["px_dropout"], scale=scale
+        )
 
     def loss(
-        self, tensors: dict[str, torch.Tensor], inference_outputs: dict, generative_outputs: dict, kl_weight: float = 1.0
+        self,
+        tensors: dict[str, torch.Tensor],
+        inference_outputs: dict,
+        generative_outputs: dict,
+        kl_weight: float = 1.0,
     ) -> LossOutput:
-        """The cpl-mixVAE loss.
+        """Compute the cpl-mixVAE loss.
 
         ``max(A - 1, 1) * sum_a mean_i [Rec_a + beta * kl_weight * KL_a] + sum_{a<b} [NE_a + NE_b + lambda * D_ab]``.
         """
@@ -366,6 +372,6 @@ class CplMixVAEModule(BaseModuleClass):
     @torch.inference_mode()
     def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:
         """Sample counts (or Gaussian expression) from agent 0's generative model, ``(n_samples, B, D)``."""
-        inference_outputs, generative_outputs = self.forward(tensors, compute_loss=False)
+        _, generative_outputs = self.forward(tensors, compute_loss=False)
         dist = self.px_distribution(generative_outputs)
         return dist.sample((n_samples,))[:, 0]

@@ -38,11 +38,13 @@ def annotate(
     -------
     ``None``, or the annotated copy when ``copy=True``. Writes
 
-    - ``obs[f"{key_added}_type"]``: consensus category (categorical of strings);
+    - ``obs[f"{key_added}_type"]``: consensus category (categorical of strings; categories without cells are
+      dropped, so that scanpy's plots accept the column);
     - ``obs[f"{key_added}_confidence"]``: mean posterior mass of the agents on the consensus category;
     - ``obs[f"{key_added}_agree"]``: whether every agent's own category equals the consensus;
     - ``obs[f"{key_added}_agent{a}_type"]``: each agent's category;
-    - ``obsm[f"X_{key_added}_state"]``: the consensus state latent (:meth:`~scmixvae.model.CplMixVAE.get_latent_representation`);
+    - ``obsm[f"X_{key_added}_state"]``: the consensus state latent
+      (:meth:`~scmixvae.model.CplMixVAE.get_latent_representation`);
     - ``uns[key_added]``: ``params`` (the model's parameters as h5ad-serialisable values), ``categories``
       and ``agent_agreement`` (pairwise agreement matrix).
     """
@@ -51,13 +53,14 @@ def annotate(
     if copy:
         adata = adata.copy()
     target = adata
-    names, q, _ = model._posteriors(adata, None, batch_size)
+    _, q, _ = model._posteriors(adata, None, batch_size)
     state = model.get_latent_representation(adata, batch_size=batch_size)
     categories = model.category_names
     mean_q = q.mean(0)
     consensus = mean_q.argmax(1)
     agent_labels = q.argmax(-1)
-    target.obs[type_key(key_added)] = pd.Categorical.from_codes(consensus, categories=categories)
+    consensus_labels = pd.Categorical.from_codes(consensus, categories=categories)
+    target.obs[type_key(key_added)] = consensus_labels.remove_unused_categories()
     target.obs[confidence_key(key_added)] = mean_q[np.arange(len(consensus)), consensus].astype(np.float32)
     target.obs[agreement_key(key_added)] = (agent_labels == consensus[None]).all(0)
     for a in range(q.shape[0]):
@@ -72,5 +75,4 @@ def annotate(
         "agent_agreement": agreement,
         "n_categories": int(model.n_categories),
     }
-    del names
     return adata if copy else None

@@ -1,5 +1,23 @@
 """Training plans and schedules of scmixvae."""
 
+from ._pruning import (
+    ConvergenceStopping,
+    categories_to_prune,
+    category_agreement,
+    check_collapse,
+    co_assignment,
+    mean_consensus,
+    select_round,
+)
 from ._trainingplan import CplMixVAETrainingPlan
 
-__all__ = ["CplMixVAETrainingPlan"]
+__all__ = [
+    "ConvergenceStopping",
+    "CplMixVAETrainingPlan",
+    "categories_to_prune",
+    "category_agreement",
+    "check_collapse",
+    "co_assignment",
+    "mean_consensus",
+    "select_round",
+]

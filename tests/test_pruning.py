@@ -1,0 +1,311 @@
+import json
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+import scvi
+import torch
+
+from scmixvae.model import CplMixVAE
+from scmixvae.train import _pruning
+from scmixvae.train._pruning import (
+    ConvergenceStopping,
+    categories_to_prune,
+    category_agreement,
+    check_collapse,
+    co_assignment,
+    mean_consensus,
+    select_round,
+)
+
+TRAIN = {"batch_size": 64, "enable_progress_bar": False}
+
+
+def _small_model(n_categories=6, n_agents=2, epochs=2):
+    from scmixvae.data._simulate import simulate
+
+    scvi.settings.seed = 0
+    adata = simulate(n_cells=400, n_genes=100, n_types=3, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=n_categories, n_agents=n_agents, n_hidden=16)
+    if epochs:
+        model.train(max_epochs=epochs, **TRAIN)
+    return model
+
+
+@pytest.fixture(scope="module")
+def pruned():
+    """A model pruned from 6 categories down to 2, one epoch per round, with a snapshot of every round."""
+    model = _small_model()
+    snapshots = []
+    evaluate = _pruning._evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        out = evaluate(model, *args, **kwargs)
+        snapshots.append(_pruning._snapshot(model.module))
+        return out
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_pruning, "_evaluate", recording_evaluate)
+        history = _pruning.prune(model, threshold=0.95, epochs_per_round=1, stop_at_threshold=False, **TRAIN)
+    return model, history, snapshots
+
+
+# ------------------------------------------------------------------------------------- scores
+
+
+def test_co_assignment_counts_every_pair_of_labels():
+    m = co_assignment(np.array([0, 0, 1, 2, 2]), np.array([0, 1, 1, 2, 0]), 4)
+    expected = np.zeros((4, 4), dtype=int)
+    expected[0, 0] = expected[0, 1] = expected[1, 1] = expected[2, 2] = expected[2, 0] = 1
+    np.testing.assert_array_equal(m, expected)
+
+
+def test_category_agreement_divides_the_diagonal_by_the_larger_marginal():
+    labels = np.array([[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 1]])
+    mask = np.array([True, True, True, False, True])
+    agreement = category_agreement(labels, mask)
+    # M[0,0] = 2, row 3, col 2; M[1,1] = 2, row 2, col 4; category 2: row 1, no agreement; 4 unused
+    np.testing.assert_allclose(agreement[[0, 1, 2, 4]], [2 / 3, 2 / 4, 0.0, 0.0])
+    assert np.isnan(agreement[3])
+
+
+def test_category_agreement_averages_over_agent_pairs():
+    labels = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [0, 1, 1, 1]])
+    agreement = category_agreement(labels, np.ones(2, dtype=bool))
+    # pairs (0,1): [1, 1]; (0,2) and (1,2): [1/2, 2/3]
+    np.testing.assert_allclose(agreement, [(1 + 0.5 + 0.5) / 3, (1 + 2 / 3 + 2 / 3) / 3])
+
+
+def test_mean_consensus_averages_the_row_normalised_diagonal_over_used_rows_and_both_orders():
+    labels = np.array([[0, 0, 0, 1, 1, 2], [0, 0, 1, 1, 1, 1]])
+    mask = np.ones(4, dtype=bool)
+    # rows of agent 0: [2/3, 2/2, 0/1] (category 3 unused); rows of agent 1: [2/2, 2/4]
+    expected = (np.mean([2 / 3, 1.0, 0.0]) + np.mean([1.0, 0.5])) / 2
+    assert mean_consensus(labels, mask) == pytest.approx(expected)
+    assert mean_consensus(labels[[0, 0]], mask) == 1.0
+
+
+def test_scores_reject_labels_of_masked_categories_and_single_agents():
+    with pytest.raises(ValueError, match="surviving"):
+        category_agreement(np.array([[0, 1], [0, 1]]), np.array([True, False]))
+    with pytest.raises(ValueError, match="n_agents >= 2"):
+        mean_consensus(np.array([[0, 1]]), np.array([True, True]))
+
+
+# ------------------------------------------------------------------------------------- selection
+
+
+def _history(n_categories, consensus, rounds=None):
+    rounds = list(range(len(n_categories))) if rounds is None else rounds
+    return pd.DataFrame({"round": rounds, "n_categories": n_categories, "mean_consensus": consensus})
+
+
+def test_select_round_takes_the_most_categories_among_rounds_above_threshold():
+    history = _history([10, 8, 7, 5, 3], [0.80, 0.96, 0.97, 0.99, 0.93])
+    assert select_round(history, 0.95) == 1
+    assert select_round(history, 0.98) == 3
+    assert select_round(history, 0.5) == 0
+
+
+def test_select_round_returns_the_round_label_not_the_position():
+    history = _history([10, 8, 7, 5], [0.80, 0.96, 0.97, 0.99], rounds=[3, 4, 5, 6])
+    assert select_round(history, 0.95) == 4
+    by_index = history.drop(columns="round").set_axis([20, 21, 22, 23])
+    assert select_round(by_index, 0.95) == 21
+
+
+def test_select_round_without_a_round_above_threshold_takes_the_best_consensus():
+    history = _history([8, 6, 4, 3], [0.5, 0.7, 0.9, 0.9])
+    assert select_round(history, 0.95) == 2  # tie at 0.9: the larger K
+    history = _history([8, 6, 4], [np.nan, 0.2, 0.1])
+    assert select_round(history, 0.95) == 1
+
+
+def test_select_round_rejects_an_empty_history():
+    with pytest.raises(ValueError, match="empty"):
+        select_round(_history([], []), 0.95)
+
+
+def test_categories_to_prune_always_removes_empties_and_one_populated():
+    agreement = np.full(10, 0.97)
+    agreement[7] = 0.96
+    counts = np.array([50, 0, 40, 0, 30, 0, 20, 10, 0, 60])
+    drop = categories_to_prune(agreement, np.ones(10, dtype=bool), counts, min_categories=2)
+    np.testing.assert_array_equal(drop, [1, 3, 5, 7, 8])  # 4 empties beyond the 20% cap, plus the worst
+
+
+def test_categories_to_prune_removes_several_clear_failures():
+    agreement = np.array([0.95, 0.96, 0.97, 0.94, 0.98, 0.20, 0.30, 0.95, 0.96, 0.97])
+    counts = np.full(10, 30)
+    drop = categories_to_prune(agreement, np.ones(10, dtype=bool), counts, min_categories=2)
+    np.testing.assert_array_equal(drop, [5, 6])
+    agreement = np.array([0.97, 0.98, 0.97, 0.99, 0.98, 0.97, 0.80, 0.98, 0.97, 0.98])  # a low outlier
+    drop = categories_to_prune(agreement, np.ones(10, dtype=bool), counts, min_categories=2)
+    np.testing.assert_array_equal(drop, [6])
+
+
+def test_categories_to_prune_caps_a_round_at_max_fraction_worst_first():
+    agreement = np.array([0.1, 0.4, 0.2, 0.3, 0.45, 0.9, 0.95, 0.9, 0.95, 0.9])
+    counts = np.full(10, 30)
+    drop = categories_to_prune(agreement, np.ones(10, dtype=bool), counts, min_categories=2, max_fraction=0.2)
+    np.testing.assert_array_equal(drop, [0, 2])
+
+
+def test_categories_to_prune_removes_the_least_agreeing_when_none_fails():
+    agreement = np.array([0.99, 0.97, 0.99, 0.99, 0.99])
+    drop = categories_to_prune(agreement, np.ones(5, dtype=bool), np.full(5, 30), min_categories=2)
+    np.testing.assert_array_equal(drop, [1])
+    tied = categories_to_prune(np.full(3, 0.99), np.ones(3, dtype=bool), np.array([30, 5, 30]), min_categories=2)
+    np.testing.assert_array_equal(tied, [1])  # ties: the smaller category
+
+
+def test_categories_to_prune_never_goes_below_min_categories_and_ignores_masked():
+    mask = np.array([True, True, True, True, False, False])
+    agreement = np.array([0.1, 0.2, 0.3, 0.4, 0.0, 0.0])
+    counts = np.array([30, 30, 30, 30, 0, 0])
+    np.testing.assert_array_equal(categories_to_prune(agreement, mask, counts, min_categories=3), [0])
+    counts_empty = np.array([30, 0, 0, 30, 0, 0])
+    np.testing.assert_array_equal(categories_to_prune(agreement, mask, counts_empty, min_categories=3), [1])
+    assert categories_to_prune(agreement, mask, counts, min_categories=4).size == 0
+
+
+# ------------------------------------------------------------------------------------- collapse
+
+
+def test_check_collapse_warns_on_collapsed_posteriors():
+    rng = np.random.default_rng(0)
+    q = np.full((2, 200, 5), 0.2) + rng.uniform(0, 0.01, (2, 200, 5))
+    q[..., 0] += 0.02  # every cell's argmax is category 0, the posteriors are near uniform
+    q /= q.sum(-1, keepdims=True)
+    with pytest.warns(UserWarning, match="collapsed") as record:
+        problems = check_collapse(q)
+    assert len(problems) == 2
+    assert record[0].filename == __file__
+
+
+def test_check_collapse_is_silent_on_healthy_posteriors():
+    labels = np.repeat(np.arange(4), 50)
+    q = np.full((200, 4), 0.01)
+    q[np.arange(200), labels] = 0.97
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert check_collapse(np.stack([q, q])) == []
+        full = np.concatenate([q, np.zeros((200, 2))], axis=1)
+        assert check_collapse(full, np.array([True] * 4 + [False] * 2)) == []
+
+
+# ------------------------------------------------------------------------------------- training
+
+
+def test_convergence_stopping_stops_after_patience_without_relative_improvement():
+    stopper = ConvergenceStopping(rel_tol=0.01, patience=2, min_epochs=3)
+    trainer = SimpleNamespace(callback_metrics={}, should_stop=False)
+    stopper.on_fit_start(trainer, None)
+    seen = 0
+    for loss in [100.0, 90.0, 89.5, 89.4, 80.0]:
+        trainer.callback_metrics["train_loss"] = torch.tensor(loss)
+        stopper.on_train_epoch_end(trainer, None)
+        seen += 1
+        if trainer.should_stop:
+            break
+    assert seen == 4 and stopper.stopped_epoch == 4
+
+
+def test_training_with_masked_categories_keeps_gradients_finite():
+    model = _small_model(n_categories=4, epochs=0)
+    model.module.category_mask[1] = False
+    model.train(max_epochs=1, **TRAIN)
+    assert np.isfinite(model.history["train_loss"].to_numpy(dtype=float)).all()
+    assert all(torch.isfinite(p).all() for p in model.module.parameters())
+
+
+def test_prune_records_one_row_per_round_with_decreasing_k(pruned):
+    _, history, snapshots = pruned
+    assert list(history.columns) == _pruning.HISTORY_COLUMNS
+    assert history["round"].tolist() == list(range(len(history))) == list(range(len(snapshots)))
+    assert len(history) >= 2
+    k = history["n_categories"].to_numpy()
+    assert (np.diff(k) < 0).all() and k[0] <= 6 and k[-1] == 2
+    assert np.isfinite(history["train_loss"]).all()
+    assert (history["epochs"].iloc[1:] == 1).all()
+    for _, row in history.iterrows():
+        names = json.loads(row["categories"])
+        assert len(names) == row["n_categories"]
+        assert list(json.loads(row["agreement"])) == names
+    pruned_names = [json.loads(p) for p in history["pruned"]]
+    assert all(pruned_names[:-1]) and pruned_names[-1] == []
+
+
+def test_prune_restores_the_selected_round(pruned):
+    model, history, snapshots = pruned
+    selected = select_round(history, 0.95)
+    assert history["selected"].sum() == 1
+    assert history.loc[history["selected"], "round"].item() == selected == history.attrs["selected_round"]
+    row = history.set_index("round").loc[selected]
+    state = model.module.state_dict()
+    assert state.keys() == snapshots[selected].keys()
+    for name, value in snapshots[selected].items():
+        assert torch.equal(state[name].cpu(), value), name
+    assert model.n_categories == row["n_categories"]
+    assert model.category_names == json.loads(row["categories"])
+    labels, _ = _pruning._labels(model, 128)
+    assert mean_consensus(labels, model.module.category_mask.numpy()) == pytest.approx(row["mean_consensus"])
+
+
+def test_mask_is_a_buffer_and_history_survives_save_load(pruned, tmp_path):
+    model, history, _ = pruned
+    module = model.module
+    assert dict(module.named_buffers())["category_mask"] is module.category_mask
+    model.save(tmp_path / "model", overwrite=True, save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "model", adata=model.adata)
+    assert torch.equal(loaded.module.category_mask, module.category_mask)
+    assert loaded.n_categories == model.n_categories
+    pd.testing.assert_frame_equal(loaded.pruning_history, history)
+    assert loaded.pruning_history.attrs == history.attrs
+    pd.testing.assert_frame_equal(loaded.predict(soft=True), model.predict(soft=True))
+
+
+@pytest.mark.gpu
+def test_mask_moves_with_the_module(pruned):
+    module = pruned[0].module
+    mask = module.category_mask.clone()
+    module.to("cuda")
+    try:
+        assert module.category_mask.device.type == "cuda"
+        assert torch.equal(module.category_mask.cpu(), mask)
+    finally:
+        module.to("cpu")
+
+
+def test_model_prune_api_returns_and_stores_the_history():
+    model = _small_model()
+    assert model.pruning_history.empty
+    assert list(model.pruning_history.columns) == _pruning.HISTORY_COLUMNS
+    history = model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
+    assert history is model.pruning_history
+    assert len(history) <= 2 and history["selected"].sum() == 1
+    assert model.n_categories == history.loc[history["selected"], "n_categories"].item()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_epochs": 3}, "epochs_per_round"),
+        ({"min_categories": 7}, "min_categories"),
+        ({"threshold": 1.5}, "threshold"),
+    ],
+)
+def test_prune_rejects_bad_arguments_before_training(kwargs, match):
+    model = _small_model(epochs=0)
+    with pytest.raises(ValueError, match=match):
+        model.prune(**kwargs)
+    assert not model.is_trained_
+
+
+def test_prune_needs_two_agents():
+    model = _small_model(n_agents=1, epochs=0)
+    with pytest.raises(ValueError, match="two agents"):
+        model.prune()
