@@ -26,8 +26,9 @@ import scanpy as sc
 import torch
 from lightning.pytorch.callbacks import Callback
 from scipy import sparse
-from scmixvae._neighbors import leiden, neighbors
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from scmixvae._neighbors import leiden, neighbors
 
 logger = logging.getLogger(__name__)
 
