@@ -29,7 +29,10 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", type=Path, required=True, help="output .h5ad")
     fit.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column of the batch")
-    fit.add_argument("--n-categories", type=int, default=10, help="number of categories")
+    fit.add_argument("--n-categories", type=int, default=10, help="number of categories (the maximum with --prune)")
+    fit.add_argument("--prune", action="store_true", help="prune categories and choose the number of types")
+    fit.add_argument("--consensus-threshold", type=float, default=0.95, help="consensus criterion of --prune")
+    fit.add_argument("--n-state-genes", type=int, default=20, help="state genes per type in the summary table")
     fit.add_argument("--likelihood", default=None, choices=["nb", "zinb", "gaussian"])
     fit.add_argument("--max-epochs", type=int, default=None)
     fit.add_argument("--batch-size", type=int, default=None)
@@ -137,14 +140,41 @@ def _fit(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     model.train(**_train_kwargs(args))
+    if args.prune:
+        kwargs = _train_kwargs(args)
+        kwargs.pop("max_epochs", None)
+        model.prune(threshold=args.consensus_threshold, **kwargs)
     tl.annotate(adata, model, key_added=args.key_added)
+    genes_key = f"{args.key_added}_state_genes"
+    tl.rank_state_genes(adata, model, key_added=genes_key)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(args.output)
+    table = tl.get_state_genes(adata, key=genes_key, n_genes=args.n_state_genes)
+    table.to_csv(args.output.with_suffix(".state_genes.csv"), index=False)
     if args.figures is not None:
-        args.figures.mkdir(parents=True, exist_ok=True)
-        _figure(adata, args.key_added, args.figures / "types_and_states.png")
-    print(f"wrote {args.output}")
+        _fit_figures(adata, model, args.key_added, genes_key, args.figures)
+    print(f"wrote {args.output} and {args.output.with_suffix('.state_genes.csv')}")
     return 0
+
+
+def _fit_figures(adata, model, key: str, genes_key: str, folder: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from . import pl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _figure(adata, key, folder / "types_and_states.png")
+    for name, draw in {
+        "consensus": lambda: pl.consensus_heatmap(model, return_fig=True),
+        "training_history": lambda: pl.training_history(model, return_fig=True),
+        "state_genes_dotplot": lambda: pl.state_genes_dotplot(adata, key=genes_key, return_fig=True),
+    }.items():
+        fig = draw()
+        fig.savefig(folder / f"{name}.png", dpi=120, bbox_inches="tight")
+        plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:

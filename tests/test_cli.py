@@ -1,4 +1,5 @@
 import anndata
+import pandas as pd
 import pytest
 
 from scmixvae._cli import main
@@ -56,7 +57,21 @@ def test_fit_writes_output_and_figures(tmp_path, sim_adata):
     assert rc == 0
     adata = anndata.read_h5ad(tmp_path / "out.h5ad")
     assert "mix_type" in adata.obs
-    assert (tmp_path / "figs" / "types_and_states.png").exists()
+    assert adata.uns["mix_state_genes"]["names"].dtype.names  # rank_genes_groups schema
+    table = pd.read_csv(tmp_path / "out.state_genes.csv")
+    assert {"group", "names", "scores"} <= set(table.columns)
+    for name in ["types_and_states", "consensus", "training_history", "state_genes_dotplot"]:
+        assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 0
+
+
+def test_fit_with_pruning_records_history(tmp_path, sim_adata):
+    src = tmp_path / "in.h5ad"
+    sim_adata.write_h5ad(src)
+    rc = main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--n-categories", "5", "--max-epochs", "1",
+               "--prune", "--quiet"])  # fmt: skip
+    assert rc == 0
+    adata = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert adata.uns["cplmixvae"]["n_categories"] <= 5
 
 
 def test_fit_reports_bad_path_and_bad_key(tmp_path, sim_adata, capsys):

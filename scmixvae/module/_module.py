@@ -93,6 +93,9 @@ class CplMixVAEModule(BaseModuleClass):
         Weight ``lambda`` of the coupling distance.
     coupling
         ``"aitchison"`` (published approximation) or ``"clr"`` (centred log-ratios).
+    coupling_eps
+        Added to the posteriors inside the logarithm of the coupling distance; a larger value stops tiny
+        probabilities of categories that neither agent picks from dominating the distance.
     category_state_interaction
         Feed the decoder ``[c; c ⊗ s]`` instead of ``[c; s]``: each category gets its own linear map of
         the state into the first hidden layer, so that states act through type-specific gene programs.
@@ -120,6 +123,7 @@ class CplMixVAEModule(BaseModuleClass):
         coupling_weight: float = 1.0,
         coupling: Literal["aitchison", "clr"] = "aitchison",
         category_state_interaction: bool = True,
+        coupling_eps: float = 1e-8,
     ):
         super().__init__()
         self.n_input, self.n_agents, self.n_categories, self.n_state = n_input, n_agents, n_categories, n_state
@@ -128,6 +132,7 @@ class CplMixVAEModule(BaseModuleClass):
         self.input_dropout, self.tau, self.gumbel_temperature = input_dropout, tau, gumbel_temperature
         self.beta, self.coupling_weight = beta, coupling_weight
         self.category_state_interaction = category_state_interaction
+        self.coupling_eps = coupling_eps
         self.n_cats_per_cov = list(n_cats_per_cov or [])
         n_cov = (n_batch if n_batch > 1 else 0) + sum(self.n_cats_per_cov) + n_continuous_cov
         self.n_cov = n_cov
@@ -350,7 +355,7 @@ class CplMixVAEModule(BaseModuleClass):
         loss = max(a - 1, 1) * elbo_terms.sum()
         extra = {}
         if a > 1:
-            dist = coupling_distance(q, self.category_mask, kind=self.coupling)
+            dist = coupling_distance(q, self.category_mask, kind=self.coupling, eps=self.coupling_eps)
             pairs = torch.triu_indices(a, a, offset=1, device=dist.device)
             pair_dist = dist[pairs[0], pairs[1]]
             loss = loss + (a - 1) * neg_ent.sum() + self.coupling_weight * pair_dist.sum()
