@@ -8,6 +8,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import scvi
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
@@ -71,6 +72,10 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         Weight of the state KL divergence (published: 1).
     coupling_weight
         Weight ``lambda`` of the coupling distance (published: 1).
+    category_init
+        ``"leiden"``: before the first training, fit the agents' categorical heads to a Leiden partition of
+        the cells with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refine
+        with the coupled objective; ``"random"``: start from random weights, as published.
     **module_kwargs
         Further keyword arguments of :class:`~scmixvae.module.CplMixVAEModule`
         (``dispersion``, ``gumbel_temperature``, ``coupling``).
@@ -104,6 +109,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         tau: float | None = None,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
+        category_init: Literal["leiden", "random"] = "leiden",
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -117,6 +123,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_float("input_dropout", input_dropout, maximum=0.95)
         check.check_float("beta", beta)
         check.check_float("coupling_weight", coupling_weight)
+        check.check_choice("category_init", category_init, ("leiden", "random"))
+        self.category_init = category_init
         if tau is not None:
             check.check_float("tau", tau, strict=True)
         if adata is not None and n_categories > adata.n_obs:
@@ -147,7 +155,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             f"CplMixVAE model with the following parameters: \nn_agents: {n_agents}, n_categories: {n_categories}, "
             f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
-            f"beta: {beta}, coupling_weight: {coupling_weight}."
+            f"beta: {beta}, coupling_weight: {coupling_weight}, category_init: {category_init}."
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -242,6 +250,14 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             max_epochs = default_max_epochs(self.adata.n_obs)
         check.check_int("max_epochs", max_epochs, minimum=1)
         check.check_int("batch_size", batch_size, minimum=2)
+        if self.category_init == "leiden" and not self.is_trained_ and not getattr(self, "category_init_done_", False):
+            # Leiden partition with K clusters, then a few passes fitting the categorical heads to it.
+            from ..train._init import fit_categorical_heads, leiden_labels
+
+            matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+            labels = leiden_labels(matrix, self.module.n_categories, seed=scvi.settings.seed or 0)
+            fit_categorical_heads(self, labels)
+            self.category_init_done_ = True
         self.module.train()
         return super().train(
             max_epochs=max_epochs,
@@ -296,7 +312,11 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                     continue
                 if state == "consensus":
                     consensus = q.mean(0).argmax(-1)
-                    c = torch.nn.functional.one_hot(consensus, module.n_categories).float().expand(module.n_agents, -1, -1)
+                    c = (
+                        torch.nn.functional.one_hot(consensus, module.n_categories)
+                        .float()
+                        .expand(module.n_agents, -1, -1)
+                    )
                     mean, var = module.state_posterior(out["h"], c)
                 else:
                     mean, var = out["qs_m"], out["qs_v"]

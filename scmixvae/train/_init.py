@@ -1,0 +1,139 @@
+"""Initialisation of the categorical heads from a graph clustering (``category_init="leiden"``).
+
+Deep clustering models (DEC, VaDE, scDeepCluster) start their cluster assignment from a classical clustering
+rather than from random weights; cpl-mixVAE started from random weights, and its agents then settle in whichever
+partition they reach first. Here the agents' categorical heads are first fitted, for a few passes, to a Leiden
+partition with as many clusters as categories, computed on a truncated SVD of log-normalised counts; full training
+then refines it with the coupled objective.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scvi import REGISTRY_KEYS
+
+from .._constants import NORMALISATION_SCALE
+
+logger = logging.getLogger(__name__)
+
+_CHUNK = 10_000
+
+
+def log_normalised(matrix, *, max_cells: int | None = None, seed: int = 0) -> tuple[sp.csr_matrix, np.ndarray]:
+    """``log1p`` of library-normalised counts as CSR, built in row chunks (optionally of a random subset).
+
+    Returns the matrix and the row indices it holds.
+    """
+    n = matrix.shape[0]
+    rows = np.arange(n)
+    if max_cells is not None and n > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
+    blocks = []
+    for start in range(0, len(rows), _CHUNK):
+        idx = rows[start : start + _CHUNK]
+        block = sp.csr_matrix(matrix[idx], dtype=np.float32)
+        lib = np.asarray(block.sum(1)).ravel()
+        block = sp.diags(NORMALISATION_SCALE / np.maximum(lib, 1.0)) @ block
+        block.data = np.log1p(block.data)
+        blocks.append(block.astype(np.float32))
+    return sp.vstack(blocks, format="csr"), rows
+
+
+def leiden_labels(
+    matrix, n_clusters: int, *, n_components: int = 30, max_cells: int = 100_000, seed: int = 0
+) -> np.ndarray:
+    """Leiden partition of the cells into (as close as possible to) ``n_clusters`` clusters.
+
+    The resolution is found by bisection on a log scale. Above ``max_cells`` cells the partition is computed on
+    a random subset and extended to every cell through its nearest subset neighbour.
+    """
+    import anndata
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.neighbors import KNeighborsClassifier
+
+    from .._neighbors import leiden, neighbors
+
+    x, rows = log_normalised(matrix, max_cells=max_cells, seed=seed)
+    n_components = max(1, min(n_components, x.shape[1] - 1, x.shape[0] - 1))
+    rep = TruncatedSVD(n_components=n_components, random_state=seed).fit_transform(x).astype(np.float32)
+    graph = anndata.AnnData(obs={"i": np.arange(len(rows))}, obsm={"X_rep": rep})
+    neighbors(graph, use_rep="X_rep", n_neighbors=min(15, len(rows) - 1), random_state=seed)
+    best, lo, hi = None, 1e-3, 10.0
+    for _ in range(20):
+        resolution = float(np.sqrt(lo * hi))
+        leiden(graph, resolution=resolution, random_state=seed)
+        labels = graph.obs["leiden"].cat.codes.to_numpy()
+        k = labels.max() + 1
+        if (
+            best is None
+            or abs(k - n_clusters) < abs(best[0] - n_clusters)
+            or (abs(k - n_clusters) == abs(best[0] - n_clusters) and k < best[0])
+        ):
+            best = (k, labels)
+        if k == n_clusters:
+            break
+        lo, hi = (resolution, hi) if k < n_clusters else (lo, resolution)
+    labels = best[1]
+    if best[0] > n_clusters:  # merge the smallest clusters into the largest until K remain
+        order = np.argsort(np.bincount(labels))[::-1]
+        remap = np.empty(best[0], dtype=np.int64)
+        remap[order[:n_clusters]] = np.arange(n_clusters)
+        remap[order[n_clusters:]] = 0
+        labels = remap[labels]
+    logger.info("Leiden initialisation: %d clusters at resolution %.3g", labels.max() + 1, resolution)
+    if len(rows) == matrix.shape[0]:
+        return labels
+    svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(x)
+    knn = KNeighborsClassifier(n_neighbors=1).fit(svd.transform(x), labels)
+    out = np.empty(matrix.shape[0], dtype=np.int64)
+    for start in range(0, matrix.shape[0], _CHUNK):  # bounded memory: one chunk of cells at a time
+        block, _ = log_normalised(matrix[start : start + _CHUNK])
+        out[start : start + block.shape[0]] = knn.predict(svd.transform(block))
+    return out
+
+
+def fit_categorical_heads(
+    model, labels: np.ndarray, *, min_steps: int = 300, min_epochs: int = 2, batch_size: int = 256, lr: float = 1e-3
+) -> float:
+    """Fit every agent's encoder and categorical head to ``labels`` (cross-entropy), in place.
+
+    Runs at least ``min_epochs`` passes and at least ``min_steps`` minibatch steps; returns the fraction of
+    (agent, cell) pairs whose argmax matches the labels in the last pass.
+    """
+    steps_per_epoch = int(np.ceil(model.adata.n_obs / batch_size))
+    epochs = max(min_epochs, int(np.ceil(min_steps / steps_per_epoch)))
+    module = model.module
+    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    params = [p for name, p in module.named_parameters() if not name.startswith(("decoder", "px_"))]
+    optimizer = torch.optim.Adam(params, lr=lr)
+    generator = np.random.default_rng(0)
+    was_training = module.training
+    module.train()
+    correct = total = 0
+    for _ in range(epochs):
+        correct = total = 0
+        order = generator.permutation(model.adata.n_obs)
+        loader = model._make_data_loader(adata=model.adata, indices=order, batch_size=batch_size, shuffle=False)
+        start = 0
+        for tensors in loader:
+            n = tensors[REGISTRY_KEYS.X_KEY].shape[0]
+            target = labels_t[order[start : start + n]].to(module.device)
+            start += n
+            out = module.inference(**module._get_inference_input(tensors))
+            log_q = out["log_q"]
+            loss = torch.nn.functional.nll_loss(
+                log_q.reshape(-1, log_q.shape[-1]).clamp(min=-30.0), target.repeat(module.n_agents)
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            correct += int((log_q.argmax(-1) == target).sum())
+            total += target.numel() * module.n_agents
+    module.train(was_training)
+    accuracy = correct / max(total, 1)
+    logger.info("categorical heads fitted to the initial partition: accuracy %.3f after %d epochs", accuracy, epochs)
+    return accuracy

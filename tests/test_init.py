@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+import scipy.sparse as sp
+from sklearn.metrics import adjusted_rand_score
+
+from scmixvae.data import simulate
+from scmixvae.model import CplMixVAE
+from scmixvae.train import _init
+
+
+@pytest.fixture(scope="module")
+def separated():
+    return simulate(n_cells=400, n_genes=150, n_types=4, type_separation=2.0, seed=3)
+
+
+def test_log_normalised_matches_dense_formula(separated):
+    x, rows = _init.log_normalised(separated.X)
+    dense = separated.X.toarray()
+    expected = np.log1p(dense / dense.sum(1, keepdims=True) * 1e4)
+    np.testing.assert_allclose(x.toarray(), expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(rows, np.arange(separated.n_obs))
+    sub, rows = _init.log_normalised(separated.X, max_cells=100)
+    assert sub.shape[0] == 100 and len(np.unique(rows)) == 100
+
+
+def test_leiden_labels_find_k_clusters_matching_the_truth(separated):
+    labels = _init.leiden_labels(separated.X, 4, seed=0)
+    assert labels.shape == (separated.n_obs,)
+    assert len(np.unique(labels)) == 4
+    assert adjusted_rand_score(separated.obs["type"], labels) > 0.9
+
+
+def test_leiden_labels_on_a_subset_extend_to_every_cell(separated):
+    labels = _init.leiden_labels(sp.csr_matrix(separated.X), 4, max_cells=200, seed=0)
+    assert labels.shape == (separated.n_obs,)
+    assert adjusted_rand_score(separated.obs["type"], labels) > 0.8
+
+
+def test_leiden_init_runs_once_and_is_remembered(separated, tmp_path):
+    adata = separated.copy()
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=4, n_hidden=32)
+    assert not getattr(model, "category_init_done_", False)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    assert model.category_init_done_
+    assert adjusted_rand_score(adata.obs["type"], model.predict()) > 0.8
+    model.save(tmp_path / "m", save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "m", adata=adata)
+    assert loaded.category_init_done_
+
+
+def test_random_init_skips_the_clustering(separated, monkeypatch):
+    adata = separated.copy()
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=4, n_hidden=16, category_init="random")
+    monkeypatch.setattr(_init, "leiden_labels", lambda *a, **k: pytest.fail("clustering must not run"))
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    assert not getattr(model, "category_init_done_", False)
+
+
+def test_bad_category_init_is_refused(separated):
+    adata = separated.copy()
+    CplMixVAE.setup_anndata(adata)
+    with pytest.raises(ValueError, match="category_init"):
+        CplMixVAE(adata, category_init="kmeans")
