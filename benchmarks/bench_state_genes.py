@@ -1,0 +1,134 @@
+"""Issue 5 benchmark: interferon-stimulated genes among each type's state genes on ifnb_2800, and memory.
+
+    python benchmarks/bench_state_genes.py --threads 1
+    python benchmarks/bench_state_genes.py --parts memory --threads 1
+
+Parts:
+- ``ifnb``: fit on ``ifnb_2800`` (all 14,053 genes are reduced to the 2,000 most variable, with the ISGs below kept
+  in), ``n_categories`` = 13 reference types; map each reference type to its majority consensus type; count the
+  ISGs (ISG15, IFIT1, IFIT3, IFI6, MX1, ISG20, IFITM3, OAS1, RSAD2, LY6E) among that type's top 20 state genes;
+  AUROC of the state projection (the traversal axis) separating CTRL from STIM within each reference type; the
+  cell-type ARI next to scVI + Leiden (from ``--peers-from`` or run here).
+- ``memory``: peak resident memory of ``rank_state_genes`` on 100,000 simulated cells x 2,000 genes above the
+  model (untrained weights: memory does not depend on training).
+
+Writes ``benchmarks/results/{name}.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+ISGS = ["ISG15", "IFIT1", "IFIT3", "IFI6", "MX1", "ISG20", "IFITM3", "OAS1", "RSAD2", "LY6E"]
+
+
+def part_ifnb(args) -> list[dict]:
+    import anndata as ad
+    import scanpy as sc
+    import scvi
+    from _common import SHARED_DATA, clustering_scores, run_scvi_leiden
+    from sklearn.metrics import roc_auc_score
+
+    import scmixvae
+    from scmixvae.model import CplMixVAE
+
+    full = ad.read_h5ad(SHARED_DATA / "ifnb_2800.h5ad")
+    probe = full.copy()
+    sc.pp.normalize_total(probe, target_sum=1e4)
+    sc.pp.log1p(probe)
+    sc.pp.highly_variable_genes(probe, n_top_genes=2000)
+    keep = probe.var["highly_variable"].to_numpy() | full.var_names.isin(ISGS)
+    adata = full[:, keep].copy()
+    labels = adata.obs["cell_type"].astype(str).to_numpy()
+    scvi.settings.seed = args.seed
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=len(np.unique(labels)), likelihood=args.likelihood)
+    model.train(enable_progress_bar=False)
+    scmixvae.tl.annotate(adata, model)
+    scmixvae.tl.rank_state_genes(adata, model, key_added="state_genes")
+    table = scmixvae.tl.get_state_genes(adata, key="state_genes")
+    scores = clustering_scores(labels, adata.obs["cplmixvae_type"].astype(str).to_numpy())
+    rows = []
+    stim = (adata.obs["condition"].astype(str) == "STIM").to_numpy()
+    state = adata.obsm["X_cplmixvae_state"]
+    traversal = adata.uns["state_genes"].get("traversal", {})
+    for ref in np.unique(labels):
+        sel = labels == ref
+        consensus = adata.obs["cplmixvae_type"][sel].astype(str).value_counts().idxmax()
+        top = table[table["group"].astype(str) == consensus].nlargest(20, "scores")["names"].tolist()
+        n_isg = len(set(top) & set(ISGS))
+        groups = list(np.asarray(traversal.get("groups", []), dtype=str))
+        axis = np.asarray(traversal["direction"])[groups.index(consensus)] if consensus in groups else None
+        proj = state[sel] @ axis if axis is not None else state[sel, 0]
+        both = stim[sel].any() and (~stim[sel]).any()
+        auroc = roc_auc_score(stim[sel], proj) if both else float("nan")
+        rows.append({"part": "ifnb", "reference_type": ref, "n_cells": int(sel.sum()), "consensus_type": consensus,
+                     "isgs_in_top20": n_isg, "auroc_ctrl_vs_stim": max(auroc, 1 - auroc)})  # fmt: skip
+        print(rows[-1], flush=True)
+    n_types_ok = sum(r["isgs_in_top20"] >= 5 for r in rows)
+    mean_auroc = float(np.nanmean([r["auroc_ctrl_vs_stim"] for r in rows]))
+    summary = {"part": "ifnb", "reference_type": "SUMMARY", "types_with_5_isgs": n_types_ok,
+               "mean_auroc": mean_auroc, "ari": scores["ari"], "nmi": scores["nmi"]}  # fmt: skip
+    if args.peers_from:
+        for row in json.loads(Path(args.peers_from).read_text())["rows"]:
+            if row["dataset"] == "ifnb" and row["method"] == "scVI+Leiden":
+                summary["scvi_leiden_ari"] = row["ari"]
+    else:
+        summary["scvi_leiden_ari"] = run_scvi_leiden(adata.copy(), labels, seed=args.seed)["ari"]
+    rows.append(summary)
+    print(summary, flush=True)
+    return rows
+
+
+def part_memory(args) -> list[dict]:
+    from _common import Timer
+
+    import scmixvae
+    from scmixvae.model import CplMixVAE
+
+    adata = scmixvae.data.simulate(n_cells=100_000, n_genes=2000, n_types=8, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=8, category_init="random")
+    with Timer() as timer:
+        scmixvae.tl.rank_state_genes(adata, model, batch_size=1024)
+    row = {"part": "memory", "n_cells": adata.n_obs, "n_genes": adata.n_vars, "seconds": timer.seconds,
+           "peak_growth_mb": timer.peak_growth_mb, "method": timer.method}  # fmt: skip
+    print(row, flush=True)
+    return [row]
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", default=["ifnb", "memory"], choices=["ifnb", "memory"])
+    p.add_argument("--likelihood", default="nb")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--peers-from", default=None)
+    p.add_argument("--name", default="state_genes")
+    args = p.parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import warnings
+
+    from _common import set_threads, write_results
+
+    warnings.filterwarnings("ignore")
+    set_threads(args.threads)
+    rows = []
+    for part in args.parts:
+        rows += {"ifnb": part_ifnb, "memory": part_memory}[part](args)
+    write_results(
+        args.name, rows, extra_md=f"Command: `python benchmarks/bench_state_genes.py {' '.join(argv or sys.argv[1:])}`"
+    )
+
+
+if __name__ == "__main__":
+    main()
