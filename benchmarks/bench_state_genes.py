@@ -53,7 +53,7 @@ def part_ifnb(args) -> list[dict]:
     model = CplMixVAE(adata, n_categories=len(np.unique(labels)), likelihood=args.likelihood)
     model.train(enable_progress_bar=False)
     scmixvae.tl.annotate(adata, model)
-    scmixvae.tl.rank_state_genes(adata, model, key_added="state_genes")
+    scmixvae.tl.rank_state_genes(adata, model, key_added="state_genes", normalize=args.normalize)
     table = scmixvae.tl.get_state_genes(adata, key="state_genes")
     scores = clustering_scores(labels, adata.obs["cplmixvae_type"].astype(str).to_numpy())
     rows = []
@@ -113,6 +113,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--peers-from", default=None)
     p.add_argument("--name", default="state_genes")
+    p.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="divide traversal scores by each gene's overall spread (rank_state_genes(normalize=...))",
+    )
     args = p.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
