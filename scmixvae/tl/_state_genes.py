@@ -354,7 +354,7 @@ def rank_state_genes(
     axis: Axis = "pc1",
     n_sigma: float = 3.0,
     n_steps: int = 10,
-    normalize: bool = True,
+    normalize: bool = False,
     measure: Measure = "endpoints",
     agent: int = 0,
     batch_size: int | None = None,
@@ -393,7 +393,10 @@ def rank_state_genes(
     normalize
         Divide each gene's change by its standard deviation of ``log1p`` normalised expression over all
         cells of ``adata`` (computed streamed over chunks of the count matrix). Genes that never vary get
-        a score of 0. ``False`` keeps the change in ``log1p`` units.
+        a score of 0. ``False`` (default) keeps the change in ``log1p`` units: on ``ifnb_2800`` the
+        published normalisation pushed the interferon-stimulated genes out of every type's top 20 (their
+        overall spread is large precisely because they respond), while the change in ``log1p`` units put
+        five or more of them in the top 20 of 5 of the 13 reference types (``benchmarks/bench_state_genes.py``).
     measure
         ``"endpoints"``: ``|x_end - x_start|`` (published); ``"range"``: ``max - min`` along the path,
         which also catches genes that peak inside the path.
