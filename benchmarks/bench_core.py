@@ -78,7 +78,7 @@ def part_sim(args) -> list[dict]:
                      "ari": peer["ari"], "nmi": peer["nmi"], "n_clusters": peer["n_clusters"],
                      "seconds": peer["seconds"]})  # fmt: skip
         for likelihood in args.likelihoods:
-            model, seconds = _fit(adata, seed=seed, n_categories=8, likelihood=likelihood)
+            model, seconds = _fit(adata, seed=seed, n_categories=8, likelihood=likelihood, **args.model_kwargs)
             pred = model.predict().astype(str).to_numpy()
             state = model.get_latent_representation()
             rows.append({
@@ -104,7 +104,9 @@ def part_real(args) -> list[dict]:
         adata, labels = load_real(name)
         k = len(np.unique(labels))
         for likelihood in args.likelihoods:
-            model, seconds = _fit(adata.copy(), seed=args.seeds[0], n_categories=k, likelihood=likelihood)
+            model, seconds = _fit(
+                adata.copy(), seed=args.seeds[0], n_categories=k, likelihood=likelihood, **args.model_kwargs
+            )
             pred = model.predict().astype(str).to_numpy()
             rows.append({
                 "part": "real", "dataset": name, "method": f"CplMixVAE[{likelihood}]", "k_ref": k,
@@ -184,6 +186,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speed-epochs", type=int, default=4)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
     p.add_argument("--name", default="core")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"input_dropout\": 0.2}'")
     args = p.parse_args(argv)
     import os
 
