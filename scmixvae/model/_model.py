@@ -26,6 +26,7 @@ from .._constants import category_name
 from ..module import CplMixVAEModule
 from ..module._module import Likelihood
 from ..train import CplMixVAETrainingPlan, _pruning
+from ..train._pruning import agreement_matrix, co_assignment
 from ._rnaseq import CplMixVAERNAMixin
 
 logger = logging.getLogger(__name__)
@@ -426,10 +427,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     ) -> pd.DataFrame:
         """Fraction of cells on which each pair of agents assigns the same category, ``(A, A)``."""
         _, q, _ = self._posteriors(adata, indices, batch_size)
-        labels = q.argmax(-1)
         agents = [f"agent{a}" for a in range(q.shape[0])]
-        agree = (labels[:, None, :] == labels[None, :, :]).mean(-1)
-        return pd.DataFrame(agree, index=agents, columns=agents)
+        return pd.DataFrame(agreement_matrix(q.argmax(-1)), index=agents, columns=agents)
 
     def get_consensus_matrix(
         self,
@@ -450,10 +449,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self._check_agent(agent_a)
         self._check_agent(agent_b)
         _, q, _ = self._posteriors(adata, indices, batch_size)
-        k = q.shape[-1]
-        la, lb = q[agent_a].argmax(-1), q[agent_b].argmax(-1)
-        matrix = np.zeros((k, k))
-        np.add.at(matrix, (la, lb), 1)
+        matrix = co_assignment(q[agent_a].argmax(-1), q[agent_b].argmax(-1), q.shape[-1]).astype(float)
         if normalize:
             rows = matrix.sum(1, keepdims=True)
             matrix = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)

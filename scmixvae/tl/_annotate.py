@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import DEFAULT_KEY, agent_type_key, agreement_key, confidence_key, state_key, type_key
+from ..train._pruning import agreement_matrix
 
 
 def annotate(
@@ -66,7 +67,7 @@ def annotate(
     for a in range(q.shape[0]):
         target.obs[agent_type_key(key_added, a)] = pd.Categorical.from_codes(agent_labels[a], categories=categories)
     target.obsm[state_key(key_added)] = state.astype(np.float32)
-    agreement = (agent_labels[:, None, :] == agent_labels[None, :, :]).mean(-1)
+    agreement = agreement_matrix(agent_labels)
     params = {k: v for k, v in model.init_params_["non_kwargs"].items()}
     params.update(model.init_params_.get("kwargs", {}).get("module_kwargs", {}) or {})
     target.uns[key_added] = {

@@ -15,6 +15,7 @@ from scvi import REGISTRY_KEYS
 from torch.nn import functional as F
 
 from .._constants import DEFAULT_STATE_GENES_KEY, NORMALISATION_SCALE, category_name
+from .._preprocess import log_normalise_block
 
 logger = logging.getLogger(__name__)
 
@@ -105,18 +106,11 @@ def gene_std(x, *, chunk_size: int = _CHUNK_SIZE) -> np.ndarray:
     total = np.zeros(n_vars)
     total_sq = np.zeros(n_vars)
     for start in range(0, n_obs, chunk_size):
-        block = x[start : start + chunk_size]
+        block = log_normalise_block(x[start : start + chunk_size], dtype=np.float64)
         if sparse.issparse(block):
-            block = sparse.csr_matrix(block, dtype=np.float64)
-            library = np.asarray(block.sum(1)).ravel()
-            block = sparse.diags(NORMALISATION_SCALE / np.maximum(library, 1.0)) @ block
-            block.data = np.log1p(block.data)
             total += np.asarray(block.sum(0)).ravel()
             total_sq += np.asarray(block.multiply(block).sum(0)).ravel()
         else:
-            block = np.asarray(block, dtype=np.float64)
-            library = block.sum(1, keepdims=True)
-            block = np.log1p(block * (NORMALISATION_SCALE / np.maximum(library, 1.0)))
             total += block.sum(0)
             total_sq += (block**2).sum(0)
     mean = total / n_obs

@@ -16,7 +16,7 @@ import scipy.sparse as sp
 import torch
 from scvi import REGISTRY_KEYS
 
-from .._constants import NORMALISATION_SCALE
+from .._preprocess import log_normalise_block
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +34,7 @@ def log_normalised(matrix, *, max_cells: int | None = None, seed: int = 0) -> tu
         rows = np.sort(np.random.default_rng(seed).choice(n, max_cells, replace=False))
     blocks = []
     for start in range(0, len(rows), _CHUNK):
-        idx = rows[start : start + _CHUNK]
-        block = sp.csr_matrix(matrix[idx], dtype=np.float32)
-        lib = np.asarray(block.sum(1)).ravel()
-        block = sp.diags(NORMALISATION_SCALE / np.maximum(lib, 1.0)) @ block
-        block.data = np.log1p(block.data)
-        blocks.append(block.astype(np.float32))
+        blocks.append(log_normalise_block(sp.csr_matrix(matrix[rows[start : start + _CHUNK]])))
     return sp.vstack(blocks, format="csr"), rows
 
 

@@ -60,6 +60,12 @@ def co_assignment(labels_a: np.ndarray, labels_b: np.ndarray, n_categories: int)
     return np.bincount(flat, minlength=n_categories * n_categories).reshape(n_categories, n_categories)
 
 
+def agreement_matrix(labels: np.ndarray) -> np.ndarray:
+    """Fraction of cells on which each pair of agents gives the same label, ``(A, A)``; ``labels`` is ``(A, n)``."""
+    labels = np.asarray(labels)
+    return (labels[:, None, :] == labels[None, :, :]).mean(-1)
+
+
 def _check_labels(labels: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     labels, mask = np.asarray(labels, dtype=np.int64), np.asarray(mask, dtype=bool)
     if labels.ndim != 2 or labels.shape[0] < 2:
