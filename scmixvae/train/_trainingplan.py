@@ -42,8 +42,3 @@ class CplMixVAETrainingPlan(TrainingPlan):
         super().__init__(
             module, lr=lr, weight_decay=weight_decay, eps=eps, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs
         )
-
-    def on_train_start(self) -> None:
-        """Put every submodule in training mode (a model trained before was left in eval mode)."""
-        self.module.train()
-        super().on_train_start()
