@@ -93,6 +93,8 @@ class CplMixVAEModule(BaseModuleClass):
         Weight ``lambda`` of the coupling distance.
     coupling
         ``"aitchison"`` (published approximation) or ``"clr"`` (centred log-ratios).
+    entropy_weight
+        Weight of the negative-entropy terms (published: 1).
     coupling_eps
         Added to the posteriors inside the logarithm of the coupling distance; a larger value stops tiny
         probabilities of categories that neither agent picks from dominating the distance.
@@ -124,6 +126,7 @@ class CplMixVAEModule(BaseModuleClass):
         coupling: Literal["aitchison", "clr"] = "aitchison",
         category_state_interaction: bool = True,
         coupling_eps: float = 1e-8,
+        entropy_weight: float = 1.0,
     ):
         super().__init__()
         self.n_input, self.n_agents, self.n_categories, self.n_state = n_input, n_agents, n_categories, n_state
@@ -133,6 +136,7 @@ class CplMixVAEModule(BaseModuleClass):
         self.beta, self.coupling_weight = beta, coupling_weight
         self.category_state_interaction = category_state_interaction
         self.coupling_eps = coupling_eps
+        self.entropy_weight = entropy_weight
         self.n_cats_per_cov = list(n_cats_per_cov or [])
         n_cov = (n_batch if n_batch > 1 else 0) + sum(self.n_cats_per_cov) + n_continuous_cov
         self.n_cov = n_cov
@@ -358,7 +362,7 @@ class CplMixVAEModule(BaseModuleClass):
             dist = coupling_distance(q, self.category_mask, kind=self.coupling, eps=self.coupling_eps)
             pairs = torch.triu_indices(a, a, offset=1, device=dist.device)
             pair_dist = dist[pairs[0], pairs[1]]
-            loss = loss + (a - 1) * neg_ent.sum() + self.coupling_weight * pair_dist.sum()
+            loss = loss + self.entropy_weight * (a - 1) * neg_ent.sum() + self.coupling_weight * pair_dist.sum()
             extra["coupling"] = pair_dist.mean().detach()
             with torch.no_grad():
                 labels = q.argmax(-1)
