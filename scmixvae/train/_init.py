@@ -54,7 +54,8 @@ def leiden_labels(
 
     x, rows = log_normalised(matrix, max_cells=max_cells, seed=seed)
     n_components = max(1, min(n_components, x.shape[1] - 1, x.shape[0] - 1))
-    rep = TruncatedSVD(n_components=n_components, random_state=seed).fit_transform(x).astype(np.float32)
+    svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(x)
+    rep = svd.transform(x).astype(np.float32)
     graph = anndata.AnnData(obs={"i": np.arange(len(rows))}, obsm={"X_rep": rep})
     neighbors(graph, use_rep="X_rep", n_neighbors=min(15, len(rows) - 1), random_state=seed)
     best, lo, hi = None, 1e-3, 10.0
@@ -82,8 +83,7 @@ def leiden_labels(
     logger.info("Leiden initialisation: %d clusters at resolution %.3g", labels.max() + 1, resolution)
     if len(rows) == matrix.shape[0]:
         return labels
-    svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(x)
-    knn = KNeighborsClassifier(n_neighbors=1).fit(svd.transform(x), labels)
+    knn = KNeighborsClassifier(n_neighbors=1).fit(rep, labels)
     out = np.empty(matrix.shape[0], dtype=np.int64)
     for start in range(0, matrix.shape[0], _CHUNK):  # bounded memory: one chunk of cells at a time
         block, _ = log_normalised(matrix[start : start + _CHUNK])
