@@ -58,23 +58,17 @@ def _figure(adata, key: str, path: Path, truth: str | None = None) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
     import pandas as pd
 
+    from . import pl
     from ._constants import state_key, type_key
 
-    state = adata.obsm[state_key(key)]
     types = adata.obs[type_key(key)]
     ncols = 2 if truth is None else 3
     fig, axes = plt.subplots(1, ncols, figsize=(5 * ncols, 4.5))
-    codes = types.cat.codes.to_numpy()
-    cmap = plt.get_cmap("tab20")
-    for k, name in enumerate(types.cat.categories):
-        sel = codes == k
-        axes[0].scatter(state[sel, 0], state[sel, 1] if state.shape[1] > 1 else np.zeros(sel.sum()), s=3,
-                        color=cmap(k % 20), label=name)  # fmt: skip
-    axes[0].set(title="state latent, by consensus type", xlabel="state 1", ylabel="state 2")
-    axes[0].legend(markerscale=3, fontsize="small", ncols=2, frameon=False)
+    components = (0, 1) if adata.obsm[state_key(key)].shape[1] > 1 else (0, 0)
+    pl.embedding(adata, basis=state_key(key), color=type_key(key), components=components, ax=axes[0], show=False)
+    axes[0].set_title("state latent, by consensus type")
     confidence = adata.obs[f"{key}_confidence"].to_numpy()
     axes[1].hist(confidence, bins=30, color="0.3")
     axes[1].set(title="consensus confidence", xlabel="mean posterior on the consensus type", ylabel="cells")
