@@ -367,10 +367,9 @@ class CplMixVAEModule(BaseModuleClass):
             with torch.no_grad():
                 labels = q.argmax(-1)
                 extra["agreement"] = (labels == labels[:1]).all(0).float().mean()
-        for i in range(a):
-            extra[f"reconstruction_agent{i}"] = rec[i].detach().mean()
-            extra[f"kl_agent{i}"] = kl[i].detach().mean()
-            extra[f"neg_entropy_agent{i}"] = neg_ent[i].detach()
+        per_agent = torch.stack([rec.detach().mean(-1), kl.detach().mean(-1), neg_ent.detach()])  # one reduction
+        for i, (rec_i, kl_i, ne_i) in enumerate(per_agent.unbind(-1)):  # dictionary entries for the logger only
+            extra[f"reconstruction_agent{i}"], extra[f"kl_agent{i}"], extra[f"neg_entropy_agent{i}"] = rec_i, kl_i, ne_i
         return LossOutput(
             loss=loss,
             reconstruction_loss=rec.mean(0),
