@@ -59,3 +59,21 @@ def test_integer_dtype_and_dense_input_are_accepted():
     model = CplMixVAE(adata, n_categories=2, n_hidden=8)
     model.train(max_epochs=1, enable_progress_bar=False)
     assert model.predict().shape == (30,)
+
+
+def test_readout_on_a_view_leaves_the_view_alone(trained_model):
+    view = trained_model.adata[:40]
+    assert view.is_view
+    labels = trained_model.predict(view)
+    assert view.is_view
+    assert labels.index.equals(view.obs_names)
+
+
+def test_readout_with_other_genes_is_refused(trained_model):
+    adata = trained_model.adata
+    with pytest.raises(ValueError, match="missing"):
+        trained_model.predict(adata[:, adata.var_names[:-1]].copy())
+    with pytest.raises(ValueError, match="another order"):
+        trained_model.predict(adata[:, adata.var_names[::-1]].copy())
+    with pytest.raises(TypeError, match="AnnData"):
+        trained_model.predict(adata.X)

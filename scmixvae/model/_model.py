@@ -272,6 +272,28 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             **kwargs,
         )
 
+    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
+        """Check a read-out AnnData before scvi-tools registers it.
+
+        A view is copied here rather than turned into an actual AnnData in place (scvi-tools' behaviour), so
+        the user's object is left as it was; an AnnData whose genes differ from the training genes gets an
+        error naming the difference.
+        """
+        if adata is not None:
+            if not isinstance(adata, AnnData):
+                raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+            if adata.is_view:
+                adata = adata.copy()
+            genes = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]
+            if adata.n_vars != len(genes) or not np.array_equal(np.asarray(adata.var_names), np.asarray(genes)):
+                missing = pd.Index(genes).difference(adata.var_names)
+                raise ValueError(
+                    f"The AnnData has {adata.n_vars} genes; the model was trained on {len(genes)}"
+                    + (f" ({len(missing)} missing, e.g. {list(missing[:5])})" if len(missing) else " in another order")
+                    + ". Subset and order it as the training data: `adata[:, model.adata.var_names]`."
+                )
+        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
     # ------------------------------------------------------------------ read-outs
     @property
     def n_categories(self) -> int:
