@@ -77,3 +77,14 @@ def test_readout_with_other_genes_is_refused(trained_model):
         trained_model.predict(adata[:, adata.var_names[::-1]].copy())
     with pytest.raises(TypeError, match="AnnData"):
         trained_model.predict(adata.X)
+
+
+def test_readout_with_an_unseen_batch_is_refused(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata, batch_key="batch")
+    model = CplMixVAE(sim_adata, n_categories=2, n_hidden=8, category_init="random")
+    model.train(max_epochs=1, enable_progress_bar=False)
+    new = sim_adata[:20].copy()
+    new.obs["batch"] = new.obs["batch"].cat.add_categories(["unseen"])
+    new.obs.loc[new.obs_names[:5], "batch"] = "unseen"
+    with pytest.raises(ValueError, match="unseen"):
+        model.predict(new)
