@@ -169,3 +169,22 @@ def test_train_on_gpu(sim_adata):
     model = _fit(sim_adata, n_categories=3, train={"accelerator": "gpu", "devices": 1})
     assert model.device.startswith("cuda") or "cuda" in str(model.device)
     assert model.predict().shape == (sim_adata.n_obs,)
+
+
+def test_keyboard_interrupt_leaves_a_usable_model(sim_adata):
+    from lightning.pytorch.callbacks import Callback
+
+    class Interrupt(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if trainer.current_epoch == 1:
+                raise KeyboardInterrupt
+
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+    with pytest.warns(UserWarning, match="interrupted"):
+        model.train(max_epochs=10, batch_size=64, enable_progress_bar=False, callbacks=[Interrupt()])
+    assert model.is_trained_
+    assert model.predict().shape == (sim_adata.n_obs,)
+    assert 1 <= len(model.history["train_loss"]) <= 2
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)  # continues
+    assert np.isfinite(model.history["train_loss"].iloc[-1, 0])

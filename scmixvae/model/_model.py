@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from typing import Literal
 
@@ -27,6 +28,7 @@ from ..module import CplMixVAEModule
 from ..module._module import Likelihood
 from ..train import CplMixVAETrainingPlan, _pruning
 from ..train._pruning import agreement_matrix, co_assignment
+from ..train._trainingplan import InterruptFlag
 from ._rnaseq import CplMixVAERNAMixin
 
 logger = logging.getLogger(__name__)
@@ -246,6 +248,11 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         **kwargs
             Further keyword arguments of :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and of the
             Lightning trainer (``enable_progress_bar``, ``callbacks``, ``strategy``...).
+
+        Notes
+        -----
+        An interruption (Ctrl-C, ``KeyboardInterrupt``) stops training cleanly: the call returns with a warning
+        and the model keeps the weights of the last completed step, ready for read-outs or another ``train()``.
         """
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
@@ -260,17 +267,35 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             fit_categorical_heads(self, labels)
             self.category_init_done_ = True
         self.module.train()
-        return super().train(
-            max_epochs=max_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            **kwargs,
-        )
+        flag = InterruptFlag()
+        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
+        try:
+            return super().train(
+                max_epochs=max_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                plan_kwargs=plan_kwargs,
+                **kwargs,
+            )
+        except SystemExit:
+            if not flag.interrupted:
+                raise
+            # Ctrl-C: Lightning shut down cleanly; keep the weights reached so far and return to the caller.
+            self.module.eval()
+            self.is_trained_ = True
+            if flag.history is not None:
+                self.history_ = flag.history
+            warnings.warn(
+                "Training was interrupted; the model keeps the weights of the last completed step. "
+                "Call train() again to continue from them.",
+                UserWarning,
+                stacklevel=2,
+            )
+            return None
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
         """Check a read-out AnnData before scvi-tools registers it.

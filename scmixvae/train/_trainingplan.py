@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
 
 
@@ -42,3 +43,16 @@ class CplMixVAETrainingPlan(TrainingPlan):
         super().__init__(
             module, lr=lr, weight_decay=weight_decay, eps=eps, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs
         )
+
+
+class InterruptFlag(Callback):
+    """Record that training was stopped by ``KeyboardInterrupt`` (Lightning then exits through ``SystemExit``)."""
+
+    def __init__(self):
+        self.interrupted = False
+        self.history = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            self.interrupted = True
+            self.history = getattr(trainer.logger, "history", None)
