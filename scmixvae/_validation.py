@@ -55,6 +55,13 @@ def check_counts(adata: AnnData, layer: str | None = None) -> None:
     """
     matrix = get_matrix(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+    if sp.issparse(matrix) and matrix.format == "csc":
+        warnings.warn(
+            f"{where} is a CSC matrix: every minibatch reads rows, which is slow in CSC. Convert it once with "
+            f"`{where} = {where}.tocsr()`.",
+            UserWarning,
+            stacklevel=3,
+        )
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{where} is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
     dtype = getattr(matrix, "dtype", None)

@@ -88,3 +88,22 @@ def test_readout_with_an_unseen_batch_is_refused(sim_adata):
     new.obs.loc[new.obs_names[:5], "batch"] = "unseen"
     with pytest.raises(ValueError, match="unseen"):
         model.predict(new)
+
+
+def test_csc_input_warns_about_speed():
+    x = np.random.default_rng(0).poisson(2, (20, 6)).astype(np.float32) + 1
+    adata = _adata(sp.csc_matrix(x))
+    with pytest.warns(UserWarning, match="tocsr"):
+        CplMixVAE.setup_anndata(adata)
+
+
+def test_backed_anndata_is_checked_and_trained(tmp_path):
+    x = np.random.default_rng(0).poisson(2, (60, 8)).astype(np.float32) + 1
+    AnnData(sp.csr_matrix(x)).write_h5ad(tmp_path / "b.h5ad")
+    import anndata
+
+    backed = anndata.read_h5ad(tmp_path / "b.h5ad", backed="r")
+    CplMixVAE.setup_anndata(backed)
+    model = CplMixVAE(backed, n_categories=2, n_hidden=8)  # Leiden start reads the backed matrix in chunks
+    model.train(max_epochs=1, batch_size=16, enable_progress_bar=False)
+    assert model.predict().shape == (60,)
