@@ -25,7 +25,7 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from .. import _validation as check
 from .._constants import category_name
 from ..module import CplMixVAEModule
-from ..module._module import Likelihood
+from ..module._module import Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan, _pruning
 from ..train._pruning import agreement_matrix, co_assignment
 from ..train._trainingplan import InterruptFlag
@@ -348,29 +348,18 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         indices = np.asarray(indices)
         dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
         module = self.module
-        was_training = module.training
-        module.eval()
         qs, states = [], []
-        try:
+        with eval_mode(module):
             for tensors in dl:
                 out = module.inference(**module._get_inference_input(tensors))
-                q = out["q"]
-                qs.append(q.cpu())
+                qs.append(out["q"].cpu())
                 if state is None:
                     continue
                 if state == "consensus":
-                    consensus = q.mean(0).argmax(-1)
-                    c = (
-                        torch.nn.functional.one_hot(consensus, module.n_categories)
-                        .float()
-                        .expand(module.n_agents, -1, -1)
-                    )
-                    mean, var = module.state_posterior(out["h"], c)
+                    _, mean, var = module.consensus_state(out["q"], out["h"])
                 else:
                     mean, var = out["qs_m"], out["qs_v"]
                 states.append((mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)).cpu())
-        finally:
-            module.train(was_training)
         active = module.category_mask.cpu().numpy()
         q = torch.cat(qs, dim=1).numpy()[..., active]
         s = torch.cat(states, dim=1).numpy() if states else None

@@ -13,9 +13,9 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.model.base import RNASeqMixin
-from torch.nn import functional as F
 
 from .._constants import NORMALISATION_SCALE
+from ..module._module import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -137,24 +137,18 @@ class CplMixVAERNAMixin(RNASeqMixin):
         gene_mask = np.ones(adata.n_vars, dtype=bool) if gene_list is None else adata.var_names.isin(gene_list)
 
         module = self.module
-        was_training = module.training
-        module.eval()
         dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, **data_loader_kwargs)
         exprs = []
-        try:
+        with eval_mode(module):
             for tensors in dl:
                 inputs = module._get_inference_input(tensors)
                 out = module.inference(**inputs)
-                consensus = out["q"].mean(0).argmax(-1)
-                c = F.one_hot(consensus, module.n_categories).float().expand(module.n_agents, -1, -1)
-                mean, var = module.state_posterior(out["h"], c)
+                c, mean, var = module.consensus_state(out["q"], out["h"])
                 per_sample = []
                 for _ in range(n_samples):
                     s = mean + var.sqrt() * torch.randn_like(mean) if sample else mean
                     per_sample.append(self._decode_scale(out, inputs, s, c, batch_codes, agent, library_size))
                 exprs.append(torch.stack(per_sample).cpu().numpy()[..., gene_mask])
-        finally:
-            module.train(was_training)
         exprs = np.concatenate(exprs, axis=1)  # (n_samples, n_cells, n_genes)
 
         if n_samples_overall is not None:

@@ -6,6 +6,7 @@ import logging
 import math
 import warnings
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Literal
 
 import torch
@@ -23,6 +24,17 @@ from ._losses import coupling_distance, gaussian_log_likelihood, kl_normal_stand
 logger = logging.getLogger(__name__)
 
 Likelihood = Literal["nb", "zinb", "gaussian"]
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    """Put ``module`` in evaluation mode for a read-out and restore its previous mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 def check_temperature(tau: float, n_categories: int, *, stacklevel: int = 2) -> None:
@@ -234,6 +246,16 @@ class CplMixVAEModule(BaseModuleClass):
         out = self.state_head(torch.cat([h, c], dim=-1))
         mean, log_var = out.split(self.n_state, dim=-1)
         return mean, torch.exp(log_var.clamp(-15.0, 15.0)) + 1e-6
+
+    def consensus_state(self, q: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every agent's state posterior conditioned on the consensus category (argmax of the mean ``q``).
+
+        Returns the one-hot consensus ``c`` ``(A, B, K)`` and the posterior mean and variance ``(A, B, S)``.
+        """
+        consensus = q.mean(0).argmax(-1)
+        c = F.one_hot(consensus, self.n_categories).float().expand(self.n_agents, -1, -1)
+        mean, var = self.state_posterior(h, c)
+        return c, mean, var
 
     @auto_move_data
     def inference(

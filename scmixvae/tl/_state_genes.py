@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from .._constants import DEFAULT_STATE_GENES_KEY, NORMALISATION_SCALE, category_name
 from .._preprocess import log_normalise_block
+from ..module._module import eval_mode
 
 logger = logging.getLogger(__name__)
 
@@ -126,11 +127,9 @@ def _encode(model, adata: AnnData, batch_size: int | None) -> tuple[np.ndarray, 
     """
     module = model.module
     dl = model._make_data_loader(adata=adata, indices=np.arange(adata.n_obs), batch_size=batch_size)
-    was_training = module.training
-    module.eval()
     consensus, hs = [], []
     cont_sum, n = None, 0
-    try:
+    with eval_mode(module):
         for tensors in dl:
             inputs = module._get_inference_input(tensors)
             out = module.inference(**inputs)
@@ -141,8 +140,6 @@ def _encode(model, adata: AnnData, batch_size: int | None) -> tuple[np.ndarray, 
                 part = cont.float().sum(0).cpu()
                 cont_sum = part if cont_sum is None else cont_sum + part
             n += out["h"].shape[1]
-    finally:
-        module.train(was_training)
     cont_mean = None if cont_sum is None else cont_sum / n
     return torch.cat(consensus).numpy(), torch.cat(hs, dim=1), cont_mean
 
@@ -196,9 +193,7 @@ def _decode_path(
     ``1e4``).
     """
     module = model.module
-    was_training = module.training
-    module.eval()
-    try:
+    with eval_mode(module):
         device = module.device
         t = np.linspace(-n_sigma, n_sigma, n_steps)
         s = torch.as_tensor(center[None] + (t * sigma)[:, None] * direction[None], dtype=torch.float32, device=device)
@@ -219,8 +214,6 @@ def _decode_path(
         else:
             expr = (out["px_log_scale"][agent].double().exp() * NORMALISATION_SCALE).cpu().numpy()
             x_log = np.log1p(expr)
-    finally:
-        module.train(was_training)
     return t, x_log, expr
 
 
