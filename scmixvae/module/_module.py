@@ -198,7 +198,7 @@ class CplMixVAEModule(BaseModuleClass):
         """``log1p`` of library-normalised counts (encoder input and Gaussian target)."""
         return torch.log1p(x * (NORMALISATION_SCALE / library.clamp(min=1.0)))
 
-    def _augment(self, x_norm: torch.Tensor, nonzero: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def _augment(self, x_norm: torch.Tensor, nonzero: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
         """Each agent's view of the cells: independent input dropout, ``(A, B, D)``; shared input otherwise.
 
         Dropout is drawn for the non-zero entries only (a zero stays zero), which costs a fraction of a
@@ -287,7 +287,8 @@ class CplMixVAEModule(BaseModuleClass):
         """
         library = x.sum(-1, keepdim=True)
         x_norm = self.normalise(x, library)
-        nonzero = x.nonzero(as_tuple=True)
+        # non-zero entries: shared by the dropout views and the NB loss; read-outs need neither
+        nonzero = x.nonzero(as_tuple=True) if self.training else None
         cov = self._covariates(batch_index, cat_covs, cont_covs)
         h = self.trunk_norm(self.trunk_out(self.encoder(self._augment(x_norm, nonzero), cov)))
         q, log_q = self.categorical_posterior(h)
