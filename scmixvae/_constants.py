@@ -42,3 +42,7 @@ def state_key(key: str) -> str:
 def category_name(k: int) -> str:
     """Name of category ``k`` as written to AnnData (strings, so that the columns are categorical)."""
     return str(k)
+
+
+#: Key of the minibatch tensor holding one nearest neighbour's counts per cell (``augmentation="knn"``).
+NEIGHBOUR_X_KEY = "x_neighbour"

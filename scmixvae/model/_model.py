@@ -13,7 +13,6 @@ import scvi
 import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
-from scvi.data import AnnDataManager
 from scvi.data.fields import (
     CategoricalJointObsField,
     CategoricalObsField,
@@ -25,10 +24,12 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 from .. import _validation as check
 from .._constants import category_name
 from ..module import CplMixVAEModule
+from ..module._augment import AUGMENTATIONS, Augmentation
 from ..module._module import Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan, _pruning
 from ..train._pruning import agreement_matrix, co_assignment
 from ..train._trainingplan import InterruptFlag
+from ._manager import CplMixVAEAnnDataManager
 from ._rnaseq import CplMixVAERNAMixin
 
 logger = logging.getLogger(__name__)
@@ -67,7 +68,18 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ``"nb"`` or ``"zinb"`` on counts with the observed library size as offset, or ``"gaussian"``
         on log1p of library-normalised expression (the published squared error).
     input_dropout
-        Independent per-agent input dropout at training time (published: 0.5).
+        Independent per-agent input dropout at training time (published: 0.5), applied on top of any
+        ``augmentation``.
+    augmentation
+        Each agent's view of a cell during training (read-outs always use the real cell):
+        ``"dropout"`` (input dropout only; published fallback), ``"thinning"`` (binomial thinning of the counts,
+        as a shallower sequencing would give), ``"knn"`` (mixing with one of the cell's 15 nearest neighbours,
+        found once in a truncated SVD of log-normalised counts) or ``"learned"`` (copies from a generator trained
+        by :meth:`train_augmenter`, called by the first :meth:`train` if needed). See the user guide for
+        when to pick which.
+    augmentation_strength
+        ``"thinning"``: expected fraction of counts removed (0.5); ``"knn"``: largest weight of the neighbour
+        (0.5); ``"learned"``: latent perturbation in posterior standard deviations (1).
     tau
         Temperature of the categorical head; ``None`` ties it to ``1 / K`` (published: 0.005 at K = 120).
         A warning is raised when it does not fit ``K``.
@@ -113,6 +125,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         beta: float = 1.0,
         coupling_weight: float = 1.0,
         category_init: Literal["leiden", "random"] = "leiden",
+        augmentation: Augmentation = "dropout",
+        augmentation_strength: float | None = None,
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -127,6 +141,13 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_float("beta", beta)
         check.check_float("coupling_weight", coupling_weight)
         check.check_choice("category_init", category_init, ("leiden", "random"))
+        check.check_choice("augmentation", augmentation, AUGMENTATIONS)
+        if augmentation_strength is not None:
+            check.check_float("augmentation_strength", augmentation_strength, strict=True)
+            if augmentation in ("thinning", "knn") and augmentation_strength >= 1:
+                raise ValueError(
+                    f"augmentation_strength={augmentation_strength} must be below 1 for augmentation={augmentation!r}."
+                )
         self.category_init = category_init
         if tau is not None:
             check.check_float("tau", tau, strict=True)
@@ -152,13 +173,16 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             tau=tau,
             beta=beta,
             coupling_weight=coupling_weight,
+            augmentation=augmentation,
+            augmentation_strength=augmentation_strength,
             **module_kwargs,
         )
         self._model_summary_string = (
             f"CplMixVAE model with the following parameters: \nn_agents: {n_agents}, n_categories: {n_categories}, "
             f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
-            f"beta: {beta}, coupling_weight: {coupling_weight}, category_init: {category_init}."
+            f"beta: {beta}, coupling_weight: {coupling_weight}, category_init: {category_init}, "
+            f"augmentation: {augmentation}."
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -211,7 +235,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
         ]
-        adata_manager = AnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
+        adata_manager = CplMixVAEAnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 
@@ -260,15 +284,23 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_int("batch_size", batch_size, minimum=2)
         if self.category_init == "leiden" and not self.is_trained_ and not getattr(self, "category_init_done_", False):
             # Leiden partition with K clusters, then a few passes fitting the categorical heads to it.
-            from ..train._init import fit_categorical_heads, leiden_labels
+            from ..train._init import fit_categorical_heads
+
+            fit_categorical_heads(self, self._initial_partition())
+            self.category_init_done_ = True
+        augmentation = self.module.augmentation
+        if augmentation == "learned" and not bool(self.module.augmenter.trained):
+            self.train_augmenter()
+        if augmentation == "knn" and getattr(self, "neighbours_", None) is None:
+            from ..train._augment import neighbour_table
 
             matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-            labels = leiden_labels(matrix, self.module.n_categories, seed=scvi.settings.seed or 0)
-            fit_categorical_heads(self, labels)
-            self.category_init_done_ = True
+            self.neighbours_ = neighbour_table(matrix, seed=scvi.settings.seed or 0)
         self.module.train()
         flag = InterruptFlag()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
+        # the neighbours' counts are loaded into the training minibatches only while training
+        self.adata_manager.neighbours = self.neighbours_ if augmentation == "knn" else None
         try:
             return super().train(
                 max_epochs=max_epochs,
@@ -296,6 +328,76 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 stacklevel=2,
             )
             return None
+        finally:
+            self.adata_manager.neighbours = None
+
+    def _initial_partition(self) -> np.ndarray:
+        """Leiden partition of the training cells into ``n_categories`` clusters (computed once per model)."""
+        if getattr(self, "_initial_labels", None) is None:
+            from ..train._init import leiden_labels
+
+            matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+            self._initial_labels = leiden_labels(matrix, self.module.n_categories, seed=scvi.settings.seed or 0)
+        return self._initial_labels
+
+    def train_augmenter(
+        self,
+        max_epochs: int | None = None,
+        *,
+        labels: np.ndarray | pd.Series | None = None,
+        batch_size: int = 256,
+        lr: float = 1e-3,
+    ) -> pd.DataFrame:
+        """Train the learned augmenter (``augmentation="learned"``); :meth:`train` calls it first if needed.
+
+        The augmenter is a small VAE with a type classifier: copies of a cell vary along the generator's latent
+        while the classifier, trained on real cells, must still give them the cell's type (see
+        :class:`~scmixvae.module.AugmenterModule`). It is saved and loaded with the model.
+
+        Parameters
+        ----------
+        max_epochs
+            Passes over the data; ``None`` uses a quarter of :func:`default_max_epochs` (at least 5).
+        labels
+            Types of the training cells for the classifier; ``None`` uses a Leiden partition with
+            ``n_categories`` clusters (the one ``category_init="leiden"`` uses).
+        batch_size
+            Minibatch size.
+        lr
+            Learning rate of Adam.
+
+        Returns
+        -------
+        The mean of each loss term per epoch (also in :attr:`augmenter_history_`).
+        """
+        if self.module.augmenter is None:
+            raise ValueError(
+                f"This model uses augmentation={self.module.augmentation!r}; only augmentation='learned' has an "
+                "augmenter to train. Create the model with CplMixVAE(adata, augmentation='learned')."
+            )
+        if max_epochs is None:
+            max_epochs = max(5, round(default_max_epochs(self.adata.n_obs) / 4))
+        check.check_int("max_epochs", max_epochs, minimum=1)
+        check.check_int("batch_size", batch_size, minimum=2)
+        check.check_float("lr", lr, strict=True)
+        if labels is None:
+            codes = self._initial_partition()
+        else:
+            labels = np.asarray(labels)
+            if labels.shape != (self.adata.n_obs,):
+                raise ValueError(f"`labels` must have one entry per cell ({self.adata.n_obs}), got {labels.shape}.")
+            if pd.isna(labels).any():
+                raise ValueError("`labels` contains missing values.")
+            codes = pd.factorize(labels, sort=True)[0]
+            if codes.max() >= self.module.augmenter.classifier[-1].out_features:
+                raise ValueError(
+                    f"`labels` has {codes.max() + 1} classes; the augmenter distinguishes at most "
+                    f"n_categories={self.module.n_categories}."
+                )
+        from ..train._augment import train_augmenter
+
+        self.augmenter_history_ = train_augmenter(self, codes, max_epochs=max_epochs, batch_size=batch_size, lr=lr)
+        return self.augmenter_history_
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
         """Check a read-out AnnData before scvi-tools registers it.

@@ -17,7 +17,8 @@ from torch import nn
 from torch.distributions import Normal
 from torch.nn import functional as F
 
-from .._constants import NORMALISATION_SCALE
+from .._constants import NEIGHBOUR_X_KEY, NORMALISATION_SCALE
+from ._augment import AUGMENTATIONS, DEFAULT_STRENGTH, Augmentation, AugmenterModule, mix_neighbours, thin_counts
 from ._components import StackedBatchNorm, StackedLinear, StackedMLP
 from ._losses import coupling_distance, gaussian_log_likelihood, kl_normal_standard, nb_log_likelihood, negative_entropy
 
@@ -94,7 +95,17 @@ class CplMixVAEModule(BaseModuleClass):
     dispersion
         ``"gene"`` or ``"gene-batch"`` inverse dispersion of the count likelihoods.
     input_dropout
-        Probability of the independent per-agent input dropout at training time (the agents' views).
+        Probability of the independent per-agent input dropout at training time, applied to every agent's view
+        whatever the ``augmentation``.
+    augmentation
+        How each agent's view of a cell is made at training time (read-outs always encode the real cell, and
+        the decoders always reconstruct it): ``"dropout"`` (input dropout only, published fallback),
+        ``"thinning"`` (binomial thinning of the counts), ``"knn"`` (mixing with one of the cell's nearest
+        neighbours, whose counts the data loader provides as ``x_neighbour``), ``"learned"`` (copies from a
+        trained :class:`~scmixvae.module.AugmenterModule`).
+    augmentation_strength
+        ``"thinning"``: expected fraction of counts removed (default 0.5); ``"knn"``: largest weight of the
+        neighbour (default 0.5); ``"learned"``: latent perturbation in posterior standard deviations (default 1).
     tau
         Temperature of the categorical head; ``None`` ties it to ``1 / K`` of the surviving categories.
     gumbel_temperature
@@ -139,8 +150,16 @@ class CplMixVAEModule(BaseModuleClass):
         category_state_interaction: bool = True,
         coupling_eps: float = 1e-8,
         entropy_weight: float = 1.0,
+        augmentation: Augmentation = "dropout",
+        augmentation_strength: float | None = None,
     ):
         super().__init__()
+        if augmentation not in AUGMENTATIONS:
+            raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}.")
+        self.augmentation = augmentation
+        self.augmentation_strength = (
+            DEFAULT_STRENGTH[augmentation] if augmentation_strength is None else float(augmentation_strength)
+        )
         self.n_input, self.n_agents, self.n_categories, self.n_state = n_input, n_agents, n_categories, n_state
         self.n_batch = n_batch
         self.likelihood, self.dispersion, self.coupling = likelihood, dispersion, coupling
@@ -170,6 +189,11 @@ class CplMixVAEModule(BaseModuleClass):
             n_disp = n_batch if dispersion == "gene-batch" else 1
             self.px_r = nn.Parameter(torch.randn(a, n_disp, n_input))
         self.register_buffer("category_mask", torch.ones(n_categories, dtype=torch.bool))
+        self.augmenter = (
+            AugmenterModule(n_input, n_categories, noise=self.augmentation_strength)
+            if augmentation == "learned"
+            else None
+        )
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -198,21 +222,44 @@ class CplMixVAEModule(BaseModuleClass):
         """``log1p`` of library-normalised counts (encoder input and Gaussian target)."""
         return torch.log1p(x * (NORMALISATION_SCALE / library.clamp(min=1.0)))
 
-    def _augment(self, x_norm: torch.Tensor, nonzero: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
-        """Each agent's view of the cells: independent input dropout, ``(A, B, D)``; shared input otherwise.
-
-        Dropout is drawn for the non-zero entries only (a zero stays zero), which costs a fraction of a
-        dense mask on sparse expression data.
-        """
-        if not self.training or self.input_dropout <= 0:
-            return x_norm
+    def _dropout(self, values: torch.Tensor) -> torch.Tensor:
+        """Independent input dropout of each agent's view (entries rescaled by ``1 / keep``)."""
+        if self.input_dropout <= 0:
+            return values
         keep = 1.0 - self.input_dropout
-        rows, cols = nonzero
-        values = x_norm[rows, cols] / keep
-        kept = torch.rand((self.n_agents, values.shape[0]), device=x_norm.device) < keep
-        views = x_norm.new_zeros((self.n_agents, *x_norm.shape))
-        views[:, rows, cols] = values * kept
-        return views
+        return values * (torch.rand_like(values) < keep) / keep
+
+    def _augment(
+        self,
+        x: torch.Tensor,
+        x_norm: torch.Tensor,
+        library: torch.Tensor,
+        nonzero: tuple[torch.Tensor, torch.Tensor] | None,
+        x_neighbour: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Each agent's view of the cells at training time, ``(A, B, D)``; the shared real input otherwise.
+
+        ``"dropout"`` and ``"thinning"`` work on the non-zero entries only (a zero stays zero), which costs a
+        fraction of a dense mask on sparse expression data.
+        """
+        aug, a = self.augmentation, self.n_agents
+        if not self.training or (aug == "dropout" and self.input_dropout <= 0):
+            return x_norm
+        if aug in ("dropout", "thinning") or (aug == "knn" and x_neighbour is None):
+            rows, cols = nonzero
+            if aug == "thinning":
+                thinned, thinned_library = thin_counts(x[rows, cols], rows, x.shape[0], a, self.augmentation_strength)
+                values = torch.log1p(thinned * (NORMALISATION_SCALE / thinned_library.clamp(min=1.0)[:, rows]))
+            else:  # dropout only (also "knn" when the loader gives no neighbours, e.g. a custom loop)
+                values = x_norm[rows, cols].expand(a, -1)
+            views = x_norm.new_zeros((a, *x_norm.shape))
+            views[:, rows, cols] = self._dropout(values)
+            return views
+        if aug == "knn":
+            views = mix_neighbours(x, library, x_neighbour, a, self.augmentation_strength)
+        else:  # learned
+            views = self.augmenter.augment(x_norm, a) if bool(self.augmenter.trained) else x_norm.expand(a, -1, -1)
+        return self._dropout(views)
 
     # ------------------------------------------------------------------ scvi-tools interface
     def _get_inference_input(self, tensors: dict[str, torch.Tensor], **kwargs) -> dict:
@@ -221,6 +268,7 @@ class CplMixVAEModule(BaseModuleClass):
             "batch_index": tensors.get(REGISTRY_KEYS.BATCH_KEY),
             "cat_covs": tensors.get(REGISTRY_KEYS.CAT_COVS_KEY),
             "cont_covs": tensors.get(REGISTRY_KEYS.CONT_COVS_KEY),
+            "x_neighbour": tensors.get(NEIGHBOUR_X_KEY),
         }
 
     def _get_generative_input(self, tensors: dict[str, torch.Tensor], inference_outputs: dict, **kwargs) -> dict:
@@ -265,6 +313,7 @@ class CplMixVAEModule(BaseModuleClass):
         cat_covs: torch.Tensor | None = None,
         cont_covs: torch.Tensor | None = None,
         category: torch.Tensor | None = None,
+        x_neighbour: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Encode a minibatch with every agent.
 
@@ -277,6 +326,8 @@ class CplMixVAEModule(BaseModuleClass):
         category
             Optional category index per cell ``(B,)`` on which to condition the state posterior of every
             agent (instead of each agent's own sample or argmax).
+        x_neighbour
+            Counts of one nearest neighbour of each cell ``(B, D)`` (``augmentation="knn"``, training only).
 
         Returns
         -------
@@ -290,7 +341,8 @@ class CplMixVAEModule(BaseModuleClass):
         # non-zero entries: shared by the dropout views and the NB loss; read-outs need neither
         nonzero = x.nonzero(as_tuple=True) if self.training else None
         cov = self._covariates(batch_index, cat_covs, cont_covs)
-        h = self.trunk_norm(self.trunk_out(self.encoder(self._augment(x_norm, nonzero), cov)))
+        views = self._augment(x, x_norm, library, nonzero, x_neighbour)
+        h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
         q, log_q = self.categorical_posterior(h)
         k = self.n_categories
         if category is not None:

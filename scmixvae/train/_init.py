@@ -102,7 +102,7 @@ def fit_categorical_heads(
     steps_per_epoch = int(np.ceil(model.adata.n_obs / batch_size))
     epochs = max(min_epochs, int(np.ceil(min_steps / steps_per_epoch)))
     module = model.module
-    labels_t = torch.as_tensor(labels, dtype=torch.long)
+    labels_t = torch.tensor(np.asarray(labels), dtype=torch.long)
     params = [p for name, p in module.named_parameters() if not name.startswith(("decoder", "px_"))]
     optimizer = torch.optim.Adam(params, lr=lr)
     generator = np.random.default_rng(0)

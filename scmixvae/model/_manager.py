@@ -1,0 +1,65 @@
+"""An AnnData manager whose minibatches can carry one nearest neighbour's counts per cell (``augmentation="knn"``).
+
+The neighbour table is computed once per model and attached to the manager only while training; read-outs and
+every other loader see the plain scvi-tools dataset.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.data import AnnDataManager, AnnTorchDataset
+from torch.utils.data import Subset
+
+from .._constants import NEIGHBOUR_X_KEY
+
+
+def _rows(data, rows: np.ndarray) -> np.ndarray:
+    """Dense float32 rows of a registered matrix (sparse, dense or backed), in the order of ``rows``."""
+    unique, inverse = np.unique(rows, return_inverse=True)  # h5py needs sorted, unique indices
+    block = data[unique]
+    if sp.issparse(block) or hasattr(block, "toarray"):
+        block = block.toarray()
+    return np.asarray(block, dtype=np.float32)[inverse]
+
+
+class NeighbourDataset(AnnTorchDataset):
+    """:class:`~scvi.data.AnnTorchDataset` that adds, for every cell, the counts of a random one of its neighbours."""
+
+    neighbours: np.ndarray
+
+    def __getitem__(self, indexes: int | Sequence[int] | slice) -> dict[str, np.ndarray | torch.Tensor]:
+        data = super().__getitem__(indexes)
+        if isinstance(indexes, slice):
+            indexes = np.arange(*indexes.indices(len(self)))
+        idx = np.atleast_1d(np.asarray(indexes))
+        if self.adata_manager.adata.isbacked:
+            idx = np.sort(idx)  # the order scvi-tools loads backed rows in
+        k = self.neighbours.shape[1]
+        pick = torch.randint(k, (len(idx),)).numpy()  # torch's RNG: seeded by scvi.settings.seed
+        data[NEIGHBOUR_X_KEY] = _rows(self.data[REGISTRY_KEYS.X_KEY], self.neighbours[idx, pick])
+        return data
+
+
+class CplMixVAEAnnDataManager(AnnDataManager):
+    """:class:`~scvi.data.AnnDataManager` that loads neighbours' counts when :attr:`neighbours` is set."""
+
+    #: ``(n_obs, k)`` indices of each cell's nearest neighbours, or ``None``.
+    neighbours: np.ndarray | None = None
+
+    def create_torch_dataset(
+        self,
+        indices: Sequence[int] | Sequence[bool] | None = None,
+        data_and_attributes: list[str] | dict[str, np.dtype] | None = None,
+        load_sparse_tensor: bool = False,
+    ) -> AnnTorchDataset:
+        """Create the torch dataset (see :meth:`scvi.data.AnnDataManager.create_torch_dataset`)."""
+        if self.neighbours is None:
+            return super().create_torch_dataset(indices, data_and_attributes, load_sparse_tensor)
+        dataset = NeighbourDataset(self, getitem_tensors=data_and_attributes, load_sparse_tensor=load_sparse_tensor)
+        dataset.neighbours = self.neighbours
+        return Subset(dataset, indices) if indices is not None else dataset

@@ -1,0 +1,87 @@
+"""Training-time helpers of the augmentations: the neighbour table (``"knn"``) and the learned augmenter."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+import torch
+from scvi import REGISTRY_KEYS
+
+from ._init import _CHUNK, log_normalised
+
+logger = logging.getLogger(__name__)
+
+
+def neighbour_table(
+    matrix, *, n_neighbors: int = 15, n_components: int = 30, max_fit_cells: int = 100_000, seed: int = 0
+) -> np.ndarray:
+    """Find the indices ``(n_cells, n_neighbors)`` of each cell's nearest neighbours (itself excluded).
+
+    Neighbours are found once, in a truncated SVD of log-normalised counts (fitted on at most ``max_fit_cells``
+    cells and applied chunk by chunk, so memory stays bounded).
+    """
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.neighbors import NearestNeighbors
+
+    n = matrix.shape[0]
+    n_neighbors = max(1, min(n_neighbors, n - 1))
+    x, _ = log_normalised(matrix, max_cells=max_fit_cells, seed=seed)
+    n_components = max(1, min(n_components, x.shape[1] - 1, x.shape[0] - 1))
+    svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(x)
+    if x.shape[0] == n:
+        rep = svd.transform(x)
+    else:
+        rep = np.vstack([svd.transform(log_normalised(matrix[s : s + _CHUNK])[0]) for s in range(0, n, _CHUNK)])
+    rep = rep.astype(np.float32)
+    _, idx = NearestNeighbors(n_neighbors=n_neighbors + 1).fit(rep).kneighbors(rep)
+    table = np.empty((n, n_neighbors), dtype=np.int64)
+    for i, row in enumerate(idx):  # drop the cell itself (usually, but not always, the first hit)
+        row = row[row != i]
+        table[i] = row[:n_neighbors]
+    return table
+
+
+def train_augmenter(
+    model,
+    labels: np.ndarray,
+    *,
+    max_epochs: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+) -> pd.DataFrame:
+    """Train the model's :class:`~scmixvae.module.AugmenterModule` on its data, with ``labels`` as types.
+
+    Returns the mean of each loss term per epoch.
+    """
+    module = model.module
+    augmenter = module.augmenter
+    labels_t = torch.tensor(np.asarray(labels), dtype=torch.long)
+    optimizer = torch.optim.Adam(augmenter.parameters(), lr=lr)
+    generator = np.random.default_rng(int(torch.randint(2**31 - 1, (1,))))
+    was_training = augmenter.training
+    augmenter.train()
+    rows = []
+    for _ in range(max_epochs):
+        order = generator.permutation(model.adata.n_obs)
+        loader = model._make_data_loader(adata=model.adata, indices=order, batch_size=batch_size, shuffle=False)
+        start, sums, n_steps = 0, {}, 0
+        for tensors in loader:
+            x = tensors[REGISTRY_KEYS.X_KEY].to(module.device)
+            target = labels_t[order[start : start + x.shape[0]]].to(module.device)
+            start += x.shape[0]
+            x_norm = module.normalise(x, x.sum(-1, keepdim=True))
+            terms = augmenter.loss(x_norm, target)
+            optimizer.zero_grad()
+            terms["loss"].backward()
+            optimizer.step()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            n_steps += 1
+        rows.append({key: value / max(n_steps, 1) for key, value in sums.items()})
+    augmenter.train(was_training)
+    augmenter.trained.fill_(True)
+    history = pd.DataFrame(rows).rename_axis("epoch")
+    logger.info("augmenter trained for %d epochs: %s", max_epochs, history.iloc[-1].round(3).to_dict())
+    return history

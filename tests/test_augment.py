@@ -1,0 +1,229 @@
+"""Augmentation options: the agents' training views, the neighbour loader and the learned augmenter."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+import scvi
+import torch
+from scvi import REGISTRY_KEYS
+
+from scmixvae._constants import NEIGHBOUR_X_KEY
+from scmixvae.data import simulate
+from scmixvae.model import CplMixVAE
+from scmixvae.model._model import default_max_epochs
+from scmixvae.module import AugmenterModule, CplMixVAEModule
+from scmixvae.module._augment import mix_neighbours, thin_counts
+from scmixvae.train._augment import neighbour_table
+
+OPTIONS = ["dropout", "thinning", "knn", "learned"]
+
+
+def _batch(n_cells=40, n_genes=30, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.poisson(torch.full((n_cells, n_genes), 2.0), generator=g)
+    x[:, 0] += 1  # no empty cell
+    return x
+
+
+def _views(module, x, x_neighbour=None):
+    library = x.sum(-1, keepdim=True)
+    x_norm = module.normalise(x, library)
+    nonzero = x.nonzero(as_tuple=True) if module.training else None
+    return module._augment(x, x_norm, library, nonzero, x_neighbour), x_norm
+
+
+@pytest.mark.parametrize("augmentation", OPTIONS)
+def test_each_option_changes_the_training_views_and_not_the_read_out_input(augmentation):
+    torch.manual_seed(0)
+    module = CplMixVAEModule(30, n_agents=2, n_categories=3, augmentation=augmentation, input_dropout=0.0)
+    if module.augmenter is not None:
+        module.augmenter.trained.fill_(True)
+    x = _batch()
+    neighbour = _batch(seed=1) if augmentation == "knn" else None
+    module.train()
+    views, x_norm = _views(module, x, neighbour)
+    if augmentation == "dropout":  # no dropout asked for: every agent reads the real cell
+        assert views is x_norm
+    else:
+        assert views.shape == (2, *x.shape)
+        assert not torch.allclose(views[0], x_norm) and not torch.allclose(views[0], views[1])
+        assert torch.all(views >= 0)
+    module.eval()
+    views, x_norm = _views(module, x, neighbour)
+    assert views is x_norm
+
+
+def test_dropout_zeroes_only_non_zero_entries_independently_per_agent():
+    torch.manual_seed(0)
+    module = CplMixVAEModule(30, n_agents=3, n_categories=3, input_dropout=0.5).train()
+    x = _batch()
+    x[:, 5] = 0
+    views, x_norm = _views(module, x)
+    assert views.shape == (3, *x.shape)
+    assert torch.all(views[:, :, 5] == 0)
+    kept = views > 0
+    assert 0.4 < kept.float().mean() / (x > 0).float().mean() < 0.6
+    torch.testing.assert_close(views[kept], (x_norm.expand(3, -1, -1) / 0.5)[kept])
+    assert not torch.equal(kept[0], kept[1])
+
+
+def test_thinning_keeps_integer_counts_below_the_original():
+    torch.manual_seed(0)
+    x = _batch(200, 50)
+    rows, cols = x.nonzero(as_tuple=True)
+    thinned, library = thin_counts(x[rows, cols], rows, x.shape[0], 2, 0.3)
+    assert thinned.shape == (2, rows.shape[0])
+    assert torch.equal(thinned, thinned.round()) and torch.all(thinned <= x[rows, cols])
+    assert abs(float(thinned.sum() / (2 * x.sum())) - 0.7) < 0.02
+    dense = torch.zeros((2, *x.shape))
+    dense[:, rows, cols] = thinned
+    torch.testing.assert_close(library, dense.sum(-1))
+
+
+def test_neighbour_mixing_weights_stay_within_the_strength():
+    torch.manual_seed(0)
+    x, other = _batch(seed=0), _batch(seed=1)
+    library = x.sum(-1, keepdim=True)
+    torch.testing.assert_close(mix_neighbours(x, library, other, 2, 0.0)[0], torch.log1p(x * 1e4 / library))
+    mixed = torch.expm1(mix_neighbours(x, library, other, 2, 0.5))
+    own, nb = x * 1e4 / library, other * 1e4 / other.sum(-1, keepdim=True)
+    w = ((mixed - own) * (nb - own)).sum(-1) / ((nb - own) ** 2).sum(-1)  # least-squares weight per view and cell
+    assert torch.all(w > -1e-4) and torch.all(w < 0.5 + 1e-4)
+
+
+def test_neighbour_table_excludes_the_cell_and_finds_its_type():
+    adata = simulate(n_cells=300, n_genes=200, n_types=3, type_separation=3.0, seed=0)
+    table = neighbour_table(adata.X, n_neighbors=10)
+    assert table.shape == (300, 10) and table.dtype == np.int64
+    assert not np.any(table == np.arange(300)[:, None])
+    types = adata.obs["type"].to_numpy()
+    assert (types[table] == types[:, None]).mean() > 0.9
+
+
+def test_knn_training_loads_a_neighbours_counts_and_detaches_the_table(sim_adata):
+    scvi.settings.seed = 0
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, augmentation="knn", category_init="random")
+    seen = []
+    original = model.module.inference
+
+    def spy(*args, **kwargs):
+        if model.module.training:
+            seen.append((kwargs["x"].clone(), kwargs["x_neighbour"]))
+        return original(*args, **kwargs)
+
+    model.module.inference = spy
+    model.train(max_epochs=1, batch_size=100, enable_progress_bar=False)
+    assert model.neighbours_.shape == (sim_adata.n_obs, 15)
+    assert model.adata_manager.neighbours is None
+    x, neighbour = seen[0]
+    assert neighbour is not None and neighbour.shape == x.shape
+    dense = np.asarray(sim_adata.X.toarray())
+    cells = [int(np.flatnonzero((dense == row).all(1))[0]) for row in x.numpy()[:10]]
+    for cell, row in zip(cells, neighbour.numpy()[:10], strict=True):
+        candidates = dense[model.neighbours_[cell]]
+        assert (candidates == row).all(1).any()
+    loader = model._make_data_loader(adata=sim_adata, batch_size=50)
+    assert NEIGHBOUR_X_KEY not in next(iter(loader))  # read-outs load the real cells only
+
+
+def test_neighbour_dataset_reads_backed_anndata(sim_adata, tmp_path):
+    import anndata
+
+    sim_adata.X = sp.csr_matrix(sim_adata.X)
+    sim_adata.write_h5ad(tmp_path / "sim.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "sim.h5ad", backed="r")
+    CplMixVAE.setup_anndata(backed)
+    model = CplMixVAE(backed, n_categories=3, n_hidden=16, augmentation="knn", category_init="random")
+    model.neighbours_ = np.roll(np.arange(backed.n_obs), 1)[:, None]  # neighbour of cell i: cell i - 1
+    model.adata_manager.neighbours = model.neighbours_
+    batch = model.adata_manager.create_torch_dataset()[np.array([7, 3, 5])]
+    dense = sim_adata.X.toarray()
+    np.testing.assert_array_equal(batch[REGISTRY_KEYS.X_KEY], dense[[3, 5, 7]])
+    np.testing.assert_array_equal(batch[NEIGHBOUR_X_KEY], dense[[2, 4, 6]])
+
+
+def test_every_augmenter_loss_term_passes_gradient_to_what_it_trains():
+    torch.manual_seed(0)
+    augmenter = AugmenterModule(30, 3, n_hidden=16)
+    x = torch.log1p(_batch())
+    labels = torch.randint(3, (x.shape[0],))
+    expected = {
+        "reconstruction": {"encoder", "decoder"},
+        "kl": {"encoder"},
+        "classification": {"classifier"},
+        "preservation": {"encoder", "decoder"},
+    }
+    for term, parts in expected.items():
+        augmenter.zero_grad()
+        augmenter.loss(x, labels)[term].backward()
+        for part in ("encoder", "decoder", "classifier"):
+            grads = [p.grad for p in getattr(augmenter, part).parameters()]
+            moved = any(g is not None and float(g.abs().sum()) > 0 for g in grads)
+            assert moved == (part in parts), (term, part)
+
+
+def test_learned_augmenter_trains_first_and_round_trips(sim_adata, tmp_path):
+    scvi.settings.seed = 0
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, augmentation="learned")
+    assert not bool(model.module.augmenter.trained)
+    model.train(max_epochs=1, batch_size=100, enable_progress_bar=False)
+    assert bool(model.module.augmenter.trained)
+    history = model.augmenter_history_
+    assert list(history.columns) == ["loss", "reconstruction", "kl", "classification", "preservation"]
+    assert len(history) == max(5, round(default_max_epochs(sim_adata.n_obs) / 4))
+    assert history["loss"].iloc[-1] < history["loss"].iloc[0]
+    model.save(tmp_path / "m", save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "m", adata=sim_adata)
+    assert bool(loaded.module.augmenter.trained)
+    for name, value in model.module.augmenter.state_dict().items():
+        assert torch.equal(value, loaded.module.augmenter.state_dict()[name]), name
+    pd.testing.assert_frame_equal(model.predict(soft=True), loaded.predict(soft=True))
+    np.testing.assert_array_equal(model.get_latent_representation(), loaded.get_latent_representation())
+
+
+def test_knn_table_round_trips(sim_adata, tmp_path):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, augmentation="knn", category_init="random")
+    model.train(max_epochs=1, batch_size=100, enable_progress_bar=False)
+    model.save(tmp_path / "m", save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "m", adata=sim_adata)
+    np.testing.assert_array_equal(loaded.neighbours_, model.neighbours_)
+
+
+def test_read_outs_do_not_depend_on_the_augmentation(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    models = [
+        CplMixVAE(sim_adata, n_categories=3, n_hidden=16, augmentation=a, category_init="random")
+        for a in ("dropout", "thinning", "knn")
+    ]
+    for m in models[1:]:
+        m.module.load_state_dict(models[0].module.state_dict())
+    for m in models:
+        m.is_trained_ = True
+    ref = models[0].get_latent_representation()
+    for m in models[1:]:
+        np.testing.assert_array_equal(m.get_latent_representation(), ref)
+        pd.testing.assert_frame_equal(m.predict(soft=True), models[0].predict(soft=True))
+
+
+def test_augmentation_arguments_are_checked(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    with pytest.raises(ValueError, match="`augmentation` must be one of"):
+        CplMixVAE(sim_adata, augmentation="mixup")
+    with pytest.raises(ValueError, match="must be below 1 for augmentation='thinning'"):
+        CplMixVAE(sim_adata, augmentation="thinning", augmentation_strength=1.0)
+    with pytest.raises(ValueError, match="`augmentation_strength` must be > 0"):
+        CplMixVAE(sim_adata, augmentation="knn", augmentation_strength=0)
+    with pytest.raises(TypeError, match="`augmentation_strength` must be a number"):
+        CplMixVAE(sim_adata, augmentation="knn", augmentation_strength="0.3")
+    model = CplMixVAE(sim_adata, n_categories=3)
+    with pytest.raises(ValueError, match="only augmentation='learned' has an augmenter"):
+        model.train_augmenter()
+    learned = CplMixVAE(sim_adata, n_categories=3, augmentation="learned")
+    with pytest.raises(ValueError, match="one entry per cell"):
+        learned.train_augmenter(labels=np.zeros(5))
+    with pytest.raises(ValueError, match="at most n_categories=3"):
+        learned.train_augmenter(labels=np.arange(sim_adata.n_obs) % 5)
