@@ -18,7 +18,7 @@ Augmentation = Literal["dropout", "thinning", "knn", "learned"]
 AUGMENTATIONS: tuple[str, ...] = ("dropout", "thinning", "knn", "learned")
 
 #: Default ``augmentation_strength`` of each option (``"dropout"`` has none: ``input_dropout`` is its strength).
-DEFAULT_STRENGTH = {"dropout": 0.0, "thinning": 0.5, "knn": 0.5, "learned": 1.0}
+DEFAULT_STRENGTH = {"dropout": 0.0, "thinning": 0.5, "knn": 0.5, "learned": 4.0}
 
 
 def thin_counts(values: torch.Tensor, rows: torch.Tensor, n_cells: int, n_views: int, fraction: float):
@@ -89,7 +89,7 @@ class AugmenterModule(nn.Module):
         Perturbation in posterior standard deviations (the augmentation strength).
     """
 
-    def __init__(self, n_input: int, n_classes: int, *, n_hidden: int = 128, n_latent: int = 10, noise: float = 1.0):
+    def __init__(self, n_input: int, n_classes: int, *, n_hidden: int = 128, n_latent: int = 10, noise: float = 4.0):
         super().__init__()
         self.noise = noise
         self.encoder = nn.Sequential(nn.Linear(n_input, n_hidden), nn.ReLU(), nn.Linear(n_hidden, 2 * n_latent))
