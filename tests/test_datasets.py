@@ -346,3 +346,15 @@ def test_unreachable_host_raises_connection_error(monkeypatch, tmp_path):
     _patch_source(monkeypatch, "pbmc_10x", f"{url}/file.h5ad")
     with pytest.raises(ConnectionError, match="Downloading"):
         pbmc_10x(data_dir=tmp_path / "cache", progress=False)
+
+
+def test_download_error_names_the_data_folder(monkeypatch, tmp_path):
+    server, url = _serve(_QuietHandler)
+    server.shutdown()
+    server.server_close()
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    _patch_source(monkeypatch, "pbmc_10x", f"{url}/file.h5ad")
+    with pytest.raises(ConnectionError) as info:
+        pbmc_10x(data_dir=tmp_path / "cache", progress=False)
+    assert f"({tmp_path / 'cache'})" in str(info.value)
+    assert ".download-" not in str(info.value)

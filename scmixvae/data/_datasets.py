@@ -305,7 +305,7 @@ def _download_and_convert(name: str, source: _Source, folder: Path, *, progress:
     logger.info("%s not found in %s; downloading it from %s.", name, folder, source.url)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
         raw = Path(tmp) / "source"
-        _download(source.url, raw, progress=progress, description=name)
+        _download(source.url, raw, progress=progress, description=name, folder=folder)
         if source.source_format == "scdcc_h5":
             adata = read_scdcc_h5(raw)
         elif source.source_format == "kang_h5ad":
@@ -325,9 +325,15 @@ def _from_kang_2018(adata: AnnData) -> AnnData:
     return adata
 
 
-def _download(url: str, destination: Path, *, progress: bool = True, description: str = "") -> None:
-    """Download ``url`` to ``destination`` through a temporary file in the same folder, renamed when complete."""
+def _download(
+    url: str, destination: Path, *, progress: bool = True, description: str = "", folder: Path | None = None
+) -> None:
+    """Download ``url`` to ``destination`` through a temporary file in the same folder, renamed when complete.
+
+    ``folder`` is the data folder named in error messages (``destination.parent`` when not given).
+    """
     destination.parent.mkdir(parents=True, exist_ok=True)
+    folder = destination.parent if folder is None else folder
     fd, partial = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as out:
@@ -336,12 +342,12 @@ def _download(url: str, destination: Path, *, progress: bool = True, description
             except urllib.error.HTTPError as err:
                 raise ConnectionError(
                     f"Downloading {url} failed: HTTP {err.code} {err.reason}. Place the file in the data folder "
-                    f"({destination.parent}) or point ${DATA_DIR_ENV} at a folder that has it."
+                    f"({folder}) or point ${DATA_DIR_ENV} at a folder that has it."
                 ) from err
             except (urllib.error.URLError, TimeoutError, OSError) as err:
                 raise ConnectionError(
                     f"Downloading {url} failed: {getattr(err, 'reason', err)}. Check the network, or place the "
-                    f"file in the data folder ({destination.parent}) or point ${DATA_DIR_ENV} at a folder that has it."
+                    f"file in the data folder ({folder}) or point ${DATA_DIR_ENV} at a folder that has it."
                 ) from err
             with response:
                 length = response.headers.get("Content-Length")
@@ -363,12 +369,12 @@ def _download(url: str, destination: Path, *, progress: bool = True, description
                     except (http.client.HTTPException, OSError) as err:
                         raise ConnectionError(
                             f"Downloading {url} failed after {received} bytes: {err!r}. Try again, or place the "
-                            f"file in the data folder ({destination.parent})."
+                            f"file in the data folder ({folder})."
                         ) from err
             if total is not None and received != total:
                 raise ConnectionError(
                     f"Downloading {url} failed: got {received} of {total} bytes. Try again, or place the file in "
-                    f"the data folder ({destination.parent})."
+                    f"the data folder ({folder})."
                 )
         os.replace(partial, destination)
     except BaseException:
