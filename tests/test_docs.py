@@ -1,0 +1,60 @@
+"""The documentation: the Sphinx build passes with warnings as errors, and the API page lists every public name."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+SUBPACKAGES = ["model", "module", "train", "tl", "pl", "data"]
+
+
+def _public_names() -> list[str]:
+    return [f"{sub}.{name}" for sub in SUBPACKAGES for name in importlib.import_module(f"scmixvae.{sub}").__all__]
+
+
+def test_api_page_lists_every_public_name():
+    listed = set(re.findall(r"^\s+(\w+\.\w+)\s*$", (DOCS / "api.md").read_text(), flags=re.MULTILINE))
+    listed |= set(re.findall(r"py:data:: scmixvae\.(\w+\.\w+)", (DOCS / "api.md").read_text()))
+    missing = [name for name in _public_names() if name not in listed]
+    assert not missing, f"add these public names to docs/api.md: {missing}"
+
+
+def test_tutorials_page_includes_every_notebook():
+    text = (DOCS / "tutorials.md").read_text()
+    assert ":glob:" in text and "tutorials/*" in text
+    assert list((ROOT / "tutorials").glob("*.ipynb")), "no tutorials to include"
+
+
+@pytest.mark.slow
+def test_sphinx_build_passes_with_warnings_as_errors(tmp_path):
+    for module in ("sphinx", "myst_nb"):
+        pytest.importorskip(module, reason=f"building the docs needs {module} (pip install -e '.[doc]')")
+    env = {
+        **os.environ,
+        "SCMIXVAE_DOCS_OFFLINE": "1",  # no intersphinx: the build must not touch the network
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+        "OMP_NUM_THREADS": "1",
+        "MPLBACKEND": "Agg",
+    }
+    html = tmp_path / "html"
+    command = [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html"]
+    command += ["-d", str(tmp_path / "doctrees"), str(DOCS), str(html)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, f"sphinx-build -W failed:\n{result.stdout[-5000:]}\n{result.stderr[-5000:]}"
+    for name in _public_names():
+        assert (html / "generated" / f"scmixvae.{name}.html").is_file() or name == "data.DATASETS", name
+    assert "scmixvae.data.DATASETS" in (html / "api.html").read_text()
+    for notebook in (ROOT / "tutorials").glob("*.ipynb"):
+        page = (html / "tutorials" / f"{notebook.stem}.html").read_text()
+        assert "<img" in page, f"{notebook.name} is rendered without its figures"
+    assert "Unreleased" in (html / "changelog.html").read_text()
+    for page in ("installation", "user_guide/model", "tutorials", "api"):
+        assert (html / f"{page}.html").is_file()
