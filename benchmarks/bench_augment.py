@@ -20,6 +20,7 @@ Writes ``benchmarks/results/{name}.json`` and ``.md``.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -45,6 +46,9 @@ def _sim(seed: int):
     return simulate(n_cells=3000, n_genes=1000, n_types=8, type_sizes="unbalanced", seed=seed)
 
 
+MODEL_KWARGS: dict = {}
+
+
 def _model(adata, option: str, seed: int, **kwargs):
     import anndata as ad
     import scvi
@@ -54,7 +58,7 @@ def _model(adata, option: str, seed: int, **kwargs):
     scvi.settings.seed = seed
     a = ad.AnnData(adata.X.copy(), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
     CplMixVAE.setup_anndata(a)
-    return CplMixVAE(a, augmentation=option, **kwargs)
+    return CplMixVAE(a, augmentation=option, **(MODEL_KWARGS | kwargs))
 
 
 def _prepare(model) -> dict[str, float]:
@@ -215,7 +219,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k-max", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="augment")
+    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"coupling\": \"clr\"}'")
     args = parser.parse_args(argv)
+    MODEL_KWARGS.update(args.model_kwargs)
     set_threads(args.threads)
     _quiet()
     parts = {"preserve": part_preserve, "fit": part_fit, "prune": part_prune}
