@@ -225,5 +225,7 @@ def test_augmentation_arguments_are_checked(sim_adata):
     learned = CplMixVAE(sim_adata, n_categories=3, augmentation="learned")
     with pytest.raises(ValueError, match="one entry per cell"):
         learned.train_augmenter(labels=np.zeros(5))
+    with pytest.raises(ValueError, match="missing values"):
+        learned.train_augmenter(labels=np.array(["a", None] * (sim_adata.n_obs // 2), dtype=object))
     with pytest.raises(ValueError, match="at most n_categories=3"):
         learned.train_augmenter(labels=np.arange(sim_adata.n_obs) % 5)
