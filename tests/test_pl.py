@@ -62,6 +62,15 @@ def test_consensus_heatmap_from_model_and_matrix(annotated, tmp_path):
         pl.consensus_heatmap([[1.0]], show=False)
 
 
+def test_heatmaps_draw_no_grid_under_a_grid_style(annotated):
+    adata, model = annotated
+    group = str(adata.uns[KEY]["traversal"]["groups"][0])
+    with plt.rc_context({"axes.grid": True}):  # scanpy's set_figure_params style
+        axes = [pl.consensus_heatmap(model, show=False), pl.state_traversal_heatmap(adata, model, group, show=False)]
+    for ax in axes:
+        assert not any(line.get_visible() for line in ax.get_xgridlines() + ax.get_ygridlines())
+
+
 def test_state_traversal_heatmap_shows_the_top_genes(annotated, tmp_path):
     adata, model = annotated
     group = adata.uns[KEY]["names"].dtype.names[0]

@@ -44,6 +44,7 @@ def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Ax
 
 def _heatmap(ax: Axes, values: np.ndarray, *, cmap: str, vmin=None, vmax=None, label: str = ""):
     image = ax.imshow(values, aspect="auto", cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.grid(False)  # scanpy's figure style turns grids on; they would cross every cell
     ax.figure.colorbar(image, ax=ax, label=label, shrink=0.8)
     return image
 
