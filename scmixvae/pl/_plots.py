@@ -196,7 +196,7 @@ def state_traversal_heatmap(
     fig, ax = _new_axes(ax, (0.4 * len(steps) + 2.5, 0.25 * len(genes) + 1.5))
     _heatmap(ax, values, cmap=cmap, label="scaled expression" if standard_scale else "log1p expression")
     ax.set_yticks(range(len(genes)), genes)
-    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 7)).round().astype(int))
+    ticks = np.unique(np.linspace(0, len(steps) - 1, min(len(steps), 5)).round().astype(int))  # labels apart
     ax.set_xticks(ticks, [f"{steps[t]:+.1f}" for t in ticks])
     ax.set_xlabel("state along the axis (sd)")
     ax.set_title(f"{category}: state genes")
