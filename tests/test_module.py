@@ -104,16 +104,17 @@ def test_forward_shapes_and_every_parameter_gets_gradient(counts, likelihood):
 
 def test_agents_see_different_views_in_training_and_the_real_cell_in_eval(counts):
     module = CplMixVAEModule(counts.shape[1], n_agents=2, input_dropout=0.5)
-    x_norm = module.normalise(counts, counts.sum(-1, keepdim=True))
+    library = counts.sum(-1, keepdim=True)
+    x_norm = module.normalise(counts, library)
     nonzero = counts.nonzero(as_tuple=True)
-    views = module._augment(x_norm, nonzero)
+    views = module._augment(counts, x_norm, library, nonzero)
     assert views.shape == (2, *counts.shape)
     assert not torch.equal(views[0], views[1])
     assert torch.all(views[:, counts == 0] == 0)
     kept = views[0][views[0] != 0]
     torch.testing.assert_close(kept, (x_norm * 2)[views[0] != 0])
     module.eval()
-    assert module._augment(x_norm, nonzero) is x_norm
+    assert module._augment(counts, x_norm, library, nonzero) is x_norm
 
 
 def test_masked_categories_get_no_mass_and_tau_follows_active_k(counts):
@@ -134,14 +135,17 @@ def test_single_agent_has_no_coupling_term(counts):
     assert torch.isfinite(loss.loss)
 
 
-def test_loss_matches_the_published_formula(counts):
+@pytest.mark.parametrize("coupling", ["aitchison", "clr"])
+def test_loss_matches_the_published_formula(counts, coupling):
     torch.manual_seed(1)
-    module = CplMixVAEModule(counts.shape[1], n_agents=3, n_categories=4, likelihood="gaussian", beta=0.5)
+    module = CplMixVAEModule(
+        counts.shape[1], n_agents=3, n_categories=4, likelihood="gaussian", beta=0.5, coupling=coupling
+    )
     inf, gen, loss = module(_tensors(counts))
     rec = -module.log_likelihood(counts, inf, gen)
     kl = 0.5 * (inf["qs_v"] + inf["qs_m"] ** 2 - 1 - inf["qs_v"].log()).sum(-1)
     ne = (inf["q"] * inf["log_q"]).sum(-1).mean(-1)
-    dist = coupling_distance(inf["q"], module.category_mask)
+    dist = coupling_distance(inf["q"], module.category_mask, kind=coupling)
     expected = 2 * (rec + 0.5 * kl).mean(-1).sum()
     for a in range(3):
         for b in range(a + 1, 3):
@@ -187,3 +191,16 @@ def test_entropy_weight_scales_only_the_entropy_terms(counts):
         losses[weight] = (loss.loss, (inf["q"] * inf["log_q"]).sum(-1).mean(-1).sum())
     # the loss is ~1e3 in float32: compare the difference at its precision
     torch.testing.assert_close(losses[1.0][0] - losses[0.0][0], losses[1.0][1], rtol=0, atol=2e-3)
+
+
+def test_clr_coupling_distance_matches_a_hand_computation():
+    q = torch.tensor([[[0.7, 0.2, 0.1], [0.1, 0.8, 0.1]], [[0.6, 0.3, 0.1], [0.2, 0.2, 0.6]]])
+    mask = torch.ones(3, dtype=torch.bool)
+    eps, var_eps = 1e-8, 1e-4
+    z = []
+    for a in range(2):
+        log_q = torch.log(q[a] + eps)
+        clr = log_q - log_q.mean(-1, keepdim=True)
+        z.append(clr / torch.sqrt(q[a].var(0, unbiased=False) + var_eps))
+    expected = ((z[0] - z[1]) ** 2).sum(-1).mean()
+    torch.testing.assert_close(coupling_distance(q, mask, kind="clr", eps=eps, var_eps=var_eps)[0, 1], expected)
