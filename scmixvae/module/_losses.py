@@ -6,6 +6,9 @@ import math
 
 import torch
 
+#: Counts up to this value take ``lgamma(x + theta) - lgamma(theta)`` and its derivative from a per-gene table.
+NB_TABLE_COUNTS = 16
+
 
 def nb_log_likelihood(
     x: torch.Tensor,
@@ -25,8 +28,8 @@ def nb_log_likelihood(
     theta
         Inverse dispersion, broadcastable to ``log_mu`` (``(A, 1, D)`` or ``(A, B, D)``).
     nonzero
-        Row and column indices of the non-zero counts (``x.nonzero(as_tuple=True)``); computed when
-        not given.
+        Row and column indices of the non-zero counts (``x.nonzero(as_tuple=True)``, in row-major order);
+        computed when not given.
 
     Returns
     -------
@@ -35,9 +38,33 @@ def nb_log_likelihood(
 
     Notes
     -----
-    Every term that vanishes at ``x = 0`` (the log-gamma terms and ``x log(mu / (theta + mu))``) is
-    evaluated on the non-zero counts only, so the cost of the log-gamma functions scales with the
-    number of non-zero counts, not with cells times genes.
+    With ``L = log(theta + mu)`` the log-likelihood of one entry is
+    ``theta log theta - (theta + x) L + x log mu + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``; the
+    log-gamma terms vanish at ``x = 0``. With a per-gene ``theta`` (``(A, 1, D)``) the whole computation is one
+    autograd node (:class:`NBLogLikelihood`) that makes two transcendental passes over the dense ``(A, B, D)``
+    means (an ``exp`` and a ``log`` forward, one ``exp`` backward) and reduces over genes with matrix
+    products. The log-gamma terms touch the non-zero counts only: for counts up to :data:`NB_TABLE_COUNTS`,
+    ``lgamma(x + theta) - lgamma(theta) = sum_{j<x} log(theta + j)`` and its derivative
+    ``sum_{j<x} 1 / (theta + j)`` come from a small ``(A, D, 17)`` table of cumulative sums, so no log-gamma
+    or digamma is evaluated per entry except for the few larger counts. A per-cell ``theta`` (gene-batch
+    dispersion) takes the plain autograd path (:func:`nb_log_likelihood_reference`).
+    """
+    rows, cols = x.nonzero(as_tuple=True) if nonzero is None else nonzero
+    if theta.dim() != 3 or theta.shape[1] != 1:
+        return nb_log_likelihood_reference(x, log_mu, theta, nonzero=(rows, cols))
+    return NBLogLikelihood.apply(x, log_mu, theta, rows, cols)
+
+
+def nb_log_likelihood_reference(
+    x: torch.Tensor,
+    log_mu: torch.Tensor,
+    theta: torch.Tensor,
+    *,
+    nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """:func:`nb_log_likelihood` in plain autograd operations, for any ``theta`` broadcastable to ``log_mu``.
+
+    The log-gamma terms and ``x log(mu / (theta + mu))`` are evaluated on the non-zero counts only.
     """
     log_theta = torch.log(theta)
     log_theta_mu = torch.logaddexp(log_theta, log_mu)
@@ -53,6 +80,75 @@ def nb_log_likelihood(
         - torch.lgamma(counts + 1)
     )
     return ll.index_add(-1, rows, sparse_terms)
+
+
+def _gamma_ratio_tables(theta: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``lgamma(theta + j) - lgamma(theta)`` and its derivative in ``theta`` for ``j = 0..n``, ``(A, D, n + 1)``.
+
+    ``theta`` is ``(A, D)``; both are cumulative sums of ``log(theta + i)`` and ``1 / (theta + i)``, ``i < j``.
+    """
+    shifted = theta.unsqueeze(-1) + torch.arange(n, device=theta.device, dtype=theta.dtype)
+    zero = theta.new_zeros((*theta.shape, 1))
+    values = torch.cat([zero, shifted.log().cumsum(-1)], dim=-1)
+    derivatives = torch.cat([zero, shifted.reciprocal().cumsum(-1)], dim=-1)
+    return values, derivatives
+
+
+class NBLogLikelihood(torch.autograd.Function):
+    """Autograd node of :func:`nb_log_likelihood` for a per-gene ``theta`` ``(A, 1, D)``.
+
+    Forward: ``L = log(theta + exp(log_mu))`` (kept for backward) and reductions over genes. Backward:
+    ``p = theta / (theta + mu) = exp(log theta - L)``; ``d/d log_mu = (theta + x) p - theta`` and
+    ``d/d theta = log theta + 1 - L - (theta + x) p / theta + [x > 0] (digamma(x + theta) - digamma(theta))``,
+    summed over cells with the upstream gradient as weights (a batched matrix product).
+    """
+
+    @staticmethod
+    def forward(ctx, x, log_mu, theta, rows, cols):
+        n_agents, n_genes = theta.shape[0], theta.shape[-1]
+        log_theta = theta.log()
+        big_l = log_mu.exp().add_(theta).log_()  # log(theta + mu), (A, B, D)
+        theta_t = theta.transpose(1, 2)  # (A, D, 1)
+        ll = (theta * log_theta).sum(-1) - torch.bmm(big_l, theta_t).squeeze(-1)
+        ll = ll + (x * (log_mu - big_l)).sum(-1)
+        # log-gamma terms on the non-zero counts: a table lookup for small counts, lgamma for the rest
+        n_cells = x.shape[0]
+        counts = x.reshape(-1).index_select(0, rows * n_genes + cols)
+        small_counts = counts.long().clamp_(max=NB_TABLE_COUNTS)
+        index = cols * (NB_TABLE_COUNTS + 1) + small_counts
+        theta_2d = theta.detach().squeeze(1)
+        values, derivatives = _gamma_ratio_tables(theta_2d, NB_TABLE_COUNTS)
+        log_factorial = torch.lgamma(torch.arange(1, NB_TABLE_COUNTS + 2, device=x.device, dtype=x.dtype))
+        lg = (values - log_factorial).view(n_agents, -1).index_select(1, index)  # (A, nnz)
+        big = (counts > NB_TABLE_COUNTS).nonzero().squeeze(1)
+        dg = derivatives.view(n_agents, -1).index_select(1, index) if ctx.needs_input_grad[2] else None
+        if big.numel():
+            big_counts = counts[big]
+            theta_big = theta_2d.index_select(1, cols[big])
+            lg[:, big] = torch.lgamma(big_counts + theta_big) - torch.lgamma(theta_big) - torch.lgamma(big_counts + 1)
+            if dg is not None:
+                dg[:, big] = torch.digamma(big_counts + theta_big) - torch.digamma(theta_big)
+        lengths = torch.bincount(rows, minlength=n_cells).expand(n_agents, -1).contiguous()
+        ll = ll + torch.segment_reduce(lg, "sum", lengths=lengths, axis=1)
+        ctx.save_for_backward(x, theta, log_theta, big_l, rows, cols, dg)
+        ctx.n_genes = n_genes
+        return ll
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, theta, log_theta, big_l, rows, cols, dg = ctx.saved_tensors
+        grad_log_mu = grad_theta = None
+        p = (log_theta - big_l).exp_()  # theta / (theta + mu)
+        u = p.mul_(x + theta)  # (theta + x) theta / (theta + mu)
+        g = grad.unsqueeze(1)  # (A, 1, B)
+        if ctx.needs_input_grad[2]:
+            grad_theta = (log_theta + 1.0) * grad.sum(-1, keepdim=True).unsqueeze(-1)
+            grad_theta = grad_theta - torch.bmm(g, big_l) - torch.bmm(g, u) / theta
+            nz = torch.zeros_like(theta).squeeze(1).index_add_(1, cols, grad.index_select(1, rows) * dg)
+            grad_theta = grad_theta + nz.unsqueeze(1)
+        if ctx.needs_input_grad[1]:
+            grad_log_mu = u.sub_(theta).mul_(grad.unsqueeze(-1))
+        return None, grad_log_mu, grad_theta, None, None
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from scvi.train import TrainingPlan
+
+logger = logging.getLogger(__name__)
 
 
 class CplMixVAETrainingPlan(TrainingPlan):
@@ -24,10 +28,22 @@ class CplMixVAETrainingPlan(TrainingPlan):
         Learning rate of Adam.
     weight_decay
         Weight decay of Adam.
+    eps
+        Epsilon of Adam.
     n_epochs_kl_warmup
         Epochs over which the state KL weight rises from ``min_kl_weight`` to ``max_kl_weight``.
+    fused_optimizer
+        Use the fused implementation of Adam (one kernel for all parameters; on the CPU about a third of the
+        time of the default loop over parameters) where the parameters' device supports it.
     **kwargs
-        Further keyword arguments of :class:`~scvi.train.TrainingPlan`.
+        Further keyword arguments of :class:`~scvi.train.TrainingPlan` (``compile=True`` compiles the module
+        with :func:`torch.compile`).
+
+    Notes
+    -----
+    With the default epoch-level logging (``on_step=False``) the per-agent metrics are summed on the device
+    during the epoch and logged once at its end, weighted by the minibatch sizes, which is the value Lightning
+    would compute from per-step calls of ``self.log`` at a fraction of their cost (a dozen calls per step).
     """
 
     def __init__(
@@ -38,11 +54,79 @@ class CplMixVAETrainingPlan(TrainingPlan):
         weight_decay: float = 0.0,
         eps: float = 1e-8,
         n_epochs_kl_warmup: int | None = None,
+        fused_optimizer: bool = True,
         **kwargs: Any,
     ):
         super().__init__(
             module, lr=lr, weight_decay=weight_decay, eps=eps, n_epochs_kl_warmup=n_epochs_kl_warmup, **kwargs
         )
+        self.fused_optimizer = fused_optimizer
+        self._metric_sums: dict[str, tuple[list[str], torch.Tensor, torch.Tensor]] = {}
+
+    # ------------------------------------------------------------------ optimiser
+    def _optimizer_creator_fn(self, optimizer_cls):
+        """Adam or AdamW, fused where the parameters' device supports it."""
+
+        def create(params):
+            params = list(params)
+            kwargs = {"lr": self.lr, "eps": self.eps, "weight_decay": self.weight_decay}
+            devices = {p.device.type for p in params}
+            if self.fused_optimizer and devices <= {"cpu", "cuda", "mps"} and len(devices) == 1:
+                try:
+                    return optimizer_cls(params, fused=True, **kwargs)
+                except (RuntimeError, TypeError, ValueError) as err:  # older torch, unsupported dtype
+                    logger.debug("fused %s not available (%s); using the default", optimizer_cls.__name__, err)
+            return optimizer_cls(params, **kwargs)
+
+        return create
+
+    # ------------------------------------------------------------------ metrics
+    def compute_and_log_metrics(self, loss_output, metrics, mode: str) -> None:
+        """Log the ELBO terms as scvi-tools does; accumulate the scalar extra metrics for the epoch's end."""
+        extra = loss_output.extra_metrics
+        if self.on_step or not self.on_epoch or not extra:
+            return super().compute_and_log_metrics(loss_output, metrics, mode)
+        names = [k for k, v in extra.items() if isinstance(v, torch.Tensor) and v.dim() == 0]
+        rest = {k: v for k, v in extra.items() if k not in names}
+        if names:
+            values = torch.stack([extra[k].detach().float() for k in names])
+            n_obs = float(loss_output.n_obs_minibatch)
+            if mode in self._metric_sums and self._metric_sums[mode][0] == names:
+                _, sums, weight = self._metric_sums[mode]
+                sums.add_(values, alpha=n_obs)
+                weight.add_(n_obs)
+            else:
+                self._metric_sums[mode] = (names, values * n_obs, values.new_tensor(n_obs))
+        object.__setattr__(loss_output, "extra_metrics", rest)  # LossOutput is frozen
+        try:
+            super().compute_and_log_metrics(loss_output, metrics, mode)
+        finally:
+            object.__setattr__(loss_output, "extra_metrics", extra)
+
+    def _log_epoch_metrics(self, mode: str) -> None:
+        entry = self._metric_sums.pop(mode, None)
+        if entry is None:
+            return
+        names, sums, weight = entry
+        means = sums / weight.clamp(min=1.0)
+        for name, value in zip(names, means.unbind(), strict=True):
+            self.log(f"{name}_{mode}", value, on_step=False, on_epoch=True, sync_dist=self.use_sync_dist)
+
+    def on_train_epoch_start(self) -> None:
+        self._metric_sums.pop("train", None)
+        super().on_train_epoch_start()
+
+    def on_train_epoch_end(self) -> None:
+        self._log_epoch_metrics("train")
+        super().on_train_epoch_end()
+
+    def on_validation_epoch_start(self) -> None:
+        self._metric_sums.pop("validation", None)
+        super().on_validation_epoch_start()
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_epoch_metrics("validation")
+        super().on_validation_epoch_end()
 
 
 class InterruptFlag(Callback):

@@ -1,0 +1,37 @@
+"""Training plan: epoch-level per-agent metrics and the fused optimiser."""
+
+import numpy as np
+import scvi
+import torch
+from scvi.train import TrainingPlan
+
+from scmixvae.model import CplMixVAE
+from scmixvae.train import CplMixVAETrainingPlan
+
+
+def _history(adata):
+    scvi.settings.seed = 0
+    model = CplMixVAE(adata, n_categories=3, category_init="random")
+    model.train(max_epochs=2, batch_size=64, enable_progress_bar=False, check_val_every_n_epoch=1)
+    return model
+
+
+def test_accumulated_metrics_equal_per_step_logging(sim_adata, monkeypatch):
+    CplMixVAE.setup_anndata(sim_adata)
+    fast = _history(sim_adata).history
+    monkeypatch.setattr(CplMixVAETrainingPlan, "compute_and_log_metrics", TrainingPlan.compute_and_log_metrics)
+    slow = _history(sim_adata).history
+    assert sorted(fast) == sorted(slow)
+    assert {"coupling_train", "agreement_validation", "reconstruction_agent1_train"} <= set(fast)
+    for key in fast:
+        np.testing.assert_allclose(fast[key].to_numpy(float), slow[key].to_numpy(float), rtol=1e-5, atol=1e-6)
+
+
+def test_adam_is_fused_on_the_cpu(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    plan = CplMixVAETrainingPlan(model.module)
+    optimizer = plan.configure_optimizers()["optimizer"]
+    assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"]
+    plain = CplMixVAETrainingPlan(model.module, fused_optimizer=False).configure_optimizers()["optimizer"]
+    assert not plain.defaults["fused"]
