@@ -23,6 +23,7 @@ Writes ``benchmarks/results/{--name}.json`` and ``.md`` (default ``pruning``).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -136,10 +137,14 @@ def part_real(args) -> list[dict]:
     for name in args.datasets:
         adata, labels = load_real(name)
         k_ref = int(np.unique(labels).size)
-        scvi_res = run_scvi_leiden(
-            adata, labels, seed=args.model_seeds[0], max_epochs=args.scvi_max_epochs, batch_size=args.batch_size,
-            accelerator=args.accelerator,
-        )  # fmt: skip
+        if args.peers_from:  # scVI + Leiden and PCA + Leiden from an earlier bench_peers.py run, named in the table
+            peers = {r["method"]: r for r in json.loads(Path(args.peers_from).read_text())["rows"] if r["dataset"] == name}
+            scvi_res = peers["scVI+Leiden"] | {"source": Path(args.peers_from).name}
+        else:
+            scvi_res = run_scvi_leiden(
+                adata, labels, seed=args.model_seeds[0], max_epochs=args.scvi_max_epochs, batch_size=args.batch_size,
+                accelerator=args.accelerator,
+            ) | {"source": "this run"}  # fmt: skip
         fits = []
         for model_seed in args.model_seeds:
             fit = fit_pruned(adata, seed=model_seed, k_max=args.k_max_real, args=args)
@@ -154,9 +159,10 @@ def part_real(args) -> list[dict]:
             "k_ref": k_ref, "chosen_k": scvi_res["n_clusters"], "n_clusters": scvi_res["n_clusters"],
             "ari": scvi_res["ari"], "nmi": scvi_res["nmi"], "epochs": scvi_res["epochs"],
             "train_seconds": scvi_res["train_seconds"], "seconds": scvi_res["seconds"], "ratio_to_scvi_train": 1.0,
+            "source": scvi_res["source"],
         })  # fmt: skip
         if args.pca:
-            pca = run_pca_leiden(adata, labels, seed=args.model_seeds[0])
+            pca = peers["PCA+Leiden"] if args.peers_from else run_pca_leiden(adata, labels, seed=args.model_seeds[0])
             rows.append({
                 "part": "real", "dataset": name, "method": pca["method"], "model_seed": args.model_seeds[0],
                 "k_ref": k_ref, "chosen_k": pca["n_clusters"], "n_clusters": pca["n_clusters"], "ari": pca["ari"],
@@ -207,6 +213,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="pruning")
+    p.add_argument("--peers-from", default=None, help="read scVI/PCA + Leiden from a bench_peers.py JSON")
     args = p.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)  # before numba, numpy and torch start their thread pools
