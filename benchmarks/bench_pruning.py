@@ -138,7 +138,8 @@ def part_real(args) -> list[dict]:
         adata, labels = load_real(name)
         k_ref = int(np.unique(labels).size)
         if args.peers_from:  # scVI + Leiden and PCA + Leiden from an earlier bench_peers.py run, named in the table
-            peers = {r["method"]: r for r in json.loads(Path(args.peers_from).read_text())["rows"] if r["dataset"] == name}
+            saved = json.loads(Path(args.peers_from).read_text())["rows"]
+            peers = {r["method"]: r for r in saved if r["dataset"] == name}
             scvi_res = peers["scVI+Leiden"] | {"source": Path(args.peers_from).name}
         else:
             scvi_res = run_scvi_leiden(
