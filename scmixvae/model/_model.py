@@ -277,12 +277,21 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         -----
         An interruption (Ctrl-C, ``KeyboardInterrupt``) stops training cleanly: the call returns with a warning
         and the model keeps the weights of the last completed step, ready for read-outs or another ``train()``.
+        A long fit that saves :class:`~scmixvae.train.TrainingCheckpoint` files resumes in a new model built
+        with the same arguments: ``train(max_epochs=..., ckpt_path=".../last.ckpt")`` restores the weights,
+        the optimiser and the epoch counter (the category initialisation is then skipped).
         """
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
         check.check_int("max_epochs", max_epochs, minimum=1)
         check.check_int("batch_size", batch_size, minimum=2)
-        if self.category_init == "leiden" and not self.is_trained_ and not getattr(self, "category_init_done_", False):
+        resuming = kwargs.get("ckpt_path") is not None  # the checkpoint holds the initialised weights
+        if (
+            self.category_init == "leiden"
+            and not resuming
+            and not self.is_trained_
+            and not getattr(self, "category_init_done_", False)
+        ):
             # Leiden partition with K clusters, then a few passes fitting the categorical heads to it.
             from ..train._init import fit_categorical_heads
 

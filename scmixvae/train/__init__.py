@@ -9,11 +9,12 @@ from ._pruning import (
     mean_consensus,
     select_round,
 )
-from ._trainingplan import CplMixVAETrainingPlan
+from ._trainingplan import CplMixVAETrainingPlan, TrainingCheckpoint
 
 __all__ = [
     "ConvergenceStopping",
     "CplMixVAETrainingPlan",
+    "TrainingCheckpoint",
     "categories_to_prune",
     "category_agreement",
     "check_collapse",

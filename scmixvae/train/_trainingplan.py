@@ -6,8 +6,8 @@ import logging
 from typing import Any
 
 import torch
-from lightning.pytorch.callbacks import Callback
-from scvi.train import TrainingPlan
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from scvi.train import SaveCheckpoint, TrainingPlan
 
 logger = logging.getLogger(__name__)
 
@@ -140,3 +140,75 @@ class InterruptFlag(Callback):
         if isinstance(exception, KeyboardInterrupt):
             self.interrupted = True
             self.history = getattr(trainer.logger, "history", None)
+
+
+class TrainingCheckpoint(SaveCheckpoint):
+    """Lightning checkpoints of the whole training state, to resume a long fit after an interruption.
+
+    Every ``every_n_epochs`` epochs a ``.ckpt`` file with the module's weights (category mask included), the
+    optimiser's state and the epoch and step counters is written to ``dirpath``, and ``last.ckpt`` points to
+    the newest. To resume, build the model again on the same data with the same arguments and pass the file
+    to :meth:`~scmixvae.model.CplMixVAE.train`: ``model.train(max_epochs=..., ckpt_path=".../last.ckpt")``
+    continues at the saved epoch (``max_epochs`` counts from the start of the original fit).
+
+    It is a :class:`scvi.train.SaveCheckpoint` only so that scvi-tools' trainer turns checkpointing on
+    without adding its own callback; it writes Lightning checkpoints (:class:`~lightning.pytorch.callbacks.
+    ModelCheckpoint`) rather than model folders.
+
+    Parameters
+    ----------
+    dirpath
+        Folder of the checkpoint files.
+    every_n_epochs
+        Epochs between two checkpoints.
+    save_top_k
+        Checkpoints kept besides ``last.ckpt`` (``-1``: all); without ``monitor`` the newest are kept.
+    monitor
+        Metric that ranks the checkpoints kept (``None``: the newest).
+    **kwargs
+        Further keyword arguments of :class:`~lightning.pytorch.callbacks.ModelCheckpoint`.
+
+    Examples
+    --------
+    >>> from scmixvae.train import TrainingCheckpoint
+    >>> model.train(max_epochs=100, callbacks=[TrainingCheckpoint("checkpoints/")])
+    >>> # after an interruption, in a new session:
+    >>> model = scmixvae.model.CplMixVAE(adata, n_categories=8)
+    >>> model.train(max_epochs=100, ckpt_path="checkpoints/last.ckpt")
+    """
+
+    def __init__(
+        self,
+        dirpath: str,
+        *,
+        every_n_epochs: int = 1,
+        save_top_k: int = 1,
+        monitor: str | None = None,
+        **kwargs: Any,
+    ):
+        kwargs.setdefault("filename", "{epoch}-{step}")
+        ModelCheckpoint.__init__(
+            self,
+            dirpath=dirpath,
+            every_n_epochs=every_n_epochs,
+            save_top_k=save_top_k,
+            monitor=monitor,
+            save_last=True,
+            **kwargs,
+        )
+        self.load_best_on_end = False
+        self.loss_is_nan = False
+        self.check_nan_gradients = False
+
+    # Lightning's own behaviour, not scvi-tools' model folders
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        return ModelCheckpoint.on_save_checkpoint(self, trainer, pl_module, checkpoint)
+
+    def _remove_checkpoint(self, trainer, filepath: str) -> None:
+        ModelCheckpoint._remove_checkpoint(self, trainer, filepath)
+
+    def _update_best_and_save(self, current, trainer, monitor_candidates) -> None:
+        ModelCheckpoint._update_best_and_save(self, current, trainer, monitor_candidates)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        return ModelCheckpoint.on_train_end(self, trainer, pl_module)

@@ -1,0 +1,43 @@
+"""A checkpointed fit resumes from its Lightning checkpoint: weights, optimiser and epoch counter."""
+
+import scvi
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from scmixvae.model import CplMixVAE
+from scmixvae.train import TrainingCheckpoint
+
+
+class _FirstWeights(Callback):
+    """Record the module's state when training starts and the first epoch index."""
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if not hasattr(self, "state"):
+            self.state = {k: v.detach().clone() for k, v in pl_module.module.state_dict().items()}
+            self.epoch = trainer.current_epoch
+            self.optimizer_steps = [int(s["step"]) for s in trainer.optimizers[0].state.values()]
+
+
+def test_checkpointed_fit_resumes_at_the_saved_epoch_with_the_saved_weights(sim_adata, tmp_path):
+    CplMixVAE.setup_anndata(sim_adata)
+    kwargs = {"batch_size": 90, "enable_progress_bar": False}  # 270 training cells: 3 steps per epoch
+    scvi.settings.seed = 0
+    first = CplMixVAE(sim_adata, n_categories=3)
+    first.train(max_epochs=2, callbacks=[TrainingCheckpoint(tmp_path)], **kwargs)
+    ckpt = tmp_path / "last.ckpt"
+    assert ckpt.exists()
+    saved = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert saved["epoch"] == 1 and saved["global_step"] == 2 * 3  # 2 epochs of 3 steps
+
+    scvi.settings.seed = 1
+    resumed = CplMixVAE(sim_adata, n_categories=3)  # fresh weights, no Leiden initialisation
+    probe = _FirstWeights()
+    resumed.train(max_epochs=4, ckpt_path=str(ckpt), callbacks=[probe], **kwargs)
+    assert probe.epoch == 2
+    assert not getattr(resumed, "category_init_done_", False)
+    for key, value in first.module.state_dict().items():  # training started from the checkpoint's weights
+        torch.testing.assert_close(probe.state[key], value, msg=key)
+    assert probe.optimizer_steps and all(s == 6 for s in probe.optimizer_steps)  # Adam state restored
+    assert resumed.trainer.current_epoch == 4 and resumed.trainer.global_step == 4 * 3
+    assert list(resumed.history["train_loss"].index) == [2, 3]  # only the resumed epochs
+    assert resumed.predict().shape == (sim_adata.n_obs,)
