@@ -125,9 +125,11 @@ class NBLogLikelihood(torch.autograd.Function):
         if big.numel():
             big_counts = counts[big]
             theta_big = theta_2d.index_select(1, cols[big])
-            lg[:, big] = torch.lgamma(big_counts + theta_big) - torch.lgamma(theta_big) - torch.lgamma(big_counts + 1)
+            lg.index_copy_(
+                1, big, torch.lgamma(big_counts + theta_big) - torch.lgamma(theta_big) - torch.lgamma(big_counts + 1)
+            )
             if dg is not None:
-                dg[:, big] = torch.digamma(big_counts + theta_big) - torch.digamma(theta_big)
+                dg.index_copy_(1, big, torch.digamma(big_counts + theta_big) - torch.digamma(theta_big))
         lengths = torch.bincount(rows, minlength=n_cells).expand(n_agents, -1).contiguous()
         ll = ll + torch.segment_reduce(lg, "sum", lengths=lengths, axis=1)
         ctx.save_for_backward(x, theta, log_theta, big_l, rows, cols, dg)
