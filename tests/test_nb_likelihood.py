@@ -44,3 +44,15 @@ def test_float32_fused_equals_reference_and_works_without_grad():
     with torch.no_grad():
         fused = nb_log_likelihood(x, log_mu, theta)
     torch.testing.assert_close(fused, nb_log_likelihood_reference(x, log_mu, theta), rtol=1e-5, atol=1e-3)
+
+
+def test_mixed_precision_computes_the_likelihood_in_float32():
+    x, log_mu, theta = _inputs((2, 1, 40), seed=3)
+    x, log_mu, theta = x.float(), log_mu.detach().float().requires_grad_(), theta.detach().float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = nb_log_likelihood(x, log_mu.to(torch.bfloat16), theta)
+    assert mixed.dtype == torch.float32
+    mixed.sum().backward()
+    plain = nb_log_likelihood(x, log_mu.to(torch.bfloat16).float(), theta)
+    torch.testing.assert_close(mixed, plain)
+    assert log_mu.grad is not None and torch.isfinite(log_mu.grad).all()

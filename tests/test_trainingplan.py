@@ -35,3 +35,13 @@ def test_adam_is_fused_on_the_cpu(sim_adata):
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"]
     plain = CplMixVAETrainingPlan(model.module, fused_optimizer=False).configure_optimizers()["optimizer"]
     assert not plain.defaults["fused"]
+
+
+def test_mixed_precision_training_runs_on_the_cpu(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    model.train(max_epochs=2, precision="bf16-mixed", accelerator="cpu", enable_progress_bar=False)
+    loss = model.history["train_loss"].iloc[:, 0].to_numpy(float)
+    assert np.isfinite(loss).all() and len(loss) == 2
+    assert model.module.trunk_norm.running_mean.dtype == torch.float32
+    assert model.predict().shape == (sim_adata.n_obs,)

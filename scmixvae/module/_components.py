@@ -88,8 +88,9 @@ class StackedBatchNorm(nn.Module):
             var, mean = torch.var_mean(x, dim=1, keepdim=True, correction=0)
             with torch.no_grad():
                 n = x.shape[1]
-                self.running_mean.lerp_(mean, self.momentum)
-                self.running_var.lerp_(var * n / (n - 1), self.momentum)
+                dtype = self.running_mean.dtype  # float32 buffers under mixed precision
+                self.running_mean.lerp_(mean.to(dtype), self.momentum)
+                self.running_var.lerp_((var * n / (n - 1)).to(dtype), self.momentum)
         else:
             mean, var = self.running_mean, self.running_var
         out = (x - mean) * torch.rsqrt(var + self.eps)

@@ -52,7 +52,15 @@ def nb_log_likelihood(
     rows, cols = x.nonzero(as_tuple=True) if nonzero is None else nonzero
     if theta.dim() != 3 or theta.shape[1] != 1:
         return nb_log_likelihood_reference(x, log_mu, theta, nonzero=(rows, cols))
-    return NBLogLikelihood.apply(x, log_mu, theta, rows, cols)
+    # mixed precision: the likelihood is summed over thousands of genes, so it is computed in float32
+    with torch.autocast(log_mu.device.type, enabled=False):
+        return NBLogLikelihood.apply(
+            _at_least_float32(x), _at_least_float32(log_mu), _at_least_float32(theta), rows, cols
+        )
+
+
+def _at_least_float32(t: torch.Tensor) -> torch.Tensor:
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def nb_log_likelihood_reference(
@@ -133,11 +141,15 @@ class NBLogLikelihood(torch.autograd.Function):
         lengths = torch.bincount(rows, minlength=n_cells).expand(n_agents, -1).contiguous()
         ll = ll + torch.segment_reduce(lg, "sum", lengths=lengths, axis=1)
         ctx.save_for_backward(x, theta, log_theta, big_l, rows, cols, dg)
-        ctx.n_genes = n_genes
         return ll
 
     @staticmethod
     def backward(ctx, grad):
+        with torch.autocast(grad.device.type, enabled=False):  # float32, as the forward
+            return NBLogLikelihood._backward(ctx, _at_least_float32(grad))
+
+    @staticmethod
+    def _backward(ctx, grad):
         x, theta, log_theta, big_l, rows, cols, dg = ctx.saved_tensors
         grad_log_mu = grad_theta = None
         p = (log_theta - big_l).exp_()  # theta / (theta + mu)
