@@ -1,0 +1,178 @@
+"""Issue 8 benchmark: seconds per epoch against scVI on simulated data, and achieved FLOP/s of a training step.
+
+    python benchmarks/bench_speed.py --threads 1                                  # 10^5 cells x 2,000 genes
+    python benchmarks/bench_speed.py --n-cells 20000 --steps 30 --name speed_smoke
+
+For each batch size, scVI (default model: ZINB, 128 hidden units) and CplMixVAE (two agents, ``nb`` and
+``gaussian``) train one after the other in this process on the same simulated AnnData (``scmixvae.data.simulate``)
+for ``--epochs`` epochs of ``--steps`` minibatches each (``limit_train_batches``; no validation). The first epoch
+is dropped; seconds per full epoch are the mean time per step times the number of minibatches of a whole epoch
+(``ceil(n_cells / batch_size)``), an extrapolation the table says it is. ``--repeats`` runs every model that many
+times, interleaved, and keeps each one's fastest run (the machine is shared). Ratios are to scVI in the same run.
+
+FLOP/s: ``torch.utils.flop_counter.FlopCounterMode`` counts the floating-point operations of one forward and
+backward pass of the loss (matrix products, as the counter does); divided by the measured seconds per step it gives
+the achieved rate, next to this machine's single-thread peak measured on a large ``torch.mm``.
+
+Writes ``benchmarks/results/{name}.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def _quiet() -> None:
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "scvi", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Best GFLOP/s of ``torch.mm`` on two ``size x size`` float32 matrices (``2 size^3`` FLOPs per product)."""
+    import torch
+
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        if device != "cpu":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.mm(a, b)
+        if device != "cpu":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def step_flops(model, batch_size: int) -> int:
+    """FLOPs of one training step's forward and backward pass (``FlopCounterMode``: matrix products)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    module = model.module
+    loader = model._make_data_loader(adata=model.adata, batch_size=batch_size, shuffle=True)
+    tensors = next(iter(loader))
+    tensors = {k: v.to(module.device) if hasattr(v, "to") else v for k, v in tensors.items()}
+    module.train()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        _, _, loss = module(tensors)
+        loss.loss.backward()
+    module.zero_grad(set_to_none=True)
+    torch.set_grad_enabled(True)
+    return int(counter.get_total_flops())
+
+
+def _time_model(kind: str, adata, batch_size: int, args, likelihood: str | None = None) -> tuple[float, object]:
+    import scvi
+    from _common import EpochTimer
+
+    from scmixvae.model import CplMixVAE
+
+    scvi.settings.seed = 0
+    kw = {
+        "max_epochs": args.epochs,
+        "batch_size": batch_size,
+        "enable_progress_bar": False,
+        "limit_train_batches": args.steps,
+        "train_size": 1.0,
+        "accelerator": args.accelerator,
+        "devices": 1,
+    }
+    if args.precision:
+        kw["precision"] = args.precision
+    timer = EpochTimer()
+    if kind == "scvi":
+        scvi.model.SCVI.setup_anndata(adata)
+        model = scvi.model.SCVI(adata)
+        model.train(callbacks=[timer], **kw)
+    else:
+        CplMixVAE.setup_anndata(adata)
+        model = CplMixVAE(adata, n_agents=2, n_categories=10, likelihood=likelihood, category_init="random")
+        plan = {"compile": True} if args.compile else None
+        model.train(callbacks=[timer], plan_kwargs=plan, **kw)
+    steps = min(args.steps, math.ceil(adata.n_obs / batch_size))
+    return timer.seconds_per_epoch() / steps, model
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-cells", type=int, default=100_000)
+    p.add_argument("--n-genes", type=int, default=2000)
+    p.add_argument("--batch-sizes", nargs="+", type=int, default=[128, 1000])
+    p.add_argument("--likelihoods", nargs="+", default=["nb", "gaussian"])
+    p.add_argument("--steps", type=int, default=60, help="minibatches timed per epoch (limit_train_batches)")
+    p.add_argument("--epochs", type=int, default=3, help="epochs per fit; the first is dropped")
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--precision", default=None, help="Lightning precision, e.g. 16-mixed or bf16-mixed on a GPU")
+    p.add_argument("--compile", action="store_true", help="plan_kwargs={'compile': True} (torch.compile)")
+    p.add_argument("--name", default="speed")
+    args = p.parse_args(argv)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
+    import torch
+    from _common import set_threads, write_results
+
+    from scmixvae.data import simulate
+
+    set_threads(args.threads)
+    _quiet()
+    device = "cuda" if args.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
+    peak = matmul_peak_gflops(device=device)
+    print(f"matmul peak: {peak:.1f} GFLOP/s ({device})", flush=True)
+    adata = simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_types=10, seed=0)
+    dataset = f"sim_{args.n_cells}x{args.n_genes}"
+    rows = []
+    for batch_size in args.batch_sizes:
+        configs = [("scvi", None)] + [("cpl", lik) for lik in args.likelihoods]
+        best: dict[tuple, float] = {}
+        flops: dict[tuple, int] = {}
+        for _ in range(args.repeats):
+            for kind, lik in configs:
+                seconds, model = _time_model(kind, adata.copy(), batch_size, args, lik)
+                best[(kind, lik)] = min(best.get((kind, lik), math.inf), seconds)
+                if (kind, lik) not in flops:
+                    flops[(kind, lik)] = step_flops(model, batch_size)
+                print(kind, lik, batch_size, f"{seconds * 1e3:.1f} ms/step", flush=True)
+        steps_per_epoch = math.ceil(args.n_cells / batch_size)
+        scvi_step = best[("scvi", None)]
+        for kind, lik in configs:
+            step = best[(kind, lik)]
+            gflops = flops[(kind, lik)] / 1e9
+            rows.append({
+                "dataset": dataset, "method": "scVI" if kind == "scvi" else f"CplMixVAE[{lik}] A=2",
+                "batch_size": batch_size, "ms_per_step": step * 1e3,
+                "s_per_epoch_extrapolated": step * steps_per_epoch, "ratio_to_scvi": step / scvi_step,
+                "gflop_per_step": gflops, "achieved_gflops": gflops / step, "peak_gflops": peak,
+                "fraction_of_peak": gflops / step / peak,
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+    command = " ".join(argv or sys.argv[1:])
+    note = (
+        f"Seconds per epoch extrapolated from {args.steps} timed minibatches per epoch ({args.epochs} epochs, the "
+        f"first dropped, fastest of {args.repeats} interleaved runs) to ceil(n_cells / batch_size) minibatches. "
+        "FLOPs: FlopCounterMode, forward + backward of one minibatch (matrix products only); peak: torch.mm "
+        "2048 x 2048 float32 in this process.\n\n"
+        f"Command: `python benchmarks/bench_speed.py {command}`"
+    )
+    write_results(args.name, rows, extra_md=note)
+    json.dumps(rows)
+
+
+if __name__ == "__main__":
+    main()
