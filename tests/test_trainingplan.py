@@ -45,3 +45,20 @@ def test_mixed_precision_training_runs_on_the_cpu(sim_adata):
     assert np.isfinite(loss).all() and len(loss) == 2
     assert model.module.trunk_norm.running_mean.dtype == torch.float32
     assert model.predict().shape == (sim_adata.n_obs,)
+
+
+def test_per_agent_metrics_reach_callbacks_at_the_end_of_each_epoch(sim_adata):
+    from lightning.pytorch.callbacks import Callback
+
+    class Probe(Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_epoch_end(self, trainer, pl_module):
+            self.values.append(float(trainer.callback_metrics["agreement_train"]))
+
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    probe = Probe()
+    model.train(max_epochs=2, batch_size=64, enable_progress_bar=False, callbacks=[probe])
+    np.testing.assert_allclose(probe.values, model.history["agreement_train"].iloc[:, 0].to_numpy(float), rtol=1e-6)

@@ -42,8 +42,9 @@ class CplMixVAETrainingPlan(TrainingPlan):
     Notes
     -----
     With the default epoch-level logging (``on_step=False``) the per-agent metrics are summed on the device
-    during the epoch and logged once at its end, weighted by the minibatch sizes, which is the value Lightning
-    would compute from per-step calls of ``self.log`` at a fraction of their cost (a dozen calls per step).
+    during the epoch and logged once, in the epoch's last step, weighted by the minibatch sizes: the value
+    Lightning would compute from per-step calls of ``self.log``, at a fraction of their cost (a dozen calls per
+    step), and in ``trainer.callback_metrics`` when callbacks look at the end of the epoch.
     """
 
     def __init__(
@@ -102,6 +103,16 @@ class CplMixVAETrainingPlan(TrainingPlan):
             super().compute_and_log_metrics(loss_output, metrics, mode)
         finally:
             object.__setattr__(loss_output, "extra_metrics", extra)
+        if mode == "train" and self._last_training_batch():
+            # log inside the last step, so that callbacks reading callback_metrics at the epoch's end see them
+            self._log_epoch_metrics("train")
+
+    def _last_training_batch(self) -> bool:
+        try:
+            progress = self.trainer.fit_loop.epoch_loop.batch_progress
+            return bool(progress.is_last_batch or progress.current.ready >= self.trainer.num_training_batches)
+        except (AttributeError, RuntimeError):  # no trainer attached
+            return False
 
     def _log_epoch_metrics(self, mode: str) -> None:
         entry = self._metric_sums.pop(mode, None)
