@@ -164,7 +164,8 @@ class TrainingCheckpoint(SaveCheckpoint):
 
     It is a :class:`scvi.train.SaveCheckpoint` only so that scvi-tools' trainer turns checkpointing on
     without adding its own callback; it writes Lightning checkpoints (:class:`~lightning.pytorch.callbacks.
-    ModelCheckpoint`) rather than model folders.
+    ModelCheckpoint`) rather than model folders. Like any checkpoint callback it makes scvi-tools' trainer
+    validate every epoch; without a validation set (``train_size=1.0``) also pass ``limit_val_batches=0``.
 
     Parameters
     ----------
