@@ -1,49 +1,77 @@
-"""Training on two devices with Lightning's DDP (two CPU processes, gloo), as scvi-tools exposes it."""
+"""Training on two devices with Lightning's DDP (two CPU processes, gloo), as scvi-tools exposes it.
 
+The training runs in a fresh Python process started by the test: Lightning's fork-based launcher
+(``strategy="ddp_notebook"``) must not fork the test session itself, whose earlier tests leave threads and locks
+behind that a forked child can deadlock on.
+"""
+
+import json
+import os
+import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
-import numpy as np
 import pytest
-import scvi
-from lightning.pytorch.callbacks import Callback
-
-from scmixvae.model import CplMixVAE
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fork-based DDP (ddp_notebook) needs Linux")
 
+ROOT = Path(__file__).resolve().parents[1]
 
-class _BatchesPerRank(Callback):
-    """Each process appends its rank and number of training minibatches to a file."""
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys, warnings
+    warnings.filterwarnings("ignore")
+    import numpy as np, scvi, torch
+    from lightning.pytorch.callbacks import Callback
+    from scmixvae.data import simulate
+    from scmixvae.model import CplMixVAE
 
-    def __init__(self, path):
-        self.path = path
+    torch.set_num_threads(1)
+    log = sys.argv[1]
 
-    def on_train_epoch_end(self, trainer, pl_module):
-        with open(self.path, "a") as f:
-            f.write(f"{trainer.global_rank} {trainer.num_training_batches}\n")
+    class BatchesPerRank(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            with open(log, "a") as f:
+                f.write(f"{trainer.global_rank} {trainer.num_training_batches}\\n")
+
+    if __name__ == "__main__":
+        adata = simulate(n_cells=300, n_genes=120, n_types=3, n_batches=2, seed=0)
+        CplMixVAE.setup_anndata(adata)
+        scvi.settings.seed = 0
+        model = CplMixVAE(adata, n_categories=3, category_init="random")
+        before = model.module.px_head.weight.detach().clone()
+        model.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_notebook", batch_size=45,
+                    enable_progress_bar=False, callbacks=[BatchesPerRank()])
+        labels = model.predict()
+        print("RESULT " + json.dumps({
+            "trained": bool(model.is_trained_),
+            "changed": float((model.module.px_head.weight.detach() - before).abs().max()),
+            "epochs": len(model.history["train_loss"]),
+            "has_agreement": "agreement_train" in model.history,
+            "n_labels": int(labels.shape[0]),
+            "labels_are_categories": set(labels.cat.categories) == set(model.category_names),
+            "latent_shape": list(model.get_latent_representation().shape),
+        }))
+    """
+)
 
 
-def test_two_process_ddp_trains_and_reads_out(sim_adata, tmp_path):
-    CplMixVAE.setup_anndata(sim_adata)
-    scvi.settings.seed = 0
-    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
-    before = model.module.px_head.weight.detach().clone()
-    log = tmp_path / "batches.txt"
-    model.train(
-        max_epochs=2,
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_notebook",  # fork: no re-import of the test session (scripts use "ddp")
-        batch_size=45,
-        enable_progress_bar=False,
-        callbacks=[_BatchesPerRank(log)],
-    )
+def test_two_process_ddp_trains_and_reads_out(tmp_path):
+    script, log = tmp_path / "ddp_fit.py", tmp_path / "batches.txt"
+    script.write_text(SCRIPT)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    out = subprocess.run([sys.executable, str(script), str(log)], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    assert out.returncode == 0 and lines, out.stderr[-3000:]
+    result = json.loads(lines[-1][len("RESULT ") :])
     # 270 training cells split between the two processes: 135 each, 3 minibatches of 45 (6 on one device)
-    lines = sorted(log.read_text().split("\n")[:-1])
-    assert lines == ["0 3", "0 3", "1 3", "1 3"]
-    assert model.is_trained_
-    assert not np.allclose(model.module.px_head.weight.detach().numpy(), before.numpy())  # rank 0's weights
-    assert len(model.history["train_loss"]) == 2 and "agreement_train" in model.history
-    labels = model.predict()
-    assert labels.shape == (sim_adata.n_obs,) and set(labels.cat.categories) == set(model.category_names)
-    assert model.get_latent_representation().shape == (sim_adata.n_obs, 2)
+    assert sorted(log.read_text().split("\n")[:-1]) == ["0 3", "0 3", "1 3", "1 3"]
+    assert result["trained"] and result["changed"] > 0  # the session's model holds rank 0's trained weights
+    assert result["epochs"] == 2 and result["has_agreement"]
+    assert result["n_labels"] == 300 and result["labels_are_categories"]
+    assert result["latent_shape"] == [300, 2]
