@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k-max", type=int, default=30)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="augment")
-    parser.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"coupling\": \"clr\"}'")
+    parser.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"coupling": "clr"}\'')
     args = parser.parse_args(argv)
     MODEL_KWARGS.update(args.model_kwargs)
     set_threads(args.threads)
