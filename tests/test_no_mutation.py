@@ -59,3 +59,14 @@ def test_public_calls_do_not_modify_the_users_data(sim_adata):
     assert set(after["obs_columns"]) - set(before["obs_columns"]) == {
         "cplmixvae_type", "cplmixvae_confidence", "cplmixvae_agree", "cplmixvae_agent0_type", "cplmixvae_agent1_type"
     }  # fmt: skip
+
+
+def test_augmentations_and_pruning_do_not_modify_the_users_data(sim_adata):
+    before = _digest(sim_adata)
+    CplMixVAE.setup_anndata(sim_adata)
+    for augmentation in ("thinning", "knn", "learned"):
+        model = CplMixVAE(sim_adata, n_categories=4, n_hidden=16, augmentation=augmentation)
+        model.train(max_epochs=1, batch_size=100, enable_progress_bar=False)
+        assert _digest(sim_adata) == before, augmentation
+    model.prune(max_rounds=1, epochs_per_round=1, batch_size=100, enable_progress_bar=False)
+    assert _digest(sim_adata) == before
