@@ -12,7 +12,8 @@ Parts:
 - ``fit``: every option on the simulator and the five files in ``../shared/data`` with ``n_categories`` = number of
   reference labels: ARI, NMI, agreement, training time (the learned augmenter's own training and the neighbour
   search counted separately), and the augmenter's cost as a fraction of the main fit.
-- ``prune``: every option on the simulator from ``K_max = 30`` with ``model.prune()``: chosen K, ARI.
+- ``prune``: every option from ``K_max = 30`` (simulator) or 50 (real sets named in ``--prune-sets``) with
+  ``model.prune()``: chosen K, ARI.
 
 Writes ``benchmarks/results/{name}.json`` and ``.md``.
 """
@@ -185,14 +186,21 @@ def part_fit(args) -> list[dict]:
 
 
 def part_prune(args) -> list[dict]:
-    from _common import clustering_scores
+    from _common import clustering_scores, load_real
 
     rows = []
-    for seed in args.seeds:
-        adata = _sim(seed)
-        labels = adata.obs["type"].astype(str).to_numpy()
+    sets = [("sim_3000x1000_8types", seed) for seed in args.seeds] if "sim" in args.prune_sets else []
+    sets += [(name, args.seeds[0]) for name in args.prune_sets if name != "sim"]
+    for name, seed in sets:
+        if name.startswith("sim"):
+            adata = _sim(seed)
+            labels = adata.obs["type"].astype(str).to_numpy()
+            k_max = args.k_max
+        else:
+            adata, labels = load_real(name)
+            k_max = args.k_max_real
         for option in args.options:
-            model = _model(adata, option, seed, n_categories=args.k_max)
+            model = _model(adata, option, seed, n_categories=k_max)
             start = time.perf_counter()
             _prepare(model)
             model.train(enable_progress_bar=False)
@@ -200,8 +208,8 @@ def part_prune(args) -> list[dict]:
             seconds = time.perf_counter() - start
             pred = model.predict().astype(str).to_numpy()
             rows.append({
-                "part": "prune", "dataset": "sim_3000x1000_8types", "seed": seed, "option": option,
-                "k_max": args.k_max, "chosen_k": model.n_categories, "k_ref": 8, **clustering_scores(labels, pred),
+                "part": "prune", "dataset": name, "seed": seed, "option": option, "k_max": k_max,
+                "chosen_k": model.n_categories, "k_ref": len(np.unique(labels)), **clustering_scores(labels, pred),
                 "k_path": ">".join(str(k) for k in history["n_categories"]), "seconds": seconds,
             })  # fmt: skip
             print(rows[-1], flush=True)
@@ -216,7 +224,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--options", nargs="+", default=list(OPTIONS))
     parser.add_argument("--datasets", nargs="+", default=list(REAL_DATASETS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
-    parser.add_argument("--k-max", type=int, default=30)
+    parser.add_argument("--k-max", type=int, default=30, help="K_max of the simulator's pruning")
+    parser.add_argument("--k-max-real", type=int, default=50, help="K_max of the real sets' pruning")
+    parser.add_argument("--prune-sets", nargs="+", default=["sim"], help="'sim' and/or real set names")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--name", default="augment")
     parser.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"coupling": "clr"}\'')
