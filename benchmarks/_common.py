@@ -107,6 +107,15 @@ def load_real(name: str, *, n_top_genes: int = N_TOP_GENES) -> tuple[ad.AnnData,
 # ------------------------------------------------------------------------------------ time and memory
 
 
+def quiet() -> None:
+    """Silence warnings and Lightning's and scvi-tools' INFO logs in a benchmark process."""
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    for name in ("lightning", "lightning.pytorch", "scvi", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def set_threads(n: int) -> None:
     """Use ``n`` threads in torch, BLAS/OpenMP (threadpoolctl), numba and scanpy, and in child processes."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):

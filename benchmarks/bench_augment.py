@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,12 +31,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 OPTIONS = ("dropout", "thinning", "knn", "learned")
-
-
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _sim(seed: int):
@@ -233,7 +225,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     MODEL_KWARGS.update(args.model_kwargs)
     set_threads(args.threads)
-    _quiet()
+    from _common import quiet
+
+    quiet()
     parts = {"preserve": part_preserve, "fit": part_fit, "prune": part_prune}
     rows = []
     for part in args.parts:

@@ -20,21 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _fit(adata, *, seed: int, train_kwargs: dict | None = None, **model_kwargs):
@@ -195,7 +187,9 @@ def main(argv: list[str] | None = None) -> None:
     from _common import set_threads, write_results
 
     set_threads(args.threads)
-    _quiet()
+    from _common import quiet
+
+    quiet()
     rows = []
     for part in args.parts:
         rows += {"sim": part_sim, "real": part_real, "speed": part_speed}[part](args)

@@ -24,10 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +34,6 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SIM_TYPES = 8
-
-
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
@@ -221,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
     from _common import set_threads, write_results
 
     set_threads(args.threads)
-    _quiet()
+    from _common import quiet
+
+    quiet()
     _warm_up(args)
     rows = []
     for part in args.parts:

@@ -21,21 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-
-def _quiet() -> None:
-    warnings.filterwarnings("ignore")
-    for name in ("lightning", "lightning.pytorch", "scvi", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
@@ -131,7 +123,9 @@ def main(argv: list[str] | None = None) -> None:
     from scmixvae.data import simulate
 
     set_threads(args.threads)
-    _quiet()
+    from _common import quiet
+
+    quiet()
     device = "cuda" if args.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
     peak = matmul_peak_gflops(device=device)
     print(f"matmul peak: {peak:.1f} GFLOP/s ({device})", flush=True)
