@@ -298,7 +298,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             fit_categorical_heads(self, self._initial_partition())
             self.category_init_done_ = True
         augmentation = self.module.augmentation
-        if augmentation == "learned" and not bool(self.module.augmenter.trained):
+        if augmentation == "learned" and not resuming and not bool(self.module.augmenter.trained):
             self.train_augmenter()
         if augmentation == "knn" and getattr(self, "neighbours_", None) is None:
             from ..train._augment import neighbour_table
