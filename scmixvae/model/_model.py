@@ -389,22 +389,12 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_int("max_epochs", max_epochs, minimum=1)
         check.check_int("batch_size", batch_size, minimum=2)
         check.check_float("lr", lr, strict=True)
+        from ..train._augment import label_codes, train_augmenter
+
         if labels is None:
             codes = self._initial_partition()
         else:
-            labels = np.asarray(labels)
-            if labels.shape != (self.adata.n_obs,):
-                raise ValueError(f"`labels` must have one entry per cell ({self.adata.n_obs}), got {labels.shape}.")
-            if pd.isna(labels).any():
-                raise ValueError("`labels` contains missing values.")
-            codes = pd.factorize(labels, sort=True)[0]
-            if codes.max() >= self.module.augmenter.classifier[-1].out_features:
-                raise ValueError(
-                    f"`labels` has {codes.max() + 1} classes; the augmenter distinguishes at most "
-                    f"n_categories={self.module.n_categories}."
-                )
-        from ..train._augment import train_augmenter
-
+            codes = label_codes(labels, self.adata.n_obs, self.module.n_categories)
         self.augmenter_history_ = train_augmenter(self, codes, max_epochs=max_epochs, batch_size=batch_size, lr=lr)
         return self.augmenter_history_
 

@@ -43,6 +43,21 @@ def neighbour_table(
     return table
 
 
+def label_codes(labels, n_cells: int, n_classes: int) -> np.ndarray:
+    """Check user-given types of the training cells and turn them into integer codes below ``n_classes``."""
+    labels = np.asarray(labels)
+    if labels.shape != (n_cells,):
+        raise ValueError(f"`labels` must have one entry per cell ({n_cells}), got {labels.shape}.")
+    if pd.isna(labels).any():
+        raise ValueError("`labels` contains missing values.")
+    codes = pd.factorize(labels, sort=True)[0]
+    if codes.max() >= n_classes:
+        raise ValueError(
+            f"`labels` has {codes.max() + 1} classes; the augmenter distinguishes at most n_categories={n_classes}."
+        )
+    return codes
+
+
 def train_augmenter(
     model,
     labels: np.ndarray,
