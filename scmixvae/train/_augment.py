@@ -36,11 +36,10 @@ def neighbour_table(
         rep = np.vstack([svd.transform(log_normalised(matrix[s : s + _CHUNK])[0]) for s in range(0, n, _CHUNK)])
     rep = rep.astype(np.float32)
     _, idx = NearestNeighbors(n_neighbors=n_neighbors + 1).fit(rep).kneighbors(rep)
-    table = np.empty((n, n_neighbors), dtype=np.int64)
-    for i, row in enumerate(idx):  # drop the cell itself (usually, but not always, the first hit)
-        row = row[row != i]
-        table[i] = row[:n_neighbors]
-    return table
+    # drop the cell itself (usually, but not always, the first hit): a stable sort moves it to the end of its row
+    is_self = idx == np.arange(n)[:, None]
+    order = np.argsort(is_self, axis=1, kind="stable")[:, :n_neighbors]
+    return np.take_along_axis(idx, order, axis=1).astype(np.int64)
 
 
 def label_codes(labels, n_cells: int, n_classes: int) -> np.ndarray:
