@@ -167,8 +167,12 @@ def test_bad_parameters_raise(sim_adata, kwargs, error, match):
 def test_train_on_gpu(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
     model = _fit(sim_adata, n_categories=3, train={"accelerator": "gpu", "devices": 1})
-    assert model.device.startswith("cuda") or "cuda" in str(model.device)
-    assert model.predict().shape == (sim_adata.n_obs,)
+    assert str(model.device).startswith("cuda")
+    soft_gpu = model.predict(soft=True)
+    assert soft_gpu.shape == (sim_adata.n_obs, 3)
+    model.to_device("cpu")
+    assert str(model.device) == "cpu"
+    pd.testing.assert_frame_equal(model.predict(soft=True), soft_gpu, atol=1e-4)
 
 
 def test_keyboard_interrupt_leaves_a_usable_model(sim_adata):

@@ -270,8 +270,9 @@ def test_mask_is_a_buffer_and_history_survives_save_load(pruned, tmp_path):
 
 @pytest.mark.gpu
 def test_mask_moves_with_the_module(pruned):
-    module = pruned[0].module
+    module = pruned[0].module.to("cpu")  # the fixture trains on whatever accelerator "auto" finds
     mask = module.category_mask.clone()
+    assert not mask.all()  # a pruned category is masked
     module.to("cuda")
     try:
         assert module.category_mask.device.type == "cuda"
