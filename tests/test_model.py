@@ -104,6 +104,25 @@ def test_save_load_round_trip_is_exact(trained_model, tmp_path):
         trained_model.module.category_mask[3] = True
 
 
+def test_separate_state_encoder_round_trips_and_feeds_the_state_readouts(sim_adata, tmp_path):
+    import scmixvae
+
+    CplMixVAE.setup_anndata(sim_adata)
+    model = _fit(sim_adata, n_categories=3, state_encoder="separate")
+    assert model.module.state_encoder is not None
+    assert "state_encoder: separate" in model._model_summary_string
+    model.save(tmp_path / "model", save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "model", adata=sim_adata)
+    assert loaded.module.state_encoder is not None
+    np.testing.assert_array_equal(model.get_latent_representation(), loaded.get_latent_representation())
+    state = model.get_latent_representation()
+    assert state.shape == (sim_adata.n_obs, 2) and np.isfinite(state).all()
+    adata = sim_adata.copy()
+    scmixvae.tl.rank_state_genes(adata, model, n_steps=3)
+    names = adata.uns["cplmixvae_state_genes"]["names"]
+    assert len(names.dtype.names) == model.n_categories
+
+
 def test_repr_names_the_model_and_its_parameters(trained_model, capsys):
     print(trained_model)
     out = capsys.readouterr().out
@@ -155,6 +174,7 @@ def test_readouts_on_new_data_with_the_same_genes(trained_model):
         ({"input_dropout": 1.0}, ValueError, "input_dropout"),
         ({"tau": 0.0}, ValueError, "tau"),
         ({"n_agents": "2"}, TypeError, "n_agents"),
+        ({"state_encoder": "trunk"}, ValueError, r"`state_encoder` must be one of \['shared', 'separate'\]"),
     ],
 )
 def test_bad_parameters_raise(sim_adata, kwargs, error, match):

@@ -117,6 +117,28 @@ def test_agents_see_different_views_in_training_and_the_real_cell_in_eval(counts
     assert module._augment(counts, x_norm, library, nonzero) is x_norm
 
 
+@pytest.mark.parametrize("augmentation", ["dropout", "thinning"])
+def test_separate_state_encoder_reads_the_real_cell_and_shared_reads_the_trunk(counts, augmentation):
+    torch.manual_seed(0)
+    module = CplMixVAEModule(
+        counts.shape[1], n_agents=2, n_categories=3, augmentation=augmentation, state_encoder="separate"
+    )
+    module.train()
+    first = module.inference(counts)
+    second = module.inference(counts)
+    # the categorical trunk sees a fresh augmented view at every call, the state encoder the real cell
+    assert not torch.equal(first["h"], second["h"])
+    torch.testing.assert_close(first["hs"], second["hs"])
+    assert first["hs"].shape == (2, 32, module.state_encoder.layers[0].weight.shape[-1])
+    shared = CplMixVAEModule(counts.shape[1], n_agents=2, n_categories=3)  # the default, as published
+    assert shared.state_encoder is None
+    out = shared.inference(counts)
+    assert out["hs"] is out["h"]
+    assert shared.state_head.weight.shape[1] == shared.trunk_out.weight.shape[-1] + 3
+    with pytest.raises(ValueError, match="state_encoder must be 'separate' or 'shared'"):
+        CplMixVAEModule(counts.shape[1], state_encoder="trunk")
+
+
 def test_masked_categories_get_no_mass_and_tau_follows_active_k(counts):
     module = CplMixVAEModule(counts.shape[1], n_categories=5)
     assert module.effective_tau == pytest.approx(1 / 5)

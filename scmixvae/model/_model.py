@@ -87,6 +87,12 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         Weight of the state KL divergence (published: 1).
     coupling_weight
         Weight ``lambda`` of the coupling distance (published: 1).
+    state_encoder
+        ``"shared"`` (published): the state posterior reads the categorical trunk of the augmented view;
+        ``"separate"``: a one-layer encoder of its own that sees the real cell. At a given ``n_categories``
+        ``"separate"`` follows the true state much more closely (simulator: within-type |Spearman| 0.74-0.85
+        against 0.47) with the same types, but during :meth:`prune` the state can absorb the types, so it is
+        for fits with a known number of types (see the user guide).
     category_init
         ``"leiden"``: before the first training, fit the agents' categorical heads to a Leiden partition of
         the cells with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refine
@@ -127,6 +133,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         category_init: Literal["leiden", "random"] = "leiden",
         augmentation: Augmentation = "dropout",
         augmentation_strength: float | None = None,
+        state_encoder: Literal["shared", "separate"] = "shared",
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -142,6 +149,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_float("coupling_weight", coupling_weight)
         check.check_choice("category_init", category_init, ("leiden", "random"))
         check.check_choice("augmentation", augmentation, AUGMENTATIONS)
+        check.check_choice("state_encoder", state_encoder, ("shared", "separate"))
         if augmentation_strength is not None:
             check.check_float("augmentation_strength", augmentation_strength, strict=True)
             if augmentation in ("thinning", "knn") and augmentation_strength >= 1:
@@ -175,6 +183,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             coupling_weight=coupling_weight,
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
+            state_encoder=state_encoder,
             **module_kwargs,
         )
         self._model_summary_string = (
@@ -182,7 +191,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
             f"beta: {beta}, coupling_weight: {coupling_weight}, category_init: {category_init}, "
-            f"augmentation: {augmentation}."
+            f"augmentation: {augmentation}, state_encoder: {state_encoder}."
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -457,7 +466,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 if state is None:
                     continue
                 if state == "consensus":
-                    _, mean, var = module.consensus_state(out["q"], out["h"])
+                    _, mean, var = module.consensus_state(out["q"], out["hs"])
                 else:
                     mean, var = out["qs_m"], out["qs_v"]
                 states.append((mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)).cpu())

@@ -143,7 +143,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
             for tensors in dl:
                 inputs = module._get_inference_input(tensors)
                 out = module.inference(**inputs)
-                c, mean, var = module.consensus_state(out["q"], out["h"])
+                c, mean, var = module.consensus_state(out["q"], out["hs"])
                 per_sample = []
                 for _ in range(n_samples):
                     s = mean + var.sqrt() * torch.randn_like(mean) if sample else mean

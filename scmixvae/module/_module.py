@@ -125,6 +125,12 @@ class CplMixVAEModule(BaseModuleClass):
     category_state_interaction
         Feed the decoder ``[c; c ⊗ s]`` instead of ``[c; s]``: each category gets its own linear map of
         the state into the first hidden layer, so that states act through type-specific gene programs.
+    state_encoder
+        What the state posterior ``q(s | x, c)`` reads besides ``c``: ``"shared"`` (default), the categorical
+        trunk's output ``h`` of the augmented view, as published; ``"separate"``, its own one-layer encoder of
+        the real cell's log-normalised expression, never augmented nor dropped out. The trunk keeps mostly
+        what survives augmentation, the type, so ``"separate"`` gives states much closer to the truth at a
+        given ``K``, but it lets the state carry the type while categories are pruned (see the user guide).
     """
 
     def __init__(
@@ -151,6 +157,7 @@ class CplMixVAEModule(BaseModuleClass):
         category_state_interaction: bool = True,
         coupling_eps: float = 1e-8,
         entropy_weight: float = 1.0,
+        state_encoder: Literal["shared", "separate"] = "shared",
         augmentation: Augmentation = "dropout",
         augmentation_strength: float | None = None,
     ):
@@ -169,6 +176,9 @@ class CplMixVAEModule(BaseModuleClass):
         self.category_state_interaction = category_state_interaction
         self.coupling_eps = coupling_eps
         self.entropy_weight = entropy_weight
+        if state_encoder not in ("separate", "shared"):
+            raise ValueError(f"state_encoder must be 'separate' or 'shared', got {state_encoder!r}.")
+        self.state_encoder_kind = state_encoder
         self.n_cats_per_cov = list(n_cats_per_cov or [])
         n_cov = (n_batch if n_batch > 1 else 0) + sum(self.n_cats_per_cov) + n_continuous_cov
         self.n_cov = n_cov
@@ -180,7 +190,11 @@ class CplMixVAEModule(BaseModuleClass):
         self.trunk_out = StackedLinear(a, n_hidden, n_latent)
         self.trunk_norm = StackedBatchNorm(a, n_latent, affine=False)
         self.category_head = StackedLinear(a, n_latent, n_categories)
-        self.state_head = StackedLinear(a, n_latent + n_categories, 2 * n_state)
+        # "shared": the state posterior reads the categorical trunk h, as published; "separate": its own
+        # one-layer encoder of the real (unaugmented) cell
+        self.state_encoder = StackedMLP(a, n_input, n_hidden, 1, n_cov=n_cov) if state_encoder == "separate" else None
+        n_state_in = n_hidden if state_encoder == "separate" else n_latent
+        self.state_head = StackedLinear(a, n_state_in + n_categories, 2 * n_state)
         n_dec_in = n_categories * (1 + n_state) if category_state_interaction else n_categories + n_state
         self.decoder = StackedMLP(a, n_dec_in, n_hidden, n_layers, n_cov=n_cov, inject_covariates=True)
         self.px_head = StackedLinear(a, n_hidden, n_input)
@@ -299,6 +313,8 @@ class CplMixVAEModule(BaseModuleClass):
     def consensus_state(self, q: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every agent's state posterior conditioned on the consensus category (argmax of the mean ``q``).
 
+        ``h`` are the state features ``hs`` of :meth:`inference`.
+
         Returns the one-hot consensus ``c`` ``(A, B, K)`` and the posterior mean and variance ``(A, B, S)``.
         """
         consensus = q.mean(0).argmax(-1)
@@ -334,7 +350,8 @@ class CplMixVAEModule(BaseModuleClass):
         -------
         ``q`` and ``log_q`` ``(A, B, K)``, the category ``c`` fed to the state head and the decoder
         (Gumbel-softmax sample in training, one-hot argmax otherwise), the state posterior ``qs_m``,
-        ``qs_v`` and sample ``s`` ``(A, B, S)``, the trunk output ``h``, ``library`` ``(B, 1)``,
+        ``qs_v`` and sample ``s`` ``(A, B, S)``, the trunk output ``h``, the features the state posterior
+        reads ``hs`` (``h`` itself with ``state_encoder="shared"``), ``library`` ``(B, 1)``,
         ``x_norm`` and the covariate vector ``cov``.
         """
         library = x.sum(-1, keepdim=True)
@@ -344,6 +361,7 @@ class CplMixVAEModule(BaseModuleClass):
         cov = self._covariates(batch_index, cat_covs, cont_covs)
         views = self._augment(x, x_norm, library, nonzero, x_neighbour)
         h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
+        hs = h if self.state_encoder is None else self.state_encoder(x_norm, cov)
         q, log_q = self.categorical_posterior(h)
         k = self.n_categories
         if category is not None:
@@ -354,10 +372,10 @@ class CplMixVAEModule(BaseModuleClass):
             c = torch.softmax(logits / self.gumbel_temperature, dim=-1)
         else:
             c = F.one_hot(q.argmax(-1), k).float()
-        qs_m, qs_v = self.state_posterior(h, c)
+        qs_m, qs_v = self.state_posterior(hs, c)
         s = qs_m + qs_v.sqrt() * torch.randn_like(qs_m)
         return {
-            "q": q, "log_q": log_q, "c": c, "qs_m": qs_m, "qs_v": qs_v, "s": s, "h": h,
+            "q": q, "log_q": log_q, "c": c, "qs_m": qs_m, "qs_v": qs_v, "s": s, "h": h, "hs": hs,
             "library": library, "x_norm": x_norm, "cov": cov, "nonzero": nonzero,
         }  # fmt: skip
 

@@ -134,12 +134,12 @@ def _encode(model, adata: AnnData, batch_size: int | None) -> tuple[np.ndarray, 
             inputs = module._get_inference_input(tensors)
             out = module.inference(**inputs)
             consensus.append(out["q"].mean(0).argmax(-1).cpu())
-            hs.append(out["h"].cpu())
+            hs.append(out["hs"].cpu())
             cont = inputs.get("cont_covs")
             if cont is not None and cont.shape[-1] > 0:
                 part = cont.float().sum(0).cpu()
                 cont_sum = part if cont_sum is None else cont_sum + part
-            n += out["h"].shape[1]
+            n += out["hs"].shape[1]
     cont_mean = None if cont_sum is None else cont_sum / n
     return torch.cat(consensus).numpy(), torch.cat(hs, dim=1), cont_mean
 
