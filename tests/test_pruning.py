@@ -310,3 +310,15 @@ def test_prune_needs_two_agents():
     model = _small_model(n_agents=1, epochs=0)
     with pytest.raises(ValueError, match="two agents"):
         model.prune()
+
+
+def test_prune_warns_for_a_separate_state_encoder():
+    from scmixvae.data._simulate import simulate
+
+    adata = simulate(n_cells=200, n_genes=60, n_types=3, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=4, n_hidden=8, state_encoder="separate", category_init="random")
+    model.train(max_epochs=1, **TRAIN)
+    with pytest.warns(UserWarning, match="state_encoder='separate'"):
+        model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
+    assert len(model.pruning_history) >= 1
