@@ -50,7 +50,7 @@ def part_ifnb(args) -> list[dict]:
     labels = adata.obs["cell_type"].astype(str).to_numpy()
     scvi.settings.seed = args.seed
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=len(np.unique(labels)), likelihood=args.likelihood)
+    model = CplMixVAE(adata, n_categories=len(np.unique(labels)), likelihood=args.likelihood, **args.model_kwargs)
     model.train(enable_progress_bar=False)
     scmixvae.tl.annotate(adata, model)
     scmixvae.tl.rank_state_genes(adata, model, key_added="state_genes", normalize=args.normalize)
@@ -113,6 +113,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--peers-from", default=None)
     p.add_argument("--name", default="state_genes")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"state_encoder": "separate"}\'')
     p.add_argument(
         "--normalize",
         action=argparse.BooleanOptionalAction,

@@ -72,8 +72,8 @@ def worker(args) -> dict:
     seconds = time.perf_counter() - start
     pred = model.predict().astype(str).to_numpy()
     return {
-        "method": "CplMixVAE (prune)", "n_clusters": int(len(np.unique(pred))), **clustering_scores(truth, pred),
-        "chosen_k": int(model.n_categories), "rounds": int(len(history)),
+        "method": "CplMixVAE (prune)", "n_clusters": len(np.unique(pred)), **clustering_scores(truth, pred),
+        "chosen_k": int(model.n_categories), "rounds": len(history),
         "epochs": int(history["epochs"].sum()), "train_seconds": seconds, "seconds": seconds,
         "peak_rss_mb": peak_rss_mb(),
     }  # fmt: skip
@@ -87,9 +87,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k-max", type=int, default=50, help="n_categories to prune from")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--accelerator", default="cpu")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"augmentation\": \"knn\"}'")
-    p.add_argument("--scvi-epochs", type=int, default=None,
-                   help="train scVI this many epochs and scale its time to its default number (flagged)")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"augmentation": "knn"}\'')
+    p.add_argument(
+        "--scvi-epochs",
+        type=int,
+        default=None,
+        help="train scVI this many epochs and scale its time to its default number (flagged)",
+    )
     p.add_argument("--only", choices=["cpl", "scvi"], default=None, help="run one of the two workers")
     p.add_argument("--parallel", action="store_true", help="run the two workers side by side")
     p.add_argument("--name", default="wholefit")

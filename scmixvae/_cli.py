@@ -29,8 +29,13 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("-o", "--output", type=Path, required=True, help="output .h5ad")
     fit.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column of the batch")
-    fit.add_argument("--n-categories", type=int, default=10, help="number of categories (the maximum with --prune)")
-    fit.add_argument("--prune", action="store_true", help="prune categories and choose the number of types")
+    fit.add_argument(
+        "--n-categories",
+        type=int,
+        default=None,
+        help="number of categories (the maximum with --prune); default: start from up to 50 and prune",
+    )
+    fit.add_argument("--prune", action="store_true", help="prune --n-categories and choose the number of types")
     fit.add_argument("--consensus-threshold", type=float, default=0.95, help="consensus criterion of --prune")
     fit.add_argument("--n-state-genes", type=int, default=20, help="state genes per type in the summary table")
     fit.add_argument("--likelihood", default=None, choices=["nb", "zinb", "gaussian"])
@@ -133,11 +138,12 @@ def _fit(args) -> int:
     except (ValueError, TypeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    model.train(**_train_kwargs(args))
-    if args.prune:
-        kwargs = _train_kwargs(args)
-        kwargs.pop("max_epochs", None)
-        model.prune(threshold=args.consensus_threshold, **kwargs)
+    # without --n-categories the model prunes by itself (train(prune=None)); --prune asks for it explicitly
+    model.train(
+        prune=True if args.prune else None,
+        prune_kwargs={"threshold": args.consensus_threshold},
+        **_train_kwargs(args),
+    )
     tl.annotate(adata, model, key_added=args.key_added)
     genes_key = f"{args.key_added}_state_genes"
     tl.rank_state_genes(adata, model, key_added=genes_key)

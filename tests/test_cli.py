@@ -74,6 +74,17 @@ def test_fit_with_pruning_records_history(tmp_path, sim_adata):
     assert adata.uns["cplmixvae"]["n_categories"] <= 5
 
 
+def test_fit_without_n_categories_chooses_them_by_pruning(tmp_path, sim_adata):
+    src = tmp_path / "in.h5ad"
+    sim_adata.write_h5ad(src)
+    rc = main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--max-epochs", "1", "--quiet"])
+    assert rc == 0
+    adata = anndata.read_h5ad(tmp_path / "out.h5ad")
+    # 300 cells: the model starts from 300 // 50 = 6 categories and keeps the pruning round it selects
+    assert 2 <= adata.uns["cplmixvae"]["n_categories"] <= 6
+    assert adata.obs["cplmixvae_type"].nunique() <= adata.uns["cplmixvae"]["n_categories"]
+
+
 def test_fit_reports_bad_path_and_bad_key(tmp_path, sim_adata, capsys):
     assert main(["fit", str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "o.h5ad")]) == 2
     assert "does not exist" in capsys.readouterr().err

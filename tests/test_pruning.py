@@ -322,3 +322,54 @@ def test_prune_warns_for_a_separate_state_encoder():
     with pytest.warns(UserWarning, match="state_encoder='separate'"):
         model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
     assert len(model.pruning_history) >= 1
+
+
+@pytest.mark.parametrize(("n_cells", "expected"), [(10, 2), (300, 6), (1000, 20), (2500, 50), (100_000, 50)])
+def test_default_n_categories_covers_fifty_types_and_scales_down_on_small_data(n_cells, expected):
+    from scmixvae.model._model import default_n_categories
+
+    assert default_n_categories(n_cells) == expected
+
+
+def _unknown_k_model(**kwargs):
+    from scmixvae.data._simulate import simulate
+
+    scvi.settings.seed = 0
+    adata = simulate(n_cells=400, n_genes=80, n_types=3, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    return CplMixVAE(adata, n_hidden=16, **kwargs)
+
+
+def test_without_n_categories_the_first_train_prunes_and_later_ones_do_not():
+    model = _unknown_k_model()
+    assert model.n_categories == 8  # 400 cells // 50
+    assert "n_categories: 8 (maximum; train() prunes)" in model._model_summary_string
+    model.train(max_epochs=1, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN)
+    history = model.pruning_history
+    assert 1 <= len(history) <= 2 and history["selected"].sum() == 1
+    assert history.loc[0, "n_categories"] <= 8 and history.loc[0, "epochs"] == 1
+    assert model.n_categories == history.loc[history["selected"], "n_categories"].item()
+    model.train(max_epochs=1, **TRAIN)  # trains on at the chosen K
+    pd.testing.assert_frame_equal(model.pruning_history, history)
+
+
+def test_a_given_n_categories_is_kept_unless_prune_is_asked_for():
+    model = _unknown_k_model(n_categories=5)
+    model.train(max_epochs=1, **TRAIN)
+    assert model.pruning_history.empty and model.n_categories == 5
+    model.train(max_epochs=1, prune=True, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN)
+    history = model.pruning_history
+    assert 1 <= len(history) <= 2 and history.loc[0, "n_categories"] <= 5
+    assert model.n_categories == history.loc[history["selected"], "n_categories"].item()
+
+
+def test_unknown_k_needs_two_agents_and_round_trips_as_a_fixed_k(tmp_path):
+    with pytest.raises(ValueError, match="needs the consensus of at least two agents"):
+        _unknown_k_model(n_agents=1)
+    model = _unknown_k_model()
+    model.train(max_epochs=1, prune_kwargs={"max_rounds": 0}, **TRAIN)
+    model.save(tmp_path / "m", save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "m", adata=model.adata)
+    assert loaded.init_params_["non_kwargs"]["n_categories"] == 8
+    assert not loaded.choose_n_categories_
+    pd.testing.assert_frame_equal(loaded.predict(soft=True), model.predict(soft=True))

@@ -40,6 +40,15 @@ def default_max_epochs(n_cells: int) -> int:
     return int(np.clip(round(250_000 / max(n_cells, 1)), 20, 100))
 
 
+def default_n_categories(n_cells: int) -> int:
+    """Categories to start from when the number of types is unknown: ``n_cells / 50`` clipped to ``[2, 50]``.
+
+    Pruning only removes categories, so the start must exceed the number of types: 50 covers data with up to
+    about 50 types, and on small data every category keeps about 50 cells on average.
+    """
+    return int(np.clip(n_cells // 50, 2, 50))
+
+
 class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     """Coupled mixture VAE (cpl-mixVAE): cell types and continuous within-type states.
 
@@ -55,7 +64,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     n_agents
         Number of coupled agents ``A`` (published: 2).
     n_categories
-        Number of categories ``K`` (published: a little above the expected number of types).
+        Number of categories ``K``. ``None`` (default): the number of types is unknown; the model starts from
+        :func:`default_n_categories` (50 from 2,500 cells on, covering up to about 50 types) and its first
+        :meth:`train` also prunes them and chooses ``K`` (:meth:`prune`). Give ``K`` when you know it.
     n_state
         Dimension of the continuous state latent (published: 2).
     n_hidden
@@ -90,9 +101,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     state_encoder
         ``"shared"`` (published): the state posterior reads the categorical trunk of the augmented view;
         ``"separate"``: a one-layer encoder of its own that sees the real cell. At a given ``n_categories``
-        ``"separate"`` follows the true state much more closely (simulator: within-type |Spearman| 0.74-0.85
-        against 0.47) with the same types, but during :meth:`prune` the state can absorb the types, so it is
-        for fits with a known number of types (see the user guide).
+        ``"separate"`` follows the true state much more closely (simulator: within-type absolute Spearman
+        correlation 0.74-0.85 against 0.47) with the same types, but during :meth:`prune` the state can absorb
+        the types, so it is for fits with a known number of types (see the user guide).
     category_init
         ``"leiden"``: before the first training, fit the agents' categorical heads to a Leiden partition of
         the cells with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refine
@@ -120,7 +131,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         adata: AnnData | None = None,
         *,
         n_agents: int = 2,
-        n_categories: int = 10,
+        n_categories: int | None = None,
         n_state: int = 2,
         n_hidden: int = 100,
         n_layers: int = 2,
@@ -138,6 +149,15 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     ):
         super().__init__(adata)
         check.check_int("n_agents", n_agents, minimum=1)
+        # K unknown: start from many categories; the first train() prunes them (see train(prune=...))
+        self.choose_n_categories_ = n_categories is None
+        if n_categories is None and n_agents < 2:
+            raise ValueError(
+                "Choosing the number of categories (n_categories=None) needs the consensus of at least two agents; "
+                "give n_categories or use n_agents >= 2."
+            )
+        if n_categories is None:
+            n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
         check.check_int("n_categories", n_categories, minimum=1)
         check.check_int("n_state", n_state, minimum=1)
         check.check_int("n_hidden", n_hidden, minimum=1)
@@ -187,7 +207,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             **module_kwargs,
         )
         self._model_summary_string = (
-            f"CplMixVAE model with the following parameters: \nn_agents: {n_agents}, n_categories: {n_categories}, "
+            f"CplMixVAE model with the following parameters: \nn_agents: {n_agents}, n_categories: {n_categories}"
+            f"{' (maximum; train() prunes)' if self.choose_n_categories_ else ''}, "
             f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
             f"beta: {beta}, coupling_weight: {coupling_weight}, category_init: {category_init}, "
@@ -258,6 +279,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size: int = 128,
         early_stopping: bool = False,
         plan_kwargs: dict | None = None,
+        prune: bool | None = None,
+        prune_kwargs: dict | None = None,
         **kwargs,
     ):
         """Train the model with scvi-tools' trainer (same arguments as :meth:`scvi.model.SCVI.train`).
@@ -278,6 +301,12 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         plan_kwargs
             Keyword arguments of :class:`~scmixvae.train.CplMixVAETrainingPlan` (``lr``, ``weight_decay``,
             ``n_epochs_kl_warmup``...).
+        prune
+            After training ``max_epochs``, choose the number of categories with :meth:`prune` (its history in
+            :attr:`pruning_history`). ``None`` (default): prune when the model was created without
+            ``n_categories`` and has not been trained yet.
+        prune_kwargs
+            Keyword arguments of :meth:`prune` (``threshold``, ``max_rounds``, ``epochs_per_round``...).
         **kwargs
             Further keyword arguments of :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and of the
             Lightning trainer (``enable_progress_bar``, ``callbacks``, ``strategy``...).
@@ -295,6 +324,18 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_int("max_epochs", max_epochs, minimum=1)
         check.check_int("batch_size", batch_size, minimum=2)
         resuming = kwargs.get("ckpt_path") is not None  # the checkpoint holds the initialised weights
+        if prune is None:
+            prune = self.choose_n_categories_ and not self.is_trained_ and not resuming
+        if prune:
+            self.choose_n_categories_ = False  # the trainings inside prune() must not prune again
+            common = {
+                "accelerator": accelerator, "devices": devices, "train_size": train_size,
+                "validation_size": validation_size, "early_stopping": early_stopping, "plan_kwargs": plan_kwargs,
+            }  # fmt: skip
+            if not self.is_trained_:
+                self.train(max_epochs=max_epochs, batch_size=batch_size, prune=False, **common, **kwargs)
+            self.prune(batch_size=batch_size, **(prune_kwargs or {}), **common, **kwargs)
+            return None
         if (
             self.category_init == "leiden"
             and not resuming
