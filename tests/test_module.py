@@ -139,6 +139,21 @@ def test_separate_state_encoder_reads_the_real_cell_and_shared_reads_the_trunk(c
         CplMixVAEModule(counts.shape[1], state_encoder="trunk")
 
 
+def test_dense_dropout_views_without_nonzero_indices(counts):
+    # the accelerator path: no non-zero search, one dense mask per agent; zeros stay zero, kept entries rescaled
+    torch.manual_seed(0)
+    module = CplMixVAEModule(counts.shape[1], n_agents=2, input_dropout=0.5)
+    library = counts.sum(-1, keepdim=True)
+    x_norm = module.normalise(counts, library)
+    views = module._augment(counts, x_norm, library, None)
+    assert views.shape == (2, *counts.shape)
+    assert not torch.equal(views[0], views[1])
+    assert torch.all(views[:, counts == 0] == 0)
+    kept = views != 0
+    torch.testing.assert_close(views[kept], (x_norm * 2).expand(2, -1, -1)[kept])
+    assert 0.35 < kept[:, counts > 0].float().mean() < 0.65
+
+
 def test_masked_categories_get_no_mass_and_tau_follows_active_k(counts):
     module = CplMixVAEModule(counts.shape[1], n_categories=5)
     assert module.effective_tau == pytest.approx(1 / 5)

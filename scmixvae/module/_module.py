@@ -20,7 +20,14 @@ from torch.nn import functional as F
 from .._constants import NEIGHBOUR_X_KEY, NORMALISATION_SCALE
 from ._augment import AUGMENTATIONS, DEFAULT_STRENGTH, Augmentation, AugmenterModule, mix_neighbours, thin_counts
 from ._components import StackedBatchNorm, StackedLinear, StackedMLP
-from ._losses import coupling_distance, gaussian_log_likelihood, kl_normal_standard, nb_log_likelihood, negative_entropy
+from ._losses import (
+    coupling_distance,
+    gaussian_log_likelihood,
+    kl_normal_standard,
+    nb_log_likelihood,
+    nb_log_likelihood_dense,
+    negative_entropy,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -260,8 +267,10 @@ class CplMixVAEModule(BaseModuleClass):
         aug, a = self.augmentation, self.n_agents
         if not self.training or (aug == "dropout" and self.input_dropout <= 0):
             return x_norm
+        if aug == "dropout" and nonzero is None:  # accelerator: a dense mask (zeros stay zero either way)
+            return self._dropout(x_norm.expand(a, -1, -1))
         if aug in ("dropout", "thinning") or (aug == "knn" and x_neighbour is None):
-            rows, cols = nonzero
+            rows, cols = x.nonzero(as_tuple=True) if nonzero is None else nonzero
             if aug == "thinning":
                 thinned, thinned_library = thin_counts(x[rows, cols], rows, x.shape[0], a, self.augmentation_strength)
                 values = torch.log1p(thinned * (NORMALISATION_SCALE / thinned_library.clamp(min=1.0)[:, rows]))
@@ -300,7 +309,9 @@ class CplMixVAEModule(BaseModuleClass):
         mask = self.category_mask
         logits = self.category_head(h).masked_fill(~mask, float("-inf"))
         p = torch.softmax(logits, dim=-1)
-        tempered = (p / self.effective_tau).masked_fill(~mask, float("-inf"))
+        # 1 / tau as a tensor when tied to K: reading the number of categories would make the host wait
+        inv_tau = 1.0 / self.tau if self.tau is not None else mask.sum().clamp(min=1).to(p.dtype)
+        tempered = (p * inv_tau).masked_fill(~mask, float("-inf"))
         log_q = torch.log_softmax(tempered, dim=-1)
         return log_q.exp(), log_q
 
@@ -356,8 +367,9 @@ class CplMixVAEModule(BaseModuleClass):
         """
         library = x.sum(-1, keepdim=True)
         x_norm = self.normalise(x, library)
-        # non-zero entries: shared by the dropout views and the NB loss; read-outs need neither
-        nonzero = x.nonzero(as_tuple=True) if self.training else None
+        # non-zero entries: shared by the dropout views and the NB loss on the CPU; read-outs need neither, and
+        # on an accelerator both work densely (finding them would make the host wait for the device every step)
+        nonzero = x.nonzero(as_tuple=True) if self.training and x.device.type == "cpu" else None
         cov = self._covariates(batch_index, cat_covs, cont_covs)
         views = self._augment(x, x_norm, library, nonzero, x_neighbour)
         h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
@@ -414,6 +426,8 @@ class CplMixVAEModule(BaseModuleClass):
             return gaussian_log_likelihood(inference_outputs["x_norm"], generative_outputs["px_mean"])
         theta = generative_outputs["px_r"]
         if self.likelihood == "nb":
+            if inference_outputs["nonzero"] is None and x.device.type != "cpu":
+                return nb_log_likelihood_dense(x, generative_outputs["px_log_rate"], theta)
             return nb_log_likelihood(x, generative_outputs["px_log_rate"], theta, nonzero=inference_outputs["nonzero"])
         dist = ZeroInflatedNegativeBinomial(
             mu=generative_outputs["px_log_rate"].exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]
