@@ -118,14 +118,19 @@ def test_training_history_panels(annotated, tmp_path, monkeypatch):
     assert isinstance(axes, list) and len(axes) == 2
     labels = {line.get_label() for line in axes[0].get_lines()}
     assert {"reconstruction_agent0", "reconstruction_agent1", "kl_agent0", "kl_agent1"} <= labels
-    assert {"agreement", "coupling"} <= {line.get_label() for line in axes[1].get_lines()}
+    assert [line.get_label() for line in axes[1].get_lines()] == ["coupling"]
+    assert [t.get_text() for t in axes[1].get_legend().get_texts()] == ["agreement", "coupling"]
+    twin = [a for a in axes[1].figure.axes if a is not axes[1] and a.bbox.bounds == axes[1].bbox.bounds]
+    assert len(twin) == 1 and twin[0].get_ylim() == (0, 1.02)  # the agreement on an axis of its own
+    assert [line.get_label() for line in twin[0].get_lines()] == ["agreement"]
     ax = pl.training_history(model, keys=["train_loss"], show=False)
     assert isinstance(ax, Axes) and len(ax.get_lines()) == 1
     pruning = pd.DataFrame({"round": [0, 1, 2], "n_categories": [3, 3, 2]})
     monkeypatch.setattr(type(model), "pruning_history", property(lambda self: pruning), raising=False)
     fig = pl.training_history(model, return_fig=True)
-    assert isinstance(fig, Figure) and len([a for a in fig.axes if a.get_title()]) == 3
-    np.testing.assert_array_equal(fig.axes[-1].get_lines()[0].get_ydata(), [3, 3, 2])
+    titled = [a for a in fig.axes if a.get_title()]
+    assert isinstance(fig, Figure) and len(titled) == 3
+    np.testing.assert_array_equal(titled[-1].get_lines()[0].get_ydata(), [3, 3, 2])
     _save(fig, tmp_path / "history.png")
     with pytest.raises(ValueError, match=r"not in model\.history"):
         pl.training_history(model, keys=["nope"], show=False)

@@ -333,12 +333,21 @@ def training_history(
         fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
         axes = list(axes[0])
     for axis, (title, ks) in zip(axes, panels, strict=False):
+        # the agreement (a fraction) gets its own y axis next to losses: on theirs it would be a flat line
+        own_axis = "agreement_train" in ks and len(ks) > 1
+        lines = []
         for k in ks:
             series = model.history[k].iloc[:, 0]
-            axis.plot(series.index.to_numpy(), series.to_numpy(dtype=float), label=k.removesuffix("_train"))
+            target = axis
+            if own_axis and k == "agreement_train":
+                target = axis.twinx()
+                target.set_ylabel("agreement")
+                target.set_ylim(0, 1.02)
+            x, y, label = series.index.to_numpy(), series.to_numpy(dtype=float), k.removesuffix("_train")
+            lines += target.plot(x, y, label=label, color=f"C{len(lines) % 10}")
         axis.set_xlabel("epoch")
         axis.set_title(title)
-        axis.legend(fontsize=7)
+        axis.legend(lines, [line.get_label() for line in lines], fontsize=7)
     if with_pruning:
         axis = axes[-1]
         rounds = pruning["round"].to_numpy() if "round" in pruning else np.arange(len(pruning))
