@@ -8,9 +8,10 @@ Data: ``scmixvae.data.simulate(n_cells, n_genes, n_types=10, seed=0)``. Each met
 (``--parallel`` runs them side by side, each with ``--threads`` threads: only sensible with one thread each on a
 machine with two free cores).
 
-- CplMixVAE: ``CplMixVAE(adata, n_categories=K_max)`` with everything else at its default (two agents, ``nb``,
-  the Leiden start), then ``model.prune()`` at its defaults: the first training (the model's default epochs), the
-  pruning rounds and the selection. Wall time from the constructor to the end of ``prune`` (the Leiden start and the
+- CplMixVAE: ``CplMixVAE(adata)`` and ``model.train()``, all defaults: the number of types unknown, so the model
+  starts from ``default_n_categories`` (50 here), uses ``augmentation="knn"``, trains its default epochs, prunes
+  and selects ``K``. With ``--k-max K``: ``CplMixVAE(adata, n_categories=K)`` (augmentation ``"dropout"``) and
+  ``model.prune()``. Wall time from the constructor to the end of ``prune`` (the Leiden start and the
   neighbour search included); chosen K, ARI and NMI of ``predict()``.
 - scVI: ``SCVI(adata)`` and ``train()`` at its defaults (``max_epochs = min(round(20000 / n * 400), 400)``,
   batch 128, early stopping off), timed alone (the target's denominator), then neighbours and Leiden on its latent
@@ -54,7 +55,7 @@ def worker(args) -> dict:
     if args.worker == "scvi":
         default_epochs = min(round(20000 / adata.n_obs * 400), 400)  # scVI's train() heuristic
         epochs = default_epochs if args.scvi_epochs is None else min(args.scvi_epochs, default_epochs)
-        res = run_scvi_leiden(adata, truth, seed=0, max_epochs=epochs, accelerator=args.accelerator)
+        res = run_scvi_leiden(adata, truth, seed=args.seed, max_epochs=epochs, accelerator=args.accelerator)
         scale = default_epochs / res["epochs"]  # 1 unless --scvi-epochs cut the training short
         return {
             "method": "scVI + Leiden", "n_clusters": res["n_clusters"], "ari": res["ari"], "nmi": res["nmi"],
@@ -64,11 +65,16 @@ def worker(args) -> dict:
         }  # fmt: skip
     from scmixvae.model import CplMixVAE
 
-    scvi.settings.seed = 0
+    scvi.settings.seed = args.seed
     start = time.perf_counter()
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=args.k_max, **args.model_kwargs)
-    history = model.prune(accelerator=args.accelerator, enable_progress_bar=False)
+    if args.k_max is None:  # the default: the model chooses K, its first train() prunes
+        model = CplMixVAE(adata, **args.model_kwargs)
+        model.train(accelerator=args.accelerator, enable_progress_bar=False)
+    else:
+        model = CplMixVAE(adata, n_categories=args.k_max, **args.model_kwargs)
+        model.prune(accelerator=args.accelerator, enable_progress_bar=False)
+    history = model.pruning_history
     seconds = time.perf_counter() - start
     pred = model.predict().astype(str).to_numpy()
     return {
@@ -84,7 +90,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n-cells", type=int, default=100_000)
     p.add_argument("--n-genes", type=int, default=2000)
     p.add_argument("--n-types", type=int, default=10)
-    p.add_argument("--k-max", type=int, default=50, help="n_categories to prune from")
+    p.add_argument(
+        "--k-max",
+        type=int,
+        default=None,
+        help="n_categories to prune from, then model.prune(); default: CplMixVAE(adata).train()",
+    )
+    p.add_argument("--seed", type=int, default=0, help="model seed (the data always use seed 0)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"augmentation": "knn"}\'')
@@ -129,7 +141,13 @@ def main(argv: list[str] | None = None) -> None:
         row["ratio_to_scvi_train"] = row["seconds"] / scvi_train if scvi_train else None
     command = " ".join(argv if argv is not None else sys.argv[1:])
     note = (
-        f"CplMixVAE: constructor to the end of `prune()` from K_max = {args.k_max}, all defaults. scVI: default "
+        "CplMixVAE: constructor to the end of "
+        + (
+            "`CplMixVAE(adata).train()` (all defaults). "
+            if args.k_max is None
+            else f"`prune()` from K_max = {args.k_max}. "
+        )
+        + "scVI: default "
         "`train()`; `train_seconds` is the training alone (the ratio's denominator), `seconds` adds neighbours and "
         f"Leiden. {'Side by side' if args.parallel else 'One after the other'}, {args.threads} thread(s) each."
         + (f" Failed workers: {failed}." if failed else "")

@@ -312,16 +312,17 @@ def test_prune_needs_two_agents():
         model.prune()
 
 
-def test_prune_warns_for_a_separate_state_encoder():
+def test_prune_works_with_a_separate_state_encoder():
     from scmixvae.data._simulate import simulate
 
     adata = simulate(n_cells=200, n_genes=60, n_types=3, seed=0)
     CplMixVAE.setup_anndata(adata)
     model = CplMixVAE(adata, n_categories=4, n_hidden=8, state_encoder="separate", category_init="random")
     model.train(max_epochs=1, **TRAIN)
-    with pytest.warns(UserWarning, match="state_encoder='separate'"):
-        model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
-    assert len(model.pruning_history) >= 1
+    history = model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
+    assert history["selected"].sum() == 1
+    assert model.n_categories == history.loc[history["selected"], "n_categories"].item()
+    assert model.get_latent_representation().shape == (adata.n_obs, 2)
 
 
 @pytest.mark.parametrize(("n_cells", "expected"), [(10, 2), (300, 6), (1000, 20), (2500, 50), (100_000, 50)])
@@ -373,3 +374,11 @@ def test_unknown_k_needs_two_agents_and_round_trips_as_a_fixed_k(tmp_path):
     assert loaded.init_params_["non_kwargs"]["n_categories"] == 8
     assert not loaded.choose_n_categories_
     pd.testing.assert_frame_equal(loaded.predict(soft=True), model.predict(soft=True))
+
+
+def test_default_augmentation_is_knn_when_the_model_chooses_k_and_dropout_otherwise(tmp_path):
+    chooser = _unknown_k_model()
+    assert chooser.module.augmentation == "knn"
+    assert chooser.init_params_["non_kwargs"]["augmentation"] == "knn"  # saved resolved: load rebuilds it
+    assert _unknown_k_model(n_categories=4).module.augmentation == "dropout"
+    assert _unknown_k_model(augmentation="thinning").module.augmentation == "thinning"

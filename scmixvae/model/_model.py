@@ -86,8 +86,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ``"dropout"`` (input dropout only; published fallback), ``"thinning"`` (binomial thinning of the counts,
         as a shallower sequencing would give), ``"knn"`` (mixing with one of the cell's 15 nearest neighbours,
         found once in a truncated SVD of log-normalised counts) or ``"learned"`` (copies from a generator trained
-        by :meth:`train_augmenter`, called by the first :meth:`train` if needed). See the user guide for
-        when to pick which.
+        by :meth:`train_augmenter`, called by the first :meth:`train` if needed). ``None`` (default): ``"knn"``
+        when the model chooses the number of types (``n_categories=None``), ``"dropout"`` when it is given:
+        the best option measured for each (see the user guide).
     augmentation_strength
         ``"thinning"``: expected fraction of counts removed (0.5); ``"knn"``: largest weight of the neighbour
         (0.5); ``"learned"``: latent perturbation in posterior standard deviations (4).
@@ -102,8 +103,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ``"shared"`` (published): the state posterior reads the categorical trunk of the augmented view;
         ``"separate"``: a one-layer encoder of its own that sees the real cell. At a given ``n_categories``
         ``"separate"`` follows the true state much more closely (simulator: within-type absolute Spearman
-        correlation 0.74-0.85 against 0.47) with the same types, but during :meth:`prune` the state can absorb
-        the types, so it is for fits with a known number of types (see the user guide).
+        correlation 0.74-0.85 against 0.47) with the same types, for one more matrix product per agent and
+        step (see the user guide).
     category_init
         ``"leiden"``: before the first training, fit the agents' categorical heads to a Leiden partition of
         the cells with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refine
@@ -142,7 +143,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         beta: float = 1.0,
         coupling_weight: float = 1.0,
         category_init: Literal["leiden", "random"] = "leiden",
-        augmentation: Augmentation = "dropout",
+        augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
         state_encoder: Literal["shared", "separate"] = "shared",
         **module_kwargs,
@@ -158,6 +159,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             )
         if n_categories is None:
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
+        if augmentation is None:  # the option measured best for each use (see the augmentation guide)
+            augmentation = "knn" if self.choose_n_categories_ else "dropout"
         check.check_int("n_categories", n_categories, minimum=1)
         check.check_int("n_state", n_state, minimum=1)
         check.check_int("n_hidden", n_hidden, minimum=1)

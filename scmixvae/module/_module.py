@@ -136,8 +136,8 @@ class CplMixVAEModule(BaseModuleClass):
         What the state posterior ``q(s | x, c)`` reads besides ``c``: ``"shared"`` (default), the categorical
         trunk's output ``h`` of the augmented view, as published; ``"separate"``, its own one-layer encoder of
         the real cell's log-normalised expression, never augmented nor dropped out. The trunk keeps mostly
-        what survives augmentation, the type, so ``"separate"`` gives states much closer to the truth at a
-        given ``K``, but it lets the state carry the type while categories are pruned (see the user guide).
+        what survives augmentation, the type, so ``"separate"`` gives states much closer to the truth (see
+        the user guide).
     """
 
     def __init__(

@@ -528,14 +528,6 @@ def prune(
         check.check_int("max_rounds", max_rounds, minimum=0)
     if epochs_per_round is not None:
         check.check_int("epochs_per_round", epochs_per_round, minimum=1)
-    if getattr(module, "state_encoder", None) is not None:
-        warnings.warn(
-            "This model has state_encoder='separate': while categories are pruned its state can absorb the "
-            "types, so fewer categories than types may survive. Choose the number of types with a "
-            "state_encoder='shared' model, then fit a 'separate' one at that number if you need sharper states.",
-            UserWarning,
-            stacklevel=3,
-        )
     if module.n_agents < 2:
         raise ValueError(
             f"Pruning needs the consensus of at least two agents; this model has n_agents={module.n_agents}."
