@@ -49,7 +49,7 @@ def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
     CplMixVAE.setup_anndata(a)
     train = {"batch_size": args.batch_size, "accelerator": args.accelerator, "enable_progress_bar": False}
     with Timer() as total:
-        model = CplMixVAE(a, n_categories=k_max)
+        model = CplMixVAE(a, n_categories=k_max, **args.model_kwargs)
         with Timer() as trained:
             model.train(max_epochs=args.max_epochs, **train)
         history = model.prune(
@@ -206,6 +206,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="pruning")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"augmentation": "knn"}\'')
     p.add_argument("--peers-from", default=None, help="read scVI/PCA + Leiden from a bench_peers.py JSON")
     args = p.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
