@@ -305,9 +305,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             Keyword arguments of :class:`~scmixvae.train.CplMixVAETrainingPlan` (``lr``, ``weight_decay``,
             ``n_epochs_kl_warmup``...).
         prune
-            After training ``max_epochs``, choose the number of categories with :meth:`prune` (its history in
-            :attr:`pruning_history`). ``None`` (default): prune when the model was created without
-            ``n_categories`` and has not been trained yet.
+            Choose the number of categories with :meth:`prune` (its history in :attr:`pruning_history`), after
+            training ``max_epochs`` first if the model is untrained. ``None`` (default): prune when the model
+            was created without ``n_categories`` and has not been trained yet.
         prune_kwargs
             Keyword arguments of :meth:`prune` (``threshold``, ``max_rounds``, ``epochs_per_round``...).
         **kwargs

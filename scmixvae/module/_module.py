@@ -185,7 +185,6 @@ class CplMixVAEModule(BaseModuleClass):
         self.entropy_weight = entropy_weight
         if state_encoder not in ("separate", "shared"):
             raise ValueError(f"state_encoder must be 'separate' or 'shared', got {state_encoder!r}.")
-        self.state_encoder_kind = state_encoder
         self.n_cats_per_cov = list(n_cats_per_cov or [])
         n_cov = (n_batch if n_batch > 1 else 0) + sum(self.n_cats_per_cov) + n_continuous_cov
         self.n_cov = n_cov
