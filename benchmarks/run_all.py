@@ -68,6 +68,11 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
         ],
     ),
     "augment": ("bench_augment.py", [], ["--parts", "preserve"]),
+    "wholefit": (
+        "bench_wholefit.py",
+        ["--scvi-epochs", "5"],
+        ["--n-cells", "3000", "--n-genes", "300", "--scvi-epochs", "2"],
+    ),
 }
 
 
