@@ -93,7 +93,9 @@ def _time_model(kind: str, adata, batch_size: int, args, likelihood: str | None 
         model.train(callbacks=[timer], **kw)
     else:
         CplMixVAE.setup_anndata(adata)
-        model = CplMixVAE(adata, n_agents=2, n_categories=10, likelihood=likelihood, category_init="random")
+        model = CplMixVAE(
+            adata, n_agents=2, n_categories=10, likelihood=likelihood, category_init="random", **args.model_kwargs
+        )
         plan = {"compile": True} if args.compile else None
         model.train(callbacks=[timer], plan_kwargs=plan, **kw)
     steps = min(args.steps, math.ceil(adata.n_obs / batch_size))
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default=None, help="Lightning precision, e.g. 16-mixed or bf16-mixed on a GPU")
     p.add_argument("--compile", action="store_true", help="plan_kwargs={'compile': True} (torch.compile)")
     p.add_argument("--name", default="speed")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"state_encoder": "separate"}\'')
     args = p.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
