@@ -209,7 +209,7 @@ def part_prune(args) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from _common import REAL_DATASETS, set_threads, write_results
+    from _common import REAL_DATASETS, quiet, set_threads, write_results
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["preserve", "fit", "prune"])
@@ -225,8 +225,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     MODEL_KWARGS.update(args.model_kwargs)
     set_threads(args.threads)
-    from _common import quiet
-
     quiet()
     parts = {"preserve": part_preserve, "fit": part_fit, "prune": part_prune}
     rows = []

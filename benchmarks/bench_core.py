@@ -184,11 +184,9 @@ def main(argv: list[str] | None = None) -> None:
 
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)  # before numba/torch start their pools
-    from _common import set_threads, write_results
+    from _common import quiet, set_threads, write_results
 
     set_threads(args.threads)
-    from _common import quiet
-
     quiet()
     rows = []
     for part in args.parts:

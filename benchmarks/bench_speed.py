@@ -121,13 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
     import torch
-    from _common import set_threads, write_results
+    from _common import quiet, set_threads, write_results
 
     from scmixvae.data import simulate
 
     set_threads(args.threads)
-    from _common import quiet
-
     quiet()
     device = "cuda" if args.accelerator in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
     # On a GPU the peak is that of the precision the step runs in: float32 (TF32 off, torch's default) or the

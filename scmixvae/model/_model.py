@@ -152,12 +152,12 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_int("n_agents", n_agents, minimum=1)
         # K unknown: start from many categories; the first train() prunes them (see train(prune=...))
         self.choose_n_categories_ = n_categories is None
-        if n_categories is None and n_agents < 2:
-            raise ValueError(
-                "Choosing the number of categories (n_categories=None) needs the consensus of at least two agents; "
-                "give n_categories or use n_agents >= 2."
-            )
-        if n_categories is None:
+        if self.choose_n_categories_:
+            if n_agents < 2:
+                raise ValueError(
+                    "Choosing the number of categories (n_categories=None) needs the consensus of at least two "
+                    "agents; give n_categories or use n_agents >= 2."
+                )
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
         if augmentation is None:  # the option measured best for each use (see the augmentation guide)
             augmentation = "knn" if self.choose_n_categories_ else "dropout"

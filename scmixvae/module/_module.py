@@ -314,22 +314,22 @@ class CplMixVAEModule(BaseModuleClass):
         log_q = torch.log_softmax(tempered, dim=-1)
         return log_q.exp(), log_q
 
-    def state_posterior(self, h: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of ``q(s | x, c)``."""
-        out = self.state_head(torch.cat([h, c], dim=-1))
+    def state_posterior(self, hs: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and variance of ``q(s | x, c)`` from the state features ``hs`` of :meth:`inference`."""
+        out = self.state_head(torch.cat([hs, c], dim=-1))
         mean, log_var = out.split(self.n_state, dim=-1)
         return mean, torch.exp(log_var.clamp(-15.0, 15.0)) + 1e-6
 
-    def consensus_state(self, q: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def consensus_state(self, q: torch.Tensor, hs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every agent's state posterior conditioned on the consensus category (argmax of the mean ``q``).
 
-        ``h`` are the state features ``hs`` of :meth:`inference`.
+        ``hs`` are the state features of :meth:`inference`.
 
         Returns the one-hot consensus ``c`` ``(A, B, K)`` and the posterior mean and variance ``(A, B, S)``.
         """
         consensus = q.mean(0).argmax(-1)
         c = F.one_hot(consensus, self.n_categories).float().expand(self.n_agents, -1, -1)
-        mean, var = self.state_posterior(h, c)
+        mean, var = self.state_posterior(hs, c)
         return c, mean, var
 
     @auto_move_data
@@ -425,7 +425,7 @@ class CplMixVAEModule(BaseModuleClass):
             return gaussian_log_likelihood(inference_outputs["x_norm"], generative_outputs["px_mean"])
         theta = generative_outputs["px_r"]
         if self.likelihood == "nb":
-            if inference_outputs["nonzero"] is None and x.device.type != "cpu":
+            if x.device.type != "cpu":  # accelerators: dense, no non-zero search (see inference)
                 return nb_log_likelihood_dense(x, generative_outputs["px_log_rate"], theta)
             return nb_log_likelihood(x, generative_outputs["px_log_rate"], theta, nonzero=inference_outputs["nonzero"])
         dist = ZeroInflatedNegativeBinomial(

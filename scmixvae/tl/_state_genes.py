@@ -120,10 +120,10 @@ def gene_std(x, *, chunk_size: int = _CHUNK_SIZE) -> np.ndarray:
 
 @torch.inference_mode()
 def _encode(model, adata: AnnData, batch_size: int | None) -> tuple[np.ndarray, torch.Tensor, torch.Tensor | None]:
-    """One pass over the cells: consensus category (initial index), encoder trunk ``h`` ``(A, n, L)``.
+    """One pass over the cells: consensus category (initial index), state features ``hs`` ``(A, n, F)``.
 
-    Also returns the mean of the continuous covariates (``None`` without them). Memory is ``n x A x L``
-    floats (the trunk width, not the genes).
+    Also returns the mean of the continuous covariates (``None`` without them). Memory is ``n x A x F``
+    floats (the state features' width, not the genes).
     """
     module = model.module
     dl = model._make_data_loader(adata=adata, indices=np.arange(adata.n_obs), batch_size=batch_size)
@@ -145,12 +145,12 @@ def _encode(model, adata: AnnData, batch_size: int | None) -> tuple[np.ndarray, 
 
 
 @torch.inference_mode()
-def _states(model, h: torch.Tensor, k: int, agent: int) -> np.ndarray:
-    """State posterior means of agent ``agent`` for trunk outputs ``h`` ``(A, n, L)`` conditioned on ``k``."""
+def _states(model, hs: torch.Tensor, k: int, agent: int) -> np.ndarray:
+    """State posterior means of agent ``agent`` for state features ``hs`` ``(A, n, F)`` conditioned on ``k``."""
     module = model.module
-    h = h.to(module.device)
-    c = F.one_hot(torch.full((h.shape[1],), k, device=h.device), module.n_categories).float()
-    mean, _ = module.state_posterior(h, c.expand(module.n_agents, -1, -1))
+    hs = hs.to(module.device)
+    c = F.one_hot(torch.full((hs.shape[1],), k, device=hs.device), module.n_categories).float()
+    mean, _ = module.state_posterior(hs, c.expand(module.n_agents, -1, -1))
     return mean[agent].cpu().numpy().astype(np.float64)
 
 
