@@ -197,7 +197,7 @@ def test_batch_covariate_changes_the_decoder_output(counts):
     zeros = torch.zeros(32, 1)
     _, gen0 = module(_tensors(counts, zeros), compute_loss=False)
     _, gen1 = module(_tensors(counts, zeros + 1), compute_loss=False)
-    assert not torch.allclose(gen0["px_log_rate"], gen1["px_log_rate"])
+    assert not torch.allclose(gen0["px_log_scale"], gen1["px_log_scale"])
     assert gen0["px_r"].shape == (2, 32, counts.shape[1])
 
 

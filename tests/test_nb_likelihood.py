@@ -75,3 +75,27 @@ def test_dense_accelerator_path_matches_scvi_in_value_and_gradient(theta_shape):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         mixed = nb_log_likelihood_dense(x.float(), log_mu.detach().to(torch.bfloat16), theta.detach().float())
     assert mixed.dtype == torch.float32
+
+
+@pytest.mark.parametrize("theta_shape", [(2, 1, 40), (2, 16, 40)], ids=["per-gene", "per-cell"])
+def test_log_library_offset_equals_adding_it_to_the_log_means(theta_shape):
+    x, log_scale, theta = _inputs(theta_shape, seed=4)
+    log_library = (torch.rand(16, 1, dtype=torch.float64) * 3 + 5).requires_grad_()
+    ours = nb_log_likelihood(x, log_scale, theta, log_library=log_library)
+    ref = _scvi(x, log_scale + log_library, theta)
+    torch.testing.assert_close(ours, ref)
+    weights = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * weights).sum(), [log_scale, theta, log_library])
+    expected = torch.autograd.grad((ref * weights).sum(), [log_scale, theta, log_library])
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    dense = nb_log_likelihood_dense(x, log_scale, theta, log_library=log_library)
+    torch.testing.assert_close(dense, ref)
+
+
+def test_fused_node_with_log_library_passes_gradcheck():
+    x, log_scale, theta = _inputs((2, 1, 40), scale=25.0, seed=5)
+    log_library = (torch.rand(16, 1, dtype=torch.float64) + 2).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda m, t, lib: nb_log_likelihood(x, m, t, log_library=lib), (log_scale, theta, log_library)
+    )

@@ -10,12 +10,22 @@ import torch
 NB_TABLE_COUNTS = 16
 
 
+def nonzero_indices(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column indices of the non-zero entries of ``x`` ``(B, D)``, in row-major order.
+
+    Same as ``x.nonzero(as_tuple=True)``; searching a boolean mask is about twice as fast on the CPU as
+    searching the floats themselves.
+    """
+    return (x != 0).nonzero(as_tuple=True)
+
+
 def nb_log_likelihood(
     x: torch.Tensor,
     log_mu: torch.Tensor,
     theta: torch.Tensor,
     *,
     nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
+    log_library: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative binomial log-likelihood, summed over genes.
 
@@ -30,6 +40,10 @@ def nb_log_likelihood(
     nonzero
         Row and column indices of the non-zero counts (``x.nonzero(as_tuple=True)``, in row-major order);
         computed when not given.
+    log_library
+        Optional log library size of each cell ``(B, 1)``: the means are then ``exp(log_mu + log_library)``,
+        without a dense ``(A, B, D)`` sum of the two being formed (``log_mu`` is then the decoder's log
+        scale).
 
     Returns
     -------
@@ -40,26 +54,30 @@ def nb_log_likelihood(
     -----
     With ``L = log(theta + mu)`` the log-likelihood of one entry is
     ``theta log theta - (theta + x) L + x log mu + lgamma(x + theta) - lgamma(theta) - lgamma(x + 1)``; the
-    log-gamma terms vanish at ``x = 0``. With a per-gene ``theta`` (``(A, 1, D)``) the whole computation is one
-    autograd node (:class:`NBLogLikelihood`) that makes two transcendental passes over the dense ``(A, B, D)``
-    means (an ``exp`` and a ``log`` forward, one ``exp`` backward) and reduces over genes with matrix
-    products. The log-gamma terms touch the non-zero counts only: for counts up to :data:`NB_TABLE_COUNTS`,
+    log-gamma terms vanish at ``x = 0``, and so does ``x log mu``. With a per-gene ``theta`` (``(A, 1, D)``) the
+    whole computation is one autograd node (:class:`NBLogLikelihood`) that makes two transcendental passes over
+    the dense ``(A, B, D)`` means (an ``exp`` and a ``log`` forward, one ``exp`` backward) and reduces over genes
+    with matrix products. The terms in ``x`` touch the non-zero counts only: for counts up to :data:`NB_TABLE_COUNTS`,
     ``lgamma(x + theta) - lgamma(theta) = sum_{j<x} log(theta + j)`` and its derivative
     ``sum_{j<x} 1 / (theta + j)`` come from a small ``(A, D, 17)`` table of cumulative sums, so no log-gamma
     or digamma is evaluated per entry except for the few larger counts. A per-cell ``theta`` (gene-batch
     dispersion) takes the plain autograd path (:func:`nb_log_likelihood_reference`).
     """
-    rows, cols = x.nonzero(as_tuple=True) if nonzero is None else nonzero
+    rows, cols = nonzero_indices(x) if nonzero is None else nonzero
     if theta.dim() != 3 or theta.shape[1] != 1:
+        log_mu = log_mu if log_library is None else log_mu + log_library
         return nb_log_likelihood_reference(x, log_mu, theta, nonzero=(rows, cols))
     # mixed precision: the likelihood is summed over thousands of genes, so it is computed in float32
     with torch.autocast(log_mu.device.type, enabled=False):
+        log_library = None if log_library is None else _at_least_float32(log_library)
         return NBLogLikelihood.apply(
-            _at_least_float32(x), _at_least_float32(log_mu), _at_least_float32(theta), rows, cols
+            _at_least_float32(x), _at_least_float32(log_mu), _at_least_float32(theta), rows, cols, log_library
         )
 
 
-def nb_log_likelihood_dense(x: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+def nb_log_likelihood_dense(
+    x: torch.Tensor, log_mu: torch.Tensor, theta: torch.Tensor, *, log_library: torch.Tensor | None = None
+) -> torch.Tensor:
     """Negative binomial log-likelihood summed over genes, computed densely with plain autograd.
 
     Same value as :func:`nb_log_likelihood`, ``(A, B)``, without finding the non-zero counts: on an accelerator
@@ -68,6 +86,8 @@ def nb_log_likelihood_dense(x: torch.Tensor, log_mu: torch.Tensor, theta: torch.
     """
     with torch.autocast(log_mu.device.type, enabled=False):
         x, log_mu, theta = _at_least_float32(x), _at_least_float32(log_mu), _at_least_float32(theta)
+        if log_library is not None:
+            log_mu = log_mu + _at_least_float32(log_library)
         log_theta = torch.log(theta)
         log_theta_mu = torch.logaddexp(log_theta, log_mu)
         ll = (
@@ -98,7 +118,7 @@ def nb_log_likelihood_reference(
     log_theta = torch.log(theta)
     log_theta_mu = torch.logaddexp(log_theta, log_mu)
     ll = (theta * (log_theta - log_theta_mu)).sum(-1)
-    rows, cols = x.nonzero(as_tuple=True) if nonzero is None else nonzero
+    rows, cols = nonzero_indices(x) if nonzero is None else nonzero
     counts = x[rows, cols]
     shape = log_mu.shape
     theta_nz = theta.expand(shape)[:, rows, cols]
@@ -126,23 +146,34 @@ def _gamma_ratio_tables(theta: torch.Tensor, n: int) -> tuple[torch.Tensor, torc
 class NBLogLikelihood(torch.autograd.Function):
     """Autograd node of :func:`nb_log_likelihood` for a per-gene ``theta`` ``(A, 1, D)``.
 
-    Forward: ``L = log(theta + exp(log_mu))`` (kept for backward) and reductions over genes. Backward:
-    ``p = theta / (theta + mu) = exp(log theta - L)``; ``d/d log_mu = (theta + x) p - theta`` and
+    Forward: ``L = log(theta + mu)`` (kept for backward), reductions over genes of the dense terms with a matrix
+    product and of the terms in ``x`` over the non-zero counts. Backward: ``p = theta / (theta + mu) =
+    exp(log theta - L)``; ``d/d log_mu = (theta + x) p - theta`` and
     ``d/d theta = log theta + 1 - L - (theta + x) p / theta + [x > 0] (digamma(x + theta) - digamma(theta))``,
-    summed over cells with the upstream gradient as weights (a batched matrix product).
+    summed over cells with the upstream gradient as weights (a batched matrix product). The optional log
+    library size enters the means as a per-cell offset; its gradient is the sum of ``d/d log_mu`` over agents
+    and genes.
     """
 
     @staticmethod
-    def forward(ctx, x, log_mu, theta, rows, cols):
+    def forward(ctx, x, log_mu, theta, rows, cols, log_library=None):
         n_agents, n_genes = theta.shape[0], theta.shape[-1]
         log_theta = theta.log()
-        big_l = log_mu.exp().add_(theta).log_()  # log(theta + mu), (A, B, D)
+        mu = log_mu.exp()
+        if log_library is not None:
+            mu.mul_(log_library.exp())
+        big_l = mu.add_(theta).log_()  # log(theta + mu), (A, B, D)
         theta_t = theta.transpose(1, 2)  # (A, D, 1)
         ll = (theta * log_theta).sum(-1) - torch.bmm(big_l, theta_t).squeeze(-1)
-        ll = ll + (x * (log_mu - big_l)).sum(-1)
-        # log-gamma terms on the non-zero counts: a table lookup for small counts, lgamma for the rest
+        # terms in x on the non-zero counts: x (log mu - L), and the log-gamma terms (a table lookup for small
+        # counts, lgamma for the rest)
         n_cells = x.shape[0]
-        counts = x.reshape(-1).index_select(0, rows * n_genes + cols)
+        flat = rows * n_genes + cols
+        counts = x.reshape(-1).index_select(0, flat)
+        log_mu_nz = log_mu.reshape(n_agents, -1).index_select(1, flat)
+        if log_library is not None:
+            log_mu_nz = log_mu_nz + log_library.reshape(-1).index_select(0, rows)
+        x_terms = counts * (log_mu_nz - big_l.reshape(n_agents, -1).index_select(1, flat))  # (A, nnz)
         small_counts = counts.long().clamp_(max=NB_TABLE_COUNTS)
         index = cols * (NB_TABLE_COUNTS + 1) + small_counts
         theta_2d = theta.detach().squeeze(1)
@@ -160,7 +191,7 @@ class NBLogLikelihood(torch.autograd.Function):
             if dg is not None:
                 dg.index_copy_(1, big, torch.digamma(big_counts + theta_big) - torch.digamma(theta_big))
         lengths = torch.bincount(rows, minlength=n_cells).expand(n_agents, -1).contiguous()
-        ll = ll + torch.segment_reduce(lg, "sum", lengths=lengths, axis=1)
+        ll = ll + torch.segment_reduce(x_terms.add_(lg), "sum", lengths=lengths, axis=1)
         ctx.save_for_backward(x, theta, log_theta, big_l, rows, cols, dg)
         return ll
 
@@ -172,18 +203,27 @@ class NBLogLikelihood(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad):
         x, theta, log_theta, big_l, rows, cols, dg = ctx.saved_tensors
-        grad_log_mu = grad_theta = None
+        grad_log_mu = grad_theta = grad_log_library = None
+        n_agents, n_genes = theta.shape[0], theta.shape[-1]
         p = (log_theta - big_l).exp_()  # theta / (theta + mu)
-        u = p.mul_(x + theta)  # (theta + x) theta / (theta + mu)
+        # u = (theta + x) p, the part in x on the non-zero counts only
+        flat = rows * n_genes + cols
+        x_p = p.view(n_agents, -1).index_select(1, flat).mul_(x.reshape(-1).index_select(0, flat))
+        u = p.mul_(theta)
+        u.view(n_agents, -1).index_add_(1, flat, x_p)
         g = grad.unsqueeze(1)  # (A, 1, B)
         if ctx.needs_input_grad[2]:
             grad_theta = (log_theta + 1.0) * grad.sum(-1, keepdim=True).unsqueeze(-1)
             grad_theta = grad_theta - torch.bmm(g, big_l) - torch.bmm(g, u) / theta
             nz = torch.zeros_like(theta).squeeze(1).index_add_(1, cols, grad.index_select(1, rows) * dg)
             grad_theta = grad_theta + nz.unsqueeze(1)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[5]:
             grad_log_mu = u.sub_(theta).mul_(grad.unsqueeze(-1))
-        return None, grad_log_mu, grad_theta, None, None
+            if ctx.needs_input_grad[5]:
+                grad_log_library = grad_log_mu.sum((0, 2)).unsqueeze(-1)
+            if not ctx.needs_input_grad[1]:
+                grad_log_mu = None
+        return None, grad_log_mu, grad_theta, None, None, grad_log_library
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from ._losses import (
     nb_log_likelihood,
     nb_log_likelihood_dense,
     negative_entropy,
+    nonzero_indices,
 )
 
 logger = logging.getLogger(__name__)
@@ -269,7 +270,7 @@ class CplMixVAEModule(BaseModuleClass):
         if aug == "dropout" and nonzero is None:  # accelerator: a dense mask (zeros stay zero either way)
             return self._dropout(x_norm.expand(a, -1, -1))
         if aug in ("dropout", "thinning") or (aug == "knn" and x_neighbour is None):
-            rows, cols = x.nonzero(as_tuple=True) if nonzero is None else nonzero
+            rows, cols = nonzero_indices(x) if nonzero is None else nonzero
             if aug == "thinning":
                 thinned, thinned_library = thin_counts(x[rows, cols], rows, x.shape[0], a, self.augmentation_strength)
                 values = torch.log1p(thinned * (NORMALISATION_SCALE / thinned_library.clamp(min=1.0)[:, rows]))
@@ -368,7 +369,7 @@ class CplMixVAEModule(BaseModuleClass):
         x_norm = self.normalise(x, library)
         # non-zero entries: shared by the dropout views and the NB loss on the CPU; read-outs need neither, and
         # on an accelerator both work densely (finding them would make the host wait for the device every step)
-        nonzero = x.nonzero(as_tuple=True) if self.training and x.device.type == "cpu" else None
+        nonzero = nonzero_indices(x) if self.training and x.device.type == "cpu" else None
         cov = self._covariates(batch_index, cat_covs, cont_covs)
         views = self._augment(x, x_norm, library, nonzero, x_neighbour)
         h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
@@ -414,10 +415,16 @@ class CplMixVAEModule(BaseModuleClass):
         px_r = self.px_r
         if self.dispersion == "gene-batch" and self.n_batch > 1:
             px_r = px_r[:, batch_index.reshape(-1).long()]
-        result = {"px_log_scale": log_scale, "px_log_rate": log_scale + torch.log(library), "px_r": px_r.exp()}
+        # the log means are px_log_scale + px_log_library (:meth:`log_rate`); the fused NB likelihood never forms them
+        result = {"px_log_scale": log_scale, "px_log_library": torch.log(library), "px_r": px_r.exp()}
         if self.likelihood == "zinb":
             result["px_dropout"] = self.px_dropout_head(hidden)
         return result
+
+    @staticmethod
+    def log_rate(generative_outputs: dict) -> torch.Tensor:
+        """Log means of the count likelihoods, ``(A, B, D)``: the decoder's log scale plus the log library size."""
+        return generative_outputs["px_log_scale"] + generative_outputs["px_log_library"]
 
     def log_likelihood(self, x: torch.Tensor, inference_outputs: dict, generative_outputs: dict) -> torch.Tensor:
         """Log-likelihood of each cell under each agent's decoder, ``(A, B)``."""
@@ -425,11 +432,14 @@ class CplMixVAEModule(BaseModuleClass):
             return gaussian_log_likelihood(inference_outputs["x_norm"], generative_outputs["px_mean"])
         theta = generative_outputs["px_r"]
         if self.likelihood == "nb":
+            log_scale, log_library = generative_outputs["px_log_scale"], generative_outputs["px_log_library"]
             if x.device.type != "cpu":  # accelerators: dense, no non-zero search (see inference)
-                return nb_log_likelihood_dense(x, generative_outputs["px_log_rate"], theta)
-            return nb_log_likelihood(x, generative_outputs["px_log_rate"], theta, nonzero=inference_outputs["nonzero"])
+                return nb_log_likelihood_dense(x, log_scale, theta, log_library=log_library)
+            return nb_log_likelihood(
+                x, log_scale, theta, nonzero=inference_outputs["nonzero"], log_library=log_library
+            )
         dist = ZeroInflatedNegativeBinomial(
-            mu=generative_outputs["px_log_rate"].exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]
+            mu=self.log_rate(generative_outputs).exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]
         )
         return dist.log_prob(x).sum(-1)
 
@@ -437,7 +447,7 @@ class CplMixVAEModule(BaseModuleClass):
         """Return the decoder's distribution as an object (``scvi.distributions`` for counts)."""
         if self.likelihood == "gaussian":
             return Normal(generative_outputs["px_mean"], 1.0)
-        rate, theta = generative_outputs["px_log_rate"].exp(), generative_outputs["px_r"]
+        rate, theta = self.log_rate(generative_outputs).exp(), generative_outputs["px_r"]
         scale = generative_outputs["px_log_scale"].exp()
         if self.likelihood == "nb":
             return NegativeBinomial(mu=rate, theta=theta, scale=scale)
