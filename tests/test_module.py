@@ -139,6 +139,22 @@ def test_separate_state_encoder_reads_the_real_cell_and_shared_reads_the_trunk(c
         CplMixVAEModule(counts.shape[1], state_encoder="trunk")
 
 
+def test_normalisation_on_the_nonzero_counts_equals_the_dense_one(counts):
+    library = counts.sum(-1, keepdim=True)
+    nonzero = counts.nonzero(as_tuple=True)
+    x_norm, values = CplMixVAEModule.normalise_nonzero(counts, library, nonzero)
+    expected = CplMixVAEModule.normalise(counts, library)
+    torch.testing.assert_close(x_norm, expected, rtol=0, atol=0)
+    torch.testing.assert_close(values, expected[nonzero], rtol=0, atol=0)
+    # the views made from the known non-zero values equal those that look them up
+    module = CplMixVAEModule(counts.shape[1], n_agents=2, input_dropout=0.5)
+    torch.manual_seed(3)
+    given = module._augment(counts, x_norm, library, nonzero, x_norm_nonzero=values)
+    torch.manual_seed(3)
+    looked_up = module._augment(counts, x_norm, library, nonzero)
+    torch.testing.assert_close(given, looked_up, rtol=0, atol=0)
+
+
 def test_dense_dropout_views_without_nonzero_indices(counts):
     # the accelerator path: no non-zero search, one dense mask per agent; zeros stay zero, kept entries rescaled
     torch.manual_seed(0)

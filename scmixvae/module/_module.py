@@ -244,6 +244,22 @@ class CplMixVAEModule(BaseModuleClass):
         """``log1p`` of library-normalised counts (encoder input and Gaussian target)."""
         return torch.log1p(x * (NORMALISATION_SCALE / library.clamp(min=1.0)))
 
+    @staticmethod
+    def normalise_nonzero(
+        x: torch.Tensor, library: torch.Tensor, nonzero: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`normalise` computed on the non-zero counts only: the dense result and its non-zero values.
+
+        ``log1p(0) = 0``, so the rest stays zero; on the CPU this costs a fraction of the dense computation.
+        """
+        rows, cols = nonzero
+        flat = rows * x.shape[-1] + cols
+        scale = (NORMALISATION_SCALE / library.clamp(min=1.0)).reshape(-1).index_select(0, rows)
+        values = torch.log1p(x.reshape(-1).index_select(0, flat) * scale)
+        x_norm = x.new_zeros(x.shape)
+        x_norm.view(-1).index_copy_(0, flat, values)
+        return x_norm, values
+
     def _dropout(self, values: torch.Tensor) -> torch.Tensor:
         """Independent input dropout of each agent's view (entries rescaled by ``1 / keep``)."""
         if self.input_dropout <= 0:
@@ -258,11 +274,13 @@ class CplMixVAEModule(BaseModuleClass):
         library: torch.Tensor,
         nonzero: tuple[torch.Tensor, torch.Tensor] | None,
         x_neighbour: torch.Tensor | None = None,
+        x_norm_nonzero: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each agent's view of the cells at training time, ``(A, B, D)``; the shared real input otherwise.
 
         ``"dropout"`` and ``"thinning"`` work on the non-zero entries only (a zero stays zero), which costs a
-        fraction of a dense mask on sparse expression data.
+        fraction of a dense mask on sparse expression data. ``x_norm_nonzero``: the values of ``x_norm`` at
+        ``nonzero``, when known.
         """
         aug, a = self.augmentation, self.n_agents
         if not self.training or (aug == "dropout" and self.input_dropout <= 0):
@@ -271,13 +289,17 @@ class CplMixVAEModule(BaseModuleClass):
             return self._dropout(x_norm.expand(a, -1, -1))
         if aug in ("dropout", "thinning") or (aug == "knn" and x_neighbour is None):
             rows, cols = nonzero_indices(x) if nonzero is None else nonzero
+            flat = rows * x.shape[-1] + cols
             if aug == "thinning":
-                thinned, thinned_library = thin_counts(x[rows, cols], rows, x.shape[0], a, self.augmentation_strength)
+                counts = x.reshape(-1).index_select(0, flat)
+                thinned, thinned_library = thin_counts(counts, rows, x.shape[0], a, self.augmentation_strength)
                 values = torch.log1p(thinned * (NORMALISATION_SCALE / thinned_library.clamp(min=1.0)[:, rows]))
             else:  # dropout only (also "knn" when the loader gives no neighbours, e.g. a custom loop)
-                values = x_norm[rows, cols].expand(a, -1)
+                if x_norm_nonzero is None:
+                    x_norm_nonzero = x_norm.reshape(-1).index_select(0, flat)
+                values = x_norm_nonzero.expand(a, -1)
             views = x_norm.new_zeros((a, *x_norm.shape))
-            views[:, rows, cols] = self._dropout(values)
+            views.view(a, -1).index_copy_(1, flat, self._dropout(values))
             return views
         if aug == "knn":
             views = mix_neighbours(x, library, x_neighbour, a, self.augmentation_strength)
@@ -366,12 +388,16 @@ class CplMixVAEModule(BaseModuleClass):
         ``x_norm`` and the covariate vector ``cov``.
         """
         library = x.sum(-1, keepdim=True)
-        x_norm = self.normalise(x, library)
-        # non-zero entries: shared by the dropout views and the NB loss on the CPU; read-outs need neither, and
-        # on an accelerator both work densely (finding them would make the host wait for the device every step)
+        # non-zero entries: shared by the normalisation, the dropout views and the NB loss on the CPU; read-outs
+        # need none of them, and on an accelerator all work densely (finding them would make the host wait for
+        # the device every step)
         nonzero = nonzero_indices(x) if self.training and x.device.type == "cpu" else None
+        if nonzero is None:
+            x_norm, x_norm_nonzero = self.normalise(x, library), None
+        else:
+            x_norm, x_norm_nonzero = self.normalise_nonzero(x, library, nonzero)
         cov = self._covariates(batch_index, cat_covs, cont_covs)
-        views = self._augment(x, x_norm, library, nonzero, x_neighbour)
+        views = self._augment(x, x_norm, library, nonzero, x_neighbour, x_norm_nonzero)
         h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
         hs = h if self.state_encoder is None else self.state_encoder(x_norm, cov)
         q, log_q = self.categorical_posterior(h)
