@@ -137,6 +137,9 @@ def test_separate_state_encoder_reads_the_real_cell_and_shared_reads_the_trunk(c
     assert shared.state_head.weight.shape[1] == shared.trunk_out.weight.shape[-1] + 3
     with pytest.raises(ValueError, match="state_encoder must be 'separate' or 'shared'"):
         CplMixVAEModule(counts.shape[1], state_encoder="trunk")
+    narrow = CplMixVAEModule(counts.shape[1], n_categories=3, state_encoder="separate", n_hidden_state=8)
+    assert narrow.state_encoder.layers[0].weight.shape == (2, counts.shape[1], 8)
+    assert narrow.inference(counts)["qs_m"].shape == (2, 32, 2)
 
 
 def test_normalisation_on_the_nonzero_counts_equals_the_dense_one(counts):

@@ -139,6 +139,9 @@ class CplMixVAEModule(BaseModuleClass):
         the real cell's log-normalised expression, never augmented nor dropped out. The trunk keeps mostly
         what survives augmentation, the type, so ``"separate"`` gives states much closer to the truth (see
         the user guide).
+    n_hidden_state
+        Width of the ``"separate"`` state encoder (default ``n_hidden``); its matrix product with the genes is
+        the option's extra cost per step.
     """
 
     def __init__(
@@ -166,6 +169,7 @@ class CplMixVAEModule(BaseModuleClass):
         coupling_eps: float = 1e-8,
         entropy_weight: float = 1.0,
         state_encoder: Literal["shared", "separate"] = "shared",
+        n_hidden_state: int | None = None,
         augmentation: Augmentation = "dropout",
         augmentation_strength: float | None = None,
     ):
@@ -199,8 +203,12 @@ class CplMixVAEModule(BaseModuleClass):
         self.category_head = StackedLinear(a, n_latent, n_categories)
         # "shared": the state posterior reads the categorical trunk h, as published; "separate": its own
         # one-layer encoder of the real (unaugmented) cell
-        self.state_encoder = StackedMLP(a, n_input, n_hidden, 1, n_cov=n_cov) if state_encoder == "separate" else None
-        n_state_in = n_hidden if state_encoder == "separate" else n_latent
+        n_hidden_state = n_hidden if n_hidden_state is None else n_hidden_state
+        if state_encoder == "separate":
+            self.state_encoder = StackedMLP(a, n_input, n_hidden_state, 1, n_cov=n_cov)
+        else:
+            self.state_encoder = None
+        n_state_in = n_hidden_state if state_encoder == "separate" else n_latent
         self.state_head = StackedLinear(a, n_state_in + n_categories, 2 * n_state)
         n_dec_in = n_categories * (1 + n_state) if category_state_interaction else n_categories + n_state
         self.decoder = StackedMLP(a, n_dec_in, n_hidden, n_layers, n_cov=n_cov, inject_covariates=True)
