@@ -379,6 +379,7 @@ def test_unknown_k_needs_two_agents_and_round_trips_as_a_fixed_k(tmp_path):
 def test_default_augmentation_is_knn_when_the_model_chooses_k_and_dropout_otherwise(tmp_path):
     chooser = _unknown_k_model()
     assert chooser.module.augmentation == "knn"
+    assert chooser.module.augmentation_strength == 0.3  # the strength measured best with pruning
     assert chooser.init_params_["non_kwargs"]["augmentation"] == "knn"  # saved resolved: load rebuilds it
     assert _unknown_k_model(n_categories=4).module.augmentation == "dropout"
     assert _unknown_k_model(augmentation="thinning").module.augmentation == "thinning"

@@ -91,7 +91,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         the best option measured for each (see the user guide).
     augmentation_strength
         ``"thinning"``: expected fraction of counts removed (0.5); ``"knn"``: largest weight of the neighbour
-        (0.5); ``"learned"``: latent perturbation in posterior standard deviations (4).
+        (0.3); ``"learned"``: latent perturbation in posterior standard deviations (4).
     tau
         Temperature of the categorical head; ``None`` ties it to ``1 / K`` (published: 0.005 at K = 120).
         A warning is raised when it does not fit ``K``.

@@ -18,7 +18,7 @@ Augmentation = Literal["dropout", "thinning", "knn", "learned"]
 AUGMENTATIONS: tuple[str, ...] = ("dropout", "thinning", "knn", "learned")
 
 #: Default ``augmentation_strength`` of each option (``"dropout"`` has none: ``input_dropout`` is its strength).
-DEFAULT_STRENGTH = {"dropout": 0.0, "thinning": 0.5, "knn": 0.5, "learned": 4.0}
+DEFAULT_STRENGTH = {"dropout": 0.0, "thinning": 0.5, "knn": 0.3, "learned": 4.0}
 
 
 def thin_counts(values: torch.Tensor, rows: torch.Tensor, n_cells: int, n_views: int, fraction: float):

@@ -113,7 +113,7 @@ class CplMixVAEModule(BaseModuleClass):
         trained :class:`~scmixvae.module.AugmenterModule`).
     augmentation_strength
         ``"thinning"``: expected fraction of counts removed (default 0.5); ``"knn"``: largest weight of the
-        neighbour (default 0.5); ``"learned"``: latent perturbation in posterior standard deviations (default 4).
+        neighbour (default 0.3); ``"learned"``: latent perturbation in posterior standard deviations (default 4).
     tau
         Temperature of the categorical head; ``None`` ties it to ``1 / K`` of the surviving categories.
     gumbel_temperature
