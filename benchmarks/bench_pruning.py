@@ -10,7 +10,8 @@ Parts:
 - ``sim``: simulator with 8 true types (``--n-cells`` x ``--n-genes``, unequal sizes), one data set per ``--seeds``
   value, each fitted from ``K_max = --k-max-sim`` (30) with ``model.prune()``: chosen K, ARI and NMI of the
   consensus labels. Stability: the first data set (every data set with ``--stability-all-seeds``) fitted again
-  with every further ``--model-seeds`` value, ARI between the runs' consensus labels (and their mean). Targets: chosen K within ±1 of 8 in every seed, ARI ≥ 0.9, stability ≥ 0.9.
+  with every further ``--model-seeds`` value, ARI between the runs' consensus labels (and their mean).
+  Targets: chosen K within ±1 of 8 in every seed, ARI ≥ 0.9, stability ≥ 0.9.
 - ``real``: the five files in ``../shared/data`` fitted from ``K_max = --k-max-real`` (50) without their K, once
   per ``--model-seeds`` value: chosen K vs the reference K, ARI, NMI, stability between the seeds; next to scVI +
   Leiden at resolution 1 (which also chooses K) and PCA + Leiden, run here. Wall time of the whole fit (training,

@@ -469,9 +469,7 @@ class CplMixVAEModule(BaseModuleClass):
             log_scale, log_library = generative_outputs["px_log_scale"], generative_outputs["px_log_library"]
             if x.device.type != "cpu":  # accelerators: dense, no non-zero search (see inference)
                 return nb_log_likelihood_dense(x, log_scale, theta, log_library=log_library)
-            return nb_log_likelihood(
-                x, log_scale, theta, nonzero=inference_outputs["nonzero"], log_library=log_library
-            )
+            return nb_log_likelihood(x, log_scale, theta, nonzero=inference_outputs["nonzero"], log_library=log_library)
         dist = ZeroInflatedNegativeBinomial(
             mu=self.log_rate(generative_outputs).exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]
         )

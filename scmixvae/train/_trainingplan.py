@@ -47,11 +47,11 @@ class CplMixVAETrainingPlan(TrainingPlan):
     Notes
     -----
     Each call of ``self.log`` costs Lightning's bookkeeping on the host (about a millisecond under a profiler),
-    and a step logs about twenty values (the loss, scvi-tools' ELBO metrics, the per-agent terms). With the default epoch-level logging (``on_step=False``) these values are
-    summed on the device during the epoch, weighted by the minibatch sizes, and logged once, in the epoch's
-    last training step (validation: at its epoch's end): the values Lightning would compute from per-step
-    calls, in ``trainer.callback_metrics`` when callbacks look at the end of the epoch. Values logged per step
-    (``kl_weight``) are logged as before.
+    and a step logs about twenty values (the loss, scvi-tools' ELBO metrics, the per-agent terms). With the
+    default epoch-level logging (``on_step=False``) these values are summed on the device during the epoch,
+    weighted by the minibatch sizes, and logged once, in the epoch's last training step (validation: at its
+    epoch's end): the values Lightning would compute from per-step calls, in ``trainer.callback_metrics`` when
+    callbacks look at the end of the epoch. Values logged per step (``kl_weight``) are logged as before.
     """
 
     def __init__(
