@@ -6,7 +6,13 @@ from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial
 
 from scmixvae.module import CplMixVAEModule, StackedBatchNorm, StackedLinear, check_temperature
-from scmixvae.module._losses import coupling_distance, gaussian_log_likelihood, nb_log_likelihood, negative_entropy
+from scmixvae.module._losses import (
+    coupling_distance,
+    gaussian_log_likelihood,
+    nb_log_likelihood,
+    negative_entropy,
+    nonzero_indices,
+)
 
 
 @pytest.fixture
@@ -149,6 +155,10 @@ def test_normalisation_on_the_nonzero_counts_equals_the_dense_one(counts):
     expected = CplMixVAEModule.normalise(counts, library)
     torch.testing.assert_close(x_norm, expected, rtol=0, atol=0)
     torch.testing.assert_close(values, expected[nonzero], rtol=0, atol=0)
+    rows, cols, flat = nonzero_indices(counts)  # the search the training step runs, with the flat indices
+    assert torch.equal(rows, nonzero[0]) and torch.equal(cols, nonzero[1])
+    assert torch.equal(counts.reshape(-1)[flat], counts[nonzero])
+    torch.testing.assert_close(CplMixVAEModule.normalise_nonzero(counts, library, (rows, cols, flat))[0], x_norm)
     # the views made from the known non-zero values equal those that look them up
     module = CplMixVAEModule(counts.shape[1], n_agents=2, input_dropout=0.5)
     torch.manual_seed(3)

@@ -28,6 +28,7 @@ from ._losses import (
     nb_log_likelihood_dense,
     negative_entropy,
     nonzero_indices,
+    with_flat_index,
 )
 
 logger = logging.getLogger(__name__)
@@ -254,14 +255,14 @@ class CplMixVAEModule(BaseModuleClass):
 
     @staticmethod
     def normalise_nonzero(
-        x: torch.Tensor, library: torch.Tensor, nonzero: tuple[torch.Tensor, torch.Tensor]
+        x: torch.Tensor, library: torch.Tensor, nonzero: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`normalise` computed on the non-zero counts only: the dense result and its non-zero values.
 
+        ``nonzero``: :func:`~scmixvae.module._losses.nonzero_indices` of ``x`` (or its rows and columns).
         ``log1p(0) = 0``, so the rest stays zero; on the CPU this costs a fraction of the dense computation.
         """
-        rows, cols = nonzero
-        flat = rows * x.shape[-1] + cols
+        rows, _, flat = with_flat_index(nonzero, x.shape[-1])
         scale = (NORMALISATION_SCALE / library.clamp(min=1.0)).reshape(-1).index_select(0, rows)
         values = torch.log1p(x.reshape(-1).index_select(0, flat) * scale)
         x_norm = x.new_zeros(x.shape)
@@ -280,7 +281,7 @@ class CplMixVAEModule(BaseModuleClass):
         x: torch.Tensor,
         x_norm: torch.Tensor,
         library: torch.Tensor,
-        nonzero: tuple[torch.Tensor, torch.Tensor] | None,
+        nonzero: tuple[torch.Tensor, ...] | None,
         x_neighbour: torch.Tensor | None = None,
         x_norm_nonzero: torch.Tensor | None = None,
     ) -> torch.Tensor:
@@ -296,8 +297,7 @@ class CplMixVAEModule(BaseModuleClass):
         if aug == "dropout" and nonzero is None:  # accelerator: a dense mask (zeros stay zero either way)
             return self._dropout(x_norm.expand(a, -1, -1))
         if aug in ("dropout", "thinning") or (aug == "knn" and x_neighbour is None):
-            rows, cols = nonzero_indices(x) if nonzero is None else nonzero
-            flat = rows * x.shape[-1] + cols
+            rows, _, flat = nonzero_indices(x) if nonzero is None else with_flat_index(nonzero, x.shape[-1])
             if aug == "thinning":
                 counts = x.reshape(-1).index_select(0, flat)
                 thinned, thinned_library = thin_counts(counts, rows, x.shape[0], a, self.augmentation_strength)
