@@ -200,7 +200,7 @@ class NBLogLikelihood(torch.autograd.Function):
                 dg.index_copy_(1, big, torch.digamma(big_counts + theta_big) - torch.digamma(theta_big))
         lengths = torch.bincount(rows, minlength=n_cells).expand(n_agents, -1).contiguous()
         ll = ll + torch.segment_reduce(x_terms.add_(lg), "sum", lengths=lengths, axis=1)
-        ctx.save_for_backward(x, theta, log_theta, big_l, rows, cols, flat, dg)
+        ctx.save_for_backward(counts, theta, log_theta, big_l, rows, cols, flat, dg)
         return ll
 
     @staticmethod
@@ -210,12 +210,12 @@ class NBLogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad):
-        x, theta, log_theta, big_l, rows, cols, flat, dg = ctx.saved_tensors
+        counts, theta, log_theta, big_l, rows, cols, flat, dg = ctx.saved_tensors
         grad_log_mu = grad_theta = grad_log_library = None
         n_agents = theta.shape[0]
         p = (log_theta - big_l).exp_()  # theta / (theta + mu)
         # u = (theta + x) p, the part in x on the non-zero counts only
-        x_p = p.view(n_agents, -1).index_select(1, flat).mul_(x.reshape(-1).index_select(0, flat))
+        x_p = p.view(n_agents, -1).index_select(1, flat).mul_(counts)
         u = p.mul_(theta)
         u.view(n_agents, -1).index_add_(1, flat, x_p)
         g = grad.unsqueeze(1)  # (A, 1, B)

@@ -106,33 +106,24 @@ class CplMixVAETrainingPlan(TrainingPlan):
             return super().log(name, value, *args, **kwargs)
         if kwargs.get("reduce_fx", "mean") not in ("mean", torch.mean) or kwargs.get("enable_graph"):
             return super().log(name, value, *args, **kwargs)
-        if isinstance(value, Metric):
+        if isinstance(value, Metric):  # accumulates by itself: log it once, at the end
             pending[name] = (value, None, kwargs)
             return None
         weight = kwargs.get("batch_size")
         if weight is None:  # what Lightning would extract from the minibatch
             weight = self._current_batch_size
         value = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)
-        if name in pending:
-            _, (total, weights), _ = pending[name]
-            total.add_(value.to(total.device), alpha=float(weight))
-            weights[0] += weight
-        else:
-            pending[name] = (None, (value * float(weight), [weight]), kwargs)
+        total, weight_sum, _ = pending.get(name, (0.0, 0, None))
+        pending[name] = (total + value * float(weight), weight_sum + weight, kwargs)
         return None
 
     def _flush_logs(self, mode: str) -> None:
         """Log the values deferred during the epoch's ``mode`` steps, as Lightning would have reduced them."""
-        pending = self._pending_logs.pop(mode, None)
-        if not pending:
-            return
-        for name, (metric, sums, kwargs) in pending.items():
-            if metric is not None:
-                super().log(name, metric, **kwargs)
-                continue
-            total, (weight,) = sums
-            kwargs = {**kwargs, "batch_size": int(weight)}
-            super().log(name, total / max(weight, 1), **kwargs)
+        for name, (value, weight, kwargs) in self._pending_logs.pop(mode, {}).items():
+            if weight is None:  # a Metric
+                super().log(name, value, **kwargs)
+            else:  # the minibatch-weighted mean, with the epoch's cell count as its weight (DDP: exact global mean)
+                super().log(name, value / max(weight, 1), **{**kwargs, "batch_size": int(weight)})
 
     def _run_deferred(self, mode: str, step, batch, batch_idx):
         if not self.defer_logging or self.on_step or not self.on_epoch:
