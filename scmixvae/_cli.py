@@ -30,6 +30,11 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column of the batch")
     fit.add_argument(
+        "--condition-key",
+        default=None,
+        help="obs column of an experimental condition (e.g. control vs stimulated) whose effect the states carry",
+    )
+    fit.add_argument(
         "--n-categories",
         type=int,
         default=None,
@@ -130,7 +135,7 @@ def _fit(args) -> int:
     scvi.settings.seed = args.seed
     adata = anndata.read_h5ad(args.input)
     try:
-        CplMixVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key)
+        CplMixVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key, condition_key=args.condition_key)
         kwargs = {"n_categories": args.n_categories}
         if args.likelihood is not None:
             kwargs["likelihood"] = args.likelihood

@@ -46,3 +46,6 @@ def category_name(k: int) -> str:
 
 #: Key of the minibatch tensor holding one nearest neighbour's counts per cell (``augmentation="knn"``).
 NEIGHBOUR_X_KEY = "x_neighbour"
+
+#: Registry key of the experimental condition (``setup_anndata(condition_key=...)``), whose effect the state carries.
+CONDITION_KEY = "condition"

@@ -1,4 +1,5 @@
 import anndata
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -33,6 +34,7 @@ def test_demo_writes_annotated_h5ad_figure_and_model(tmp_path):
 
 
 def test_fit_writes_output_and_figures(tmp_path, sim_adata):
+    sim_adata.obs["treatment"] = pd.Categorical(np.where(sim_adata.obs["state"] > 0.5, "stim", "ctrl"))
     src = tmp_path / "in.h5ad"
     sim_adata.write_h5ad(src)
     rc = main(
@@ -47,6 +49,8 @@ def test_fit_writes_output_and_figures(tmp_path, sim_adata):
             "1",
             "--batch-key",
             "batch",
+            "--condition-key",
+            "treatment",
             "--figures",
             str(tmp_path / "figs"),
             "--quiet",
@@ -57,6 +61,8 @@ def test_fit_writes_output_and_figures(tmp_path, sim_adata):
     assert rc == 0
     adata = anndata.read_h5ad(tmp_path / "out.h5ad")
     assert "mix_type" in adata.obs
+    assert adata.uns["mix"]["setup_args"]["condition_key"] == "treatment"
+    assert adata.uns["mix"]["setup_args"]["batch_key"] == "batch"
     assert adata.uns["mix_state_genes"]["names"].dtype.names  # rank_genes_groups schema
     table = pd.read_csv(tmp_path / "out.state_genes.csv")
     assert {"group", "names", "scores"} <= set(table.columns)
@@ -92,6 +98,8 @@ def test_fit_reports_bad_path_and_bad_key(tmp_path, sim_adata, capsys):
     sim_adata.write_h5ad(src)
     assert main(["fit", str(src), "-o", str(tmp_path / "o.h5ad"), "--batch-key", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
+    assert main(["fit", str(src), "-o", str(tmp_path / "o.h5ad"), "--condition-key", "nope"]) == 2
+    assert "`condition_key`" in capsys.readouterr().err
     assert main(["fit", str(src), "-o", str(tmp_path / "o.txt")]) == 2
 
 

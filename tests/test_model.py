@@ -1,6 +1,7 @@
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse
 import scvi
 import torch
 
@@ -212,3 +213,68 @@ def test_keyboard_interrupt_leaves_a_usable_model(sim_adata):
     assert 1 <= len(model.history["train_loss"]) <= 2
     model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)  # continues
     assert np.isfinite(model.history["train_loss"].iloc[-1, 0])
+
+
+def _stimulated(seed=0):
+    """Two simulated types; half the cells of each get a strong extra program on 15 genes (a 'stimulation')."""
+    from scmixvae.data import simulate
+
+    adata = simulate(n_cells=400, n_genes=100, n_types=2, type_sizes="balanced", seed=seed)
+    rng = np.random.default_rng(seed)
+    stim = rng.random(adata.n_obs) < 0.5
+    x = adata.X.toarray()
+    x[np.ix_(stim, np.arange(15))] += rng.poisson(40, size=(stim.sum(), 15))
+    adata.X = scipy.sparse.csr_matrix(x)
+    adata.obs["condition"] = pd.Categorical(np.where(stim, "stim", "ctrl"))
+    return adata
+
+
+def test_condition_key_is_registered_logged_and_round_trips(tmp_path):
+    adata = _stimulated()
+    obs_before = adata.obs.copy()
+    CplMixVAE.setup_anndata(adata, condition_key="condition")
+    pd.testing.assert_frame_equal(adata.obs[obs_before.columns], obs_before)
+    model = _fit(adata, n_categories=3, condition_weight=0.5, train={"max_epochs": 2})
+    assert model.module.n_conditions == 2 and model.module.condition_weight == 0.5
+    assert len(model.history["condition_discrepancy_train"]) == 2
+    model.save(tmp_path / "model", save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "model", adata=adata)
+    assert loaded.module.n_conditions == 2
+    assert loaded.adata_manager.registry["setup_args"]["condition_key"] == "condition"
+    pd.testing.assert_frame_equal(model.predict(soft=True), loaded.predict(soft=True))
+    # without a condition the model has none, and models set up without it load as before
+    plain = _stimulated()
+    CplMixVAE.setup_anndata(plain)
+    assert CplMixVAE(plain, n_categories=3).module.n_conditions == 0
+
+
+def test_condition_penalty_keeps_types_from_splitting_by_condition():
+    from sklearn.metrics import adjusted_mutual_info_score
+
+    def fit(condition_weight):
+        adata = _stimulated()
+        CplMixVAE.setup_anndata(adata, condition_key="condition")
+        scvi.settings.seed = 0
+        model = _fit(adata, n_categories=4, condition_weight=condition_weight, state_encoder="separate",
+                     train={"max_epochs": 30})  # fmt: skip
+        labels = model.predict().astype(str)
+        return (adjusted_mutual_info_score(adata.obs["condition"], labels),
+                adjusted_mutual_info_score(adata.obs["type"], labels))  # fmt: skip
+
+    cond_free, type_free = fit(0.0)
+    cond_pen, type_pen = fit(1.0)
+    # without the penalty the spare categories split the cells by condition; with it they follow the types
+    assert cond_free > 0.3
+    assert cond_pen < 0.1 and type_pen > type_free
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"condition_key": "nope"}, r"`condition_key`: column\(s\) \['nope'\] not found"),
+        ({"condition_key": "batch", "batch_key": "batch"}, "is also the batch or labels key"),
+    ],
+)
+def test_bad_condition_key_raises(sim_adata, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CplMixVAE.setup_anndata(sim_adata, **kwargs)

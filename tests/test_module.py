@@ -7,6 +7,7 @@ from scvi.distributions import NegativeBinomial
 
 from scmixvae.module import CplMixVAEModule, StackedBatchNorm, StackedLinear, check_temperature
 from scmixvae.module._losses import (
+    category_condition_discrepancy,
     coupling_distance,
     gaussian_log_likelihood,
     nb_log_likelihood,
@@ -270,3 +271,71 @@ def test_clr_coupling_distance_matches_a_hand_computation():
         z.append(clr / torch.sqrt(q[a].var(0, unbiased=False) + var_eps))
     expected = ((z[0] - z[1]) ** 2).sum(-1).mean()
     torch.testing.assert_close(coupling_distance(q, mask, kind="clr", eps=eps, var_eps=var_eps)[0, 1], expected)
+
+
+def _one_hot(labels, k):
+    return torch.nn.functional.one_hot(labels, k).float()[None]
+
+
+def test_condition_discrepancy_is_unbiased_when_proportions_match_and_grows_with_a_split_type():
+    gen = torch.Generator().manual_seed(0)
+    k, b = 10, 128
+    # same proportions in both conditions: the plug-in estimate would be about (K - 1) / B on average, this one 0
+    null = torch.stack([
+        category_condition_discrepancy(_one_hot(torch.randint(k, (b,), generator=gen), k),
+                                       torch.randint(2, (b,), generator=gen), 2)
+        for _ in range(500)
+    ])  # fmt: skip
+    assert null.shape == (500, 1)
+    assert abs(null.mean().item()) < 4 * null.std().item() / math.sqrt(500)
+    assert abs(null.mean().item()) < 0.01
+    # one category per condition: (1 - 0)^2 / 0.5 + (0 - 1)^2 / 0.5 = 4
+    cond = torch.arange(b) % 2
+    assert category_condition_discrepancy(_one_hot(cond, k), cond, 2).item() == pytest.approx(4.0)
+    # a type of proportion 1/4 split into one category per condition costs about 4 * 1/4
+    cond = (torch.arange(1024) // 4) % 2
+    typ = torch.arange(1024) % 4 + 1
+    split = torch.where((typ == 1) & (cond == 1), torch.zeros_like(typ), typ)
+    assert category_condition_discrepancy(_one_hot(split, k), cond, 2).item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_condition_discrepancy_per_agent_ignores_absent_conditions_and_pushes_proportions_together():
+    q = torch.softmax(torch.randn(2, 40, 5, generator=torch.Generator().manual_seed(1)), -1).requires_grad_()
+    cond = torch.zeros(40, dtype=torch.long)
+    cond[20:] = 2  # code 1 absent, code 3 has a single cell: neither forms a pair
+    cond[39] = 3
+    out = category_condition_discrepancy(q, cond, 4)
+    only_pair = category_condition_discrepancy(q[:, :39], cond[:39], 4)
+    assert out.shape == (2,)
+    torch.testing.assert_close(out[0], category_condition_discrepancy(q[:1], cond, 4)[0])
+    # the lone cell of code 3 only enters through the weights 1 / m_k
+    assert out.detach().sub(only_pair.detach()).abs().max() < 0.05
+    # one condition only: nothing to compare
+    assert category_condition_discrepancy(q, torch.zeros(40, dtype=torch.long), 4).abs().max() == 0
+    # gradient descent on the discrepancy brings the two conditions' mean posteriors closer
+    logits = torch.randn(1, 64, 4, generator=torch.Generator().manual_seed(2)) + 3 * _one_hot(torch.arange(64) % 2, 4)
+    logits.requires_grad_()
+    halves = torch.arange(64) % 2
+    gap = lambda p: (p[0, halves == 0].mean(0) - p[0, halves == 1].mean(0)).abs().sum().item()  # noqa: E731
+    before = gap(torch.softmax(logits, -1))
+    opt = torch.optim.SGD([logits], lr=5.0)
+    for _ in range(50):
+        opt.zero_grad()
+        category_condition_discrepancy(torch.softmax(logits, -1), halves, 2).sum().backward()
+        opt.step()
+    assert gap(torch.softmax(logits, -1)) < 0.2 * before
+
+
+def test_condition_penalty_enters_the_loss_only_with_a_condition(counts):
+    torch.manual_seed(0)
+    module = CplMixVAEModule(counts.shape[1], n_categories=4, n_hidden=16, n_conditions=2, condition_weight=0.5)
+    module.eval()
+    cond = (torch.arange(counts.shape[0]) % 2)[:, None].float()
+    tensors = {REGISTRY_KEYS.X_KEY: counts}
+    torch.manual_seed(1)  # the state is sampled
+    inf, _, plain = module(tensors)
+    torch.manual_seed(1)
+    _, _, with_cond = module({**tensors, "condition": cond})
+    gap = category_condition_discrepancy(inf["q"], cond, 2)
+    torch.testing.assert_close(with_cond.loss, plain.loss + 0.5 * counts.shape[1] * gap.sum())
+    assert "condition_discrepancy" in with_cond.extra_metrics and "condition_discrepancy" not in plain.extra_metrics

@@ -22,7 +22,7 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import _validation as check
-from .._constants import category_name
+from .._constants import CONDITION_KEY, category_name
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
 from ..module._module import Likelihood, eval_mode
@@ -105,6 +105,12 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ``"separate"`` follows the true state much more closely (simulator: within-type absolute Spearman
         correlation 0.74-0.85 against 0.47) with the same types, for one more matrix product per agent and
         step (see the user guide).
+    condition_weight
+        With a condition registered (``setup_anndata(condition_key=...)``): weight of the penalty that keeps
+        every category's share of cells the same in each condition (times the number of genes; see
+        :func:`~scmixvae.module.category_condition_discrepancy`). Without it, a strong condition effect (e.g.
+        interferon stimulation) splits types into one category per condition; with it, the condition's effect
+        goes to the state. Ignored without a registered condition.
     category_init
         ``"leiden"``: before the first training, fit the agents' categorical heads to a Leiden partition of
         the cells with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refine
@@ -146,6 +152,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
         state_encoder: Literal["shared", "separate"] = "shared",
+        condition_weight: float = 0.1,
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -170,6 +177,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_float("input_dropout", input_dropout, maximum=0.95)
         check.check_float("beta", beta)
         check.check_float("coupling_weight", coupling_weight)
+        check.check_float("condition_weight", condition_weight)
         check.check_choice("category_init", category_init, ("leiden", "random"))
         check.check_choice("augmentation", augmentation, AUGMENTATIONS)
         check.check_choice("state_encoder", state_encoder, ("shared", "separate"))
@@ -207,6 +215,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
             state_encoder=state_encoder,
+            n_conditions=self.summary_stats.get(f"n_{CONDITION_KEY}", 0),
+            condition_weight=condition_weight,
             **module_kwargs,
         )
         self._model_summary_string = (
@@ -215,7 +225,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
             f"beta: {beta}, coupling_weight: {coupling_weight}, category_init: {category_init}, "
-            f"augmentation: {augmentation}, state_encoder: {state_encoder}."
+            f"augmentation: {augmentation}, state_encoder: {state_encoder}"
+            + (f", condition_weight: {condition_weight}." if self.module.n_conditions > 1 else ".")
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -228,6 +239,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         labels_key: str | None = None,
         categorical_covariate_keys: list[str] | None = None,
         continuous_covariate_keys: list[str] | None = None,
+        condition_key: str | None = None,
         **kwargs,
     ) -> None:
         """Register an AnnData object with raw counts for :class:`CplMixVAE`.
@@ -250,6 +262,12 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             ``obs`` columns of further categorical covariates (one-hot, like the batch).
         continuous_covariate_keys
             ``obs`` columns of continuous covariates.
+        condition_key
+            ``obs`` column of an experimental condition whose effect belongs to the cells' states rather than
+            to their types (control vs stimulated, healthy vs disease, time points): training keeps every
+            category's share of cells the same across conditions (``condition_weight`` of the model), and the
+            condition is given to no encoder or decoder, so its effect is carried by the state latent. Unlike a
+            batch, it is not removed. Use it when every type is present in every condition.
         """
         check.check_unique_names(adata)
         check.check_obs_keys(
@@ -258,7 +276,10 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             labels_key=labels_key,
             categorical_covariate_keys=categorical_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys,
+            condition_key=condition_key,
         )
+        if condition_key is not None and condition_key in (batch_key, labels_key):
+            raise ValueError(f"`condition_key` {condition_key!r} is also the batch or labels key; use it for one only.")
         check.check_counts(adata, layer)
         setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
@@ -268,6 +289,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
         ]
+        if condition_key is not None:  # registered only when given: models saved without it load unchanged
+            anndata_fields.append(CategoricalObsField(CONDITION_KEY, condition_key))
         adata_manager = CplMixVAEAnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 #: Counts up to this value take ``lgamma(x + theta) - lgamma(theta)`` and its derivative from a per-gene table.
 NB_TABLE_COUNTS = 16
@@ -290,3 +291,45 @@ def coupling_distance(
     z = log_q * r * mask
     diff = z.unsqueeze(0) - z.unsqueeze(1)
     return diff.pow(2).sum(-1).mean(-1)
+
+
+def category_condition_discrepancy(q: torch.Tensor, condition: torch.Tensor, n_conditions: int) -> torch.Tensor:
+    """How much the category proportions differ between conditions in a minibatch, per agent.
+
+    For each pair of conditions ``g, h`` with at least two cells each, a chi-square-like distance between their
+    mean posteriors, ``sum_k (m_gk - m_hk)^2 / m_k`` with ``m_k`` the minibatch's mean posterior (held constant
+    for the gradient), so that a type split between conditions costs in proportion to its size. The squares are
+    estimated without bias (``m_gk^2`` leaves out each cell's product with itself): a plug-in estimate would be
+    biased upwards by the sampling noise of the proportions, which is smaller with fewer categories, and would
+    so reward merging types. Averaged over the pairs of conditions present.
+
+    Parameters
+    ----------
+    q
+        Posteriors ``(A, B, K)``; masked categories carry zero mass.
+    condition
+        Integer condition code per cell ``(B,)`` or ``(B, 1)``.
+    n_conditions
+        Number of condition codes.
+
+    Returns
+    -------
+    ``(A,)`` discrepancy: 0 in expectation when every condition has the same proportions (it can be slightly
+    negative, being unbiased), about ``4 p`` when a type of proportion ``p`` is split into one category per
+    condition between two conditions.
+    """
+    g = F.one_hot(condition.reshape(-1).long(), n_conditions).to(q.dtype)  # (B, G)
+    n = g.sum(0)  # (G,)
+    weight = 1.0 / q.detach().mean(1).clamp(min=1e-3)  # (A, K)
+    sums = torch.einsum("bg,abk->agk", g, q)  # (A, G, K)
+    self_products = torch.einsum("bg,abk->agk", g, q.pow(2))  # (A, G, K)
+    present = n >= 2
+    n_safe = n.clamp(min=2)
+    means = sums / n_safe[:, None]
+    square = (sums.pow(2) - self_products) / (n_safe * (n_safe - 1))[:, None]  # unbiased m_gk^2, (A, G, K)
+    # sum_k w_k (m_gk^2 + m_hk^2 - 2 m_gk m_hk) for every pair (g, h), (A, G, G)
+    weighted_square = (square * weight[:, None]).sum(-1)
+    cross = (means * weight[:, None]) @ means.transpose(-1, -2)
+    dist = weighted_square[:, :, None] + weighted_square[:, None, :] - 2 * cross
+    pairs = torch.triu(present[:, None] & present[None, :], diagonal=1).to(q.dtype)  # (G, G)
+    return (dist * pairs).sum((-2, -1)) / pairs.sum().clamp(min=1)

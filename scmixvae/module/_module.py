@@ -17,10 +17,11 @@ from torch import nn
 from torch.distributions import Normal
 from torch.nn import functional as F
 
-from .._constants import NEIGHBOUR_X_KEY, NORMALISATION_SCALE
+from .._constants import CONDITION_KEY, NEIGHBOUR_X_KEY, NORMALISATION_SCALE
 from ._augment import AUGMENTATIONS, DEFAULT_STRENGTH, Augmentation, AugmenterModule, mix_neighbours, thin_counts
 from ._components import StackedBatchNorm, StackedLinear, StackedMLP
 from ._losses import (
+    category_condition_discrepancy,
     coupling_distance,
     gaussian_log_likelihood,
     kl_normal_standard,
@@ -143,6 +144,13 @@ class CplMixVAEModule(BaseModuleClass):
     n_hidden_state
         Width of the ``"separate"`` state encoder (default ``n_hidden``); its matrix product with the genes is
         the option's extra cost per step.
+    n_conditions
+        Number of codes of the registered experimental condition (0: none). The condition is given to no
+        encoder or decoder: its effect has to be carried by the state.
+    condition_weight
+        Weight (times the number of genes) of the penalty on the difference between the conditions' category
+        proportions in a minibatch (:func:`category_condition_discrepancy`), which keeps them the same in every
+        condition, so that a condition's effect cannot be absorbed by splitting types.
     """
 
     def __init__(
@@ -171,6 +179,8 @@ class CplMixVAEModule(BaseModuleClass):
         entropy_weight: float = 1.0,
         state_encoder: Literal["shared", "separate"] = "shared",
         n_hidden_state: int | None = None,
+        n_conditions: int = 0,
+        condition_weight: float = 0.0,
         augmentation: Augmentation = "dropout",
         augmentation_strength: float | None = None,
     ):
@@ -189,6 +199,7 @@ class CplMixVAEModule(BaseModuleClass):
         self.category_state_interaction = category_state_interaction
         self.coupling_eps = coupling_eps
         self.entropy_weight = entropy_weight
+        self.n_conditions, self.condition_weight = int(n_conditions), float(condition_weight)
         if state_encoder not in ("separate", "shared"):
             raise ValueError(f"state_encoder must be 'separate' or 'shared', got {state_encoder!r}.")
         self.n_cats_per_cov = list(n_cats_per_cov or [])
@@ -516,6 +527,11 @@ class CplMixVAEModule(BaseModuleClass):
             with torch.no_grad():
                 labels = q.argmax(-1)
                 extra["agreement"] = (labels == labels[:1]).all(0).float().mean()
+        condition = tensors.get(CONDITION_KEY)
+        if condition is not None and self.n_conditions > 1 and self.condition_weight > 0:
+            gap = category_condition_discrepancy(q, condition, self.n_conditions)  # (A,)
+            loss = loss + self.condition_weight * self.n_input * gap.sum()
+            extra["condition_discrepancy"] = gap.detach().mean()
         per_agent = torch.stack([rec.detach().mean(-1), kl.detach().mean(-1), neg_ent.detach()])  # one reduction
         for i, (rec_i, kl_i, ne_i) in enumerate(per_agent.unbind(-1)):  # dictionary entries for the logger only
             extra[f"reconstruction_agent{i}"], extra[f"kl_agent{i}"], extra[f"neg_entropy_agent{i}"] = rec_i, kl_i, ne_i

@@ -46,8 +46,9 @@ def annotate(
     - ``obs[f"{key_added}_agent{a}_type"]``: each agent's category;
     - ``obsm[f"X_{key_added}_state"]``: the consensus state latent
       (:meth:`~scmixvae.model.CplMixVAE.get_latent_representation`);
-    - ``uns[key_added]``: ``params`` (the model's parameters as h5ad-serialisable values), ``categories``
-      and ``agent_agreement`` (pairwise agreement matrix).
+    - ``uns[key_added]``: ``params`` (the model's parameters as h5ad-serialisable values), ``setup_args``
+      (the arguments of :meth:`~scmixvae.model.CplMixVAE.setup_anndata`, same encoding), ``categories`` and
+      ``agent_agreement`` (pairwise agreement matrix).
     """
     if not isinstance(key_added, str) or not key_added:
         raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
@@ -70,10 +71,17 @@ def annotate(
     agreement = agreement_matrix(agent_labels)
     params = {k: v for k, v in model.init_params_["non_kwargs"].items()}
     params.update(model.init_params_.get("kwargs", {}).get("module_kwargs", {}) or {})
+    setup_args = dict(model.adata_manager.registry.get("setup_args", {}))
     target.uns[key_added] = {
-        "params": {k: (json.dumps(v) if v is None or isinstance(v, dict | list) else v) for k, v in params.items()},
+        "params": _serialisable(params),
+        "setup_args": _serialisable(setup_args),
         "categories": np.asarray(categories, dtype=str),
         "agent_agreement": agreement,
         "n_categories": int(model.n_categories),
     }
     return adata if copy else None
+
+
+def _serialisable(values: dict) -> dict:
+    """``None``, dictionaries and lists as JSON strings, so that ``write_h5ad`` keeps them."""
+    return {k: (json.dumps(v) if v is None or isinstance(v, dict | list | tuple) else v) for k, v in values.items()}
