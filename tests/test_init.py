@@ -63,3 +63,46 @@ def test_bad_category_init_is_refused(separated):
     CplMixVAE.setup_anndata(adata)
     with pytest.raises(ValueError, match="category_init"):
         CplMixVAE(adata, category_init="kmeans")
+
+
+def test_balanced_graph_takes_neighbours_from_every_group_and_is_symmetric():
+    rng = np.random.default_rng(0)
+    rep = rng.normal(size=(120, 4))
+    groups = np.repeat([0, 1, 2], 40)
+    rep[groups == 1] += 20.0  # far apart: an ordinary k-NN graph would have no edge between groups
+    graph = _init.balanced_knn_graph(rep, groups, n_neighbors=6)
+    assert graph.shape == (120, 120)
+    assert (graph != graph.T).nnz == 0 and graph.diagonal().sum() == 0
+    assert graph.data.min() > 0 and graph.data.max() <= 1
+    dense = graph.toarray()
+    for g in range(3):  # every cell has at least two neighbours (6 / 3 groups) in every group
+        assert ((dense[:, groups == g] > 0).sum(1) >= 2).all()
+
+
+def test_leiden_init_with_conditions_follows_types_not_conditions():
+    # two types, each split by a strong 'condition' program shared by both types
+    adata = simulate(n_cells=600, n_genes=200, n_types=2, type_sizes="balanced", seed=1)
+    rng = np.random.default_rng(1)
+    stim = rng.random(adata.n_obs) < 0.5
+    x = adata.X.toarray()
+    x[np.ix_(stim, np.arange(30))] += rng.poisson(60, size=(stim.sum(), 30))
+    matrix = sp.csr_matrix(x)
+    plain = _init.leiden_labels(matrix, 2, seed=0)
+    balanced = _init.leiden_labels(matrix, 2, seed=0, groups=stim.astype(int))
+    assert adjusted_rand_score(adata.obs["type"], plain) < 0.5  # the condition muddles the ordinary graph
+    assert adjusted_rand_score(adata.obs["type"], balanced) > 0.9
+    assert abs(adjusted_rand_score(stim, balanced)) < 0.05
+
+
+def test_knn_neighbours_with_conditions_come_equally_from_each_condition():
+    from scmixvae.train._augment import neighbour_table
+
+    adata = simulate(n_cells=300, n_genes=100, n_types=3, seed=2)
+    groups = np.random.default_rng(0).integers(3, size=adata.n_obs)
+    plain = neighbour_table(adata.X, n_neighbors=6)
+    table = neighbour_table(adata.X, n_neighbors=6, groups=groups)
+    assert plain.shape == table.shape == (adata.n_obs, 6)
+    assert not (table == np.arange(adata.n_obs)[:, None]).any()
+    for g in range(3):  # two neighbours from each of the three conditions
+        assert ((groups[table] == g).sum(1) == 2).all()
+    assert (groups[table[:, :2]] == 0).all() and (groups[table[:, 4:]] == 2).all()

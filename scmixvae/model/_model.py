@@ -380,7 +380,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             from ..train._augment import neighbour_table
 
             matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-            self.neighbours_ = neighbour_table(matrix, seed=scvi.settings.seed or 0)
+            self.neighbours_ = neighbour_table(matrix, seed=scvi.settings.seed or 0, groups=self._condition_codes())
         self.module.train()
         flag = InterruptFlag()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
@@ -422,8 +422,20 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             from ..train._init import leiden_labels
 
             matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-            self._initial_labels = leiden_labels(matrix, self.module.n_categories, seed=scvi.settings.seed or 0)
+            self._initial_labels = leiden_labels(
+                matrix, self.module.n_categories, seed=scvi.settings.seed or 0, groups=self._condition_codes()
+            )
         return self._initial_labels
+
+    def _condition_codes(self) -> np.ndarray | None:
+        """Condition code of every training cell, or ``None`` without a registered condition.
+
+        With a condition, the Leiden initialisation and the ``"knn"`` neighbours take every cell's neighbours
+        equally from each condition.
+        """
+        if CONDITION_KEY not in self.adata_manager.data_registry:
+            return None
+        return np.asarray(self.adata_manager.get_from_registry(CONDITION_KEY)).ravel()
 
     def train_augmenter(
         self,

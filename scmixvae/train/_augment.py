@@ -9,18 +9,26 @@ import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
 
-from ._init import _CHUNK, log_normalised
+from ._init import _CHUNK, balanced_neighbours, log_normalised
 
 logger = logging.getLogger(__name__)
 
 
 def neighbour_table(
-    matrix, *, n_neighbors: int = 15, n_components: int = 30, max_fit_cells: int = 100_000, seed: int = 0
+    matrix,
+    *,
+    n_neighbors: int = 15,
+    n_components: int = 30,
+    max_fit_cells: int = 100_000,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Find the indices ``(n_cells, n_neighbors)`` of each cell's nearest neighbours (itself excluded).
 
     Neighbours are found once, in a truncated SVD of log-normalised counts (fitted on at most ``max_fit_cells``
-    cells and applied chunk by chunk, so memory stays bounded).
+    cells and applied chunk by chunk, so memory stays bounded). With ``groups`` (a condition code per cell) they
+    are taken equally from each group (:func:`~scmixvae.train._init.balanced_neighbours`; about
+    ``n_neighbors`` in all), so that mixing a cell with a neighbour also mixes conditions.
     """
     from sklearn.decomposition import TruncatedSVD
     from sklearn.neighbors import NearestNeighbors
@@ -35,6 +43,9 @@ def neighbour_table(
     else:
         rep = np.vstack([svd.transform(log_normalised(matrix[s : s + _CHUNK])[0]) for s in range(0, n, _CHUNK)])
     rep = rep.astype(np.float32)
+    if groups is not None and len(np.unique(groups)) > 1:
+        _, idx = balanced_neighbours(rep, np.asarray(groups), n_neighbors)
+        return idx.reshape(n, -1).astype(np.int64)
     _, idx = NearestNeighbors(n_neighbors=n_neighbors + 1).fit(rep).kneighbors(rep)
     # drop the cell itself (usually, but not always, the first hit): a stable sort moves it to the end of its row
     is_self = idx == np.arange(n)[:, None]

@@ -38,13 +38,68 @@ def log_normalised(matrix, *, max_cells: int | None = None, seed: int = 0) -> tu
     return sp.vstack(blocks, format="csr"), rows
 
 
+def balanced_neighbours(rep: np.ndarray, groups: np.ndarray, n_neighbors: int = 15) -> tuple[np.ndarray, np.ndarray]:
+    """Every cell's nearest neighbours taken equally from each group (batch-balanced k-NN), itself excluded.
+
+    Returns distances and indices ``(n_cells, n_groups, k)``, ``k = ceil(n_neighbors / n_groups)`` (fewer when a
+    group is smaller), groups in sorted order, nearest first within each group.
+    """
+    from sklearn.neighbors import NearestNeighbors
+
+    n = rep.shape[0]
+    codes = np.unique(groups)
+    sizes = np.array([(groups == code).sum() for code in codes])
+    k = max(1, min(int(np.ceil(n_neighbors / len(codes))), int(sizes.min()) - 1))
+    dists, idxs = [], []
+    for code in codes:
+        members = np.flatnonzero(groups == code)
+        dist, idx = NearestNeighbors(n_neighbors=min(k + 1, len(members))).fit(rep[members]).kneighbors(rep)
+        idx = members[idx]
+        # drop the cell itself where found, else the farthest of the k + 1 (a stable sort keeps the order)
+        drop = idx == np.arange(n)[:, None]
+        drop[~drop.any(1), -1] = True
+        order = np.argsort(drop, axis=1, kind="stable")[:, :k]
+        dists.append(np.take_along_axis(dist, order, 1))
+        idxs.append(np.take_along_axis(idx, order, 1))
+    return np.stack(dists, 1), np.stack(idxs, 1)
+
+
+def balanced_knn_graph(rep: np.ndarray, groups: np.ndarray, n_neighbors: int = 15) -> sp.csr_matrix:
+    """Symmetric k-NN graph in which every cell takes its neighbours equally from each group.
+
+    The neighbours come from :func:`balanced_neighbours`. Within each group's neighbours the weights are
+    ``exp(-(d - rho) / sigma)``, ``rho`` the distance to the nearest of them and ``sigma`` the median of
+    ``d - rho`` (UMAP-like): the nearest neighbour in every group weighs 1, however far the condition has moved
+    the group. The graph is made symmetric by the larger of the two weights. A cell's type-mates in another
+    condition are then among its strongest edges, so that a clustering of the graph follows the types rather
+    than the conditions.
+    """
+    n = rep.shape[0]
+    dist, idx = balanced_neighbours(rep, groups, n_neighbors)  # (n, G, k)
+    excess = dist - dist[..., :1]
+    sigma = np.median(excess, axis=-1, keepdims=True)
+    sigma = np.where(sigma > 0, sigma, 1.0)
+    weights = np.exp(-excess / sigma)
+    rows = np.repeat(np.arange(n), idx.shape[1] * idx.shape[2])
+    graph = sp.csr_matrix((weights.ravel(), (rows, idx.ravel())), shape=(n, n))
+    return graph.maximum(graph.T).tocsr()
+
+
 def leiden_labels(
-    matrix, n_clusters: int, *, n_components: int = 30, max_cells: int = 100_000, seed: int = 0
+    matrix,
+    n_clusters: int,
+    *,
+    n_components: int = 30,
+    max_cells: int = 100_000,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
 ) -> np.ndarray:
     """Leiden partition of the cells into (as close as possible to) ``n_clusters`` clusters.
 
     The resolution is found by bisection on a log scale. Above ``max_cells`` cells the partition is computed on
-    a random subset and extended to every cell through its nearest subset neighbour.
+    a random subset and extended to every cell through its nearest subset neighbour. With ``groups`` (a
+    condition code per cell), the graph takes every cell's neighbours equally from each group
+    (:func:`balanced_knn_graph`).
     """
     import anndata
     from sklearn.decomposition import TruncatedSVD
@@ -57,11 +112,15 @@ def leiden_labels(
     svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(x)
     rep = svd.transform(x).astype(np.float32)
     graph = anndata.AnnData(obs={"i": np.arange(len(rows))}, obsm={"X_rep": rep})
-    neighbors(graph, use_rep="X_rep", n_neighbors=min(15, len(rows) - 1), random_state=seed)
+    leiden_kwargs = {}
+    if groups is not None and len(np.unique(groups[rows])) > 1:
+        leiden_kwargs["adjacency"] = balanced_knn_graph(rep, np.asarray(groups)[rows], min(15, len(rows) - 1))
+    else:
+        neighbors(graph, use_rep="X_rep", n_neighbors=min(15, len(rows) - 1), random_state=seed)
     best, lo, hi = None, 1e-3, 10.0
     for _ in range(20):
         resolution = float(np.sqrt(lo * hi))
-        leiden(graph, resolution=resolution, random_state=seed)
+        leiden(graph, resolution=resolution, random_state=seed, **leiden_kwargs)
         labels = graph.obs["leiden"].cat.codes.to_numpy()
         k = labels.max() + 1
         if (
