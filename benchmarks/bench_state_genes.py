@@ -8,7 +8,8 @@ Parts:
   in), ``n_categories`` = 13 reference types, the CTRL/STIM column registered as the condition
   (``setup_anndata(condition_key="condition")``; ``--condition-key none`` to leave it out), one fit per
   ``--seeds``; map each reference type to its majority consensus type; count the
-  ISGs (ISG15, IFIT1, IFIT3, IFI6, MX1, ISG20, IFITM3, OAS1, RSAD2, LY6E) among that type's top 20 state genes;
+  ISGs (ISG15, IFIT1, IFIT3, IFI6, MX1, ISG20, IFITM3, OAS1, RSAD2, LY6E) among that type's top 20 state genes
+  for each ranking axis of ``--axes`` (the default axis of ``rank_state_genes`` and the first principal one);
   AUROC of the state projection (the traversal axis) separating CTRL from STIM within each reference type; the
   cell-type ARI next to scVI + Leiden (from ``--peers-from`` or run here).
 - ``memory``: peak resident memory of ``rank_state_genes`` on 100,000 simulated cells x 2,000 genes above the
@@ -75,31 +76,34 @@ def _fit_ifnb(args, seed: int):
     model = CplMixVAE(adata, n_categories=len(np.unique(labels)), likelihood=args.likelihood, **args.model_kwargs)
     model.train(enable_progress_bar=False)
     scmixvae.tl.annotate(adata, model)
-    scmixvae.tl.rank_state_genes(adata, model, key_added="state_genes", normalize=args.normalize)
-    table = scmixvae.tl.get_state_genes(adata, key="state_genes")
     scores = clustering_scores(labels, adata.obs["cplmixvae_type"].astype(str).to_numpy())
-    rows = []
     stim = (adata.obs["condition"].astype(str) == "STIM").to_numpy()
     state = adata.obsm["X_cplmixvae_state"]
-    traversal = adata.uns["state_genes"].get("traversal", {})
-    for ref in np.unique(labels):
-        sel = labels == ref
-        consensus = adata.obs["cplmixvae_type"][sel].astype(str).value_counts().idxmax()
-        top = table[table["group"].astype(str) == consensus].nlargest(20, "scores")["names"].tolist()
-        n_isg = len(set(top) & set(ISGS))
-        groups = list(np.asarray(traversal.get("groups", []), dtype=str))
-        axis = np.asarray(traversal["direction"])[groups.index(consensus)] if consensus in groups else None
-        proj = state[sel] @ axis if axis is not None else state[sel, 0]
-        both = stim[sel].any() and (~stim[sel]).any()
-        auroc = roc_auc_score(stim[sel], proj) if both else float("nan")
-        rows.append({"part": "ifnb", "seed": seed, "reference_type": ref, "n_cells": int(sel.sum()),
-                     "consensus_type": consensus,
-                     "isgs_in_top20": n_isg, "auroc_ctrl_vs_stim": max(auroc, 1 - auroc)})  # fmt: skip
-        print(rows[-1], flush=True)
-    n_types_ok = sum(r["isgs_in_top20"] >= 5 for r in rows)
-    mean_auroc = float(np.nanmean([r["auroc_ctrl_vs_stim"] for r in rows]))
-    summary = {"part": "ifnb", "seed": seed, "reference_type": "SUMMARY", "types_with_5_isgs": n_types_ok,
-               "mean_auroc": mean_auroc, "ari": scores["ari"], "nmi": scores["nmi"]}  # fmt: skip
+    rows = [{"part": "ifnb", "seed": seed, "reference_type": ref, "n_cells": int((labels == ref).sum()),
+             "consensus_type": adata.obs["cplmixvae_type"][labels == ref].astype(str).value_counts().idxmax()}
+            for ref in np.unique(labels)]  # fmt: skip
+    summary = {"part": "ifnb", "seed": seed, "reference_type": "SUMMARY", "ari": scores["ari"], "nmi": scores["nmi"]}
+    for name in args.axes:  # "default": rank_state_genes' default axis (the condition's with one registered)
+        axis = None if name == "default" else int(name) if name.isdigit() else name
+        key = f"state_genes_{name}"
+        scmixvae.tl.rank_state_genes(adata, model, key_added=key, axis=axis, normalize=args.normalize)
+        table = scmixvae.tl.get_state_genes(adata, key=key)
+        traversal = adata.uns[key]["traversal"]
+        groups = list(np.asarray(traversal["groups"], dtype=str))
+        for row in rows:
+            sel = labels == row["reference_type"]
+            consensus = row["consensus_type"]
+            top = table[table["group"].astype(str) == consensus].nlargest(20, "scores")["names"].tolist()
+            direction = np.asarray(traversal["direction"])[groups.index(consensus)] if consensus in groups else None
+            proj = state[sel] @ direction if direction is not None else state[sel, 0]
+            auroc = roc_auc_score(stim[sel], proj) if stim[sel].any() and (~stim[sel]).any() else float("nan")
+            row[f"isgs_in_top20_{name}"] = len(set(top) & set(ISGS))
+            row[f"auroc_{name}"] = max(auroc, 1 - auroc)
+        summary[f"types_with_5_isgs_{name}"] = sum(r[f"isgs_in_top20_{name}"] >= 5 for r in rows)
+        summary[f"mean_auroc_{name}"] = float(np.nanmean([r[f"auroc_{name}"] for r in rows]))
+        summary[f"axis_{name}"] = adata.uns[key]["params"]["axis"]
+    for row in rows:
+        print(row, flush=True)
     rows.append(summary)
     return rows, adata, labels
 
@@ -125,6 +129,12 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", default=["ifnb", "memory"], choices=["ifnb", "memory"])
     p.add_argument("--likelihood", default="nb")
+    p.add_argument(
+        "--axes",
+        nargs="+",
+        default=["default", "pc1"],
+        help="traversal axes to rank by: 'default' (rank_state_genes' own choice), 'pc1', 'condition' or an index",
+    )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (one fit each)")
     p.add_argument(
         "--condition-key",

@@ -71,21 +71,24 @@ def test_scores_are_the_change_along_state_traversal_over_the_gene_spread(fitted
     np.testing.assert_allclose(steps[[0, -1]], [-3.0, 3.0])
     std = gene_std(adata.X)
     assert (std == 0).any()  # genes without counts: no spread, score 0
-    change = np.abs(decoded[-1] - decoded[0])
+    change = np.abs(decoded[-1] - decoded[0])  # the published score: endpoints over the gene's spread
     expected = pd.Series(np.divide(change, std, out=np.zeros_like(change), where=std > 0), index=adata.var_names)
-    normalised = tl.rank_state_genes(adata, model, normalize=True, copy=True).uns[KEY]
+    normalised = tl.rank_state_genes(adata, model, normalize=True, measure="endpoints", copy=True).uns[KEY]
     stored = pd.Series(normalised["scores"][group], index=normalised["names"][group])
     np.testing.assert_allclose(stored[adata.var_names], expected, rtol=1e-4, atol=1e-5)
-    raw = ranked.uns[KEY]  # default: normalize=False
+    raw = ranked.uns[KEY]  # default: normalize=False, measure="range"
+    assert raw["params"]["measure"] == "range" and raw["params"]["normalize"] is False
     raw_scores = pd.Series(raw["scores"][group], index=raw["names"][group])
-    np.testing.assert_allclose(raw_scores[adata.var_names], np.abs(decoded[-1] - decoded[0]), rtol=1e-4, atol=1e-6)
+    expected_range = decoded.max(0) - decoded.min(0)
+    np.testing.assert_allclose(raw_scores[adata.var_names], expected_range, rtol=1e-4, atol=1e-6)
 
 
 def test_range_measure_is_at_least_the_endpoint_change(fitted, ranked):
     adata, model = fitted
-    ranged = tl.rank_state_genes(adata, model, measure="range", copy=True).uns[KEY]
+    ranged = ranked.uns[KEY]
+    endpoints = tl.rank_state_genes(adata, model, measure="endpoints", copy=True).uns[KEY]
     for g in ranged["names"].dtype.names:
-        end = pd.Series(ranked.uns[KEY]["scores"][g], index=ranked.uns[KEY]["names"][g])
+        end = pd.Series(endpoints["scores"][g], index=endpoints["names"][g])
         rng = pd.Series(ranged["scores"][g], index=ranged["names"][g])
         assert np.all(rng[end.index].to_numpy() >= end.to_numpy() - 1e-5)
 
@@ -390,3 +393,64 @@ def test_gaussian_normalized_expression_is_a_positive_scale():
     expr = model.get_normalized_expression(transform_batch=["batch_0", "batch_1"], return_numpy=True)
     assert expr.shape == (adata.n_obs, adata.n_vars)
     assert np.isfinite(expr).all() and (expr >= 0).all()
+
+
+# ------------------------------------------------------------------------------------------ condition axis
+@pytest.fixture(scope="module")
+def with_condition():
+    """300 cells, 3 types; half the cells 'stim' with an extra program on 10 genes; the condition registered."""
+    scvi.settings.seed = 0
+    adata = simulate(n_cells=300, n_genes=100, n_types=3, type_sizes="balanced", seed=4)
+    rng = np.random.default_rng(0)
+    stim = rng.random(adata.n_obs) < 0.5
+    x = adata.X.toarray()
+    x[np.ix_(stim, np.arange(10))] += rng.poisson(20, size=(stim.sum(), 10))
+    adata.X = sparse.csr_matrix(x)
+    adata.obs["treatment"] = pd.Categorical(np.where(stim, "stim", "ctrl"), categories=["ctrl", "stim"])
+    CplMixVAE.setup_anndata(adata, condition_key="treatment")
+    model = CplMixVAE(adata, n_categories=3, n_hidden=32, state_encoder="separate")
+    model.train(max_epochs=3, batch_size=64, enable_progress_bar=False)
+    return adata, model
+
+
+def test_condition_axis_is_the_default_with_a_condition_and_joins_the_conditions_mean_states(with_condition):
+    adata, model = with_condition
+    out = tl.rank_state_genes(adata, model, copy=True)
+    result = out.uns[KEY]
+    assert result["params"]["axis"] == "condition"
+    traversal = result["traversal"]
+    state = model.get_latent_representation(adata)  # agent 0's state given the consensus category
+    stim = (adata.obs["treatment"] == "stim").to_numpy()
+    for i, group in enumerate(np.asarray(traversal["groups"], dtype=str)):
+        cells = (out.obs[f"{KEY}_group"] == group).to_numpy()
+        assert traversal["axis"][i] == "condition"
+        expected = state[cells & stim].mean(0) - state[cells & ~stim].mean(0)  # from "ctrl" (first) to "stim"
+        np.testing.assert_allclose(traversal["direction"][i], expected / np.linalg.norm(expected), rtol=1e-4, atol=1e-5)
+        projection = (state[cells] - traversal["center"][i]) @ traversal["direction"][i]
+        assert traversal["sigma"][i] == pytest.approx(projection.std(ddof=1), rel=1e-4)
+
+
+def test_condition_axis_falls_back_to_pc1_for_a_group_with_one_condition(with_condition, caplog):
+    adata, model = with_condition
+    data = adata.copy()
+    data.obs["part"] = pd.Categorical(np.where(data.obs["treatment"] == "stim", "only_stim", "mixed"))
+    data.obs.loc[data.obs_names[:40], "part"] = "mixed"
+    data.obs["part"] = data.obs["part"].astype(str).astype("category")
+    with caplog.at_level("WARNING", logger="scmixvae"):
+        tl.rank_state_genes(data, model, groupby="part")
+    traversal = data.uns[KEY]["traversal"]
+    axes = dict(zip(np.asarray(traversal["groups"], dtype=str), traversal["axis"], strict=True))
+    assert axes == {"mixed": "condition", "only_stim": "pc1"}
+    assert "one condition only" in caplog.text
+
+
+def test_condition_axis_needs_a_registered_condition_present_in_the_data(fitted, with_condition):
+    adata, model = fitted
+    with pytest.raises(ValueError, match="needs a condition registered"):
+        tl.rank_state_genes(adata, model, axis="condition", copy=True)
+    assert tl.rank_state_genes(adata, model, copy=True).uns[KEY]["params"]["axis"] == "pc1"
+    cond_adata, cond_model = with_condition
+    missing = cond_adata.copy()
+    del missing.obs["treatment"]
+    with pytest.raises(KeyError, match="treatment not found in adata.obs"):  # scvi-tools' registry check
+        tl.rank_state_genes(missing, cond_model, copy=True)

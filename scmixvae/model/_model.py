@@ -152,7 +152,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
         state_encoder: Literal["shared", "separate"] = "shared",
-        condition_weight: float = 0.1,
+        condition_weight: float = 1.0,
         **module_kwargs,
     ):
         super().__init__(adata)

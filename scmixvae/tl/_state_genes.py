@@ -27,7 +27,7 @@ _CHUNK_SIZE = 4096
 #: Smallest number of cells a group needs for its state axis and spread.
 _MIN_CELLS = 3
 
-Axis = Literal["pc1"] | int
+Axis = Literal["pc1", "condition"] | int
 Measure = Literal["endpoints", "range"]
 
 
@@ -44,9 +44,21 @@ def _check_model(model) -> None:
         raise TypeError(f"`model` must be a trained scmixvae.model.CplMixVAE, got {type(model).__name__}.")
 
 
+def _resolve_axis(model, axis):
+    """``None``: ``"condition"`` for models set up with a condition, else ``"pc1"``."""
+    if axis is None:
+        return "condition" if _condition_key(model) is not None else "pc1"
+    return axis
+
+
 def _check_traversal_args(model, *, axis, n_sigma, n_steps, agent) -> None:
-    if isinstance(axis, bool) or not (axis == "pc1" or isinstance(axis, int | np.integer)):
-        raise ValueError(f'`axis` must be "pc1" or the index of a state dimension, got {axis!r}.')
+    if isinstance(axis, bool) or not (axis in ("pc1", "condition") or isinstance(axis, int | np.integer)):
+        raise ValueError(f'`axis` must be "pc1", "condition" or the index of a state dimension, got {axis!r}.')
+    if axis == "condition" and _condition_key(model) is None:
+        raise ValueError(
+            '`axis="condition"` needs a condition registered with the model: '
+            "CplMixVAE.setup_anndata(adata, condition_key=...)."
+        )
     n_state = model.module.n_state
     if not isinstance(axis, str) and not 0 <= int(axis) < n_state:
         raise ValueError(
@@ -59,6 +71,35 @@ def _check_traversal_args(model, *, axis, n_sigma, n_steps, agent) -> None:
     n_agents = model.module.n_agents
     if isinstance(agent, bool) or not isinstance(agent, int | np.integer) or not 0 <= agent < n_agents:
         raise ValueError(f"`agent` must be an integer in 0..{n_agents - 1}, got {agent!r}.")
+
+
+def _condition_key(model) -> str | None:
+    """Return the ``obs`` column registered as the model's condition (``setup_anndata(condition_key=...)``)."""
+    return model.adata_manager.registry.get("setup_args", {}).get("condition_key")
+
+
+def _condition_labels(model, adata: AnnData) -> np.ndarray:
+    """Read the condition of every cell of ``adata`` from the column the model was set up with."""
+    key = _condition_key(model)
+    if key not in adata.obs:
+        raise ValueError(f'`axis="condition"`: adata.obs has no column {key!r}, the model\'s condition.')
+    column = adata.obs[key]
+    if column.isna().any():
+        raise ValueError(f'`axis="condition"`: adata.obs[{key!r}] has missing values.')
+    return np.asarray(column.astype(str))
+
+
+def _conditions_for(model, adata: AnnData, axis) -> tuple[np.ndarray | None, list[str]]:
+    """Return the cells' conditions and their order when ``axis="condition"``, else ``(None, [])``."""
+    if axis != "condition":
+        return None, []
+    labels = _condition_labels(model, adata)
+    column = adata.obs[_condition_key(model)]
+    if isinstance(column.dtype, pd.CategoricalDtype):
+        order = [str(c) for c in column.cat.categories]
+    else:
+        order = sorted(np.unique(labels))
+    return labels, order
 
 
 def _check_groupby(adata: AnnData, groupby: str) -> None:
@@ -154,9 +195,43 @@ def _states(model, hs: torch.Tensor, k: int, agent: int) -> np.ndarray:
     return mean[agent].cpu().numpy().astype(np.float64)
 
 
-def _path_geometry(states: np.ndarray, axis: Axis) -> tuple[np.ndarray, np.ndarray, float]:
-    """Centre, unit direction and spread (sd of the projections) of the main axis of ``states``."""
+def _condition_direction(states: np.ndarray, conditions: np.ndarray, order: Sequence[str]) -> np.ndarray | None:
+    """Return the unit direction along which the conditions' mean states lie (``None``: fewer than two).
+
+    Two conditions: from the mean state of the first (in ``order``) to that of the second. More: the first
+    principal axis of the conditions' mean states weighted by their numbers of cells, oriented from the
+    first condition present towards the last.
+    """
+    present = [c for c in order if (conditions == c).any()]
+    if len(present) < 2:
+        return None
+    means = np.stack([states[conditions == c].mean(0) for c in present])
+    weights = np.array([(conditions == c).sum() for c in present], dtype=np.float64)
+    if len(present) == 2:
+        direction = means[1] - means[0]
+    else:
+        centred = means - np.average(means, axis=0, weights=weights)
+        _, eigvec = np.linalg.eigh((centred * weights[:, None]).T @ centred)
+        direction = eigvec[:, -1]
+        direction = direction * (np.sign(direction @ (means[-1] - means[0])) or 1.0)
+    norm = np.linalg.norm(direction)
+    return direction / norm if norm > 0 else None
+
+
+def _path_geometry(
+    states: np.ndarray, axis: Axis, conditions: np.ndarray | None = None, order: Sequence[str] = ()
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Centre, unit direction and spread (sd of the projections) of the chosen axis of ``states``.
+
+    ``axis="condition"`` needs the cells' ``conditions``; a group with a single condition falls back to the
+    first principal component (logged by the caller).
+    """
     center = states.mean(0)
+    if axis == "condition":
+        direction = _condition_direction(states, conditions, order)
+        if direction is not None:
+            return center, direction, float(((states - center) @ direction).std(ddof=1))
+        axis = "pc1"
     if axis == "pc1":
         centred = states - center
         cov = centred.T @ centred / max(len(states) - 1, 1)
@@ -266,7 +341,7 @@ def state_traversal(
     *,
     adata: AnnData | None = None,
     cells: Sequence[int] | np.ndarray | None = None,
-    axis: Axis = "pc1",
+    axis: Axis | None = None,
     n_sigma: float = 3.0,
     n_steps: int = 10,
     agent: int = 0,
@@ -293,7 +368,9 @@ def state_traversal(
         Integer indices or a boolean mask of the cells that define the state distribution; by default
         the cells whose consensus category is ``category``.
     axis
-        ``"pc1"`` or the index of one state dimension.
+        ``"pc1"``, ``"condition"`` (the direction between the conditions' mean states, for models set up
+        with a ``condition_key``; see :func:`rank_state_genes`) or the index of one state dimension.
+        ``None`` (default): ``"condition"`` when the model has a condition, else ``"pc1"``.
     n_sigma
         Half-length of the path in standard deviations of the cells along the axis.
     n_steps
@@ -310,6 +387,7 @@ def state_traversal(
     scale of the data's ``log1p``-normalised counts.
     """
     _check_model(model)
+    axis = _resolve_axis(model, axis)
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
     k = _category_index(model, category)
     model._check_if_trained(warn=True)
@@ -326,7 +404,13 @@ def state_traversal(
             f"Category {category!r} has {int(mask.sum())} cell(s); the state axis needs at least {_MIN_CELLS}."
         )
     states = _states(model, h[:, torch.as_tensor(np.flatnonzero(mask))], k, agent)
-    center, direction, sigma = _path_geometry(states, axis)
+    conditions, order = _conditions_for(model, adata, axis)
+    sub = None if conditions is None else conditions[mask]
+    if sub is not None and len(np.unique(sub)) < 2:
+        logger.warning(
+            "The cells of category %r hold one condition only; their axis is the first principal one.", category
+        )
+    center, direction, sigma = _path_geometry(states, axis, sub, order)
     t, x_log, _ = _decode_path(
         model, k, center, direction, sigma, n_sigma=n_sigma, n_steps=n_steps, agent=agent, cont_mean=cont_mean
     )
@@ -338,11 +422,11 @@ def rank_state_genes(
     model,
     *,
     groupby: str | None = None,
-    axis: Axis = "pc1",
+    axis: Axis | None = None,
     n_sigma: float = 3.0,
     n_steps: int = 10,
     normalize: bool = False,
-    measure: Measure = "endpoints",
+    measure: Measure = "range",
     agent: int = 0,
     batch_size: int | None = None,
     key_added: str = DEFAULT_STATE_GENES_KEY,
@@ -372,7 +456,12 @@ def rank_state_genes(
     axis
         ``"pc1"`` (first principal component of the group's state means) or the index of one state
         dimension. The sign of a principal axis is arbitrary; it is fixed so that its largest loading is
-        positive.
+        positive. ``"condition"`` (models set up with a ``condition_key``): the direction from the mean state
+        of the group's cells in the first condition to that in the second (in the order of the column's
+        categories; with more conditions, the main axis of their mean states, oriented from the first
+        towards the last): the genes the condition moves along the state, within each type. Groups that hold
+        a single condition use ``"pc1"`` (logged; ``traversal["axis"]`` says which axis each group used).
+        ``None`` (default): ``"condition"`` when the model has a condition, else ``"pc1"``.
     n_sigma
         Half-length of the path, in standard deviations of the group's cells along the axis.
     n_steps
@@ -431,6 +520,7 @@ def rank_state_genes(
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
     if not isinstance(key_added, str) or not key_added:
         raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
+    axis = _resolve_axis(model, axis)
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
     if measure not in ("endpoints", "range"):
         raise ValueError(f'`measure` must be "endpoints" or "range", got {measure!r}.')
@@ -455,6 +545,7 @@ def rank_state_genes(
         counts = model.get_anndata_manager(model_adata, required=True).get_from_registry(REGISTRY_KEYS.X_KEY)
         std = gene_std(counts)
 
+    conditions, order = _conditions_for(model, adata, axis)
     results, geometry = {}, {}
     for group in groups.categories:
         idx = np.flatnonzero(np.asarray(groups == group))
@@ -465,7 +556,15 @@ def rank_state_genes(
             continue
         k = int(np.bincount(consensus[idx]).argmax())
         states = _states(model, h[:, torch.as_tensor(idx)], k, agent)
-        center, direction, sigma = _path_geometry(states, axis)
+        group_axis = axis
+        if conditions is not None and len(np.unique(conditions[idx])) < 2:
+            logger.warning(
+                "The cells of group %r hold one condition only; their axis is the first principal one.", group
+            )
+            group_axis = "pc1"
+        center, direction, sigma = _path_geometry(
+            states, group_axis, None if conditions is None else conditions[idx], order
+        )
         if not sigma > 0:
             logger.warning("The cells of group %r do not spread along the state axis; it is left out.", group)
             continue
@@ -475,7 +574,7 @@ def rank_state_genes(
         scores, lfc = _traversal_scores(x_log, expr, std, measure)
         pvals = _outlier_pvalues(scores)
         results[str(group)] = (scores, lfc, pvals, benjamini_hochberg(pvals))
-        geometry[str(group)] = (category_name(k), len(idx), center, direction, sigma)
+        geometry[str(group)] = (category_name(k), len(idx), center, direction, sigma, str(group_axis))
     if not results:
         raise ValueError(
             f"No group of {groupby!r} has at least {_MIN_CELLS} cells spread along the state axis; nothing to rank."
@@ -506,6 +605,7 @@ def rank_state_genes(
         "center": np.stack([g[2] for g in geometry.values()]),
         "direction": np.stack([g[3] for g in geometry.values()]),
         "sigma": np.asarray([g[4] for g in geometry.values()], dtype=np.float64),
+        "axis": np.asarray([g[5] for g in geometry.values()], dtype=str),
         "continuous_covariates": np.zeros(0) if cont_mean is None else cont_mean.numpy().astype(np.float64),
     }
     return adata if copy else None
