@@ -86,9 +86,11 @@ def _fit_ifnb(args, seed: int):
             for ref in np.unique(labels)]  # fmt: skip
     summary = {"part": "ifnb", "seed": seed, "reference_type": "SUMMARY", "ari": scores["ari"], "nmi": scores["nmi"]}
     for name in args.axes:  # "default": rank_state_genes' default axis (the condition's with one registered)
-        axis = None if name == "default" else int(name) if name.isdigit() else name
-        key = f"state_genes_{name}"
-        scmixvae.tl.rank_state_genes(adata, model, key_added=key, axis=axis, normalize=args.normalize)
+        axis_name, _, measure = name.partition(":")
+        axis = None if axis_name == "default" else int(axis_name) if axis_name.isdigit() else axis_name
+        key = f"state_genes_{name.replace(':', '_')}"
+        measure_kwargs = {"measure": measure} if measure else {}
+        scmixvae.tl.rank_state_genes(adata, model, key_added=key, axis=axis, normalize=args.normalize, **measure_kwargs)
         table = scmixvae.tl.get_state_genes(adata, key=key)
         traversal = adata.uns[key]["traversal"]
         groups = list(np.asarray(traversal["groups"], dtype=str))
@@ -135,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         "--axes",
         nargs="+",
         default=["default", "pc1"],
-        help="traversal axes to rank by: 'default' (rank_state_genes' own choice), 'pc1', 'condition' or an index",
+        help="traversal axes to rank by: 'default' (rank_state_genes' own choice), 'pc1', 'condition' or an index,"
+        " optionally with ':endpoints' or ':range' for the score (default: rank_state_genes')",
     )
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (one fit each)")
     p.add_argument(

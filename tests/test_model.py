@@ -273,8 +273,19 @@ def test_condition_penalty_keeps_types_from_splitting_by_condition():
     [
         ({"condition_key": "nope"}, r"`condition_key`: column\(s\) \['nope'\] not found"),
         ({"condition_key": "batch", "batch_key": "batch"}, "is also the batch or labels key"),
+        ({"condition_key": "with_nan"}, r"adata.obs\['with_nan'\] has 1 missing value\(s\)"),
     ],
 )
 def test_bad_condition_key_raises(sim_adata, kwargs, match):
+    sim_adata.obs["with_nan"] = pd.Categorical(["a", "b"] * 149 + ["a", np.nan])
+    obs_before = sim_adata.obs.copy()
     with pytest.raises(ValueError, match=match):
         CplMixVAE.setup_anndata(sim_adata, **kwargs)
+    pd.testing.assert_frame_equal(sim_adata.obs, obs_before)
+    assert "_scvi_manager_uuid" not in sim_adata.uns
+
+
+def test_single_condition_warns(sim_adata):
+    sim_adata.obs["one"] = "ctrl"
+    with pytest.warns(UserWarning, match="holds a single condition"):
+        CplMixVAE.setup_anndata(sim_adata, condition_key="one")

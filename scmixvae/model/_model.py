@@ -278,8 +278,22 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             continuous_covariate_keys=continuous_covariate_keys,
             condition_key=condition_key,
         )
-        if condition_key is not None and condition_key in (batch_key, labels_key):
-            raise ValueError(f"`condition_key` {condition_key!r} is also the batch or labels key; use it for one only.")
+        if condition_key is not None:
+            if condition_key in (batch_key, labels_key):
+                raise ValueError(
+                    f"`condition_key` {condition_key!r} is also the batch or labels key; use it for one only."
+                )
+            if adata.obs[condition_key].isna().any():
+                raise ValueError(
+                    f"adata.obs[{condition_key!r}] has {int(adata.obs[condition_key].isna().sum())} missing value(s); "
+                    "every cell needs a condition."
+                )
+            if adata.obs[condition_key].nunique() < 2:
+                warnings.warn(
+                    f"adata.obs[{condition_key!r}] holds a single condition; the condition has no effect.",
+                    UserWarning,
+                    stacklevel=2,
+                )
         check.check_counts(adata, layer)
         setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
