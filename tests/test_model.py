@@ -289,3 +289,16 @@ def test_single_condition_warns(sim_adata):
     sim_adata.obs["one"] = "ctrl"
     with pytest.warns(UserWarning, match="holds a single condition"):
         CplMixVAE.setup_anndata(sim_adata, condition_key="one")
+
+
+def test_state_encoder_defaults_to_separate_with_a_condition(tmp_path):
+    adata = _stimulated()
+    CplMixVAE.setup_anndata(adata, condition_key="condition")
+    model = CplMixVAE(adata, n_categories=2)
+    assert model.module.state_encoder is not None and "state_encoder: separate" in model._model_summary_string
+    assert CplMixVAE(adata, n_categories=2, state_encoder="shared").module.state_encoder is None
+    model.save(tmp_path / "model", save_anndata=False)
+    assert CplMixVAE.load(tmp_path / "model", adata=adata).module.state_encoder is not None
+    plain = _stimulated()
+    CplMixVAE.setup_anndata(plain)
+    assert CplMixVAE(plain, n_categories=2).module.state_encoder is None

@@ -99,3 +99,32 @@ def test_fused_node_with_log_library_passes_gradcheck():
     assert torch.autograd.gradcheck(
         lambda m, t, lib: nb_log_likelihood(x, m, t, log_library=lib), (log_scale, theta, log_library)
     )
+
+
+@pytest.mark.parametrize("theta_shape", [(2, 1, 40), (2, 16, 40)], ids=["per-gene", "per-cell"])
+@pytest.mark.parametrize("with_library", [True, False], ids=["library", "no-library"])
+def test_logits_input_equals_the_log_softmax_of_the_logits(theta_shape, with_library):
+    x, logits, theta = _inputs(theta_shape, seed=6)
+    logits = (logits.detach() * 3 + 2).requires_grad_()  # unnormalised, with a large spread
+    log_library = (torch.rand(16, 1, dtype=torch.float64) * 3 + 5).requires_grad_() if with_library else None
+    ours = nb_log_likelihood(x, logits, theta, log_library=log_library, logits=True)
+    log_mu = torch.log_softmax(logits, -1) + (0 if log_library is None else log_library)
+    # plain autograd of the same formula (scvi's NegativeBinomial adds 1e-8 inside log(mu), which matters for
+    # the tiny means of a softmax without a library size)
+    ref = nb_log_likelihood_reference(x, log_mu, theta)
+    torch.testing.assert_close(ours, ref)
+    inputs = [logits, theta] + ([log_library] if with_library else [])
+    weights = torch.randn_like(ours)
+    grads = torch.autograd.grad((ours * weights).sum(), inputs)
+    expected = torch.autograd.grad((ref * weights).sum(), inputs)
+    for got, want in zip(grads, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-5)
+    assert grads[0].sum(-1).abs().max() < 1e-8  # a shift of all logits changes nothing
+
+
+def test_fused_node_with_logits_passes_gradcheck():
+    x, logits, theta = _inputs((2, 1, 40), scale=25.0, seed=7)
+    log_library = (torch.rand(16, 1, dtype=torch.float64) + 2).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda z, t, lib: nb_log_likelihood(x, z, t, log_library=lib, logits=True), (logits, theta, log_library)
+    )

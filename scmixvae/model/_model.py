@@ -104,7 +104,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ``"separate"``: a one-layer encoder of its own that sees the real cell. At a given ``n_categories``
         ``"separate"`` follows the true state much more closely (simulator: within-type absolute Spearman
         correlation 0.74-0.85 against 0.47) with the same types, for one more matrix product per agent and
-        step (see the user guide).
+        step (see the user guide). ``None`` (default): ``"separate"`` when a condition is registered
+        (``setup_anndata(condition_key=...)``), whose effect the state has to carry (on ``ifnb_2800`` the
+        shared state carried almost none of it), ``"shared"`` otherwise.
     condition_weight
         With a condition registered (``setup_anndata(condition_key=...)``): weight of the penalty that keeps
         every category's share of cells the same in each condition (times the number of genes; see
@@ -151,7 +153,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         category_init: Literal["leiden", "random"] = "leiden",
         augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
-        state_encoder: Literal["shared", "separate"] = "shared",
+        state_encoder: Literal["shared", "separate"] | None = None,
         condition_weight: float = 1.0,
         **module_kwargs,
     ):
@@ -168,6 +170,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
         if augmentation is None:  # the option measured best for each use (see the augmentation guide)
             augmentation = "knn" if self.choose_n_categories_ else "dropout"
+        has_condition = self.summary_stats.get(f"n_{CONDITION_KEY}", 0) > 0
+        if state_encoder is None:  # a registered condition's effect has to be carried by the state (user guide)
+            state_encoder = "separate" if has_condition else "shared"
         check.check_int("n_categories", n_categories, minimum=1)
         check.check_int("n_state", n_state, minimum=1)
         check.check_int("n_hidden", n_hidden, minimum=1)

@@ -177,7 +177,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
             if module.likelihood == "gaussian":
                 scale = torch.expm1(gen["px_mean"]).clamp(min=0.0) / NORMALISATION_SCALE
             else:
-                scale = gen["px_log_scale"].exp()
+                scale = module.log_scale(gen).exp()
             scales.append(scale.mean(0) if agent is None else scale[agent])
         scale = torch.stack(scales).mean(0)
         return scale * (out["library"] if library_size == "latent" else library_size)

@@ -36,6 +36,7 @@ def nb_log_likelihood(
     *,
     nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
     log_library: torch.Tensor | None = None,
+    logits: bool = False,
 ) -> torch.Tensor:
     """Negative binomial log-likelihood, summed over genes.
 
@@ -54,6 +55,9 @@ def nb_log_likelihood(
         Optional log library size of each cell ``(B, 1)``: the means are then ``exp(log_mu + log_library)``,
         without a dense ``(A, B, D)`` sum of the two being formed (``log_mu`` is then the decoder's log
         scale).
+    logits
+        ``log_mu`` holds the decoder's unnormalised outputs: the log scale is their ``log_softmax`` over genes,
+        evaluated inside the same autograd node (no ``(A, B, D)`` log-softmax tensor forward nor backward).
 
     Returns
     -------
@@ -75,13 +79,21 @@ def nb_log_likelihood(
     """
     rows, cols, flat = nonzero_indices(x) if nonzero is None else with_flat_index(nonzero, x.shape[-1])
     if theta.dim() != 3 or theta.shape[1] != 1:
+        log_mu = torch.log_softmax(log_mu, dim=-1) if logits else log_mu
         log_mu = log_mu if log_library is None else log_mu + log_library
         return nb_log_likelihood_reference(x, log_mu, theta, nonzero=(rows, cols))
     # mixed precision: the likelihood is summed over thousands of genes, so it is computed in float32
     with torch.autocast(log_mu.device.type, enabled=False):
         log_library = None if log_library is None else _at_least_float32(log_library)
         return NBLogLikelihood.apply(
-            _at_least_float32(x), _at_least_float32(log_mu), _at_least_float32(theta), rows, cols, flat, log_library
+            _at_least_float32(x),
+            _at_least_float32(log_mu),
+            _at_least_float32(theta),
+            rows,
+            cols,
+            flat,
+            log_library,
+            logits,
         )
 
 
@@ -162,16 +174,26 @@ class NBLogLikelihood(torch.autograd.Function):
     ``d/d theta = log theta + 1 - L - (theta + x) p / theta + [x > 0] (digamma(x + theta) - digamma(theta))``,
     summed over cells with the upstream gradient as weights (a batched matrix product). The optional log
     library size enters the means as a per-cell offset; its gradient is the sum of ``d/d log_mu`` over agents
-    and genes.
+    and genes. With ``logits=True`` the input is the decoder's output ``z`` and ``log mu = log_softmax(z)`` (plus
+    the offset): the forward's ``exp`` pass yields the softmax, and the backward maps ``g = d/d log_mu`` to
+    ``d/d z = g - softmax(z) sum(g)``, so no log-softmax tensor is formed forward.
     """
 
     @staticmethod
-    def forward(ctx, x, log_mu, theta, rows, cols, flat, log_library=None):
+    def forward(ctx, x, log_mu, theta, rows, cols, flat, log_library=None, logits=False):
         n_agents = theta.shape[0]
         log_theta = theta.log()
-        mu = log_mu.exp()
-        if log_library is not None:
-            mu.mul_(log_library.exp())
+        log_norm = None
+        if logits:  # log_mu holds logits: mu = softmax(logits) * library, log mu = logits - log_norm (+ log library)
+            top = log_mu.detach().amax(-1, keepdim=True)
+            mu = (log_mu - top).exp_()
+            total = mu.sum(-1, keepdim=True)
+            log_norm = top + total.log()  # (A, B, 1)
+            mu.mul_(total.reciprocal_() if log_library is None else log_library.exp() / total)
+        else:
+            mu = log_mu.exp()
+            if log_library is not None:
+                mu.mul_(log_library.exp())
         big_l = mu.add_(theta).log_()  # log(theta + mu), (A, B, D)
         theta_t = theta.transpose(1, 2)  # (A, D, 1)
         ll = (theta * log_theta).sum(-1) - torch.bmm(big_l, theta_t).squeeze(-1)
@@ -180,6 +202,8 @@ class NBLogLikelihood(torch.autograd.Function):
         n_cells = x.shape[0]
         counts = x.reshape(-1).index_select(0, flat)
         log_mu_nz = log_mu.reshape(n_agents, -1).index_select(1, flat)
+        if log_norm is not None:
+            log_mu_nz = log_mu_nz - log_norm.reshape(n_agents, -1).index_select(1, rows)
         if log_library is not None:
             log_mu_nz = log_mu_nz + log_library.reshape(-1).index_select(0, rows)
         x_terms = counts * (log_mu_nz - big_l.reshape(n_agents, -1).index_select(1, flat))  # (A, nnz)
@@ -201,7 +225,8 @@ class NBLogLikelihood(torch.autograd.Function):
                 dg.index_copy_(1, big, torch.digamma(big_counts + theta_big) - torch.digamma(theta_big))
         lengths = torch.bincount(rows, minlength=n_cells).expand(n_agents, -1).contiguous()
         ll = ll + torch.segment_reduce(x_terms.add_(lg), "sum", lengths=lengths, axis=1)
-        ctx.save_for_backward(counts, theta, log_theta, big_l, rows, cols, flat, dg)
+        saved_logits = log_mu if logits else None
+        ctx.save_for_backward(counts, theta, log_theta, big_l, rows, cols, flat, dg, saved_logits, log_norm)
         return ll
 
     @staticmethod
@@ -211,7 +236,7 @@ class NBLogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad):
-        counts, theta, log_theta, big_l, rows, cols, flat, dg = ctx.saved_tensors
+        counts, theta, log_theta, big_l, rows, cols, flat, dg, logits, log_norm = ctx.saved_tensors
         grad_log_mu = grad_theta = grad_log_library = None
         n_agents = theta.shape[0]
         p = (log_theta - big_l).exp_()  # theta / (theta + mu)
@@ -231,7 +256,11 @@ class NBLogLikelihood(torch.autograd.Function):
                 grad_log_library = grad_log_mu.sum((0, 2)).unsqueeze(-1)
             if not ctx.needs_input_grad[1]:
                 grad_log_mu = None
-        return None, grad_log_mu, grad_theta, None, None, None, grad_log_library
+            elif logits is not None:  # through the log-softmax: g - softmax * sum(g)
+                # a new buffer: writing into a saved tensor would break a second backward (retain_graph)
+                softmax = torch.sub(logits, log_norm).exp_()
+                grad_log_mu.sub_(softmax.mul_(grad_log_mu.sum(-1, keepdim=True)))
+        return None, grad_log_mu, grad_theta, None, None, None, grad_log_library, None
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -456,20 +456,29 @@ class CplMixVAEModule(BaseModuleClass):
         out = self.px_head(hidden)
         if self.likelihood == "gaussian":
             return {"px_mean": out}
-        log_scale = torch.log_softmax(out, dim=-1)
         px_r = self.px_r
         if self.dispersion == "gene-batch" and self.n_batch > 1:
             px_r = px_r[:, batch_index.reshape(-1).long()]
-        # the log means are px_log_scale + px_log_library (:meth:`log_rate`); the fused NB likelihood never forms them
-        result = {"px_log_scale": log_scale, "px_log_library": torch.log(library), "px_r": px_r.exp()}
+        # the log means are px_log_scale + px_log_library (:meth:`log_rate`); the fused NB likelihood never forms
+        # them, and in training on the CPU it takes the logits themselves (the log-softmax happens inside it)
+        result = {"px_logits": out, "px_log_library": torch.log(library), "px_r": px_r.exp()}
+        if not (self.training and self.likelihood == "nb" and out.device.type == "cpu"):
+            result["px_log_scale"] = torch.log_softmax(out, dim=-1)
         if self.likelihood == "zinb":
             result["px_dropout"] = self.px_dropout_head(hidden)
         return result
 
     @staticmethod
-    def log_rate(generative_outputs: dict) -> torch.Tensor:
+    def log_scale(generative_outputs: dict) -> torch.Tensor:
+        """Log of the decoder's normalised expression, ``(A, B, D)`` (the log-softmax of ``px_logits``)."""
+        if "px_log_scale" in generative_outputs:
+            return generative_outputs["px_log_scale"]
+        return torch.log_softmax(generative_outputs["px_logits"], dim=-1)
+
+    @classmethod
+    def log_rate(cls, generative_outputs: dict) -> torch.Tensor:
         """Log means of the count likelihoods, ``(A, B, D)``: the decoder's log scale plus the log library size."""
-        return generative_outputs["px_log_scale"] + generative_outputs["px_log_library"]
+        return cls.log_scale(generative_outputs) + generative_outputs["px_log_library"]
 
     def log_likelihood(self, x: torch.Tensor, inference_outputs: dict, generative_outputs: dict) -> torch.Tensor:
         """Log-likelihood of each cell under each agent's decoder, ``(A, B)``."""
@@ -477,10 +486,16 @@ class CplMixVAEModule(BaseModuleClass):
             return gaussian_log_likelihood(inference_outputs["x_norm"], generative_outputs["px_mean"])
         theta = generative_outputs["px_r"]
         if self.likelihood == "nb":
-            log_scale, log_library = generative_outputs["px_log_scale"], generative_outputs["px_log_library"]
+            log_library = generative_outputs["px_log_library"]
             if x.device.type != "cpu":  # accelerators: dense, no non-zero search (see inference)
-                return nb_log_likelihood_dense(x, log_scale, theta, log_library=log_library)
-            return nb_log_likelihood(x, log_scale, theta, nonzero=inference_outputs["nonzero"], log_library=log_library)
+                return nb_log_likelihood_dense(x, self.log_scale(generative_outputs), theta, log_library=log_library)
+            if "px_log_scale" in generative_outputs:
+                log_scale, logits = generative_outputs["px_log_scale"], False
+            else:  # training on the CPU: the log-softmax is fused into the likelihood
+                log_scale, logits = generative_outputs["px_logits"], True
+            return nb_log_likelihood(
+                x, log_scale, theta, nonzero=inference_outputs["nonzero"], log_library=log_library, logits=logits
+            )
         dist = ZeroInflatedNegativeBinomial(
             mu=self.log_rate(generative_outputs).exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]
         )
@@ -491,7 +506,7 @@ class CplMixVAEModule(BaseModuleClass):
         if self.likelihood == "gaussian":
             return Normal(generative_outputs["px_mean"], 1.0)
         rate, theta = self.log_rate(generative_outputs).exp(), generative_outputs["px_r"]
-        scale = generative_outputs["px_log_scale"].exp()
+        scale = self.log_scale(generative_outputs).exp()
         if self.likelihood == "nb":
             return NegativeBinomial(mu=rate, theta=theta, scale=scale)
         return ZeroInflatedNegativeBinomial(
