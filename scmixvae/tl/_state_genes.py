@@ -439,8 +439,9 @@ def rank_state_genes(
     (first principal component, or one state dimension). The state moves along the axis from
     ``-n_sigma`` to ``+n_sigma`` standard deviations and is decoded with the category fixed
     (:func:`state_traversal`). Each gene is scored by how much its decoded ``log1p`` normalised
-    expression changes along that path, divided by its standard deviation across all cells (the
-    published score, ``|x_end - x_start| / std``).
+    expression changes along that path (by default its range along the path, unnormalised; the published
+    score is ``|x_end - x_start| / std``, ``measure="endpoints", normalize=True``). For models set up with a
+    condition the default axis joins the conditions' mean states.
 
     Parameters
     ----------
@@ -472,10 +473,13 @@ def rank_state_genes(
         a score of 0. ``False`` (default) keeps the change in ``log1p`` units: on ``ifnb_2800`` the
         published normalisation pushed the interferon-stimulated genes out of every type's top 20 (their
         overall spread is large precisely because they respond), while the change in ``log1p`` units put
-        five or more of them in the top 20 of 5 of the 13 reference types (``benchmarks/bench_state_genes.py``).
+        five or more of them in the top 20 of 5 of the 13 reference types (``benchmarks/bench_state_genes.py``,
+        before conditions were registered).
     measure
-        ``"endpoints"``: ``|x_end - x_start|`` (published); ``"range"``: ``max - min`` along the path,
-        which also catches genes that peak inside the path.
+        ``"range"`` (default): ``max - min`` along the path, which also catches genes that peak inside the
+        path; ``"endpoints"``: ``|x_end - x_start|`` (published). On ``ifnb_2800`` with the condition
+        registered the range put five or more ISGs in the top 20 of 13, 12 and 10 of the 13 reference types
+        (three seeds), the endpoints in 13, 6 and 8 (``benchmarks/results/state_genes_condition_default.md``).
     agent
         Agent whose state space and decoder are used (the consensus state is agent 0's).
     batch_size
