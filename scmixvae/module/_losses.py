@@ -37,7 +37,6 @@ def nb_log_likelihood(
     nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
     log_library: torch.Tensor | None = None,
     logits: bool = False,
-    inplace_backward: bool = False,
 ) -> torch.Tensor:
     """Negative binomial log-likelihood, summed over genes.
 
@@ -59,11 +58,6 @@ def nb_log_likelihood(
     logits
         ``log_mu`` holds the decoder's unnormalised outputs: the log scale is their ``log_softmax`` over genes,
         evaluated inside the same autograd node (no ``(A, B, D)`` log-softmax tensor forward nor backward).
-    inplace_backward
-        Let the backward overwrite the tensors it saved (and, with ``logits``, the logits themselves) instead of
-        allocating new ``(A, B, D)`` buffers: fewer fresh pages per step, which is most of the cost of an
-        elementwise pass on the CPU. The graph then supports a single backward; a second one
-        (``retain_graph=True``) raises autograd's error about tensors modified in place.
 
     Returns
     -------
@@ -100,7 +94,6 @@ def nb_log_likelihood(
             flat,
             log_library,
             logits,
-            inplace_backward,
         )
 
 
@@ -187,7 +180,7 @@ class NBLogLikelihood(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, log_mu, theta, rows, cols, flat, log_library=None, logits=False, inplace=False):
+    def forward(ctx, x, log_mu, theta, rows, cols, flat, log_library=None, logits=False):
         n_agents = theta.shape[0]
         log_theta = theta.log()
         log_norm = None
@@ -234,7 +227,6 @@ class NBLogLikelihood(torch.autograd.Function):
         ll = ll + torch.segment_reduce(x_terms.add_(lg), "sum", lengths=lengths, axis=1)
         saved_logits = log_mu if logits else None
         ctx.save_for_backward(counts, theta, log_theta, big_l, rows, cols, flat, dg, saved_logits, log_norm)
-        ctx.inplace = inplace
         return ll
 
     @staticmethod
@@ -247,17 +239,15 @@ class NBLogLikelihood(torch.autograd.Function):
         counts, theta, log_theta, big_l, rows, cols, flat, dg, logits, log_norm = ctx.saved_tensors
         grad_log_mu = grad_theta = grad_log_library = None
         n_agents = theta.shape[0]
-        g = grad.unsqueeze(1)  # (A, 1, B)
-        l_term = torch.bmm(g, big_l) if ctx.needs_input_grad[2] else None  # before big_l may be overwritten
-        # p = theta / (theta + mu) = exp(log theta - L)
-        p = big_l.neg_().add_(log_theta).exp_() if ctx.inplace else (log_theta - big_l).exp_()
+        p = (log_theta - big_l).exp_()  # theta / (theta + mu)
         # u = (theta + x) p, the part in x on the non-zero counts only
         x_p = p.view(n_agents, -1).index_select(1, flat).mul_(counts)
         u = p.mul_(theta)
         u.view(n_agents, -1).index_add_(1, flat, x_p)
+        g = grad.unsqueeze(1)  # (A, 1, B)
         if ctx.needs_input_grad[2]:
             grad_theta = (log_theta + 1.0) * grad.sum(-1, keepdim=True).unsqueeze(-1)
-            grad_theta = grad_theta - l_term - torch.bmm(g, u) / theta
+            grad_theta = grad_theta - torch.bmm(g, big_l) - torch.bmm(g, u) / theta
             nz = torch.zeros_like(theta).squeeze(1).index_add_(1, cols, grad.index_select(1, rows) * dg)
             grad_theta = grad_theta + nz.unsqueeze(1)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[6]:
@@ -267,10 +257,10 @@ class NBLogLikelihood(torch.autograd.Function):
             if not ctx.needs_input_grad[1]:
                 grad_log_mu = None
             elif logits is not None:  # through the log-softmax: g - softmax * sum(g)
-                # without inplace, a new buffer: writing into a saved tensor breaks a second backward
-                softmax = logits.sub_(log_norm).exp_() if ctx.inplace else torch.sub(logits, log_norm).exp_()
+                # a new buffer: writing into a saved tensor would break a second backward (retain_graph)
+                softmax = torch.sub(logits, log_norm).exp_()
                 grad_log_mu.sub_(softmax.mul_(grad_log_mu.sum(-1, keepdim=True)))
-        return None, grad_log_mu, grad_theta, None, None, None, grad_log_library, None, None
+        return None, grad_log_mu, grad_theta, None, None, None, grad_log_library, None
 
 
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

@@ -494,13 +494,7 @@ class CplMixVAEModule(BaseModuleClass):
             else:  # training on the CPU: the log-softmax is fused into the likelihood
                 log_scale, logits = generative_outputs["px_logits"], True
             return nb_log_likelihood(
-                x,
-                log_scale,
-                theta,
-                nonzero=inference_outputs["nonzero"],
-                log_library=log_library,
-                logits=logits,
-                inplace_backward=logits,  # training: one backward per graph
+                x, log_scale, theta, nonzero=inference_outputs["nonzero"], log_library=log_library, logits=logits
             )
         dist = ZeroInflatedNegativeBinomial(
             mu=self.log_rate(generative_outputs).exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]
