@@ -57,7 +57,7 @@ def nb_log_likelihood(
         scale).
     logits
         ``log_mu`` holds the decoder's unnormalised outputs: the log scale is their ``log_softmax`` over genes,
-        evaluated inside the same autograd node (no ``(A, B, D)`` log-softmax tensor forward nor backward).
+        evaluated inside the same autograd node (no separate ``(A, B, D)`` log-softmax tensor nor autograd node).
 
     Returns
     -------
