@@ -220,17 +220,17 @@ def _condition_direction(states: np.ndarray, conditions: np.ndarray, order: Sequ
 
 def _path_geometry(
     states: np.ndarray, axis: Axis, conditions: np.ndarray | None = None, order: Sequence[str] = ()
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """Centre, unit direction and spread (sd of the projections) of the chosen axis of ``states``.
+) -> tuple[np.ndarray, np.ndarray, float, str]:
+    """Centre, unit direction and spread (sd of the projections) of the chosen axis of ``states``, and the axis.
 
-    ``axis="condition"`` needs the cells' ``conditions``; a group with a single condition falls back to the
-    first principal component (logged by the caller).
+    ``axis="condition"`` needs the cells' ``conditions``; where fewer than two conditions are present, or
+    their mean states coincide, it falls back to the first principal component (the returned axis says so).
     """
     center = states.mean(0)
     if axis == "condition":
         direction = _condition_direction(states, conditions, order)
         if direction is not None:
-            return center, direction, float(((states - center) @ direction).std(ddof=1))
+            return center, direction, float(((states - center) @ direction).std(ddof=1)), "condition"
         axis = "pc1"
     if axis == "pc1":
         centred = states - center
@@ -244,7 +244,7 @@ def _path_geometry(
         direction = np.zeros(states.shape[1])
         direction[int(axis)] = 1.0
         sigma = float(states[:, int(axis)].std(ddof=1))
-    return center, direction, sigma
+    return center, direction, sigma, str(axis)
 
 
 @torch.inference_mode()
@@ -410,7 +410,7 @@ def state_traversal(
         logger.warning(
             "The cells of category %r hold one condition only; their axis is the first principal one.", category
         )
-    center, direction, sigma = _path_geometry(states, axis, sub, order)
+    center, direction, sigma, _ = _path_geometry(states, axis, sub, order)
     t, x_log, _ = _decode_path(
         model, k, center, direction, sigma, n_sigma=n_sigma, n_steps=n_steps, agent=agent, cont_mean=cont_mean
     )
@@ -566,7 +566,7 @@ def rank_state_genes(
                 "The cells of group %r hold one condition only; their axis is the first principal one.", group
             )
             group_axis = "pc1"
-        center, direction, sigma = _path_geometry(
+        center, direction, sigma, group_axis = _path_geometry(
             states, group_axis, None if conditions is None else conditions[idx], order
         )
         if not sigma > 0:
