@@ -9,6 +9,10 @@ Writes ``benchmarks/results/{name}.json`` and ``.md`` (default name ``peers``).
 
 from __future__ import annotations
 
+# isort: off
+import _threads  # noqa: F401  first: --threads sets the thread variables before numpy and torch start
+# isort: on
+
 import argparse
 import logging
 import os

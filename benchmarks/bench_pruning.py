@@ -23,6 +23,10 @@ Writes ``benchmarks/results/{--name}.json`` and ``.md`` (default ``pruning``).
 
 from __future__ import annotations
 
+# isort: off
+import _threads  # noqa: F401  first: --threads sets the thread variables before numpy and torch start
+# isort: on
+
 import argparse
 import json
 import os

@@ -19,6 +19,10 @@ Writes ``benchmarks/results/{name}.json`` and ``.md``.
 
 from __future__ import annotations
 
+# isort: off
+import _threads  # noqa: F401  first: --threads sets the thread variables before numpy and torch start
+# isort: on
+
 import argparse
 import json
 import math

@@ -13,6 +13,10 @@ With ``--quick`` the result names get the prefix ``quick_`` so that they never o
 
 from __future__ import annotations
 
+# isort: off
+import _threads  # noqa: F401  first: --threads sets the thread variables before numpy and torch start
+# isort: on
+
 import argparse
 import datetime as dt
 import json
