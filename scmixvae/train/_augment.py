@@ -31,7 +31,6 @@ def neighbour_table(
     ``n_neighbors`` in all), so that mixing a cell with a neighbour also mixes conditions.
     """
     from sklearn.decomposition import TruncatedSVD
-    from sklearn.neighbors import NearestNeighbors
 
     n = matrix.shape[0]
     n_neighbors = max(1, min(n_neighbors, n - 1))
@@ -43,14 +42,9 @@ def neighbour_table(
     else:
         rep = np.vstack([svd.transform(log_normalised(matrix[s : s + _CHUNK])[0]) for s in range(0, n, _CHUNK)])
     rep = rep.astype(np.float32)
-    if groups is not None and len(np.unique(groups)) > 1:
-        _, idx = balanced_neighbours(rep, np.asarray(groups), n_neighbors)
-        return idx.reshape(n, -1).astype(np.int64)
-    _, idx = NearestNeighbors(n_neighbors=n_neighbors + 1).fit(rep).kneighbors(rep)
-    # drop the cell itself (usually, but not always, the first hit): a stable sort moves it to the end of its row
-    is_self = idx == np.arange(n)[:, None]
-    order = np.argsort(is_self, axis=1, kind="stable")[:, :n_neighbors]
-    return np.take_along_axis(idx, order, axis=1).astype(np.int64)
+    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)  # one group: plain k-NN
+    _, idx = balanced_neighbours(rep, groups, n_neighbors)
+    return idx.reshape(n, -1).astype(np.int64)
 
 
 def label_codes(labels, n_cells: int, n_classes: int) -> np.ndarray:
