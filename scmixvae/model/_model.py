@@ -170,9 +170,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
         if augmentation is None:  # the option measured best for each use (see the augmentation guide)
             augmentation = "knn" if self.choose_n_categories_ else "dropout"
-        has_condition = self.summary_stats.get(f"n_{CONDITION_KEY}", 0) > 0
+        n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
         if state_encoder is None:  # a registered condition's effect has to be carried by the state (user guide)
-            state_encoder = "separate" if has_condition else "shared"
+            state_encoder = "separate" if n_conditions > 0 else "shared"
         check.check_int("n_categories", n_categories, minimum=1)
         check.check_int("n_state", n_state, minimum=1)
         check.check_int("n_hidden", n_hidden, minimum=1)
@@ -220,7 +220,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
             state_encoder=state_encoder,
-            n_conditions=self.summary_stats.get(f"n_{CONDITION_KEY}", 0),
+            n_conditions=n_conditions,
             condition_weight=condition_weight,
             **module_kwargs,
         )

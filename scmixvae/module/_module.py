@@ -489,12 +489,14 @@ class CplMixVAEModule(BaseModuleClass):
             log_library = generative_outputs["px_log_library"]
             if x.device.type != "cpu":  # accelerators: dense, no non-zero search (see inference)
                 return nb_log_likelihood_dense(x, self.log_scale(generative_outputs), theta, log_library=log_library)
-            if "px_log_scale" in generative_outputs:
-                log_scale, logits = generative_outputs["px_log_scale"], False
-            else:  # training on the CPU: the log-softmax is fused into the likelihood
-                log_scale, logits = generative_outputs["px_logits"], True
+            # the CPU: the fused node, the log-softmax of the logits included
             return nb_log_likelihood(
-                x, log_scale, theta, nonzero=inference_outputs["nonzero"], log_library=log_library, logits=logits
+                x,
+                generative_outputs["px_logits"],
+                theta,
+                nonzero=inference_outputs["nonzero"],
+                log_library=log_library,
+                logits=True,
             )
         dist = ZeroInflatedNegativeBinomial(
             mu=self.log_rate(generative_outputs).exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]

@@ -405,12 +405,14 @@ def state_traversal(
         )
     states = _states(model, h[:, torch.as_tensor(np.flatnonzero(mask))], k, agent)
     conditions, order = _conditions_for(model, adata, axis)
-    sub = None if conditions is None else conditions[mask]
-    if sub is not None and len(np.unique(sub)) < 2:
+    center, direction, sigma, used = _path_geometry(
+        states, axis, None if conditions is None else conditions[mask], order
+    )
+    if used != str(axis):
         logger.warning(
-            "The cells of category %r hold one condition only; their axis is the first principal one.", category
+            "No condition axis for category %r (one condition only, or equal mean states): axis pc1 instead.",
+            category,
         )
-    center, direction, sigma, _ = _path_geometry(states, axis, sub, order)
     t, x_log, _ = _decode_path(
         model, k, center, direction, sigma, n_sigma=n_sigma, n_steps=n_steps, agent=agent, cont_mean=cont_mean
     )
@@ -560,15 +562,14 @@ def rank_state_genes(
             continue
         k = int(np.bincount(consensus[idx]).argmax())
         states = _states(model, h[:, torch.as_tensor(idx)], k, agent)
-        group_axis = axis
-        if conditions is not None and len(np.unique(conditions[idx])) < 2:
-            logger.warning(
-                "The cells of group %r hold one condition only; their axis is the first principal one.", group
-            )
-            group_axis = "pc1"
         center, direction, sigma, group_axis = _path_geometry(
-            states, group_axis, None if conditions is None else conditions[idx], order
+            states, axis, None if conditions is None else conditions[idx], order
         )
+        if group_axis != str(axis):
+            logger.warning(
+                "No condition axis for group %r (one condition only, or equal mean states): axis pc1 instead.",
+                group,
+            )
         if not sigma > 0:
             logger.warning("The cells of group %r do not spread along the state axis; it is left out.", group)
             continue
