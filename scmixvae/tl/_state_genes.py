@@ -219,18 +219,24 @@ def _condition_direction(states: np.ndarray, conditions: np.ndarray, order: Sequ
 
 
 def _path_geometry(
-    states: np.ndarray, axis: Axis, conditions: np.ndarray | None = None, order: Sequence[str] = ()
+    states: np.ndarray,
+    axis: Axis,
+    conditions: np.ndarray | None = None,
+    order: Sequence[str] = (),
+    name: str = "the cells",
 ) -> tuple[np.ndarray, np.ndarray, float, str]:
     """Centre, unit direction and spread (sd of the projections) of the chosen axis of ``states``, and the axis.
 
     ``axis="condition"`` needs the cells' ``conditions``; where fewer than two conditions are present, or
-    their mean states coincide, it falls back to the first principal component (the returned axis says so).
+    their mean states coincide, it falls back to the first principal component (logged for ``name``; the returned
+    axis says so).
     """
     center = states.mean(0)
     if axis == "condition":
         direction = _condition_direction(states, conditions, order)
         if direction is not None:
             return center, direction, float(((states - center) @ direction).std(ddof=1)), "condition"
+        logger.warning("No condition axis for %s (one condition only, or equal mean states): axis pc1 instead.", name)
         axis = "pc1"
     if axis == "pc1":
         centred = states - center
@@ -405,14 +411,9 @@ def state_traversal(
         )
     states = _states(model, h[:, torch.as_tensor(np.flatnonzero(mask))], k, agent)
     conditions, order = _conditions_for(model, adata, axis)
-    center, direction, sigma, used = _path_geometry(
-        states, axis, None if conditions is None else conditions[mask], order
+    center, direction, sigma, _ = _path_geometry(
+        states, axis, None if conditions is None else conditions[mask], order, name=f"category {category!r}"
     )
-    if used != str(axis):
-        logger.warning(
-            "No condition axis for category %r (one condition only, or equal mean states): axis pc1 instead.",
-            category,
-        )
     t, x_log, _ = _decode_path(
         model, k, center, direction, sigma, n_sigma=n_sigma, n_steps=n_steps, agent=agent, cont_mean=cont_mean
     )
@@ -563,13 +564,8 @@ def rank_state_genes(
         k = int(np.bincount(consensus[idx]).argmax())
         states = _states(model, h[:, torch.as_tensor(idx)], k, agent)
         center, direction, sigma, group_axis = _path_geometry(
-            states, axis, None if conditions is None else conditions[idx], order
+            states, axis, None if conditions is None else conditions[idx], order, name=f"group {group!r}"
         )
-        if group_axis != str(axis):
-            logger.warning(
-                "No condition axis for group %r (one condition only, or equal mean states): axis pc1 instead.",
-                group,
-            )
         if not sigma > 0:
             logger.warning("The cells of group %r do not spread along the state axis; it is left out.", group)
             continue
