@@ -37,8 +37,9 @@ def test_deferred_logging_equals_per_step_logging(sim_adata, monkeypatch):
         "train_loss", "elbo_train", "reconstruction_loss_train", "elbo_validation", "validation_loss",
         "coupling_train", "agreement_validation", "reconstruction_agent1_train", "kl_weight",
     } <= set(fast)  # fmt: skip
-    for key in fast:
+    for key in set(fast) - {"kl_weight"}:  # kl_weight: per epoch when deferred (see the test below)
         np.testing.assert_allclose(fast[key].to_numpy(float), slow[key].to_numpy(float), rtol=1e-5, atol=1e-6)
+    assert set(np.unique(fast["kl_weight"].to_numpy(float))) == set(np.unique(slow["kl_weight"].to_numpy(float)))
     # Lightning's bookkeeping runs once per value and epoch instead of once per value and step
     assert fast_calls < calls["n"] / 2  # 5 training steps per epoch here; the gap grows with the steps
 
@@ -78,3 +79,15 @@ def test_per_agent_metrics_reach_callbacks_at_the_end_of_each_epoch(sim_adata):
     probe = Probe()
     model.train(max_epochs=2, batch_size=64, enable_progress_bar=False, callbacks=[probe])
     np.testing.assert_allclose(probe.values, model.history["agreement_train"].iloc[:, 0].to_numpy(float), rtol=1e-6)
+
+
+def test_constant_kl_weight_is_logged_once_per_epoch(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    constant = _history(sim_adata).history["kl_weight"]
+    # no warm-up (the default): one value per epoch, and it is the constant weight
+    assert constant.index.tolist() == [0, 1]
+    np.testing.assert_array_equal(constant.iloc[:, 0].to_numpy(float), [1.0, 1.0])
+    # with a warm-up the weight changes every step, and scvi-tools' per-step logging is kept (the logger
+    # records every log_every_n_steps-th step: step 10 of 10, weight 9 / 10)
+    warm = _history(sim_adata, n_steps_kl_warmup=10).history["kl_weight"]
+    np.testing.assert_allclose(warm.iloc[:, 0].to_numpy(float), [0.9])
