@@ -141,6 +141,37 @@ def test_same_seed_gives_identical_results(sim_adata):
     np.testing.assert_array_equal(results[0][1], results[1][1])
 
 
+@pytest.mark.parametrize(
+    ("likelihood", "augmentation"),
+    [("nb", "dropout"), ("nb", "thinning"), ("nb", "knn"), ("zinb", "dropout"), ("gaussian", "dropout")],
+)
+def test_sparse_training_minibatches_give_the_dense_fit(sim_adata, monkeypatch, likelihood, augmentation):
+    import scmixvae.module._module as module_code
+
+    assert scipy.sparse.isspmatrix_csr(sim_adata.X)
+    CplMixVAE.setup_anndata(sim_adata)
+    read = {"n": 0}
+    csr_nonzero = module_code.csr_nonzero
+
+    def counting(x):
+        read["n"] += 1
+        return csr_nonzero(x)
+
+    monkeypatch.setattr(module_code, "csr_nonzero", counting)
+    fits = []
+    for sparse in (None, False):  # None: the default, sparse CSR minibatches on the CPU
+        scvi.settings.seed = 3
+        extra = {} if sparse is None else {"load_sparse_tensor": sparse}
+        model = _fit(sim_adata, n_categories=3, likelihood=likelihood, augmentation=augmentation, train=extra)
+        fits.append((model.history, model.predict(soft=True)))
+        if sparse is None:
+            assert read["n"] == 5  # every training step (270 cells / 64) read the CSR structure
+    (history, soft), (history_dense, soft_dense) = fits
+    for key in history:
+        np.testing.assert_allclose(history[key].to_numpy(float), history_dense[key].to_numpy(float), rtol=1e-5)
+    pd.testing.assert_frame_equal(soft, soft_dense, atol=1e-5)
+
+
 def test_train_continues_from_current_weights(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
     model = _fit(sim_adata, n_categories=3, train={"max_epochs": 2})

@@ -13,6 +13,7 @@ import scipy.sparse as sp
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager, AnnTorchDataset
+from scvi.dataloaders import DataSplitter
 from torch.utils.data import Subset
 
 from .._constants import NEIGHBOUR_X_KEY
@@ -63,3 +64,23 @@ class CplMixVAEAnnDataManager(AnnDataManager):
         dataset = NeighbourDataset(self, getitem_tensors=data_and_attributes, load_sparse_tensor=load_sparse_tensor)
         dataset.neighbours = self.neighbours
         return Subset(dataset, indices) if indices is not None else dataset
+
+
+class CplMixVAEDataSplitter(DataSplitter):
+    """:class:`~scvi.dataloaders.DataSplitter` that keeps sparse CSR counts sparse in CPU minibatches.
+
+    scvi-tools densifies sparse minibatches after they reach the device (``load_sparse_tensor`` only saves the
+    transfer); on the CPU the module reads the non-zero counts from the CSR structure instead, so the counts
+    stay sparse there. Other sparse tensors, and every tensor on an accelerator, are densified as before.
+    """
+
+    def on_after_batch_transfer(self, batch, dataloader_idx):
+        """Densify sparse tensors, except CSR counts on the CPU."""
+        x = batch.get(REGISTRY_KEYS.X_KEY)
+        if isinstance(x, torch.Tensor) and x.layout is torch.sparse_csr and x.device.type == "cpu":
+            batch = super().on_after_batch_transfer(
+                {k: v for k, v in batch.items() if k != REGISTRY_KEYS.X_KEY}, dataloader_idx
+            )
+            batch[REGISTRY_KEYS.X_KEY] = x
+            return batch
+        return super().on_after_batch_transfer(batch, dataloader_idx)

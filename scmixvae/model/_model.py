@@ -9,6 +9,7 @@ from typing import Literal
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 import scvi
 import torch
 from anndata import AnnData
@@ -29,7 +30,7 @@ from ..module._module import Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan, _pruning
 from ..train._pruning import agreement_matrix, co_assignment
 from ..train._trainingplan import InterruptFlag
-from ._manager import CplMixVAEAnnDataManager
+from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter
 from ._rnaseq import CplMixVAERNAMixin
 
 logger = logging.getLogger(__name__)
@@ -134,6 +135,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
     _module_cls = CplMixVAEModule
     _training_plan_cls = CplMixVAETrainingPlan
+    _data_splitter_cls = CplMixVAEDataSplitter
 
     def __init__(
         self,
@@ -363,6 +365,10 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         A long fit that saves :class:`~scmixvae.train.TrainingCheckpoint` files resumes in a new model built
         with the same arguments: ``train(max_epochs=..., ckpt_path=".../last.ckpt")`` restores the weights,
         the optimiser and the epoch counter (the category initialisation is then skipped).
+
+        On the CPU, counts stored as a CSR matrix (in memory or backed) reach the training steps as sparse
+        minibatches (scvi-tools' ``load_sparse_tensor``), from which the module reads the non-zero counts
+        directly; ``load_sparse_tensor=False`` loads them dense instead.
         """
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
@@ -403,6 +409,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self.module.train()
         flag = InterruptFlag()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
+        if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
+            kwargs.setdefault("load_sparse_tensor", self._sparse_minibatches(accelerator))
         # the neighbours' counts are loaded into the training minibatches only while training
         self.adata_manager.neighbours = self.neighbours_ if augmentation == "knn" else None
         try:
@@ -434,6 +442,23 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             return None
         finally:
             self.adata_manager.neighbours = None
+
+    def _sparse_minibatches(self, accelerator: str) -> bool:
+        """Whether training loads its minibatches as sparse CSR tensors: on the CPU, with CSR counts.
+
+        The module then reads the non-zero counts from the CSR structure instead of searching a dense
+        minibatch for them (see :meth:`train`); on an accelerator every step works densely anyway.
+        """
+        on_cpu = accelerator == "cpu" or (
+            accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+        )
+        if not on_cpu or self.adata.n_obs == 0:
+            return False
+        matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        if not (sp.issparse(matrix) or getattr(matrix, "format", None) == "csr"):  # dense, or a backed dense array
+            return False
+        # what the loader will get for a minibatch (in memory or backed): scvi-tools converts CSR matrices
+        return isinstance(matrix[np.array([0])], sp.csr_matrix)
 
     def _initial_partition(self) -> np.ndarray:
         """Leiden partition of the training cells into ``n_categories`` clusters (computed once per model)."""

@@ -21,6 +21,18 @@ def nonzero_indices(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.
     return rows, cols, rows * x.shape[-1] + cols
 
 
+def csr_nonzero(x: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Non-zero entries of a sparse CSR minibatch ``(B, D)`` and their values.
+
+    ``(rows, cols, flat)`` as :func:`nonzero_indices` gives them (grouped by row), read from the CSR structure
+    itself, which costs a fraction of searching a dense minibatch.
+    """
+    crow = x.crow_indices().long()
+    cols = x.col_indices().long()
+    rows = torch.repeat_interleave(torch.arange(x.shape[0], device=x.device), crow.diff())
+    return (rows, cols, rows * x.shape[-1] + cols), x.values()
+
+
 def with_flat_index(nonzero: tuple[torch.Tensor, ...], n_cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(rows, cols, flat)`` from the output of :func:`nonzero_indices` or from ``(rows, cols)`` alone."""
     if len(nonzero) == 3:
@@ -37,6 +49,7 @@ def nb_log_likelihood(
     nonzero: tuple[torch.Tensor, torch.Tensor] | None = None,
     log_library: torch.Tensor | None = None,
     logits: bool = False,
+    counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative binomial log-likelihood, summed over genes.
 
@@ -58,6 +71,9 @@ def nb_log_likelihood(
     logits
         ``log_mu`` holds the decoder's unnormalised outputs: the log scale is their ``log_softmax`` over genes,
         evaluated inside the same autograd node (no separate ``(A, B, D)`` log-softmax tensor nor autograd node).
+    counts
+        The values of ``x`` at ``nonzero``, when known (then ``x`` is only read for its shape and may be a sparse
+        CSR tensor: :func:`csr_nonzero`).
 
     Returns
     -------
@@ -81,12 +97,15 @@ def nb_log_likelihood(
     if theta.dim() != 3 or theta.shape[1] != 1:
         log_mu = torch.log_softmax(log_mu, dim=-1) if logits else log_mu
         log_mu = log_mu if log_library is None else log_mu + log_library
+        x = x.to_dense() if x.layout != torch.strided else x
         return nb_log_likelihood_reference(x, log_mu, theta, nonzero=(rows, cols))
+    if counts is None:
+        counts = x.reshape(-1).index_select(0, flat)
     # mixed precision: the likelihood is summed over thousands of genes, so it is computed in float32
     with torch.autocast(log_mu.device.type, enabled=False):
         log_library = None if log_library is None else _at_least_float32(log_library)
         return NBLogLikelihood.apply(
-            _at_least_float32(x),
+            _at_least_float32(counts),
             _at_least_float32(log_mu),
             _at_least_float32(theta),
             rows,
@@ -168,39 +187,41 @@ def _gamma_ratio_tables(theta: torch.Tensor, n: int) -> tuple[torch.Tensor, torc
 class NBLogLikelihood(torch.autograd.Function):
     """Autograd node of :func:`nb_log_likelihood` for a per-gene ``theta`` ``(A, 1, D)``.
 
-    Forward: ``L = log(theta + mu)`` (kept for backward), reductions over genes of the dense terms with a matrix
-    product and of the terms in ``x`` over the non-zero counts. Backward: ``p = theta / (theta + mu) =
-    exp(log theta - L)``; ``d/d log_mu = (theta + x) p - theta`` and
+    Forward: ``mu`` and ``L = log(theta + mu)`` (both kept for backward), reductions over genes of the dense
+    terms with a matrix product and of the terms in ``x`` over the non-zero counts. Backward, with
+    ``p = theta / (theta + mu)`` (formed densely as ``1 - p = mu / (theta + mu)``, so the backward evaluates
+    no exponential): ``d/d log_mu = (theta + x) p - theta`` and
     ``d/d theta = log theta + 1 - L - (theta + x) p / theta + [x > 0] (digamma(x + theta) - digamma(theta))``,
     summed over cells with the upstream gradient as weights (a batched matrix product). The optional log
     library size enters the means as a per-cell offset; its gradient is the sum of ``d/d log_mu`` over agents
     and genes. With ``logits=True`` the input is the decoder's output ``z`` and ``log mu = log_softmax(z)`` (plus
-    the offset): the forward's ``exp`` pass yields the softmax, and the backward maps ``g = d/d log_mu`` to
-    ``d/d z = g - softmax(z) sum(g)``, so no log-softmax tensor is formed forward.
+    the offset): the forward's ``exp`` pass yields the softmax (``mu`` over the library size), and the backward
+    maps ``g = d/d log_mu`` to ``d/d z = g - softmax(z) sum(g)``, so no log-softmax tensor is formed forward.
     """
 
     @staticmethod
-    def forward(ctx, x, log_mu, theta, rows, cols, flat, log_library=None, logits=False):
+    def forward(ctx, counts, log_mu, theta, rows, cols, flat, log_library=None, logits=False):
         n_agents = theta.shape[0]
         log_theta = theta.log()
-        log_norm = None
+        log_norm = library = None
+        if log_library is not None:
+            library = log_library.exp()  # (B, 1)
         if logits:  # log_mu holds logits: mu = softmax(logits) * library, log mu = logits - log_norm (+ log library)
             top = log_mu.detach().amax(-1, keepdim=True)
             mu = (log_mu - top).exp_()
             total = mu.sum(-1, keepdim=True)
             log_norm = top + total.log()  # (A, B, 1)
-            mu.mul_(total.reciprocal_() if log_library is None else log_library.exp() / total)
+            mu.mul_(total.reciprocal_() if library is None else library / total)
         else:
             mu = log_mu.exp()
-            if log_library is not None:
-                mu.mul_(log_library.exp())
-        big_l = mu.add_(theta).log_()  # log(theta + mu), (A, B, D)
+            if library is not None:
+                mu.mul_(library)
+        big_l = torch.add(mu, theta).log_()  # log(theta + mu), (A, B, D); mu is kept for the backward
         theta_t = theta.transpose(1, 2)  # (A, D, 1)
         ll = (theta * log_theta).sum(-1) - torch.bmm(big_l, theta_t).squeeze(-1)
         # terms in x on the non-zero counts: x (log mu - L), and the log-gamma terms (a table lookup for small
         # counts, lgamma for the rest)
-        n_cells = x.shape[0]
-        counts = x.reshape(-1).index_select(0, flat)
+        n_cells = log_mu.shape[1]
         log_mu_nz = log_mu.reshape(n_agents, -1).index_select(1, flat)
         if log_norm is not None:
             log_mu_nz = log_mu_nz - log_norm.reshape(n_agents, -1).index_select(1, rows)
@@ -211,7 +232,7 @@ class NBLogLikelihood(torch.autograd.Function):
         index = cols * (NB_TABLE_COUNTS + 1) + small_counts
         theta_2d = theta.detach().squeeze(1)
         values, derivatives = _gamma_ratio_tables(theta_2d, NB_TABLE_COUNTS)
-        log_factorial = torch.lgamma(torch.arange(1, NB_TABLE_COUNTS + 2, device=x.device, dtype=x.dtype))
+        log_factorial = torch.lgamma(torch.arange(1, NB_TABLE_COUNTS + 2, device=counts.device, dtype=counts.dtype))
         lg = (values - log_factorial).view(n_agents, -1).index_select(1, index)  # (A, nnz)
         big = (counts > NB_TABLE_COUNTS).nonzero().squeeze(1)
         dg = derivatives.view(n_agents, -1).index_select(1, index) if ctx.needs_input_grad[2] else None
@@ -225,8 +246,8 @@ class NBLogLikelihood(torch.autograd.Function):
                 dg.index_copy_(1, big, torch.digamma(big_counts + theta_big) - torch.digamma(theta_big))
         lengths = torch.bincount(rows, minlength=n_cells).expand(n_agents, -1).contiguous()
         ll = ll + torch.segment_reduce(x_terms.add_(lg), "sum", lengths=lengths, axis=1)
-        saved_logits = log_mu if logits else None
-        ctx.save_for_backward(counts, theta, log_theta, big_l, rows, cols, flat, dg, saved_logits, log_norm)
+        ctx.logits = bool(logits)
+        ctx.save_for_backward(counts, theta, log_theta, big_l, mu, rows, cols, flat, dg, library)
         return ll
 
     @staticmethod
@@ -236,30 +257,39 @@ class NBLogLikelihood(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad):
-        counts, theta, log_theta, big_l, rows, cols, flat, dg, logits, log_norm = ctx.saved_tensors
+        counts, theta, log_theta, big_l, mu, rows, cols, flat, dg, library = ctx.saved_tensors
         grad_log_mu = grad_theta = grad_log_library = None
         n_agents = theta.shape[0]
-        p = (log_theta - big_l).exp_()  # theta / (theta + mu)
-        # u = (theta + x) p, the part in x on the non-zero counts only
-        x_p = p.view(n_agents, -1).index_select(1, flat).mul_(counts)
-        u = p.mul_(theta)
-        u.view(n_agents, -1).index_add_(1, flat, x_p)
+        # t = 1 - p = mu / (theta + mu): no transcendental pass (the forward kept mu); p on the non-zero counts
+        t = torch.add(mu, theta)
+        t = torch.div(mu, t, out=t)
+        theta_nz = theta.squeeze(1).index_select(1, cols)
+        mu_nz = mu.view(n_agents, -1).index_select(1, flat)
+        x_p = counts * theta_nz / (theta_nz + mu_nz)  # x p, (A, nnz)
         g = grad.unsqueeze(1)  # (A, 1, B)
+        g_sum = grad.sum(-1, keepdim=True).unsqueeze(-1)  # (A, 1, 1)
         if ctx.needs_input_grad[2]:
-            grad_theta = (log_theta + 1.0) * grad.sum(-1, keepdim=True).unsqueeze(-1)
-            grad_theta = grad_theta - torch.bmm(g, big_l) - torch.bmm(g, u) / theta
+            # sum_cells g u with u = (theta + x) p = theta (1 - t) + x p
+            g_u = theta * (g_sum - torch.bmm(g, t))
+            g_u = (
+                g_u + torch.zeros_like(theta).squeeze(1).index_add_(1, cols, grad.index_select(1, rows) * x_p)[:, None]
+            )
+            grad_theta = (log_theta + 1.0) * g_sum - torch.bmm(g, big_l) - g_u / theta
             nz = torch.zeros_like(theta).squeeze(1).index_add_(1, cols, grad.index_select(1, rows) * dg)
             grad_theta = grad_theta + nz.unsqueeze(1)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[6]:
-            grad_log_mu = u.sub_(theta).mul_(grad.unsqueeze(-1))
+            # d/d log mu = u - theta = x p - theta t, times the upstream gradient
+            grad_log_mu = t.mul_(-theta)
+            grad_log_mu.view(n_agents, -1).index_add_(1, flat, x_p)
+            grad_log_mu.mul_(grad.unsqueeze(-1))
             if ctx.needs_input_grad[6]:
                 grad_log_library = grad_log_mu.sum((0, 2)).unsqueeze(-1)
             if not ctx.needs_input_grad[1]:
                 grad_log_mu = None
-            elif logits is not None:  # through the log-softmax: g - softmax * sum(g)
-                # a new buffer: writing into a saved tensor would break a second backward (retain_graph)
-                softmax = torch.sub(logits, log_norm).exp_()
-                grad_log_mu.sub_(softmax.mul_(grad_log_mu.sum(-1, keepdim=True)))
+            elif ctx.logits:  # through the log-softmax: g - softmax * sum(g), softmax = mu / library
+                weight = grad_log_mu.sum(-1, keepdim=True)
+                weight = weight if library is None else weight / library
+                grad_log_mu.addcmul_(mu, weight, value=-1.0)
         return None, grad_log_mu, grad_theta, None, None, None, grad_log_library, None
 
 

@@ -23,6 +23,7 @@ from ._components import StackedBatchNorm, StackedLinear, StackedMLP
 from ._losses import (
     category_condition_discrepancy,
     coupling_distance,
+    csr_nonzero,
     gaussian_log_likelihood,
     kl_normal_standard,
     nb_log_likelihood,
@@ -266,17 +267,21 @@ class CplMixVAEModule(BaseModuleClass):
 
     @staticmethod
     def normalise_nonzero(
-        x: torch.Tensor, library: torch.Tensor, nonzero: tuple[torch.Tensor, ...]
+        x: torch.Tensor, library: torch.Tensor, nonzero: tuple[torch.Tensor, ...], counts: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`normalise` computed on the non-zero counts only: the dense result and its non-zero values.
 
-        ``nonzero``: :func:`~scmixvae.module._losses.nonzero_indices` of ``x`` (or its rows and columns).
-        ``log1p(0) = 0``, so the rest stays zero; on the CPU this costs a fraction of the dense computation.
+        ``nonzero``: :func:`~scmixvae.module._losses.nonzero_indices` of ``x`` (or its rows and columns);
+        ``counts``: the values of ``x`` there, when known (``x`` is then read for its shape only and may be
+        sparse). ``log1p(0) = 0``, so the rest stays zero; on the CPU this costs a fraction of the dense
+        computation.
         """
         rows, _, flat = with_flat_index(nonzero, x.shape[-1])
+        if counts is None:
+            counts = x.reshape(-1).index_select(0, flat)
         scale = (NORMALISATION_SCALE / library.clamp(min=1.0)).reshape(-1).index_select(0, rows)
-        values = torch.log1p(x.reshape(-1).index_select(0, flat) * scale)
-        x_norm = x.new_zeros(x.shape)
+        values = torch.log1p(counts * scale)
+        x_norm = library.new_zeros(x.shape)
         x_norm.view(-1).index_copy_(0, flat, values)
         return x_norm, values
 
@@ -295,12 +300,14 @@ class CplMixVAEModule(BaseModuleClass):
         nonzero: tuple[torch.Tensor, ...] | None,
         x_neighbour: torch.Tensor | None = None,
         x_norm_nonzero: torch.Tensor | None = None,
+        counts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Each agent's view of the cells at training time, ``(A, B, D)``; the shared real input otherwise.
 
         ``"dropout"`` and ``"thinning"`` work on the non-zero entries only (a zero stays zero), which costs a
-        fraction of a dense mask on sparse expression data. ``x_norm_nonzero``: the values of ``x_norm`` at
-        ``nonzero``, when known.
+        fraction of a dense mask on sparse expression data. ``x_norm_nonzero`` and ``counts``: the values of
+        ``x_norm`` and ``x`` at ``nonzero``, when known (``x`` may then be a sparse CSR tensor, except for
+        ``"knn"`` and ``"learned"``).
         """
         aug, a = self.augmentation, self.n_agents
         if not self.training or (aug == "dropout" and self.input_dropout <= 0):
@@ -310,7 +317,7 @@ class CplMixVAEModule(BaseModuleClass):
         if aug in ("dropout", "thinning") or (aug == "knn" and x_neighbour is None):
             rows, _, flat = nonzero_indices(x) if nonzero is None else with_flat_index(nonzero, x.shape[-1])
             if aug == "thinning":
-                counts = x.reshape(-1).index_select(0, flat)
+                counts = x.reshape(-1).index_select(0, flat) if counts is None else counts
                 thinned, thinned_library = thin_counts(counts, rows, x.shape[0], a, self.augmentation_strength)
                 values = torch.log1p(thinned * (NORMALISATION_SCALE / thinned_library.clamp(min=1.0)[:, rows]))
             else:  # dropout only (also "knn" when the loader gives no neighbours, e.g. a custom loop)
@@ -321,6 +328,7 @@ class CplMixVAEModule(BaseModuleClass):
             views.view(a, -1).index_copy_(1, flat, self._dropout(values))
             return views
         if aug == "knn":
+            x = x.to_dense() if x.layout != torch.strided else x
             views = mix_neighbours(x, library, x_neighbour, a, self.augmentation_strength)
         else:  # learned
             views = self.augmenter.augment(x_norm, a) if bool(self.augmenter.trained) else x_norm.expand(a, -1, -1)
@@ -389,7 +397,8 @@ class CplMixVAEModule(BaseModuleClass):
         Parameters
         ----------
         x
-            Counts ``(B, D)``.
+            Counts ``(B, D)``, dense or a sparse CSR tensor (training minibatches on the CPU, see
+            :meth:`~scmixvae.model.CplMixVAE.train`).
         batch_index, cat_covs, cont_covs
             Covariates as registered.
         category
@@ -404,19 +413,27 @@ class CplMixVAEModule(BaseModuleClass):
         (Gumbel-softmax sample in training, one-hot argmax otherwise), the state posterior ``qs_m``,
         ``qs_v`` and sample ``s`` ``(A, B, S)``, the trunk output ``h``, the features the state posterior
         reads ``hs`` (``h`` itself with ``state_encoder="shared"``), ``library`` ``(B, 1)``,
-        ``x_norm`` and the covariate vector ``cov``.
+        ``x_norm``, the covariate vector ``cov``, the non-zero entries ``nonzero`` and their ``counts``
+        (CPU training) and the dense counts ``x`` (``None`` when the sparse minibatch was not densified).
         """
-        library = x.sum(-1, keepdim=True)
         # non-zero entries: shared by the normalisation, the dropout views and the NB loss on the CPU; read-outs
         # need none of them, and on an accelerator all work densely (finding them would make the host wait for
         # the device every step)
-        nonzero = nonzero_indices(x) if self.training and x.device.type == "cpu" else None
+        find_nonzero = self.training and x.device.type == "cpu"
+        counts = None
+        if x.layout == torch.sparse_csr and find_nonzero:  # read from the CSR structure, no dense search
+            nonzero, counts = csr_nonzero(x)
+            library = counts.new_zeros(x.shape[0]).index_add_(0, nonzero[0], counts).unsqueeze(-1)
+        else:
+            x = x.to_dense() if x.layout != torch.strided else x
+            nonzero = nonzero_indices(x) if find_nonzero else None
+            library = x.sum(-1, keepdim=True)
         if nonzero is None:
             x_norm, x_norm_nonzero = self.normalise(x, library), None
         else:
-            x_norm, x_norm_nonzero = self.normalise_nonzero(x, library, nonzero)
+            x_norm, x_norm_nonzero = self.normalise_nonzero(x, library, nonzero, counts)
         cov = self._covariates(batch_index, cat_covs, cont_covs)
-        views = self._augment(x, x_norm, library, nonzero, x_neighbour, x_norm_nonzero)
+        views = self._augment(x, x_norm, library, nonzero, x_neighbour, x_norm_nonzero, counts)
         h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
         hs = h if self.state_encoder is None else self.state_encoder(x_norm, cov)
         q, log_q = self.categorical_posterior(h)
@@ -433,7 +450,8 @@ class CplMixVAEModule(BaseModuleClass):
         s = qs_m + qs_v.sqrt() * torch.randn_like(qs_m)
         return {
             "q": q, "log_q": log_q, "c": c, "qs_m": qs_m, "qs_v": qs_v, "s": s, "h": h, "hs": hs,
-            "library": library, "x_norm": x_norm, "cov": cov, "nonzero": nonzero,
+            "library": library, "x_norm": x_norm, "cov": cov, "nonzero": nonzero, "counts": counts,
+            "x": None if x.layout != torch.strided else x,
         }  # fmt: skip
 
     def decoder_input(self, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -481,10 +499,15 @@ class CplMixVAEModule(BaseModuleClass):
         return cls.log_scale(generative_outputs) + generative_outputs["px_log_library"]
 
     def log_likelihood(self, x: torch.Tensor, inference_outputs: dict, generative_outputs: dict) -> torch.Tensor:
-        """Log-likelihood of each cell under each agent's decoder, ``(A, B)``."""
+        """Log-likelihood of each cell under each agent's decoder, ``(A, B)``.
+
+        ``x``: the counts, dense or sparse CSR (densified here where a likelihood needs them dense).
+        """
         if self.likelihood == "gaussian":
             return gaussian_log_likelihood(inference_outputs["x_norm"], generative_outputs["px_mean"])
         theta = generative_outputs["px_r"]
+        if x.layout != torch.strided and inference_outputs.get("counts") is None:
+            x = inference_outputs["x"] if inference_outputs.get("x") is not None else x.to_dense()
         if self.likelihood == "nb":
             log_library = generative_outputs["px_log_library"]
             if x.device.type != "cpu":  # accelerators: dense, no non-zero search (see inference)
@@ -494,10 +517,12 @@ class CplMixVAEModule(BaseModuleClass):
                 x,
                 generative_outputs["px_logits"],
                 theta,
-                nonzero=inference_outputs["nonzero"],
+                nonzero=inference_outputs.get("nonzero"),
                 log_library=log_library,
                 logits=True,
+                counts=inference_outputs.get("counts"),
             )
+        x = x.to_dense() if x.layout != torch.strided else x
         dist = ZeroInflatedNegativeBinomial(
             mu=self.log_rate(generative_outputs).exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]
         )
