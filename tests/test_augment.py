@@ -110,7 +110,8 @@ def test_knn_training_loads_a_neighbours_counts_and_detaches_the_table(sim_adata
 
     def spy(*args, **kwargs):
         if model.module.training:
-            seen.append((kwargs["x"].clone(), kwargs["x_neighbour"]))
+            x = kwargs["x"]  # a sparse CSR minibatch on the CPU
+            seen.append((x.to_dense() if x.layout == torch.sparse_csr else x.clone(), kwargs["x_neighbour"]))
         return original(*args, **kwargs)
 
     model.module.inference = spy
