@@ -267,23 +267,44 @@ class CplMixVAEModule(BaseModuleClass):
 
     @staticmethod
     def normalise_nonzero(
-        x: torch.Tensor, library: torch.Tensor, nonzero: tuple[torch.Tensor, ...], counts: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x: torch.Tensor,
+        library: torch.Tensor,
+        nonzero: tuple[torch.Tensor, ...],
+        counts: torch.Tensor | None = None,
+        *,
+        dense: bool = True,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """:meth:`normalise` computed on the non-zero counts only: the dense result and its non-zero values.
 
         ``nonzero``: :func:`~scmixvae.module._losses.nonzero_indices` of ``x`` (or its rows and columns);
         ``counts``: the values of ``x`` there, when known (``x`` is then read for its shape only and may be
         sparse). ``log1p(0) = 0``, so the rest stays zero; on the CPU this costs a fraction of the dense
-        computation.
+        computation. ``dense=False`` returns ``None`` in place of the dense result (the values alone).
         """
         rows, _, flat = with_flat_index(nonzero, x.shape[-1])
         if counts is None:
             counts = x.reshape(-1).index_select(0, flat)
         scale = (NORMALISATION_SCALE / library.clamp(min=1.0)).reshape(-1).index_select(0, rows)
         values = torch.log1p(counts * scale)
+        if not dense:
+            return None, values
         x_norm = library.new_zeros(x.shape)
         x_norm.view(-1).index_copy_(0, flat, values)
         return x_norm, values
+
+    def _reads_dense_x_norm_in_training(self) -> bool:
+        """Whether a training step reads the dense normalised counts, not just their non-zero values.
+
+        They are the Gaussian likelihood's target, the separate state encoder's input and the input of the
+        ``"learned"`` augmentation and of ``"dropout"`` at rate 0; ``"dropout"``, ``"thinning"`` and ``"knn"``
+        build the agents' views from the non-zero values or the raw counts.
+        """
+        return (
+            self.likelihood == "gaussian"
+            or self.state_encoder is not None
+            or self.augmentation == "learned"
+            or (self.augmentation == "dropout" and self.input_dropout <= 0)
+        )
 
     def _dropout(self, values: torch.Tensor) -> torch.Tensor:
         """Independent input dropout of each agent's view (entries rescaled by ``1 / keep``)."""
@@ -324,7 +345,7 @@ class CplMixVAEModule(BaseModuleClass):
                 if x_norm_nonzero is None:
                     x_norm_nonzero = x_norm.reshape(-1).index_select(0, flat)
                 values = x_norm_nonzero.expand(a, -1)
-            views = x_norm.new_zeros((a, *x_norm.shape))
+            views = library.new_zeros((a, *x.shape))
             views.view(a, -1).index_copy_(1, flat, self._dropout(values))
             return views
         if aug == "knn":
@@ -413,7 +434,8 @@ class CplMixVAEModule(BaseModuleClass):
         (Gumbel-softmax sample in training, one-hot argmax otherwise), the state posterior ``qs_m``,
         ``qs_v`` and sample ``s`` ``(A, B, S)``, the trunk output ``h``, the features the state posterior
         reads ``hs`` (``h`` itself with ``state_encoder="shared"``), ``library`` ``(B, 1)``,
-        ``x_norm``, the covariate vector ``cov``, the non-zero entries ``nonzero`` and their ``counts``
+        ``x_norm`` (``None`` in CPU training when nothing reads it), the covariate vector ``cov``, the non-zero
+        entries ``nonzero`` and their ``counts``
         (CPU training) and the dense counts ``x`` (``None`` when the sparse minibatch was not densified).
         """
         # non-zero entries: shared by the normalisation, the dropout views and the NB loss on the CPU; read-outs
@@ -430,8 +452,10 @@ class CplMixVAEModule(BaseModuleClass):
             library = x.sum(-1, keepdim=True)
         if nonzero is None:
             x_norm, x_norm_nonzero = self.normalise(x, library), None
-        else:
-            x_norm, x_norm_nonzero = self.normalise_nonzero(x, library, nonzero, counts)
+        else:  # the dense normalised counts only where something reads them
+            x_norm, x_norm_nonzero = self.normalise_nonzero(
+                x, library, nonzero, counts, dense=self._reads_dense_x_norm_in_training()
+            )
         cov = self._covariates(batch_index, cat_covs, cont_covs)
         views = self._augment(x, x_norm, library, nonzero, x_neighbour, x_norm_nonzero, counts)
         h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
