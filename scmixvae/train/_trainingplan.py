@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.utilities.data import extract_batch_size
+from scvi import REGISTRY_KEYS
 from scvi.train import SaveCheckpoint, TrainingPlan
 from torchmetrics import Metric
 
@@ -117,9 +118,13 @@ class CplMixVAETrainingPlan(TrainingPlan):
         weight = kwargs.get("batch_size")
         if weight is None:  # what Lightning would extract from the minibatch
             weight = self._current_batch_size
-        value = torch.as_tensor(value.detach() if isinstance(value, torch.Tensor) else value, dtype=torch.float32)
-        total, weight_sum, _ = pending.get(name, (0.0, 0, None))
-        pending[name] = (total + value * float(weight), weight_sum + weight, kwargs)
+        value = value.detach() if isinstance(value, torch.Tensor) else value
+        if name in pending:  # no tensor work per step: the values are reduced once, when the epoch ends
+            values, weights, _ = pending[name]
+            values.append(value)
+            weights.append(float(weight))
+        else:
+            pending[name] = ([value], [float(weight)], kwargs)
         return None
 
     def _constant_kl_weight(self) -> bool:
@@ -127,17 +132,23 @@ class CplMixVAETrainingPlan(TrainingPlan):
 
     def _flush_logs(self, mode: str) -> None:
         """Log the values deferred during the epoch's ``mode`` steps, as Lightning would have reduced them."""
-        for name, (value, weight, kwargs) in self._pending_logs.pop(mode, {}).items():
-            if weight is None:  # a Metric
-                super().log(name, value, **kwargs)
-            else:  # the minibatch-weighted mean, with the epoch's cell count as its weight (DDP: exact global mean)
-                super().log(name, value / max(weight, 1), **{**kwargs, "batch_size": int(weight)})
+        for name, (values, weights, kwargs) in self._pending_logs.pop(mode, {}).items():
+            if weights is None:  # a Metric
+                super().log(name, values, **kwargs)
+                continue
+            # the minibatch-weighted mean, with the epoch's cell count as its weight (DDP: exact global mean)
+            device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
+            stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
+            total = sum(weights)
+            mean = (stacked.float() * torch.tensor(weights, device=stacked.device)).sum() / max(total, 1.0)
+            super().log(name, mean, **{**kwargs, "batch_size": int(total)})
 
     def _run_deferred(self, mode: str, step, batch, batch_idx):
         if not self.defer_logging or self.on_step or not self.on_epoch:
             return step(batch, batch_idx)
         self._pending_logs.setdefault(mode, {})
-        self._current_batch_size = extract_batch_size(batch)
+        x = batch.get(REGISTRY_KEYS.X_KEY) if isinstance(batch, dict) else None
+        self._current_batch_size = x.shape[0] if isinstance(x, torch.Tensor) else extract_batch_size(batch)
         self._deferring = mode
         try:
             return step(batch, batch_idx)
