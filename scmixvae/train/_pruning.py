@@ -542,7 +542,15 @@ def prune(
     user_callbacks = list(train_kwargs.pop("callbacks", None) or [])
 
     if not model.is_trained_:
-        model.train(batch_size=batch_size, callbacks=list(user_callbacks), **train_kwargs)
+        from ..model._model import default_max_epochs
+
+        model.train(
+            max_epochs=default_max_epochs(model.adata.n_obs, for_pruning=True),
+            batch_size=batch_size,
+            callbacks=list(user_callbacks),
+            prune=False,
+            **train_kwargs,
+        )
     if epochs_per_round is None:
         max_epochs = default_epochs_per_round(model.adata.n_obs)
     else:
