@@ -11,7 +11,8 @@ Parts:
   state traversal follows (``state_spearman_axis``), agreement.
 - ``real``: the five files in ``../shared/data`` with ``n_categories`` = number of reference labels, ``nb`` and
   ``gaussian`` likelihoods, next to scVI + Leiden and PCA + Leiden (run here, or read from ``--peers-from``, the
-  output of ``bench_peers.py``, which is then named in the table).
+  output of ``bench_peers.py`` or of an earlier ``bench_core.py --parts real``, which is then named in the
+  table).
 - ``speed``: seconds per training epoch for A = 1, 2, 3, 5 agents and scVI on the same data and batch size,
   timed in this process one after the other (first epoch dropped), as ratios to scVI.
 
@@ -106,6 +107,8 @@ def part_real(args) -> list[dict]:
     peers = {}
     if args.peers_from:
         for row in json.loads(Path(args.peers_from).read_text())["rows"]:
+            if row["method"].startswith("CplMixVAE") or row["dataset"] == "MEAN":  # peers only (any bench's JSON)
+                continue
             peers.setdefault(row["dataset"], []).append(row | {"source": Path(args.peers_from).name})
     rows = []
     for name in args.datasets:

@@ -49,8 +49,8 @@ class CplMixVAETrainingPlan(TrainingPlan):
     -----
     Each call of ``self.log`` costs Lightning's bookkeeping on the host (about a millisecond under a profiler),
     and a step logs about twenty values (the loss, scvi-tools' ELBO metrics, the per-agent terms). With the
-    default epoch-level logging (``on_step=False``) these values are summed on the device during the epoch,
-    weighted by the minibatch sizes, and logged once, in the epoch's last training step (validation: at its
+    default epoch-level logging (``on_step=False``) these values are kept (on the device) during the epoch and
+    reduced to their minibatch-size-weighted mean once, in the epoch's last training step (validation: at its
     epoch's end): the values Lightning would compute from per-step calls, in ``trainer.callback_metrics`` when
     callbacks look at the end of the epoch. ``kl_weight``, which scvi-tools logs at every step, is logged once per
     epoch like the rest when there is no KL warm-up (it is then constant); with a warm-up it is logged per step.
