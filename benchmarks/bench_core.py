@@ -49,6 +49,10 @@ def _fit(adata, *, seed: int, train_kwargs: dict | None = None, **model_kwargs):
     return model, time.perf_counter() - start
 
 
+def _train_kwargs(args) -> dict:
+    return {} if args.max_epochs is None else {"max_epochs": args.max_epochs}
+
+
 def state_correlation(state: np.ndarray, truth_state: np.ndarray, types: np.ndarray, *, axis: bool = False) -> float:
     """Mean over true types of the best |Spearman| between a state coordinate and the true state.
 
@@ -86,7 +90,10 @@ def part_sim(args) -> list[dict]:
                      "ari": peer["ari"], "nmi": peer["nmi"], "n_clusters": peer["n_clusters"],
                      "seconds": peer["seconds"]})  # fmt: skip
         for likelihood in args.likelihoods:
-            model, seconds = _fit(adata, seed=seed, n_categories=8, likelihood=likelihood, **args.model_kwargs)
+            model, seconds = _fit(
+                adata, seed=seed, n_categories=8, likelihood=likelihood, train_kwargs=_train_kwargs(args),
+                **args.model_kwargs,
+            )  # fmt: skip
             pred = model.predict().astype(str).to_numpy()
             state = model.get_latent_representation()
             rows.append({
@@ -116,7 +123,12 @@ def part_real(args) -> list[dict]:
         k = len(np.unique(labels))
         for likelihood in args.likelihoods:
             model, seconds = _fit(
-                adata.copy(), seed=args.seeds[0], n_categories=k, likelihood=likelihood, **args.model_kwargs
+                adata.copy(),
+                seed=args.seeds[0],
+                n_categories=k,
+                likelihood=likelihood,
+                train_kwargs=_train_kwargs(args),
+                **args.model_kwargs,
             )
             pred = model.predict().astype(str).to_numpy()
             rows.append({
@@ -197,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--speed-epochs", type=int, default=4)
     p.add_argument("--batch-sizes", nargs="+", type=int, default=[128])
     p.add_argument("--name", default="core")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs of every CplMixVAE fit (default: the model's)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"input_dropout\": 0.2}'")
     args = p.parse_args(argv)
     import os

@@ -80,7 +80,7 @@ def _fit_ifnb(args, seed: int):
     condition_key = None if args.condition_key.lower() == "none" else args.condition_key
     CplMixVAE.setup_anndata(adata, condition_key=condition_key)
     model = CplMixVAE(adata, n_categories=len(np.unique(labels)), likelihood=args.likelihood, **args.model_kwargs)
-    model.train(enable_progress_bar=False)
+    model.train(enable_progress_bar=False, **({} if args.max_epochs is None else {"max_epochs": args.max_epochs}))
     scmixvae.tl.annotate(adata, model)
     scores = clustering_scores(labels, adata.obs["cplmixvae_type"].astype(str).to_numpy())
     stim = (adata.obs["condition"].astype(str) == "STIM").to_numpy()
@@ -153,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--peers-from", default=None)
     p.add_argument("--name", default="state_genes")
+    p.add_argument("--max-epochs", type=int, default=None, help="epochs of each fit (default: the model's)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"state_encoder": "separate"}\'')
     p.add_argument(
         "--normalize",

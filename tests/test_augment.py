@@ -174,7 +174,7 @@ def test_learned_augmenter_trains_first_and_round_trips(sim_adata, tmp_path):
     assert bool(model.module.augmenter.trained)
     history = model.augmenter_history_
     assert list(history.columns) == ["loss", "reconstruction", "kl", "classification", "preservation"]
-    assert len(history) == max(5, round(default_max_epochs(sim_adata.n_obs, for_pruning=True) / 4))
+    assert len(history) == max(5, round(default_max_epochs(sim_adata.n_obs) / 4))
     assert history["loss"].iloc[-1] < history["loss"].iloc[0]
     model.save(tmp_path / "m", save_anndata=False)
     loaded = CplMixVAE.load(tmp_path / "m", adata=sim_adata)

@@ -383,3 +383,19 @@ def test_default_augmentation_is_knn_when_the_model_chooses_k_and_dropout_otherw
     assert chooser.init_params_["non_kwargs"]["augmentation"] == "knn"  # saved resolved: load rebuilds it
     assert _unknown_k_model(n_categories=4).module.augmentation == "dropout"
     assert _unknown_k_model(augmentation="thinning").module.augmentation == "thinning"
+
+
+def test_prune_on_an_untrained_model_of_unknown_k_prunes_once(monkeypatch):
+    model = _unknown_k_model()
+    calls = {"n": 0}
+    prune = _pruning.prune
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return prune(*args, **kwargs)
+
+    monkeypatch.setattr(_pruning, "prune", counting)
+    # prune() trains the untrained model first; that training must not start a pruning of its own
+    history = model.prune(max_rounds=1, epochs_per_round=1, batch_size=64, enable_progress_bar=False)
+    assert calls["n"] == 1
+    assert history is not None and 1 <= len(history) <= 2 and history["selected"].sum() == 1

@@ -36,18 +36,13 @@ from ._rnaseq import CplMixVAERNAMixin
 logger = logging.getLogger(__name__)
 
 
-def default_max_epochs(n_cells: int, *, for_pruning: bool = False) -> int:
-    """Default number of training epochs.
+def default_max_epochs(n_cells: int) -> int:
+    """Default number of training epochs: ``250,000 / n_cells`` clipped to ``[20, 100]``.
 
-    ``1,000,000 / n_cells`` clipped to ``[20, 400]`` (about 8,000 minibatch steps of 128 cells on small data):
-    the agents agree on the types within a few thousand steps, but the state latent keeps improving for longer
-    (simulator, 3,000 cells: within-type |Spearman| of state and truth 0.41 after 83 epochs, 0.78 after 300,
-    with the same types; see the user guide). ``for_pruning=True``: ``250,000 / n_cells`` clipped to
-    ``[20, 100]``, the training before the pruning rounds of :meth:`CplMixVAE.prune`, which train further.
+    The agents agree on the types within a few thousand minibatch steps. The state latent keeps improving for
+    longer: train longer (``max_epochs``) when the states are what you are after (see the user guide).
     """
-    if for_pruning:
-        return int(np.clip(round(250_000 / max(n_cells, 1)), 20, 100))
-    return int(np.clip(round(1_000_000 / max(n_cells, 1)), 20, 400))
+    return int(np.clip(round(250_000 / max(n_cells, 1)), 20, 100))
 
 
 def default_n_categories(n_cells: int) -> int:
@@ -344,8 +339,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Number of epochs; ``None`` uses :func:`default_max_epochs` (``1,000,000 / n_cells`` clipped to
-            ``[20, 400]``; before pruning ``250,000 / n_cells`` clipped to ``[20, 100]``).
+            Number of epochs; ``None`` uses :func:`default_max_epochs` (``250,000 / n_cells`` clipped to
+            ``[20, 100]``: the agents' consensus settles within a few thousand minibatch steps; the state latent
+            improves for longer, see the user guide).
         accelerator, devices
             Lightning accelerator and devices (``"auto"`` picks a GPU when there is one).
         train_size, validation_size
@@ -383,7 +379,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if prune is None:
             prune = self.choose_n_categories_ and not self.is_trained_ and not resuming
         if max_epochs is None:
-            max_epochs = default_max_epochs(self.adata.n_obs, for_pruning=prune)
+            max_epochs = default_max_epochs(self.adata.n_obs)
         check.check_int("max_epochs", max_epochs, minimum=1)
         check.check_int("batch_size", batch_size, minimum=2)
         if prune:
@@ -507,8 +503,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Passes over the data; ``None`` uses a quarter of :func:`default_max_epochs` before pruning
-            (``for_pruning=True``; at least 5).
+            Passes over the data; ``None`` uses a quarter of :func:`default_max_epochs` (at least 5).
         labels
             Types of the training cells for the classifier; ``None`` uses a Leiden partition with
             ``n_categories`` clusters (the one ``category_init="leiden"`` uses).
@@ -527,7 +522,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 "augmenter to train. Create the model with CplMixVAE(adata, augmentation='learned')."
             )
         if max_epochs is None:
-            max_epochs = max(5, round(default_max_epochs(self.adata.n_obs, for_pruning=True) / 4))
+            max_epochs = max(5, round(default_max_epochs(self.adata.n_obs) / 4))
         check.check_int("max_epochs", max_epochs, minimum=1)
         check.check_int("batch_size", batch_size, minimum=2)
         check.check_float("lr", lr, strict=True)

@@ -541,16 +541,8 @@ def prune(
         raise ValueError("Pass the epochs of each round as `epochs_per_round`, not `max_epochs`.")
     user_callbacks = list(train_kwargs.pop("callbacks", None) or [])
 
-    if not model.is_trained_:
-        from ..model._model import default_max_epochs
-
-        model.train(
-            max_epochs=default_max_epochs(model.adata.n_obs, for_pruning=True),
-            batch_size=batch_size,
-            callbacks=list(user_callbacks),
-            prune=False,
-            **train_kwargs,
-        )
+    if not model.is_trained_:  # prune=False: train only (pruning is what this call does next)
+        model.train(batch_size=batch_size, callbacks=list(user_callbacks), prune=False, **train_kwargs)
     if epochs_per_round is None:
         max_epochs = default_epochs_per_round(model.adata.n_obs)
     else:
