@@ -327,8 +327,7 @@ class CplMixVAEModule(BaseModuleClass):
 
         ``"dropout"`` and ``"thinning"`` work on the non-zero entries only (a zero stays zero), which costs a
         fraction of a dense mask on sparse expression data. ``x_norm_nonzero`` and ``counts``: the values of
-        ``x_norm`` and ``x`` at ``nonzero``, when known (``x`` may then be a sparse CSR tensor, except for
-        ``"knn"`` and ``"learned"``).
+        ``x_norm`` and ``x`` at ``nonzero``, when known (``x`` may then be a sparse CSR tensor).
         """
         aug, a = self.augmentation, self.n_agents
         if not self.training or (aug == "dropout" and self.input_dropout <= 0):
@@ -435,8 +434,8 @@ class CplMixVAEModule(BaseModuleClass):
         ``qs_v`` and sample ``s`` ``(A, B, S)``, the trunk output ``h``, the features the state posterior
         reads ``hs`` (``h`` itself with ``state_encoder="shared"``), ``library`` ``(B, 1)``,
         ``x_norm`` (``None`` in CPU training when nothing reads it), the covariate vector ``cov``, the non-zero
-        entries ``nonzero`` and their ``counts``
-        (CPU training) and the dense counts ``x`` (``None`` when the sparse minibatch was not densified).
+        entries ``nonzero`` and their ``counts`` (CPU training) and the dense counts ``x`` (``None`` when the
+        sparse minibatch was not densified).
         """
         # non-zero entries: shared by the normalisation, the dropout views and the NB loss on the CPU; read-outs
         # need none of them, and on an accelerator all work densely (finding them would make the host wait for
