@@ -138,7 +138,9 @@ class CplMixVAETrainingPlan(TrainingPlan):
                 continue
             # the minibatch-weighted mean, with the epoch's cell count as its weight (DDP: exact global mean)
             device = next((v.device for v in values if isinstance(v, torch.Tensor)), None)
-            stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
+            stacked = torch.stack(
+                [v if isinstance(v, torch.Tensor) else torch.tensor(v, device=device) for v in values]
+            )
             total = sum(weights)
             mean = (stacked.float() * torch.tensor(weights, device=stacked.device)).sum() / max(total, 1.0)
             super().log(name, mean, **{**kwargs, "batch_size": int(total)})
