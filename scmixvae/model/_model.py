@@ -45,6 +45,25 @@ def default_max_epochs(n_cells: int) -> int:
     return int(np.clip(round(250_000 / max(n_cells, 1)), 20, 100))
 
 
+def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | None) -> None:
+    """Raise a clear error, before anything is registered, where scvi-tools cannot read the counts' type.
+
+    scvi-tools 1.4 reads scipy sparse *matrices* but not sparse *arrays* (``csr_array``), and fails with
+    "data type not understood"; converting is the user's call, since ``setup_anndata`` never changes the data.
+    """
+    try:
+        field.validate_field(adata)
+    except TypeError as err:
+        matrix = check.get_matrix(adata, layer)
+        if not (sp.issparse(matrix) and not isinstance(matrix, sp.spmatrix)):
+            raise
+        where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
+        raise TypeError(
+            f"{where} is a scipy sparse array ({type(matrix).__name__}), which scvi-tools {scvi.__version__} cannot "
+            f"register. Convert it once to a sparse matrix: `{where} = scipy.sparse.csr_matrix({where})`."
+        ) from err
+
+
 def default_n_categories(n_cells: int) -> int:
     """Categories to start from when the number of types is unknown: ``n_cells / 50`` clipped to ``[2, 50]``.
 
@@ -316,6 +335,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         ]
         if condition_key is not None:  # registered only when given: models saved without it load unchanged
             anndata_fields.append(CategoricalObsField(CONDITION_KEY, condition_key))
+        _check_registrable_counts(anndata_fields[0], adata, layer)
         adata_manager = CplMixVAEAnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
