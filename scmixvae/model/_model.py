@@ -395,13 +395,13 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         minibatches (scvi-tools' ``load_sparse_tensor``), from which the module reads the non-zero counts
         directly; ``load_sparse_tensor=False`` loads them dense instead.
         """
-        resuming = kwargs.get("ckpt_path") is not None  # the checkpoint holds the initialised weights
-        if prune is None:
-            prune = self.choose_n_categories_ and not self.is_trained_ and not resuming
         if max_epochs is None:
             max_epochs = default_max_epochs(self.adata.n_obs)
         check.check_int("max_epochs", max_epochs, minimum=1)
         check.check_int("batch_size", batch_size, minimum=2)
+        resuming = kwargs.get("ckpt_path") is not None  # the checkpoint holds the initialised weights
+        if prune is None:
+            prune = self.choose_n_categories_ and not self.is_trained_ and not resuming
         if prune:
             self.choose_n_categories_ = False  # the trainings inside prune() must not prune again
             common = {
@@ -479,10 +479,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
         if not on_cpu or self.adata.n_obs == 0:
             return False
+        # what the loader gets for a minibatch (in memory or backed): scvi-tools converts CSR matrices only
         matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        if not (sp.issparse(matrix) or getattr(matrix, "format", None) == "csr"):  # dense, or a backed dense array
-            return False
-        # what the loader will get for a minibatch (in memory or backed): scvi-tools converts CSR matrices
         return isinstance(matrix[np.array([0])], sp.csr_matrix)
 
     def _initial_partition(self) -> np.ndarray:

@@ -266,17 +266,15 @@ class NBLogLikelihood(torch.autograd.Function):
         theta_nz = theta.squeeze(1).index_select(1, cols)
         mu_nz = mu.view(n_agents, -1).index_select(1, flat)
         x_p = counts * theta_nz / (theta_nz + mu_nz)  # x p, (A, nnz)
-        g = grad.unsqueeze(1)  # (A, 1, B)
-        g_sum = grad.sum(-1, keepdim=True).unsqueeze(-1)  # (A, 1, 1)
         if ctx.needs_input_grad[2]:
-            # sum_cells g u with u = (theta + x) p = theta (1 - t) + x p
-            g_u = theta * (g_sum - torch.bmm(g, t))
-            g_u = (
-                g_u + torch.zeros_like(theta).squeeze(1).index_add_(1, cols, grad.index_select(1, rows) * x_p)[:, None]
-            )
-            grad_theta = (log_theta + 1.0) * g_sum - torch.bmm(g, big_l) - g_u / theta
-            nz = torch.zeros_like(theta).squeeze(1).index_add_(1, cols, grad.index_select(1, rows) * dg)
-            grad_theta = grad_theta + nz.unsqueeze(1)
+            # with u = (theta + x) p = theta (1 - t) + x p, the dense part of
+            # sum_cells g (log theta + 1 - L - u / theta) is sum_cells g (log theta - L + t); the terms in x
+            # (-x p / theta and the digamma difference) are summed over the non-zero counts in one scatter
+            g = grad.unsqueeze(1)  # (A, 1, B)
+            g_sum = grad.sum(-1, keepdim=True).unsqueeze(-1)  # (A, 1, 1)
+            grad_theta = log_theta * g_sum - torch.bmm(g, big_l) + torch.bmm(g, t)
+            sparse_terms = grad.index_select(1, rows) * (dg - x_p / theta_nz)
+            grad_theta = grad_theta + torch.zeros_like(theta).squeeze(1).index_add_(1, cols, sparse_terms)[:, None]
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[6]:
             # d/d log mu = u - theta = x p - theta t, times the upstream gradient
             grad_log_mu = t.mul_(-theta)

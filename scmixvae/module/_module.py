@@ -529,11 +529,13 @@ class CplMixVAEModule(BaseModuleClass):
         if self.likelihood == "gaussian":
             return gaussian_log_likelihood(inference_outputs["x_norm"], generative_outputs["px_mean"])
         theta = generative_outputs["px_r"]
-        if x.layout != torch.strided and inference_outputs.get("counts") is None:
+        counts = inference_outputs.get("counts")
+        fused = self.likelihood == "nb" and x.device.type == "cpu"
+        if x.layout != torch.strided and not (fused and counts is not None):  # the fused node reads the counts
             x = inference_outputs["x"] if inference_outputs.get("x") is not None else x.to_dense()
         if self.likelihood == "nb":
             log_library = generative_outputs["px_log_library"]
-            if x.device.type != "cpu":  # accelerators: dense, no non-zero search (see inference)
+            if not fused:  # accelerators: dense, no non-zero search (see inference)
                 return nb_log_likelihood_dense(x, self.log_scale(generative_outputs), theta, log_library=log_library)
             # the CPU: the fused node, the log-softmax of the logits included
             return nb_log_likelihood(
@@ -543,9 +545,8 @@ class CplMixVAEModule(BaseModuleClass):
                 nonzero=inference_outputs.get("nonzero"),
                 log_library=log_library,
                 logits=True,
-                counts=inference_outputs.get("counts"),
+                counts=counts,
             )
-        x = x.to_dense() if x.layout != torch.strided else x
         dist = ZeroInflatedNegativeBinomial(
             mu=self.log_rate(generative_outputs).exp(), theta=theta, zi_logits=generative_outputs["px_dropout"]
         )
@@ -555,8 +556,8 @@ class CplMixVAEModule(BaseModuleClass):
         """Return the decoder's distribution as an object (``scvi.distributions`` for counts)."""
         if self.likelihood == "gaussian":
             return Normal(generative_outputs["px_mean"], 1.0)
-        rate, theta = self.log_rate(generative_outputs).exp(), generative_outputs["px_r"]
-        scale = self.log_scale(generative_outputs).exp()
+        log_scale, theta = self.log_scale(generative_outputs), generative_outputs["px_r"]
+        rate, scale = (log_scale + generative_outputs["px_log_library"]).exp(), log_scale.exp()
         if self.likelihood == "nb":
             return NegativeBinomial(mu=rate, theta=theta, scale=scale)
         return ZeroInflatedNegativeBinomial(

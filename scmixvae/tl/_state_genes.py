@@ -78,28 +78,23 @@ def _condition_key(model) -> str | None:
     return model.adata_manager.registry.get("setup_args", {}).get("condition_key")
 
 
-def _condition_labels(model, adata: AnnData) -> np.ndarray:
-    """Read the condition of every cell of ``adata`` from the column the model was set up with."""
+def _conditions_for(model, adata: AnnData, axis) -> tuple[np.ndarray | None, list[str]]:
+    """Return the cells' conditions and their order when ``axis="condition"``, else ``(None, [])``.
+
+    The conditions are read from the column the model was set up with.
+    """
+    if axis != "condition":
+        return None, []
     key = _condition_key(model)
     if key not in adata.obs:
         raise ValueError(f'`axis="condition"`: adata.obs has no column {key!r}, the model\'s condition.')
     column = adata.obs[key]
     if column.isna().any():
         raise ValueError(f'`axis="condition"`: adata.obs[{key!r}] has missing values.')
-    return np.asarray(column.astype(str))
-
-
-def _conditions_for(model, adata: AnnData, axis) -> tuple[np.ndarray | None, list[str]]:
-    """Return the cells' conditions and their order when ``axis="condition"``, else ``(None, [])``."""
-    if axis != "condition":
-        return None, []
-    labels = _condition_labels(model, adata)
-    column = adata.obs[_condition_key(model)]
+    labels = np.asarray(column.astype(str))
     if isinstance(column.dtype, pd.CategoricalDtype):
-        order = [str(c) for c in column.cat.categories]
-    else:
-        order = sorted(np.unique(labels))
-    return labels, order
+        return labels, [str(c) for c in column.cat.categories]
+    return labels, sorted(np.unique(labels))
 
 
 def _check_groupby(adata: AnnData, groupby: str) -> None:

@@ -47,8 +47,7 @@ def balanced_neighbours(rep: np.ndarray, groups: np.ndarray, n_neighbors: int = 
     from sklearn.neighbors import NearestNeighbors
 
     n = rep.shape[0]
-    codes = np.unique(groups)
-    sizes = np.array([(groups == code).sum() for code in codes])
+    codes, sizes = np.unique(groups, return_counts=True)
     k = max(1, min(int(np.ceil(n_neighbors / len(codes))), int(sizes.min()) - 1))
     dists, idxs = [], []
     for code in codes:
