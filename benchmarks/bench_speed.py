@@ -100,8 +100,11 @@ def _time_model(kind: str, adata, batch_size: int, args, likelihood: str | None 
         model = CplMixVAE(
             adata, n_agents=2, n_categories=10, likelihood=likelihood, category_init="random", **args.model_kwargs
         )
-        plan = {"compile": True} if args.compile else None
-        model.train(callbacks=[timer], plan_kwargs=plan, **kw)
+        plan = {"compile": True} if args.compile else {}
+        if args.state_phase:  # the state phase's steps (categorical path frozen) from the first epoch
+            plan["state_phase_start"] = 0
+        # the steps of one phase at a time: no state phase appended to the timed epochs
+        model.train(callbacks=[timer], plan_kwargs=plan or None, state_epochs=0, **kw)
     steps = min(args.steps, math.ceil(adata.n_obs / batch_size))
     return timer.seconds_per_epoch() / steps, model
 
@@ -118,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--precision", default=None, help="Lightning precision, e.g. 16-mixed or bf16-mixed on a GPU")
+    p.add_argument(
+        "--state-phase", action="store_true", help="time the steps of the state phase (categorical path frozen)"
+    )
     p.add_argument("--compile", action="store_true", help="plan_kwargs={'compile': True} (torch.compile)")
     p.add_argument("--name", default="speed")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"state_encoder": "separate"}\'')
@@ -156,11 +162,12 @@ def main(argv: list[str] | None = None) -> None:
                 print(kind, lik, batch_size, f"{seconds * 1e3:.1f} ms/step", flush=True)
         steps_per_epoch = math.ceil(args.n_cells / batch_size)
         scvi_step = best[("scvi", None)]
+        phase = " state phase" if args.state_phase else ""
         for kind, lik in configs:
             step = best[(kind, lik)]
             gflops = flops[(kind, lik)] / 1e9
             rows.append({
-                "dataset": dataset, "method": "scVI" if kind == "scvi" else f"CplMixVAE[{lik}] A=2",
+                "dataset": dataset, "method": "scVI" if kind == "scvi" else f"CplMixVAE[{lik}] A=2{phase}",
                 "batch_size": batch_size, "ms_per_step": step * 1e3,
                 "s_per_epoch_extrapolated": step * steps_per_epoch, "ratio_to_scvi": step / scvi_step,
                 "cells_per_s": batch_size / step, "gflop_per_step": gflops, "achieved_gflops": gflops / step,

@@ -35,14 +35,27 @@ SCRIPT = textwrap.dedent(
             with open(log, "a") as f:
                 f.write(f"{trainer.global_rank} {trainer.num_training_batches}\\n")
 
+    class StatePhase(Callback):  # the categorical head must not move in the state phase (epoch 2)
+        def on_train_epoch_start(self, trainer, pl_module):
+            if trainer.current_epoch == 2:
+                self.head = pl_module.module.category_head.weight.detach().clone()
+                self.decoder = pl_module.module.px_head.weight.detach().clone()
+
+        def on_train_end(self, trainer, pl_module):
+            module = pl_module.module
+            head = float((module.category_head.weight.detach() - self.head).abs().max())
+            decoder = float((module.px_head.weight.detach() - self.decoder).abs().max())
+            with open(log + ".state", "a") as f:
+                f.write(f"{trainer.global_rank} {head} {decoder}\\n")
+
     if __name__ == "__main__":
         adata = simulate(n_cells=300, n_genes=120, n_types=3, n_batches=2, seed=0)
         CplMixVAE.setup_anndata(adata)
         scvi.settings.seed = 0
         model = CplMixVAE(adata, n_categories=3, category_init="random")
         before = model.module.px_head.weight.detach().clone()
-        model.train(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp_notebook", batch_size=45,
-                    enable_progress_bar=False, callbacks=[BatchesPerRank()])
+        model.train(max_epochs=2, state_epochs=1, accelerator="cpu", devices=2, strategy="ddp_notebook",
+                    batch_size=45, enable_progress_bar=False, callbacks=[BatchesPerRank(), StatePhase()])
         labels = model.predict()
         print("RESULT " + json.dumps({
             "trained": bool(model.is_trained_),
@@ -70,8 +83,12 @@ def test_two_process_ddp_trains_and_reads_out(tmp_path):
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT ") :])
     # 270 training cells split between the two processes: 135 each, 3 minibatches of 45 (6 on one device)
-    assert sorted(log.read_text().split("\n")[:-1]) == ["0 3", "0 3", "1 3", "1 3"]
+    assert sorted(log.read_text().split("\n")[:-1]) == ["0 3"] * 3 + ["1 3"] * 3
     assert result["trained"] and result["changed"] > 0  # the session's model holds rank 0's trained weights
-    assert result["epochs"] == 2 and result["has_agreement"]
+    assert result["epochs"] == 3 and result["has_agreement"]
+    # the state phase (epoch 2) on both ranks: the categorical head frozen, the decoder learning
+    state = sorted(line.split() for line in Path(f"{log}.state").read_text().splitlines())
+    assert [rank for rank, _, _ in state] == ["0", "1"]
+    assert all(float(head) == 0.0 and float(decoder) > 0 for _, head, decoder in state)
     assert result["n_labels"] == 300 and result["labels_are_categories"]
     assert result["latent_shape"] == [300, 2]

@@ -28,7 +28,8 @@ def test_setup_registers_fields_and_leaves_data_alone(sim_adata):
 @pytest.mark.parametrize("likelihood", ["nb", "zinb", "gaussian"])
 def test_train_logs_every_loss_term_per_agent(sim_adata, likelihood):
     CplMixVAE.setup_anndata(sim_adata)
-    model = _fit(sim_adata, n_categories=3, likelihood=likelihood, train={"max_epochs": 2})
+    # two epochs of every part and one of the state phase, which logs the same terms
+    model = _fit(sim_adata, n_categories=3, likelihood=likelihood, train={"max_epochs": 2, "state_epochs": 1})
     history = model.history
     for key in [
         "coupling_train",
@@ -41,7 +42,7 @@ def test_train_logs_every_loss_term_per_agent(sim_adata, likelihood):
         "train_loss",
     ]:
         assert key in history, key
-        assert len(history[key]) == 2
+        assert len(history[key]) == 3
     assert model.is_trained_
 
 
@@ -165,7 +166,8 @@ def test_sparse_training_minibatches_give_the_dense_fit(sim_adata, monkeypatch, 
         model = _fit(sim_adata, n_categories=3, likelihood=likelihood, augmentation=augmentation, train=extra)
         fits.append((model.history, model.predict(soft=True)))
         if sparse is None:
-            assert read["n"] == 5  # every training step (270 cells / 64) read the CSR structure
+            # every training step (270 cells / 64) read the CSR structure: one epoch and the state phase's three
+            assert read["n"] == 5 * 4
     (history, soft), (history_dense, soft_dense) = fits
     for key in history:
         np.testing.assert_allclose(history[key].to_numpy(float), history_dense[key].to_numpy(float), rtol=1e-5)
@@ -178,6 +180,71 @@ def test_train_continues_from_current_weights(sim_adata):
     first = model.history["train_loss"].iloc[-1, 0]
     model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
     assert model.history["train_loss"].iloc[0, 0] < first * 1.5
+
+
+def _categorical_path(module):
+    names = ("encoder.", "trunk_out.", "trunk_norm.", "category_head.")
+    return {k: v.clone() for k, v in module.state_dict().items() if k.startswith(names)}
+
+
+@pytest.mark.parametrize("state_encoder", ["separate", "shared"])
+def test_state_phase_trains_the_states_and_leaves_the_types_exactly(sim_adata, state_encoder):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = _fit(sim_adata, n_categories=3, state_encoder=state_encoder, train={"max_epochs": 2, "state_epochs": 0})
+    assert len(model.history["train_loss"]) == 2
+    frozen, soft, state = _categorical_path(model.module), model.predict(soft=True), model.get_latent_representation()
+    decoder = model.module.px_head.weight.detach().clone()
+    model.train(max_epochs=0, state_epochs=2, batch_size=64, enable_progress_bar=False)
+    assert len(model.history["train_loss"]) == 4  # scvi-tools appends a further train()'s epochs
+    assert model.module.categories_frozen is False  # reset once training ends
+    for name, value in _categorical_path(model.module).items():
+        assert torch.equal(value, frozen[name]), name  # weights and batch-norm statistics
+    pd.testing.assert_frame_equal(model.predict(soft=True), soft)
+    assert not np.allclose(model.get_latent_representation(), state)
+    assert not torch.equal(model.module.px_head.weight, decoder)
+
+
+def test_state_phase_follows_the_epochs_of_every_part(sim_adata, monkeypatch):
+    from scmixvae.train import CplMixVAETrainingPlan
+
+    seen = []
+    start = CplMixVAETrainingPlan.on_train_epoch_start
+
+    def record(plan):
+        start(plan)
+        seen.append(plan.module.categories_frozen)
+
+    monkeypatch.setattr(CplMixVAETrainingPlan, "on_train_epoch_start", record)
+    CplMixVAE.setup_anndata(sim_adata)
+    model = _fit(sim_adata, n_categories=3, train={"max_epochs": 2, "state_epochs": 3})
+    assert seen == [False, False, True, True, True]
+    assert len(model.history["train_loss"]) == 5
+
+
+def test_default_state_epochs():
+    from scmixvae.model import default_max_epochs, default_state_epochs
+
+    assert default_state_epochs(3000) == 250 and default_max_epochs(3000) == 83
+    assert default_state_epochs(3000, 10) == 30  # the defaults' ratio, about three
+    assert default_state_epochs(100_000) == 8 and default_state_epochs(100_000, 20) == 8
+    assert default_state_epochs(200) == 300
+    assert default_state_epochs(2_000_000) == 0
+
+
+@pytest.mark.parametrize(
+    ("train", "match"),
+    [
+        ({"max_epochs": 0, "state_epochs": 0}, "nothing to train"),
+        ({"max_epochs": 0, "state_epochs": 2}, "trains the states of a trained model only"),
+        ({"max_epochs": 1, "state_epochs": -1}, "state_epochs"),
+    ],
+)
+def test_bad_epochs_raise_before_training(sim_adata, train, match):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    with pytest.raises(ValueError, match=match):
+        model.train(enable_progress_bar=False, **train)
+    assert not model.is_trained_
 
 
 def test_covariates_are_used(sim_adata):
@@ -207,6 +274,7 @@ def test_readouts_on_new_data_with_the_same_genes(trained_model):
         ({"tau": 0.0}, ValueError, "tau"),
         ({"n_agents": "2"}, TypeError, "n_agents"),
         ({"state_encoder": "trunk"}, ValueError, r"`state_encoder` must be one of \['shared', 'separate'\]"),
+        ({"n_hidden_state": 0}, ValueError, "n_hidden_state"),
     ],
 )
 def test_bad_parameters_raise(sim_adata, kwargs, error, match):
@@ -265,7 +333,7 @@ def test_condition_key_is_registered_logged_and_round_trips(tmp_path):
     obs_before = adata.obs.copy()
     CplMixVAE.setup_anndata(adata, condition_key="condition")
     pd.testing.assert_frame_equal(adata.obs[obs_before.columns], obs_before)
-    model = _fit(adata, n_categories=3, condition_weight=0.5, train={"max_epochs": 2})
+    model = _fit(adata, n_categories=3, condition_weight=0.5, train={"max_epochs": 2, "state_epochs": 0})
     assert model.module.n_conditions == 2 and model.module.condition_weight == 0.5
     assert len(model.history["condition_discrepancy_train"]) == 2
     model.save(tmp_path / "model", save_anndata=False)
@@ -322,14 +390,17 @@ def test_single_condition_warns(sim_adata):
         CplMixVAE.setup_anndata(sim_adata, condition_key="one")
 
 
-def test_state_encoder_defaults_to_separate_with_a_condition(tmp_path):
+@pytest.mark.parametrize("condition_key", ["condition", None])
+def test_state_encoder_defaults_to_separate_with_32_units(tmp_path, condition_key):
     adata = _stimulated()
-    CplMixVAE.setup_anndata(adata, condition_key="condition")
+    CplMixVAE.setup_anndata(adata, condition_key=condition_key)
     model = CplMixVAE(adata, n_categories=2)
-    assert model.module.state_encoder is not None and "state_encoder: separate" in model._model_summary_string
+    assert model.module.state_encoder.layers[0].weight.shape == (2, adata.n_vars, 32)
+    assert "state_encoder: separate (32 units)" in model._model_summary_string
+    assert CplMixVAE(adata, n_categories=2, state_encoder=None).module.state_encoder is not None
     assert CplMixVAE(adata, n_categories=2, state_encoder="shared").module.state_encoder is None
+    wide = CplMixVAE(adata, n_categories=2, n_hidden_state=100)
+    assert wide.module.state_encoder.layers[0].weight.shape == (2, adata.n_vars, 100)
     model.save(tmp_path / "model", save_anndata=False)
-    assert CplMixVAE.load(tmp_path / "model", adata=adata).module.state_encoder is not None
-    plain = _stimulated()
-    CplMixVAE.setup_anndata(plain)
-    assert CplMixVAE(plain, n_categories=2).module.state_encoder is None
+    loaded = CplMixVAE.load(tmp_path / "model", adata=adata)
+    assert loaded.module.state_encoder.layers[0].weight.shape == (2, adata.n_vars, 32)

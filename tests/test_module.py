@@ -137,7 +137,8 @@ def test_separate_state_encoder_reads_the_real_cell_and_shared_reads_the_trunk(c
     assert not torch.equal(first["h"], second["h"])
     torch.testing.assert_close(first["hs"], second["hs"])
     assert first["hs"].shape == (2, 32, module.state_encoder.layers[0].weight.shape[-1])
-    shared = CplMixVAEModule(counts.shape[1], n_agents=2, n_categories=3)  # the default, as published
+    assert CplMixVAEModule(counts.shape[1], n_categories=3).state_encoder.layers[0].weight.shape[-1] == 32  # default
+    shared = CplMixVAEModule(counts.shape[1], n_agents=2, n_categories=3, state_encoder="shared")  # as published
     assert shared.state_encoder is None
     out = shared.inference(counts)
     assert out["hs"] is out["h"]

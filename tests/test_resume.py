@@ -23,7 +23,7 @@ def test_checkpointed_fit_resumes_at_the_saved_epoch_with_the_saved_weights(sim_
     kwargs = {"batch_size": 90, "enable_progress_bar": False}  # 270 training cells: 3 steps per epoch
     scvi.settings.seed = 0
     first = CplMixVAE(sim_adata, n_categories=3)
-    first.train(max_epochs=2, callbacks=[TrainingCheckpoint(tmp_path)], **kwargs)
+    first.train(max_epochs=2, state_epochs=0, callbacks=[TrainingCheckpoint(tmp_path)], **kwargs)
     ckpt = tmp_path / "last.ckpt"
     assert ckpt.exists()
     saved = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -32,7 +32,7 @@ def test_checkpointed_fit_resumes_at_the_saved_epoch_with_the_saved_weights(sim_
     scvi.settings.seed = 1
     resumed = CplMixVAE(sim_adata, n_categories=3)  # fresh weights, no Leiden initialisation
     probe = _FirstWeights()
-    resumed.train(max_epochs=4, ckpt_path=str(ckpt), callbacks=[probe], **kwargs)
+    resumed.train(max_epochs=4, state_epochs=0, ckpt_path=str(ckpt), callbacks=[probe], **kwargs)
     assert probe.epoch == 2
     assert not getattr(resumed, "category_init_done_", False)
     for key, value in first.module.state_dict().items():  # training started from the checkpoint's weights
@@ -41,3 +41,24 @@ def test_checkpointed_fit_resumes_at_the_saved_epoch_with_the_saved_weights(sim_
     assert resumed.trainer.current_epoch == 4 and resumed.trainer.global_step == 4 * 3
     assert list(resumed.history["train_loss"].index) == [2, 3]  # only the resumed epochs
     assert resumed.predict().shape == (sim_adata.n_obs,)
+
+
+def test_a_fit_resumed_in_the_state_phase_stays_in_it(sim_adata, tmp_path):
+    CplMixVAE.setup_anndata(sim_adata)
+    kwargs = {"batch_size": 90, "enable_progress_bar": False}
+    scvi.settings.seed = 0
+    first = CplMixVAE(sim_adata, n_categories=3)
+    # two epochs of every part, then the state phase: the checkpoint of epoch 3 (0-based) falls inside it
+    first.train(max_epochs=2, state_epochs=2, callbacks=[TrainingCheckpoint(tmp_path)], **kwargs)
+    assert torch.load(tmp_path / "last.ckpt", map_location="cpu", weights_only=False)["epoch"] == 3
+
+    scvi.settings.seed = 1
+    resumed = CplMixVAE(sim_adata, n_categories=3)
+    probe = _FirstWeights()
+    resumed.train(max_epochs=2, state_epochs=4, ckpt_path=str(tmp_path / "last.ckpt"), callbacks=[probe], **kwargs)
+    assert probe.epoch == 4 and resumed.trainer.current_epoch == 6
+    # frozen since epoch 2: the resumed epochs trained the states only, so the types are the first fit's
+    for name in ("category_head.weight", "encoder.layers.0.weight", "trunk_norm.running_mean"):
+        torch.testing.assert_close(resumed.module.state_dict()[name], first.module.state_dict()[name], msg=name)
+    assert not torch.equal(resumed.module.px_head.weight, first.module.px_head.weight)
+    assert resumed.predict().equals(first.predict())

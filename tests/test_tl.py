@@ -419,7 +419,8 @@ def test_condition_axis_is_the_default_with_a_condition_and_joins_the_conditions
     result = out.uns[KEY]
     assert result["params"]["axis"] == "condition"
     traversal = result["traversal"]
-    state = model.get_latent_representation(adata)  # agent 0's state given the consensus category
+    # agent 0's state given the consensus category, in float64 like the traversal's means
+    state = model.get_latent_representation(adata).astype(np.float64)
     stim = (adata.obs["treatment"] == "stim").to_numpy()
     for i, group in enumerate(np.asarray(traversal["groups"], dtype=str)):
         cells = (out.obs[f"{KEY}_group"] == group).to_numpy()

@@ -45,6 +45,20 @@ def default_max_epochs(n_cells: int) -> int:
     return int(np.clip(round(250_000 / max(n_cells, 1)), 20, 100))
 
 
+def default_state_epochs(n_cells: int, max_epochs: int | None = None) -> int:
+    """Default length of the state phase of :meth:`CplMixVAE.train`: ``750,000 / n_cells`` clipped to ``[0, 300]``.
+
+    Three times :func:`default_max_epochs` on data of up to ~9,000 cells, where the agents settle on the types
+    long before the state latent has learned the within-type programs of the smaller types; on larger data the
+    types' own epochs hold enough minibatch steps, and the phase shrinks (8 epochs at 100,000 cells, none above
+    1.5 million). With ``max_epochs`` given: the same multiple of it as the defaults have.
+    """
+    n_state_epochs = int(np.clip(round(750_000 / max(n_cells, 1)), 0, 300))
+    if max_epochs is None:
+        return n_state_epochs
+    return round(max_epochs * n_state_epochs / default_max_epochs(n_cells))
+
+
 def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | None) -> None:
     """Raise a clear error, before anything is registered, where scvi-tools cannot read the counts' type.
 
@@ -124,13 +138,15 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     coupling_weight
         Weight ``lambda`` of the coupling distance (published: 1).
     state_encoder
-        ``"shared"`` (published): the state posterior reads the categorical trunk of the augmented view;
-        ``"separate"``: a one-layer encoder of its own that sees the real cell. At a given ``n_categories``
-        ``"separate"`` follows the true state much more closely (simulator: within-type absolute Spearman
-        correlation 0.74-0.85 against 0.47) with the same types, for one more matrix product per agent and
-        step (see the user guide). ``None`` (default): ``"separate"`` when a condition is registered
-        (``setup_anndata(condition_key=...)``), whose effect the state has to carry (on ``ifnb_2800`` the
-        shared state carried almost none of it), ``"shared"`` otherwise.
+        ``"separate"`` (default): the state posterior reads a one-layer encoder of its own that sees the real
+        cell; ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps
+        mostly the type. ``"separate"`` follows the true state much more closely with the same types (see the
+        user guide), for one more matrix product per agent and step, and only it can learn on in the state
+        phase of :meth:`train`, where the trunk is frozen. ``None``: ``"separate"`` (kept for scripts that
+        pass it).
+    n_hidden_state
+        Width of the ``"separate"`` state encoder (32: on the simulator the state follows the truth as closely
+        as with 100 units, for a third of the cost).
     condition_weight
         With a condition registered (``setup_anndata(condition_key=...)``): weight of the penalty that keeps
         every category's share of cells the same in each condition (times the number of genes; see
@@ -178,7 +194,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         category_init: Literal["leiden", "random"] = "leiden",
         augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
-        state_encoder: Literal["shared", "separate"] | None = None,
+        state_encoder: Literal["shared", "separate"] | None = "separate",
+        n_hidden_state: int = 32,
         condition_weight: float = 1.0,
         **module_kwargs,
     ):
@@ -196,13 +213,14 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if augmentation is None:  # the option measured best for each use (see the augmentation guide)
             augmentation = "knn" if self.choose_n_categories_ else "dropout"
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
-        if state_encoder is None:  # a registered condition's effect has to be carried by the state (user guide)
-            state_encoder = "separate" if n_conditions > 0 else "shared"
+        if state_encoder is None:
+            state_encoder = "separate"
         check.check_int("n_categories", n_categories, minimum=1)
         check.check_int("n_state", n_state, minimum=1)
         check.check_int("n_hidden", n_hidden, minimum=1)
         check.check_int("n_layers", n_layers, minimum=1)
         check.check_int("n_latent", n_latent, minimum=1)
+        check.check_int("n_hidden_state", n_hidden_state, minimum=1)
         check.check_choice("likelihood", likelihood, ("nb", "zinb", "gaussian"))
         check.check_float("input_dropout", input_dropout, maximum=0.95)
         check.check_float("beta", beta)
@@ -245,6 +263,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
             state_encoder=state_encoder,
+            n_hidden_state=n_hidden_state,
             n_conditions=n_conditions,
             condition_weight=condition_weight,
             **module_kwargs,
@@ -256,6 +275,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
             f"beta: {beta}, coupling_weight: {coupling_weight}, category_init: {category_init}, "
             f"augmentation: {augmentation}, state_encoder: {state_encoder}"
+            + (f" ({n_hidden_state} units)" if state_encoder == "separate" else "")
             + (f", condition_weight: {condition_weight}." if self.module.n_conditions > 1 else ".")
         )
         self.init_params_ = self._get_init_params(locals())
@@ -352,6 +372,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         plan_kwargs: dict | None = None,
         prune: bool | None = None,
         prune_kwargs: dict | None = None,
+        state_epochs: int | None = None,
         **kwargs,
     ):
         """Train the model with scvi-tools' trainer (same arguments as :meth:`scvi.model.SCVI.train`).
@@ -359,9 +380,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         Parameters
         ----------
         max_epochs
-            Number of epochs; ``None`` uses :func:`default_max_epochs` (``250,000 / n_cells`` clipped to
-            ``[20, 100]``: the agents' consensus settles within a few thousand minibatch steps; the state latent
-            improves for longer, see the user guide).
+            Epochs of training every part of the model; ``None`` uses :func:`default_max_epochs` (``250,000 /
+            n_cells`` clipped to ``[20, 100]``: the agents' consensus settles within a few thousand minibatch
+            steps). ``0`` with ``state_epochs`` on a trained model: the state phase alone.
         accelerator, devices
             Lightning accelerator and devices (``"auto"`` picks a GPU when there is one).
         train_size, validation_size
@@ -379,6 +400,17 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             was created without ``n_categories`` and has not been trained yet.
         prune_kwargs
             Keyword arguments of :meth:`prune` (``threshold``, ``max_rounds``, ``epochs_per_round``...).
+        state_epochs
+            Epochs of the state phase, after ``max_epochs`` (and after pruning): the encoder trunk and the
+            categorical heads are frozen (they read the real cell, as in a read-out, and learn nothing), so the
+            types and :meth:`predict` stay exactly as they are, while the state encoder, the decoder and the
+            dispersions go on learning the within-type programs, which take longer than the types. ``None``:
+            :func:`default_state_epochs` (three times ``max_epochs`` on up to ~9,000 cells, fewer on larger
+            data); ``0``: none. Its epochs cost less than the others (no backward pass through the trunk) and
+            follow them in :attr:`history`. With several devices, a DDP strategy given by name (``"ddp"``,
+            ``"ddp_notebook"``...) gets its ``_find_unused_parameters_true`` variant, since the frozen weights
+            receive no gradient; a :class:`~lightning.pytorch.strategies.DDPStrategy` object needs
+            ``find_unused_parameters=True``.
         **kwargs
             Further keyword arguments of :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and of the
             Lightning trainer (``enable_progress_bar``, ``callbacks``, ``strategy``...).
@@ -395,10 +427,21 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         minibatches (scvi-tools' ``load_sparse_tensor``), from which the module reads the non-zero counts
         directly; ``load_sparse_tensor=False`` loads them dense instead.
         """
+        n_cells = self.adata.n_obs
+        if max_epochs is not None:
+            check.check_int("max_epochs", max_epochs, minimum=0)
+        if state_epochs is None:
+            state_epochs = default_state_epochs(n_cells, max_epochs)
         if max_epochs is None:
-            max_epochs = default_max_epochs(self.adata.n_obs)
-        check.check_int("max_epochs", max_epochs, minimum=1)
+            max_epochs = default_max_epochs(n_cells)
+        check.check_int("state_epochs", state_epochs, minimum=0)
         check.check_int("batch_size", batch_size, minimum=2)
+        if max_epochs + state_epochs == 0:
+            raise ValueError("max_epochs and state_epochs are both 0: there is nothing to train.")
+        if max_epochs == 0 and not self.is_trained_:
+            raise ValueError(
+                "max_epochs=0 trains the states of a trained model only; train the model first (max_epochs > 0)."
+            )
         resuming = kwargs.get("ckpt_path") is not None  # the checkpoint holds the initialised weights
         if prune is None:
             prune = self.choose_n_categories_ and not self.is_trained_ and not resuming
@@ -408,10 +451,19 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                 "accelerator": accelerator, "devices": devices, "train_size": train_size,
                 "validation_size": validation_size, "early_stopping": early_stopping, "plan_kwargs": plan_kwargs,
             }  # fmt: skip
+            common["batch_size"] = batch_size
             if not self.is_trained_:
-                self.train(max_epochs=max_epochs, batch_size=batch_size, prune=False, **common, **kwargs)
-            self.prune(batch_size=batch_size, **(prune_kwargs or {}), **common, **kwargs)
+                self.train(max_epochs=max_epochs, state_epochs=0, prune=False, **common, **kwargs)
+            self.prune(**(prune_kwargs or {}), **common, **kwargs)
+            if state_epochs:  # the states of the chosen categories
+                self.train(max_epochs=0, state_epochs=state_epochs, prune=False, **common, **kwargs)
             return None
+        if state_epochs:
+            plan_kwargs = {**(plan_kwargs or {}), "state_phase_start": max_epochs}
+            strategy = kwargs.get("strategy")
+            if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
+                # the frozen categorical path gets no gradients in the state phase: DDP must expect that
+                kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"
         if (
             self.category_init == "leiden"
             and not resuming
@@ -440,7 +492,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self.adata_manager.neighbours = self.neighbours_ if augmentation == "knn" else None
         try:
             return super().train(
-                max_epochs=max_epochs,
+                max_epochs=max_epochs + state_epochs,
                 accelerator=accelerator,
                 devices=devices,
                 train_size=train_size,
@@ -467,6 +519,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             return None
         finally:
             self.adata_manager.neighbours = None
+            self.module.categories_frozen = False
 
     def _sparse_minibatches(self, accelerator: str) -> bool:
         """Whether training loads its minibatches as sparse CSR tensors: on the CPU, with CSR counts.

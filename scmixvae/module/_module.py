@@ -137,13 +137,13 @@ class CplMixVAEModule(BaseModuleClass):
         Feed the decoder ``[c; c ⊗ s]`` instead of ``[c; s]``: each category gets its own linear map of
         the state into the first hidden layer, so that states act through type-specific gene programs.
     state_encoder
-        What the state posterior ``q(s | x, c)`` reads besides ``c``: ``"shared"`` (default), the categorical
-        trunk's output ``h`` of the augmented view, as published; ``"separate"``, its own one-layer encoder of
+        What the state posterior ``q(s | x, c)`` reads besides ``c``: ``"shared"``, the categorical trunk's
+        output ``h`` of the augmented view, as published; ``"separate"`` (default), its own one-layer encoder of
         the real cell's log-normalised expression, never augmented nor dropped out. The trunk keeps mostly
         what survives augmentation, the type, so ``"separate"`` gives states much closer to the truth (see
         the user guide).
     n_hidden_state
-        Width of the ``"separate"`` state encoder (default ``n_hidden``); its matrix product with the genes is
+        Width of the ``"separate"`` state encoder (``None``: ``n_hidden``); its matrix product with the genes is
         the option's extra cost per step.
     n_conditions
         Number of codes of the registered experimental condition (0: none). The condition is given to no
@@ -178,8 +178,8 @@ class CplMixVAEModule(BaseModuleClass):
         category_state_interaction: bool = True,
         coupling_eps: float = 1e-8,
         entropy_weight: float = 1.0,
-        state_encoder: Literal["shared", "separate"] = "shared",
-        n_hidden_state: int | None = None,
+        state_encoder: Literal["shared", "separate"] = "separate",
+        n_hidden_state: int | None = 32,
         n_conditions: int = 0,
         condition_weight: float = 0.0,
         augmentation: Augmentation = "dropout",
@@ -232,6 +232,8 @@ class CplMixVAEModule(BaseModuleClass):
             n_disp = n_batch if dispersion == "gene-batch" else 1
             self.px_r = nn.Parameter(torch.randn(a, n_disp, n_input))
         self.register_buffer("category_mask", torch.ones(n_categories, dtype=torch.bool))
+        # set by the training plan during the state phase (see :meth:`inference`)
+        self.categories_frozen = False
         self.augmenter = (
             AugmenterModule(n_input, n_categories, noise=self.augmentation_strength)
             if augmentation == "learned"
@@ -302,6 +304,7 @@ class CplMixVAEModule(BaseModuleClass):
         return (
             self.likelihood == "gaussian"
             or self.state_encoder is not None
+            or self.categories_frozen
             or self.augmentation == "learned"
             or (self.augmentation == "dropout" and self.input_dropout <= 0)
         )
@@ -456,10 +459,16 @@ class CplMixVAEModule(BaseModuleClass):
                 x, library, nonzero, counts, dense=self._reads_dense_x_norm_in_training()
             )
         cov = self._covariates(batch_index, cat_covs, cont_covs)
-        views = self._augment(x, x_norm, library, nonzero, x_neighbour, x_norm_nonzero, counts)
-        h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
+        if self.training and self.categories_frozen:
+            # state phase: the categorical path reads the real cell as in a read-out and learns nothing
+            with torch.no_grad(), eval_mode(self.trunk_norm):
+                h = self.trunk_norm(self.trunk_out(self.encoder(x_norm, cov)))
+                q, log_q = self.categorical_posterior(h)
+        else:
+            views = self._augment(x, x_norm, library, nonzero, x_neighbour, x_norm_nonzero, counts)
+            h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
+            q, log_q = self.categorical_posterior(h)
         hs = h if self.state_encoder is None else self.state_encoder(x_norm, cov)
-        q, log_q = self.categorical_posterior(h)
         k = self.n_categories
         if category is not None:
             c = F.one_hot(category.reshape(-1).long(), k).float().expand(self.n_agents, -1, -1)

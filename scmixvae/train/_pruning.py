@@ -539,6 +539,12 @@ def prune(
         )
     if "max_epochs" in train_kwargs:
         raise ValueError("Pass the epochs of each round as `epochs_per_round`, not `max_epochs`.")
+    if "state_epochs" in train_kwargs:
+        raise ValueError(
+            "Pruning trains no state phase; train the states of the chosen categories afterwards with "
+            "`model.train(max_epochs=0, state_epochs=...)`."
+        )
+    train_kwargs["state_epochs"] = 0
     user_callbacks = list(train_kwargs.pop("callbacks", None) or [])
 
     if not model.is_trained_:  # prune=False: train only (pruning is what this call does next)

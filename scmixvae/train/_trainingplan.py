@@ -41,6 +41,11 @@ class CplMixVAETrainingPlan(TrainingPlan):
     defer_logging
         With epoch-level logging (the default), keep what each step logs on the device and hand it to Lightning
         once per epoch (see Notes); ``False`` logs at every step, as scvi-tools does.
+    state_phase_start
+        Epoch (counted from 0) from which the module's categorical path is frozen: the encoder trunk and the
+        categorical heads read the real cell and learn nothing, so the types stay as they are, while the state
+        posterior, the decoder and the dispersions go on learning (the state phase of
+        :meth:`~scmixvae.model.CplMixVAE.train`). ``None``: never.
     **kwargs
         Further keyword arguments of :class:`~scvi.train.TrainingPlan` (``compile=True`` compiles the module
         with :func:`torch.compile`).
@@ -66,6 +71,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
         n_epochs_kl_warmup: int | None = None,
         fused_optimizer: bool = True,
         defer_logging: bool = True,
+        state_phase_start: int | None = None,
         **kwargs: Any,
     ):
         super().__init__(
@@ -73,6 +79,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
         )
         self.fused_optimizer = fused_optimizer
         self.defer_logging = defer_logging
+        self.state_phase_start = state_phase_start
         self._pending_logs: dict[str, dict[str, tuple]] = {}
         self._deferring: str | None = None
         self._current_batch_size = 1
@@ -178,7 +185,14 @@ class CplMixVAETrainingPlan(TrainingPlan):
 
     def on_train_epoch_start(self) -> None:
         self._pending_logs.pop("train", None)
+        # from the epoch counter, so that a fit resumed from a checkpoint is in the right phase
+        start = self.state_phase_start
+        self.module.categories_frozen = start is not None and self.current_epoch >= start
         super().on_train_epoch_start()
+
+    def on_train_end(self) -> None:
+        self.module.categories_frozen = False  # a later train() trains everything again
+        super().on_train_end()
 
     def on_train_epoch_end(self) -> None:
         self._flush_logs("train")  # only if the last step did not (an epoch cut short)
