@@ -53,8 +53,11 @@ def matmul_peak_gflops(size: int = 2048, repeats: int = 5, device: str = "cpu", 
     return 2 * size**3 / best / 1e9
 
 
-def step_flops(model, batch_size: int) -> int:
-    """FLOPs of one training step's forward and backward pass (``FlopCounterMode``: matrix products)."""
+def step_flops(model, batch_size: int, *, state_phase: bool = False) -> int:
+    """FLOPs of one training step's forward and backward pass (``FlopCounterMode``: matrix products).
+
+    ``state_phase``: a step of the state phase (categorical path frozen).
+    """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -63,10 +66,14 @@ def step_flops(model, batch_size: int) -> int:
     tensors = next(iter(loader))
     tensors = {k: v.to(module.device) if hasattr(v, "to") else v for k, v in tensors.items()}
     module.train()
+    module.categories_frozen = state_phase
     counter = FlopCounterMode(display=False)
-    with counter:
-        _, _, loss = module(tensors)
-        loss.loss.backward()
+    try:
+        with counter:
+            _, _, loss = module(tensors)
+            loss.loss.backward()
+    finally:
+        module.categories_frozen = False
     module.zero_grad(set_to_none=True)
     torch.set_grad_enabled(True)
     return int(counter.get_total_flops())
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> None:
                 seconds, model = _time_model(kind, adata.copy(), batch_size, args, lik)
                 best[(kind, lik)] = min(best.get((kind, lik), math.inf), seconds)
                 if (kind, lik) not in flops:
-                    flops[(kind, lik)] = step_flops(model, batch_size)
+                    flops[(kind, lik)] = step_flops(model, batch_size, state_phase=args.state_phase and kind != "scvi")
                 print(kind, lik, batch_size, f"{seconds * 1e3:.1f} ms/step", flush=True)
         steps_per_epoch = math.ceil(args.n_cells / batch_size)
         scvi_step = best[("scvi", None)]

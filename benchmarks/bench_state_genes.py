@@ -79,7 +79,8 @@ def _fit_ifnb(args, seed: int):
     scvi.settings.seed = seed
     condition_key = None if args.condition_key.lower() == "none" else args.condition_key
     CplMixVAE.setup_anndata(adata, condition_key=condition_key)
-    model = CplMixVAE(adata, n_categories=len(np.unique(labels)), likelihood=args.likelihood, **args.model_kwargs)
+    likelihood = {} if args.likelihood is None else {"likelihood": args.likelihood}
+    model = CplMixVAE(adata, n_categories=len(np.unique(labels)), **likelihood, **args.model_kwargs)
     model.train(enable_progress_bar=False, **({} if args.max_epochs is None else {"max_epochs": args.max_epochs}))
     scmixvae.tl.annotate(adata, model)
     scores = clustering_scores(labels, adata.obs["cplmixvae_type"].astype(str).to_numpy())
@@ -136,7 +137,7 @@ def part_memory(args) -> list[dict]:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", nargs="+", default=["ifnb", "memory"], choices=["ifnb", "memory"])
-    p.add_argument("--likelihood", default="nb")
+    p.add_argument("--likelihood", default=None, help="None: the model's default")
     p.add_argument(
         "--axes",
         nargs="+",

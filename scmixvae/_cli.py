@@ -20,6 +20,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-genes", type=int, default=1000)
     demo.add_argument("--n-types", type=int, default=8)
     demo.add_argument("--max-epochs", type=int, default=None, help="training epochs (default: the model's)")
+    demo.add_argument("--state-epochs", type=int, default=None, help="state-phase epochs (default: the model's)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--accelerator", default="auto")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -45,6 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--n-state-genes", type=int, default=20, help="state genes per type in the summary table")
     fit.add_argument("--likelihood", default=None, choices=["nb", "zinb", "gaussian"])
     fit.add_argument("--max-epochs", type=int, default=None)
+    fit.add_argument("--state-epochs", type=int, default=None, help="state-phase epochs (default: the model's)")
     fit.add_argument("--batch-size", type=int, default=None)
     fit.add_argument("--accelerator", default="auto")
     fit.add_argument("--seed", type=int, default=0)
@@ -58,6 +60,8 @@ def _train_kwargs(args) -> dict:
     kwargs = {"accelerator": args.accelerator, "enable_progress_bar": not args.quiet}
     if args.max_epochs is not None:
         kwargs["max_epochs"] = args.max_epochs
+    if args.state_epochs is not None:
+        kwargs["state_epochs"] = args.state_epochs
     if getattr(args, "batch_size", None) is not None:
         kwargs["batch_size"] = args.batch_size
     return kwargs

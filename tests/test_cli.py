@@ -4,6 +4,7 @@ import pandas as pd
 import pytest
 
 from scmixvae._cli import main
+from scmixvae.model import CplMixVAE
 
 
 def test_demo_writes_annotated_h5ad_figure_and_model(tmp_path):
@@ -21,6 +22,8 @@ def test_demo_writes_annotated_h5ad_figure_and_model(tmp_path):
             "3",
             "--max-epochs",
             "1",
+            "--state-epochs",
+            "2",
             "--quiet",
             "--accelerator",
             "cpu",
@@ -28,6 +31,8 @@ def test_demo_writes_annotated_h5ad_figure_and_model(tmp_path):
     )
     assert rc == 0
     adata = anndata.read_h5ad(out / "demo.h5ad")
+    # one epoch of every part and two of the state phase
+    assert len(CplMixVAE.load(out / "model", adata=adata).history["train_loss"]) == 3
     assert "cplmixvae_type" in adata.obs and "X_cplmixvae_state" in adata.obsm
     assert (out / "demo.png").stat().st_size > 0
     assert (out / "model" / "model.pt").exists()

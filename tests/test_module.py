@@ -58,10 +58,21 @@ def test_nb_log_likelihood_matches_scvi(counts):
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-3)
 
 
-def test_gaussian_log_likelihood_is_unit_variance_normal():
+def test_gaussian_log_likelihood_is_unit_variance_normal_with_its_gradients():
     x, mean = torch.randn(4, 6), torch.randn(2, 4, 6)
     ref = torch.distributions.Normal(mean, 1.0).log_prob(x).sum(-1)
     torch.testing.assert_close(gaussian_log_likelihood(x, mean), ref)
+    # the fused node's gradients against autograd, in float64, for a target shared by the agents or not
+    for x_shape in [(4, 6), (2, 4, 6)]:
+        x64 = torch.randn(*x_shape, dtype=torch.float64, requires_grad=True)
+        mean64 = torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(gaussian_log_likelihood, (x64, mean64))
+    # mixed precision: computed in float32, gradient returned in the input's dtype
+    half = mean.bfloat16().requires_grad_()
+    out = gaussian_log_likelihood(x, half)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert half.grad.dtype == torch.bfloat16
 
 
 def test_coupling_distance_zero_for_identical_posteriors_and_ignores_masked_categories():

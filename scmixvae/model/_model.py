@@ -114,8 +114,11 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     n_latent
         Width of the encoder trunk's output (published: 10).
     likelihood
-        ``"nb"`` or ``"zinb"`` on counts with the observed library size as offset, or ``"gaussian"``
-        on log1p of library-normalised expression (the published squared error).
+        ``"gaussian"`` (default): unit-variance Gaussian on log1p of library-normalised expression (the
+        published squared error); ``"nb"`` or ``"zinb"``: on the counts with the observed library size as
+        offset, as in scVI. Chosen by the types it gives on the five real sets of the core benchmark (mean ARI
+        0.563 against 0.540 for ``"nb"``, higher on each set) and a quarter less time per step on the CPU;
+        ``"nb"`` follows the simulator's states somewhat more closely (see the user guide).
     input_dropout
         Independent per-agent input dropout at training time (published: 0.5), applied on top of any
         ``augmentation``.
@@ -186,7 +189,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         n_hidden: int = 100,
         n_layers: int = 2,
         n_latent: int = 10,
-        likelihood: Likelihood = "nb",
+        likelihood: Likelihood = "gaussian",
         input_dropout: float = 0.5,
         tau: float | None = None,
         beta: float = 1.0,

@@ -291,9 +291,37 @@ class NBLogLikelihood(torch.autograd.Function):
         return None, grad_log_mu, grad_theta, None, None, None, grad_log_library, None
 
 
+class _HalfSquaredDistance(torch.autograd.Function):
+    """``-0.5 * sum_genes (mean - x)^2`` in one node: the difference formed once, kept for the backward pass.
+
+    Plain autograd makes four passes over the ``(A, B, D)`` tensors (difference, square, and two in the
+    backward pass); here the forward forms the difference and reduces it with a dot product, and the backward
+    scales it once. Computed in at least float32 (mixed precision).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+        diff = torch.sub(_at_least_float32(mean), _at_least_float32(x))
+        ctx.save_for_backward(diff)
+        ctx.x_shape = x.shape
+        return torch.linalg.vecdot(diff, diff).mul_(-0.5)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (diff,) = ctx.saved_tensors
+        grad_mean = diff * grad.neg().unsqueeze(-1)
+        grad_x = None
+        if ctx.needs_input_grad[0]:  # the target broadcast over the agents: sum their gradients
+            grad_x = grad_mean.neg().sum_to_size(ctx.x_shape)
+        return grad_x, grad_mean if ctx.needs_input_grad[1] else None
+
+
 def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """Unit-variance Gaussian log-likelihood summed over genes (the published squared-error loss)."""
-    return -0.5 * (x - mean).pow(2).sum(-1) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
+    """Unit-variance Gaussian log-likelihood summed over genes (the published squared-error loss).
+
+    ``x`` ``(B, D)`` or ``(A, B, D)``, ``mean`` ``(A, B, D)``; returns ``(A, B)``.
+    """
+    return _HalfSquaredDistance.apply(x, mean) - 0.5 * x.shape[-1] * math.log(2 * math.pi)
 
 
 def kl_normal_standard(mean: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
