@@ -6,6 +6,10 @@
     python benchmarks/bench_pruning.py --parts sim real --seeds 0 --datasets pbmc --n-cells 300 --n-genes 100 \
         --max-epochs 1 --epochs-per-round 1 --max-rounds 1 --scvi-max-epochs 1 --name pruning_smoke   # smoke test
 
+Every fit uses the augmentation of a model that chooses K by itself (``CplMixVAE(adata)`` without
+``n_categories``: ``"knn"``; ``--augmentation``); results named before session 7 used ``"dropout"``, the default
+of a model given ``n_categories``, which these fits are (``K_max``).
+
 Parts:
 - ``sim``: simulator with 8 true types (``--n-cells`` x ``--n-genes``, unequal sizes), one data set per ``--seeds``
   value, each fitted from ``K_max = --k-max-sim`` (30) as ``train(prune=True)`` does (training, ``model.prune()``,
@@ -55,7 +59,8 @@ def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
     CplMixVAE.setup_anndata(a)
     train = {"batch_size": args.batch_size, "accelerator": args.accelerator, "enable_progress_bar": False}
     with Timer() as total:
-        model = CplMixVAE(a, n_categories=k_max, **args.model_kwargs)
+        # the augmentation of CplMixVAE(adata) without n_categories, which starts from 50 categories by itself
+        model = CplMixVAE(a, n_categories=k_max, **{"augmentation": args.augmentation, **args.model_kwargs})
         # what train(prune=True) does, phase by phase: train, prune, then the state phase of the chosen model
         with Timer() as trained:
             model.train(max_epochs=args.max_epochs, state_epochs=0, **train)
@@ -229,6 +234,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--name", default="pruning")
+    p.add_argument(
+        "--augmentation",
+        default="knn",
+        help="default: that of a model choosing K (CplMixVAE(adata) without n_categories); 'dropout' before session 7",
+    )
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"augmentation": "knn"}\'')
     p.add_argument("--peers-from", default=None, help="read scVI/PCA + Leiden from a bench_peers.py JSON")
     args = p.parse_args(argv)
