@@ -226,6 +226,7 @@ def test_default_state_epochs():
 
     assert default_state_epochs(3000) == 250 and default_max_epochs(3000) == 83
     assert default_state_epochs(3000, 10) == 30  # the defaults' ratio, about three
+    assert default_state_epochs(3000, 0) == 250  # the state phase alone: the default length
     assert default_state_epochs(100_000) == 8 and default_state_epochs(100_000, 20) == 8
     assert default_state_epochs(200) == 300
     assert default_state_epochs(2_000_000) == 0

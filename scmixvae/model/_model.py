@@ -51,10 +51,11 @@ def default_state_epochs(n_cells: int, max_epochs: int | None = None) -> int:
     Three times :func:`default_max_epochs` on data of up to ~9,000 cells, where the agents settle on the types
     long before the state latent has learned the within-type programs of the smaller types; on larger data the
     types' own epochs hold enough minibatch steps, and the phase shrinks (8 epochs at 100,000 cells, none above
-    1.5 million). With ``max_epochs`` given: the same multiple of it as the defaults have.
+    1.5 million). With ``max_epochs`` given: the same multiple of it as the defaults have; ``max_epochs=0`` (the
+    state phase alone, e.g. after :meth:`CplMixVAE.prune`): the default length.
     """
     n_state_epochs = int(np.clip(round(750_000 / max(n_cells, 1)), 0, 300))
-    if max_epochs is None:
+    if not max_epochs:
         return n_state_epochs
     return round(max_epochs * n_state_epochs / default_max_epochs(n_cells))
 
@@ -385,7 +386,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         max_epochs
             Epochs of training every part of the model; ``None`` uses :func:`default_max_epochs` (``250,000 /
             n_cells`` clipped to ``[20, 100]``: the agents' consensus settles within a few thousand minibatch
-            steps). ``0`` with ``state_epochs`` on a trained model: the state phase alone.
+            steps). ``0`` on a trained model: the state phase alone (of the default length unless
+            ``state_epochs`` is given), e.g. after :meth:`prune`.
         accelerator, devices
             Lightning accelerator and devices (``"auto"`` picks a GPU when there is one).
         train_size, validation_size
@@ -843,8 +845,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         batch_size
             Minibatch size of training and of the read-outs.
         **train_kwargs
-            Keyword arguments of :meth:`train` other than ``max_epochs`` (``plan_kwargs``, ``accelerator``,
-            ``enable_progress_bar``, ``callbacks``...).
+            Keyword arguments of :meth:`train` other than ``max_epochs`` and ``state_epochs`` (``plan_kwargs``,
+            ``accelerator``, ``enable_progress_bar``, ``callbacks``...). Pruning trains no state phase: follow it
+            with ``train(max_epochs=0)``, or use ``train(prune=True)``, which does both.
 
         Returns
         -------

@@ -542,7 +542,7 @@ def prune(
     if "state_epochs" in train_kwargs:
         raise ValueError(
             "Pruning trains no state phase; train the states of the chosen categories afterwards with "
-            "`model.train(max_epochs=0, state_epochs=...)`."
+            "`model.train(max_epochs=0)` (or use `model.train(prune=True)`, which does both)."
         )
     train_kwargs["state_epochs"] = 0
     user_callbacks = list(train_kwargs.pop("callbacks", None) or [])
