@@ -66,14 +66,16 @@ def step_flops(model, batch_size: int, *, state_phase: bool = False) -> int:
     tensors = next(iter(loader))
     tensors = {k: v.to(module.device) if hasattr(v, "to") else v for k, v in tensors.items()}
     module.train()
-    module.categories_frozen = state_phase
+    if state_phase:  # a CplMixVAE module only
+        module.categories_frozen = True
     counter = FlopCounterMode(display=False)
     try:
         with counter:
             _, _, loss = module(tensors)
             loss.loss.backward()
     finally:
-        module.categories_frozen = False
+        if state_phase:
+            module.categories_frozen = False
     module.zero_grad(set_to_none=True)
     torch.set_grad_enabled(True)
     return int(counter.get_total_flops())

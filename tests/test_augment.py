@@ -127,6 +127,10 @@ def test_knn_training_loads_a_neighbours_counts_and_detaches_the_table(sim_adata
         assert (candidates == row).all(1).any()
     loader = model._make_data_loader(adata=sim_adata, batch_size=50)
     assert NEIGHBOUR_X_KEY not in next(iter(loader))  # read-outs load the real cells only
+    # a fit that is all state phase makes no views: no neighbours' counts are loaded
+    seen.clear()
+    model.train(max_epochs=0, state_epochs=1, batch_size=100, enable_progress_bar=False)
+    assert seen and all(neighbour is None for _, neighbour in seen)
 
 
 def test_neighbour_dataset_reads_backed_anndata(sim_adata, tmp_path):

@@ -455,8 +455,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             common = {
                 "accelerator": accelerator, "devices": devices, "train_size": train_size,
                 "validation_size": validation_size, "early_stopping": early_stopping, "plan_kwargs": plan_kwargs,
+                "batch_size": batch_size,
             }  # fmt: skip
-            common["batch_size"] = batch_size
             if not self.is_trained_:
                 self.train(max_epochs=max_epochs, state_epochs=0, prune=False, **common, **kwargs)
             self.prune(**(prune_kwargs or {}), **common, **kwargs)
@@ -483,7 +483,10 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         augmentation = self.module.augmentation
         if augmentation == "learned" and not resuming and not bool(self.module.augmenter.trained):
             self.train_augmenter()
-        if augmentation == "knn" and getattr(self, "neighbours_", None) is None:
+        # the agents' views, neighbours included, are made only while the categorical path trains: a fit that is
+        # all state phase (max_epochs=0) needs no neighbours
+        mixes_neighbours = augmentation == "knn" and max_epochs > 0
+        if mixes_neighbours and getattr(self, "neighbours_", None) is None:
             from ..train._augment import neighbour_table
 
             matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
@@ -494,7 +497,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
             kwargs.setdefault("load_sparse_tensor", self._sparse_minibatches(accelerator))
         # the neighbours' counts are loaded into the training minibatches only while training
-        self.adata_manager.neighbours = self.neighbours_ if augmentation == "knn" else None
+        self.adata_manager.neighbours = self.neighbours_ if mixes_neighbours else None
         try:
             return super().train(
                 max_epochs=max_epochs + state_epochs,
