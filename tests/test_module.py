@@ -154,11 +154,36 @@ def test_separate_state_encoder_reads_the_real_cell_and_shared_reads_the_trunk(c
     out = shared.inference(counts)
     assert out["hs"] is out["h"]
     assert shared.state_head.weight.shape[1] == shared.trunk_out.weight.shape[-1] + 3
-    with pytest.raises(ValueError, match="state_encoder must be 'separate' or 'shared'"):
+    with pytest.raises(ValueError, match=r"state_encoder must be one of \('separate', 'shared', 'staged'\)"):
         CplMixVAEModule(counts.shape[1], state_encoder="trunk")
     narrow = CplMixVAEModule(counts.shape[1], n_categories=3, state_encoder="separate", n_hidden_state=8)
     assert narrow.state_encoder.layers[0].weight.shape == (2, counts.shape[1], 8)
     assert narrow.inference(counts)["qs_m"].shape == (2, 32, 2)
+
+
+def test_staged_state_encoder_follows_the_phase(counts):
+    torch.manual_seed(0)
+    module = CplMixVAEModule(counts.shape[1], n_agents=2, n_categories=3, state_encoder="staged")
+    module.train()
+    out, _, loss = module(_tensors(counts))
+    assert out["hs"] is out["h"]  # the categories train: the state reads the trunk, as published
+    loss.loss.backward()
+    assert module.shared_state_head.weight.grad is not None
+    assert all(p.grad is None for p in module.state_encoder.parameters())
+    assert module.state_head.weight.grad is None
+    module.zero_grad(set_to_none=True)
+    module.categories_frozen = True  # the state phase: its own encoder of the real cell
+    out, _, loss = module(_tensors(counts))
+    assert out["hs"].shape == (2, 32, 32)
+    torch.testing.assert_close(out["hs"], module.inference(counts)["hs"])
+    loss.loss.backward()
+    assert module.state_head.weight.grad is not None and module.shared_state_head.weight.grad is None
+    assert all(p.grad is not None for p in module.state_encoder.parameters())
+    module.eval()  # read-outs follow the buffer, not the flag
+    assert module.inference(counts)["hs"].shape[-1] == module.trunk_out.weight.shape[-1]
+    module.state_reads_encoder.fill_(True)
+    assert module.inference(counts)["hs"].shape[-1] == 32
+    assert "state_reads_encoder" in module.state_dict()
 
 
 def test_normalisation_on_the_nonzero_counts_equals_the_dense_one(counts):

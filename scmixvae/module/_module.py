@@ -33,6 +33,9 @@ from ._losses import (
     with_flat_index,
 )
 
+#: Options of ``state_encoder``: what the state posterior reads (see :class:`CplMixVAEModule`).
+STATE_ENCODERS = ("separate", "shared", "staged")
+
 logger = logging.getLogger(__name__)
 
 Likelihood = Literal["nb", "zinb", "gaussian"]
@@ -141,10 +144,14 @@ class CplMixVAEModule(BaseModuleClass):
         output ``h`` of the augmented view, as published; ``"separate"`` (default), its own one-layer encoder of
         the real cell's log-normalised expression, never augmented nor dropped out. The trunk keeps mostly
         what survives augmentation, the type, so ``"separate"`` gives states much closer to the truth (see
-        the user guide).
+        the user guide). ``"staged"``: both, one after the other: the trunk while the categorical path trains
+        (so that the state cannot stand in for categories; meant for many more categories than types) and the
+        separate encoder, with a head of its own, in the state phase (``categories_frozen``);
+        the buffer ``state_reads_encoder`` records which the decoder was last trained with, and read-outs use
+        that one.
     n_hidden_state
-        Width of the ``"separate"`` state encoder (``None``: ``n_hidden``); its matrix product with the genes is
-        the option's extra cost per step.
+        Width of the ``"separate"`` (and ``"staged"``) state encoder (``None``: ``n_hidden``); its matrix product
+        with the genes is the option's extra cost per step.
     n_conditions
         Number of codes of the registered experimental condition (0: none). The condition is given to no
         encoder or decoder: its effect has to be carried by the state.
@@ -178,7 +185,7 @@ class CplMixVAEModule(BaseModuleClass):
         category_state_interaction: bool = True,
         coupling_eps: float = 1e-8,
         entropy_weight: float = 1.0,
-        state_encoder: Literal["shared", "separate"] = "separate",
+        state_encoder: Literal["shared", "separate", "staged"] = "separate",
         n_hidden_state: int | None = 32,
         n_conditions: int = 0,
         condition_weight: float = 0.0,
@@ -201,8 +208,9 @@ class CplMixVAEModule(BaseModuleClass):
         self.coupling_eps = coupling_eps
         self.entropy_weight = entropy_weight
         self.n_conditions, self.condition_weight = int(n_conditions), float(condition_weight)
-        if state_encoder not in ("separate", "shared"):
-            raise ValueError(f"state_encoder must be 'separate' or 'shared', got {state_encoder!r}.")
+        if state_encoder not in STATE_ENCODERS:
+            raise ValueError(f"state_encoder must be one of {STATE_ENCODERS}, got {state_encoder!r}.")
+        self.state_encoder_kind = state_encoder
         self.n_cats_per_cov = list(n_cats_per_cov or [])
         n_cov = (n_batch if n_batch > 1 else 0) + sum(self.n_cats_per_cov) + n_continuous_cov
         self.n_cov = n_cov
@@ -215,14 +223,19 @@ class CplMixVAEModule(BaseModuleClass):
         self.trunk_norm = StackedBatchNorm(a, n_latent, affine=False)
         self.category_head = StackedLinear(a, n_latent, n_categories)
         # "shared": the state posterior reads the categorical trunk h, as published; "separate": its own
-        # one-layer encoder of the real (unaugmented) cell
+        # one-layer encoder of the real (unaugmented) cell; "staged": the trunk (through `shared_state_head`)
+        # while the categories train, the encoder (through `state_head`) in the state phase
         n_hidden_state = n_hidden if n_hidden_state is None else n_hidden_state
-        if state_encoder == "separate":
+        if state_encoder in ("separate", "staged"):
             self.state_encoder = StackedMLP(a, n_input, n_hidden_state, 1, n_cov=n_cov)
         else:
             self.state_encoder = None
-        n_state_in = n_hidden_state if state_encoder == "separate" else n_latent
+        n_state_in = n_latent if self.state_encoder is None else n_hidden_state
         self.state_head = StackedLinear(a, n_state_in + n_categories, 2 * n_state)
+        if state_encoder == "staged":
+            self.shared_state_head = StackedLinear(a, n_latent + n_categories, 2 * n_state)
+            # which state path the decoder was last trained with (set by the training plan; read-outs follow it)
+            self.register_buffer("state_reads_encoder", torch.zeros((), dtype=torch.bool))
         n_dec_in = n_categories * (1 + n_state) if category_state_interaction else n_categories + n_state
         self.decoder = StackedMLP(a, n_dec_in, n_hidden, n_layers, n_cov=n_cov, inject_covariates=True)
         self.px_head = StackedLinear(a, n_hidden, n_input)
@@ -303,7 +316,7 @@ class CplMixVAEModule(BaseModuleClass):
         """
         return (
             self.likelihood == "gaussian"
-            or self.state_encoder is not None
+            or self.state_encoder_kind == "separate"
             or self.categories_frozen
             or self.augmentation == "learned"
             or (self.augmentation == "dropout" and self.input_dropout <= 0)
@@ -387,9 +400,28 @@ class CplMixVAEModule(BaseModuleClass):
         log_q = torch.log_softmax(tempered, dim=-1)
         return log_q.exp(), log_q
 
+    def state_reads_encoder_now(self) -> bool:
+        """Whether the state posterior reads the separate state encoder (``True``) or the trunk ``h`` now.
+
+        ``"separate"``: always; ``"shared"``: never; ``"staged"``: in training, during the state phase
+        (``categories_frozen``); otherwise as the buffer ``state_reads_encoder`` says (the path the decoder was
+        last trained with).
+        """
+        if self.state_encoder_kind != "staged":
+            return self.state_encoder is not None
+        if self.training:
+            return self.categories_frozen
+        return bool(self.state_reads_encoder)
+
     def state_posterior(self, hs: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of ``q(s | x, c)`` from the state features ``hs`` of :meth:`inference`."""
-        out = self.state_head(torch.cat([hs, c], dim=-1))
+        """Mean and variance of ``q(s | x, c)`` from the state features ``hs`` of :meth:`inference`.
+
+        With ``state_encoder="staged"``, the head follows :meth:`state_reads_encoder_now`, like ``hs``: call it
+        in the mode (training or not, state phase or not) in which ``hs`` was computed.
+        """
+        staged_shared = self.state_encoder_kind == "staged" and not self.state_reads_encoder_now()
+        head = self.shared_state_head if staged_shared else self.state_head
+        out = head(torch.cat([hs, c], dim=-1))
         mean, log_var = out.split(self.n_state, dim=-1)
         return mean, torch.exp(log_var.clamp(-15.0, 15.0)) + 1e-6
 
@@ -435,7 +467,8 @@ class CplMixVAEModule(BaseModuleClass):
         ``q`` and ``log_q`` ``(A, B, K)``, the category ``c`` fed to the state head and the decoder
         (Gumbel-softmax sample in training, one-hot argmax otherwise), the state posterior ``qs_m``,
         ``qs_v`` and sample ``s`` ``(A, B, S)``, the trunk output ``h``, the features the state posterior
-        reads ``hs`` (``h`` itself with ``state_encoder="shared"``), ``library`` ``(B, 1)``,
+        reads ``hs`` (``h`` itself with ``state_encoder="shared"``, and with ``"staged"`` outside the state
+        phase), ``library`` ``(B, 1)``,
         ``x_norm`` (``None`` in CPU training when nothing reads it), the covariate vector ``cov``, the non-zero
         entries ``nonzero`` and their ``counts`` (CPU training) and the dense counts ``x`` (``None`` when the
         sparse minibatch was not densified).
@@ -468,7 +501,7 @@ class CplMixVAEModule(BaseModuleClass):
             views = self._augment(x, x_norm, library, nonzero, x_neighbour, x_norm_nonzero, counts)
             h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
             q, log_q = self.categorical_posterior(h)
-        hs = h if self.state_encoder is None else self.state_encoder(x_norm, cov)
+        hs = self.state_encoder(x_norm, cov) if self.state_reads_encoder_now() else h
         k = self.n_categories
         if category is not None:
             c = F.one_hot(category.reshape(-1).long(), k).float().expand(self.n_agents, -1, -1)

@@ -186,7 +186,8 @@ def _states(model, hs: torch.Tensor, k: int, agent: int) -> np.ndarray:
     module = model.module
     hs = hs.to(module.device)
     c = F.one_hot(torch.full((hs.shape[1],), k, device=hs.device), module.n_categories).float()
-    mean, _ = module.state_posterior(hs, c.expand(module.n_agents, -1, -1))
+    with eval_mode(module):  # the state head of the read-outs that gave hs
+        mean, _ = module.state_posterior(hs, c.expand(module.n_agents, -1, -1))
     return mean[agent].cpu().numpy().astype(np.float64)
 
 

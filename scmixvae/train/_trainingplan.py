@@ -187,7 +187,11 @@ class CplMixVAETrainingPlan(TrainingPlan):
         self._pending_logs.pop("train", None)
         # from the epoch counter, so that a fit resumed from a checkpoint is in the right phase
         start = self.state_phase_start
-        self.module.categories_frozen = start is not None and self.current_epoch >= start
+        frozen = start is not None and self.current_epoch >= start
+        self.module.categories_frozen = frozen
+        if getattr(self.module, "state_encoder_kind", None) == "staged":
+            # read-outs use the state path the decoder is being trained with
+            self.module.state_reads_encoder.fill_(frozen)
         super().on_train_epoch_start()
 
     def on_train_end(self) -> None:
