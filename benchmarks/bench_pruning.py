@@ -6,9 +6,11 @@
     python benchmarks/bench_pruning.py --parts sim real --seeds 0 --datasets pbmc --n-cells 300 --n-genes 100 \
         --max-epochs 1 --epochs-per-round 1 --max-rounds 1 --scvi-max-epochs 1 --name pruning_smoke   # smoke test
 
-Every fit uses the augmentation of a model that chooses K by itself (``CplMixVAE(adata)`` without
-``n_categories``: ``"knn"``; ``--augmentation``); results named before session 7 used ``"dropout"``, the default
-of a model given ``n_categories``, which these fits are (``K_max``).
+Every fit uses the options of a model that chooses K by itself (``CplMixVAE(adata)`` without
+``n_categories``; :func:`scmixvae.model.default_options`: ``"knn"`` views, ``"nb"`` and the separate state
+encoder since session 8; ``--augmentation`` and ``--model-kwargs`` override them). Results named before session 7 used
+``"dropout"`` (then the default of a model given ``n_categories``, which these fits are: ``K_max``), those of
+session 7 the Gaussian likelihood and the separate state encoder.
 
 Parts:
 - ``sim``: simulator with 8 true types (``--n-cells`` x ``--n-genes``, unequal sizes), one data set per ``--seeds``
@@ -52,15 +54,18 @@ def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
     import scvi
     from _common import Timer
 
-    from scmixvae.model import CplMixVAE, default_state_epochs
+    from scmixvae.model import CplMixVAE, default_options, default_state_epochs
 
     scvi.settings.seed = seed
     a = ad.AnnData(adata.X.copy(), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
     CplMixVAE.setup_anndata(a)
     train = {"batch_size": args.batch_size, "accelerator": args.accelerator, "enable_progress_bar": False}
     with Timer() as total:
-        # the augmentation of CplMixVAE(adata) without n_categories, which starts from 50 categories by itself
-        model = CplMixVAE(a, n_categories=k_max, **{"augmentation": args.augmentation, **args.model_kwargs})
+        # the options of CplMixVAE(adata) without n_categories (which starts from 50 categories by itself)
+        options = default_options(choose_n_categories=True)
+        if args.augmentation is not None:
+            options["augmentation"] = args.augmentation
+        model = CplMixVAE(a, n_categories=k_max, **{**options, **args.model_kwargs})
         # what train(prune=True) does, phase by phase: train, prune, then the state phase of the chosen model
         with Timer() as trained:
             model.train(max_epochs=args.max_epochs, state_epochs=0, **train)
@@ -71,7 +76,9 @@ def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
                 epochs_per_round=args.epochs_per_round,
                 **train,
             )
-        state_epochs = default_state_epochs(a.n_obs, args.max_epochs)
+        state_epochs = args.state_epochs
+        if state_epochs is None:
+            state_epochs = default_state_epochs(a.n_obs, args.max_epochs)
         if state_epochs:
             model.train(max_epochs=0, state_epochs=state_epochs, **train)
     selected = history.loc[history["selected"]].iloc[0]
@@ -226,6 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--k-max-real", type=int, default=50)
     p.add_argument("--threshold", type=float, default=0.95)
     p.add_argument("--max-epochs", type=int, default=None, help="initial training; None: the model's default")
+    p.add_argument(
+        "--state-epochs", type=int, default=None,
+        help="state phase after pruning; None: the model's default (0 skips it: the types are the same, the time not)",
+    )  # fmt: skip
     p.add_argument("--epochs-per-round", type=int, default=None, help="None: convergence-driven")
     p.add_argument("--max-rounds", type=int, default=None)
     p.add_argument("--scvi-max-epochs", type=int, default=None, help="None: scVI's default")
@@ -236,8 +247,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--name", default="pruning")
     p.add_argument(
         "--augmentation",
-        default="knn",
-        help="default: that of a model choosing K (CplMixVAE(adata) without n_categories); 'dropout' before session 7",
+        default=None,
+        help="None: that of a model choosing K (CplMixVAE(adata) without n_categories); 'dropout' before session 7",
     )
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"augmentation": "knn"}\'')
     p.add_argument("--peers-from", default=None, help="read scVI/PCA + Leiden from a bench_peers.py JSON")

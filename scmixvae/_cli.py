@@ -44,7 +44,12 @@ def _parser() -> argparse.ArgumentParser:
     fit.add_argument("--prune", action="store_true", help="prune --n-categories and choose the number of types")
     fit.add_argument("--consensus-threshold", type=float, default=0.95, help="consensus criterion of --prune")
     fit.add_argument("--n-state-genes", type=int, default=20, help="state genes per type in the summary table")
-    fit.add_argument("--likelihood", default=None, choices=["nb", "zinb", "gaussian"])
+    fit.add_argument(
+        "--likelihood",
+        default=None,
+        choices=["nb", "zinb", "gaussian"],
+        help="default: gaussian with --n-categories, nb when the model chooses the number of types",
+    )
     fit.add_argument("--max-epochs", type=int, default=None)
     fit.add_argument("--state-epochs", type=int, default=None, help="state-phase epochs (default: the model's)")
     fit.add_argument("--batch-size", type=int, default=None)

@@ -187,7 +187,7 @@ def _categorical_path(module):
     return {k: v.clone() for k, v in module.state_dict().items() if k.startswith(names)}
 
 
-@pytest.mark.parametrize("state_encoder", ["separate", "shared"])
+@pytest.mark.parametrize("state_encoder", ["separate", "shared", "staged"])
 def test_state_phase_trains_the_states_and_leaves_the_types_exactly(sim_adata, state_encoder):
     CplMixVAE.setup_anndata(sim_adata)
     model = _fit(sim_adata, n_categories=3, state_encoder=state_encoder, train={"max_epochs": 2, "state_epochs": 0})
@@ -202,6 +202,73 @@ def test_state_phase_trains_the_states_and_leaves_the_types_exactly(sim_adata, s
     pd.testing.assert_frame_equal(model.predict(soft=True), soft)
     assert not np.allclose(model.get_latent_representation(), state)
     assert not torch.equal(model.module.px_head.weight, decoder)
+
+
+def _weights(module, prefix):
+    return {k: v.clone() for k, v in module.state_dict().items() if k.startswith(prefix)}
+
+
+def test_staged_state_reads_the_trunk_then_its_own_encoder(sim_adata, tmp_path):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = _fit(sim_adata, n_categories=3, state_encoder="staged", train={"max_epochs": 2, "state_epochs": 0})
+    module = model.module
+    assert "state_encoder: staged (32 units)" in model._model_summary_string
+    assert module.state_reads_encoder.item() is False and module.state_reads_encoder_now() is False
+    untrained_encoder = CplMixVAE(sim_adata, n_categories=3, state_encoder="staged").module.state_encoder
+    assert module.state_head.weight.shape[1] == 32 + 3
+    assert module.shared_state_head.weight.shape[1] == module.trunk_out.weight.shape[-1] + 3
+    # the first phase trains the trunk's state head and leaves the encoder and its head as they were initialised
+    encoder, head, shared_head = (_weights(module, p) for p in ("state_encoder.", "state_head.", "shared_state_head."))
+    first_state = model.get_latent_representation()
+    assert untrained_encoder.layers[0].weight.shape == module.state_encoder.layers[0].weight.shape
+    # read-outs before the state phase: the trunk's head (what the decoder was trained with)
+    tensors = next(iter(model._make_data_loader(adata=sim_adata, indices=np.arange(32), batch_size=32)))
+    with torch.no_grad():
+        module.eval()
+        out = module.inference(**module._get_inference_input(tensors))
+        assert out["hs"] is out["h"]
+    model.train(max_epochs=0, state_epochs=2, batch_size=64, enable_progress_bar=False)
+    assert module.state_reads_encoder.item() is True and module.categories_frozen is False
+    for name, value in _weights(module, "shared_state_head.").items():
+        assert torch.equal(value, shared_head[name]), name  # not trained in the state phase
+    for name, value in _weights(module, "state_encoder.").items():
+        assert not torch.equal(value, encoder[name]), name
+    for name, value in _weights(module, "state_head.").items():
+        assert not torch.equal(value, head[name]), name
+    with torch.no_grad():
+        module.eval()
+        out = module.inference(**module._get_inference_input(tensors))
+        assert out["hs"].shape == (2, 32, 32)  # the separate encoder's features
+    state = model.get_latent_representation()
+    assert not np.allclose(state, first_state)
+    model.save(tmp_path / "model", save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "model", adata=sim_adata)
+    assert loaded.module.state_reads_encoder.item() is True
+    np.testing.assert_array_equal(loaded.get_latent_representation(), state)
+    # training every part again goes back to the trunk's state, and so do the read-outs
+    model.train(max_epochs=1, state_epochs=0, batch_size=64, enable_progress_bar=False)
+    assert module.state_reads_encoder.item() is False
+
+
+def test_options_depend_on_whether_the_model_chooses_k(sim_adata):
+    from scmixvae.model import default_options
+
+    CplMixVAE.setup_anndata(sim_adata)
+    chooses = CplMixVAE(sim_adata)
+    assert chooses.module.augmentation == "knn" and chooses.module.likelihood == "nb"
+    assert chooses.module.state_encoder_kind == "separate"
+    given = CplMixVAE(sim_adata, n_categories=3)
+    assert given.module.augmentation == "dropout" and given.module.likelihood == "gaussian"
+    assert given.module.state_encoder_kind == "separate"
+    assert default_options(True) == {"augmentation": "knn", "likelihood": "nb", "state_encoder": "separate"}
+    assert default_options(False) == {"augmentation": "dropout", "likelihood": "gaussian", "state_encoder": "separate"}
+    explicit = CplMixVAE(sim_adata, likelihood="gaussian", state_encoder="staged", augmentation="thinning")
+    assert (explicit.module.likelihood, explicit.module.state_encoder_kind) == ("gaussian", "staged")
+    assert explicit.module.augmentation == "thinning"
+    assert explicit.init_params_["non_kwargs"]["likelihood"] == "gaussian"
+    assert chooses.init_params_["non_kwargs"]["likelihood"] == "nb"  # saved as resolved
+    with pytest.raises(ValueError, match="state_encoder"):
+        CplMixVAE(sim_adata, state_encoder="trunk")
 
 
 def test_state_phase_follows_the_epochs_of_every_part(sim_adata, monkeypatch):
@@ -274,7 +341,7 @@ def test_readouts_on_new_data_with_the_same_genes(trained_model):
         ({"input_dropout": 1.0}, ValueError, "input_dropout"),
         ({"tau": 0.0}, ValueError, "tau"),
         ({"n_agents": "2"}, TypeError, "n_agents"),
-        ({"state_encoder": "trunk"}, ValueError, r"`state_encoder` must be one of \['shared', 'separate'\]"),
+        ({"state_encoder": "trunk"}, ValueError, r"`state_encoder` must be one of \['separate', 'shared', 'staged'\]"),
         ({"n_hidden_state": 0}, ValueError, "n_hidden_state"),
     ],
 )

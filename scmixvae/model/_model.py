@@ -26,7 +26,7 @@ from .. import _validation as check
 from .._constants import CONDITION_KEY, category_name
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
-from ..module._module import Likelihood, eval_mode
+from ..module._module import STATE_ENCODERS, Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan, _pruning
 from ..train._pruning import agreement_matrix, co_assignment
 from ..train._trainingplan import InterruptFlag
@@ -79,6 +79,28 @@ def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | No
         ) from err
 
 
+def default_options(choose_n_categories: bool) -> dict[str, str]:
+    """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
+
+    Each is the option measured best for its use (see the model and augmentation guides): with ``K`` given,
+    ``augmentation="dropout"``, ``likelihood="gaussian"`` and ``state_encoder="separate"``; when the model
+    starts from many categories and prunes them (``n_categories=None``), ``"knn"``, ``"nb"`` and
+    ``"separate"``.
+
+    Parameters
+    ----------
+    choose_n_categories
+        Whether the model chooses the number of categories.
+
+    Returns
+    -------
+    ``{"augmentation": ..., "likelihood": ..., "state_encoder": ...}``.
+    """
+    if choose_n_categories:
+        return {"augmentation": "knn", "likelihood": "nb", "state_encoder": "separate"}
+    return {"augmentation": "dropout", "likelihood": "gaussian", "state_encoder": "separate"}
+
+
 def default_n_categories(n_cells: int) -> int:
     """Categories to start from when the number of types is unknown: ``n_cells / 50`` clipped to ``[2, 50]``.
 
@@ -115,11 +137,13 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     n_latent
         Width of the encoder trunk's output (published: 10).
     likelihood
-        ``"gaussian"`` (default): unit-variance Gaussian on log1p of library-normalised expression (the
-        published squared error); ``"nb"`` or ``"zinb"``: on the counts with the observed library size as
-        offset, as in scVI. Chosen by the types it gives on the five real sets of the core benchmark (mean ARI
-        0.563 against 0.540 for ``"nb"``, higher on each set) and a quarter less time per step on the CPU;
-        ``"nb"`` follows the simulator's states somewhat more closely (see the user guide).
+        ``"gaussian"``: unit-variance Gaussian on log1p of library-normalised expression (the published squared
+        error); ``"nb"`` or ``"zinb"``: on the counts with the observed library size as offset, as in scVI.
+        ``None`` (default): ``"gaussian"`` when ``n_categories`` is given (mean ARI 0.563 against 0.540 for
+        ``"nb"`` on the five real sets of the core benchmark, higher on each, and a quarter less time per step
+        on the CPU), ``"nb"`` when the model chooses the number of types (pruning chose closer numbers of types
+        on the simulator and better types on the real sets with it); see the user guide. ``"nb"`` follows the
+        simulator's states somewhat more closely.
     input_dropout
         Independent per-agent input dropout at training time (published: 0.5), applied on top of any
         ``augmentation``.
@@ -142,12 +166,15 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     coupling_weight
         Weight ``lambda`` of the coupling distance (published: 1).
     state_encoder
-        ``"separate"`` (default): the state posterior reads a one-layer encoder of its own that sees the real
-        cell; ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps
-        mostly the type. ``"separate"`` follows the true state much more closely with the same types (see the
-        user guide), for one more matrix product per agent and step, and only it can learn on in the state
-        phase of :meth:`train`, where the trunk is frozen. ``None``: ``"separate"`` (kept for scripts that
-        pass it).
+        ``"separate"``: the state posterior reads a one-layer encoder of its own that sees the real cell;
+        ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps mostly the
+        type; ``"staged"``: the trunk while the categories are learned and pruned, its own encoder (with a
+        head of its own) in the state phase of :meth:`train`. ``"separate"`` follows the true state much more
+        closely with the same types when ``K`` is known (see the user guide), for one more matrix product per
+        agent and step, and only an encoder of its own can learn on in the state phase, where the trunk is
+        frozen. ``"staged"`` is meant for many more categories than types, where a state that sees the real
+        cell might stand in for categories; pruning from 50 categories did not choose better types with it on
+        the real sets (see the user guide). ``None`` (default): ``"separate"``.
     n_hidden_state
         Width of the ``"separate"`` state encoder (32: on the simulator the state follows the truth as closely
         as with 100 units, for a third of the cost).
@@ -190,7 +217,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         n_hidden: int = 100,
         n_layers: int = 2,
         n_latent: int = 10,
-        likelihood: Likelihood = "gaussian",
+        likelihood: Likelihood | None = None,
         input_dropout: float = 0.5,
         tau: float | None = None,
         beta: float = 1.0,
@@ -198,7 +225,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         category_init: Literal["leiden", "random"] = "leiden",
         augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
-        state_encoder: Literal["shared", "separate"] | None = "separate",
+        state_encoder: Literal["shared", "separate", "staged"] | None = None,
         n_hidden_state: int = 32,
         condition_weight: float = 1.0,
         **module_kwargs,
@@ -214,11 +241,11 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                     "agents; give n_categories or use n_agents >= 2."
                 )
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
-        if augmentation is None:  # the option measured best for each use (see the augmentation guide)
-            augmentation = "knn" if self.choose_n_categories_ else "dropout"
+        defaults = default_options(self.choose_n_categories_)
+        augmentation = defaults["augmentation"] if augmentation is None else augmentation
+        likelihood = defaults["likelihood"] if likelihood is None else likelihood
+        state_encoder = defaults["state_encoder"] if state_encoder is None else state_encoder
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
-        if state_encoder is None:
-            state_encoder = "separate"
         check.check_int("n_categories", n_categories, minimum=1)
         check.check_int("n_state", n_state, minimum=1)
         check.check_int("n_hidden", n_hidden, minimum=1)
@@ -232,7 +259,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_float("condition_weight", condition_weight)
         check.check_choice("category_init", category_init, ("leiden", "random"))
         check.check_choice("augmentation", augmentation, AUGMENTATIONS)
-        check.check_choice("state_encoder", state_encoder, ("shared", "separate"))
+        check.check_choice("state_encoder", state_encoder, STATE_ENCODERS)
         if augmentation_strength is not None:
             check.check_float("augmentation_strength", augmentation_strength, strict=True)
             if augmentation in ("thinning", "knn") and augmentation_strength >= 1:
@@ -279,7 +306,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
             f"beta: {beta}, coupling_weight: {coupling_weight}, category_init: {category_init}, "
             f"augmentation: {augmentation}, state_encoder: {state_encoder}"
-            + (f" ({n_hidden_state} units)" if state_encoder == "separate" else "")
+            + (f" ({n_hidden_state} units)" if state_encoder != "shared" else "")
             + (f", condition_weight: {condition_weight}." if self.module.n_conditions > 1 else ".")
         )
         self.init_params_ = self._get_init_params(locals())
@@ -465,9 +492,11 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             return None
         if state_epochs:
             plan_kwargs = {**(plan_kwargs or {}), "state_phase_start": max_epochs}
+        if state_epochs or self.module.state_encoder_kind == "staged":
             strategy = kwargs.get("strategy")
             if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
-                # the frozen categorical path gets no gradients in the state phase: DDP must expect that
+                # the frozen categorical path gets no gradients in the state phase, nor "staged"'s state encoder
+                # before it: DDP must expect that
                 kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"
         if (
             self.category_init == "leiden"
