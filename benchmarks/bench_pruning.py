@@ -7,8 +7,8 @@
         --max-epochs 1 --epochs-per-round 1 --max-rounds 1 --scvi-max-epochs 1 --name pruning_smoke   # smoke test
 
 Every fit uses the options of a model that chooses K by itself (``CplMixVAE(adata)`` without
-``n_categories``; :func:`scmixvae.model.default_options`: ``"knn"`` views, ``"nb"`` and the separate state
-encoder since session 8; ``--augmentation`` and ``--model-kwargs`` override them). Results named before session 7 used
+``n_categories``; :func:`scmixvae.model.default_options`: ``"knn"`` views, ``"gaussian"`` and the separate
+state encoder; ``--augmentation`` and ``--model-kwargs`` override them). Results named before session 7 used
 ``"dropout"`` (then the default of a model given ``n_categories``, which these fits are: ``K_max``), those of
 session 7 the Gaussian likelihood and the separate state encoder.
 

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
         "--likelihood",
         default=None,
         choices=["nb", "zinb", "gaussian"],
-        help="default: gaussian with --n-categories, nb when the model chooses the number of types",
+        help="default: the model's (gaussian)",
     )
     fit.add_argument("--max-epochs", type=int, default=None)
     fit.add_argument("--state-epochs", type=int, default=None, help="state-phase epochs (default: the model's)")

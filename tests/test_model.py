@@ -255,18 +255,18 @@ def test_options_depend_on_whether_the_model_chooses_k(sim_adata):
 
     CplMixVAE.setup_anndata(sim_adata)
     chooses = CplMixVAE(sim_adata)
-    assert chooses.module.augmentation == "knn" and chooses.module.likelihood == "nb"
+    assert chooses.module.augmentation == "knn" and chooses.module.likelihood == "gaussian"
     assert chooses.module.state_encoder_kind == "separate"
     given = CplMixVAE(sim_adata, n_categories=3)
     assert given.module.augmentation == "dropout" and given.module.likelihood == "gaussian"
     assert given.module.state_encoder_kind == "separate"
-    assert default_options(True) == {"augmentation": "knn", "likelihood": "nb", "state_encoder": "separate"}
+    assert default_options(True) == {"augmentation": "knn", "likelihood": "gaussian", "state_encoder": "separate"}
     assert default_options(False) == {"augmentation": "dropout", "likelihood": "gaussian", "state_encoder": "separate"}
     explicit = CplMixVAE(sim_adata, likelihood="gaussian", state_encoder="staged", augmentation="thinning")
     assert (explicit.module.likelihood, explicit.module.state_encoder_kind) == ("gaussian", "staged")
     assert explicit.module.augmentation == "thinning"
-    assert explicit.init_params_["non_kwargs"]["likelihood"] == "gaussian"
-    assert chooses.init_params_["non_kwargs"]["likelihood"] == "nb"  # saved as resolved
+    assert CplMixVAE(sim_adata, likelihood="nb").init_params_["non_kwargs"]["likelihood"] == "nb"
+    assert chooses.init_params_["non_kwargs"]["likelihood"] == "gaussian"  # saved as resolved
     with pytest.raises(ValueError, match="state_encoder"):
         CplMixVAE(sim_adata, state_encoder="trunk")
 
