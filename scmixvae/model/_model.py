@@ -96,9 +96,11 @@ def default_options(choose_n_categories: bool) -> dict[str, str]:
     -------
     ``{"augmentation": ..., "likelihood": ..., "state_encoder": ...}``.
     """
-    if choose_n_categories:
-        return {"augmentation": "knn", "likelihood": "gaussian", "state_encoder": "separate"}
-    return {"augmentation": "dropout", "likelihood": "gaussian", "state_encoder": "separate"}
+    return {
+        "augmentation": "knn" if choose_n_categories else "dropout",
+        "likelihood": "gaussian",
+        "state_encoder": "separate",
+    }
 
 
 def default_n_categories(n_cells: int) -> int:
