@@ -232,6 +232,27 @@ def test_masked_categories_get_no_mass_and_tau_follows_active_k(counts):
     assert torch.isfinite(loss.loss)
 
 
+def test_initial_coupling_weight_applies_until_a_category_is_masked(counts):
+    torch.manual_seed(0)
+    scheduled = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=1.0, initial_coupling_weight=0.0)
+    assert float(scheduled.current_coupling_weight()) == 0.0
+
+    def loss_of(module):
+        module.load_state_dict(scheduled.state_dict())
+        torch.manual_seed(1)
+        return module(_tensors(counts))[2].loss
+
+    uncoupled = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=0.0)
+    coupled = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=1.0)
+    before = loss_of(scheduled)
+    torch.testing.assert_close(before, loss_of(uncoupled))
+    assert not torch.allclose(before, loss_of(coupled))  # the coupling term is not zero here
+    scheduled.category_mask[2] = False
+    assert float(scheduled.current_coupling_weight()) == 1.0
+    torch.testing.assert_close(loss_of(scheduled), loss_of(coupled))
+    assert CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=0.5).current_coupling_weight() == 0.5
+
+
 def test_single_agent_has_no_coupling_term(counts):
     module = CplMixVAEModule(counts.shape[1], n_agents=1)
     _, _, loss = module(_tensors(counts))

@@ -385,6 +385,25 @@ def test_default_augmentation_is_knn_when_the_model_chooses_k_and_dropout_otherw
     assert _unknown_k_model(augmentation="thinning").module.augmentation == "thinning"
 
 
+def test_a_model_choosing_k_couples_weakly_until_the_first_pruning():
+    from lightning.pytorch.callbacks import Callback
+
+    model = _unknown_k_model()
+    seen = []
+
+    class Record(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            module = pl_module.module
+            seen.append((float(module.current_coupling_weight()), bool(module.category_mask.all())))
+
+    prune_kwargs = {"max_rounds": 1, "epochs_per_round": 1, "threshold": 0.9999}
+    model.train(max_epochs=2, state_epochs=1, prune_kwargs=prune_kwargs, callbacks=[Record()], **TRAIN)
+    assert len(seen) == 4  # two epochs from all categories, one pruning round, one state epoch
+    assert seen[:2] == [(pytest.approx(0.001, rel=1e-6), True)] * 2
+    assert seen[2:] == [(1.0, False)] * 2
+    assert float(model.module.current_coupling_weight()) == 1.0
+
+
 def test_prune_on_an_untrained_model_of_unknown_k_prunes_once(monkeypatch):
     model = _unknown_k_model()
     calls = {"n": 0}

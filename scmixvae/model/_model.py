@@ -79,13 +79,16 @@ def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | No
         ) from err
 
 
-def default_options(choose_n_categories: bool) -> dict[str, str]:
+def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
     """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
 
     Each is the option measured best for its use (see the model and augmentation guides): with ``K`` given,
-    ``augmentation="dropout"``, ``likelihood="gaussian"`` and ``state_encoder="separate"``; when the model
-    starts from many categories and prunes them (``n_categories=None``), ``"knn"``, ``"gaussian"`` and
-    ``"separate"``.
+    ``augmentation="dropout"``, ``likelihood="gaussian"``, ``state_encoder="separate"`` and no separate
+    ``initial_coupling_weight``; when the model starts from many categories and prunes them
+    (``n_categories=None``), ``"knn"``, ``"gaussian"``, ``"separate"`` and ``initial_coupling_weight=0.001``:
+    the agents train almost uncoupled from many categories, so that they keep the types apart (each over-split
+    into pure categories) instead of merging similar ones, and the full coupling aligns them from the first
+    pruning round on.
 
     Parameters
     ----------
@@ -94,12 +97,14 @@ def default_options(choose_n_categories: bool) -> dict[str, str]:
 
     Returns
     -------
-    ``{"augmentation": ..., "likelihood": ..., "state_encoder": ...}``.
+    ``{"augmentation": ..., "likelihood": ..., "state_encoder": ..., "initial_coupling_weight": ...}``
+    (``None``: the same as ``coupling_weight``).
     """
     return {
         "augmentation": "knn" if choose_n_categories else "dropout",
         "likelihood": "gaussian",
         "state_encoder": "separate",
+        "initial_coupling_weight": 0.001 if choose_n_categories else None,
     }
 
 
@@ -225,6 +230,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         tau: float | None = None,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
+        initial_coupling_weight: float | None = None,
         category_init: Literal["leiden", "random"] = "leiden",
         augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
@@ -248,6 +254,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
         likelihood = defaults["likelihood"] if likelihood is None else likelihood
         state_encoder = defaults["state_encoder"] if state_encoder is None else state_encoder
+        if initial_coupling_weight is None:
+            initial_coupling_weight = defaults["initial_coupling_weight"]
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
         check.check_int("n_categories", n_categories, minimum=1)
         check.check_int("n_state", n_state, minimum=1)
@@ -259,6 +267,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         check.check_float("input_dropout", input_dropout, maximum=0.95)
         check.check_float("beta", beta)
         check.check_float("coupling_weight", coupling_weight)
+        if initial_coupling_weight is not None:
+            check.check_float("initial_coupling_weight", initial_coupling_weight)
         check.check_float("condition_weight", condition_weight)
         check.check_choice("category_init", category_init, ("leiden", "random"))
         check.check_choice("augmentation", augmentation, AUGMENTATIONS)
@@ -294,6 +304,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             tau=tau,
             beta=beta,
             coupling_weight=coupling_weight,
+            initial_coupling_weight=initial_coupling_weight,
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
             state_encoder=state_encoder,
@@ -307,7 +318,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             f"{' (maximum; train() prunes)' if self.choose_n_categories_ else ''}, "
             f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
-            f"beta: {beta}, coupling_weight: {coupling_weight}, category_init: {category_init}, "
+            f"beta: {beta}, coupling_weight: {coupling_weight}"
+            + (f" ({initial_coupling_weight} before pruning)" if initial_coupling_weight is not None else "")
+            + f", category_init: {category_init}, "
             f"augmentation: {augmentation}, state_encoder: {state_encoder}"
             + (f" ({n_hidden_state} units)" if state_encoder != "shared" else "")
             + (f", condition_weight: {condition_weight}." if self.module.n_conditions > 1 else ".")

@@ -128,6 +128,9 @@ class CplMixVAEModule(BaseModuleClass):
         Weight of the state KL divergence.
     coupling_weight
         Weight ``lambda`` of the coupling distance.
+    initial_coupling_weight
+        Weight of the coupling distance while every category survives, i.e. before any is pruned; ``None``:
+        ``coupling_weight``. Once a category is masked, ``coupling_weight`` applies.
     coupling
         ``"clr"`` (centred log-ratios, the default: the agents agree more and the types are closer to the
         reference on the simulator and the real sets) or ``"aitchison"`` (the published approximation).
@@ -181,6 +184,7 @@ class CplMixVAEModule(BaseModuleClass):
         gumbel_temperature: float = 1.0,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
+        initial_coupling_weight: float | None = None,
         coupling: Literal["aitchison", "clr"] = "clr",
         category_state_interaction: bool = True,
         coupling_eps: float = 1e-8,
@@ -204,6 +208,7 @@ class CplMixVAEModule(BaseModuleClass):
         self.likelihood, self.dispersion, self.coupling = likelihood, dispersion, coupling
         self.input_dropout, self.tau, self.gumbel_temperature = input_dropout, tau, gumbel_temperature
         self.beta, self.coupling_weight = beta, coupling_weight
+        self.initial_coupling_weight = initial_coupling_weight
         self.category_state_interaction = category_state_interaction
         self.coupling_eps = coupling_eps
         self.entropy_weight = entropy_weight
@@ -254,6 +259,17 @@ class CplMixVAEModule(BaseModuleClass):
         )
 
     # ------------------------------------------------------------------ helpers
+    def current_coupling_weight(self) -> float | torch.Tensor:
+        """Weight of the coupling distance now: ``initial_coupling_weight`` while no category is masked.
+
+        A tensor when ``initial_coupling_weight`` is set (read from the mask on its device, without waiting for
+        it), else the float ``coupling_weight``.
+        """
+        if self.initial_coupling_weight is None:
+            return self.coupling_weight
+        unpruned = self.category_mask.all().to(torch.get_default_dtype())
+        return self.initial_coupling_weight * unpruned + self.coupling_weight * (1 - unpruned)
+
     @property
     def n_active_categories(self) -> int:
         """Number of categories that survive pruning."""
@@ -630,7 +646,9 @@ class CplMixVAEModule(BaseModuleClass):
             dist = coupling_distance(q, self.category_mask, kind=self.coupling, eps=self.coupling_eps)
             pairs = torch.triu_indices(a, a, offset=1, device=dist.device)
             pair_dist = dist[pairs[0], pairs[1]]
-            loss = loss + self.entropy_weight * (a - 1) * neg_ent.sum() + self.coupling_weight * pair_dist.sum()
+            loss = (
+                loss + self.entropy_weight * (a - 1) * neg_ent.sum() + self.current_coupling_weight() * pair_dist.sum()
+            )
             extra["coupling"] = pair_dist.mean().detach()
             with torch.no_grad():
                 labels = q.argmax(-1)
