@@ -263,12 +263,9 @@ def test_options_depend_on_whether_the_model_chooses_k(sim_adata):
     assert given.module.augmentation == "dropout" and given.module.likelihood == "gaussian"
     assert given.module.state_encoder_kind == "separate"
     assert chooses.module.initial_coupling_weight == 0.001 and given.module.initial_coupling_weight is None
-    assert default_options(True) == {
-        "augmentation": "knn", "likelihood": "gaussian", "state_encoder": "separate", "initial_coupling_weight": 0.001,
-    }  # fmt: skip
-    assert default_options(False) == {
-        "augmentation": "dropout", "likelihood": "gaussian", "state_encoder": "separate", "initial_coupling_weight": None,
-    }  # fmt: skip
+    common = {"likelihood": "gaussian", "state_encoder": "separate"}
+    assert default_options(True) == {"augmentation": "knn", **common, "initial_coupling_weight": 0.001}
+    assert default_options(False) == {"augmentation": "dropout", **common, "initial_coupling_weight": None}
     explicit = CplMixVAE(sim_adata, likelihood="gaussian", state_encoder="staged", augmentation="thinning")
     assert (explicit.module.likelihood, explicit.module.state_encoder_kind) == ("gaussian", "staged")
     assert explicit.module.augmentation == "thinning"

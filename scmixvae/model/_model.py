@@ -173,6 +173,15 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         Weight of the state KL divergence (published: 1).
     coupling_weight
         Weight ``lambda`` of the coupling distance (published: 1).
+    initial_coupling_weight
+        Weight of the coupling distance while every category survives: the first training of a model that
+        chooses ``K``, before any category is pruned; ``coupling_weight`` from the first pruning round on.
+        ``None`` (default): :func:`default_options`, ``0.001`` when the model chooses the number of types and
+        ``coupling_weight`` when ``n_categories`` is given. From many categories, the full coupling merged
+        similar types (the agents agree most easily on coarse categories) and the pruning, which only removes
+        categories, could not split them again; trained almost uncoupled, the agents keep the types apart, each
+        over-split into pure categories, and the pruning rounds, fully coupled, align and merge the splits (see
+        the user guide).
     state_encoder
         ``"separate"``: the state posterior reads a one-layer encoder of its own that sees the real cell;
         ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps mostly the

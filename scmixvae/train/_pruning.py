@@ -488,7 +488,8 @@ def prune(
     from the current weights. It stops when a round reaches ``threshold`` (with ``stop_at_threshold``: later
     rounds have fewer categories and cannot be selected), at ``min_categories`` or after ``max_rounds``
     rounds. The round chosen by :func:`select_round` is restored (weights and mask) and the posteriors are
-    checked for collapse (:func:`check_collapse`).
+    checked for collapse (:func:`check_collapse`). A model with an ``initial_coupling_weight`` trains at that
+    weight only while no category is masked (its first training); the rounds train at ``coupling_weight``.
 
     Parameters
     ----------
