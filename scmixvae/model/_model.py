@@ -263,8 +263,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
         likelihood = defaults["likelihood"] if likelihood is None else likelihood
         state_encoder = defaults["state_encoder"] if state_encoder is None else state_encoder
-        if initial_coupling_weight is None:
-            initial_coupling_weight = defaults["initial_coupling_weight"]
+        initial_coupling_weight = (
+            defaults["initial_coupling_weight"] if initial_coupling_weight is None else initial_coupling_weight
+        )
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
         check.check_int("n_categories", n_categories, minimum=1)
         check.check_int("n_state", n_state, minimum=1)

@@ -267,8 +267,7 @@ class CplMixVAEModule(BaseModuleClass):
         """
         if self.initial_coupling_weight is None:
             return self.coupling_weight
-        unpruned = self.category_mask.all().to(torch.get_default_dtype())
-        return self.initial_coupling_weight * unpruned + self.coupling_weight * (1 - unpruned)
+        return torch.where(self.category_mask.all(), self.initial_coupling_weight, self.coupling_weight)
 
     @property
     def n_active_categories(self) -> int:
