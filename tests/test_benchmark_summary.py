@@ -1,0 +1,79 @@
+"""benchmarks/summarise_seeds.py: gathering saved real-set results over seeds (no fits)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "summarise_seeds.py"
+DATASETS = ["ifnb", "worm", "bladder", "pbmc", "kidney"]
+
+
+@pytest.fixture(scope="module")
+def summarise():
+    spec = importlib.util.spec_from_file_location("summarise_seeds", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _write(folder: Path, stem: str, rows: list[dict]) -> None:
+    (folder / f"{stem}.json").write_text(json.dumps({"name": stem, "rows": rows}))
+
+
+def _pruning_rows(seed: int, ari: float, *, peer_ari: float, peer_source: str = "this run") -> list[dict]:
+    rows = []
+    for i, d in enumerate(DATASETS):
+        rows.append(
+            {"part": "real", "dataset": d, "method": "CplMixVAE+prune", "model_seed": seed, "ari": ari + i / 100}
+        )
+        rows.append({"part": "real", "dataset": d, "method": "scVI+Leiden", "model_seed": seed, "ari": peer_ari,
+                     "source": peer_source})  # fmt: skip
+    rows.append({"part": "real", "dataset": "MEAN", "method": "CplMixVAE+prune", "ari": 0.99})  # ignored
+    rows.append({"part": "stability", "dataset": "ifnb", "method": "CplMixVAE+prune", "ari": None})
+    return rows
+
+
+def test_means_over_seeds_and_sets(summarise, tmp_path):
+    _write(tmp_path, "a", _pruning_rows(0, 0.5, peer_ari=0.6))
+    _write(tmp_path, "b", _pruning_rows(1, 0.7, peer_ari=0.0, peer_source="a.json"))  # a copied peer row: skipped
+    peers = [{"dataset": d, "method": "scVI+Leiden", "seed": 1, "ari": 0.4} for d in DATASETS]
+    peers += [{"dataset": d, "method": "PCA+Leiden", "seed": 1, "ari": 0.1} for d in DATASETS]
+    _write(tmp_path, "p", peers)
+    table, conflicts = summarise.gather({"CplMixVAE+prune": ["a", "b"], "scVI+Leiden": ["a", "b", "p"]}, tmp_path)
+    assert conflicts == []
+    rows = {(r["method"], r["seed"]): r for r in summarise.summarise(table)}
+    assert rows[("CplMixVAE+prune", "0")]["mean"] == pytest.approx(0.52)
+    assert rows[("CplMixVAE+prune", "1")]["mean"] == pytest.approx(0.72)
+    both = rows[("CplMixVAE+prune", "mean of 2")]
+    assert both["mean"] == pytest.approx(0.62) and both["ifnb"] == pytest.approx(0.6)
+    assert both["sd_of_seed_means"] == pytest.approx(0.141, abs=1e-3)
+    assert rows[("scVI+Leiden", "mean of 2")]["mean"] == pytest.approx(0.5)
+
+
+def test_a_rerun_that_does_not_reproduce_is_listed(summarise, tmp_path):
+    _write(tmp_path, "a", _pruning_rows(0, 0.5, peer_ari=0.6))
+    _write(tmp_path, "b", _pruning_rows(0, 0.6, peer_ari=0.6))
+    table, conflicts = summarise.gather({"CplMixVAE+prune": ["a", "b"], "scVI+Leiden": ["a"]}, tmp_path)
+    assert len(conflicts) == 5 and "0.5000 (a) vs 0.6000 (b)" in conflicts[0]
+    assert table[("CplMixVAE+prune", "ifnb", 0)] == (0.5, "a")  # the first value is kept
+
+
+def test_a_seed_missing_a_set_is_left_out(summarise, tmp_path):
+    rows = _pruning_rows(0, 0.5, peer_ari=0.6)
+    _write(tmp_path, "a", [r for r in rows if not (r["dataset"] == "kidney" and r["method"] == "scVI+Leiden")])
+    table, _ = summarise.gather({"CplMixVAE+prune": ["a"], "scVI+Leiden": ["a"]}, tmp_path)
+    methods = {r["method"] for r in summarise.summarise(table)}
+    assert methods == {"CplMixVAE+prune"}
+
+
+def test_command_line_writes_the_table(summarise, tmp_path, capsys):
+    _write(tmp_path, "a", _pruning_rows(0, 0.5, peer_ari=0.6))
+    summarise.main(["--cpl", "a", "--peers", "a", "--name", "out", "--results", str(tmp_path)])
+    text = (tmp_path / "out.md").read_text()
+    assert "| CplMixVAE+prune | mean of 1 | 0.5 | 0.51 | 0.52 | 0.53 | 0.54 | 0.52 |" in text
+    assert json.loads((tmp_path / "out.json").read_text())["cpl"] == ["a"]
+    assert "Reruns that did not reproduce: none" in capsys.readouterr().out
