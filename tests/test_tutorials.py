@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -22,12 +21,13 @@ pytest.importorskip("ipykernel", reason="the tutorial tests need ipykernel (pip 
 ROOT = Path(__file__).resolve().parents[1]
 TUTORIALS = ROOT / "tutorials"
 SHARED_DATA = ROOT.parent / "shared" / "data"
-FAST_SECONDS = 180  # per notebook on reduced settings: a guard against ignoring FAST (25-60 s here)
-
-# Checks run in the notebook's kernel after its last cell.
+# Checks run in the notebook's kernel after its last cell. Each first checks that the notebook took its reduced
+# branch (FAST, from SCMIXVAE_TUTORIAL_FAST): a notebook that ignored it would run its full-length fits here.
 CHECKS = {
     "01_quickstart.ipynb": """
 import pandas as pd
+assert FAST is True
+assert len(history) <= 3, "FAST allows at most 2 pruning rounds after round 0"
 assert isinstance(adata.obs["cplmixvae_type"].dtype, pd.CategoricalDtype)
 assert adata.obs["cplmixvae_type"].notna().all()
 assert adata.obsm["X_cplmixvae_state"].shape == (adata.n_obs, model.module.n_state)
@@ -44,6 +44,8 @@ assert agreement.shape == (2, 2) and 0 <= agreement.iloc[0, 1] <= 1
     "02_ifnb_states.ipynb": """
 import numpy as np
 import pandas as pd
+assert FAST is True
+assert adata.n_obs == 600
 assert set(adata.obs["condition"]) == {"CTRL", "STIM"}
 assert isinstance(adata.obs["cplmixvae_type"].dtype, pd.CategoricalDtype)
 assert adata.uns["cplmixvae_state_genes"]["params"]["method"] == "cplmixvae_state_traversal"
@@ -58,6 +60,8 @@ assert adata.var_names.isin(isgs).sum() > 10
 """,
     "03_model_order_and_diagnostics.ipynb": """
 import pandas as pd
+assert FAST is True and EPOCHS == 3
+assert adata.n_obs == 400 and len(history) <= 2
 assert len(history) >= 1 and history["selected"].sum() == 1
 assert model.n_categories == history.loc[history["selected"], "n_categories"].iloc[0]
 assert isinstance(adata.obs["cplmixvae_type"].dtype, pd.CategoricalDtype)
@@ -136,10 +140,7 @@ def test_tutorial_runs_on_reduced_settings(name, kernel, tmp_path):
     client = nbclient.NotebookClient(
         nb, kernel_name=kernel, timeout=600, resources={"metadata": {"path": str(tmp_path)}}
     )
-    start = time.perf_counter()
     client.execute()  # raises CellExecutionError on the first failing cell or check
-    seconds = time.perf_counter() - start
     assert not _errors(nb)
     assert _figures(nb) >= MIN_FIGURES[name]
-    assert seconds < FAST_SECONDS, f"{name} took {seconds:.0f} s on reduced settings"
     assert not any(tmp_path.glob("*.h5ad")), "tutorials must not leave data files behind"
