@@ -6,8 +6,8 @@
 Reads ``benchmarks/results/{stem}.json`` written by ``bench_pruning.py`` (its ``real`` rows) or ``bench_peers.py``:
 the CplMixVAE rows of the ``--cpl`` files and the scVI + Leiden rows of the ``--peers`` files (a peer row that
 ``bench_pruning.py --peers-from`` copied from another file is skipped: name that file instead).
-Every (method, data set, seed) must appear once; a repeat with another ARI (a rerun that did not reproduce) is
-listed and the first value kept. Prints, per method, the ARI of every set and seed, the mean over the sets of
+A (method, data set, seed) found in several files keeps its first value; a repeat with another ARI (a rerun that
+did not reproduce) is listed. Prints, per method, the ARI of every set and seed, the mean over the sets of
 every seed, the mean over the seeds of every set and the mean over both, for the seeds where a method has all
 five sets; writes ``benchmarks/results/{--name}.json`` and ``.md``. No fit is run: this only gathers numbers
 the benchmarks measured.
