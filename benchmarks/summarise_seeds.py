@@ -36,15 +36,17 @@ def _rows(folder: Path, stem: str, method: str) -> list[dict]:
             continue
         if r["method"] != "CplMixVAE+prune" and r.get("source") not in (None, "this run"):
             continue  # a copy of another file's peer row
-        seed = r["model_seed"] if "model_seed" in r else r["seed"]
-        out.append({"method": r["method"], "dataset": r["dataset"], "seed": int(seed), "ari": float(r["ari"]),
+        seed = str(r["model_seed"] if "model_seed" in r else r["seed"])
+        if r.get("tag"):  # fitted on another machine (bench_seeds.py): another run than this machine's seed
+            seed += f"@{r['tag']}"
+        out.append({"method": r["method"], "dataset": r["dataset"], "seed": seed, "ari": float(r["ari"]),
                     "file": stem})  # fmt: skip
     return out
 
 
 def gather(files: dict[str, list[str]], folder: Path = RESULTS) -> tuple[dict, list[str]]:
     """ARI per ``(method, dataset, seed)`` from ``{method: stems}`` in ``folder``, and the repeats that disagree."""
-    table: dict[tuple[str, str, int], tuple[float, str]] = {}
+    table: dict[tuple[str, str, str], tuple[float, str]] = {}
     conflicts = []
     for method, stem in ((m, s) for m, stems in files.items() for s in stems):
         for r in _rows(folder, stem, method):
@@ -55,10 +57,16 @@ def gather(files: dict[str, list[str]], folder: Path = RESULTS) -> tuple[dict, l
     return table, conflicts
 
 
+def _seed_order(seed: str) -> tuple[str, int]:
+    """This machine's seeds first, then by tag; by number within each."""
+    number, _, tag = seed.partition("@")
+    return tag, int(number)
+
+
 def summarise(table: dict) -> list[dict]:
     rows = []
     for method in METHODS:
-        seeds = sorted({s for (m, _, s) in table if m == method})
+        seeds = sorted({s for (m, _, s) in table if m == method}, key=_seed_order)
         complete = [s for s in seeds if all((method, d, s) in table for d in DATASETS)]
         if not complete:
             continue

@@ -59,7 +59,19 @@ def test_a_rerun_that_does_not_reproduce_is_listed(summarise, tmp_path):
     _write(tmp_path, "b", _pruning_rows(0, 0.6, peer_ari=0.6))
     table, conflicts = summarise.gather({"CplMixVAE+prune": ["a", "b"], "scVI+Leiden": ["a"]}, tmp_path)
     assert len(conflicts) == 5 and "0.5000 (a) vs 0.6000 (b)" in conflicts[0]
-    assert table[("CplMixVAE+prune", "ifnb", 0)] == (0.5, "a")  # the first value is kept
+    assert table[("CplMixVAE+prune", "ifnb", "0")] == (0.5, "a")  # the first value is kept
+
+
+def test_a_seed_fitted_on_another_machine_is_another_run(summarise, tmp_path):
+    rows = _pruning_rows(0, 0.5, peer_ari=0.6)
+    other = [r | {"tag": "gpuhost", "ari": 0.7} for r in _pruning_rows(0, 0.5, peer_ari=0.6)]
+    _write(tmp_path, "a", rows)
+    _write(tmp_path, "b", other)
+    table, conflicts = summarise.gather({"CplMixVAE+prune": ["b", "a"], "scVI+Leiden": ["a"]}, tmp_path)
+    assert conflicts == []
+    seeds = [r["seed"] for r in summarise.summarise(table) if r["method"] == "CplMixVAE+prune"]
+    assert seeds == ["0", "0@gpuhost", "mean of 2"]  # this machine's seeds first
+    assert table[("CplMixVAE+prune", "ifnb", "0@gpuhost")] == (0.7, "b")
 
 
 def test_a_seed_missing_a_set_is_left_out(summarise, tmp_path):

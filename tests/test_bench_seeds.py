@@ -1,0 +1,106 @@
+"""benchmarks/bench_seeds.py: gathering per-fit files and the medoid-of-r analysis (no fits)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_seeds.py"
+
+
+@pytest.fixture(scope="module")
+def seeds():
+    sys.path.insert(0, str(SCRIPT.parent))
+    spec = importlib.util.spec_from_file_location("bench_seeds", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _fit(folder: Path, method: str, seed: int, labels: list[str], ari: float, dataset: str = "pbmc") -> None:
+    fit = {"method": method, "dataset": dataset, "seed": seed, "chosen_k": len(set(labels)), "ari": ari,
+           "nmi": ari, "labels": labels}  # fmt: skip
+    folder.mkdir(exist_ok=True)
+    (folder / f"{method}__{dataset}__{seed}.json").write_text(json.dumps(fit))
+
+
+def test_medoid_picks_the_run_that_agrees_with_the_others(seeds):
+    a, b = np.array(list("aabbcc")), np.array(list("abcabc"))
+    labels = {0: a, 1: a.copy(), 2: b}
+    ari = {0: 0.8, 1: 0.6, 2: 0.1}
+    # seeds 0 and 1 agree perfectly; the tie between them goes to the lower seed
+    assert seeds.medoid_ari(labels, ari, 3) == pytest.approx(0.8)
+    # every pair: {0,1} -> 0, {0,2} -> tie -> 0, {1,2} -> tie -> 1
+    assert seeds.medoid_ari(labels, ari, 2) == pytest.approx((0.8 + 0.8 + 0.6) / 3)
+
+
+def test_gather_keeps_machines_apart(seeds, tmp_path):
+    labels = list("aabbcc")
+    for s in range(3):
+        _fit(tmp_path / "here", "cpl", s, labels, 0.5 + s / 10)
+        _fit(tmp_path / "gpu", "cpl", s, labels, 0.2)
+    _fit(tmp_path / "here", "scvi", 0, list("aaabbb"), 0.4)
+    rows = seeds.gather(seeds.load_fits([f"{tmp_path / 'here'}=", f"{tmp_path / 'gpu'}=h200"]))
+    real = [r for r in rows if r["part"] == "real"]
+    assert len(real) == 7
+    assert {r["method"] for r in real} == {"CplMixVAE+prune", "scVI+Leiden"}
+    summary = {(r["method"], r["tag"]): r for r in rows if r["part"] == "seeds"}
+    mine = summary[("CplMixVAE+prune", "")]
+    assert mine["n_seeds"] == 3 and mine["ari"] == pytest.approx(0.6)
+    assert (mine["ari_min"], mine["ari_max"]) == (pytest.approx(0.5), pytest.approx(0.7))
+    assert mine["ari_between_seeds"] == pytest.approx(1.0)
+    assert mine["medoid_of_3"] == pytest.approx(0.5) and mine["medoid_of_5"] is None
+    assert summary[("CplMixVAE+prune", "h200")]["ari"] == pytest.approx(0.2)
+    assert summary[("scVI+Leiden", "")]["ari_between_seeds"] is None
+    assert "medoid_of_3" not in summary[("scVI+Leiden", "")]
+
+
+def test_a_fit_already_saved_is_not_run_again(seeds, tmp_path, monkeypatch):
+    _fit(tmp_path, "cpl", 0, list("ab"), 0.5, dataset="ifnb")
+    started = []
+    monkeypatch.setattr(seeds.subprocess, "Popen", lambda cmd, env: started.append(cmd[-3:]) or _Done())
+    monkeypatch.setattr(seeds.time, "sleep", lambda s: None)
+    args = argparse.Namespace(
+        methods=["cpl"], datasets=["ifnb", "worm"], seeds=[0], jobs=2, threads=1, accelerator="cpu",
+        scvi_accelerator="cpu", model_kwargs={}, fits=tmp_path,
+    )  # fmt: skip
+    seeds.run_grid(args)
+    assert started == [["cpl", "worm", "0"]]
+
+
+class _Done:
+    returncode = 0
+    args = ("cpl", "worm", "0")
+
+    def poll(self):
+        return 0
+
+
+def test_gene_selection_needs_scikit_misc_and_falls_back_only_on_a_failed_fit(seeds, monkeypatch):
+    import _common
+    import anndata as ad
+    import scanpy as sc
+
+    counts = ad.AnnData(np.random.default_rng(0).poisson(1.0, (60, 30)).astype(np.float32))
+    calls = []
+
+    def hvg(adata, *, flavor="seurat", n_top_genes, error=None):
+        calls.append(flavor)
+        if flavor == "seurat_v3":
+            raise error
+        adata.var["highly_variable"] = np.arange(adata.n_vars) < n_top_genes
+
+    monkeypatch.setattr(sc.pp, "highly_variable_genes", lambda a, **kw: hvg(a, **kw, error=ImportError("skmisc")))
+    with pytest.raises(ImportError, match=r"seurat_v3 flavor, which needs scikit-misc: pip install -e '\.\[bench\]'"):
+        _common._top_genes(counts, 10)
+    assert calls == ["seurat_v3"]
+    monkeypatch.setattr(sc.pp, "highly_variable_genes", lambda a, **kw: hvg(a, **kw, error=ValueError("loess")))
+    assert _common._top_genes(counts, 10).sum() == 10
+    assert calls[1:] == ["seurat_v3", "seurat"]
+    assert counts.n_vars == 30 and "highly_variable" not in counts.var  # the caller's object is untouched
