@@ -3,13 +3,15 @@
     python benchmarks/summarise_seeds.py --cpl pruning_real_session9_stability pruning_real_session9_seed2 ... \
         --peers pruning_real_samerun peers_scvi_seed1 ... --name real_seeds
 
-Reads ``benchmarks/results/{stem}.json`` written by ``bench_pruning.py`` (its ``real`` rows) or ``bench_peers.py``:
+Reads ``benchmarks/results/{stem}.json`` written by ``bench_pruning.py`` (its ``real`` rows), ``bench_peers.py`` or
+``bench_seeds.py`` (whose rows fitted on another machine carry its ``tag``: seed ``3@tag`` is another run than 3):
 the CplMixVAE rows of the ``--cpl`` files and the scVI + Leiden rows of the ``--peers`` files (a peer row that
 ``bench_pruning.py --peers-from`` copied from another file is skipped: name that file instead).
 A (method, data set, seed) found in several files keeps its first value; a repeat with another ARI (a rerun that
 did not reproduce) is listed. Prints, per method, the ARI of every set and seed, the mean over the sets of
 every seed, the mean over the seeds of every set and the mean over both, for the seeds where a method has all
-five sets; writes ``benchmarks/results/{--name}.json`` and ``.md``. No fit is run: this only gathers numbers
+five sets, and the difference of the two methods' means with its standard error and a 90% bootstrap interval;
+writes ``benchmarks/results/{--name}.json`` and ``.md``. No fit is run: this only gathers numbers
 the benchmarks measured.
 """
 
@@ -81,6 +83,30 @@ def summarise(table: dict) -> list[dict]:
     return rows
 
 
+def difference(table: dict, *, n_boot: int = 10_000, seed: int = 0) -> dict | None:
+    """Mean over seeds of CplMixVAE minus that of scVI + Leiden (each seed: its mean over the five sets).
+
+    With its standard error (Welch: each method's seeds are independent draws) and a 90% bootstrap interval
+    (each method's complete seeds resampled with replacement, ``n_boot`` times). ``None`` unless both methods
+    have at least two complete seeds.
+    """
+    means = {}
+    for method in METHODS:
+        seeds = sorted({s for (m, _, s) in table if m == method}, key=_seed_order)
+        complete = [s for s in seeds if all((method, d, s) in table for d in DATASETS)]
+        means[method] = np.array([np.mean([table[(method, d, s)][0] for d in DATASETS]) for s in complete])
+    cpl, peer = (means[m] for m in METHODS)
+    if cpl.size < 2 or peer.size < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    boot = rng.choice(cpl, (n_boot, cpl.size)).mean(1) - rng.choice(peer, (n_boot, peer.size)).mean(1)
+    low, high = np.quantile(boot, [0.05, 0.95])
+    se = float(np.sqrt(cpl.var(ddof=1) / cpl.size + peer.var(ddof=1) / peer.size))
+    return {"difference": round(float(cpl.mean() - peer.mean()), 4), "standard_error": round(se, 4),
+            "interval_90": [round(float(low), 4), round(float(high), 4)], "n_cpl": int(cpl.size),
+            "n_peer": int(peer.size)}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpl", nargs="+", required=True, help="stems of bench_pruning.py results (CplMixVAE rows)")
@@ -90,6 +116,15 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     table, conflicts = gather({"CplMixVAE+prune": args.cpl, "scVI+Leiden": args.peers}, args.results)
     rows = summarise(table)
+    diff = difference(table)
+    if diff is None:
+        diff_text = "Difference of the means: needs two complete seeds of each method."
+    else:
+        diff_text = (
+            f"Mean over seeds of CplMixVAE minus scVI + Leiden ({diff['n_cpl']} and {diff['n_peer']} seeds): "
+            f"{diff['difference']:+.4f}, standard error {diff['standard_error']:.4f}, 90% bootstrap interval "
+            f"[{diff['interval_90'][0]:+.4f}, {diff['interval_90'][1]:+.4f}] (seeds resampled within each method)."
+        )
     columns = ["method", "seed", *DATASETS, "mean", "sd_of_seed_means"]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in columns) + " |" for r in rows]
@@ -98,7 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join([
         f"# {args.name}", "", "ARI of the consensus labels (CplMixVAE, pruned from 50 categories) and of scVI + Leiden "
         "(resolution 1) per real set and seed, gathered from the files below; no fit was run for this table.", "",
-        *lines, "", "CplMixVAE from: " + ", ".join(f"`{s}`" for s in args.cpl) + "; scVI + Leiden from: "
+        *lines, "", diff_text, "", "CplMixVAE from: " + ", ".join(f"`{s}`" for s in args.cpl) + "; scVI + Leiden from: "
         + ", ".join(f"`{s}`" for s in args.peers), "",
         "Reruns that did not reproduce: " + ("; ".join(conflicts) if conflicts else "none"), "",
         f"Command: `{command}`", "",
@@ -106,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     print(text)
     (args.results / f"{args.name}.md").write_text(text)
     payload = {"name": args.name, "command": command, "cpl": args.cpl, "peers": args.peers, "conflicts": conflicts,
-               "rows": rows}  # fmt: skip
+               "difference": diff, "rows": rows}  # fmt: skip
     (args.results / f"{args.name}.json").write_text(json.dumps(payload, indent=1))
 
 

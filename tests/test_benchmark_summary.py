@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "summarise_seeds.py"
@@ -54,6 +55,22 @@ def test_means_over_seeds_and_sets(summarise, tmp_path):
     assert rows[("scVI+Leiden", "mean of 2")]["mean"] == pytest.approx(0.5)
 
 
+def test_difference_of_the_means_with_its_uncertainty(summarise, tmp_path):
+    for seed, ari in enumerate([0.5, 0.6, 0.7]):
+        _write(tmp_path, f"c{seed}", _pruning_rows(seed, ari, peer_ari=0.5 + seed / 100))
+    stems = [f"c{seed}" for seed in range(3)]
+    table, _ = summarise.gather({"CplMixVAE+prune": stems, "scVI+Leiden": stems}, tmp_path)
+    diff = summarise.difference(table)
+    # seed means: CplMixVAE 0.52, 0.62, 0.72; scVI 0.50, 0.51, 0.52
+    assert diff["difference"] == pytest.approx(0.62 - 0.51)
+    assert diff["standard_error"] == pytest.approx(np.sqrt(0.01 / 3 + 0.0001 / 3), abs=1e-4)
+    low, high = diff["interval_90"]
+    assert low < diff["difference"] < high and low > 0
+    assert (diff["n_cpl"], diff["n_peer"]) == (3, 3)
+    one, _ = summarise.gather({"CplMixVAE+prune": ["c0"], "scVI+Leiden": stems}, tmp_path)
+    assert summarise.difference(one) is None
+
+
 def test_a_rerun_that_does_not_reproduce_is_listed(summarise, tmp_path):
     _write(tmp_path, "a", _pruning_rows(0, 0.5, peer_ari=0.6))
     _write(tmp_path, "b", _pruning_rows(0, 0.6, peer_ari=0.6))
@@ -88,4 +105,6 @@ def test_command_line_writes_the_table(summarise, tmp_path, capsys):
     text = (tmp_path / "out.md").read_text()
     assert "| CplMixVAE+prune | mean of 1 | 0.5 | 0.51 | 0.52 | 0.53 | 0.54 | 0.52 |" in text
     assert json.loads((tmp_path / "out.json").read_text())["cpl"] == ["a"]
-    assert "Reruns that did not reproduce: none" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "Reruns that did not reproduce: none" in out
+    assert "Difference of the means: needs two complete seeds of each method." in out
