@@ -1,21 +1,22 @@
 """Many seeds of the real-set comparison: one fit per process, several processes at a time.
 
     python benchmarks/bench_seeds.py --methods cpl scvi --seeds 0 1 2 --jobs 2 --fits /tmp/fits --name real_seeds_x
-    python benchmarks/bench_seeds.py --gather /tmp/fits=here /tmp/device_fits=h200host --name real_seeds_x
+    python benchmarks/bench_seeds.py --gather /tmp/fits= /tmp/device_fits=h200host --name real_seeds_x
 
 Each fit (method × data set × seed) runs in its own process with ``--threads`` torch threads, ``--jobs`` at a time
 (on 2 cores: ``--jobs 2 --threads 1``), and saves one JSON (scores, the chosen K, seconds, the labels of every
-cell, the machine) in ``--fits``; a fit whose file is there already is not run again. ``cpl`` is CplMixVAE as
-``bench_pruning.py`` fits it (``fit_pruned``: the defaults of a model that chooses K, from 50 categories, no state
-phase); ``scvi`` is scVI + Leiden at resolution 1 (``_common.run_scvi_leiden``).
+cell, the machine) in ``--fits``; a fit whose file is there already is not run again (use one folder per set of
+``--model-kwargs``). ``cpl`` is CplMixVAE as ``bench_pruning.py`` fits it (``fit_pruned``: the defaults of a model
+that chooses K, from 50 categories, no state phase); ``scvi`` is scVI + Leiden at resolution 1
+(``_common.run_scvi_leiden``).
 
 The gathering step reads every fit in the given folders (``FOLDER=TAG``: the tag names the machine, so that one
 seed fitted on two machines counts as two runs; an empty tag is this machine, like ``bench_pruning.py``'s rows)
-and writes ``benchmarks/results/{--name}.{md,json}``: one row per
-fit in ``bench_pruning.py``'s format (``part`` ``real``, which ``summarise_seeds.py`` reads), and per data set,
-method and tag the mean ARI over seeds and the mean ARI between the labels of two seeds. For CplMixVAE it also
-reports what picking one of ``r`` runs would give (every ``r``-subset of a tag's seeds: the run whose labels
-agree best with the others, i.e. restarts with a medoid choice); that is an analysis of saved labels, no fit.
+and writes ``benchmarks/results/{--name}.{md,json}``: one row per fit in ``bench_pruning.py``'s format (``part``
+``real``, which ``summarise_seeds.py`` reads), and per data set, method and tag the mean ARI over seeds and the
+mean ARI between the labels of two seeds. For CplMixVAE it also reports what picking one of ``r`` runs would give
+(every ``r``-subset of a tag's seeds: the run whose labels agree best with the others, i.e. restarts with a medoid
+choice); that is an analysis of saved labels, no fit.
 """
 
 from __future__ import annotations
@@ -167,12 +168,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accelerator", default="cpu", help="CplMixVAE's")
     p.add_argument("--scvi-accelerator", default="cpu")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="CplMixVAE options (JSON)")
-    p.add_argument("--fits", type=Path, default=Path("bench_seeds_fits"), help="folder of the per-fit JSON files")
+    p.add_argument(
+        "--fits", type=Path, default=None,
+        help="folder of the per-fit JSON files (one folder per set of options: a fit found there is not run again)",
+    )  # fmt: skip
     p.add_argument(
         "--gather", nargs="+", default=None, metavar="FOLDER=TAG",
         help="gather these folders only (no fit); TAG empty: this machine; default: --fits after fitting",
     )  # fmt: skip
     p.add_argument("--name", default="real_seeds_fits")
+    p.add_argument("--note", default="", help="markdown added to the results file (e.g. what a tag's machine was)")
     p.add_argument("--worker", nargs=3, default=None, metavar=("METHOD", "DATASET", "SEED"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -180,6 +185,8 @@ def main(argv: list[str] | None = None) -> None:
         worker(method, dataset, int(seed), args)
         return
     if args.gather is None:
+        if args.fits is None:
+            p.error("name the folder of the per-fit files (--fits) to fit, or folders to --gather")
         run_grid(args)
         args.gather = [f"{args.fits}="]
     from _common import write_results
@@ -191,7 +198,9 @@ def main(argv: list[str] | None = None) -> None:
         "Rows `real`: one fit each (CplMixVAE pruned from 50 categories with the defaults of a model that chooses K, "
         "no state phase; scVI + Leiden at resolution 1), `tag` the machine it ran on. Rows `seeds`: per set, method "
         "and tag, the mean, least and largest ARI over the seeds, the mean ARI between the labels of two seeds, and "
-        "(`medoid_of_r`) the mean ARI of the run that agrees best with the others in every r-subset of the seeds.",
+        "(`medoid_of_r`) the mean ARI of the run that agrees best with the others in every r-subset of the seeds. "
+        "The machine named above is where the fits were gathered; each fit ran where its tag says (empty: here).\n\n"
+        + args.note,
     )
 
 
