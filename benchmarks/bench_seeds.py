@@ -68,7 +68,8 @@ def worker(method: str, dataset: str, seed: int, args) -> dict[str, Any]:
         out |= clustering_scores(labels, fit["labels"])
         pred = fit["labels"]
     out |= {
-        "method": method, "dataset": dataset, "seed": seed, "n_genes": int(adata.n_vars),
+        "method": method, "dataset": dataset, "seed": seed, "k_ref": int(np.unique(labels).size),
+        "n_genes": int(adata.n_vars),
         "wall": time.perf_counter() - start, "accelerator": args.scvi_accelerator if method == "scvi" else
         args.accelerator, "model_kwargs": args.model_kwargs, "machine": machine_info(),
         "labels": [str(x) for x in pred],
@@ -133,7 +134,8 @@ def gather(fits: list[dict[str, Any]]) -> list[dict[str, Any]]:
     order = sorted(fits, key=lambda f: (f["tag"], f["method"], DATASETS.index(f["dataset"]), f["seed"]))
     rows = [{
         "part": "real", "dataset": f["dataset"], "method": METHODS[f["method"]], "model_seed": f["seed"],
-        "tag": f["tag"], "chosen_k": f["chosen_k"], "n_genes": f.get("n_genes"), "ari": f["ari"], "nmi": f["nmi"],
+        "tag": f["tag"], "k_ref": f.get("k_ref"), "chosen_k": f["chosen_k"], "n_genes": f.get("n_genes"),
+        "ari": f["ari"], "nmi": f["nmi"],
         "consensus": f.get("consensus"), "k_path": f.get("k_path"), "seconds": f.get("seconds", f.get("train_seconds")),
         "accelerator": f.get("accelerator"),
     } for f in order]  # fmt: skip
