@@ -65,11 +65,16 @@ def _seed_order(seed: str) -> tuple[str, int]:
     return tag, int(number)
 
 
+def _complete_seeds(table: dict, method: str) -> list[str]:
+    """The seeds of ``method`` that have all five sets, in :func:`_seed_order`."""
+    seeds = sorted({s for (m, _, s) in table if m == method}, key=_seed_order)
+    return [s for s in seeds if all((method, d, s) in table for d in DATASETS)]
+
+
 def summarise(table: dict) -> list[dict]:
     rows = []
     for method in METHODS:
-        seeds = sorted({s for (m, _, s) in table if m == method}, key=_seed_order)
-        complete = [s for s in seeds if all((method, d, s) in table for d in DATASETS)]
+        complete = _complete_seeds(table, method)
         if not complete:
             continue
         ari = np.array([[table[(method, d, s)][0] for d in DATASETS] for s in complete])  # (seeds, sets)
@@ -92,8 +97,7 @@ def difference(table: dict, *, n_boot: int = 10_000, seed: int = 0) -> dict | No
     """
     means = {}
     for method in METHODS:
-        seeds = sorted({s for (m, _, s) in table if m == method}, key=_seed_order)
-        complete = [s for s in seeds if all((method, d, s) in table for d in DATASETS)]
+        complete = _complete_seeds(table, method)
         means[method] = np.array([np.mean([table[(method, d, s)][0] for d in DATASETS]) for s in complete])
     cpl, peer = (means[m] for m in METHODS)
     if cpl.size < 2 or peer.size < 2:
