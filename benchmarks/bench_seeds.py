@@ -129,6 +129,7 @@ def medoid_ari(labels: dict[int, np.ndarray], ari: dict[int, float], r: int) -> 
 
 
 def gather(fits: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One ``real`` row per fit, then one ``seeds`` row per (tag, method, data set)."""
     from sklearn.metrics import adjusted_rand_score
 
     order = sorted(fits, key=lambda f: (f["tag"], f["method"], DATASETS.index(f["dataset"]), f["seed"]))
