@@ -65,19 +65,20 @@ def _seed_order(seed: str) -> tuple[str, int]:
     return tag, int(number)
 
 
-def _complete_seeds(table: dict, method: str) -> list[str]:
-    """The seeds of ``method`` that have all five sets, in :func:`_seed_order`."""
+def _ari_by_seed(table: dict, method: str) -> tuple[list[str], np.ndarray]:
+    """The seeds of ``method`` that have all five sets (in :func:`_seed_order`) and their ARI, ``(seeds, sets)``."""
     seeds = sorted({s for (m, _, s) in table if m == method}, key=_seed_order)
-    return [s for s in seeds if all((method, d, s) in table for d in DATASETS)]
+    complete = [s for s in seeds if all((method, d, s) in table for d in DATASETS)]
+    ari = np.array([[table[(method, d, s)][0] for d in DATASETS] for s in complete])
+    return complete, ari.reshape(-1, len(DATASETS))
 
 
 def summarise(table: dict) -> list[dict]:
     rows = []
     for method in METHODS:
-        complete = _complete_seeds(table, method)
+        complete, ari = _ari_by_seed(table, method)
         if not complete:
             continue
-        ari = np.array([[table[(method, d, s)][0] for d in DATASETS] for s in complete])  # (seeds, sets)
         for s, values in zip(complete, ari, strict=True):
             rows.append({"method": method, "seed": str(s), **dict(zip(DATASETS, values.round(3), strict=True)),
                          "mean": round(float(values.mean()), 3)})  # fmt: skip
@@ -95,11 +96,7 @@ def difference(table: dict, *, n_boot: int = 10_000, seed: int = 0) -> dict | No
     (each method's complete seeds resampled with replacement, ``n_boot`` times). ``None`` unless both methods
     have at least two complete seeds.
     """
-    means = {}
-    for method in METHODS:
-        complete = _complete_seeds(table, method)
-        means[method] = np.array([np.mean([table[(method, d, s)][0] for d in DATASETS]) for s in complete])
-    cpl, peer = (means[m] for m in METHODS)
+    cpl, peer = (_ari_by_seed(table, method)[1].mean(1) for method in METHODS)
     if cpl.size < 2 or peer.size < 2:
         return None
     rng = np.random.default_rng(seed)
