@@ -66,16 +66,24 @@ def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
         if args.augmentation is not None:
             options["augmentation"] = args.augmentation
         model = CplMixVAE(a, n_categories=k_max, **{**options, **args.model_kwargs})
-        # what train(prune=True) does, phase by phase: train, prune, then the state phase of the chosen model
-        with Timer() as trained:
-            model.train(max_epochs=args.max_epochs, state_epochs=0, **train)
-        with Timer() as pruned:
-            history = model.prune(
-                threshold=args.threshold,
-                max_rounds=args.max_rounds,
-                epochs_per_round=args.epochs_per_round,
-                **train,
-            )
+        prune_kwargs = {
+            "threshold": args.threshold, "max_rounds": args.max_rounds, "epochs_per_round": args.epochs_per_round,
+        }  # fmt: skip
+        n_restarts = getattr(args, "restarts", 1)
+        if n_restarts > 1:  # every restart trains and prunes: the two phases are not timed apart
+            with Timer() as trained:
+                model.train(
+                    max_epochs=args.max_epochs, state_epochs=0, prune=True, n_restarts=n_restarts,
+                    prune_kwargs=prune_kwargs, **train,
+                )  # fmt: skip
+            history = model.pruning_history
+            pruned = argparse.Namespace(seconds=0.0)
+        else:
+            # what train(prune=True) does, phase by phase: train, prune, then the state phase of the chosen model
+            with Timer() as trained:
+                model.train(max_epochs=args.max_epochs, state_epochs=0, **train)
+            with Timer() as pruned:
+                history = model.prune(**prune_kwargs, **train)
         state_epochs = args.state_epochs
         if state_epochs is None:
             state_epochs = default_state_epochs(a.n_obs, args.max_epochs)
@@ -99,6 +107,8 @@ def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
         "seconds": total.seconds,
         "peak_mb": total.peak_growth_mb,
         "labels": labels,
+        "restarts": model.restart_history.drop(columns="selected").to_dict("records") if n_restarts > 1 else None,
+        "restart_kept": int(model.restart_history["selected"].to_numpy().argmax()) if n_restarts > 1 else None,
     }
 
 

@@ -62,9 +62,10 @@ def worker(method: str, dataset: str, seed: int, args) -> dict[str, Any]:
         options = argparse.Namespace(
             batch_size=128, accelerator=args.accelerator, augmentation=None, model_kwargs=args.model_kwargs,
             max_epochs=None, threshold=0.95, max_rounds=None, epochs_per_round=None, state_epochs=0,
+            restarts=args.restarts,
         )  # fmt: skip
         fit = fit_pruned(adata, seed=seed, k_max=K_MAX, args=options)
-        out = {k: fit[k] for k in ("chosen_k", "consensus", "k_path", "epochs", "seconds")}
+        out = {k: fit[k] for k in ("chosen_k", "consensus", "k_path", "epochs", "seconds", "restarts", "restart_kept")}
         out |= clustering_scores(labels, fit["labels"])
         pred = fit["labels"]
     out |= {
@@ -88,7 +89,7 @@ def run_grid(args) -> None:
     ]  # fmt: skip
     base = [sys.executable, str(Path(__file__).resolve()), "--fits", str(args.fits), "--threads", str(args.threads),
             "--accelerator", args.accelerator, "--scvi-accelerator", args.scvi_accelerator,
-            "--model-kwargs", json.dumps(args.model_kwargs)]  # fmt: skip
+            "--model-kwargs", json.dumps(args.model_kwargs), "--restarts", str(args.restarts)]  # fmt: skip
     env = os.environ | {v: str(args.threads) for v in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}
     running: list[subprocess.Popen] = []
     failed = []
@@ -128,21 +129,27 @@ def medoid_ari(labels: dict[int, np.ndarray], ari: dict[int, float], r: int) -> 
     return float(np.mean(picked))
 
 
+def method_label(fit: dict[str, Any]) -> str:
+    """The method's name in the results: ``CplMixVAE+prune restarts=3`` for a fit with restarts."""
+    restarts = len(fit.get("restarts") or []) or 1
+    return METHODS[fit["method"]] + (f" restarts={restarts}" if restarts > 1 else "")
+
+
 def gather(fits: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One ``real`` row per fit, then one ``seeds`` row per (tag, method, data set)."""
     from sklearn.metrics import adjusted_rand_score
 
     order = sorted(fits, key=lambda f: (f["tag"], f["method"], DATASETS.index(f["dataset"]), f["seed"]))
     rows = [{
-        "part": "real", "dataset": f["dataset"], "method": METHODS[f["method"]], "model_seed": f["seed"],
+        "part": "real", "dataset": f["dataset"], "method": method_label(f), "model_seed": f["seed"],
         "tag": f["tag"], "k_ref": f.get("k_ref"), "chosen_k": f["chosen_k"], "n_genes": f.get("n_genes"),
         "ari": f["ari"], "nmi": f["nmi"],
         "consensus": f.get("consensus"), "k_path": f.get("k_path"), "seconds": f.get("seconds", f.get("train_seconds")),
-        "accelerator": f.get("accelerator"),
+        "accelerator": f.get("accelerator"), "restart_kept": f.get("restart_kept"),
     } for f in order]  # fmt: skip
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for f in fits:
-        groups.setdefault((f["tag"], f["method"], f["dataset"]), []).append(f)
+        groups.setdefault((f["tag"], method_label(f), f["dataset"]), []).append(f)
     for (tag, method, dataset), group in sorted(
         groups.items(), key=lambda kv: (kv[0][0], kv[0][1], DATASETS.index(kv[0][2]))
     ):
@@ -150,11 +157,11 @@ def gather(fits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ari = {f["seed"]: f["ari"] for f in group}
         pairs = [adjusted_rand_score(labels[i], labels[j]) for i, j in itertools.combinations(sorted(labels), 2)]
         row = {
-            "part": "seeds", "dataset": dataset, "method": METHODS[method], "tag": tag, "n_seeds": len(group),
+            "part": "seeds", "dataset": dataset, "method": method, "tag": tag, "n_seeds": len(group),
             "ari": float(np.mean(list(ari.values()))), "ari_min": min(ari.values()), "ari_max": max(ari.values()),
             "ari_between_seeds": float(np.mean(pairs)) if pairs else None,
         }  # fmt: skip
-        if method == "cpl":
+        if method == METHODS["cpl"]:  # one fit each: what restarts would choose among them
             for r in (3, 5):
                 row[f"medoid_of_{r}"] = medoid_ari(labels, ari, r) if len(group) >= r else None
         rows.append(row)
@@ -171,6 +178,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accelerator", default="cpu", help="CplMixVAE's")
     p.add_argument("--scvi-accelerator", default="cpu")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="CplMixVAE options (JSON)")
+    p.add_argument(
+        "--restarts", type=int, default=1,
+        help="CplMixVAE's train(n_restarts=...): restart r of seed s is a fit with seed s + r, the medoid is kept",
+    )  # fmt: skip
     p.add_argument(
         "--fits", type=Path, default=None,
         help="folder of the per-fit JSON files (one folder per set of options: a fit found there is not run again)",

@@ -36,7 +36,7 @@ def _rows(folder: Path, stem: str, method: str) -> list[dict]:
             continue
         if r.get("part", "real") != "real":
             continue
-        if r["method"] != "CplMixVAE+prune" and r.get("source") not in (None, "this run"):
+        if not r["method"].startswith("CplMixVAE") and r.get("source") not in (None, "this run"):
             continue  # a copy of another file's peer row
         seed = str(r["model_seed"] if "model_seed" in r else r["seed"])
         if r.get("tag"):  # fitted on another machine (bench_seeds.py): another run than this machine's seed
@@ -73,9 +73,9 @@ def _ari_by_seed(table: dict, method: str) -> tuple[list[str], np.ndarray]:
     return complete, ari.reshape(-1, len(DATASETS))
 
 
-def summarise(table: dict) -> list[dict]:
+def summarise(table: dict, methods: list[str] = METHODS) -> list[dict]:
     rows = []
-    for method in METHODS:
+    for method in methods:
         complete, ari = _ari_by_seed(table, method)
         if not complete:
             continue
@@ -89,14 +89,14 @@ def summarise(table: dict) -> list[dict]:
     return rows
 
 
-def difference(table: dict, *, n_boot: int = 10_000, seed: int = 0) -> dict | None:
+def difference(table: dict, methods: list[str] = METHODS, *, n_boot: int = 10_000, seed: int = 0) -> dict | None:
     """Mean over seeds of CplMixVAE minus that of scVI + Leiden (each seed: its mean over the five sets).
 
     With its standard error (Welch: each method's seeds are independent draws) and a 90% bootstrap interval
     (each method's complete seeds resampled with replacement, ``n_boot`` times). ``None`` unless both methods
     have at least two complete seeds.
     """
-    cpl, peer = (_ari_by_seed(table, method)[1].mean(1) for method in METHODS)
+    cpl, peer = (_ari_by_seed(table, method)[1].mean(1) for method in methods)
     if cpl.size < 2 or peer.size < 2:
         return None
     rng = np.random.default_rng(seed)
@@ -112,17 +112,23 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cpl", nargs="+", required=True, help="stems of bench_pruning.py results (CplMixVAE rows)")
     p.add_argument("--peers", nargs="+", required=True, help="stems of results holding scVI + Leiden rows")
+    p.add_argument(
+        "--cpl-method", default=METHODS[0],
+        help="the CplMixVAE rows' method, e.g. 'CplMixVAE+prune restarts=3' (bench_seeds.py --restarts 3)",
+    )  # fmt: skip
     p.add_argument("--name", default="real_seeds", help="output file stem")
     p.add_argument("--results", type=Path, default=RESULTS, help="folder of the result files (read and written)")
     args = p.parse_args(argv)
-    table, conflicts = gather({"CplMixVAE+prune": args.cpl, "scVI+Leiden": args.peers}, args.results)
-    rows = summarise(table)
-    diff = difference(table)
+    methods = [args.cpl_method, METHODS[1]]
+    table, conflicts = gather(dict(zip(methods, [args.cpl, args.peers], strict=True)), args.results)
+    rows = summarise(table, methods)
+    diff = difference(table, methods)
+    cpl_name = "CplMixVAE" if args.cpl_method == METHODS[0] else args.cpl_method
     if diff is None:
         diff_text = "Difference of the means: needs two complete seeds of each method."
     else:
         diff_text = (
-            f"Mean over seeds of CplMixVAE minus scVI + Leiden ({diff['n_cpl']} and {diff['n_peer']} seeds): "
+            f"Mean over seeds of {cpl_name} minus scVI + Leiden ({diff['n_cpl']} and {diff['n_peer']} seeds): "
             f"{diff['difference']:+.4f}, standard error {diff['standard_error']:.4f}, 90% bootstrap interval "
             f"[{diff['interval_90'][0]:+.4f}, {diff['interval_90'][1]:+.4f}] (seeds resampled within each method)."
         )
@@ -130,6 +136,8 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in columns) + " |" for r in rows]
     command = f"python benchmarks/summarise_seeds.py --cpl {' '.join(args.cpl)} --peers {' '.join(args.peers)}"
+    if args.cpl_method != METHODS[0]:
+        command += f" --cpl-method '{args.cpl_method}'"
     command += f" --name {args.name}"
     text = "\n".join([
         f"# {args.name}", "", "ARI of the consensus labels (CplMixVAE, pruned from 50 categories) and of scVI + Leiden "

@@ -64,14 +64,15 @@ def test_gather_keeps_machines_apart(seeds, tmp_path):
 def test_a_fit_already_saved_is_not_run_again(seeds, tmp_path, monkeypatch):
     _fit(tmp_path, "cpl", 0, list("ab"), 0.5, dataset="ifnb")
     started = []
-    monkeypatch.setattr(seeds.subprocess, "Popen", lambda cmd, env: started.append(cmd[-3:]) or _Done())
+    monkeypatch.setattr(seeds.subprocess, "Popen", lambda cmd, env: started.append(cmd) or _Done())
     monkeypatch.setattr(seeds.time, "sleep", lambda s: None)
     args = argparse.Namespace(
         methods=["cpl"], datasets=["ifnb", "worm"], seeds=[0], jobs=2, threads=1, accelerator="cpu",
-        scvi_accelerator="cpu", model_kwargs={}, fits=tmp_path,
+        scvi_accelerator="cpu", model_kwargs={}, fits=tmp_path, restarts=3,
     )  # fmt: skip
     seeds.run_grid(args)
-    assert started == [["cpl", "worm", "0"]]
+    assert [cmd[-3:] for cmd in started] == [["cpl", "worm", "0"]]
+    assert started[0][-6:-4] == ["--restarts", "3"]
 
 
 class _Done:
@@ -104,3 +105,22 @@ def test_gene_selection_needs_scikit_misc_and_falls_back_only_on_a_failed_fit(se
     assert _common._top_genes(counts, 10).sum() == 10
     assert calls[1:] == ["seurat_v3", "seurat"]
     assert counts.n_vars == 30 and "highly_variable" not in counts.var  # the caller's object is untouched
+
+
+def test_fits_with_restarts_are_another_method_without_a_medoid_row(seeds, tmp_path):
+    for s in range(3):
+        _fit(tmp_path, "cpl", s, list("aabb"), 0.5)
+    folder = tmp_path / "r3"
+    _fit(folder, "cpl", 0, list("aabb"), 0.7)
+    fit = json.loads((folder / "cpl__pbmc__0.json").read_text())
+    restarts = [{"restart": r, "seed": r, "n_categories": 2, "mean_consensus": 1.0, "mean_ari": 1.0} for r in range(3)]
+    (folder / "cpl__pbmc__0.json").write_text(json.dumps(fit | {"restarts": restarts, "restart_kept": 1}))
+    rows = seeds.gather(seeds.load_fits([f"{tmp_path}=", f"{folder}="]))
+    real = {r["method"]: r for r in rows if r["part"] == "real"}
+    assert real["CplMixVAE+prune restarts=3"]["ari"] == 0.7
+    assert real["CplMixVAE+prune restarts=3"]["restart_kept"] == 1
+    assert real["CplMixVAE+prune"]["restart_kept"] is None
+    summary = {r["method"]: r for r in rows if r["part"] == "seeds"}
+    assert summary["CplMixVAE+prune"]["n_seeds"] == 3 and summary["CplMixVAE+prune"]["medoid_of_3"] == 0.5
+    assert summary["CplMixVAE+prune restarts=3"]["n_seeds"] == 1
+    assert "medoid_of_3" not in summary["CplMixVAE+prune restarts=3"]

@@ -108,3 +108,20 @@ def test_command_line_writes_the_table(summarise, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Reruns that did not reproduce: none" in out
     assert "Difference of the means: needs two complete seeds of each method." in out
+
+
+def test_another_cplmixvae_method_is_compared_when_named(summarise, tmp_path, capsys):
+    rows = []
+    for seed in (0, 1):
+        rows += _pruning_rows(seed, 0.5 + seed / 10, peer_ari=0.4 + seed / 10)
+        rows += [{"part": "real", "dataset": d, "method": "CplMixVAE+prune restarts=3", "model_seed": seed,
+                  "ari": 0.7} for d in DATASETS]  # fmt: skip
+    _write(tmp_path, "a", rows)
+    summarise.main(["--cpl", "a", "--peers", "a", "--name", "plain", "--results", str(tmp_path)])
+    assert "Mean over seeds of CplMixVAE minus scVI + Leiden (2 and 2 seeds): +0.1200" in capsys.readouterr().out
+    summarise.main(["--cpl", "a", "--peers", "a", "--cpl-method", "CplMixVAE+prune restarts=3", "--name", "r3",
+                    "--results", str(tmp_path)])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "Mean over seeds of CplMixVAE+prune restarts=3 minus scVI + Leiden (2 and 2 seeds): +0.2500" in out
+    assert "| CplMixVAE+prune restarts=3 | mean of 2 | 0.7 | 0.7 | 0.7 | 0.7 | 0.7 | 0.7 |" in out
+    assert "--cpl-method 'CplMixVAE+prune restarts=3' --name r3" in out

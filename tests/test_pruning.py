@@ -418,3 +418,116 @@ def test_prune_on_an_untrained_model_of_unknown_k_prunes_once(monkeypatch):
     history = model.prune(max_rounds=1, epochs_per_round=1, batch_size=64, enable_progress_bar=False)
     assert calls["n"] == 1
     assert history is not None and 1 <= len(history) <= 2 and history["selected"].sum() == 1
+
+
+# ------------------------------------------------------------------------------------- restarts
+
+
+def test_medoid_picks_the_labelling_that_agrees_best_with_the_others():
+    a = np.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
+    b = np.array([5, 5, 5, 7, 7, 7, 7, 7, 7])  # a with types 1 and 2 merged
+    c = np.array([1, 1, 1, 2, 2, 2, 0, 0, 0])  # a, renamed
+    d = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])  # unrelated
+    best, ari = _pruning.medoid([b, d, a, c])
+    assert best == 2  # a and c agree fully; a is first of the two
+    assert ari.shape == (4, 4) and np.allclose(np.diag(ari), 1) and np.allclose(ari, ari.T)
+    assert ari[2, 3] == pytest.approx(1.0) and ari[0, 2] < 1
+    assert _pruning.medoid([d, a, c])[0] == 1
+
+
+def test_medoid_takes_the_first_on_a_tie_and_rejects_bad_input():
+    a, b = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
+    assert _pruning.medoid([a, b])[0] == 0 and _pruning.medoid([b, a])[0] == 0
+    with pytest.raises(ValueError, match="at least two labellings; got 1"):
+        _pruning.medoid([a])
+    with pytest.raises(ValueError, match=r"same cells; got lengths \[3, 4\]"):
+        _pruning.medoid([a, a[:3]])
+
+
+RESTART_PRUNE = {"max_rounds": 1, "epochs_per_round": 1}
+
+
+def _restart_data():
+    from scmixvae.data._simulate import simulate
+
+    adata = simulate(n_cells=300, n_genes=60, n_types=3, seed=1)
+    CplMixVAE.setup_anndata(adata)
+    return adata
+
+
+def _single_fit(adata, seed):
+    scvi.settings.seed = seed
+    model = CplMixVAE(adata, n_hidden=16)
+    model.train(max_epochs=2, state_epochs=0, prune_kwargs=RESTART_PRUNE, **TRAIN)
+    return model
+
+
+@pytest.fixture(scope="module")
+def restarted():
+    adata = _restart_data()
+    scvi.settings.seed = 4
+    model = CplMixVAE(adata, n_hidden=16)
+    model.train(max_epochs=2, state_epochs=1, prune_kwargs=RESTART_PRUNE, n_restarts=3, **TRAIN)
+    return model, scvi.settings.seed
+
+
+def test_restarts_keep_the_medoid_and_record_every_restart(restarted):
+    model, seed_after = restarted
+    history = model.restart_history
+    assert list(history.columns) == _pruning.RESTART_COLUMNS
+    assert history["restart"].tolist() == [0, 1, 2] and history["seed"].tolist() == [4, 5, 6]
+    assert history["selected"].sum() == 1
+    ari = np.array(history.attrs["ari"])
+    assert ari.shape == (3, 3) and np.allclose(np.diag(ari), 1) and np.allclose(ari, ari.T)
+    np.testing.assert_allclose(history["mean_ari"], (ari.sum(1) - 1) / 2)
+    kept = int(history["selected"].to_numpy().argmax())
+    assert kept == int(np.argmax(history["mean_ari"].to_numpy()))
+    assert model.n_categories == history.loc[kept, "n_categories"]
+    selected = model.pruning_history.loc[model.pruning_history["selected"]].iloc[0]
+    assert selected["mean_consensus"] == pytest.approx(history.loc[kept, "mean_consensus"])
+    assert seed_after == 4  # the user's seed setting is restored
+    # one training, its pruning round(s) and the one state epoch of the kept fit
+    assert len(model.history["train_loss"]) == 2 + model.pruning_history["epochs"].iloc[1:].sum() + 1
+
+
+def test_restart_r_is_the_fit_of_a_new_model_with_seed_plus_r(restarted):
+    model, _ = restarted
+    history = model.restart_history
+    kept = int(history["selected"].to_numpy().argmax())
+    adata = _restart_data()
+    for restart in range(3):
+        single = _single_fit(adata, 4 + restart)
+        chosen = single.pruning_history.loc[single.pruning_history["selected"]].iloc[0]
+        assert chosen["n_categories"] == history.loc[restart, "n_categories"]
+        assert chosen["mean_consensus"] == pytest.approx(history.loc[restart, "mean_consensus"], abs=1e-12)
+        if restart == kept:  # the state epoch changes no type
+            pd.testing.assert_series_equal(single.predict(), model.predict())
+
+
+def test_restart_history_survives_save_load(restarted, tmp_path):
+    model, _ = restarted
+    model.save(tmp_path / "m", save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "m", adata=model.adata)
+    pd.testing.assert_frame_equal(loaded.restart_history, model.restart_history)
+    assert _unknown_k_model().restart_history.empty
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"n_restarts": 0}, "n_restarts"),
+        ({"n_restarts": 2, "prune": False}, "n_restarts=2 restarts the choice of the number of categories"),
+    ],
+)
+def test_restarts_reject_bad_arguments_before_training(kwargs, match):
+    model = _unknown_k_model()
+    with pytest.raises(ValueError, match=match):
+        model.train(max_epochs=1, **kwargs, **TRAIN)
+    assert not model.is_trained_
+
+
+def test_restarts_need_an_untrained_model():
+    model = _unknown_k_model(n_categories=4)
+    model.train(max_epochs=1, **TRAIN)
+    with pytest.raises(ValueError, match="this model is already trained"):
+        model.train(max_epochs=1, prune=True, n_restarts=2, **TRAIN)

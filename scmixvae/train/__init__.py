@@ -7,6 +7,7 @@ from ._pruning import (
     check_collapse,
     co_assignment,
     mean_consensus,
+    medoid,
     select_round,
 )
 from ._trainingplan import CplMixVAETrainingPlan, TrainingCheckpoint
@@ -20,5 +21,6 @@ __all__ = [
     "check_collapse",
     "co_assignment",
     "mean_consensus",
+    "medoid",
     "select_round",
 ]

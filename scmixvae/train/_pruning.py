@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 HISTORY_COLUMNS = [
     "round", "n_categories", "mean_consensus", "train_loss", "epochs", "categories", "agreement", "pruned", "selected",
 ]  # fmt: skip
+RESTART_COLUMNS = ["restart", "seed", "n_categories", "mean_consensus", "mean_ari", "selected"]
 
 
 # --------------------------------------------------------------------------------------------- scores
@@ -187,6 +188,35 @@ def _selection_key(n_categories: float, consensus: float, threshold: float) -> t
     if reached:
         return True, float(n_categories), consensus
     return False, consensus, float(n_categories)
+
+
+def medoid(labels: list[np.ndarray]) -> tuple[int, np.ndarray]:
+    """Find the labelling that agrees best with the others: the medoid under the adjusted Rand index.
+
+    Parameters
+    ----------
+    labels
+        Two or more labellings of the same cells (any hashable labels; their names need not match).
+
+    Returns
+    -------
+    The index of the labelling with the highest mean adjusted Rand index with every other one (the first
+    such on a tie), and the symmetric matrix of adjusted Rand indices (ones on the diagonal).
+    """
+    from sklearn.metrics import adjusted_rand_score
+
+    n = len(labels)
+    if n < 2:
+        raise ValueError(f"A medoid needs at least two labellings; got {n}.")
+    sizes = {len(x) for x in labels}
+    if len(sizes) != 1:
+        raise ValueError(f"The labellings must cover the same cells; got lengths {sorted(sizes)}.")
+    ari = np.eye(n)
+    for i in range(n):
+        for j in range(i + 1, n):
+            ari[i, j] = ari[j, i] = adjusted_rand_score(labels[i], labels[j])
+    mean = (ari.sum(1) - 1) / (n - 1)
+    return int(np.argmax(mean)), ari  # argmax: the first on a tie
 
 
 def categories_to_prune(
