@@ -43,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     fit.add_argument("--prune", action="store_true", help="prune --n-categories and choose the number of types")
     fit.add_argument("--consensus-threshold", type=float, default=0.95, help="consensus criterion of --prune")
+    fit.add_argument(
+        "--restarts",
+        type=int,
+        default=None,
+        help="fits to choose the number of types from, keeping the medoid (default: 3 without --n-categories, else 1)",
+    )
     fit.add_argument("--n-state-genes", type=int, default=20, help="state genes per type in the summary table")
     fit.add_argument(
         "--likelihood",
@@ -156,6 +162,7 @@ def _fit(args) -> int:
     model.train(
         prune=True if args.prune else None,
         prune_kwargs={"threshold": args.consensus_threshold},
+        n_restarts=args.restarts,
         **_train_kwargs(args),
     )
     tl.annotate(adata, model, key_added=args.key_added)

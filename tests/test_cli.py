@@ -88,7 +88,7 @@ def test_fit_with_pruning_records_history(tmp_path, sim_adata):
 def test_fit_without_n_categories_chooses_them_by_pruning(tmp_path, sim_adata):
     src = tmp_path / "in.h5ad"
     sim_adata.write_h5ad(src)
-    rc = main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--max-epochs", "1", "--quiet"])
+    rc = main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--max-epochs", "1", "--restarts", "2", "--quiet"])
     assert rc == 0
     adata = anndata.read_h5ad(tmp_path / "out.h5ad")
     # 300 cells: the model starts from 300 // 50 = 6 categories and keeps the pruning round it selects

@@ -345,7 +345,7 @@ def test_without_n_categories_the_first_train_prunes_and_later_ones_do_not():
     model = _unknown_k_model()
     assert model.n_categories == 8  # 400 cells // 50
     assert "n_categories: 8 (maximum; train() prunes)" in model._model_summary_string
-    model.train(max_epochs=1, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN)
+    model.train(max_epochs=1, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, n_restarts=1, **TRAIN)
     history = model.pruning_history
     assert 1 <= len(history) <= 2 and history["selected"].sum() == 1
     assert history.loc[0, "n_categories"] <= 8 and history.loc[0, "epochs"] == 1
@@ -368,7 +368,7 @@ def test_unknown_k_needs_two_agents_and_round_trips_as_a_fixed_k(tmp_path):
     with pytest.raises(ValueError, match="needs the consensus of at least two agents"):
         _unknown_k_model(n_agents=1)
     model = _unknown_k_model()
-    model.train(max_epochs=1, prune_kwargs={"max_rounds": 0}, **TRAIN)
+    model.train(max_epochs=1, prune_kwargs={"max_rounds": 0}, n_restarts=1, **TRAIN)
     model.save(tmp_path / "m", save_anndata=False)
     loaded = CplMixVAE.load(tmp_path / "m", adata=model.adata)
     assert loaded.init_params_["non_kwargs"]["n_categories"] == 8
@@ -397,7 +397,7 @@ def test_a_model_choosing_k_couples_weakly_until_the_first_pruning():
             seen.append((float(module.current_coupling_weight()), bool(module.category_mask.all())))
 
     prune_kwargs = {"max_rounds": 1, "epochs_per_round": 1, "threshold": 0.9999}
-    model.train(max_epochs=2, state_epochs=1, prune_kwargs=prune_kwargs, callbacks=[Record()], **TRAIN)
+    model.train(max_epochs=2, state_epochs=1, prune_kwargs=prune_kwargs, callbacks=[Record()], n_restarts=1, **TRAIN)
     assert len(seen) == 4  # two epochs from all categories, one pruning round, one state epoch
     assert seen[:2] == [(pytest.approx(0.001, rel=1e-6), True)] * 2
     assert seen[2:] == [(1.0, False)] * 2
@@ -458,7 +458,7 @@ def _restart_data():
 def _single_fit(adata, seed):
     scvi.settings.seed = seed
     model = CplMixVAE(adata, n_hidden=16)
-    model.train(max_epochs=2, state_epochs=0, prune_kwargs=RESTART_PRUNE, **TRAIN)
+    model.train(max_epochs=2, state_epochs=0, prune_kwargs=RESTART_PRUNE, n_restarts=1, **TRAIN)
     return model
 
 
@@ -531,3 +531,25 @@ def test_restarts_need_an_untrained_model():
     model.train(max_epochs=1, **TRAIN)
     with pytest.raises(ValueError, match="this model is already trained"):
         model.train(max_epochs=1, prune=True, n_restarts=2, **TRAIN)
+
+
+def test_three_restarts_by_default_only_when_the_model_chooses_k(monkeypatch):
+    from scmixvae.model import default_n_restarts
+
+    assert (default_n_restarts(True), default_n_restarts(False)) == (3, 1)
+    seen = []
+    monkeypatch.setattr(CplMixVAE, "_fit_restarts", lambda self, n, *args: seen.append(n))
+    single = _pruning.prune
+
+    def pruning(model, **kwargs):
+        seen.append("single")
+        return single(model, **kwargs)
+
+    monkeypatch.setattr(_pruning, "prune", pruning)
+    _unknown_k_model().train(max_epochs=1, state_epochs=0, **TRAIN)  # chooses K: restarts
+    assert seen == [3]
+    given = _unknown_k_model(n_categories=4)
+    given.train(max_epochs=1, state_epochs=0, prune=True, prune_kwargs={"max_rounds": 0}, **TRAIN)
+    assert seen == [3, "single"]  # K given, pruned on request: one fit unless restarts are asked for
+    given.train(max_epochs=1, state_epochs=0, prune=True, prune_kwargs={"max_rounds": 0}, **TRAIN)
+    assert seen == [3, "single", "single"]  # trained: prunes on, no restarts

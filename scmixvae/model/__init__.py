@@ -1,5 +1,19 @@
 """scvi-tools models of scmixvae."""
 
-from ._model import CplMixVAE, default_max_epochs, default_n_categories, default_options, default_state_epochs
+from ._model import (
+    CplMixVAE,
+    default_max_epochs,
+    default_n_categories,
+    default_n_restarts,
+    default_options,
+    default_state_epochs,
+)
 
-__all__ = ["CplMixVAE", "default_max_epochs", "default_n_categories", "default_options", "default_state_epochs"]
+__all__ = [
+    "CplMixVAE",
+    "default_max_epochs",
+    "default_n_categories",
+    "default_n_restarts",
+    "default_options",
+    "default_state_epochs",
+]
