@@ -10,7 +10,9 @@ Every fit uses the options of a model that chooses K by itself (``CplMixVAE(adat
 ``n_categories``; :func:`scmixvae.model.default_options`: ``"knn"`` views, ``"gaussian"`` and the separate
 state encoder; ``--augmentation`` and ``--model-kwargs`` override them). Results named before session 7 used
 ``"dropout"`` (then the default of a model given ``n_categories``, which these fits are: ``K_max``), those of
-session 7 the Gaussian likelihood and the separate state encoder.
+session 7 the Gaussian likelihood and the separate state encoder. Each fit is a single one (``n_restarts=1``); since
+session 12 a model that chooses K fits three times by default and keeps the medoid (``train(n_restarts=...)``):
+``bench_seeds.py --restarts 3`` measures that on the real sets.
 
 Parts:
 - ``sim``: simulator with 8 true types (``--n-cells`` x ``--n-genes``, unequal sizes), one data set per ``--seeds``

@@ -2,13 +2,17 @@
 
     python benchmarks/bench_seeds.py --methods cpl scvi --seeds 0 1 2 --jobs 2 --fits /tmp/fits --name real_seeds_x
     python benchmarks/bench_seeds.py --gather /tmp/fits= /tmp/device_fits=h200host --name real_seeds_x
+    python benchmarks/bench_seeds.py --methods cpl --restarts 3 --seeds 11 14 --fits /tmp/fits_r3 --name real_r3
+    python benchmarks/bench_seeds.py --compose /tmp/fits --restarts 3 --seeds 5 8 --fits /tmp/fits_r3c --name x
 
 Each fit (method × data set × seed) runs in its own process with ``--threads`` torch threads, ``--jobs`` at a time
 (on 2 cores: ``--jobs 2 --threads 1``), and saves one JSON (scores, the chosen K, seconds, the labels of every
 cell, the machine) in ``--fits``; a fit whose file is there already is not run again (use one folder per set of
 ``--model-kwargs``). ``cpl`` is CplMixVAE as ``bench_pruning.py`` fits it (``fit_pruned``: the defaults of a model
 that chooses K, from 50 categories, no state phase); ``scvi`` is scVI + Leiden at resolution 1
-(``_common.run_scvi_leiden``).
+(``_common.run_scvi_leiden``). ``--restarts R`` fits CplMixVAE with ``train(n_restarts=R)`` (the default of a model
+that chooses K is 3; restart ``r`` of seed ``s`` is the single fit of seed ``s + r``), ``--compose FOLDER`` writes
+those fits from single fits saved in ``FOLDER`` instead of running them (:func:`compose`).
 
 The gathering step reads every fit in the given folders (``FOLDER=TAG``: the tag names the machine, so that one
 seed fitted on two machines counts as two runs; an empty tag is this machine, like ``bench_pruning.py``'s rows)
@@ -16,7 +20,8 @@ and writes ``benchmarks/results/{--name}.{md,json}``: one row per fit in ``bench
 ``real``, which ``summarise_seeds.py`` reads), and per data set, method and tag the mean ARI over seeds and the
 mean ARI between the labels of two seeds. For CplMixVAE it also reports what picking one of ``r`` runs would give
 (every ``r``-subset of a tag's seeds: the run whose labels agree best with the others, i.e. restarts with a medoid
-choice); that is an analysis of saved labels, no fit.
+choice); that is an analysis of saved labels, no fit. Fits with restarts are a method of their own
+(``CplMixVAE+prune restarts=3``).
 """
 
 from __future__ import annotations
@@ -106,6 +111,39 @@ def run_grid(args) -> None:
         print("failed:", "; ".join(failed), file=sys.stderr)
 
 
+def compose(source: Path, folder: Path, bases: list[int], restarts: int, datasets: list[str]) -> list[Path]:
+    """Write the fits of ``train(n_restarts=restarts)`` with seed ``base`` from saved single fits.
+
+    Restart ``r`` of a model with seed ``s`` is the single fit with seed ``s + r`` (``CplMixVAE.train``
+    rebuilds it so), hence the fit with restarts is the single fit that :func:`scmixvae.train.medoid` picks
+    among seeds ``base, ..., base + restarts - 1`` of ``source``: what ``--restarts`` would run, read from
+    fits already made. The files say so (``composed_from``); a (data set, base) lacking one of its seeds is
+    skipped.
+    """
+    from scmixvae.train import medoid
+
+    written = []
+    for dataset, base in itertools.product(datasets, bases):
+        files = [fit_file(source, "cpl", dataset, base + r) for r in range(restarts)]
+        if not all(f.exists() for f in files):
+            continue
+        fits = [json.loads(f.read_text()) for f in files]
+        if any(f.get("restarts") for f in fits):
+            raise ValueError(f"{source} holds fits with restarts; compose from single fits.")
+        kept, ari = medoid([np.asarray(f["labels"]) for f in fits])
+        out = dict(fits[kept], seed=base, restart_kept=kept, composed_from=[str(f) for f in files])
+        out["restarts"] = [
+            {"restart": r, "seed": base + r, "n_categories": f["chosen_k"], "mean_consensus": f.get("consensus"),
+             "mean_ari": float((ari[r].sum() - 1) / (restarts - 1))}
+            for r, f in enumerate(fits)
+        ]  # fmt: skip
+        out["seconds"] = sum(f["seconds"] for f in fits)  # the restarts' training and pruning, one after another
+        folder.mkdir(parents=True, exist_ok=True)
+        written.append(fit_file(folder, "cpl", dataset, base))
+        written[-1].write_text(json.dumps(out))
+    return written
+
+
 def load_fits(sources: list[str]) -> list[dict[str, Any]]:
     """Every fit JSON of ``FOLDER=TAG`` sources, with ``tag`` added."""
     fits = []
@@ -190,6 +228,10 @@ def main(argv: list[str] | None = None) -> None:
         "--gather", nargs="+", default=None, metavar="FOLDER=TAG",
         help="gather these folders only (no fit); TAG empty: this machine; default: --fits after fitting",
     )  # fmt: skip
+    p.add_argument(
+        "--compose", type=Path, default=None, metavar="FOLDER",
+        help="no fit: write the --restarts fits of seeds --seeds into --fits from FOLDER's single fits (see compose)",
+    )  # fmt: skip
     p.add_argument("--name", default="real_seeds_fits")
     p.add_argument("--note", default="", help="markdown added to the results file (e.g. what a tag's machine was)")
     p.add_argument("--worker", nargs=3, default=None, metavar=("METHOD", "DATASET", "SEED"), help=argparse.SUPPRESS)
@@ -201,7 +243,12 @@ def main(argv: list[str] | None = None) -> None:
     if args.gather is None:
         if args.fits is None:
             p.error("name the folder of the per-fit files (--fits) to fit, or folders to --gather")
-        run_grid(args)
+        if args.compose is not None:
+            if args.restarts < 2:
+                p.error("--compose needs --restarts 2 or more")
+            compose(args.compose, args.fits, args.seeds, args.restarts, args.datasets)
+        else:
+            run_grid(args)
         args.gather = [f"{args.fits}="]
     from _common import write_results
 

@@ -124,3 +124,30 @@ def test_fits_with_restarts_are_another_method_without_a_medoid_row(seeds, tmp_p
     assert summary["CplMixVAE+prune"]["n_seeds"] == 3 and summary["CplMixVAE+prune"]["medoid_of_3"] == 0.5
     assert summary["CplMixVAE+prune restarts=3"]["n_seeds"] == 1
     assert "medoid_of_3" not in summary["CplMixVAE+prune restarts=3"]
+
+
+def test_compose_keeps_the_medoid_of_consecutive_seeds(seeds, tmp_path):
+    single = tmp_path / "single"
+    _fit(single, "cpl", 5, list("aabbcc"), 0.3)
+    _fit(single, "cpl", 6, list("aabbcc"), 0.6)  # 5 and 6 agree: 5 is the first of the two medoids
+    _fit(single, "cpl", 7, list("abcabc"), 0.9)
+    _fit(single, "cpl", 8, list("aabbcc"), 0.5)  # 9 and 10 missing: base 8 is skipped
+    for s in (5, 6, 7):
+        fit = json.loads((single / f"cpl__pbmc__{s}.json").read_text())
+        (single / f"cpl__pbmc__{s}.json").write_text(json.dumps(fit | {"seconds": 10.0 * s, "consensus": 0.96}))
+    written = seeds.compose(single, tmp_path / "r3", [5, 8], 3, ["pbmc", "ifnb"])
+    assert [p.name for p in written] == ["cpl__pbmc__5.json"]
+    fit = json.loads(written[0].read_text())
+    assert (fit["seed"], fit["restart_kept"], fit["ari"], fit["seconds"]) == (5, 0, 0.3, 180.0)
+    assert [r["seed"] for r in fit["restarts"]] == [5, 6, 7] and fit["restarts"][0]["mean_consensus"] == 0.96
+    from sklearn.metrics import adjusted_rand_score
+
+    apart = adjusted_rand_score(list("aabbcc"), list("abcabc"))
+    assert fit["restarts"][0]["mean_ari"] == pytest.approx((1 + apart) / 2)
+    assert fit["restarts"][2]["mean_ari"] == pytest.approx(apart)
+    assert fit["restarts"][1]["mean_ari"] == fit["restarts"][0]["mean_ari"] > fit["restarts"][2]["mean_ari"]
+    assert len(fit["composed_from"]) == 3
+    [row] = [r for r in seeds.gather(seeds.load_fits([f"{tmp_path / 'r3'}="])) if r["part"] == "real"]
+    assert row["method"] == "CplMixVAE+prune restarts=3" and row["restart_kept"] == 0
+    with pytest.raises(ValueError, match="compose from single fits"):
+        seeds.compose(tmp_path / "r3", tmp_path / "again", [5], 1, ["pbmc"])
