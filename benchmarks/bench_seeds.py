@@ -184,6 +184,7 @@ def gather(fits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         "ari": f["ari"], "nmi": f["nmi"],
         "consensus": f.get("consensus"), "k_path": f.get("k_path"), "seconds": f.get("seconds", f.get("train_seconds")),
         "accelerator": f.get("accelerator"), "restart_kept": f.get("restart_kept"),
+        "composed": bool(f.get("composed_from")),
     } for f in order]  # fmt: skip
     groups: dict[tuple[str, str, str], list[dict]] = {}
     for f in fits:
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> None:
         "no state phase; scVI + Leiden at resolution 1), `tag` the machine it ran on. Rows `seeds`: per set, method "
         "and tag, the mean, least and largest ARI over the seeds, the mean ARI between the labels of two seeds, and "
         "(`medoid_of_r`) the mean ARI of the run that agrees best with the others in every r-subset of the seeds. "
+        "`CplMixVAE+prune restarts=R`: `train(n_restarts=R)` (restart r of seed s is the single fit of seed s + r), "
+        "`restart_kept` the restart kept, `composed` when read from saved single fits (`--compose`) rather than run. "
         "The machine named above is where the fits were gathered; each fit ran where its tag says (empty: here).\n\n"
         + args.note,
     )

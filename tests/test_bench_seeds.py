@@ -119,7 +119,7 @@ def test_fits_with_restarts_are_another_method_without_a_medoid_row(seeds, tmp_p
     real = {r["method"]: r for r in rows if r["part"] == "real"}
     assert real["CplMixVAE+prune restarts=3"]["ari"] == 0.7
     assert real["CplMixVAE+prune restarts=3"]["restart_kept"] == 1
-    assert real["CplMixVAE+prune"]["restart_kept"] is None
+    assert real["CplMixVAE+prune"]["restart_kept"] is None and not real["CplMixVAE+prune"]["composed"]
     summary = {r["method"]: r for r in rows if r["part"] == "seeds"}
     assert summary["CplMixVAE+prune"]["n_seeds"] == 3 and summary["CplMixVAE+prune"]["medoid_of_3"] == 0.5
     assert summary["CplMixVAE+prune restarts=3"]["n_seeds"] == 1
@@ -148,6 +148,6 @@ def test_compose_keeps_the_medoid_of_consecutive_seeds(seeds, tmp_path):
     assert fit["restarts"][1]["mean_ari"] == fit["restarts"][0]["mean_ari"] > fit["restarts"][2]["mean_ari"]
     assert len(fit["composed_from"]) == 3
     [row] = [r for r in seeds.gather(seeds.load_fits([f"{tmp_path / 'r3'}="])) if r["part"] == "real"]
-    assert row["method"] == "CplMixVAE+prune restarts=3" and row["restart_kept"] == 0
+    assert row["method"] == "CplMixVAE+prune restarts=3" and row["restart_kept"] == 0 and row["composed"]
     with pytest.raises(ValueError, match="compose from single fits"):
         seeds.compose(tmp_path / "r3", tmp_path / "again", [5], 1, ["pbmc"])
