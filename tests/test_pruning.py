@@ -536,7 +536,8 @@ def test_restarts_need_an_untrained_model():
 def test_three_restarts_by_default_only_when_the_model_chooses_k(monkeypatch):
     from scmixvae.model import default_n_restarts
 
-    assert (default_n_restarts(True), default_n_restarts(False)) == (3, 1)
+    assert [default_n_restarts(True, n) for n in (400, 50_000, 50_001)] == [3, 3, 1]
+    assert default_n_restarts(False, 400) == 1
     seen = []
     monkeypatch.setattr(CplMixVAE, "_fit_restarts", lambda self, n, *args: seen.append(n))
     single = _pruning.prune

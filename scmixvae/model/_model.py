@@ -108,15 +108,16 @@ def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
     }
 
 
-def default_n_restarts(choose_n_categories: bool) -> int:
+def default_n_restarts(choose_n_categories: bool, n_cells: int) -> int:
     """Fits of :meth:`CplMixVAE.train` to choose from: 3 when the model chooses the number of types, else 1.
 
     Pruning from 50 categories is chaotic: two seeds' types agree at an adjusted Rand index of 0.56-0.80 on the
-    real sets of the benchmarks. Keeping the medoid of three fits (the one agreeing best with the other two)
-    raised the mean ARI to the reference types there (see the user guide), at three times the cost of the
-    training and pruning, which stays below that of scVI's default ``train()`` alone.
+    real sets of the benchmarks (2,700-5,700 cells). Keeping the medoid of three fits (the one agreeing best with
+    the other two) raised the mean ARI to the reference types there (see the user guide), at three times the
+    cost of the training and pruning. Above 50,000 cells, where one fit takes a quarter of an hour or more on a
+    CPU and restarts were not measured, the default is one fit; ask for restarts with ``train(n_restarts=3)``.
     """
-    return 3 if choose_n_categories else 1
+    return 3 if choose_n_categories and n_cells <= 50_000 else 1
 
 
 def default_n_categories(n_cells: int) -> int:
@@ -481,9 +482,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             a new model created with that seed would give. A single fit from many categories is a chaotic
             process whose types vary between seeds (adjusted Rand index 0.56-0.80 between two seeds on the real
             sets of the benchmarks); the medoid of three is rarely the worst of them. See
-            :attr:`restart_history`. ``None`` (default): ``3`` when this call chooses the number of types of a
-            model created without ``n_categories`` (its first training; see :func:`default_n_restarts`), else
-            ``1``, a single fit.
+            :attr:`restart_history`. ``None`` (default): :func:`default_n_restarts`, ``3`` when this call
+            chooses the number of types of a model created without ``n_categories`` (its first training) on up
+            to 50,000 cells, else ``1``, a single fit.
         state_epochs
             Epochs of the state phase, after ``max_epochs`` (and after pruning): the encoder trunk and the
             categorical heads are frozen (they read the real cell, as in a read-out, and learn nothing), so the
@@ -531,7 +532,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             prune = self.choose_n_categories_ and not self.is_trained_ and not resuming
         if n_restarts is None:
             chooses = self.choose_n_categories_ and prune and not self.is_trained_ and not resuming
-            n_restarts = default_n_restarts(chooses)
+            n_restarts = default_n_restarts(chooses, n_cells)
         check.check_int("n_restarts", n_restarts, minimum=1)
         if n_restarts > 1:
             if not prune:
