@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         "--restarts",
         type=int,
         default=None,
-        help="fits to choose the number of types from, keeping the medoid (default: 3 without --n-categories, else 1)",
+        help="fits to choose the types from, keeping the medoid (default: 3 without --n-categories on <= 50,000 cells)",
     )
     fit.add_argument("--n-state-genes", type=int, default=20, help="state genes per type in the summary table")
     fit.add_argument(

@@ -481,7 +481,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             setting ``scvi.settings.seed`` to the current seed plus ``r`` (restored afterwards), so it is the fit
             a new model created with that seed would give. A single fit from many categories is a chaotic
             process whose types vary between seeds (adjusted Rand index 0.56-0.80 between two seeds on the real
-            sets of the benchmarks); the medoid of three is rarely the worst of them. See
+            sets of the benchmarks); the medoid of three agreed better with the reference types on average (see
+            the user guide). Two restarts always tie (the first is kept): use three or more. See
             :attr:`restart_history`. ``None`` (default): :func:`default_n_restarts`, ``3`` when this call
             chooses the number of types of a model created without ``n_categories`` (its first training) on up
             to 50,000 cells, else ``1``, a single fit.
