@@ -10,9 +10,9 @@ Every fit uses the options of a model that chooses K by itself (``CplMixVAE(adat
 ``n_categories``; :func:`scmixvae.model.default_options`: ``"knn"`` views, ``"gaussian"`` and the separate
 state encoder; ``--augmentation`` and ``--model-kwargs`` override them). Results named before session 7 used
 ``"dropout"`` (then the default of a model given ``n_categories``, which these fits are: ``K_max``), those of
-session 7 the Gaussian likelihood and the separate state encoder. Each fit is a single one (``n_restarts=1``); since
-session 12 a model that chooses K fits three times by default and keeps the medoid (``train(n_restarts=...)``):
-``bench_seeds.py --restarts 3`` measures that on the real sets.
+session 7 the Gaussian likelihood and the separate state encoder. Each fit is a single one (``n_restarts=1``) unless
+``--restarts R`` is given; since session 12 a model that chooses K on up to 50,000 cells fits three times by default
+and keeps the medoid (``train(n_restarts=...)``); ``bench_seeds.py --restarts 3`` measures that on the real sets.
 
 Parts:
 - ``sim``: simulator with 8 true types (``--n-cells`` x ``--n-genes``, unequal sizes), one data set per ``--seeds``
@@ -48,6 +48,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SIM_TYPES = 8
+
+
+def _label(args) -> str:
+    """The method's name in the rows: ``CplMixVAE+prune``, with `` restarts=R`` for ``--restarts R``."""
+    restarts = getattr(args, "restarts", 1)
+    return "CplMixVAE+prune" + (f" restarts={restarts}" if restarts > 1 else "")
 
 
 def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
@@ -94,7 +100,7 @@ def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
     selected = history.loc[history["selected"]].iloc[0]
     labels = model.predict().astype(str).to_numpy()
     return {
-        "method": "CplMixVAE+prune",
+        "method": _label(args),
         "model_seed": seed,
         "k_max": k_max,
         "chosen_k": model.n_categories,
@@ -120,7 +126,7 @@ def _stability(dataset: str, fits: list[dict[str, Any]]) -> list[dict[str, Any]]
     rows = []
     for other in fits[1:]:
         rows.append({
-            "part": "stability", "dataset": dataset, "method": "CplMixVAE+prune",
+            "part": "stability", "dataset": dataset, "method": fits[0]["method"],
             "model_seed": f"{fits[0]['model_seed']} vs {other['model_seed']}",
             "ari_between_seeds": clustering_scores(fits[0]["labels"], other["labels"])["ari"],
             "chosen_k": f"{fits[0]['chosen_k']} vs {other['chosen_k']}",
@@ -151,7 +157,7 @@ def part_sim(args) -> list[dict]:
                 stability_fits.setdefault(data_seed, []).append(fit)
     sim_rows = [r for r in rows if r["model_seed"] == args.model_seeds[0]]
     rows.append({
-        "part": "sim", "dataset": "SUMMARY", "method": "CplMixVAE+prune",
+        "part": "sim", "dataset": "SUMMARY", "method": _label(args),
         "k_within_1": f"{sum(r['k_within_1'] for r in sim_rows)}/{len(sim_rows)}",
         "ari": float(np.mean([r["ari"] for r in sim_rows])), "ari_min": float(np.min([r["ari"] for r in sim_rows])),
     })  # fmt: skip
@@ -159,7 +165,7 @@ def part_sim(args) -> list[dict]:
     if len(stability) > 1:
         values = [r["ari_between_seeds"] for r in stability]
         stability.append({
-            "part": "stability", "dataset": "SUMMARY", "method": "CplMixVAE+prune",
+            "part": "stability", "dataset": "SUMMARY", "method": _label(args),
             "ari_between_seeds": float(np.mean(values)), "ari_min": float(np.min(values)),
         })  # fmt: skip
     return rows + stability
@@ -251,6 +257,10 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument("--epochs-per-round", type=int, default=None, help="None: convergence-driven")
     p.add_argument("--max-rounds", type=int, default=None)
+    p.add_argument(
+        "--restarts", type=int, default=1,
+        help="train(n_restarts=...): fits per model seed, the medoid kept (the default of a model choosing K is 3)",
+    )  # fmt: skip
     p.add_argument("--scvi-max-epochs", type=int, default=None, help="None: scVI's default")
     p.add_argument("--no-pca", dest="pca", action="store_false", help="skip PCA + Leiden")
     p.add_argument("--batch-size", type=int, default=128)
