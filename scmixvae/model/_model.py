@@ -146,7 +146,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     n_categories
         Number of categories ``K``. ``None`` (default): the number of types is unknown; the model starts from
         :func:`default_n_categories` (50 from 2,500 cells on, covering up to about 50 types) and its first
-        :meth:`train` also prunes them and chooses ``K`` (:meth:`prune`). Give ``K`` when you know it.
+        :meth:`train` also prunes them and chooses ``K`` (:meth:`prune`; three restarts on up to 50,000 cells,
+        see ``n_restarts`` of :meth:`train`). Give ``K`` when you know it.
     n_state
         Dimension of the continuous state latent (published: 2).
     n_hidden
