@@ -655,13 +655,10 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             for restart in range(n_restarts):
                 if restart:  # a fresh model, as CplMixVAE(...) after `scvi.settings.seed = first_seed + restart`
                     scvi.settings.seed = first_seed + restart
+                    for name in self._FIT_ATTRIBUTES:  # the Leiden start and the neighbours depend on the seed
+                        setattr(self, name, None)
                     self.module = self._module_cls(**self._module_arguments)
                     self.is_trained_ = False
-                    self.history_ = None
-                    self.pruning_history_ = None
-                    self.category_init_done_ = False
-                    self._initial_labels = None  # the Leiden partition of the categories' initialisation
-                    self.neighbours_ = None
                 self.train(max_epochs=max_epochs, state_epochs=0, prune=False, **common, **kwargs)
                 history = self.prune(**prune_kwargs, **common, **kwargs)
                 chosen = history.loc[history["selected"]].iloc[0]
@@ -686,7 +683,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         for name, value in fits[best].items():
             setattr(self, name, value)
         history = pd.DataFrame(rows, columns=_pruning.RESTART_COLUMNS[:-2])
-        history["mean_ari"] = (agreement.sum(1) - 1) / (len(labels) - 1)
+        history["mean_ari"] = _pruning.mean_agreement(agreement)
         history["selected"] = history["restart"] == best
         history.attrs["ari"] = agreement.tolist()
         self.restart_history_ = history

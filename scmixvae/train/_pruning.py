@@ -215,8 +215,12 @@ def medoid(labels: list[np.ndarray]) -> tuple[int, np.ndarray]:
     for i in range(n):
         for j in range(i + 1, n):
             ari[i, j] = ari[j, i] = adjusted_rand_score(labels[i], labels[j])
-    mean = (ari.sum(1) - 1) / (n - 1)
-    return int(np.argmax(mean)), ari  # argmax: the first on a tie
+    return int(np.argmax(mean_agreement(ari))), ari  # argmax: the first on a tie
+
+
+def mean_agreement(ari: np.ndarray) -> np.ndarray:
+    """Each labelling's mean adjusted Rand index with the others, from the matrix :func:`medoid` returns."""
+    return (ari.sum(1) - 1) / (len(ari) - 1)
 
 
 def categories_to_prune(
