@@ -6,6 +6,8 @@ picks pynndescent: by default at ≥ 8,192 cells with the euclidean metric and a
 :func:`neighbors` retries such a call with scanpy's exact scikit-learn transformer — the same one scanpy itself
 uses below those sizes — and remembers, for the rest of the process, that the combination is broken so that
 later calls go straight to it.
+
+Both functions leave torch's and numba's thread counts as they found them (see :mod:`scmixvae._threads`).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import scanpy as sc
+
+from ._threads import keep_thread_settings
 
 if TYPE_CHECKING:
     from anndata import AnnData
@@ -88,15 +92,15 @@ def neighbors(
     >>> adata.obs["leiden"].cat.categories.size > 1
     True
     """
+    with keep_thread_settings():
+        return _neighbors(
+            adata, use_rep=use_rep, n_neighbors=n_neighbors, key_added=key_added, random_state=random_state, **kwargs
+        )
+
+
+def _neighbors(adata: AnnData, **call_kwargs: Any) -> AnnData | None:
     global _GETNNZ_BROKEN
-    call_kwargs = {
-        "use_rep": use_rep,
-        "n_neighbors": n_neighbors,
-        "key_added": key_added,
-        "random_state": random_state,
-        **kwargs,
-    }
-    user_transformer = kwargs.get("transformer") is not None
+    user_transformer = call_kwargs.get("transformer") is not None
     if _GETNNZ_BROKEN and not user_transformer:
         # Identical to scanpy's own choice wherever it would not pick pynndescent.
         logger.info("scanpy cannot read pynndescent's graph here; computing neighbours with transformer='sklearn'.")
@@ -148,4 +152,5 @@ def leiden(
     ``None``, or the annotated copy when ``copy=True`` is passed.
     """
     call_kwargs = {"flavor": "igraph", "n_iterations": 2, "directed": False, **kwargs}
-    return sc.tl.leiden(adata, resolution=resolution, key_added=key_added, random_state=random_state, **call_kwargs)
+    with keep_thread_settings():
+        return sc.tl.leiden(adata, resolution=resolution, key_added=key_added, random_state=random_state, **call_kwargs)
