@@ -29,55 +29,49 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 
-#: name -> (script, arguments of the full run, arguments of the quick run). Result file stem = name.
+#: name -> (script, arguments of the full run, arguments of the quick run). Result file stem = name: the current
+#: result files in ``results/`` were written by these arguments (see ``benchmarks/README.md``).
 SUITE: dict[str, tuple[str, list[str], list[str]]] = {
-    "peers": ("bench_peers.py", ["--datasets", "all"], ["--datasets", "bladder", "--max-epochs", "2"]),
-    "core_accuracy": (
+    "peers": (
+        "bench_peers.py",
+        ["--datasets", "all", "--methods", "pca", "scvi"],
+        ["--datasets", "bladder", "--max-epochs", "2"],
+    ),
+    "core": (
         "bench_core.py",
-        ["--parts", "sim", "real", "--skip-peers"],
+        ["--parts", "real", "--likelihoods", "nb", "gaussian", "--seeds", "0",
+         "--peers-from", str(RESULTS / "peers.json")],
         ["--parts", "sim", "--likelihoods", "nb"],
     ),
-    "core_speed": (
-        "bench_core.py",
-        ["--parts", "speed", "--batch-sizes", "128", "1000"],
-        ["--parts", "speed", "--likelihoods", "nb", "--speed-epochs", "2"],
+    "speed": (
+        "bench_speed.py",
+        ["--n-cells", "100000", "--likelihoods", "gaussian", "nb", "--steps", "30", "--repeats", "3"],
+        ["--n-cells", "20000", "--steps", "10", "--epochs", "2", "--repeats", "1"],
     ),
-    "speed": ("bench_speed.py", [], ["--n-cells", "20000", "--steps", "10", "--epochs", "2", "--repeats", "1"]),
     "scale": (
         "bench_scale.py",
         [],
         ["--sizes", "5000", "20000", "--in-memory-max", "10000", "--steps", "5", "--epochs", "2"],
     ),
-    "state_genes": ("bench_state_genes.py", [], ["--parts", "memory"]),
+    "state_genes": (
+        "bench_state_genes.py",
+        ["--parts", "ifnb", "--seeds", "0", "1", "2", "--axes", "default", "--likelihood", "gaussian"],
+        ["--parts", "memory"],
+    ),
     "pruning": (
         "bench_pruning.py",
-        [],
-        [
-            "--parts",
-            "sim",
-            "--seeds",
-            "0",
-            "--n-cells",
-            "300",
-            "--n-genes",
-            "100",
-            "--max-epochs",
-            "1",
-            "--epochs-per-round",
-            "1",
-            "--max-rounds",
-            "1",
-            "--scvi-max-epochs",
-            "1",
-        ],
+        ["--parts", "sim", "--seeds", "0", "1", "2", "3", "4", "--model-seeds", "0", "1", "--state-epochs", "0",
+         "--restarts", "3"],
+        ["--parts", "sim", "--seeds", "0", "--n-cells", "300", "--n-genes", "100", "--max-epochs", "1",
+         "--epochs-per-round", "1", "--max-rounds", "1", "--scvi-max-epochs", "1"],
     ),
-    "augment": ("bench_augment.py", [], ["--parts", "preserve"]),
+    "augment": ("bench_augment.py", ["--parts", "preserve", "fit"], ["--parts", "preserve"]),
     "wholefit": (
         "bench_wholefit.py",
-        ["--scvi-epochs", "5"],
+        ["--n-cells", "5000", "--scvi-epochs", "50"],
         ["--n-cells", "3000", "--n-genes", "300", "--scvi-epochs", "2"],
     ),
-}
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,7 +1,7 @@
 """Mean ARI over seeds of CplMixVAE (pruned) and scVI + Leiden on the real sets, from saved results.
 
-    python benchmarks/summarise_seeds.py --cpl pruning_real_session9_stability pruning_real_session9_seed2 ... \
-        --peers pruning_real_samerun peers_scvi_seed1 ... --name real_seeds
+    python benchmarks/summarise_seeds.py --cpl real_seeds_fits --peers real_seeds_fits \
+        --cpl-method "CplMixVAE+prune restarts=3"   # after bench_seeds.py --methods cpl scvi --restarts 3
 
 Reads ``benchmarks/results/{stem}.json`` written by ``bench_pruning.py`` (its ``real`` rows), ``bench_peers.py`` or
 ``bench_seeds.py`` (whose rows fitted on another machine carry its ``tag``: seed ``3@tag`` is another run than 3):

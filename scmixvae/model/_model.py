@@ -82,7 +82,7 @@ def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | No
 def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
     """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
 
-    Each is the option measured best for its use (see the model and augmentation guides): with ``K`` given,
+    The defaults for each use (evidence on the :doc:`benchmarks page </benchmarks>`): with ``K`` given,
     ``augmentation="dropout"``, ``likelihood="gaussian"``, ``state_encoder="separate"`` and no separate
     ``initial_coupling_weight``; when the model starts from many categories and prunes them
     (``n_categories=None``), ``"knn"``, ``"gaussian"``, ``"separate"`` and ``initial_coupling_weight=0.001``:
@@ -111,11 +111,10 @@ def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
 def default_n_restarts(choose_n_categories: bool, n_cells: int) -> int:
     """Fits of :meth:`CplMixVAE.train` to choose from: 3 when the model chooses the number of types, else 1.
 
-    Pruning from 50 categories is chaotic: two seeds' types agree at an adjusted Rand index of 0.56-0.80 on the
-    real sets of the benchmarks (2,700-5,700 cells). Keeping the medoid of three fits (the one agreeing best with
-    the other two) raised the mean ARI to the reference types there (see the user guide), at three times the
+    The types chosen by pruning from many categories vary between seeds; keeping the medoid of three fits (the
+    one agreeing best with the other two) avoids relying on a single, possibly atypical fit, at three times the
     cost of the training and pruning. Above 50,000 cells, where one fit takes a quarter of an hour or more on a
-    CPU and restarts were not measured, the default is one fit; ask for restarts with ``train(n_restarts=3)``.
+    CPU, the default is one fit; ask for restarts with ``train(n_restarts=3)``.
     """
     return 3 if choose_n_categories and n_cells <= 50_000 else 1
 
@@ -159,12 +158,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     likelihood
         ``"gaussian"``: unit-variance Gaussian on log1p of library-normalised expression (the published squared
         error); ``"nb"`` or ``"zinb"``: on the counts with the observed library size as offset, as in scVI.
-        ``None`` (default): :func:`default_options`, ``"gaussian"`` whether or not ``n_categories`` is given:
-        mean ARI 0.563 against 0.540 for ``"nb"`` on the five real sets of the core benchmark, higher on each,
-        and a quarter less time per step on the CPU. When the model chooses the number of types, ``"nb"`` gave
-        somewhat better types on 3,000 simulated cells and the real sets, but on 10^5 cells one of two seeds
-        kept 3 categories for 10 types (see the user guide). ``"nb"`` follows the simulator's states somewhat
-        more closely.
+        ``None`` (default): ``"gaussian"``, which matched the reference types at least as well as ``"nb"`` on
+        the real sets of the :doc:`benchmarks </benchmarks>` and costs less per step. Use ``"nb"`` or
+        ``"zinb"`` to model the counts themselves.
     input_dropout
         Independent per-agent input dropout at training time (published: 0.5), applied on top of any
         ``augmentation``.
@@ -174,8 +170,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         as a shallower sequencing would give), ``"knn"`` (mixing with one of the cell's 15 nearest neighbours,
         found once in a truncated SVD of log-normalised counts) or ``"learned"`` (copies from a generator trained
         by :meth:`train_augmenter`, called by the first :meth:`train` if needed). ``None`` (default): ``"knn"``
-        when the model chooses the number of types (``n_categories=None``), ``"dropout"`` when it is given:
-        the best option measured for each (see the user guide).
+        when the model chooses the number of types (``n_categories=None``), ``"dropout"`` when it is given
+        (see the augmentation guide).
     augmentation_strength
         ``"thinning"``: expected fraction of counts removed (0.5); ``"knn"``: largest weight of the neighbour
         (0.3); ``"learned"``: latent perturbation in posterior standard deviations (4).
@@ -187,27 +183,21 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     coupling_weight
         Weight ``lambda`` of the coupling distance (published: 1).
     initial_coupling_weight
-        Weight of the coupling distance while every category survives: the first training of a model that
-        chooses ``K``, before any category is pruned; ``coupling_weight`` from the first pruning round on.
-        ``None`` (default): :func:`default_options`, ``0.001`` when the model chooses the number of types and
-        ``coupling_weight`` when ``n_categories`` is given. From many categories, the full coupling merged
-        similar types (the agents agree most easily on coarse categories) and the pruning, which only removes
-        categories, could not split them again; trained almost uncoupled, the agents keep the types apart, each
-        over-split into pure categories, and the pruning rounds, fully coupled, align and merge the splits (see
-        the user guide).
+        Weight of the coupling distance while every category survives (the first training of a model that
+        chooses ``K``); ``coupling_weight`` applies from the first pruning round on. ``None`` (default):
+        ``0.001`` when the model chooses the number of types, so that the agents keep similar types apart (each
+        over-split into pure categories) for the pruning rounds, fully coupled, to align and merge; with full
+        coupling from many categories the agents merge similar types, which pruning cannot split again.
+        ``coupling_weight`` when ``n_categories`` is given.
     state_encoder
         ``"separate"``: the state posterior reads a one-layer encoder of its own that sees the real cell;
         ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps mostly the
         type; ``"staged"``: the trunk while the categories are learned and pruned, its own encoder (with a
-        head of its own) in the state phase of :meth:`train`. ``"separate"`` follows the true state much more
-        closely with the same types when ``K`` is known (see the user guide), for one more matrix product per
-        agent and step, and only an encoder of its own can learn on in the state phase, where the trunk is
-        frozen. ``"staged"`` is meant for many more categories than types, where a state that sees the real
-        cell might stand in for categories; pruning from 50 categories did not choose better types with it on
-        the real sets (see the user guide). ``None`` (default): ``"separate"``.
+        head of its own) in the state phase of :meth:`train`. ``"separate"`` costs one more matrix product per
+        agent and step, and only an encoder of its own learns in the state phase, where the trunk is frozen.
+        ``None`` (default): ``"separate"``.
     n_hidden_state
-        Width of the ``"separate"`` state encoder (32: on the simulator the state follows the truth as closely
-        as with 100 units, for a third of the cost).
+        Width of the ``"separate"`` (and ``"staged"``) state encoder.
     condition_weight
         With a condition registered (``setup_anndata(condition_key=...)``): weight of the penalty that keeps
         every category's share of cells the same in each condition (times the number of genes; see
@@ -480,10 +470,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             adjusted Rand index of its :meth:`predict` labels with every other fit's; the earliest on a tie) and
             train the states of that one. Restart 0 is the model as created; restart ``r`` rebuilds it after
             setting ``scvi.settings.seed`` to the current seed plus ``r`` (restored afterwards), so it is the fit
-            a new model created with that seed would give. A single fit from many categories is a chaotic
-            process whose types vary between seeds (adjusted Rand index 0.56-0.80 between two seeds on the real
-            sets of the benchmarks); the medoid of three agreed better with the reference types on average (see
-            the user guide). Two restarts always tie (the first is kept): use three or more. See
+            a new model created with that seed would give. Fits from many categories vary between seeds; the
+            medoid is the most typical of them. Two restarts always tie (the first is kept): use three or more. See
             :attr:`restart_history`. ``None`` (default): :func:`default_n_restarts`, ``3`` when this call
             chooses the number of types of a model created without ``n_categories`` (its first training) on up
             to 50,000 cells, else ``1``, a single fit.

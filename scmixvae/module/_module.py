@@ -132,8 +132,7 @@ class CplMixVAEModule(BaseModuleClass):
         Weight of the coupling distance while every category survives, i.e. before any is pruned; ``None``:
         ``coupling_weight``. Once a category is masked, ``coupling_weight`` applies.
     coupling
-        ``"clr"`` (centred log-ratios, the default: the agents agree more and the types are closer to the
-        reference on the simulator and the real sets) or ``"aitchison"`` (the published approximation).
+        ``"clr"`` (centred log-ratios, the default) or ``"aitchison"`` (the published approximation).
     entropy_weight
         Weight of the negative-entropy terms (published: 1).
     coupling_eps

@@ -469,16 +469,12 @@ def rank_state_genes(
     normalize
         Divide each gene's change by its standard deviation of ``log1p`` normalised expression over all
         cells of ``adata`` (computed streamed over chunks of the count matrix). Genes that never vary get
-        a score of 0. ``False`` (default) keeps the change in ``log1p`` units: on ``ifnb_2800`` the
-        published normalisation pushed the interferon-stimulated genes out of every type's top 20 (their
-        overall spread is large precisely because they respond), while the change in ``log1p`` units put
-        five or more of them in the top 20 of 5 of the 13 reference types (``benchmarks/bench_state_genes.py``,
-        before conditions were registered).
+        a score of 0. ``False`` (default) keeps the change in ``log1p`` units: the published normalisation
+        ranks low the genes that respond strongly (e.g. interferon-stimulated genes after a stimulation), since
+        their overall spread is large precisely because they respond.
     measure
         ``"range"`` (default): ``max - min`` along the path, which also catches genes that peak inside the
-        path; ``"endpoints"``: ``|x_end - x_start|`` (published). On ``ifnb_2800`` with the condition
-        registered the range put five or more ISGs in the top 20 of 13, 12 and 10 of the 13 reference types
-        (three seeds), the endpoints in 13, 6 and 8 (``benchmarks/results/state_genes_condition_default.md``).
+        path; ``"endpoints"``: ``|x_end - x_start|`` (published).
     agent
         Agent whose state space and decoder are used (the consensus state is agent 0's).
     batch_size

@@ -1,0 +1,153 @@
+"""Write the benchmarks page of the docs and the results table of the README from ``benchmarks/results/``.
+
+    python benchmarks/summary.py            # rewrites docs/benchmarks.md and the marked table in README.md
+    python benchmarks/summary.py --check    # exit 1 if either is out of date (no file written)
+
+No fit is run: every number is read from the current result file of a benchmark script (``RESULTS`` below: one
+file per script, the name the script writes by default). Rerun a script, then this, and commit both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS_DIR = HERE / "results"
+PAGE = ROOT / "docs" / "benchmarks.md"
+README = ROOT / "README.md"
+BEGIN = "<!-- results table: written by python benchmarks/summary.py -->"
+END = "<!-- end of results table -->"
+DATASETS = ["ifnb", "worm", "bladder", "pbmc", "kidney"]
+
+#: (script, result stem, what it measures), in the order of the page.
+RESULTS: list[tuple[str, str, str]] = [
+    ("bench_seeds.py", "real_seeds_fits",
+     "The default fit (`CplMixVAE(adata).train()`: types unknown, pruned from 50 categories, three restarts) on the "
+     "five real sets, five seeds: ARI, chosen K, agreement between seeds, wall time."),
+    ("summarise_seeds.py", "real_seeds",
+     "Mean ARI over seeds of the default fit and of scVI + Leiden on the five real sets, with the difference of the "
+     "means and its 90% bootstrap interval (gathered from saved results, no fit)."),
+    ("bench_peers.py", "peers",
+     "The peers: PCA + Leiden and scVI + Leiden (scVI's default training) on the five real sets."),
+    ("bench_core.py", "core",
+     "CplMixVAE given the reference number of types (`nb` and `gaussian` likelihoods) on the five real sets, "
+     "next to the peers."),
+    ("bench_pruning.py", "pruning",
+     "Choice of the number of types on the simulator (8 types, K_max 30, three restarts): chosen K, ARI, agreement "
+     "of two model seeds."),
+    ("bench_state_genes.py", "state_genes",
+     "Interferon-β-stimulated PBMCs with the condition registered: interferon-stimulated genes among each type's "
+     "state genes, AUROC of control vs stimulated along the state, cell-type ARI."),
+    ("bench_speed.py", "speed",
+     "Seconds per epoch and FLOP/s of CplMixVAE (two agents) and scVI on 10^5 simulated cells, one CPU thread."),
+    ("bench_scale.py", "scale",
+     "10^4 to 10^6 cells (10^6 read from a backed `.h5ad`): seconds per epoch and peak memory against scVI."),
+    ("bench_wholefit.py", "wholefit",
+     "The whole default fit (`CplMixVAE(adata).train()`) against scVI's default `train()` on simulated data."),
+    ("bench_augment.py", "augment",
+     "The augmentation options: type preservation of the augmented copies and accuracy of a fit with each."),
+    ("gpu.sh", "speed_gpu", "`bench_speed.py` on one GPU, float32."),
+    ("gpu.sh", "speed_gpu_bf16mixed", "`bench_speed.py` on one GPU, bf16 mixed precision."),
+    ("gpu.sh", "speed_gpu_compile", "`bench_speed.py` on one GPU with `torch.compile`."),
+]  # fmt: skip
+
+
+def load(stem: str) -> dict:
+    return json.loads((RESULTS_DIR / f"{stem}.json").read_text())
+
+
+def _range(values: list[float], fmt: str = "{:.0f}") -> str:
+    lo, hi = min(values), max(values)
+    return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
+
+
+def comparison_table() -> str:
+    """Per real set: the default fit over its seeds next to scVI + Leiden, from three result files."""
+    fits, means, peers = load("real_seeds_fits"), load("real_seeds"), load("peers")
+    cpl_method = means["rows"][0]["method"]
+    cpl_mean = next(r for r in means["rows"] if r["method"] == cpl_method and r["seed"].startswith("mean"))
+    scvi_mean = next(r for r in means["rows"] if r["method"] == "scVI+Leiden" and r["seed"].startswith("mean"))
+    lines = [
+        "| data set | types | K, scmixvae | clusters, scVI+Leiden | ARI, scmixvae | ARI, scVI+Leiden "
+        "| seed agreement, scmixvae | minutes, scmixvae | minutes, scVI+Leiden |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for ds in DATASETS:
+        runs = [r for r in fits["rows"] if r["part"] == "real" and r["dataset"] == ds and r["method"] == cpl_method]
+        seeds = next(r for r in fits["rows"] if r["part"] == "seeds" and r["dataset"] == ds)
+        scvi = next(r for r in peers["rows"] if r["dataset"] == ds and r["method"] == "scVI+Leiden")
+        lines.append(
+            f"| {ds} | {runs[0]['k_ref']} | {_range([r['chosen_k'] for r in runs])} | {scvi['n_clusters']} "
+            f"| {cpl_mean[ds]:.3f} | {scvi_mean[ds]:.3f} | {seeds['ari_between_seeds']:.2f} "
+            f"| {_range([r['seconds'] / 60 for r in runs])} | {scvi['seconds'] / 60:.0f} |"
+        )
+    lines.append(f"| **mean** | | | | **{cpl_mean['mean']:.3f}** | **{scvi_mean['mean']:.3f}** | | | |")
+    return "\n".join(lines)
+
+
+def _body(stem: str) -> str:
+    """The result file's markdown without its title."""
+    lines = (RESULTS_DIR / f"{stem}.md").read_text().splitlines()
+    return "\n".join(lines[1:]).strip()
+
+
+def page() -> str:
+    diff = load("real_seeds")["difference"]
+    parts = [
+        "# Benchmarks",
+        "",
+        "Written by `python benchmarks/summary.py` from the current result file of each benchmark script in "
+        "`benchmarks/results/`; do not edit by hand. What each script measures, and how to rerun it: "
+        "`benchmarks/README.md`. Compare methods only within one table: one machine, one run, one thread count.",
+        "",
+        "## The default fit against scVI + Leiden",
+        "",
+        "The five real sets of `benchmarks/README.md` (reference types from the authors' annotations). scmixvae: "
+        "`CplMixVAE(adata).train()` with every default (the number of types is not given); scVI + Leiden: scVI's "
+        "default model and training, Leiden at resolution 1 on its latent. One CPU thread per fit. From "
+        "`real_seeds_fits` (scmixvae's K over its seeds, the mean ARI between the labels of two seeds, minutes "
+        "per fit), `real_seeds` (ARIs: means over the seeds of each method) and `peers` (clusters and minutes of "
+        "scVI + Leiden, seed 0).",
+        "",
+        comparison_table(),
+        "",
+        f"Difference of the mean ARIs (scmixvae minus scVI + Leiden): {diff['difference']:+.3f}, 90% bootstrap "
+        f"interval {diff['interval_90'][0]:+.3f} to {diff['interval_90'][1]:+.3f} ({diff['n_cpl']} and "
+        f"{diff['n_peer']} seeds).",
+    ]
+    for script, stem, what in RESULTS:
+        parts += ["", f"## `{stem}`: {script}", "", what, "", _body(stem)]
+    return "\n".join(parts) + "\n"
+
+
+def readme(text: str) -> str:
+    """README.md with the table between the markers replaced."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"README.md lacks the markers {BEGIN!r} and {END!r} around the results table")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{comparison_table()}\n{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--check", action="store_true", help="only check that the page and the README are current")
+    args = p.parse_args(argv)
+    wanted = {PAGE: page(), README: readme(README.read_text())}
+    stale = [path.name for path, text in wanted.items() if not path.is_file() or path.read_text() != text]
+    if args.check:
+        if stale:
+            print(f"out of date: {', '.join(stale)}; run python benchmarks/summary.py", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in wanted.items():
+        path.write_text(text)
+    print(f"wrote {', '.join(str(path.relative_to(ROOT)) for path in wanted)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
