@@ -288,20 +288,31 @@ class EpochTimer(Callback):
     ----------
     durations
         Seconds of each epoch, in order.
+    threads
+        ``torch.get_num_threads()`` at the start of each epoch: the threads the method actually trained with.
     """
 
     def __init__(self) -> None:
         super().__init__()
         self.durations: list[float] = []
+        self.threads: list[int] = []
         self._start: float | None = None
 
     def on_train_epoch_start(self, trainer: Any, pl_module: Any) -> None:
+        self.threads.append(torch.get_num_threads())
         self._start = time.perf_counter()
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         if self._start is not None:
             self.durations.append(time.perf_counter() - self._start)
             self._start = None
+
+    def threads_used(self) -> str:
+        """The thread counts seen while training, e.g. ``"1"``, or ``"1-2"`` when they changed."""
+        seen = sorted(set(self.threads))
+        if not seen:
+            return ""
+        return str(seen[0]) if len(seen) == 1 else f"{seen[0]}-{seen[-1]}"
 
     def seconds_per_epoch(self, skip_first: bool = True) -> float:
         """Mean epoch time, leaving out the first epoch (warm-up) unless it is the only one."""
@@ -392,7 +403,8 @@ def run_scvi_leiden(
     Returns
     -------
     ``ari``, ``nmi``, ``n_clusters``, ``epochs`` (run), ``train_seconds``, ``s_per_epoch`` (train time /
-    epochs), ``s_per_epoch_steady`` (mean epoch time after the first), ``seconds`` (whole pipeline),
+    epochs), ``s_per_epoch_steady`` (mean epoch time after the first), ``threads`` (torch's thread count while
+    training, see :meth:`EpochTimer.threads_used`), ``seconds`` (whole pipeline),
     ``peak_mb`` (peak memory growth), ``labels`` and ``latent`` (cells × 10).
     """
     import scvi
@@ -421,6 +433,7 @@ def run_scvi_leiden(
         "train_seconds": train.seconds,
         "s_per_epoch": train.seconds / epochs,
         "s_per_epoch_steady": epoch_timer.seconds_per_epoch(),
+        "threads": epoch_timer.threads_used(),
         **total.as_dict(),
         "latent": latent,
     }

@@ -14,6 +14,17 @@ FLOP/s: ``torch.utils.flop_counter.FlopCounterMode`` counts the floating-point o
 backward pass of the loss (matrix products, as the counter does); divided by the measured seconds per step it gives
 the achieved rate, next to this machine's single-thread peak measured on a large ``torch.mm``.
 
+Each row gives ``threads``, torch's thread count while the method trained (read at every epoch).
+
+``--side-by-side`` measures instead what two fits on one machine do to each other: each method (scVI, and
+CplMixVAE with ``n_categories`` given, so the fit starts with its Leiden partition and neighbour search) trains
+alone in a fresh process with ``OMP_NUM_THREADS`` set to ``--threads``, then twice at once; seconds per epoch
+side by side over alone is the slowdown (2 cores: about 1 when each fit keeps to one thread)::
+
+    python benchmarks/bench_speed.py --side-by-side --n-cells 2000 --n-genes 500 --epochs 20 --threads 1
+
+It writes ``speed_side_by_side`` unless ``--name`` is given.
+
 Writes ``benchmarks/results/{name}.json`` and ``.md``.
 """
 
@@ -81,7 +92,7 @@ def step_flops(model, batch_size: int, *, state_phase: bool = False) -> int:
     return int(counter.get_total_flops())
 
 
-def _time_model(kind: str, adata, batch_size: int, args, likelihood: str | None = None) -> tuple[float, object]:
+def _time_model(kind: str, adata, batch_size: int, args, likelihood: str | None = None) -> tuple[float, object, str]:
     import scvi
     from _common import EpochTimer
 
@@ -115,7 +126,66 @@ def _time_model(kind: str, adata, batch_size: int, args, likelihood: str | None 
         # the steps of one phase at a time: no state phase appended to the timed epochs
         model.train(callbacks=[timer], plan_kwargs=plan or None, state_epochs=0, **kw)
     steps = min(args.steps, math.ceil(adata.n_obs / batch_size))
-    return timer.seconds_per_epoch() / steps, model
+    return timer.seconds_per_epoch() / steps, model, timer.threads_used()
+
+
+def _side_by_side_worker(args) -> dict:
+    """One fit in this process (threads from the environment only, as a user sets them): seconds per epoch."""
+    import scvi
+    from _common import EpochTimer, quiet
+
+    from scmixvae.data import simulate
+    from scmixvae.model import CplMixVAE
+
+    quiet()
+    adata = simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_types=6, seed=0)
+    scvi.settings.seed = 0
+    timer = EpochTimer()
+    kw = {"max_epochs": args.epochs, "batch_size": 128, "enable_progress_bar": False, "callbacks": [timer]}
+    if args.side_worker == "scvi":
+        scvi.model.SCVI.setup_anndata(adata)
+        scvi.model.SCVI(adata).train(**kw)
+    else:
+        CplMixVAE.setup_anndata(adata)
+        CplMixVAE(adata, n_categories=6).train(state_epochs=0, **kw)
+    return {"s_per_epoch": timer.seconds_per_epoch(), "threads": timer.threads_used()}
+
+
+def side_by_side(args, argv: list[str]) -> None:
+    """Each method alone, then two of it at once, each in a fresh process; rows of seconds per epoch."""
+    import subprocess
+    import tempfile
+
+    from _common import write_results
+
+    rows = []
+    for method in ("scvi", "cpl"):
+        alone = None
+        for n_at_once in (1, 2):
+            outs = [Path(tempfile.mkstemp(suffix=".json")[1]) for _ in range(n_at_once)]
+            cmd = [sys.executable, __file__, *argv, "--side-worker", method]
+            procs = [subprocess.Popen([*cmd, "--out", str(out)]) for out in outs]
+            if any(proc.wait() != 0 for proc in procs):
+                raise SystemExit(f"a {method} worker failed")
+            results = [json.loads(out.read_text()) for out in outs]
+            for out in outs:
+                out.unlink()
+            seconds = sum(r["s_per_epoch"] for r in results) / n_at_once
+            alone = seconds if n_at_once == 1 else alone
+            rows.append({
+                "dataset": f"sim_{args.n_cells}x{args.n_genes}", "method": "scVI" if method == "scvi" else
+                "CplMixVAE (K given, Leiden start)", "fits_at_once": n_at_once,
+                "threads": ",".join(r["threads"] for r in results), "s_per_epoch": seconds,
+                "ratio_to_alone": seconds / alone,
+            })  # fmt: skip
+            print(rows[-1], flush=True)
+    note = (
+        f"Each fit in a fresh process with OMP_NUM_THREADS={args.threads} (nothing else set), {args.epochs} epochs "
+        "of batch 128, the first dropped; `threads`: torch's count during each fit's epochs; `ratio_to_alone`: "
+        "seconds per epoch of the fits side by side over the same method alone.\n\n"
+        f"Command: `python benchmarks/bench_speed.py {' '.join(argv)}`"
+    )
+    write_results(args.name or "speed_side_by_side", rows, extra_md=note)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,11 +204,20 @@ def main(argv: list[str] | None = None) -> None:
         "--state-phase", action="store_true", help="time the steps of the state phase (categorical path frozen)"
     )
     p.add_argument("--compile", action="store_true", help="plan_kwargs={'compile': True} (torch.compile)")
-    p.add_argument("--name", default="speed")
+    p.add_argument("--side-by-side", action="store_true", help="two fits at once against one alone (see above)")
+    p.add_argument("--side-worker", choices=["scvi", "cpl"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--name", default=None, help="result file (default: speed, or speed_side_by_side)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"state_encoder": "separate"}\'')
     args = p.parse_args(argv)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
+    if args.side_worker:
+        Path(args.out).write_text(json.dumps(_side_by_side_worker(args)))
+        return
+    if args.side_by_side:
+        side_by_side(args, argv if argv is not None else sys.argv[1:])
+        return
     import torch
     from _common import quiet, set_threads, write_results
 
@@ -162,9 +241,10 @@ def main(argv: list[str] | None = None) -> None:
         configs = [("scvi", None)] + [("cpl", lik) for lik in args.likelihoods]
         best: dict[tuple, float] = {}
         flops: dict[tuple, int] = {}
+        threads: dict[tuple, str] = {}
         for _ in range(args.repeats):
             for kind, lik in configs:
-                seconds, model = _time_model(kind, adata.copy(), batch_size, args, lik)
+                seconds, model, threads[(kind, lik)] = _time_model(kind, adata.copy(), batch_size, args, lik)
                 best[(kind, lik)] = min(best.get((kind, lik), math.inf), seconds)
                 if (kind, lik) not in flops:
                     flops[(kind, lik)] = step_flops(model, batch_size, state_phase=args.state_phase and kind != "scvi")
@@ -177,7 +257,7 @@ def main(argv: list[str] | None = None) -> None:
             gflops = flops[(kind, lik)] / 1e9
             rows.append({
                 "dataset": dataset, "method": "scVI" if kind == "scvi" else f"CplMixVAE[{lik}] A=2{phase}",
-                "batch_size": batch_size, "ms_per_step": step * 1e3,
+                "batch_size": batch_size, "threads": threads[(kind, lik)], "ms_per_step": step * 1e3,
                 "s_per_epoch_extrapolated": step * steps_per_epoch, "ratio_to_scvi": step / scvi_step,
                 "cells_per_s": batch_size / step, "gflop_per_step": gflops, "achieved_gflops": gflops / step,
                 "peak_gflops": peak,
@@ -192,8 +272,7 @@ def main(argv: list[str] | None = None) -> None:
         f"{peak_size} x {peak_size} {peak_dtype} on {device} in this process.\n\n"
         f"Command: `python benchmarks/bench_speed.py {command}`"
     )
-    write_results(args.name, rows, extra_md=note)
-    json.dumps(rows)
+    write_results(args.name or "speed", rows, extra_md=note)
 
 
 if __name__ == "__main__":

@@ -50,7 +50,7 @@ def _data(args):
 def worker(args) -> dict:
     import numpy as np
     import scvi
-    from _common import clustering_scores, peak_rss_mb, quiet, run_scvi_leiden, set_threads
+    from _common import EpochTimer, clustering_scores, peak_rss_mb, quiet, run_scvi_leiden, set_threads
 
     set_threads(args.threads)
     quiet()
@@ -65,19 +65,20 @@ def worker(args) -> dict:
             "method": "scVI + Leiden", "n_clusters": res["n_clusters"], "ari": res["ari"], "nmi": res["nmi"],
             "epochs": default_epochs, "epochs_run": res["epochs"], "train_seconds": res["train_seconds"] * scale,
             "seconds": res["seconds"] + res["train_seconds"] * (scale - 1), "extrapolated": scale != 1,
-            "peak_rss_mb": peak_rss_mb(),
+            "threads": res["threads"], "peak_rss_mb": peak_rss_mb(),
         }  # fmt: skip
     from scmixvae.model import CplMixVAE
 
     scvi.settings.seed = args.seed
+    timer = EpochTimer()  # the threads of every training epoch, the Leiden start's neighbour search before them
     start = time.perf_counter()
     CplMixVAE.setup_anndata(adata)
     if args.k_max is None:  # the default: the model chooses K, its first train() prunes
         model = CplMixVAE(adata, **args.model_kwargs)
-        model.train(accelerator=args.accelerator, enable_progress_bar=False)
+        model.train(accelerator=args.accelerator, enable_progress_bar=False, callbacks=[timer])
     else:
         model = CplMixVAE(adata, n_categories=args.k_max, **args.model_kwargs)
-        model.prune(accelerator=args.accelerator, enable_progress_bar=False)
+        model.prune(accelerator=args.accelerator, enable_progress_bar=False, callbacks=[timer])
     history = model.pruning_history
     seconds = time.perf_counter() - start
     pred = model.predict().astype(str).to_numpy()
@@ -85,7 +86,7 @@ def worker(args) -> dict:
         "method": "CplMixVAE (prune)", "n_clusters": len(np.unique(pred)), **clustering_scores(truth, pred),
         "chosen_k": int(model.n_categories), "rounds": len(history),
         "epochs": int(history["epochs"].sum()), "train_seconds": seconds, "seconds": seconds,
-        "peak_rss_mb": peak_rss_mb(),
+        "threads": timer.threads_used(), "peak_rss_mb": peak_rss_mb(),
     }  # fmt: skip
 
 
