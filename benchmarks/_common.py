@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from importlib.metadata import version as _version
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,10 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from scmixvae._neighbors import leiden, neighbors
 
 logger = logging.getLogger(__name__)
+
+_MISSING = [name for name in ("psutil", "skmisc") if find_spec(name) is None]
+if _MISSING:
+    raise SystemExit(f"the benchmarks need {', '.join(_MISSING)}: pip install -e '.[bench]'")
 
 #: The real data sets, beside the project (see ``../shared/data/README.md``).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
