@@ -9,6 +9,7 @@ into tensors, lists, dicts, strings and numbers when saving (:func:`encode`) and
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 
@@ -172,19 +173,21 @@ def read_model_file(path: Path) -> tuple[dict, np.ndarray, dict]:
     not_a_model = f"{path} is not a saved scmixvae model"
     if not path.is_file():
         raise ValueError(f"{not_a_model}: the file does not exist. Pass the folder written by `CplMixVAE.save`.")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; not one: empty, truncated, text, ...
+        raise ValueError(f"{not_a_model}: it is empty, truncated or not a file written by `CplMixVAE.save`.")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights only load failed" in str(err).lower() or "unsupported global" in str(err).lower():
-            raise ValueError(
-                f"{not_a_model} in the safe format: it holds Python objects other than tensors and plain data, "
-                "which are not unpickled because doing so could run code from the file. Models saved by "
-                "`CplMixVAE.save` hold only tensors and plain data; files from other scvi-tools models or from "
-                "scmixvae before 0.1.0 are refused. Save the model again with the current scmixvae."
-            ) from None
-        raise ValueError(f"{not_a_model} (it could not be read: {err}).") from None
-    except (RuntimeError, EOFError, OSError) as err:
-        raise ValueError(f"{not_a_model} (empty, truncated or another kind of file: {err}).") from None
+        if "weights only load failed" not in str(err).lower() and "unsupported global" not in str(err).lower():
+            raise ValueError(f"{not_a_model} (it could not be read: {err}).") from None
+        raise ValueError(
+            f"{not_a_model} in the safe format: it holds Python objects other than tensors and plain data, "
+            "which are not unpickled because doing so could run code from the file. Models saved by "
+            "`CplMixVAE.save` hold only tensors and plain data; files from other scvi-tools models or from "
+            "scmixvae before 0.1.0 are refused. Save the model again with the current scmixvae."
+        ) from None
+    except Exception as err:  # a damaged archive fails in many ways (RuntimeError, KeyError, EOFError, ...)
+        raise ValueError(f"{not_a_model} (it could not be read: {type(err).__name__}: {err}).") from None
     if not isinstance(content, dict) or content.get(FORMAT_KEY) != FORMAT_VERSION:
         raise ValueError(f"{not_a_model}: it lacks the {FORMAT_KEY!r} entry that `CplMixVAE.save` writes.")
     try:
