@@ -108,6 +108,7 @@ def test_saved_attributes_round_trip_through_plain_data(tmp_path):
             "kind": pd.Categorical(["a", "b", "a"], categories=["b", "a"]),
         }
     )
+    frame.attrs = {"selected_round": 1, "ari": [1.0, 0.5]}
     history = pd.DataFrame({"train_loss": pd.Series([1.0, 2.0], dtype=object)}, index=pd.Index([3, 4], name="epoch"))
     value = {
         "history_": {"train_loss": history},
@@ -125,6 +126,7 @@ def test_saved_attributes_round_trip_through_plain_data(tmp_path):
     torch.save(encode(value), tmp_path / "f.pt")
     back = decode(torch.load(tmp_path / "f.pt", weights_only=True))
     pd.testing.assert_frame_equal(back["pruning_history_"], frame)
+    assert back["pruning_history_"].attrs == frame.attrs
     pd.testing.assert_frame_equal(back["history_"]["train_loss"], history)
     np.testing.assert_array_equal(back["neighbours_"], value["neighbours_"])
     assert back["neighbours_"].dtype == np.int64

@@ -47,7 +47,14 @@ def encode(value, where: str = "value"):
     if isinstance(value, pd.DataFrame):
         columns = [encode(c, f"{where}.columns") for c in value.columns]
         data = [encode(value.iloc[:, i], f"{where}[{c!r}]") for i, c in enumerate(value.columns)]
-        return {_TAG: "DataFrame", "columns": columns, "data": data, "index": encode(value.index, where)}
+        attrs = encode(dict(value.attrs), f"{where}.attrs")
+        return {
+            _TAG: "DataFrame",
+            "columns": columns,
+            "data": data,
+            "index": encode(value.index, where),
+            "attrs": attrs,
+        }
     if isinstance(value, pd.Series):
         return {_TAG: "Series", "name": encode(value.name, where), "values": _encode_values(value, where)}
     if isinstance(value, pd.RangeIndex):
@@ -118,6 +125,7 @@ def decode(value):
         frame = pd.concat(data, axis=1) if data else pd.DataFrame(index=decode(value["index"]))
         frame.columns = pd.Index(columns)
         frame.index = decode(value["index"])
+        frame.attrs = decode(value.get("attrs", {}))
         return frame
     if tag == "Series":
         return pd.Series(_decode_values(value["values"]), name=decode(value["name"]), copy=False)
