@@ -243,3 +243,12 @@ def test_subpackages_load_on_first_use():
     assert {"data", "model", "module", "pl", "tl", "train"} <= set(dir(scmixvae))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = scmixvae.nope
+
+
+def test_demo_refuses_to_replace_existing_results(tmp_path, capsys, no_training):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.h5ad").write_bytes(b"earlier results")
+    assert main(["demo", "--output", str(out), "--quiet"]) == 2
+    assert "demo.h5ad already exists" in capsys.readouterr().err
+    assert (out / "demo.h5ad").read_bytes() == b"earlier results"
