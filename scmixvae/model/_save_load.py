@@ -191,8 +191,8 @@ def read_model_file(path: Path) -> tuple[dict, np.ndarray, dict]:
         raise ValueError(
             f"{not_a_model} in the safe format: it holds Python objects other than tensors and plain data, "
             "which are not unpickled because doing so could run code from the file. Models saved by "
-            "`CplMixVAE.save` hold only tensors and plain data; files from other scvi-tools models or from "
-            "scmixvae before 0.1.0 are refused. Save the model again with the current scmixvae."
+            "`CplMixVAE.save` hold only tensors and plain data; files of other scvi-tools models and of "
+            "development versions of scmixvae before 0.1.0 are refused; save such a model again with this version."
         ) from None
     except Exception as err:  # a damaged archive fails in many ways (RuntimeError, KeyError, EOFError, ...)
         raise ValueError(f"{not_a_model} (it could not be read: {type(err).__name__}: {err}).") from None
@@ -206,8 +206,8 @@ def read_model_file(path: Path) -> tuple[dict, np.ndarray, dict]:
             raise ValueError("attributes without a registry or init parameters")
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
             raise ValueError("state dict with entries other than tensors")
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise ValueError(f"{not_a_model}: its content is malformed ({err}).") from None
+    except Exception as err:  # whatever the content gets wrong, it is not a model this package saved
+        raise ValueError(f"{not_a_model}: its content is malformed ({type(err).__name__}: {err}).") from None
     return attr_dict, var_names, state_dict
 
 
