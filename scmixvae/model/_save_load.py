@@ -191,8 +191,8 @@ def read_model_file(path: Path) -> tuple[dict, np.ndarray, dict]:
         raise ValueError(
             f"{not_a_model} in the safe format: it holds Python objects other than tensors and plain data, "
             "which are not unpickled because doing so could run code from the file. Models saved by "
-            "`CplMixVAE.save` hold only tensors and plain data; files of other scvi-tools models and of "
-            "development versions of scmixvae before 0.1.0 are refused; save such a model again with this version."
+            "`CplMixVAE.save` hold only tensors and plain data; files of other scvi-tools models and of development "
+            "versions of scmixvae before 0.1.0 are refused: train and save such a model again with this version."
         ) from None
     except Exception as err:  # a damaged archive fails in many ways (RuntimeError, KeyError, EOFError, ...)
         raise ValueError(f"{not_a_model} (it could not be read: {type(err).__name__}: {err}).") from None
