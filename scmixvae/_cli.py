@@ -1,33 +1,98 @@
-"""Command line: ``scmixvae demo`` and ``scmixvae fit``."""
+"""Command line: ``scmixvae demo`` and ``scmixvae fit``.
+
+Importing this module imports neither torch, scvi-tools nor scanpy: they are loaded by the commands, so that
+``scmixvae --help`` answers at once.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
 logger = logging.getLogger("scmixvae")
 
 
+def _int_at_least(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = "integer"
+    return parse
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _key(text: str) -> str:
+    from ._validation import check_key_added
+
+    try:
+        return check_key_added(text)
+    except (TypeError, ValueError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+class _DeprecatedRestarts(argparse.Action):
+    """``--restarts``: the former name of ``--n-restarts``, kept working with a warning."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print("scmixvae: --restarts is deprecated; use --n-restarts.", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def _common_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--max-epochs",
+        type=_int_at_least(1),
+        default=None,
+        help="training epochs (default: the model's, which depends on the number of cells)",
+    )
+    command.add_argument(
+        "--state-epochs", type=_int_at_least(0), default=None, help="state-phase epochs (default: the model's)"
+    )
+    command.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (scvi.settings.seed)")
+    command.add_argument(
+        "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default: auto)"
+    )
+    command.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    command.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="scmixvae", description="Cell types and within-type states (cpl-mixVAE).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="fit the model on built-in simulated data and write results and a figure")
     demo.add_argument("-o", "--output", type=Path, default=Path("scmixvae_demo"), help="output folder")
-    demo.add_argument("--n-cells", type=int, default=3000)
-    demo.add_argument("--n-genes", type=int, default=1000)
-    demo.add_argument("--n-types", type=int, default=8)
-    demo.add_argument("--max-epochs", type=int, default=None, help="training epochs (default: the model's)")
-    demo.add_argument("--state-epochs", type=int, default=None, help="state-phase epochs (default: the model's)")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--accelerator", default="auto")
-    demo.add_argument("--quiet", action="store_true", help="no progress bar")
+    demo.add_argument("--n-cells", type=_int_at_least(10), default=3000, help="simulated cells")
+    demo.add_argument("--n-genes", type=_int_at_least(10), default=1000, help="simulated genes")
+    demo.add_argument("--n-types", type=_int_at_least(2), default=8, help="simulated cell types")
+    _common_options(demo)
 
     fit = sub.add_parser("fit", help="fit the model on an .h5ad file of raw counts and write the annotated file")
-    fit.add_argument("input", type=Path, help="input .h5ad with raw counts")
-    fit.add_argument("-o", "--output", type=Path, required=True, help="output .h5ad")
+    fit.add_argument("input", type=Path, help="input .h5ad with raw counts (never changed)")
+    fit.add_argument(
+        "-o", "--output", type=Path, required=True, help="output .h5ad (not the input, unless --overwrite)"
+    )
     fit.add_argument("--layer", default=None, help="layer with the raw counts (default: X)")
     fit.add_argument("--batch-key", default=None, help="obs column of the batch")
     fit.add_argument(
@@ -37,33 +102,44 @@ def _parser() -> argparse.ArgumentParser:
     )
     fit.add_argument(
         "--n-categories",
-        type=int,
+        type=_int_at_least(1),
         default=None,
         help="number of categories (the maximum with --prune); default: start from up to 50 and prune",
     )
     fit.add_argument("--prune", action="store_true", help="prune --n-categories and choose the number of types")
-    fit.add_argument("--consensus-threshold", type=float, default=0.95, help="consensus criterion of --prune")
     fit.add_argument(
-        "--restarts",
-        type=int,
+        "--consensus-threshold", type=_fraction, default=0.95, help="consensus criterion of --prune, in (0, 1]"
+    )
+    fit.add_argument(
+        "--n-restarts",
+        type=_int_at_least(1),
         default=None,
         help="fits to choose the types from, keeping the medoid (default: 3 without --n-categories on <= 50,000 cells)",
     )
-    fit.add_argument("--n-state-genes", type=int, default=20, help="state genes per type in the summary table")
+    fit.add_argument(
+        "--restarts", type=_int_at_least(1), dest="n_restarts", action=_DeprecatedRestarts, help=argparse.SUPPRESS
+    )
+    fit.add_argument(
+        "--n-state-genes", type=_int_at_least(1), default=20, help="state genes per type in the summary table"
+    )
     fit.add_argument(
         "--likelihood",
         default=None,
         choices=["nb", "zinb", "gaussian"],
-        help="default: the model's (gaussian)",
+        help="likelihood of the counts (default: the model's, gaussian)",
     )
-    fit.add_argument("--max-epochs", type=int, default=None)
-    fit.add_argument("--state-epochs", type=int, default=None, help="state-phase epochs (default: the model's)")
-    fit.add_argument("--batch-size", type=int, default=None)
-    fit.add_argument("--accelerator", default="auto")
-    fit.add_argument("--seed", type=int, default=0)
-    fit.add_argument("--key-added", default="cplmixvae")
+    fit.add_argument(
+        "--batch-size", type=_int_at_least(2), default=None, help="cells per minibatch (default: the model's, 128)"
+    )
+    fit.add_argument(
+        "--key-added",
+        type=_key,
+        default="cplmixvae",
+        help="prefix of the results in the output: obs[KEY_type], obsm[X_KEY_state], uns[KEY] (default: cplmixvae)",
+    )
     fit.add_argument("--figures", type=Path, default=None, help="folder for figures")
-    fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.add_argument("--save-model", type=Path, default=None, metavar="DIR", help="folder to save the trained model in")
+    _common_options(fit)
     return parser
 
 
@@ -105,19 +181,76 @@ def _figure(adata, key: str, path: Path, truth: str | None = None) -> None:
         axes[2].set_yticks(range(table.shape[0]), table.index, fontsize="small")
         fig.colorbar(im, ax=axes[2], fraction=0.046)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save_figure(fig, path)
+
+
+def _save_figure(fig, path: Path, **kwargs) -> None:
+    import matplotlib.pyplot as plt
+
+    from ._io import atomic_write
+
+    try:
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, **kwargs))
+    finally:
+        plt.close(fig)
+
+
+def _error(message: str) -> int:
+    print(f"scmixvae: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _check_outputs(files: list[Path], folders: list[Path], *, inputs: list[Path], overwrite: bool) -> str | None:
+    """Why the planned outputs cannot be written (checked before any work); ``None`` when they can."""
+    from ._io import unwritable_reason
+
+    for path in files + folders:
+        same_as_input = any(path.exists() and src.exists() and os.path.samefile(path, src) for src in inputs)
+        if same_as_input and not overwrite:
+            return f"output {path} is the input file; write to another file, or pass --overwrite to replace the input"
+        if path.exists() and not overwrite:
+            return f"{path} already exists; choose another output or pass --overwrite to replace it"
+        if path in folders and path.exists() and not path.is_dir():
+            return f"{path} exists and is not a folder"
+        reason = unwritable_reason(path / "file" if path in folders else path)
+        if reason is not None:
+            return f"cannot write {path}: {reason}"
+    return None
+
+
+def _read_input(path: Path):
+    """Read the input .h5ad, or return the message that says why it cannot be read."""
+    import anndata
+    import h5py
+
+    if not path.is_file():
+        return f"input file {path} does not exist"
+    if not h5py.is_hdf5(path):
+        return (
+            f"input {path} is not an .h5ad (HDF5) file; convert it first, e.g. for a CSV of counts with cells in rows: "
+            "`scanpy.read_csv(path).write_h5ad('counts.h5ad')`"
+        )
+    try:
+        return anndata.read_h5ad(path)
+    except Exception as err:  # any reader failure: the file is not an AnnData anndata can read
+        return f"input {path} could not be read as an AnnData ({type(err).__name__}: {err})"
 
 
 def _demo(args) -> int:
+    out = args.output
+    planned = [out / "demo.h5ad", out / "demo.png"]
+    problem = _check_outputs(planned, [out / "model"], inputs=[], overwrite=args.overwrite)
+    if problem is not None:
+        return _error(problem)
     import scvi
     from sklearn.metrics import adjusted_rand_score
 
     from . import tl
+    from ._io import write_h5ad
     from .data import simulate
     from .model import CplMixVAE
 
-    args.output.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
     scvi.settings.seed = args.seed
     adata = simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_types=args.n_types, seed=args.seed)
     CplMixVAE.setup_anndata(adata)
@@ -125,56 +258,72 @@ def _demo(args) -> int:
     model.train(**_train_kwargs(args))
     tl.annotate(adata, model)
     ari = adjusted_rand_score(adata.obs["type"], adata.obs["cplmixvae_type"])
-    out = args.output / "demo.h5ad"
-    adata.write_h5ad(out)
-    _figure(adata, "cplmixvae", args.output / "demo.png", truth="type")
-    model.save(args.output / "model", overwrite=True)
+    write_h5ad(adata, planned[0])
+    _figure(adata, "cplmixvae", planned[1], truth="type")
+    model.save(out / "model", overwrite=args.overwrite)
     print(f"ARI of the consensus types vs the simulated truth: {ari:.3f}")
-    print(f"wrote {out}, {args.output / 'demo.png'} and {args.output / 'model'}")
+    print(f"wrote {planned[0]}, {planned[1]} and {out / 'model'}")
     return 0
 
 
+_FIGURES = ("types_and_states", "consensus", "training_history", "state_genes_dotplot")
+
+
+def _fit_outputs(args) -> tuple[list[Path], list[Path]]:
+    files = [args.output, args.output.with_suffix(".state_genes.csv")]
+    if args.figures is not None:
+        files += [args.figures / f"{name}.png" for name in _FIGURES]
+    return files, [] if args.save_model is None else [args.save_model]
+
+
 def _fit(args) -> int:
-    import anndata
+    if args.output.suffix != ".h5ad":
+        return _error(f"output {args.output} must end in .h5ad")
+    files, folders = _fit_outputs(args)
+    problem = _check_outputs(files, folders, inputs=[args.input], overwrite=args.overwrite)
+    if problem is not None:
+        return _error(problem)
+    adata = _read_input(args.input)
+    if isinstance(adata, str):
+        return _error(adata)
+
     import scvi
 
     from . import tl
+    from ._io import atomic_write, write_h5ad
     from .model import CplMixVAE
 
-    if not args.input.is_file():
-        print(f"error: input file {args.input} does not exist", file=sys.stderr)
-        return 2
-    if args.output.suffix != ".h5ad":
-        print(f"error: output {args.output} must end in .h5ad", file=sys.stderr)
-        return 2
     scvi.settings.seed = args.seed
-    adata = anndata.read_h5ad(args.input)
     try:
         CplMixVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key, condition_key=args.condition_key)
         kwargs = {"n_categories": args.n_categories}
         if args.likelihood is not None:
             kwargs["likelihood"] = args.likelihood
         model = CplMixVAE(adata, **kwargs)
+        # without --n-categories the model prunes by itself (train(prune=None)); --prune asks for it explicitly
+        model.train(
+            prune=True if args.prune else None,
+            prune_kwargs={"threshold": args.consensus_threshold},
+            n_restarts=args.n_restarts,
+            **_train_kwargs(args),
+        )
     except (ValueError, TypeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    # without --n-categories the model prunes by itself (train(prune=None)); --prune asks for it explicitly
-    model.train(
-        prune=True if args.prune else None,
-        prune_kwargs={"threshold": args.consensus_threshold},
-        n_restarts=args.restarts,
-        **_train_kwargs(args),
-    )
+        return _error(str(err))
     tl.annotate(adata, model, key_added=args.key_added)
     genes_key = f"{args.key_added}_state_genes"
     tl.rank_state_genes(adata, model, key_added=genes_key)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(args.output)
+    write_h5ad(adata, args.output)
     table = tl.get_state_genes(adata, key=genes_key, n_genes=args.n_state_genes)
-    table.to_csv(args.output.with_suffix(".state_genes.csv"), index=False)
+    atomic_write(files[1], lambda tmp: table.to_csv(tmp, index=False))
     if args.figures is not None:
         _fit_figures(adata, model, args.key_added, genes_key, args.figures)
-    print(f"wrote {args.output} and {args.output.with_suffix('.state_genes.csv')}")
+    if args.save_model is not None:
+        model.save(args.save_model, overwrite=args.overwrite)
+    print(
+        f"wrote {', '.join(str(p) for p in files[:2] + folders)}"
+        + (f" and figures in {args.figures}" if args.figures else "")
+    )
     return 0
 
 
@@ -182,7 +331,6 @@ def _fit_figures(adata, model, key: str, genes_key: str, folder: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     from . import pl
 
@@ -193,18 +341,18 @@ def _fit_figures(adata, model, key: str, genes_key: str, folder: Path) -> None:
         "training_history": lambda: pl.training_history(model, return_fig=True),
         "state_genes_dotplot": lambda: pl.state_genes_dotplot(adata, key=genes_key, return_fig=True),
     }.items():
-        fig = draw()
-        fig.savefig(folder / f"{name}.png", dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        _save_figure(draw(), folder / f"{name}.png", bbox_inches="tight")
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scmixvae`` command."""
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command == "demo":
-        return _demo(args)
-    return _fit(args)
+    try:
+        return _demo(args) if args.command == "demo" else _fit(args)
+    except KeyboardInterrupt:
+        print("scmixvae: interrupted; no output file was replaced by a partial one.", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":  # pragma: no cover

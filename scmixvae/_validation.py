@@ -165,3 +165,19 @@ def check_choice(name: str, value, choices) -> str:
     if value not in choices:
         raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
     return value
+
+
+def check_key_added(key_added) -> str:
+    """Validate a ``key_added``: a string that survives ``write_h5ad``/``read_h5ad`` as a key of ``obs``/``uns``.
+
+    h5ad stores keys as HDF5 names: a ``/`` nests groups (the file then cannot be read back), ``"."`` names the
+    group itself (the entry is lost) and a NUL character cannot be written.
+    """
+    if not isinstance(key_added, str) or not key_added:
+        raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
+    if "/" in key_added or "\x00" in key_added or key_added in (".", ".."):
+        raise ValueError(
+            f"`key_added` {key_added!r} cannot be stored in an .h5ad file (no '/', NUL character, '.' or '..'); "
+            "use letters, digits, '_' or '-', e.g. 'cplmixvae_run1'."
+        )
+    return key_added

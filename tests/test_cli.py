@@ -1,10 +1,20 @@
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import anndata
 import numpy as np
 import pandas as pd
 import pytest
 
-from scmixvae._cli import main
+import scmixvae
+from scmixvae._cli import _parser, main
 from scmixvae.model import CplMixVAE
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_demo_writes_annotated_h5ad_figure_and_model(tmp_path):
@@ -88,7 +98,7 @@ def test_fit_with_pruning_records_history(tmp_path, sim_adata):
 def test_fit_without_n_categories_chooses_them_by_pruning(tmp_path, sim_adata):
     src = tmp_path / "in.h5ad"
     sim_adata.write_h5ad(src)
-    rc = main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--max-epochs", "1", "--restarts", "2", "--quiet"])
+    rc = main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--max-epochs", "1", "--n-restarts", "2", "--quiet"])
     assert rc == 0
     adata = anndata.read_h5ad(tmp_path / "out.h5ad")
     # 300 cells: the model starts from 300 // 50 = 6 categories and keeps the pruning round it selects
@@ -111,3 +121,134 @@ def test_fit_reports_bad_path_and_bad_key(tmp_path, sim_adata, capsys):
 def test_unknown_command_exits():
     with pytest.raises(SystemExit):
         main(["bogus"])
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if the command starts training."""
+
+    def train(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(CplMixVAE, "train", train)
+
+
+def test_fit_refuses_to_overwrite_its_input(tmp_path, sim_adata, capsys, no_training):
+    src = tmp_path / "x.h5ad"
+    sim_adata.write_h5ad(src)
+    before = src.read_bytes()
+    assert main(["fit", str(src), "-o", str(src), "--quiet"]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    out = tmp_path / "out.h5ad"
+    out.write_bytes(b"a file of the user")
+    assert main(["fit", str(src), "-o", str(out), "--quiet"]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert src.read_bytes() == before and out.read_bytes() == b"a file of the user"
+
+
+def test_fit_with_overwrite_replaces_the_input_by_the_annotated_file_and_saves_the_model(tmp_path, sim_adata):
+    src = tmp_path / "x.h5ad"
+    sim_adata.write_h5ad(src)
+    args = ["fit", str(src), "-o", str(src), "--n-categories", "3", "--max-epochs", "1", "--state-epochs", "1"]
+    assert main([*args, "--overwrite", "--save-model", str(tmp_path / "model"), "--quiet"]) == 0
+    adata = anndata.read_h5ad(src)
+    assert "cplmixvae_type" in adata.obs and adata.n_obs == sim_adata.n_obs
+    model = CplMixVAE.load(tmp_path / "model", adata=adata)
+    assert model.n_categories == 3 and len(model.history["train_loss"]) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "x.h5ad", "x.state_genes.csv"]  # no temp file
+
+
+def test_fit_output_that_cannot_be_written_fails_before_training(tmp_path, sim_adata, capsys, no_training):
+    src = tmp_path / "x.h5ad"
+    sim_adata.write_h5ad(src)
+    (tmp_path / "afile").write_text("")
+    assert main(["fit", str(src), "-o", str(tmp_path / "afile" / "out.h5ad")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--figures", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--save-model", str(tmp_path / "afile")]) == 2
+    assert "afile already exists" in capsys.readouterr().err
+    assert main(["fit", str(src), "-o", str(tmp_path / "out.csv")]) == 2
+    assert "must end in .h5ad" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["csv", "text"])
+def test_fit_on_a_file_that_is_not_h5ad_is_a_clear_error(tmp_path, sim_adata, capsys, kind, no_training):
+    src = tmp_path / ("x.csv" if kind == "csv" else "x.h5ad")
+    if kind == "csv":
+        sim_adata.to_df().to_csv(src)
+    else:
+        src.write_text("not an AnnData\n")
+    assert main(["fit", str(src), "-o", str(tmp_path / "out.h5ad")]) == 2
+    err = capsys.readouterr().err
+    assert "is not an .h5ad (HDF5) file" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    "option",
+    [["--max-epochs", "-1"], ["--max-epochs", "0"], ["--state-epochs", "-1"], ["--n-restarts", "0"],
+     ["--n-categories", "0"], ["--batch-size", "1"], ["--consensus-threshold", "1.5"], ["--seed", "-1"],
+     ["--n-state-genes", "0"], ["--max-epochs", "two"], ["--key-added", "run/1"], ["--key-added", ""]],
+)  # fmt: skip
+def test_fit_options_out_of_range_are_usage_errors(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", str(tmp_path / "x.h5ad"), "-o", str(tmp_path / "o.h5ad"), *option])
+    assert exit_info.value.code == 2
+    assert f"argument {option[0]}" in capsys.readouterr().err
+
+
+def test_version_and_help_on_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and scmixvae.__version__ in capsys.readouterr().out
+    commands = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+    fit_help = commands["fit"].format_help()
+    assert "--n-restarts" in fit_help and "--save-model" in fit_help and "--restarts " not in fit_help
+
+
+def test_restarts_is_a_hidden_alias_of_n_restarts(capsys):
+    args = _parser().parse_args(["fit", "x.h5ad", "-o", "o.h5ad", "--restarts", "2"])
+    assert args.n_restarts == 2
+    assert "deprecated; use --n-restarts" in capsys.readouterr().err
+    assert _parser().parse_args(["fit", "x.h5ad", "-o", "o.h5ad", "--n-restarts", "4"]).n_restarts == 4
+
+
+_HEAVY = ("torch", "scvi", "scanpy", "anndata", "lightning")
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "import scmixvae._cli as cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass",
+        "import runpy, sys\nsys.argv = ['scmixvae', 'fit', '--help']\ntry:\n"
+        "    runpy.run_module('scmixvae', run_name='__main__')\nexcept SystemExit:\n    pass",
+        "import scmixvae",
+    ],
+    ids=["entry point", "python -m scmixvae", "import scmixvae"],
+)
+def test_help_and_package_import_load_no_heavy_library(code):
+    probe = f"{code}\nimport json, sys\nprint(json.dumps([m for m in {_HEAVY!r} if m in sys.modules]))"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_subpackages_load_on_first_use():
+    from scmixvae import tl
+
+    assert tl is scmixvae.tl and scmixvae.model.CplMixVAE is CplMixVAE
+    assert {"data", "model", "module", "pl", "tl", "train"} <= set(dir(scmixvae))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = scmixvae.nope
+
+
+def test_demo_refuses_to_replace_existing_results(tmp_path, capsys, no_training):
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.h5ad").write_bytes(b"earlier results")
+    assert main(["demo", "--output", str(out), "--quiet"]) == 2
+    assert "demo.h5ad already exists" in capsys.readouterr().err
+    assert (out / "demo.h5ad").read_bytes() == b"earlier results"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 from collections.abc import Sequence
 from typing import Literal
@@ -32,6 +33,7 @@ from ..train._pruning import agreement_matrix, co_assignment
 from ..train._trainingplan import InterruptFlag
 from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter
 from ._rnaseq import CplMixVAERNAMixin
+from ._save_load import load_model, read_registry, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -783,6 +785,108 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                     + ". Subset and order it as the training data: `adata[:, model.adata.var_names]`."
                 )
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    # ------------------------------------------------------------------ saving and loading
+    def save(
+        self,
+        dir_path: str | os.PathLike,
+        prefix: str | None = None,
+        overwrite: bool = False,
+        save_anndata: bool = False,
+        save_kwargs: dict | None = None,
+        **anndata_write_kwargs,
+    ) -> None:
+        """Save the model to a folder: ``model.pt`` (and ``adata.h5ad`` with ``save_anndata=True``).
+
+        ``model.pt`` holds only tensors and plain data (numpy arrays and pandas tables are stored as tensors and
+        lists), so :meth:`load` reads it without unpickling any Python object. Each file is written to a
+        temporary file in the folder and moved into place, so a failed save leaves an earlier one intact.
+
+        Parameters
+        ----------
+        dir_path
+            Folder to save in; created if needed.
+        prefix
+            Prefix of the file names.
+        overwrite
+            Replace the files of an existing folder (otherwise it is an error).
+        save_anndata
+            Also save the model's AnnData.
+        save_kwargs
+            Keyword arguments of :func:`torch.save`.
+        **anndata_write_kwargs
+            Keyword arguments of :meth:`anndata.AnnData.write_h5ad`.
+        """
+        save_model(
+            self,
+            dir_path,
+            prefix=prefix,
+            overwrite=overwrite,
+            save_anndata=save_anndata,
+            save_kwargs=save_kwargs,
+            **anndata_write_kwargs,
+        )
+
+    @classmethod
+    def load(
+        cls,
+        dir_path: str | os.PathLike,
+        adata: AnnData | None = None,
+        accelerator: str = "auto",
+        device: int | str = "auto",
+        prefix: str | None = None,
+        backup_url: str | None = None,
+    ) -> CplMixVAE:
+        """Load a model saved by :meth:`save`.
+
+        ``model.pt`` is read with ``torch.load(weights_only=True)``: a file that holds any Python object other
+        than tensors and plain data (as a crafted or foreign file may, to run code when unpickled) is refused
+        with a :class:`ValueError`, as is a file that is not a saved model.
+
+        Parameters
+        ----------
+        dir_path
+            Folder written by :meth:`save`.
+        adata
+            AnnData with the training genes in the training order (it is registered like the training data);
+            ``None``: the AnnData saved with ``save_anndata=True``. Other genes or another order are an error.
+        accelerator
+            Lightning accelerator to load the model on (``"auto"``, ``"cpu"``, ``"gpu"``).
+        device
+            Device index or ``"auto"``.
+        prefix
+            Prefix of the file names given to :meth:`save`.
+        backup_url
+            URL to download ``model.pt`` from when it is not in ``dir_path``.
+
+        Returns
+        -------
+        The loaded model, in evaluation mode.
+        """
+        return load_model(
+            cls, dir_path, adata, accelerator=accelerator, device=device, prefix=prefix, backup_url=backup_url
+        )
+
+    @staticmethod
+    def load_registry(dir_path: str | os.PathLike, prefix: str | None = None) -> dict:
+        """Return the scvi-tools registry saved with a model (read as safely as :meth:`load`)."""
+        return read_registry(dir_path, prefix)
+
+    @staticmethod
+    def view_setup_args(dir_path: str | os.PathLike, prefix: str | None = None) -> None:
+        """Print the arguments of :meth:`setup_anndata` saved with a model (read as safely as :meth:`load`)."""
+        import rich.pretty  # noqa: F401  (scvi-tools prints with it but does not import it)
+        from scvi.data import AnnDataManager
+
+        AnnDataManager.view_setup_method_args(read_registry(dir_path, prefix))
+
+    @classmethod
+    def convert_legacy_save(cls, *args, **kwargs) -> None:
+        """Not supported: scvi-tools' converter unpickles files written before scvi-tools 0.15."""
+        raise NotImplementedError(
+            "CplMixVAE has no saves older than scvi-tools 0.15 to convert, and unpickling such files could run "
+            "code; save the model again with `CplMixVAE.save`."
+        )
 
     # ------------------------------------------------------------------ read-outs
     @property

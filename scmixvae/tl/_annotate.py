@@ -9,6 +9,7 @@ import pandas as pd
 from anndata import AnnData
 
 from .._constants import DEFAULT_KEY, agent_type_key, agreement_key, confidence_key, state_key, type_key
+from .._validation import check_key_added
 from ..train._pruning import agreement_matrix
 
 
@@ -50,8 +51,7 @@ def annotate(
       (the arguments of :meth:`~scmixvae.model.CplMixVAE.setup_anndata`, same encoding), ``categories`` and
       ``agent_agreement`` (pairwise agreement matrix).
     """
-    if not isinstance(key_added, str) or not key_added:
-        raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
+    check_key_added(key_added)
     if copy:
         adata = adata.copy()
     target = adata

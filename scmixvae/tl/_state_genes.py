@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from .._constants import DEFAULT_STATE_GENES_KEY, NORMALISATION_SCALE, category_name
 from .._preprocess import log_normalise_block
+from .._validation import check_key_added
 from ..module._module import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -517,8 +518,7 @@ def rank_state_genes(
     _check_model(model)
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
-    if not isinstance(key_added, str) or not key_added:
-        raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
+    check_key_added(key_added)
     axis = _resolve_axis(model, axis)
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
     if measure not in ("endpoints", "range"):

@@ -1,0 +1,50 @@
+"""Writing files without ever leaving a half-written or lost file behind."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call ``write(temporary_path)`` in ``path``'s folder, then move the file into place.
+
+    The temporary file keeps ``path``'s suffix (writers such as matplotlib choose the format by it). A write
+    that fails or is interrupted leaves ``path`` as it was and removes the temporary file.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_h5ad(adata, path: str | os.PathLike) -> None:
+    """Write ``adata`` to ``path`` through a temporary file that is read back before it replaces ``path``."""
+    import anndata
+
+    def write_and_check(tmp: str) -> None:
+        adata.write_h5ad(tmp)
+        anndata.read_h5ad(tmp)  # a file that cannot be read back never replaces the old one
+
+    atomic_write(path, write_and_check)
+
+
+def unwritable_reason(path: Path) -> str | None:
+    """Why a file cannot be created at ``path`` (its folder is a file, or not writable); ``None`` if it can."""
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is a file, not a folder"
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return f"no permission to write in {folder}"
+    if path.is_dir():
+        return f"{path} is a folder"
+    return None

@@ -1,0 +1,179 @@
+"""Files the package reads run no code, unreadable files get clear errors, and writes never lose a file."""
+
+import os
+import re
+import shlex
+import threading
+from collections import defaultdict
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from scmixvae import tl
+from scmixvae._io import write_h5ad
+from scmixvae.model import CplMixVAE
+from scmixvae.model._save_load import decode, encode
+
+
+class _Payload:
+    """Unpickling this object runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {shlex.quote(str(self.marker))}",))
+
+
+def _poisoned_save(model, folder, marker):
+    """Save ``model`` and add to its ``model.pt`` an attribute whose unpickling runs code."""
+    model.save(folder, overwrite=True)
+    path = folder / "model.pt"
+    content = torch.load(path, map_location="cpu", weights_only=False)  # our own, trusted file
+    content["attr_dict"]["evil_"] = _Payload(marker)
+    torch.save(content, path)
+    return path
+
+
+def test_load_refuses_a_model_file_that_would_run_code(trained_model, tmp_path):
+    marker = tmp_path / "payload_ran"
+    path = _poisoned_save(trained_model, tmp_path / "model", marker)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*holds Python objects other than tensors"):
+        CplMixVAE.load(tmp_path / "model", adata=trained_model.adata)
+    with pytest.raises(ValueError, match="not a saved scmixvae model"):
+        CplMixVAE.load_registry(tmp_path / "model")
+    with pytest.raises(ValueError, match="not a saved scmixvae model"):
+        CplMixVAE.view_setup_args(tmp_path / "model")
+    assert not marker.exists()
+
+
+def test_saved_model_file_holds_only_tensors_and_plain_data(trained_model, tmp_path):
+    trained_model.save(tmp_path / "model")
+    content = torch.load(tmp_path / "model" / "model.pt", weights_only=True)  # raises on any other object
+    assert content["var_names"] == list(trained_model.adata.var_names)
+    registry = CplMixVAE.load_registry(tmp_path / "model")
+    assert registry["model_name"] == "CplMixVAE"
+    np.testing.assert_array_equal(
+        registry["field_registries"]["X"]["state_registry"]["column_names"], trained_model.adata.var_names
+    )
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b"", b"hello, I am a text file\n", "truncated"],
+    ids=["empty", "text", "truncated"],
+)
+def test_load_names_a_file_that_is_not_a_saved_model(trained_model, tmp_path, content):
+    folder = tmp_path / "model"
+    trained_model.save(folder)
+    path = folder / "model.pt"
+    if content == "truncated":
+        content = path.read_bytes()[: path.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(path)) + " is not a saved scmixvae model"):
+        CplMixVAE.load(folder, adata=trained_model.adata)
+
+
+def test_load_without_a_model_file_or_saved_data_says_what_is_missing(trained_model, tmp_path):
+    with pytest.raises(ValueError, match="is not a saved scmixvae model: the file does not exist"):
+        CplMixVAE.load(tmp_path / "nothing", adata=trained_model.adata)
+    trained_model.save(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"holds no saved AnnData.*adata="):
+        CplMixVAE.load(tmp_path / "model")
+
+
+def test_load_onto_other_genes_or_another_order_is_an_error(trained_model, tmp_path):
+    trained_model.save(tmp_path / "model")
+    adata = trained_model.adata
+    with pytest.raises(ValueError, match=r"the model's genes in another order.*adata\[:, genes\]"):
+        CplMixVAE.load(tmp_path / "model", adata=adata[:, adata.var_names[::-1]].copy())
+    renamed = adata.copy()
+    renamed.var_names = [f"other_{i}" for i in range(adata.n_vars)]
+    with pytest.raises(ValueError, match=f"{adata.n_vars} missing"):
+        CplMixVAE.load(tmp_path / "model", adata=renamed)
+    with pytest.raises(ValueError, match="missing"):
+        CplMixVAE.load(tmp_path / "model", adata=adata[:, 1:].copy())
+
+
+def test_saved_attributes_round_trip_through_plain_data(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "round": np.arange(3),
+            "loss": [0.5, np.nan, 1.5],
+            "categories": ['["0", "1"]', "[]", None],
+            "selected": [True, False, False],
+            "kind": pd.Categorical(["a", "b", "a"], categories=["b", "a"]),
+        }
+    )
+    frame.attrs = {"selected_round": 1, "ari": [1.0, 0.5]}
+    history = pd.DataFrame({"train_loss": pd.Series([1.0, 2.0], dtype=object)}, index=pd.Index([3, 4], name="epoch"))
+    value = {
+        "history_": {"train_loss": history},
+        "pruning_history_": frame,
+        "neighbours_": np.arange(12, dtype=np.int64).reshape(4, 3),
+        "column_names": np.array(["g1", "g2"], dtype=object),
+        "mapping": np.array(["b0", "b1"]),
+        "scalar": np.float32(0.25),
+        "registry": defaultdict(dict, {"X": {"n_vars": 2}}),
+        "ints": {0: "a", 1: "b"},
+        "shape": (2, 3),
+        "none": None,
+        "tensor": torch.ones(2),
+    }
+    torch.save(encode(value), tmp_path / "f.pt")
+    back = decode(torch.load(tmp_path / "f.pt", weights_only=True))
+    pd.testing.assert_frame_equal(back["pruning_history_"], frame)
+    assert back["pruning_history_"].attrs == frame.attrs
+    pd.testing.assert_frame_equal(back["history_"]["train_loss"], history)
+    np.testing.assert_array_equal(back["neighbours_"], value["neighbours_"])
+    assert back["neighbours_"].dtype == np.int64
+    assert back["column_names"].dtype == object and list(back["column_names"]) == ["g1", "g2"]
+    assert back["mapping"].dtype == value["mapping"].dtype
+    assert back["scalar"] == 0.25
+    assert isinstance(back["registry"], defaultdict) and back["registry"]["X"] == {"n_vars": 2}
+    assert back["ints"] == {0: "a", 1: "b"} and back["shape"] == (2, 3) and back["none"] is None
+    torch.testing.assert_close(back["tensor"], torch.ones(2))
+
+
+def test_a_failed_save_leaves_the_earlier_save_intact(sim_adata, tmp_path):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3)
+    model.save(tmp_path / "model")
+    before = (tmp_path / "model" / "model.pt").read_bytes()
+    model.lock_ = threading.Lock()  # not data: cannot be saved
+    with pytest.raises(TypeError, match="lock_"):
+        model.save(tmp_path / "model", overwrite=True)
+    assert (tmp_path / "model" / "model.pt").read_bytes() == before
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.pt"]  # no temporary file left
+    with pytest.raises(ValueError, match="already exists; pass overwrite=True"):
+        model.save(tmp_path / "model")
+
+
+def test_write_h5ad_keeps_the_old_file_when_the_new_one_cannot_be_written(tmp_path):
+    path = tmp_path / "out.h5ad"
+    anndata.AnnData(np.ones((3, 2), dtype=np.float32)).write_h5ad(path)
+    before = path.read_bytes()
+    bad = anndata.AnnData(np.zeros((3, 2), dtype=np.float32))
+    bad.uns["not_storable"] = object()
+    with pytest.raises(Exception, match="No method registered for writing"):
+        write_h5ad(bad, path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.h5ad"]
+
+
+@pytest.mark.parametrize(
+    ("key", "error", "message"),
+    [("run/1", ValueError, "cannot be stored in an .h5ad"), (".", ValueError, "cannot be stored"),
+     ("", TypeError, "non-empty string"), (3, TypeError, "non-empty string")],
+)  # fmt: skip
+def test_tl_verbs_refuse_keys_that_do_not_survive_h5ad(trained_model, key, error, message):
+    adata = trained_model.adata.copy()
+    columns, uns = list(adata.obs.columns), set(adata.uns)
+    with pytest.raises(error, match=message):
+        tl.annotate(adata, trained_model, key_added=key)
+    with pytest.raises(error, match=message):
+        tl.rank_state_genes(adata, trained_model, key_added=key)
+    assert list(adata.obs.columns) == columns and set(adata.uns) == uns
