@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .. import _validation as check
 from .._constants import DEFAULT_KEY, agent_type_key, agreement_key, confidence_key, state_key, type_key
 from ..train._pruning import agreement_matrix
 
@@ -50,6 +51,8 @@ def annotate(
       (the arguments of :meth:`~scmixvae.model.CplMixVAE.setup_anndata`, same encoding), ``categories`` and
       ``agent_agreement`` (pairwise agreement matrix).
     """
+    check.check_anndata(adata)
+    check.check_model(model)
     if not isinstance(key_added, str) or not key_added:
         raise TypeError(f"`key_added` must be a non-empty string, got {key_added!r}.")
     if copy:

@@ -14,6 +14,7 @@ from scipy import sparse, stats
 from scvi import REGISTRY_KEYS
 from torch.nn import functional as F
 
+from .. import _validation as check
 from .._constants import DEFAULT_STATE_GENES_KEY, NORMALISATION_SCALE, category_name
 from .._preprocess import log_normalise_block
 from ..module._module import eval_mode
@@ -38,10 +39,7 @@ def group_key(key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- checks
 def _check_model(model) -> None:
-    from ..model import CplMixVAE
-
-    if not isinstance(model, CplMixVAE):
-        raise TypeError(f"`model` must be a trained scmixvae.model.CplMixVAE, got {type(model).__name__}.")
+    check.check_model(model)
 
 
 def _resolve_axis(model, axis):
