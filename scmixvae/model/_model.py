@@ -684,7 +684,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             # Ctrl-C: Lightning shut down cleanly; keep the weights reached so far and stop the whole fit
             self.module.eval()
             self.is_trained_ = True
-            if flag.history is not None:
+            if flag.history is not None and not self.history_:  # scvi-tools 1.4 already merged it into history_
                 self.history_ = flag.history
             raise FitInterrupted from None
         finally:
