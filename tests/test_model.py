@@ -530,3 +530,14 @@ def test_untrained_models_refuse_read_outs(sim_adata):
         with pytest.raises(ValueError, match=r"has not been trained: .* Call `model.train\(\)` first"):
             call()
         assert "cplmixvae_type" not in sim_adata.obs and "cplmixvae_state_genes" not in sim_adata.uns, name
+
+
+def test_read_outs_of_a_model_with_non_finite_weights_raise(trained_model):
+    weights = {k: v.clone() for k, v in trained_model.module.state_dict().items()}
+    _nan_weight(trained_model)
+    try:
+        with pytest.raises(ValueError, match="posteriors are NaN or infinite: its weights are not finite"):
+            trained_model.predict()
+    finally:
+        trained_model.module.load_state_dict(weights)
+    assert trained_model.predict().shape == (trained_model.adata.n_obs,)

@@ -453,7 +453,7 @@ def test_condition_axis_needs_a_registered_condition_present_in_the_data(fitted,
     cond_adata, cond_model = with_condition
     missing = cond_adata.copy()
     del missing.obs["treatment"]
-    with pytest.raises(KeyError, match=r"treatment not found in adata\.obs"):  # scvi-tools' registry check
+    with pytest.raises(ValueError, match=r"`condition_key`: column\(s\) \['treatment'\] not found in adata\.obs"):
         tl.rank_state_genes(missing, cond_model, copy=True)
 
 
