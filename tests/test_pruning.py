@@ -594,9 +594,12 @@ def _interrupt(pl_module):
 def test_one_ctrl_c_stops_the_whole_default_fit(at):
     model = _unknown_k_model()
     stopper = _AtRun(at, _interrupt, when="end")
-    with pytest.warns(UserWarning, match=r"interrupted \(KeyboardInterrupt\): the fit stopped there"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         assert model.train(callbacks=[stopper], **DEFAULT_FIT) is None
     assert stopper.runs == at + 1  # no later training, pruning round, restart or state phase ran
+    said = [str(w.message) for w in caught if "interrupted" in str(w.message)]
+    assert len(said) == 1 and "interrupted (KeyboardInterrupt): the fit stopped there" in said[0]
     assert model._fit_depth == 0 and model.is_trained_
     assert model.restart_history.empty  # the restarts did not finish
     labels = model.predict()
