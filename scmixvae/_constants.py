@@ -49,3 +49,9 @@ NEIGHBOUR_X_KEY = "x_neighbour"
 
 #: Registry key of the experimental condition (``setup_anndata(condition_key=...)``), whose effect the state carries.
 CONDITION_KEY = "condition"
+
+#: ``obs`` columns that scvi-tools' registration (``setup_anndata``) adds: the codes it reads the batch, the labels
+#: and the condition from (``_scvi_batch`` and ``_scvi_labels`` always; ``_scvi_condition`` with a condition).
+REGISTERED_OBS_COLUMNS = ("_scvi_batch", "_scvi_labels", "_scvi_condition")
+#: ``obs`` column scvi-tools' differential expression caches library-size scalings in (removed afterwards).
+RAW_SCALING_KEY = "_scvi_raw_norm_scaling"

@@ -8,10 +8,13 @@ import warnings
 import numpy as np
 import scipy.sparse as sp
 from anndata import AnnData
+from pandas.api.types import is_numeric_dtype
 
 logger = logging.getLogger(__name__)
 
 _CHUNK = 10_000
+#: Largest value accepted as the count of one gene in one cell (far above any real count).
+MAX_COUNT = 2**31 - 1
 
 
 def _iter_chunks(matrix):
@@ -28,10 +31,27 @@ def _values(block) -> np.ndarray:
     return np.asarray(block)
 
 
+def check_anndata(adata, where: str = "`adata`") -> None:
+    """Raise a :class:`TypeError` for anything but an AnnData (e.g. a numpy array or a DataFrame)."""
+    if not isinstance(adata, AnnData):
+        raise TypeError(
+            f"{where} must be an AnnData object, got {type(adata).__name__}. Wrap a cells x genes count matrix "
+            "with `anndata.AnnData(X=counts)`."
+        )
+
+
+def check_model(model, where: str = "`model`") -> None:
+    """Raise a :class:`TypeError` for anything but a CplMixVAE and a :class:`ValueError` for an untrained one."""
+    from .model import CplMixVAE  # imported here: the model imports this module
+
+    if not isinstance(model, CplMixVAE):
+        raise TypeError(f"{where} must be a trained scmixvae.model.CplMixVAE, got {type(model).__name__}.")
+    model._check_if_trained()
+
+
 def get_matrix(adata: AnnData, layer: str | None):
     """Return ``adata.X`` or ``adata.layers[layer]`` with a clear error when the layer is missing."""
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+    check_anndata(adata)
     if layer is None:
         if adata.X is None:
             raise ValueError("adata.X is empty; pass `layer=` naming the layer that holds the raw counts.")
@@ -46,12 +66,13 @@ def get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def check_counts(adata: AnnData, layer: str | None = None) -> None:
+def check_counts(adata: AnnData, layer: str | None = None, *, warn_empty_genes: bool = True) -> None:
     """Check that the registered matrix holds raw counts.
 
-    Raises a :class:`ValueError` for NaN or infinite values, negative or non-integer values, and cells
-    without any count; warns about genes without any count (they are kept; they cost time and carry no
-    information, remove them with ``sc.pp.filter_genes(adata, min_counts=1)``).
+    Raises a :class:`ValueError` for NaN or infinite values, negative or non-integer values, values above
+    :data:`MAX_COUNT` and cells without any count; with ``warn_empty_genes``, warns about genes without any
+    count (they are kept; they cost time and carry no information, remove them with
+    ``sc.pp.filter_genes(adata, min_counts=1)``). Reads the matrix in chunks of cells (backed data included).
     """
     matrix = get_matrix(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
@@ -88,6 +109,11 @@ def check_counts(adata: AnnData, layer: str | None = None) -> None:
                     "log-transformed data. Pass `layer=` naming the layer with the raw counts "
                     "(e.g. adata.layers['counts'])."
                 )
+            if values.max() > MAX_COUNT:
+                raise ValueError(
+                    f"{where} contains values up to {values.max():.3g}, far above any count of one gene in one cell "
+                    f"(at most {MAX_COUNT}); check that it holds raw counts."
+                )
         n = block.shape[0]
         cell_totals[start : start + n] = np.asarray(block.sum(axis=1)).ravel()
         gene_totals += np.asarray(block.sum(axis=0)).ravel()
@@ -100,7 +126,7 @@ def check_counts(adata: AnnData, layer: str | None = None) -> None:
             "`sc.pp.filter_cells(adata, min_counts=1)`."
         )
     n_empty_genes = int((gene_totals == 0).sum())
-    if n_empty_genes:
+    if n_empty_genes and warn_empty_genes:
         warnings.warn(
             f"{n_empty_genes} genes have no counts in {where}; they are kept but carry no information. "
             "Remove them with `sc.pp.filter_genes(adata, min_counts=1)`.",
@@ -131,6 +157,38 @@ def check_obs_keys(adata: AnnData, **keys: str | list[str] | None) -> None:
             raise ValueError(
                 f"`{arg}`: column(s) {missing} not found in adata.obs (available: {list(adata.obs.columns)})."
             )
+
+
+def check_covariates(adata: AnnData, *, continuous: list[str] | None = None, **categorical) -> None:
+    """Raise a clear error for ``obs`` columns that scvi-tools cannot register as covariates.
+
+    Continuous covariates (``continuous``) must be numeric and finite; categorical ones (keyword arguments:
+    the argument name, then its column name or list of them) must have no missing value.
+    """
+    for key in continuous or []:
+        column = adata.obs[key]
+        if not is_numeric_dtype(column):
+            raise ValueError(
+                f"adata.obs[{key!r}] (`continuous_covariate_keys`) has dtype {column.dtype}; a continuous covariate "
+                f"must be numeric. Convert it (`adata.obs[{key!r}] = adata.obs[{key!r}].astype(float)`) or register "
+                "it with `categorical_covariate_keys`."
+            )
+        bad = ~np.isfinite(column.to_numpy(dtype=float))
+        if bad.any():
+            raise ValueError(
+                f"adata.obs[{key!r}] (`continuous_covariate_keys`) has {int(bad.sum())} NaN or infinite value(s) "
+                f"(e.g. cells {list(adata.obs_names[bad][:3])}); fill them or remove those cells."
+            )
+    for arg, value in categorical.items():
+        for key in [value] if isinstance(value, str) else value or []:
+            missing = adata.obs[key].isna().to_numpy()
+            if missing.any():
+                raise ValueError(
+                    f"adata.obs[{key!r}] (`{arg}`) has {int(missing.sum())} missing value(s) (e.g. cells "
+                    f"{list(adata.obs_names[missing][:3])}); every cell needs a category. Remove those cells or give "
+                    f"them a category of their own, e.g. `adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)` "
+                    "(they become 'nan')."
+                )
 
 
 def check_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:

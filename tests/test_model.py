@@ -481,3 +481,63 @@ def test_state_encoder_defaults_to_separate_with_32_units(tmp_path, condition_ke
     model.save(tmp_path / "model", save_anndata=False)
     loaded = CplMixVAE.load(tmp_path / "model", adata=adata)
     assert loaded.module.state_encoder.layers[0].weight.shape == (2, adata.n_vars, 32)
+
+
+def _nan_weight(model):
+    with torch.no_grad():
+        next(p for name, p in model.module.named_parameters() if name.endswith("weight")).view(-1)[0] = np.nan
+
+
+@pytest.mark.parametrize("case", ["nan weight", "huge learning rate"], ids=lambda case: case.replace(" ", "-"))
+def test_non_finite_training_stops_with_an_error_naming_the_causes(sim_adata, case):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+    plan_kwargs = {"lr": 1e6} if case == "huge learning rate" else None
+    if case == "nan weight":
+        _nan_weight(model)
+    match = r"loss became NaN or infinite in epoch \d.*learning rate too high.*NaN or infinite values in the counts or"
+    with pytest.raises(RuntimeError, match=match):
+        model.train(max_epochs=3, batch_size=64, enable_progress_bar=False, plan_kwargs=plan_kwargs)
+    assert not model.is_trained_
+    with pytest.raises(ValueError, match="has not been trained"):
+        model.predict()
+
+
+@pytest.mark.parametrize("n_cells", [1, 2])
+@pytest.mark.parametrize("n_categories", [1, None])
+def test_too_few_cells_say_how_many_are_needed(sim_adata, n_cells, n_categories):
+    adata = sim_adata[:n_cells].copy()
+    CplMixVAE.setup_anndata(adata)
+    with pytest.raises(ValueError, match=rf"has {n_cells} cell\(s\); training needs at least 3"):
+        CplMixVAE(adata, n_categories=n_categories)
+
+
+def test_untrained_models_refuse_read_outs(sim_adata):
+    import scmixvae
+
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    calls = {
+        "predict": model.predict,
+        "latent": model.get_latent_representation,
+        "expression": model.get_normalized_expression,
+        "annotate": lambda: scmixvae.tl.annotate(sim_adata, model),
+        "rank_state_genes": lambda: scmixvae.tl.rank_state_genes(sim_adata, model),
+        "state_traversal": lambda: scmixvae.tl.state_traversal(model, 0),
+        "consensus_heatmap": lambda: scmixvae.pl.consensus_heatmap(model, show=False),
+    }
+    for name, call in calls.items():
+        with pytest.raises(ValueError, match=r"has not been trained: .* Call `model.train\(\)` first"):
+            call()
+        assert "cplmixvae_type" not in sim_adata.obs and "cplmixvae_state_genes" not in sim_adata.uns, name
+
+
+def test_read_outs_of_a_model_with_non_finite_weights_raise(trained_model):
+    weights = {k: v.clone() for k, v in trained_model.module.state_dict().items()}
+    _nan_weight(trained_model)
+    try:
+        with pytest.raises(ValueError, match="posteriors are NaN or infinite: its weights are not finite"):
+            trained_model.predict()
+    finally:
+        trained_model.module.load_state_dict(weights)
+    assert trained_model.predict().shape == (trained_model.adata.n_obs,)

@@ -7,9 +7,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 import scmixvae
+from scmixvae._constants import RAW_SCALING_KEY, REGISTERED_OBS_COLUMNS
 from scmixvae.model import CplMixVAE
 
-REGISTERED_OBS = {"_scvi_batch", "_scvi_labels"}
+REGISTERED_OBS = set(REGISTERED_OBS_COLUMNS)
 REGISTERED_UNS = {"_scvi_uuid", "_scvi_manager_uuid"}
 
 
@@ -69,4 +70,35 @@ def test_augmentations_and_pruning_do_not_modify_the_users_data(sim_adata):
         model.train(max_epochs=1, batch_size=100, enable_progress_bar=False)
         assert _digest(sim_adata) == before, augmentation
     model.prune(max_rounds=1, epochs_per_round=1, batch_size=100, enable_progress_bar=False)
+    assert _digest(sim_adata) == before
+
+
+def test_setup_adds_exactly_the_documented_registration_keys(sim_adata):
+    sim_adata.obs["stim"] = pd.Categorical(np.where(np.arange(sim_adata.n_obs) % 2, "stim", "ctrl"))
+    obs, uns = list(sim_adata.obs.columns), set(sim_adata.uns)
+    before = _digest(sim_adata)
+    CplMixVAE.setup_anndata(sim_adata, batch_key="batch")
+    assert _digest(sim_adata) == before
+    assert list(sim_adata.obs.columns) == [*obs, "_scvi_batch", "_scvi_labels"]
+    assert set(sim_adata.uns) - uns == REGISTERED_UNS
+    codes = pd.Categorical(sim_adata.obs["batch"]).codes
+    np.testing.assert_array_equal(sim_adata.obs["_scvi_batch"].to_numpy(), codes)
+    np.testing.assert_array_equal(sim_adata.obs["_scvi_labels"].to_numpy(), 0)  # no labels_key: all zeros
+    again = sim_adata.copy()
+    del again.obs["_scvi_batch"], again.obs["_scvi_labels"]
+    CplMixVAE.setup_anndata(again, batch_key="batch", condition_key="stim")
+    assert list(again.obs.columns) == [*obs, "_scvi_batch", "_scvi_labels", "_scvi_condition"]
+    assert set(REGISTERED_OBS_COLUMNS) == {"_scvi_batch", "_scvi_labels", "_scvi_condition"}
+
+
+def test_differential_expression_leaves_obs_alone(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
+    columns = list(sim_adata.obs.columns)
+    before = _digest(sim_adata)
+    result = model.differential_expression(groupby="type", batch_size=64)
+    assert len(result) >= sim_adata.n_vars and "bayes_factor" in result
+    model.differential_expression(idx1=np.arange(50), idx2=np.arange(50, 100), batch_size=64)
+    assert list(sim_adata.obs.columns) == columns and RAW_SCALING_KEY not in sim_adata.obs
     assert _digest(sim_adata) == before

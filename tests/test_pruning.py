@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 import scvi
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from scmixvae.model import CplMixVAE
 from scmixvae.train import _pruning
@@ -554,3 +555,76 @@ def test_three_restarts_by_default_only_when_the_model_chooses_k(monkeypatch):
     assert seen == [3, "single"]  # K given, pruned on request: one fit unless restarts are asked for
     given.train(max_epochs=1, state_epochs=0, prune=True, prune_kwargs={"max_rounds": 0}, **TRAIN)
     assert seen == [3, "single", "single"]  # trained: prunes on, no restarts
+
+
+class _AtRun(Callback):
+    """Count the Lightning runs of a fit; in run ``at`` (counted from 0), call ``action`` once.
+
+    ``when="start"``: before its first step; ``"end"``: at the end of its last epoch (Lightning logs no epoch
+    that is interrupted).
+    """
+
+    def __init__(self, at, action, when="start"):
+        self.at, self.action, self.when, self.runs, self.done = at, action, when, 0, False
+
+    def on_fit_start(self, trainer, pl_module):
+        self.runs += 1
+
+    def _maybe_act(self, pl_module, when):
+        if self.runs - 1 == self.at and self.when == when and not self.done:
+            self.done = True
+            self.action(pl_module)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._maybe_act(pl_module, "start")
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == trainer.max_epochs - 1:
+            self._maybe_act(pl_module, "end")
+
+
+DEFAULT_FIT = {"max_epochs": 2, "state_epochs": 1, "prune_kwargs": {"max_rounds": 1, "epochs_per_round": 1}, **TRAIN}
+
+
+def _interrupt(pl_module):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("at", [0, 1, 2], ids=["first-training", "first-pruning-round", "second-restart"])
+def test_one_ctrl_c_stops_the_whole_default_fit(at):
+    model = _unknown_k_model()
+    stopper = _AtRun(at, _interrupt, when="end")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert model.train(callbacks=[stopper], **DEFAULT_FIT) is None
+    assert stopper.runs == at + 1  # no later training, pruning round, restart or state phase ran
+    said = [str(w.message) for w in caught if "interrupted" in str(w.message)]
+    assert len(said) == 1 and "interrupted (KeyboardInterrupt): the fit stopped there" in said[0]
+    assert model._fit_depth == 0 and model.is_trained_
+    assert model.restart_history.empty  # the restarts did not finish
+    labels = model.predict()
+    assert labels.shape == (model.adata.n_obs,) and set(labels.cat.categories) == set(model.category_names)
+    model.train(max_epochs=1, state_epochs=0, **TRAIN)  # and it trains on
+    assert np.isfinite(model.history["train_loss"].iloc[-1, 0])
+
+
+def _poison(pl_module):
+    with torch.no_grad():
+        next(iter(pl_module.module.parameters())).view(-1)[0] = float("nan")
+
+
+@pytest.mark.parametrize("at", [0, 1], ids=["first-training", "first-pruning-round"])
+def test_non_finite_loss_stops_the_whole_default_fit(at):
+    model = _unknown_k_model()
+    poisoner = _AtRun(at, _poison)
+    with pytest.raises(RuntimeError, match=r"loss became NaN or infinite .* learning rate too high"):
+        model.train(callbacks=[poisoner], **DEFAULT_FIT)
+    assert poisoner.runs == at + 1  # not absorbed by the pruning, the restarts or the state phase
+
+
+def test_a_huge_learning_rate_stops_the_default_fit_with_the_cause():
+    model = _unknown_k_model()
+    with pytest.raises(RuntimeError, match=r"\(lr=1000000.0\)\. Likely causes: a learning rate too high"):
+        model.train(plan_kwargs={"lr": 1e6}, **DEFAULT_FIT)
+    with pytest.raises(ValueError, match="has not been trained"):
+        model.predict()

@@ -453,5 +453,30 @@ def test_condition_axis_needs_a_registered_condition_present_in_the_data(fitted,
     cond_adata, cond_model = with_condition
     missing = cond_adata.copy()
     del missing.obs["treatment"]
-    with pytest.raises(KeyError, match=r"treatment not found in adata\.obs"):  # scvi-tools' registry check
+    with pytest.raises(ValueError, match=r"`condition_key`: column\(s\) \['treatment'\] not found in adata\.obs"):
         tl.rank_state_genes(missing, cond_model, copy=True)
+
+
+@pytest.mark.parametrize("not_a_model", ["a string", None, 3])
+def test_every_verb_taking_a_model_names_what_it_needs(fitted, not_a_model):
+    from scmixvae import pl
+
+    adata, _ = fitted
+    match = r"`model` must be a trained scmixvae.model.CplMixVAE, got"
+    for call in (
+        lambda: tl.annotate(adata, not_a_model),
+        lambda: tl.rank_state_genes(adata, not_a_model),
+        lambda: tl.state_traversal(not_a_model, 0),
+    ):
+        with pytest.raises(TypeError, match=match):
+            call()
+    with pytest.raises(TypeError, match="must be a CplMixVAE"):
+        pl.training_history(not_a_model, show=False)
+    with pytest.raises(TypeError, match="`model_or_matrix` must be a CplMixVAE or a square matrix"):
+        pl.consensus_heatmap(not_a_model, show=False)
+
+
+def test_annotate_needs_an_anndata(fitted):
+    adata, model = fitted
+    with pytest.raises(TypeError, match="`adata` must be an AnnData object, got ndarray"):
+        tl.annotate(adata.X.toarray(), model)

@@ -1,8 +1,12 @@
+import warnings
+
 import numpy as np
+import pandas as pd
 import pytest
 import scipy.sparse as sp
 from anndata import AnnData
 
+import scmixvae
 from scmixvae.model import CplMixVAE
 
 
@@ -121,3 +125,125 @@ def test_sparse_array_counts_get_a_clear_error_or_train():
     model = CplMixVAE(adata, n_categories=2, n_hidden=8)  # a scvi-tools that reads them: training works
     model.train(max_epochs=1, batch_size=16, enable_progress_bar=False)
     assert model.predict().shape == (40,)
+
+
+def test_absurd_counts_are_refused():
+    x = np.random.default_rng(0).poisson(2, (20, 10)).astype(np.float64) + 1
+    x[0, 0] = 1e300  # an integer value in float64, but no count: float32 makes it infinite
+    adata = _adata(sp.csr_matrix(x))
+    with pytest.raises(ValueError, match=r"values up to 1e\+300, far above any count"):
+        CplMixVAE.setup_anndata(adata)
+    assert "_scvi_uuid" not in adata.uns
+
+
+@pytest.mark.parametrize("thing", [np.ones((5, 3)), "adata.h5ad", None])
+def test_setup_anndata_needs_an_anndata(thing):
+    with pytest.raises(TypeError, match=r"must be an AnnData object, got .*anndata.AnnData\(X=counts\)"):
+        CplMixVAE.setup_anndata(thing)
+
+
+def _with_obs(column):
+    adata = _adata(np.random.default_rng(0).poisson(2, (20, 6)).astype(np.float32) + 1)
+    adata.obs["col"] = column
+    return adata
+
+
+@pytest.mark.parametrize(
+    ("column", "match"),
+    [
+        (["a", "b"] * 10, r"adata.obs\['col'\] \(`continuous_covariate_keys`\) has dtype object; .* numeric"),
+        ([1.0] * 19 + [np.nan], r"adata.obs\['col'\] \(`continuous_covariate_keys`\) has 1 NaN or infinite"),
+        ([1.0] * 19 + [np.inf], r"has 1 NaN or infinite value\(s\) \(e.g. cells \['19'\]\)"),
+    ],
+)
+def test_bad_continuous_covariates_are_refused_before_registration(column, match):
+    adata = _with_obs(column)
+    with pytest.raises(ValueError, match=match):
+        CplMixVAE.setup_anndata(adata, continuous_covariate_keys=["col"])
+    assert "_scvi_uuid" not in adata.uns and list(adata.obs.columns) == ["col"]
+
+
+@pytest.mark.parametrize("as_category", [True, False])
+@pytest.mark.parametrize("arg", ["batch_key", "labels_key", "categorical_covariate_keys"])
+def test_missing_categories_are_refused_before_registration(arg, as_category):
+    values = ["x", "y"] * 9 + ["x", np.nan]
+    adata = _with_obs(pd.Categorical(values) if as_category else values)
+    key = ["col"] if arg == "categorical_covariate_keys" else "col"
+    match = rf"adata.obs\['col'\] \(`{arg}`\) has 1 missing value\(s\) .* every cell needs a category.*astype\(str\)"
+    with pytest.raises(ValueError, match=match):
+        CplMixVAE.setup_anndata(adata, **{arg: key})
+    assert "_scvi_uuid" not in adata.uns and list(adata.obs.columns) == ["col"]
+
+
+def _corrupt_x(adata, how):
+    x = adata.X.toarray().astype(np.float32)
+    if how == "nan":
+        x[0, 0] = np.nan
+    elif how == "negative":
+        x[0, 0] = -3
+    elif how == "log-normalised":
+        x = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
+    elif how == "empty cell":
+        x[1] = 0
+    adata.X = sp.csr_matrix(x)
+    return adata
+
+
+READOUTS = {
+    "predict": lambda model, adata: model.predict(adata),
+    "probabilities": lambda model, adata: model.get_category_probabilities(adata),
+    "latent": lambda model, adata: model.get_latent_representation(adata),
+    "agreement": lambda model, adata: model.get_agent_agreement(adata),
+    "expression": lambda model, adata: model.get_normalized_expression(adata),
+    "annotate": lambda model, adata: scmixvae.tl.annotate(adata, model),
+    "rank_state_genes": lambda model, adata: scmixvae.tl.rank_state_genes(adata, model),
+}
+
+
+@pytest.mark.parametrize("readout", list(READOUTS))
+@pytest.mark.parametrize(
+    ("how", "match"),
+    [
+        ("nan", "NaN or infinite"),
+        ("negative", "negative values"),
+        ("log-normalised", "non-integer values"),
+        ("empty cell", r"1 cells have no counts in adata.X \(e.g. cell1\)"),
+    ],
+)
+def test_readouts_on_new_data_check_the_counts(trained_model, readout, how, match):
+    new = trained_model.adata[:50].copy()  # a copy carries the registration of the training data: checked anyway
+    new.obs_names = [f"cell{i}" for i in range(new.n_obs)]
+    _corrupt_x(new, how)
+    with pytest.raises(ValueError, match=match):
+        READOUTS[readout](trained_model, new)
+    assert "cplmixvae_type" not in new.obs
+
+
+def test_readouts_on_new_data_check_the_covariates(sim_adata):
+    sim_adata.obs["depth"] = np.log(np.asarray(sim_adata.X.sum(1)).ravel())
+    CplMixVAE.setup_anndata(sim_adata, batch_key="batch", continuous_covariate_keys=["depth"])
+    model = CplMixVAE(sim_adata, n_categories=2, n_hidden=8, category_init="random")
+    model.train(max_epochs=1, enable_progress_bar=False)
+    new = sim_adata[:30].copy()
+    del new.uns["_scvi_uuid"], new.uns["_scvi_manager_uuid"]
+    new.obs.loc[new.obs_names[3], "depth"] = np.nan
+    with pytest.raises(ValueError, match=r"adata.obs\['depth'\] \(`continuous_covariate_keys`\) has 1 NaN"):
+        model.predict(new)
+    new.obs["depth"] = 1.0
+    new.obs["batch"] = new.obs["batch"].astype(object)
+    new.obs.loc[new.obs_names[0], "batch"] = np.nan
+    with pytest.raises(ValueError, match=r"adata.obs\['batch'\] \(`batch_key`\) has 1 missing value"):
+        model.predict(new)
+    del new.obs["batch"]
+    with pytest.raises(ValueError, match=r"`batch_key`: column\(s\) \['batch'\] not found"):
+        model.predict(new)
+
+
+def test_readouts_on_clean_new_data_still_work(trained_model):
+    new = trained_model.adata[:50].copy()
+    del new.uns["_scvi_uuid"], new.uns["_scvi_manager_uuid"]
+    assert (np.asarray(new.X.sum(0)).ravel() == 0).any()  # genes without counts in these cells: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        labels = trained_model.predict(new)
+    pd.testing.assert_series_equal(labels, trained_model.predict(indices=np.arange(50)))

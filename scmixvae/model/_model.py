@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import warnings
@@ -36,6 +37,45 @@ from ._rnaseq import CplMixVAERNAMixin
 from ._save_load import load_model, read_registry, save_model
 
 logger = logging.getLogger(__name__)
+
+
+#: Fewest cells a model trains on (a minibatch of one cell cannot be trained; the splits need some of each).
+MIN_TRAINING_CELLS = 3
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """A Ctrl-C in one training run of a fit: it stops every later stage (see :meth:`CplMixVAE.train`)."""
+
+
+def _stops_whole_fit_on_interrupt(fit):
+    """Wrap :meth:`CplMixVAE.train` or :meth:`CplMixVAE.prune` so that one Ctrl-C stops the whole fit.
+
+    A training run stopped by Ctrl-C raises :class:`FitInterrupted`; the calls nested in a fit (its training,
+    pruning rounds, restarts and state phase) pass it on, and the outermost one returns ``None`` with a warning.
+    """
+
+    @functools.wraps(fit)
+    def wrapper(self, *args, **kwargs):
+        depth = self._fit_depth
+        self._fit_depth = depth + 1
+        try:
+            return fit(self, *args, **kwargs)
+        except FitInterrupted:
+            if depth:
+                raise
+            message = (
+                "Training was interrupted (KeyboardInterrupt): the fit stopped there, and none of its later stages "
+                "(training, pruning rounds, restarts, state phase) ran. The model keeps the weights reached so far "
+                "(with pruning: those of the best round so far; with restarts: the last completed restart) and is "
+                "ready for read-outs; call train() to train it further."
+            )
+            logger.warning(message)
+            warnings.warn(message, UserWarning, stacklevel=2)
+            return None
+        finally:
+            self._fit_depth = depth
+
+    return wrapper
 
 
 def default_max_epochs(n_cells: int) -> int:
@@ -228,6 +268,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     _module_cls = CplMixVAEModule
     _training_plan_cls = CplMixVAETrainingPlan
     _data_splitter_cls = CplMixVAEDataSplitter
+    _fit_depth = 0  # train() and prune() calls in progress (see _stops_whole_fit_on_interrupt)
 
     def __init__(
         self,
@@ -297,6 +338,11 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         self.category_init = category_init
         if tau is not None:
             check.check_float("tau", tau, strict=True)
+        if adata is not None and adata.n_obs < MIN_TRAINING_CELLS:
+            raise ValueError(
+                f"The AnnData has {adata.n_obs} cell(s); training needs at least {MIN_TRAINING_CELLS} (in practice "
+                "hundreds). To read out a few new cells, pass them to a trained model's read-outs instead."
+            )
         if adata is not None and n_categories > adata.n_obs:
             raise ValueError(f"n_categories={n_categories} is larger than the number of cells ({adata.n_obs}).")
 
@@ -358,9 +404,18 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     ) -> None:
         """Register an AnnData object with raw counts for :class:`CplMixVAE`.
 
-        The counts are checked first (finite, non-negative integers, no empty cell); nothing of
-        ``adata`` is changed apart from scvi-tools' registry entries (``uns["_scvi_uuid"]``,
-        ``uns["_scvi_manager_uuid"]``).
+        The counts are checked first (finite, non-negative integers up to ``2**31 - 1``, no empty cell), then
+        the covariates (continuous ones numeric and finite, categorical ones without missing values), before
+        anything is registered. ``X``, the layers, ``var`` and the user's ``obs`` columns are not changed;
+        scvi-tools' registration adds:
+
+        - ``uns["_scvi_uuid"]`` and ``uns["_scvi_manager_uuid"]``, which identify the registration;
+        - ``obs["_scvi_batch"]`` and ``obs["_scvi_labels"]`` (and ``obs["_scvi_condition"]`` with a
+          ``condition_key``): integer codes of the batch, the labels and the condition, from which scvi-tools
+          reads them during training and read-outs (all zeros when the key is not given). They are part of the
+          registration and are re-created by it; do not edit them.
+
+        Read-outs on a new AnnData register it the same way (the same keys).
 
         Parameters
         ----------
@@ -383,6 +438,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             condition is given to no encoder or decoder, so its effect is carried by the state latent. Unlike a
             batch, it is not removed. Use it when every type is present in every condition.
         """
+        check.check_anndata(adata)
         check.check_unique_names(adata)
         check.check_obs_keys(
             adata,
@@ -408,6 +464,13 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                     UserWarning,
                     stacklevel=2,
                 )
+        check.check_covariates(
+            adata,
+            continuous=continuous_covariate_keys,
+            batch_key=batch_key,
+            labels_key=labels_key,
+            categorical_covariate_keys=categorical_covariate_keys,
+        )
         check.check_counts(adata, layer)
         setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
@@ -424,6 +487,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 
+    @_stops_whole_fit_on_interrupt
     def train(
         self,
         max_epochs: int | None = None,
@@ -496,6 +560,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         -----
         An interruption (Ctrl-C, ``KeyboardInterrupt``) stops training cleanly: the call returns with a warning
         and the model keeps the weights of the last completed step, ready for read-outs or another ``train()``.
+        It stops the whole fit: no later stage (pruning round, restart, state phase) runs; an interrupted pruning
+        keeps the best round so far, interrupted restarts the last completed one.
         A long fit that saves :class:`~scmixvae.train.TrainingCheckpoint` files resumes in a new model built
         with the same arguments: ``train(max_epochs=..., ckpt_path=".../last.ckpt")`` restores the weights,
         the optimiser and the epoch counter (the category initialisation is then skipped).
@@ -605,18 +671,12 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         except SystemExit:
             if not flag.interrupted:
                 raise
-            # Ctrl-C: Lightning shut down cleanly; keep the weights reached so far and return to the caller.
+            # Ctrl-C: Lightning shut down cleanly; keep the weights reached so far and stop the whole fit
             self.module.eval()
             self.is_trained_ = True
-            if flag.history is not None:
+            if flag.history is not None and not self.history_:  # scvi-tools 1.4 already merged it into history_
                 self.history_ = flag.history
-            warnings.warn(
-                "Training was interrupted; the model keeps the weights of the last completed step. "
-                "Call train() again to continue from them.",
-                UserWarning,
-                stacklevel=2,
-            )
-            return None
+            raise FitInterrupted from None
         finally:
             self.adata_manager.neighbours = None
             self.module.categories_frozen = False
@@ -666,6 +726,10 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                     rows[-1]["n_categories"],
                     rows[-1]["mean_consensus"],
                 )
+        except KeyboardInterrupt:  # Ctrl-C stops the restarts; keep the last completed fit, if any
+            for name, value in (fits[-1] if fits else {}).items():
+                setattr(self, name, value)
+            raise
         finally:
             if scvi.settings.seed != base_seed:
                 scvi.settings.seed = base_seed
@@ -769,7 +833,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
 
         A view is copied here rather than turned into an actual AnnData in place (scvi-tools' behaviour), so
         the user's object is left as it was; an AnnData whose genes differ from the training genes gets an
-        error naming the difference.
+        error naming the difference. New data (not yet registered with the model) gets the checks of
+        :meth:`setup_anndata`: raw counts in the registered layer, no cell without counts, covariates present,
+        finite and complete.
         """
         if adata is not None:
             if not isinstance(adata, AnnData):
@@ -784,7 +850,38 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
                     + (f" ({len(missing)} missing, e.g. {list(missing[:5])})" if len(missing) else " in another order")
                     + ". Subset and order it as the training data: `adata[:, model.adata.var_names]`."
                 )
+            if self.adata_manager is not None and not self._registered(adata):
+                self._check_new_data(adata)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+    def _registered(self, adata: AnnData) -> bool:
+        """Whether ``adata`` itself (not a copy carrying its registration) is registered with this model."""
+        store = getattr(type(self), "_per_instance_manager_store", {}).get(self.id, {})
+        manager = store.get(adata.uns.get("_scvi_uuid"))
+        return manager is not None and manager.adata is adata
+
+    def _check_new_data(self, adata: AnnData) -> None:
+        """Run :meth:`setup_anndata`'s checks of the counts and covariates on an AnnData new to the model."""
+        args = self.adata_manager.registry.get("setup_args", {})
+        covariates = {
+            key: args.get(key) for key in ("batch_key", "labels_key", "categorical_covariate_keys", "condition_key")
+        }
+        continuous = args.get("continuous_covariate_keys")
+        check.check_obs_keys(adata, continuous_covariate_keys=continuous, **covariates)
+        check.check_covariates(adata, continuous=continuous, **covariates)
+        check.check_counts(adata, args.get("layer"), warn_empty_genes=False)
+
+    def _check_if_trained(self, warn: bool = True, message: str | None = None) -> None:
+        """Raise a :class:`ValueError` when the model was never trained: its read-outs would be random.
+
+        Every read-out (and every ``tl`` verb) calls this; unlike scvi-tools, ``warn`` does not turn the error
+        into a warning.
+        """
+        if not self.is_trained_:
+            raise ValueError(
+                "This model has not been trained: its types and states would be random. Call `model.train()` "
+                "first (or load a trained model with `CplMixVAE.load`)."
+            )
 
     # ------------------------------------------------------------------ saving and loading
     def save(
@@ -932,6 +1029,11 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         active = module.category_mask.cpu().numpy()
         q = torch.cat(qs, dim=1).numpy()[..., active]
         s = torch.cat(states, dim=1).numpy() if states else None
+        if not (np.isfinite(q).all() and (s is None or np.isfinite(s).all())):
+            raise ValueError(
+                "The model's posteriors are NaN or infinite: its weights are not finite (a training that diverged, "
+                "or weights changed by hand). Train a new model, with a lower learning rate if training diverged."
+            )
         return adata.obs_names[indices], q, s
 
     def _check_agent(self, agent: int | None) -> None:
@@ -1064,6 +1166,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         )
 
     # ------------------------------------------------------------------ model order
+    @_stops_whole_fit_on_interrupt
     def prune(
         self,
         *,

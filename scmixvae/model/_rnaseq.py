@@ -14,7 +14,7 @@ from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.model.base import RNASeqMixin
 
-from .._constants import NORMALISATION_SCALE
+from .._constants import NORMALISATION_SCALE, RAW_SCALING_KEY
 from ..module._module import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -26,6 +26,33 @@ class CplMixVAERNAMixin(RNASeqMixin):
     :meth:`differential_expression` (``groupby=``, ``group1=``, ``idx1=``, ``mode="change"``, ...) comes
     unchanged from scvi-tools; it samples :meth:`get_normalized_expression` for the cells of each group.
     """
+
+    def differential_expression(self, adata: AnnData | None = None, *args, **kwargs) -> pd.DataFrame:
+        """Differential expression: :meth:`scvi.model.base.RNASeqMixin.differential_expression`, same arguments.
+
+        scvi-tools caches every cell's library-size scaling in ``adata.obs["_scvi_raw_norm_scaling"]`` while
+        it runs; here that column is removed again (unless it was there before), so ``adata.obs`` is left as
+        it was.
+
+        Parameters
+        ----------
+        adata
+            AnnData with the model's genes; defaults to the training data.
+        *args, **kwargs
+            Further arguments of scvi-tools' ``differential_expression`` (``groupby``, ``group1``, ``idx1``,
+            ``mode``...).
+
+        Returns
+        -------
+        scvi-tools' table of differential expression statistics, one row per gene (and comparison).
+        """
+        target = self.adata if adata is None else adata
+        cached = not isinstance(target, AnnData) or RAW_SCALING_KEY in target.obs
+        try:
+            return super().differential_expression(adata, *args, **kwargs)
+        finally:
+            if not cached and RAW_SCALING_KEY in target.obs:
+                del target.obs[RAW_SCALING_KEY]
 
     def _transform_batch_codes(self, adata: AnnData, transform_batch) -> list[int | None]:
         """Codes of the batches to decode in; ``[None]`` keeps each cell's observed batch."""

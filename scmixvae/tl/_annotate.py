@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 from anndata import AnnData
 
+from .. import _validation as check
 from .._constants import DEFAULT_KEY, agent_type_key, agreement_key, confidence_key, state_key, type_key
-from .._validation import check_key_added
 from ..train._pruning import agreement_matrix
 
 
@@ -51,7 +51,9 @@ def annotate(
       (the arguments of :meth:`~scmixvae.model.CplMixVAE.setup_anndata`, same encoding), ``categories`` and
       ``agent_agreement`` (pairwise agreement matrix).
     """
-    check_key_added(key_added)
+    check.check_anndata(adata)
+    check.check_model(model)
+    check.check_key_added(key_added)
     if copy:
         adata = adata.copy()
     target = adata

@@ -14,9 +14,9 @@ from scipy import sparse, stats
 from scvi import REGISTRY_KEYS
 from torch.nn import functional as F
 
+from .. import _validation as check
 from .._constants import DEFAULT_STATE_GENES_KEY, NORMALISATION_SCALE, category_name
 from .._preprocess import log_normalise_block
-from .._validation import check_key_added
 from ..module._module import eval_mode
 
 logger = logging.getLogger(__name__)
@@ -39,10 +39,7 @@ def group_key(key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- checks
 def _check_model(model) -> None:
-    from ..model import CplMixVAE
-
-    if not isinstance(model, CplMixVAE):
-        raise TypeError(f"`model` must be a trained scmixvae.model.CplMixVAE, got {type(model).__name__}.")
+    check.check_model(model)
 
 
 def _resolve_axis(model, axis):
@@ -518,7 +515,7 @@ def rank_state_genes(
     _check_model(model)
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
-    check_key_added(key_added)
+    check.check_key_added(key_added)
     axis = _resolve_axis(model, axis)
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
     if measure not in ("endpoints", "range"):

@@ -626,16 +626,12 @@ def prune(
         callbacks = list(user_callbacks)
         if epochs_per_round is None:
             callbacks.append(ConvergenceStopping())
-        model.train(max_epochs=max_epochs, batch_size=batch_size, callbacks=callbacks, **train_kwargs)
+        try:  # a non-finite loss raises (the training plan checks every epoch) and stops the fit
+            model.train(max_epochs=max_epochs, batch_size=batch_size, callbacks=callbacks, **train_kwargs)
+        except KeyboardInterrupt:  # Ctrl-C stops the whole fit; keep the best round so far
+            module.load_state_dict(best_state)
+            raise
         round_ += 1
-        if not math.isfinite(_last_loss(model)):
-            warnings.warn(
-                f"Training diverged (non-finite loss) in pruning round {round_}; keeping the best earlier round. "
-                "Lower the learning rate (plan_kwargs={'lr': ...}).",
-                UserWarning,
-                stacklevel=3,
-            )
-            break
 
     module.load_state_dict(best_state)
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS[:-1])

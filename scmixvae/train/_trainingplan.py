@@ -83,6 +83,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
         self._pending_logs: dict[str, dict[str, tuple]] = {}
         self._deferring: str | None = None
         self._current_batch_size = 1
+        self._nonfinite: torch.Tensor | None = None  # whether a step of this epoch had a non-finite loss
 
     # ------------------------------------------------------------------ optimiser
     def _optimizer_creator_fn(self, optimizer_cls):
@@ -167,6 +168,10 @@ class CplMixVAETrainingPlan(TrainingPlan):
     def training_step(self, batch, batch_idx):
         """scvi-tools' training step; its epoch-level logging is deferred to the epoch's last step."""
         loss = self._run_deferred("train", super().training_step, batch, batch_idx)
+        value = loss["loss"] if isinstance(loss, dict) else loss
+        if isinstance(value, torch.Tensor):  # on the device: no host synchronisation per step
+            nonfinite = ~torch.isfinite(value.detach())
+            self._nonfinite = nonfinite if self._nonfinite is None else self._nonfinite | nonfinite
         if self._last_training_batch():
             # inside the last step, so that callbacks reading callback_metrics at the epoch's end see the values
             self._flush_logs("train")
@@ -185,6 +190,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
 
     def on_train_epoch_start(self) -> None:
         self._pending_logs.pop("train", None)
+        self._nonfinite = None
         # from the epoch counter, so that a fit resumed from a checkpoint is in the right phase
         start = self.state_phase_start
         frozen = start is not None and self.current_epoch >= start
@@ -200,7 +206,23 @@ class CplMixVAETrainingPlan(TrainingPlan):
 
     def on_train_epoch_end(self) -> None:
         self._flush_logs("train")  # only if the last step did not (an epoch cut short)
+        self._check_finite_loss()
         super().on_train_epoch_end()
+
+    def _check_finite_loss(self) -> None:
+        """Stop training with an error naming the likely causes when a step of the epoch had a non-finite loss.
+
+        Checked once per epoch (one host synchronisation): the weights are then already non-finite, and
+        every read-out would be NaN, with every cell in the first category.
+        """
+        if self._nonfinite is None or not bool(self._nonfinite.any()):
+            return
+        raise RuntimeError(
+            f"Training stopped: the loss became NaN or infinite in epoch {self.current_epoch} (lr={self.lr}). "
+            "Likely causes: a learning rate too high (lower it with plan_kwargs={'lr': ...}; the default is "
+            "1e-3), NaN or infinite values in the counts or covariates, or NaN weights in the model (changed "
+            "by hand or by an earlier diverged training). The model's weights are not usable; create a new model."
+        )
 
     def on_validation_epoch_start(self) -> None:
         self._pending_logs.pop("validation", None)
