@@ -256,6 +256,8 @@ def _demo(args) -> int:
     CplMixVAE.setup_anndata(adata)
     model = CplMixVAE(adata, n_categories=args.n_types)
     model.train(**_train_kwargs(args))
+    if model.interrupted_:
+        raise KeyboardInterrupt
     tl.annotate(adata, model)
     ari = adjusted_rand_score(adata.obs["type"], adata.obs["cplmixvae_type"])
     write_h5ad(adata, planned[0])
@@ -309,6 +311,8 @@ def _fit(args) -> int:
         )
     except (ValueError, TypeError) as err:
         return _error(str(err))
+    if model.interrupted_:  # train() kept the partial fit for Python users; the command writes nothing
+        raise KeyboardInterrupt
     tl.annotate(adata, model, key_added=args.key_added)
     genes_key = f"{args.key_added}_state_genes"
     tl.rank_state_genes(adata, model, key_added=genes_key)

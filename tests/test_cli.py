@@ -252,3 +252,22 @@ def test_demo_refuses_to_replace_existing_results(tmp_path, capsys, no_training)
     assert main(["demo", "--output", str(out), "--quiet"]) == 2
     assert "demo.h5ad already exists" in capsys.readouterr().err
     assert (out / "demo.h5ad").read_bytes() == b"earlier results"
+
+
+def test_fit_interrupted_by_ctrl_c_writes_nothing_and_exits_130(tmp_path, sim_adata, monkeypatch, capsys):
+    from lightning.pytorch.callbacks import Callback
+
+    class Interrupt(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            raise KeyboardInterrupt
+
+    train = CplMixVAE.train
+    monkeypatch.setattr(CplMixVAE, "train", lambda self, **kw: train(self, callbacks=[Interrupt()], **kw))
+    src = tmp_path / "in.h5ad"
+    sim_adata.write_h5ad(src)
+    out = tmp_path / "out.h5ad"
+    with pytest.warns(UserWarning, match="interrupted"):
+        rc = main(["fit", str(src), "-o", str(out), "--n-categories", "3", "--max-epochs", "2", "--quiet"])
+    assert rc == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]

@@ -384,10 +384,11 @@ def test_keyboard_interrupt_leaves_a_usable_model(sim_adata):
     model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
     with pytest.warns(UserWarning, match="interrupted"):
         model.train(max_epochs=10, batch_size=64, enable_progress_bar=False, callbacks=[Interrupt()])
-    assert model.is_trained_
+    assert model.is_trained_ and model.interrupted_
     assert model.predict().shape == (sim_adata.n_obs,)
     assert 1 <= len(model.history["train_loss"]) <= 2
     model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)  # continues
+    assert not model.interrupted_
     assert np.isfinite(model.history["train_loss"].iloc[-1, 0])
 
 

@@ -600,7 +600,7 @@ def test_one_ctrl_c_stops_the_whole_default_fit(at):
     assert stopper.runs == at + 1  # no later training, pruning round, restart or state phase ran
     said = [str(w.message) for w in caught if "interrupted" in str(w.message)]
     assert len(said) == 1 and "interrupted (KeyboardInterrupt): the fit stopped there" in said[0]
-    assert model._fit_depth == 0 and model.is_trained_
+    assert model._fit_depth == 0 and model.is_trained_ and model.interrupted_
     assert model.restart_history.empty  # the restarts did not finish
     labels = model.predict()
     assert labels.shape == (model.adata.n_obs,) and set(labels.cat.categories) == set(model.category_names)

@@ -58,11 +58,14 @@ def _stops_whole_fit_on_interrupt(fit):
     def wrapper(self, *args, **kwargs):
         depth = self._fit_depth
         self._fit_depth = depth + 1
+        if not depth:
+            self.interrupted_ = False
         try:
             return fit(self, *args, **kwargs)
         except FitInterrupted:
             if depth:
                 raise
+            self.interrupted_ = True
             message = (
                 "Training was interrupted (KeyboardInterrupt): the fit stopped there, and none of its later stages "
                 "(training, pruning rounds, restarts, state phase) ran. The model keeps the weights reached so far "
@@ -269,6 +272,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
     _training_plan_cls = CplMixVAETrainingPlan
     _data_splitter_cls = CplMixVAEDataSplitter
     _fit_depth = 0  # train() and prune() calls in progress (see _stops_whole_fit_on_interrupt)
+    interrupted_ = False  # whether the last train() or prune() was stopped by Ctrl-C
 
     def __init__(
         self,
@@ -561,7 +565,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         An interruption (Ctrl-C, ``KeyboardInterrupt``) stops training cleanly: the call returns with a warning
         and the model keeps the weights of the last completed step, ready for read-outs or another ``train()``.
         It stops the whole fit: no later stage (pruning round, restart, state phase) runs; an interrupted pruning
-        keeps the best round so far, interrupted restarts the last completed one.
+        keeps the best round so far, interrupted restarts the last completed one. ``model.interrupted_`` tells
+        whether the last ``train()`` or ``prune()`` call was interrupted.
         A long fit that saves :class:`~scmixvae.train.TrainingCheckpoint` files resumes in a new model built
         with the same arguments: ``train(max_epochs=..., ckpt_path=".../last.ckpt")`` restores the weights,
         the optimiser and the epoch counter (the category initialisation is then skipped).
