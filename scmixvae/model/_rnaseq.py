@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from numbers import Number
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
-import sparse
 import torch
 from anndata import AnnData
 from scipy.stats import spearmanr
@@ -19,6 +18,9 @@ from scvi.model.base import RNASeqMixin
 from .. import _validation as check
 from .._constants import NORMALISATION_SCALE
 from ..module._module import eval_mode
+
+if TYPE_CHECKING:
+    import sparse
 
 logger = logging.getLogger(__name__)
 
@@ -266,6 +268,8 @@ class CplMixVAERNAMixin(RNASeqMixin):
                 per_sample.append(self.module.px_distribution(gen).sample()[agent].cpu().numpy()[:, gene_mask])
             samples.append(np.concatenate(per_sample))
         out = samples[0] if n_samples == 1 else np.stack(samples, axis=-1)
+        import sparse  # scvi-tools' dependency, the type its posterior_predictive_sample returns
+
         return sparse.GCXS.from_numpy(out)
 
     @torch.inference_mode()
