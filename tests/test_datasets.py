@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import functools
+import logging
 import threading
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -102,9 +103,9 @@ def served(tmp_path, monkeypatch):
     server.server_close()
 
 
-def _patch_source(monkeypatch, name: str, url: str, source_format: str = "h5ad") -> None:
+def _patch_source(monkeypatch, name: str, url: str, source_format: str = "h5ad", sha256: str | None = None) -> None:
     """Point data set ``name`` at ``url`` (a file of ``source_format``); file and cache names stay."""
-    source = datasets.DATASETS[name]._replace(url=url, source_format=source_format)
+    source = datasets.DATASETS[name]._replace(url=url, source_format=source_format, sha256=sha256)
     monkeypatch.setitem(datasets.DATASETS, name, source)
 
 
@@ -311,6 +312,26 @@ def test_read_scdcc_h5_rejects_other_files(tmp_path):
         f["counts"] = np.zeros((2, 2))
     with pytest.raises(ValueError, match="needs datasets 'X' and 'Y'"):
         read_scdcc_h5(tmp_path / "other.h5")
+
+
+def test_download_is_checked_against_its_sha256(served, monkeypatch, tmp_path, caplog):
+    import hashlib
+
+    folder, url = served
+    _counts_adata().write_h5ad(folder / "small.h5ad")
+    digest = hashlib.sha256((folder / "small.h5ad").read_bytes()).hexdigest()
+    _patch_source(monkeypatch, "pbmc_10x", f"{url}/small.h5ad", sha256="0" * 64)
+    with pytest.raises(ConnectionError, match=f"SHA-256 is {digest}, not the expected 0000"):
+        pbmc_10x(data_dir=tmp_path / "bad", progress=False)
+    assert list((tmp_path / "bad").iterdir()) == []  # nothing kept, nothing cached
+
+    _patch_source(monkeypatch, "pbmc_10x", f"{url}/small.h5ad", sha256=digest.upper())
+    adata = pbmc_10x(data_dir=tmp_path / "good", progress=False)
+    assert adata.n_obs == 30 and [p.name for p in (tmp_path / "good").iterdir()] == ["10X_PBMC_top2000.h5ad"]
+    _patch_source(monkeypatch, "pbmc_10x", f"{url}/small.h5ad")  # no digest known: the download logs its own
+    with caplog.at_level(logging.INFO, logger="scmixvae.data._datasets"):
+        pbmc_10x(data_dir=tmp_path / "unknown", progress=False)
+    assert f"SHA-256 {digest}" in caplog.text
 
 
 def test_download_http_404_raises_and_leaves_nothing(served, monkeypatch, tmp_path):

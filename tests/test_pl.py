@@ -159,3 +159,91 @@ def test_show_true_returns_none(annotated):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Agg cannot show
         assert pl.consensus_heatmap(model, show=True) is None
+
+
+# ------------------------------------------------------------------------------------------ colours, save, layout
+def _facecolors(ax: Axes) -> list[tuple]:
+    return [tuple(np.round(c.get_facecolor()[0][:3], 3)) for c in ax.collections]
+
+
+def _rgb(colours) -> list[tuple]:
+    from matplotlib.colors import to_rgb
+
+    return [tuple(np.round(to_rgb(c), 3)) for c in colours]
+
+
+@pytest.mark.parametrize("n_categories", [3, 12, 25])
+def test_embedding_colours_match_scanpy(annotated, n_categories):
+    import scanpy as sc
+
+    adata, _ = annotated
+    data = adata.copy()
+    data.obsm["X_umap"] = data.obsm["X_cplmixvae_state"][:, :2]
+    data.obs["group"] = pd.Categorical([f"g{i % n_categories:02d}" for i in range(data.n_obs)])
+    ours = pl.embedding(data, basis="umap", color="group", show=False)
+    assert "group_colors" not in data.uns  # nothing written to the user's data
+    sc.pl.umap(data, color="group", show=False)  # scanpy assigns and stores its default colours
+    assert _facecolors(ours) == _rgb(data.uns["group_colors"])
+    data.uns["group_colors"] = ["#000000"] * (n_categories - 1) + ["#ff0000"]  # the user's own colours
+    assert _facecolors(pl.embedding(data, basis="umap", color="group", show=False))[-1] == (1.0, 0.0, 0.0)
+
+
+def _inside(fig: Figure, artist) -> bool:
+    fig.draw_without_rendering()
+    box, frame = artist.get_window_extent(), fig.bbox
+    return box.x0 >= frame.x0 - 1 and box.x1 <= frame.x1 + 1 and box.y0 >= frame.y0 - 1 and box.y1 <= frame.y1 + 1
+
+
+def test_returned_figures_keep_legends_and_gene_labels_inside(annotated):
+    adata, model = annotated
+    fig = pl.embedding(adata, return_fig=True)
+    assert _inside(fig, fig.axes[0].get_legend())
+    group = adata.uns[KEY]["names"].dtype.names[0]
+    fig = pl.state_traversal_heatmap(adata, model, group, return_fig=True)
+    labels = fig.axes[0].get_yticklabels()
+    assert labels and all(_inside(fig, label) for label in labels)
+
+
+def test_every_plot_saves_atomically(annotated, tmp_path):
+    adata, model = annotated
+    group = adata.uns[KEY]["names"].dtype.names[0]
+    plots = {
+        "embedding.png": lambda save: pl.embedding(adata, show=False, save=save),
+        "consensus.pdf": lambda save: pl.consensus_heatmap(model, show=False, save=save),
+        "traversal.svg": lambda save: pl.state_traversal_heatmap(adata, model, group, show=False, save=save),
+        "dotplot.png": lambda save: pl.state_genes_dotplot(adata, show=False, save=save),
+        "history.png": lambda save: pl.training_history(model, show=False, save=save),
+    }
+    assert set(pl.__all__) == {"embedding", "consensus_heatmap", "state_traversal_heatmap", "state_genes_dotplot",
+                               "training_history"}  # fmt: skip
+    for name, plot in plots.items():
+        assert plot(tmp_path / name) is not None
+        assert (tmp_path / name).stat().st_size > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(plots)  # no temporary files left
+    header = (tmp_path / "embedding.png").read_bytes()[:8]
+    assert header == b"\x89PNG\r\n\x1a\n"
+
+
+def test_save_checks_the_path_first_and_never_leaves_a_broken_file(annotated, tmp_path, monkeypatch):
+    adata, _ = annotated
+    plt.close("all")
+    with pytest.raises(ValueError, match="file extension"):
+        pl.embedding(adata, show=False, save=tmp_path / "types.nope")
+    with pytest.raises(ValueError, match="does not exist"):
+        pl.embedding(adata, show=False, save=tmp_path / "missing" / "types.png")
+    with pytest.raises(TypeError, match="file path"):
+        pl.embedding(adata, show=False, save=True)
+    assert plt.get_fignums() == []  # refused before drawing
+    target = tmp_path / "types.png"
+    target.write_bytes(b"the user's earlier figure")
+
+    def broken(self, fname, **kwargs):
+        with open(fname, "wb") as handle:
+            handle.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(OSError, match="disk full"):
+        pl.embedding(adata, show=False, save=target)
+    assert target.read_bytes() == b"the user's earlier figure"
+    assert [p.name for p in tmp_path.iterdir()] == ["types.png"]

@@ -5,12 +5,12 @@ import pandas as pd
 import pytest
 import scanpy as sc
 import scvi
-from scipy import sparse
+from scipy import sparse, stats
 
 from scmixvae import tl
 from scmixvae.data._simulate import simulate
 from scmixvae.model import CplMixVAE
-from scmixvae.tl._state_genes import benjamini_hochberg, gene_std
+from scmixvae.tl._state_genes import gene_std, observed_state_statistics
 
 KEY = "cplmixvae_state_genes"
 
@@ -260,10 +260,61 @@ def test_rank_state_genes_never_densifies_the_whole_matrix(fitted, monkeypatch):
     assert KEY in out.uns
 
 
-def test_benjamini_hochberg_matches_the_step_up_definition():
-    p = np.array([0.01, 0.04, 0.03, 0.5, 0.2])
-    # sorted: 0.01, 0.03, 0.04, 0.2, 0.5 -> p * n / rank = 0.05, 0.075, 0.0667, 0.25, 0.5, then cumulative min from top
-    np.testing.assert_allclose(benjamini_hochberg(p), [0.05, 0.0666667, 0.0666667, 0.5, 0.25], rtol=1e-5)
+def _positions(model, ranked, group):
+    """Each cell of ``group`` on its state axis, from the model's latent and the stored axis."""
+    traversal = ranked.uns[KEY]["traversal"]
+    j = list(traversal["groups"]).index(group)
+    idx = np.flatnonzero(ranked.obs[f"{KEY}_group"].astype(str) == group)
+    latent = model.get_latent_representation(ranked)[idx]  # agent 0 given the consensus category, as ranked
+    return idx, (latent - traversal["center"][j]) @ traversal["direction"][j]
+
+
+def test_fold_changes_and_pvalues_are_observed_over_the_cells(fitted, ranked):
+    adata, model = fitted
+    result = ranked.uns[KEY]
+    group = result["names"].dtype.names[0]
+    idx, position = _positions(model, ranked, group)
+    counts = adata.X[idx].toarray().astype(np.float64)
+    normalised = counts / counts.sum(1, keepdims=True) * 1e4
+    high, low = position >= np.quantile(position, 0.75), position <= np.quantile(position, 0.25)
+    table = sc.get.rank_genes_groups_df(ranked, group, key=KEY).set_index("names")
+    for gene in table.index[:3]:
+        g = adata.var_names.get_loc(gene)
+        lfc = np.log2((normalised[high, g].mean() + 1e-9) / (normalised[low, g].mean() + 1e-9))
+        assert table.loc[gene, "logfoldchanges"] == pytest.approx(lfc, rel=1e-4, abs=1e-4)
+        test = stats.spearmanr(np.log1p(normalised[:, g]), position)
+        assert table.loc[gene, "pvals"] == pytest.approx(test.pvalue, rel=1e-6)
+    for g in result["names"].dtype.names:
+        np.testing.assert_allclose(result["pvals_adj"][g], stats.false_discovery_control(result["pvals"][g]))
+    assert ranked.uns[KEY]["params"]["test"] == "spearman"
+
+
+def test_pvalue_and_fold_change_filters_select_genes(fitted, ranked):
+    adata, _ = fitted
+    for group in ranked.uns[KEY]["names"].dtype.names:
+        table = sc.get.rank_genes_groups_df(ranked, group, key=KEY)
+        kept = sc.get.rank_genes_groups_df(ranked, group, key=KEY, pval_cutoff=0.05, log2fc_min=0.5)
+        assert len(kept) < adata.n_vars / 2
+        expected = table[(table["pvals_adj"] < 0.05) & (table["logfoldchanges"] > 0.5)]
+        assert list(kept["names"]) == list(expected["names"])
+    assert (table["pvals_adj"] > 0.05).sum() > adata.n_vars / 2  # most genes are not significant
+
+
+def test_observed_statistics_find_the_simulated_state_program():
+    adata = simulate(
+        n_cells=600, n_genes=300, n_types=2, type_sizes="balanced", n_state_genes=10, state_strength=1.5,
+        library_size_mean=5000.0, seed=3,
+    )  # fmt: skip
+    programs = adata.uns["simulation"]["state_genes"]
+    for cell_type in ("type_0", "type_1"):
+        idx = np.flatnonzero(adata.obs["type"] == cell_type)
+        lfc, rho, pvals = observed_state_statistics(adata.X[idx], adata.obs["state"].to_numpy()[idx], max_entries=1000)
+        significant = stats.false_discovery_control(pvals) < 0.05
+        program = adata.var_names.isin(programs[cell_type])
+        assert significant[program].mean() >= 0.8
+        assert significant[~program].mean() <= 0.05
+        up = program & (adata.uns["simulation"]["state_programs"][int(cell_type[-1])] > 0) & significant
+        assert (lfc[up] > 0).all() and (rho[up] > 0).all()
 
 
 # ------------------------------------------------------------------------------------------ gene sets
@@ -327,6 +378,41 @@ def test_enrichment_ignores_absent_genes_and_checks_its_input(ranked, caplog):
         tl.gene_set_enrichment(ranked, "FOS")
     with pytest.raises(ValueError, match="method"):
         tl.gene_set_enrichment(ranked, genes, method="gsea")
+
+
+def test_enrichment_takes_any_mapping_of_gene_sets(ranked, caplog):
+    group = ranked.uns[KEY]["names"].dtype.names[0]
+    names = list(ranked.uns[KEY]["names"][group])
+    sets = {"top": names[:10], "bottom": names[-10:], "absent": ["NOT_A_GENE"]}
+    with caplog.at_level(logging.INFO, logger="scmixvae.tl._gene_sets"):
+        result = tl.gene_set_enrichment(ranked, sets)
+    assert "set 'absent' is in adata.var_names; it is skipped" in caplog.text
+    assert list(result.columns[:2]) == ["gene_set", "group"]
+    assert set(result["gene_set"]) == {"top", "bottom"}
+    rows = result.set_index(["gene_set", "group"])
+    assert rows.loc[("top", group), "pvalue"] < 0.01 and rows.loc[("bottom", group), "pvalue"] > 0.9
+    np.testing.assert_allclose(result["pvalue_adj"], stats.false_discovery_control(result["pvalue"]))
+    # one set as a sequence gives the same numbers as in a mapping, without the gene_set column
+    single = tl.gene_set_enrichment(ranked, names[:10])
+    np.testing.assert_allclose(single["pvalue"], rows.loc["top", "pvalue"].to_numpy())
+    with pytest.raises(ValueError, match="None of the genes"):  # the built-in human sets: absent from simulated genes
+        tl.gene_set_enrichment(ranked)
+    with pytest.raises(TypeError, match="Gene set 'x' must be a sequence"):
+        tl.gene_set_enrichment(ranked, {"x": "FOS"})
+    with pytest.raises(ValueError, match="empty mapping"):
+        tl.gene_set_enrichment(ranked, {})
+
+
+def test_enrichment_defaults_to_the_built_in_sets(ranked):
+    data = ranked.copy()
+    data.var_names = [*tl.gene_sets("interferon")[:10], *tl.gene_sets("immediate_early")[:5], *data.var_names[15:]]
+    ranking = data.uns[KEY]
+    mapping = dict(zip(ranked.var_names, data.var_names, strict=True))
+    for g in ranking["names"].dtype.names:
+        ranking["names"][g] = [mapping[n] for n in ranking["names"][g]]
+    result = tl.gene_set_enrichment(data)
+    assert set(result["gene_set"]) == {"interferon", "immediate_early"}
+    assert set(result.loc[result["gene_set"] == "interferon", "n_genes_in_set"]) == {10}
 
 
 # ------------------------------------------------------------------------------------------ differential expression

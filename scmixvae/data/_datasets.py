@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import http.client
 import logging
 import os
@@ -44,6 +45,8 @@ class _Source(NamedTuple):
     source_format: str
     #: Name under which the converted download is cached in the data folder.
     cache_name: str
+    #: SHA-256 of the source file, checked before the download is kept (``None``: not known, only logged).
+    sha256: str | None = None
 
 
 _SCDCC = "https://github.com/ttgump/scDCC/raw/84f29c345b2b6b0d61131f733fb6180fa0b6e56e/data/Small_Datasets"
@@ -53,6 +56,8 @@ _SCDEEPCLUSTER = "https://github.com/ttgump/scDeepCluster/raw/ae033d7e366e68e68f
 #: matrix ``X`` (cells x genes) and integer labels ``Y``; they are converted to ``.h5ad`` on download. The public
 #: source of ``ifnb`` is pertpy's copy of the *full* Kang et al. 2018 data (24,673 cells, 8 coarser types),
 #: cached as ``kang_2018.h5ad``; the 2,800-cell ``ifnb_2800.h5ad`` (13 types) is used when present locally.
+#: A download is checked against the source's ``sha256`` where it is recorded and cached in the data folder (read
+#: from there afterwards, as scanpy's loaders do); none is recorded yet, so each download logs its SHA-256.
 DATASETS: dict[str, _Source] = {
     "ifnb": _Source("ifnb_2800.h5ad", "https://figshare.com/ndownloader/files/34464122", "kang_h5ad", "kang_2018.h5ad"),
     "pbmc_10x": _Source("10X_PBMC_top2000.h5ad", f"{_SCDCC}/10X_PBMC_top2000.h5", "scdcc_h5", "10X_PBMC_top2000.h5ad"),
@@ -305,7 +310,7 @@ def _download_and_convert(name: str, source: _Source, folder: Path, *, progress:
     logger.info("%s not found in %s; downloading it from %s.", name, folder, source.url)
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
         raw = Path(tmp) / "source"
-        _download(source.url, raw, progress=progress, description=name, folder=folder)
+        _download(source.url, raw, progress=progress, description=name, folder=folder, sha256=source.sha256)
         if source.source_format == "scdcc_h5":
             adata = read_scdcc_h5(raw)
         elif source.source_format == "kang_h5ad":
@@ -326,11 +331,19 @@ def _from_kang_2018(adata: AnnData) -> AnnData:
 
 
 def _download(
-    url: str, destination: Path, *, progress: bool = True, description: str = "", folder: Path | None = None
-) -> None:
+    url: str,
+    destination: Path,
+    *,
+    progress: bool = True,
+    description: str = "",
+    folder: Path | None = None,
+    sha256: str | None = None,
+) -> str:
     """Download ``url`` to ``destination`` through a temporary file in the same folder, renamed when complete.
 
-    ``folder`` is the data folder named in error messages (``destination.parent`` when not given).
+    ``folder`` is the data folder named in error messages (``destination.parent`` when not given). With ``sha256``
+    the download is kept only when its SHA-256 matches (a :class:`ConnectionError` otherwise, nothing left
+    behind). Returns the SHA-256 of the download.
     """
     destination.parent.mkdir(parents=True, exist_ok=True)
     folder = destination.parent if folder is None else folder
@@ -352,7 +365,7 @@ def _download(
             with response:
                 length = response.headers.get("Content-Length")
                 total = int(length) if length and length.isdigit() else None
-                received = 0
+                received, digest = 0, hashlib.sha256()
                 with tqdm(
                     total=total,
                     unit="B",
@@ -364,6 +377,7 @@ def _download(
                     try:
                         while block := response.read(_DOWNLOAD_BLOCK):
                             out.write(block)
+                            digest.update(block)
                             received += len(block)
                             bar.update(len(block))
                     except (http.client.HTTPException, OSError) as err:
@@ -376,11 +390,24 @@ def _download(
                     f"Downloading {url} failed: got {received} of {total} bytes. Try again, or place the file in "
                     f"the data folder ({folder})."
                 )
+            _check_digest(url, digest.hexdigest(), sha256, folder)
         os.replace(partial, destination)
     except BaseException:
         Path(partial).unlink(missing_ok=True)
         raise
-    logger.info("Downloaded %s to %s.", url, destination)
+    logger.info("Downloaded %s to %s (SHA-256 %s).", url, destination, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def _check_digest(url: str, digest: str, expected: str | None, folder: Path) -> None:
+    if expected is None:
+        logger.info("No known SHA-256 for %s to check the download against.", url)
+    elif digest != expected.lower():
+        raise ConnectionError(
+            f"Downloading {url} gave a file whose SHA-256 is {digest}, not the expected {expected}: it is corrupt "
+            f"or has changed at the source; nothing was kept. Try again, or place the file in the data folder "
+            f"({folder})."
+        )
 
 
 def _standardise(adata: AnnData, path: Path) -> AnnData:

@@ -32,7 +32,9 @@ from ..module._module import STATE_ENCODERS, Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan, _pruning
 from ..train._pruning import agreement_matrix, co_assignment
 from ..train._trainingplan import InterruptFlag
+from ._likelihood import CplMixVAELikelihoodMixin
 from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter
+from ._registry import CplMixVAERegistryMixin
 from ._rnaseq import CplMixVAERNAMixin
 from ._save_load import load_model, read_registry, save_model
 
@@ -173,7 +175,9 @@ def default_n_categories(n_cells: int) -> int:
     return int(np.clip(n_cells // 50, 2, 50))
 
 
-class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
+class CplMixVAE(
+    CplMixVAERNAMixin, CplMixVAELikelihoodMixin, CplMixVAERegistryMixin, UnsupervisedTrainingMixin, BaseModelClass
+):
     """Coupled mixture VAE (cpl-mixVAE): cell types and continuous within-type states.
 
     ``n_agents`` autoencoders that share no weights each see their own augmented copy of a cell and

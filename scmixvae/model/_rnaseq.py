@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from numbers import Number
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from scipy.stats import spearmanr
 from scvi import REGISTRY_KEYS
 from scvi.model.base import RNASeqMixin
 
+from .. import _validation as check
 from .._constants import NORMALISATION_SCALE, RAW_SCALING_KEY
 from ..module._module import eval_mode
+
+if TYPE_CHECKING:
+    import sparse
 
 logger = logging.getLogger(__name__)
 
@@ -24,7 +29,10 @@ class CplMixVAERNAMixin(RNASeqMixin):
     """:class:`~scvi.model.base.RNASeqMixin` with a decoded expression that follows the consensus type.
 
     :meth:`differential_expression` (``groupby=``, ``group1=``, ``idx1=``, ``mode="change"``, ...) comes
-    unchanged from scvi-tools; it samples :meth:`get_normalized_expression` for the cells of each group.
+    unchanged from scvi-tools; it samples :meth:`get_normalized_expression` for the cells of each group. The other
+    read-outs of scvi-tools' mixin decode each cell with its consensus category, as
+    :meth:`get_normalized_expression` does, from one agent (``agent``, default agent 0 for samples) or the mean of
+    the agents.
     """
 
     def differential_expression(self, adata: AnnData | None = None, *args, **kwargs) -> pd.DataFrame:
@@ -208,3 +216,225 @@ class CplMixVAERNAMixin(RNASeqMixin):
             scales.append(scale.mean(0) if agent is None else scale[agent])
         scale = torch.stack(scales).mean(0)
         return scale * (out["library"] if library_size == "latent" else library_size)
+
+    def _consensus_decodes(self, adata, indices, batch_size, *, give_mean: bool, data_loader_kwargs=None):
+        """Yield ``(inputs, inference outputs, generative outputs)`` decoded with the consensus category."""
+        self._check_if_trained(warn=True)
+        adata = self._validate_anndata(adata)
+        module = self.module
+        dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, **(data_loader_kwargs or {}))
+        with eval_mode(module):
+            for tensors in dl:
+                inputs = module._get_inference_input(tensors)
+                out = module.inference(**inputs)
+                c, mean, var = module.consensus_state(out["q"], out["hs"])
+                s = mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)
+                yield inputs, out, module.generative(s, c, out["library"], inputs.get("batch_index"), out["cov"])
+
+    @torch.inference_mode()
+    def posterior_predictive_sample(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        transform_batch=None,
+        n_samples: int = 1,
+        gene_list: Sequence[str] | None = None,
+        batch_size: int | None = None,
+        dataloader=None,
+        silent: bool = True,
+        *,
+        agent: int = 0,
+        **data_loader_kwargs,
+    ) -> sparse.GCXS:
+        """Draw data from the posterior predictive of one agent, as scvi-tools' method.
+
+        Each cell's state is sampled from its posterior given the consensus category and decoded by agent
+        ``agent``; the data are sampled from its likelihood: counts for ``"nb"``/``"zinb"``, the log1p-normalised
+        expression for ``"gaussian"``.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_normalized_expression`.
+        transform_batch
+            Not supported for sampling (``None``): the cells are sampled in their own batch.
+        n_samples
+            Samples per cell.
+        gene_list
+            Return only these genes.
+        dataloader
+            Not supported (``None``).
+        silent
+            Unused; kept for scvi-tools' signature.
+        agent
+            The agent whose generative model is sampled.
+        **data_loader_kwargs
+            Keyword arguments of the data loader.
+
+        Returns
+        -------
+        A :class:`sparse.GCXS` array ``(n_cells, n_genes)``, or ``(n_cells, n_genes, n_samples)`` for
+        ``n_samples > 1`` (``.todense()`` gives numpy).
+        """
+        if transform_batch is not None or dataloader is not None:
+            raise ValueError(
+                "CplMixVAE samples each cell in its own batch from `adata`: pass no `transform_batch`/`dataloader`."
+            )
+        check.check_int("n_samples", n_samples)
+        check.check_int("agent", agent, minimum=0, maximum=self.module.n_agents - 1)
+        adata = self._validate_anndata(adata)
+        gene_mask = np.ones(adata.n_vars, dtype=bool) if gene_list is None else adata.var_names.isin(gene_list)
+        if not gene_mask.any():
+            raise ValueError("None of the genes in `gene_list` are in the data.")
+        samples = []
+        for _ in range(n_samples):
+            per_sample = []
+            for _, _, gen in self._consensus_decodes(
+                adata, indices, batch_size, give_mean=False, data_loader_kwargs=data_loader_kwargs
+            ):
+                per_sample.append(self.module.px_distribution(gen).sample()[agent].cpu().numpy()[:, gene_mask])
+            samples.append(np.concatenate(per_sample))
+        out = samples[0] if n_samples == 1 else np.stack(samples, axis=-1)
+        import sparse  # scvi-tools' dependency, the type its posterior_predictive_sample returns
+
+        return sparse.GCXS.from_numpy(out)
+
+    @torch.inference_mode()
+    def get_feature_correlation_matrix(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int = 10,
+        batch_size: int = 64,
+        rna_size_factor: int = 1000,
+        transform_batch=None,
+        correlation_type: Literal["spearman", "pearson"] = "spearman",
+        silent: bool = True,
+    ) -> pd.DataFrame:
+        """Gene-gene correlation of the decoded expression over cells and posterior samples.
+
+        The samples are those of :meth:`get_normalized_expression` (state posterior samples given the
+        consensus category, the mean of the agents), scaled by ``rna_size_factor``; with several
+        ``transform_batch`` the matrices of the batches are averaged, as in scvi-tools. Unlike scvi-tools no
+        Gamma noise is added (the correlation of the decoded means).
+
+        Returns
+        -------
+        ``(n_genes, n_genes)`` DataFrame indexed by gene names (NaN for genes that do not vary).
+        """
+        check.check_choice("correlation_type", correlation_type, ("spearman", "pearson"))
+        check.check_int("n_samples", n_samples)
+        adata = self._validate_anndata(adata)
+        batches = transform_batch if isinstance(transform_batch, list | tuple) else [transform_batch]
+        corr = []
+        for batch in batches:
+            exprs = self.get_normalized_expression(
+                adata, indices, transform_batch=batch, library_size=rna_size_factor, n_samples=max(n_samples, 2),
+                return_mean=False, batch_size=batch_size,
+            )[:n_samples]  # fmt: skip
+            flat = exprs.reshape(-1, exprs.shape[-1])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                corr.append(np.corrcoef(flat, rowvar=False) if correlation_type == "pearson" else spearmanr(flat)[0])
+        return pd.DataFrame(np.mean(corr, axis=0), index=adata.var_names, columns=adata.var_names)
+
+    @torch.inference_mode()
+    def get_likelihood_parameters(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        n_samples: int | None = 1,
+        give_mean: bool | None = False,
+        batch_size: int | None = None,
+        dataloader=None,
+        *,
+        agent: int | None = None,
+        **data_loader_kwargs,
+    ) -> dict[str, np.ndarray]:
+        """Parameters of the likelihood of each cell given its consensus category, as scvi-tools' method.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_normalized_expression`.
+        n_samples
+            State posterior samples per cell; ``1`` decodes the posterior mean.
+        give_mean
+            Average the samples (``n_samples > 1``).
+        dataloader
+            Not supported (``None``).
+        agent
+            One agent's decoder; ``None``: the mean of the agents' parameters.
+        **data_loader_kwargs
+            Keyword arguments of the data loader.
+
+        Returns
+        -------
+        ``{"mean": ..., "dispersions": ..., "dropout": ...}``, each ``(n_cells, n_genes)`` or
+        ``(n_samples, n_cells, n_genes)``: for ``"nb"``/``"zinb"`` the negative binomial mean (counts, with the
+        observed library size), its inverse dispersion ``theta`` and (``"zinb"``) the zero-inflation probability;
+        for ``"gaussian"`` only ``"mean"``, the decoded log1p-normalised expression (unit variance).
+        """
+        if dataloader is not None:
+            raise ValueError("A custom `dataloader` is not supported; pass `adata` and `indices`.")
+        check.check_int("n_samples", n_samples)
+        self._check_agent(agent)
+        per_sample = []
+        for _ in range(n_samples):
+            params: dict[str, list[np.ndarray]] = {}
+            decodes = self._consensus_decodes(
+                adata, indices, batch_size, give_mean=n_samples == 1, data_loader_kwargs=data_loader_kwargs
+            )
+            for _, _, gen in decodes:
+                for key, value in self._likelihood_parameters(gen).items():
+                    value = value.expand(gen[next(iter(gen))].shape) if key == "dispersions" else value
+                    params.setdefault(key, []).append((value.mean(0) if agent is None else value[agent]).cpu().numpy())
+            per_sample.append({key: np.concatenate(value) for key, value in params.items()})
+        if n_samples == 1:
+            return per_sample[0]
+        stacked = {key: np.stack([sample[key] for sample in per_sample]) for key in per_sample[0]}
+        return {key: value.mean(0) for key, value in stacked.items()} if give_mean else stacked
+
+    def _likelihood_parameters(self, gen: dict) -> dict[str, torch.Tensor]:
+        module = self.module
+        if module.likelihood == "gaussian":
+            return {"mean": gen["px_mean"]}
+        params = {"mean": module.log_rate(gen).exp(), "dispersions": gen["px_r"]}
+        if module.likelihood == "zinb":
+            params["dropout"] = torch.sigmoid(gen["px_dropout"])
+        return params
+
+    @torch.inference_mode()
+    def get_latent_library_size(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        give_mean: bool = True,
+        batch_size: int | None = None,
+        dataloader=None,
+        **data_loader_kwargs,
+    ) -> np.ndarray:
+        """Library size of each cell, ``(n_cells, 1)``.
+
+        CplMixVAE has no latent library size: the likelihoods use the observed total counts, so the "posterior"
+        is that value itself and ``give_mean`` changes nothing (scvi-tools' ``SCVI`` with its default
+        ``use_observed_lib_size=True`` returns the same with ``give_mean=False``).
+        """
+        if dataloader is not None:
+            raise ValueError("A custom `dataloader` is not supported; pass `adata` and `indices`.")
+        self._check_if_trained(warn=False)
+        adata = self._validate_anndata(adata)
+        dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, **data_loader_kwargs)
+        x = [tensors[REGISTRY_KEYS.X_KEY] for tensors in dl]
+        return np.concatenate(
+            [(t.to_dense() if t.layout != torch.strided else t).sum(-1, keepdim=True).numpy() for t in x]
+        )
+
+    def get_importance_weights(self, *args, **kwargs):
+        """Not available: importance weights need a single posterior over one latent, which the mixture lacks.
+
+        Raises :class:`NotImplementedError`; :meth:`differential_expression` uses ``weights="uniform"``.
+        """
+        raise NotImplementedError(
+            "CplMixVAE has no importance weights (its posterior is a mixture over categories and agents); "
+            'differential_expression uses weights="uniform", and get_normalized_expression(weights="uniform").'
+        )

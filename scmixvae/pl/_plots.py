@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Literal
 
 import matplotlib.pyplot as plt
@@ -11,7 +14,10 @@ import numpy as np
 import pandas as pd
 import torch
 from anndata import AnnData
+from matplotlib import colors as mcolors
+from matplotlib import rcParams
 from matplotlib.axes import Axes
+from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 
 from .._constants import DEFAULT_KEY, DEFAULT_STATE_GENES_KEY, state_key, type_key
@@ -19,14 +25,49 @@ from .._constants import DEFAULT_KEY, DEFAULT_STATE_GENES_KEY, state_key, type_k
 logger = logging.getLogger(__name__)
 
 
-def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool):
-    """Return the figure, show it (``None``), or return the axes, as scanpy's plots do."""
+def _check_save(save: str | os.PathLike | None) -> Path | None:
+    """Return the path to save to, checked before drawing: its folder exists and matplotlib knows its format."""
+    if save is None:
+        return None
+    if not isinstance(save, str | os.PathLike) or not str(save):
+        raise TypeError(f"`save` must be a file path (str or os.PathLike) or None, got {save!r}.")
+    path = Path(save)
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"`save`={str(save)!r} needs a file extension of a matplotlib format: {sorted(formats)}.")
+    if not path.parent.is_dir():
+        raise ValueError(f"`save`: the folder {str(path.parent)!r} does not exist; create it first.")
+    return path
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, **kwargs) -> None:
+    """Write ``fig`` to ``path`` whole or not at all: to a temporary file in the same folder, then moved into place.
+
+    ``bbox_inches="tight"`` by default, so that legends and labels outside the axes are kept.
+    """
+    path = Path(path)
+    kwargs.setdefault("bbox_inches", "tight")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool, save: Path | None = None):
+    """Save the figure (``save``), then return it, show it (``None``), or return the axes, as scanpy's plots do."""
+    if save is not None:
+        save_figure(fig, save)
+        logger.info("Saved the figure to %s.", save)
     if return_fig:
         return fig
     if show is None:
         import scanpy as sc
 
-        show = bool(sc.settings.autoshow)
+        show = bool(sc.settings.autoshow) and save is None
     if show:
         plt.show()
         return None
@@ -34,8 +75,8 @@ def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool):
 
 
 def _new_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
-    if ax is None:
-        fig, ax = plt.subplots(figsize=figsize)
+    if ax is None:  # constrained: legends, colour bars and labels outside the axes stay in the figure
+        fig, ax = plt.subplots(figsize=figsize, layout="constrained")
         return fig, ax
     if not isinstance(ax, Axes):
         raise TypeError(f"`ax` must be a matplotlib Axes or None, got {type(ax).__name__}.")
@@ -61,6 +102,7 @@ def consensus_heatmap(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ) -> Figure | Axes | None:
     """Agent-versus-agent co-assignment of the categories.
 
@@ -82,11 +124,16 @@ def consensus_heatmap(
         Colour map.
     ax, show, return_fig
         Axes to draw on; whether to show the figure; return the figure instead of the axes.
+    save
+        File to write the figure to (format from its extension, e.g. ``"types.pdf"``), legends and labels
+        included; written to a temporary file first and then moved into place. Not shown when saved
+        (``show=None``).
 
     Returns
     -------
     The figure with ``return_fig=True``, ``None`` when shown, the axes otherwise.
     """
+    save = _check_save(save)
     from ..model import CplMixVAE
 
     if isinstance(model_or_matrix, CplMixVAE):
@@ -114,7 +161,7 @@ def consensus_heatmap(
                 text = f"{values[i, j]:.2f}" if bounded else f"{values[i, j]:g}"
                 ax.text(j, i, text, ha="center", va="center", fontsize=7, color="w" if values[i, j] < 0.5 else "k")
     ax.set_title("category consensus")
-    return _finish(fig, ax, show=show, return_fig=return_fig)
+    return _finish(fig, ax, show=show, return_fig=return_fig, save=save)
 
 
 def state_traversal_heatmap(
@@ -129,6 +176,7 @@ def state_traversal_heatmap(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ) -> Figure | Axes | None:
     """Plot the decoded expression of a group's top state genes along its state path.
 
@@ -154,11 +202,16 @@ def state_traversal_heatmap(
         Colour map.
     ax, show, return_fig
         Axes to draw on; whether to show the figure; return the figure instead of the axes.
+    save
+        File to write the figure to (format from its extension, e.g. ``"types.pdf"``), legends and labels
+        included; written to a temporary file first and then moved into place. Not shown when saved
+        (``show=None``).
 
     Returns
     -------
     The figure with ``return_fig=True``, ``None`` when shown, the axes otherwise.
     """
+    save = _check_save(save)
     from ..tl._state_genes import _check_model, _decode_path, _get_ranking
 
     _check_model(model)
@@ -200,7 +253,7 @@ def state_traversal_heatmap(
     ax.set_xticks(ticks, [f"{steps[t]:+.1f}" for t in ticks])
     ax.set_xlabel("state along the axis (sd)")
     ax.set_title(f"{category}: state genes")
-    return _finish(fig, ax, show=show, return_fig=return_fig)
+    return _finish(fig, ax, show=show, return_fig=return_fig, save=save)
 
 
 def state_genes_dotplot(
@@ -211,6 +264,7 @@ def state_genes_dotplot(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
     **kwargs,
 ) -> Figure | dict[str, Axes] | None:
     """Dot plot of each group's top state genes (:func:`scanpy.pl.rank_genes_groups_dotplot`).
@@ -225,6 +279,10 @@ def state_genes_dotplot(
         Top genes per group.
     ax, show, return_fig
         Axes to draw on; whether to show the figure; return the figure instead of the axes.
+    save
+        File to write the figure to (format from its extension, e.g. ``"types.pdf"``), legends and labels
+        included; written to a temporary file first and then moved into place. Not shown when saved
+        (``show=None``).
     **kwargs
         Passed to :func:`scanpy.pl.rank_genes_groups_dotplot` (``layer``, ``standard_scale``, ``dendrogram``,
         ...; ``dendrogram=False`` by default, so nothing is computed on ``adata``). Groups without cells are
@@ -235,6 +293,7 @@ def state_genes_dotplot(
     The figure with ``return_fig=True``, ``None`` when shown, otherwise scanpy's dictionary of axes
     (``"mainplot_ax"``, ...).
     """
+    save = _check_save(save)
     import scanpy as sc
 
     from ..tl._state_genes import _get_ranking
@@ -249,7 +308,7 @@ def state_genes_dotplot(
         plot_data, groupby=groupby, key=key, n_genes=n_genes, ax=ax, show=False, return_fig=True, **kwargs
     )
     dotplot.make_figure()
-    return _finish(dotplot.fig, dotplot.ax_dict, show=show, return_fig=return_fig)
+    return _finish(dotplot.fig, dotplot.ax_dict, show=show, return_fig=return_fig, save=save)
 
 
 def _without_empty_categories(adata: AnnData, groupby: str, *, key: str, layer: str | None) -> AnnData:
@@ -288,6 +347,7 @@ def training_history(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ) -> Figure | Axes | list[Axes] | None:
     """Training curves: the loss terms of each agent, their agreement and the number of categories.
 
@@ -304,12 +364,15 @@ def training_history(
         Axes to draw on (all curves on it; the pruning panel is left out).
     show, return_fig
         Whether to show the figure; return the figure instead of the axes.
+    save
+        File to write the figure to, as in :func:`embedding`.
 
     Returns
     -------
     The figure with ``return_fig=True``, ``None`` when shown, otherwise the axes (a list of axes for
     several panels).
     """
+    save = _check_save(save)
     from ..model import CplMixVAE
 
     if not isinstance(model, CplMixVAE):
@@ -356,7 +419,7 @@ def training_history(
         axis.set_ylabel("categories K")
         axis.set_title("categories")
     fig.tight_layout()
-    return _finish(fig, axes[0] if len(axes) == 1 else axes, show=show, return_fig=return_fig)
+    return _finish(fig, axes[0] if len(axes) == 1 else axes, show=show, return_fig=return_fig, save=save)
 
 
 def embedding(
@@ -371,6 +434,7 @@ def embedding(
     ax: Axes | None = None,
     show: bool | None = None,
     return_fig: bool = False,
+    save: str | os.PathLike | None = None,
 ) -> Figure | Axes | None:
     """Cells on an embedding, coloured by type, state or any ``obs`` column or gene.
 
@@ -394,11 +458,16 @@ def embedding(
         Draw the legend (categories) or colour bar (continuous values).
     ax, show, return_fig
         Axes to draw on; whether to show the figure; return the figure instead of the axes.
+    save
+        File to write the figure to (format from its extension, e.g. ``"types.pdf"``), legends and labels
+        included; written to a temporary file first and then moved into place. Not shown when saved
+        (``show=None``).
 
     Returns
     -------
     The figure with ``return_fig=True``, ``None`` when shown, the axes otherwise.
     """
+    save = _check_save(save)
     if not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
     key = basis if basis in adata.obsm else f"X_{basis}"
@@ -415,13 +484,13 @@ def embedding(
     else:
         values = _color_values(adata, color)
         if isinstance(values.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(values):
-            values = values.astype("category")
-            palette = plt.get_cmap("tab20" if len(values.cat.categories) > 10 else "tab10")
-            for i, cat in enumerate(values.cat.categories):
+            values = values.astype(str).astype("category") if values.dtype == bool else values.astype("category")
+            palette = category_colors(adata, color, values.cat.categories)
+            for cat, colour in zip(values.cat.categories, palette, strict=True):
                 mask = (values == cat).to_numpy()
                 if not mask.any():
                     continue
-                ax.scatter(xy[mask, 0], xy[mask, 1], s=size, color=palette(i % palette.N), label=str(cat), linewidths=0)
+                ax.scatter(xy[mask, 0], xy[mask, 1], s=size, color=colour, label=str(cat), linewidths=0)
             if legend:
                 ax.legend(title=color, fontsize=7, markerscale=max(1.0, 20 / size) ** 0.5, frameon=False,
                           loc="center left", bbox_to_anchor=(1.0, 0.5))  # fmt: skip
@@ -435,7 +504,26 @@ def embedding(
     ax.set_ylabel(f"{name} {components[1] + 1}")
     ax.set_xticks([])
     ax.set_yticks([])
-    return _finish(fig, ax, show=show, return_fig=return_fig)
+    return _finish(fig, ax, show=show, return_fig=return_fig, save=save)
+
+
+def category_colors(adata: AnnData, color: str, categories: Sequence) -> list:
+    """Colours of the categories of ``obs[color]`` as scanpy draws them, without writing to ``adata``.
+
+    ``uns[f"{color}_colors"]`` when it holds a valid colour for every category (what :func:`scanpy.pl.umap`
+    stored or the user set); otherwise scanpy's defaults: matplotlib's colour cycle when it is long enough,
+    else scanpy's 20-, 28- or 102-colour palettes, grey beyond.
+    """
+    import scanpy as sc
+
+    stored = adata.uns.get(f"{color}_colors")
+    if stored is not None and len(stored) >= len(categories) and all(mcolors.is_color_like(c) for c in stored):
+        return list(stored)[: len(categories)]
+    n = len(categories)
+    cycle = rcParams["axes.prop_cycle"].by_key().get("color", [])
+    palettes = (cycle, sc.pl.palettes.default_20, sc.pl.palettes.default_28, sc.pl.palettes.default_102)
+    palette = next((p for p in palettes if len(p) >= n), ["grey"] * n)
+    return list(palette)[:n]
 
 
 def _color_values(adata: AnnData, color: str) -> pd.Series:

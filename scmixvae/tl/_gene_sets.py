@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Literal
 
 import numpy as np
@@ -12,7 +12,7 @@ from anndata import AnnData
 from scipy import stats
 
 from .._constants import DEFAULT_STATE_GENES_KEY
-from ._state_genes import _get_ranking, benjamini_hochberg
+from ._state_genes import _get_ranking
 
 logger = logging.getLogger(__name__)
 
@@ -111,13 +111,61 @@ def gene_sets(name: GeneSetName, species: Species = "human") -> list[str]:
     return list(dict.fromkeys(genes))
 
 
+def default_gene_sets(species: Species = "human") -> dict[str, list[str]]:
+    """Return the built-in sets of :func:`gene_sets` as a mapping, the default of :func:`gene_set_enrichment`."""
+    return {name: gene_sets(name, species) for name in _SETS}
+
+
+def _present_genes(name: str, genes, var_names: pd.Index) -> list[str]:
+    """Return the genes of one set that are in ``var_names`` (absent ones are logged)."""
+    if isinstance(genes, str) or not isinstance(genes, Sequence | set | frozenset | np.ndarray | pd.Index):
+        raise TypeError(
+            f"Gene set {name!r} must be a sequence of gene names, e.g. scmixvae.tl.gene_sets('interferon'), "
+            f"got {type(genes).__name__}."
+        )
+    wanted = list(dict.fromkeys(str(g) for g in genes))
+    present = [g for g in wanted if g in var_names]
+    if len(present) < len(wanted):
+        logger.info(
+            "%d of %d genes of the set %r are not in adata.var_names and are ignored.",
+            len(wanted) - len(present),
+            len(wanted),
+            name,
+        )
+    return present
+
+
+def _test_group(names, scores, present, method, n_permutations, rng) -> dict:
+    """Enrichment of one gene set among one group's ranked genes."""
+    in_set = np.isin(names, present)
+    m = int(in_set.sum())
+    ranks = stats.rankdata(-scores, method="average")
+    mean_rank = float(ranks[in_set].mean())
+    if method == "rank":
+        test = stats.mannwhitneyu(scores[in_set], scores[~in_set], alternative="greater")
+        statistic, pvalue = float(test.statistic), float(test.pvalue)
+    else:
+        null = np.array([ranks[rng.choice(len(ranks), m, replace=False)].mean() for _ in range(n_permutations)])
+        statistic = mean_rank
+        pvalue = (1.0 + np.sum(null <= mean_rank)) / (1.0 + n_permutations)
+    top = np.argsort(-scores, kind="stable")[:_TOP]
+    return {
+        "n_genes_in_set": m,
+        "statistic": statistic,
+        "mean_rank": mean_rank,
+        "pvalue": float(np.clip(pvalue, 0.0, 1.0)),
+        "n_in_top20": int(in_set[top].sum()),
+    }
+
+
 def gene_set_enrichment(
     adata: AnnData,
-    gene_set: Sequence[str],
+    gene_set: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
     *,
     key: str = DEFAULT_STATE_GENES_KEY,
     method: Literal["rank", "permutation"] = "rank",
     n_permutations: int = 1000,
+    species: Species = "human",
     seed: int = 0,
 ) -> pd.DataFrame:
     """Test, for each group, whether a gene set ranks higher among its state genes than chance.
@@ -128,8 +176,11 @@ def gene_set_enrichment(
         AnnData with a ranking from :func:`~scmixvae.tl.rank_state_genes` (or
         :func:`scanpy.tl.rank_genes_groups`) in ``uns[key]``.
     gene_set
-        Gene names, e.g. from :func:`gene_sets`. Genes absent from ``adata.var_names`` or from the
-        ranking are ignored (logged).
+        One gene set (a sequence of gene names), or any mapping of set name to gene names, e.g. MSigDB
+        collections read with decoupler or gseapy (``{"HALLMARK_INTERFERON_ALPHA_RESPONSE": [...], ...}``).
+        ``None``: the built-in curated sets of :func:`gene_sets` for ``species`` (``"interferon"`` and
+        ``"immediate_early"``). Genes absent from ``adata.var_names`` are ignored (logged); in a mapping, sets
+        with no gene in the data are skipped (logged).
     key
         Key of the ranking in ``uns``.
     method
@@ -140,72 +191,67 @@ def gene_set_enrichment(
         ``(1 + #{random mean rank <= observed}) / (1 + n_permutations)``.
     n_permutations
         Number of random sets of ``method="permutation"``.
+    species
+        Species of the built-in sets used when ``gene_set=None``.
     seed
         Seed of the random sets.
 
     Returns
     -------
-    A :class:`~pandas.DataFrame`, one row per group: ``group``, ``n_genes_in_set`` (genes of the set in the
-    ranking), ``statistic``, ``mean_rank`` (1 is the top gene), ``pvalue``, ``pvalue_adj``
-    (Benjamini–Hochberg across the groups) and ``n_in_top20`` (genes of the set among the group's 20
-    top-ranked genes).
+    A :class:`~pandas.DataFrame`, one row per group (and per set for a mapping, with a first column
+    ``gene_set``): ``group``, ``n_genes_in_set`` (genes of the set in the ranking), ``statistic``,
+    ``mean_rank`` (1 is the top gene), ``pvalue``, ``pvalue_adj`` (Benjamini–Hochberg,
+    :func:`scipy.stats.false_discovery_control`, across all rows) and ``n_in_top20`` (genes of the set among
+    the group's 20 top-ranked genes).
+
+    Examples
+    --------
+    Any collection of gene sets, e.g. MSigDB's hallmarks through decoupler or gseapy:
+
+    >>> sets = {"ISG": ["ISG15", "IFIT1", "MX1"], "IEG": ["FOS", "JUNB", "EGR1"]}
+    >>> scmixvae.tl.gene_set_enrichment(adata, sets)
+
+    To hand one group's ranking to a dedicated enrichment tool instead (neither is a dependency of scmixvae):
+
+    >>> ranking = scmixvae.tl.get_state_genes(adata, group="category3").set_index("names")["scores"]
+    >>> # decoupler: a genes x sets network with columns source/target
+    >>> # dc.run_ulm(mat=ranking.to_frame().T, net=msigdb_net) (dc.mt.ulm in decoupler >= 2)
+    >>> # gseapy: pre-ranked GSEA on the same scores
+    >>> # gseapy.prerank(rnk=ranking, gene_sets="MSigDB_Hallmark_2020")
     """
     ranking = _get_ranking(adata, key)
-    if isinstance(gene_set, str) or not isinstance(gene_set, Sequence | set | np.ndarray | pd.Index):
-        raise TypeError(
-            "`gene_set` must be a sequence of gene names, e.g. scmixvae.tl.gene_sets('interferon', 'human'), "
-            f"got {type(gene_set).__name__}."
-        )
     if method not in ("rank", "permutation"):
         raise ValueError(f'`method` must be "rank" or "permutation", got {method!r}.')
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, int | np.integer) or n_permutations < 1:
         raise ValueError(f"`n_permutations` must be a positive integer, got {n_permutations!r}.")
-    wanted = list(dict.fromkeys(str(g) for g in gene_set))
-    present = [g for g in wanted if g in adata.var_names]
-    if len(present) < len(wanted):
-        logger.info(
-            "%d of %d genes of the set are not in adata.var_names and are ignored.",
-            len(wanted) - len(present),
-            len(wanted),
-        )
-    if not present:
+    several = gene_set is None or isinstance(gene_set, Mapping)
+    sets = default_gene_sets(species) if gene_set is None else gene_set if several else {"gene_set": gene_set}
+    if several and not sets:
+        raise ValueError("`gene_set` is an empty mapping; give at least one set of gene names.")
+    present = {name: _present_genes(name, genes, adata.var_names) for name, genes in sets.items()}
+    if not any(present.values()):
+        first = next(iter(sets.values()))
         raise ValueError(
-            "None of the genes of the set is in adata.var_names; check the species and the symbols "
-            f"(first genes of the set: {wanted[:5]}, of var_names: {list(adata.var_names[:5])})."
+            "None of the genes of the set(s) is in adata.var_names; check the species and the symbols "
+            f"(first genes of a set: {list(first)[:5]}, of var_names: {list(adata.var_names[:5])})."
         )
-
     rng = np.random.default_rng(seed)
     rows = []
-    for group in ranking["names"].dtype.names:
-        names = np.asarray(ranking["names"][group], dtype=str)
-        scores = np.asarray(ranking["scores"][group], dtype=np.float64)
-        in_set = np.isin(names, present)
-        m = int(in_set.sum())
-        if m == 0 or m == len(names):
-            raise ValueError(
-                f"The gene set covers {m} of the {len(names)} ranked genes of group {group!r}; "
-                "it must contain some but not all of them."
-            )
-        ranks = stats.rankdata(-scores, method="average")
-        mean_rank = float(ranks[in_set].mean())
-        if method == "rank":
-            test = stats.mannwhitneyu(scores[in_set], scores[~in_set], alternative="greater")
-            statistic, pvalue = float(test.statistic), float(test.pvalue)
-        else:
-            null = np.array([ranks[rng.choice(len(ranks), m, replace=False)].mean() for _ in range(n_permutations)])
-            statistic = mean_rank
-            pvalue = (1.0 + np.sum(null <= mean_rank)) / (1.0 + n_permutations)
-        top = np.argsort(-scores, kind="stable")[:_TOP]
-        rows.append(
-            {
-                "group": str(group),
-                "n_genes_in_set": m,
-                "statistic": statistic,
-                "mean_rank": mean_rank,
-                "pvalue": float(np.clip(pvalue, 0.0, 1.0)),
-                "n_in_top20": int(in_set[top].sum()),
-            }
-        )
+    for name, genes in present.items():
+        if not genes:
+            logger.info("No gene of the set %r is in adata.var_names; it is skipped.", name)
+            continue
+        for group in ranking["names"].dtype.names:
+            names = np.asarray(ranking["names"][group], dtype=str)
+            m = int(np.isin(names, genes).sum())
+            if m == 0 or m == len(names):
+                raise ValueError(
+                    f"The gene set {name!r} covers {m} of the {len(names)} ranked genes of group {group!r}; "
+                    "it must contain some but not all of them."
+                )
+            scores = np.asarray(ranking["scores"][group], dtype=np.float64)
+            row = _test_group(names, scores, genes, method, n_permutations, rng)
+            rows.append({"gene_set": name, "group": str(group), **row})
     out = pd.DataFrame(rows)
-    out.insert(out.columns.get_loc("pvalue") + 1, "pvalue_adj", benjamini_hochberg(out["pvalue"].to_numpy()))
-    return out
+    out.insert(out.columns.get_loc("pvalue") + 1, "pvalue_adj", stats.false_discovery_control(out["pvalue"]))
+    return out if several else out.drop(columns="gene_set")

@@ -27,6 +27,10 @@ METHOD = "cplmixvae_state_traversal"
 _CHUNK_SIZE = 4096
 #: Smallest number of cells a group needs for its state axis and spread.
 _MIN_CELLS = 3
+#: Fraction of a group's cells at each end of its state (``logfoldchanges`` of :func:`rank_state_genes`).
+ENDS_QUANTILE = 0.25
+#: Matrix entries densified at once by the per-gene test over cells.
+_DENSE_ENTRIES = 1 << 22
 
 Axis = Literal["pc1", "condition"] | int
 Measure = Literal["endpoints", "range"]
@@ -293,40 +297,68 @@ def _decode_path(
 
 
 # ---------------------------------------------------------------------------------------------- statistics
-def benjamini_hochberg(pvals: np.ndarray) -> np.ndarray:
-    """Benjamini–Hochberg adjusted p-values (step-up, monotone, clipped to ``[0, 1]``)."""
-    p = np.asarray(pvals, dtype=np.float64)
-    n = p.size
-    if n == 0:
-        return p.copy()
-    order = np.argsort(p)
-    ranked = p[order] * n / np.arange(1, n + 1)
-    ranked = np.minimum.accumulate(ranked[::-1])[::-1]
-    out = np.empty(n)
-    out[order] = np.clip(ranked, 0.0, 1.0)
-    return out
+def _position_of_ends(position: np.ndarray, quantile: float) -> tuple[np.ndarray, np.ndarray]:
+    """Masks of the cells at the low and high ends: at most the ``quantile`` and at least the ``1 - quantile`` one."""
+    low, high = np.quantile(position, [quantile, 1.0 - quantile])
+    return position <= low, position >= high
 
 
-def _outlier_pvalues(scores: np.ndarray) -> np.ndarray:
-    """Upper-tail p-values of ``log(score)`` under a normal fitted robustly (median, MAD) to all genes."""
-    pvals = np.ones(scores.shape, dtype=np.float64)
-    positive = scores > 0
-    if positive.sum() < 3:
-        return pvals
-    log_scores = np.log(scores[positive])
-    median = np.median(log_scores)
-    spread = 1.4826 * np.median(np.abs(log_scores - median))
-    if not spread > 0:
-        spread = log_scores.std()
-    if spread > 0:
-        pvals[positive] = stats.norm.sf((log_scores - median) / spread)
-    return np.clip(pvals, 0.0, 1.0)
+def observed_state_statistics(
+    counts, position: np.ndarray, *, quantile: float = ENDS_QUANTILE, max_entries: int = _DENSE_ENTRIES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Fold change between the ends of a state and a test of each gene's association with it, over cells.
+
+    Parameters
+    ----------
+    counts
+        Raw counts of the cells of one group, cells x genes (sparse or dense).
+    position
+        Each cell's coordinate along the state axis ``(n_cells,)``.
+    quantile
+        The low end is the cells at or below this quantile of ``position``, the high end those at or above
+        ``1 - quantile``.
+    max_entries
+        Largest number of matrix entries densified at once (the cells of a block of genes).
+
+    Returns
+    -------
+    ``logfoldchanges``: ``log2`` of the mean normalised expression (counts per ``1e4``) of the high end over that
+    of the low end (``1e-9`` added to both, as scanpy); ``rho`` and ``pvals``: Spearman correlation of each gene's
+    ``log1p`` normalised expression with ``position`` and its two-sided p-value (:func:`scipy.stats.pearsonr` of
+    the ranks); genes constant over the cells get ``rho = 0`` and ``p = 1``. Each ``(n_genes,)``.
+    """
+    library = np.asarray(counts.sum(1), dtype=np.float64).ravel()
+    scale = NORMALISATION_SCALE / np.maximum(library, 1.0)
+    if sparse.issparse(counts):
+        normalised = sparse.csc_matrix(sparse.csr_matrix(counts, dtype=np.float64).multiply(scale[:, None]))
+    else:
+        normalised = np.asarray(counts, dtype=np.float64) * scale[:, None]
+    low, high = _position_of_ends(position, quantile)
+    mean_high = np.asarray(normalised[high].mean(0)).ravel()
+    mean_low = np.asarray(normalised[low].mean(0)).ravel()
+    lfc = np.log2((mean_high + 1e-9) / (mean_low + 1e-9))
+
+    n_cells, n_genes = normalised.shape
+    position_ranks = stats.rankdata(position)
+    rho, pvals = np.zeros(n_genes), np.ones(n_genes)
+    width = max(1, max_entries // max(n_cells, 1))
+    for start in range(0, n_genes, width):
+        block = normalised[:, start : start + width]
+        block = np.log1p(block.toarray() if sparse.issparse(block) else block)
+        ranks = stats.rankdata(block, axis=0)
+        varies = np.ptp(block, axis=0) > 0
+        if n_cells < 3 or not varies.any():
+            continue
+        result = stats.pearsonr(ranks[:, varies], np.broadcast_to(position_ranks[:, None], ranks[:, varies].shape))
+        rho[start : start + width][varies] = result.statistic
+        pvals[start : start + width][varies] = result.pvalue
+    return lfc, rho, np.clip(np.nan_to_num(pvals, nan=1.0), 0.0, 1.0)
 
 
 def _traversal_scores(
     x_log: np.ndarray, expr: np.ndarray, std: np.ndarray | None, measure: Measure
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Score (change along the path, optionally per gene spread) and signed log2 fold change end vs start."""
+    """Score (change along the path, optionally per gene spread) and signed log2 fold change, path end vs start."""
     change = np.abs(x_log[-1] - x_log[0]) if measure == "endpoints" else x_log.max(0) - x_log.min(0)
     if std is not None:
         change = np.divide(change, std, out=np.zeros_like(change), where=std > 0)
@@ -435,10 +467,14 @@ def rank_state_genes(
     its cells (agent ``agent``, conditioned on the group's category) give a centre and a main axis
     (first principal component, or one state dimension). The state moves along the axis from
     ``-n_sigma`` to ``+n_sigma`` standard deviations and is decoded with the category fixed
-    (:func:`state_traversal`). Each gene is scored by how much its decoded ``log1p`` normalised
-    expression changes along that path (by default its range along the path, unnormalised; the published
-    score is ``|x_end - x_start| / std``, ``measure="endpoints", normalize=True``). For models set up with a
-    condition the default axis joins the conditions' mean states.
+    (:func:`state_traversal`). Each gene is ranked by how much its decoded ``log1p`` normalised
+    expression changes along that path (the *traversal score*: by default its range along the path,
+    unnormalised; the published score is ``|x_end - x_start| / std``, ``measure="endpoints", normalize=True``).
+    The fold changes and p-values are observed over the group's cells, not read off the decoder: each cell's
+    *position* is its state's coordinate along the axis, the low and high ends of the state are the cells in
+    the bottom and top quartile of the positions, and each gene is tested for association with the position
+    (:func:`observed_state_statistics`). For models set up with a condition the default axis joins the
+    conditions' mean states.
 
     Parameters
     ----------
@@ -490,17 +526,24 @@ def rank_state_genes(
       by decreasing score, so that :func:`scanpy.get.rank_genes_groups_df`,
       :func:`scanpy.pl.rank_genes_groups_dotplot` and :func:`get_state_genes` read it:
 
-      - ``names``, ``scores``, ``logfoldchanges``, ``pvals``, ``pvals_adj``: record arrays, one field per group;
-      - ``scores``: the change along the path (per gene standard deviation with ``normalize=True``);
-      - ``logfoldchanges``: signed ``log2`` fold change of the decoded normalised expression, end of the
-        path versus start (the direction follows the oriented axis);
-      - ``pvals``: how unusual the gene's score is among the genes of the same group: the upper tail
-        of a normal fitted robustly (median and MAD) to the log scores of all genes of the group. It
-        is a gene-outlier measure on one decoded path, not a test over cells; genes with a score of
-        0 get 1;
-      - ``pvals_adj``: Benjamini–Hochberg adjustment of ``pvals`` across the genes of each group;
+      - ``names``, ``scores``, ``logfoldchanges``, ``pvals``, ``pvals_adj`` (scanpy's columns) and
+        ``spearman_rho``, ``traversal_logfoldchanges``: record arrays, one field per group, in the genes' order;
+      - ``scores``: the decoder's traversal score, the change along the path (per gene standard deviation with
+        ``normalize=True``); the genes are ranked by it;
+      - ``logfoldchanges``: ``log2`` fold change of the mean normalised expression (counts per ``1e4``) of the
+        cells at the high end of the state over that of the cells at the low end (top vs bottom quartile of
+        the positions; the direction follows the oriented axis; ``1e-9`` added to both means, as scanpy);
+      - ``pvals``: two-sided p-value of the Spearman correlation, over the group's cells, between the gene's
+        ``log1p`` normalised expression and the cells' positions (1 for genes constant in the group);
+      - ``pvals_adj``: ``pvals`` adjusted across the genes of each group (Benjamini–Hochberg,
+        :func:`scipy.stats.false_discovery_control`);
+      - ``spearman_rho``: that correlation (signed; 0 for constant genes);
+      - ``traversal_logfoldchanges``: signed ``log2`` fold change of the decoded normalised expression
+        between the end and the start of the path (``±n_sigma``: an extrapolation of the decoder, not an
+        observation);
       - ``params``: ``groupby``, ``reference="rest"``, ``method="cplmixvae_state_traversal"``,
-        ``use_raw=False``, ``corr_method="benjamini-hochberg"`` and the traversal settings;
+        ``use_raw=False``, ``corr_method="benjamini-hochberg"``, ``test="spearman"``, ``ends_quantile=0.25``
+        and the traversal settings;
       - ``traversal``: per group (in the order of ``groups``) the ``category`` decoded, ``n_cells``,
         ``center`` and unit ``direction`` of the axis in state space and ``sigma``, the cells' standard
         deviation along it, and the ``continuous_covariates`` decoded with (their means; empty without
@@ -536,12 +579,10 @@ def rank_state_genes(
         write_groups = True
     else:
         groups, write_groups = adata.obs[groupby].array, False
-    std = None
-    if normalize:
-        counts = model.get_anndata_manager(model_adata, required=True).get_from_registry(REGISTRY_KEYS.X_KEY)
-        std = gene_std(counts)
-
+    counts = model.get_anndata_manager(model_adata, required=True).get_from_registry(REGISTRY_KEYS.X_KEY)
+    std = gene_std(counts) if normalize else None
     conditions, order = _conditions_for(model, adata, axis)
+    traversal = {"n_sigma": n_sigma, "n_steps": n_steps, "agent": agent, "cont_mean": cont_mean, "measure": measure}
     results, geometry = {}, {}
     for group in groups.categories:
         idx = np.flatnonzero(np.asarray(groups == group))
@@ -558,12 +599,7 @@ def rank_state_genes(
         if not sigma > 0:
             logger.warning("The cells of group %r do not spread along the state axis; it is left out.", group)
             continue
-        _, x_log, expr = _decode_path(
-            model, k, center, direction, sigma, n_sigma=n_sigma, n_steps=n_steps, agent=agent, cont_mean=cont_mean
-        )
-        scores, lfc = _traversal_scores(x_log, expr, std, measure)
-        pvals = _outlier_pvalues(scores)
-        results[str(group)] = (scores, lfc, pvals, benjamini_hochberg(pvals))
+        results[str(group)] = _rank_group(model, k, counts[idx], states, center, direction, sigma, std, traversal)
         geometry[str(group)] = (category_name(k), len(idx), center, direction, sigma, str(group_axis))
     if not results:
         raise ValueError(
@@ -580,6 +616,8 @@ def rank_state_genes(
             "method": METHOD,
             "use_raw": False,
             "corr_method": "benjamini-hochberg",
+            "test": "spearman",
+            "ends_quantile": ENDS_QUANTILE,
             "axis": str(axis),
             "n_sigma": float(n_sigma),
             "n_steps": int(n_steps),
@@ -601,24 +639,53 @@ def rank_state_genes(
     return adata if copy else None
 
 
+def _rank_group(model, k, counts, states, center, direction, sigma, std, traversal: dict) -> dict[str, np.ndarray]:
+    """Every column of one group's ranking: the decoder's traversal and the statistics observed over its cells."""
+    _, x_log, expr = _decode_path(
+        model,
+        k,
+        center,
+        direction,
+        sigma,
+        n_sigma=traversal["n_sigma"],
+        n_steps=traversal["n_steps"],
+        agent=traversal["agent"],
+        cont_mean=traversal["cont_mean"],
+    )
+    scores, traversal_lfc = _traversal_scores(x_log, expr, std, traversal["measure"])
+    lfc, rho, pvals = observed_state_statistics(counts, (states - center) @ direction)
+    return {
+        "scores": scores,
+        "logfoldchanges": lfc,
+        "pvals": pvals,
+        "pvals_adj": stats.false_discovery_control(pvals),
+        "spearman_rho": rho,
+        "traversal_logfoldchanges": traversal_lfc,
+    }
+
+
+#: Record arrays of :func:`rank_state_genes` and their dtypes (scanpy's five first).
+_COLUMNS = {
+    "names": "O",
+    "scores": "float32",
+    "logfoldchanges": "float32",
+    "pvals": "float64",
+    "pvals_adj": "float64",
+    "spearman_rho": "float32",
+    "traversal_logfoldchanges": "float32",
+}
+
+
 def _to_rank_genes_groups(results: dict, genes: np.ndarray, *, params: dict) -> dict:
     """Record arrays of :func:`scanpy.tl.rank_genes_groups`, every gene ranked by decreasing score."""
-    columns = {"names": [], "scores": [], "logfoldchanges": [], "pvals": [], "pvals_adj": []}
-    for scores, lfc, pvals, pvals_adj in results.values():
-        order = np.argsort(-scores, kind="stable")
+    columns = {column: [] for column in _COLUMNS}
+    for result in results.values():
+        order = np.argsort(-result["scores"], kind="stable")
         columns["names"].append(genes[order].astype(object))
-        columns["scores"].append(scores[order].astype(np.float32))
-        columns["logfoldchanges"].append(lfc[order].astype(np.float32))
-        columns["pvals"].append(pvals[order].astype(np.float64))
-        columns["pvals_adj"].append(pvals_adj[order].astype(np.float64))
+        for column in list(_COLUMNS)[1:]:
+            columns[column].append(result[column][order].astype(_COLUMNS[column]))
     groups = list(results)
-    dtypes = {
-        "names": "O",
-        "scores": "float32",
-        "logfoldchanges": "float32",
-        "pvals": "float64",
-        "pvals_adj": "float64",
-    }
+    dtypes = _COLUMNS
     out = {"params": params}
     for column, arrays in columns.items():
         out[column] = np.rec.fromarrays(arrays, dtype=[(g, dtypes[column]) for g in groups])

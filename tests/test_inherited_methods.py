@@ -1,0 +1,213 @@
+"""Every public method and property of CplMixVAE, on a small trained model: a sensible result or a clear error."""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pandas as pd
+import pytest
+import sparse
+import torch
+
+from scmixvae.data import simulate
+from scmixvae.model import CplMixVAE
+
+N_CELLS, N_GENES = 300, 120  # the shape of conftest's trained_model
+
+
+def _public(kind) -> set[str]:
+    names = set()
+    for name in dir(CplMixVAE):
+        if name.startswith("_"):
+            continue
+        owner = next(c for c in CplMixVAE.__mro__ if name in c.__dict__)
+        if isinstance(inspect.getattr_static(owner, name), kind):
+            names.add(name)
+    return names
+
+
+def _is_cell_gene_frame(frame) -> bool:
+    return isinstance(frame, pd.DataFrame) and frame.shape == (N_CELLS, N_GENES)
+
+
+# name -> (call on the shared trained model, check of (model, result)); each check asserts the meaning, not only "ran"
+READ_OUTS = {
+    "predict": (lambda m: m.predict(), lambda m, r: len(r) == N_CELLS and set(r.unique()) <= set(r.cat.categories)),
+    "get_category_probabilities": (
+        lambda m: m.get_category_probabilities(),
+        lambda m, r: r.shape == (N_CELLS, 4) and np.allclose(r.sum(1), 1, atol=1e-4),
+    ),
+    "get_latent_representation": (lambda m: m.get_latent_representation(), lambda m, r: r.shape[0] == N_CELLS),
+    "get_agent_agreement": (
+        lambda m: m.get_agent_agreement(),
+        lambda m, r: r.shape == (2, 2) and (np.diag(r) == 1).all(),
+    ),
+    "get_consensus_matrix": (
+        lambda m: m.get_consensus_matrix(),
+        lambda m, r: r.shape == (4, 4) and (r.to_numpy() >= 0).all(),
+    ),
+    "get_normalized_expression": (
+        lambda m: m.get_normalized_expression(),
+        lambda m, r: _is_cell_gene_frame(r) and (r.to_numpy() >= 0).all(),
+    ),
+    "differential_expression": (
+        lambda m: m.differential_expression(groupby="type", group1="type_0", batch_size=128),
+        lambda m, r: len(r) == N_GENES and set(r["group1"]) == {"type_0"} and r["bayes_factor"].notna().all(),
+    ),
+    "get_elbo": (lambda m: m.get_elbo(), lambda m, r: isinstance(r, float) and np.isfinite(r) and r < 0),
+    "get_reconstruction_error": (
+        lambda m: m.get_reconstruction_error(),
+        lambda m, r: set(r) == {"reconstruction_loss"} and np.isfinite(r["reconstruction_loss"]),
+    ),
+    "get_marginal_ll": (
+        lambda m: m.get_marginal_ll(n_mc_samples=5),
+        lambda m, r: isinstance(r, float) and np.isfinite(r),
+    ),
+    "posterior_predictive_sample": (
+        lambda m: m.posterior_predictive_sample(),
+        lambda m, r: isinstance(r, sparse.GCXS) and r.shape == (N_CELLS, N_GENES),
+    ),
+    "get_feature_correlation_matrix": (
+        lambda m: m.get_feature_correlation_matrix(n_samples=2),
+        lambda m, r: r.shape == (N_GENES, N_GENES) and np.allclose(np.diag(r.fillna(1.0)), 1.0),
+    ),
+    "get_likelihood_parameters": (
+        lambda m: m.get_likelihood_parameters(),
+        lambda m, r: set(r) == {"mean"} and r["mean"].shape == (N_CELLS, N_GENES),
+    ),
+    "get_latent_library_size": (
+        lambda m: m.get_latent_library_size(),
+        lambda m, r: r.shape == (N_CELLS, 1) and np.allclose(r[:, 0], np.asarray(m.adata.X.sum(1)).ravel()),
+    ),
+    "get_anndata_manager": (lambda m: m.get_anndata_manager(m.adata), lambda m, r: r is m.adata_manager),
+    "get_from_registry": (lambda m: m.get_from_registry(m.adata, "X"), lambda m, r: r.shape == (N_CELLS, N_GENES)),
+    "data_registry": (lambda m: m.data_registry("X"), lambda m, r: r.shape == (N_CELLS, N_GENES)),
+    "get_setup_arg": (lambda m: m.get_setup_arg("layer"), lambda m, r: r is None),
+    "get_state_registry": (lambda m: m.get_state_registry("X"), lambda m, r: len(r["column_names"]) == N_GENES),
+    "get_var_names": (lambda m: m.get_var_names(), lambda m, r: list(r) == list(m.adata.var_names)),
+}
+
+# methods that change the model or need another object: a test of their own below
+SEPARATE = {
+    "train", "prune", "train_augmenter", "save", "load", "load_registry", "view_setup_args", "convert_legacy_save",
+    "setup_anndata", "register_manager", "deregister_manager", "transfer_fields", "update_setup_method_args",
+    "to_device", "get_importance_weights", "differential_abundance", "view_setup_method_args", "view_registry",
+    "view_anndata_setup",
+}  # fmt: skip
+PROPERTIES = {
+    "adata", "adata_manager", "category_names", "device", "get_normalized_function_name", "history", "is_trained",
+    "n_categories", "pruning_history", "restart_history", "registry", "run_id", "run_name", "summary_string",
+    "test_indices", "train_indices", "validation_indices",
+}  # fmt: skip
+
+
+def test_every_public_name_is_covered():
+    methods = _public((staticmethod, classmethod)) | {
+        n for n in dir(CplMixVAE) if not n.startswith("_") and inspect.isfunction(inspect.getattr_static(CplMixVAE, n))
+    }
+    assert methods == set(READ_OUTS) | SEPARATE
+    assert _public(property) == PROPERTIES
+
+
+@pytest.mark.parametrize("name", sorted(READ_OUTS))
+def test_read_out(trained_model, name):
+    call, check = READ_OUTS[name]
+    assert check(trained_model, call(trained_model))
+
+
+def test_properties(trained_model):
+    m = trained_model
+    assert m.adata.n_obs == N_CELLS and m.adata_manager.adata is m.adata
+    assert m.category_names == ["0", "1", "2", "3"] and m.n_categories == 4
+    assert m.device == torch.device("cpu") and m.is_trained
+    assert m.get_normalized_function_name == "get_normalized_expression"
+    assert "train_loss" in m.history and len(m.history["train_loss"]) >= 3
+    assert m.pruning_history.empty and m.restart_history.empty
+    assert m.registry["model_name"] == "CplMixVAE"
+    assert m.run_id is None or isinstance(m.run_id, str)
+    assert m.run_name is None or isinstance(m.run_name, str)
+    assert "CplMixVAE" in m.summary_string
+    assert len(m.train_indices) + len(m.validation_indices) + len(m.test_indices) == N_CELLS
+
+
+def test_views_print_the_registry(trained_model, capsys):
+    trained_model.view_setup_method_args()
+    assert "CplMixVAE.setup_anndata" in capsys.readouterr().out
+    trained_model.view_registry(hide_state_registries=True)
+    trained_model.view_anndata_setup(hide_state_registries=True)
+    out = capsys.readouterr().out
+    assert out.count("CplMixVAE.setup_anndata") == 2 and "adata.X" in out
+
+
+def test_marginal_ll_bounds_elbo_and_per_agent(trained_model):
+    torch.manual_seed(0)
+    elbo = trained_model.get_elbo(return_mean=False)
+    assert elbo.shape == (N_CELLS,)
+    assert trained_model.get_marginal_ll(n_mc_samples=50) > float(elbo.mean())
+    per_agent = [trained_model.get_reconstruction_error(agent=a)["reconstruction_loss"] for a in (0, 1)]
+    assert trained_model.get_reconstruction_error()["reconstruction_loss"] == pytest.approx(
+        np.mean(per_agent), rel=0.05
+    )
+
+
+def test_read_outs_refuse_what_they_do_not_support(trained_model):
+    with pytest.raises(ValueError, match="dataloader"):
+        trained_model.get_elbo(dataloader=[{}])
+    with pytest.raises(ValueError, match="transform_batch"):
+        trained_model.posterior_predictive_sample(transform_batch="batch0")
+    with pytest.raises(ValueError, match="gene_list"):
+        trained_model.posterior_predictive_sample(gene_list=["no such gene"])
+    with pytest.raises(NotImplementedError, match="no importance weights"):
+        trained_model.get_importance_weights(None, None, None, None, None)
+    with pytest.raises(NotImplementedError, match="differential_abundance is not implemented for CplMixVAE"):
+        trained_model.differential_abundance()
+
+
+def test_posterior_predictive_samples_and_likelihood_of_counts(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, likelihood="zinb")
+    model.train(max_epochs=1, state_epochs=0, batch_size=128, enable_progress_bar=False)
+    draws = model.posterior_predictive_sample(n_samples=2, gene_list=sim_adata.var_names[:5]).todense()
+    assert draws.shape == (sim_adata.n_obs, 5, 2) and (draws >= 0).all() and np.allclose(draws, np.round(draws))
+    params = model.get_likelihood_parameters(agent=0)
+    assert set(params) == {"mean", "dispersions", "dropout"}
+    assert all(v.shape == (sim_adata.n_obs, sim_adata.n_vars) for v in params.values())
+    assert ((params["dropout"] >= 0) & (params["dropout"] <= 1)).all()
+    library = model.get_latent_library_size()
+    # the NB means sum to the observed library size: the frequencies sum to one
+    np.testing.assert_allclose(params["mean"].sum(1), library[:, 0], rtol=1e-4)
+
+
+def test_methods_that_change_the_model(sim_adata, tmp_path):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model.train(max_epochs=1, state_epochs=0, batch_size=128, enable_progress_bar=False)
+    assert model.is_trained
+    with pytest.raises(ValueError, match="only augmentation='learned' has an augmenter"):
+        model.train_augmenter(max_epochs=1)
+    rounds = model.prune(max_rounds=1, epochs_per_round=1, enable_progress_bar=False)
+    assert rounds["selected"].sum() == 1 and model.n_categories <= 3
+    model.to_device("cpu")
+    assert model.device == torch.device("cpu")
+    model.update_setup_method_args({"layer": None})
+    assert model.get_setup_arg("layer") is None
+
+    model.save(tmp_path / "model", save_anndata=False)
+    assert CplMixVAE.load_registry(tmp_path / "model")["model_name"] == "CplMixVAE"
+    assert CplMixVAE.view_setup_args(tmp_path / "model") is None
+    loaded = CplMixVAE.load(tmp_path / "model", adata=sim_adata)
+    np.testing.assert_array_equal(loaded.predict().to_numpy(), model.predict().to_numpy())
+    with pytest.raises(NotImplementedError, match="no legacy save format"):
+        CplMixVAE.convert_legacy_save(tmp_path / "model", tmp_path / "converted")
+
+    transferred = model.transfer_fields(sim_adata.copy())
+    assert transferred.adata.n_obs == sim_adata.n_obs and "_scvi_batch" in transferred.adata.obs
+    other = simulate(n_cells=300, n_genes=120, n_types=3, n_batches=2, seed=0)  # not a copy: its own uuid
+    CplMixVAE.setup_anndata(other)
+    model.get_latent_representation(other)  # registers it with the model
+    assert model.get_anndata_manager(other, required=True).adata is other
+    model.deregister_manager(other)
+    assert model.get_anndata_manager(other) is None
+    CplMixVAE.register_manager(transferred)
+    assert CplMixVAE._setup_adata_manager_store[transferred.adata_uuid] is transferred
