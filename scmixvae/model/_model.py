@@ -986,14 +986,6 @@ class CplMixVAE(
 
         AnnDataManager.view_setup_method_args(read_registry(dir_path, prefix))
 
-    @classmethod
-    def convert_legacy_save(cls, *args, **kwargs) -> None:
-        """Not supported: scvi-tools' converter unpickles files written before scvi-tools 0.15."""
-        raise NotImplementedError(
-            "CplMixVAE has no saves older than scvi-tools 0.15 to convert, and unpickling such files could run "
-            "code; save the model again with `CplMixVAE.save`."
-        )
-
     # ------------------------------------------------------------------ read-outs
     @property
     def n_categories(self) -> int:

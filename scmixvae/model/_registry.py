@@ -37,6 +37,6 @@ class CplMixVAERegistryMixin:
         Raises :class:`NotImplementedError`; load saved models with :meth:`load`.
         """
         raise NotImplementedError(
-            "CplMixVAE has no legacy save format to convert (scvi-tools < 0.15 predates it); "
-            "load a saved model with CplMixVAE.load(dir_path, adata=adata)."
+            "CplMixVAE has no legacy save format to convert (scvi-tools < 0.15 predates it), and unpickling such "
+            "files could run code; load a saved model with CplMixVAE.load(dir_path, adata=adata)."
         )
