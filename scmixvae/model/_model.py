@@ -598,8 +598,10 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
         if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
             kwargs.setdefault("load_sparse_tensor", self._sparse_minibatches(accelerator))
-        # the neighbours' counts are loaded into the training minibatches only while training
+        # the neighbours' counts are loaded into the training minibatches only while training; their rows are
+        # loaded in sorted order, the same in memory and backed
         self.adata_manager.neighbours = self.neighbours_ if mixes_neighbours else None
+        self.adata_manager.carry_indices = True
         try:
             return super().train(
                 max_epochs=max_epochs + state_epochs,
@@ -629,6 +631,7 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             return None
         finally:
             self.adata_manager.neighbours = None
+            self.adata_manager.carry_indices = False
             self.module.categories_frozen = False
 
     # attributes that one fit (training and pruning) sets; a restart starts them afresh
