@@ -60,6 +60,27 @@ def default_state_epochs(n_cells: int, max_epochs: int | None = None) -> int:
     return round(max_epochs * n_state_epochs / default_max_epochs(n_cells))
 
 
+def _default_train_size(
+    max_epochs: int, early_stopping: bool, validation_size: float | None, kwargs: dict
+) -> float | None:
+    """``train_size`` of a :meth:`CplMixVAE.train` call that gives none: ``1.0`` where the categories train unvalidated.
+
+    scvi-tools holds out 10% of the cells for validation, which then never train, and validates only when
+    asked (early stopping, ``check_val_every_n_epoch``, checkpoints, a learning-rate monitor). A call that trains
+    the categories (``max_epochs > 0``) and validates nothing trains them on every cell, so that no type loses a
+    tenth of its cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``).
+    """
+    from scvi.train import SaveCheckpoint
+
+    validates = (
+        early_stopping
+        or validation_size is not None
+        or any(kwargs.get(key) for key in ("check_val_every_n_epoch", "enable_checkpointing", "learning_rate_monitor"))
+        or any(isinstance(callback, SaveCheckpoint) for callback in kwargs.get("callbacks") or [])
+    )
+    return 1.0 if max_epochs > 0 and not validates else None
+
+
 def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | None) -> None:
     """Raise a clear error, before anything is registered, where scvi-tools cannot read the counts' type.
 
@@ -460,7 +481,9 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         accelerator, devices
             Lightning accelerator and devices (``"auto"`` picks a GPU when there is one).
         train_size, validation_size
-            Fractions of cells for training and validation (scvi-tools' defaults: 0.9 / 0.1).
+            Fractions of cells for training and validation. ``None``: every cell trains when this call trains the
+            categories (``max_epochs > 0``) and nothing asks for validation (early stopping, checkpoints,
+            ``check_val_every_n_epoch``, a ``validation_size``); otherwise scvi-tools' defaults, 0.9 / 0.1.
         batch_size
             Minibatch size.
         early_stopping
@@ -563,6 +586,10 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
             if state_epochs:  # the states of the chosen categories
                 self.train(max_epochs=0, state_epochs=state_epochs, prune=False, **common, **kwargs)
             return None
+        if train_size is None:
+            train_size = _default_train_size(max_epochs, early_stopping, validation_size, kwargs)
+            if train_size == 1.0:  # no validation set: none must be asked for
+                kwargs.setdefault("limit_val_batches", 0)
         if state_epochs:
             plan_kwargs = {**(plan_kwargs or {}), "state_phase_start": max_epochs}
         if state_epochs or self.module.state_encoder_kind == "staged":
