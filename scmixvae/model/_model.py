@@ -68,12 +68,14 @@ def _default_train_size(
     scvi-tools holds out 10% of the cells for validation, which then never train, and validates only when
     asked (early stopping, ``check_val_every_n_epoch``, checkpoints, a learning-rate monitor). A call that trains
     the categories (``max_epochs > 0``) and validates nothing trains them on every cell, so that no type loses a
-    tenth of its cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``).
+    tenth of its cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``), also
+    when resuming from a checkpoint (``ckpt_path``), which a fit that validated wrote.
     """
     from scvi.train import SaveCheckpoint
 
     validates = (
         early_stopping
+        or kwargs.get("ckpt_path") is not None
         or validation_size is not None
         or any(kwargs.get(key) for key in ("check_val_every_n_epoch", "enable_checkpointing", "learning_rate_monitor"))
         or any(isinstance(callback, SaveCheckpoint) for callback in kwargs.get("callbacks") or [])
@@ -483,7 +485,8 @@ class CplMixVAE(CplMixVAERNAMixin, UnsupervisedTrainingMixin, BaseModelClass):
         train_size, validation_size
             Fractions of cells for training and validation. ``None``: every cell trains when this call trains the
             categories (``max_epochs > 0``) and nothing asks for validation (early stopping, checkpoints,
-            ``check_val_every_n_epoch``, a ``validation_size``); otherwise scvi-tools' defaults, 0.9 / 0.1.
+            ``check_val_every_n_epoch``, a ``validation_size``) and it does not resume from a checkpoint;
+            otherwise scvi-tools' defaults, 0.9 / 0.1.
         batch_size
             Minibatch size.
         early_stopping
