@@ -146,7 +146,45 @@ def test_neighbour_dataset_reads_backed_anndata(sim_adata, tmp_path):
     batch = model.adata_manager.create_torch_dataset()[np.array([7, 3, 5])]
     dense = sim_adata.X.toarray()
     np.testing.assert_array_equal(batch[REGISTRY_KEYS.X_KEY], dense[[3, 5, 7]])
+    np.testing.assert_array_equal(batch[REGISTRY_KEYS.INDICES_KEY], [[3], [5], [7]])
     np.testing.assert_array_equal(batch[NEIGHBOUR_X_KEY], dense[[2, 4, 6]])
+
+
+@pytest.mark.parametrize("backed", [None, "r"])
+def test_training_minibatches_carry_the_indices_of_their_rows(sim_adata, tmp_path, backed):
+    import anndata
+
+    sim_adata.write_h5ad(tmp_path / "sim.h5ad")
+    adata = anndata.read_h5ad(tmp_path / "sim.h5ad", backed=backed)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=3, n_hidden=16, category_init="random")
+    order = np.random.default_rng(0).permutation(adata.n_obs)
+    with model.adata_manager.indexed_minibatches():
+        loader = model._make_data_loader(adata=adata, indices=order, batch_size=64, shuffle=False)
+    assert not model.adata_manager.carry_indices
+    dense, seen = sim_adata.X.toarray(), []
+    for batch in loader:
+        cells = batch[REGISTRY_KEYS.INDICES_KEY].numpy().reshape(-1)
+        np.testing.assert_array_equal(batch[REGISTRY_KEYS.X_KEY].numpy(), dense[cells])
+        seen.append(cells)
+    asked = [np.sort(order[start : start + 64]) for start in range(0, len(order), 64)]
+    np.testing.assert_array_equal(np.concatenate(seen), np.concatenate(asked))  # each minibatch's rows, sorted
+    assert REGISTRY_KEYS.INDICES_KEY not in next(iter(model._make_data_loader(adata=adata, batch_size=64)))
+
+
+def test_learned_augmenter_trains_on_the_same_targets_backed(sim_adata, tmp_path):
+    import anndata
+
+    sim_adata.write_h5ad(tmp_path / "sim.h5ad")
+    histories = []
+    for backed in (None, "r"):
+        adata = anndata.read_h5ad(tmp_path / "sim.h5ad", backed=backed)
+        scvi.settings.seed = 0
+        CplMixVAE.setup_anndata(adata)
+        model = CplMixVAE(adata, n_categories=3, n_hidden=16, augmentation="learned", category_init="random")
+        histories.append(model.train_augmenter(3, labels=adata.obs["type"].to_numpy(), batch_size=64))
+    assert histories[0]["classification"].iloc[-1] < histories[0]["classification"].iloc[0]
+    pd.testing.assert_frame_equal(histories[1], histories[0], rtol=1e-6)
 
 
 def test_every_augmenter_loss_term_passes_gradient_to_what_it_trains():

@@ -82,8 +82,9 @@ def test_two_process_ddp_trains_and_reads_out(tmp_path):
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     assert out.returncode == 0 and lines, out.stderr[-3000:]
     result = json.loads(lines[-1][len("RESULT ") :])
-    # 270 training cells split between the two processes: 135 each, 3 minibatches of 45 (6 on one device)
-    assert sorted(log.read_text().split("\n")[:-1]) == ["0 3"] * 3 + ["1 3"] * 3
+    # every cell trains (no validation asked for): 300 cells split between the two processes, 150 each,
+    # 4 minibatches of up to 45 (7 on one device)
+    assert sorted(log.read_text().split("\n")[:-1]) == ["0 4"] * 3 + ["1 4"] * 3
     assert result["trained"] and result["changed"] > 0  # the session's model holds rank 0's trained weights
     assert result["epochs"] == 3 and result["has_agreement"]
     # the state phase (epoch 2) on both ranks: the categorical head frozen, the decoder learning

@@ -106,3 +106,28 @@ def test_knn_neighbours_with_conditions_come_equally_from_each_condition():
     for g in range(3):  # two neighbours from each of the three conditions
         assert ((groups[table] == g).sum(1) == 2).all()
     assert (groups[table[:, :2]] == 0).all() and (groups[table[:, 4:]] == 2).all()
+
+
+def test_backed_fit_gives_the_labels_of_the_in_memory_fit(monkeypatch, tmp_path):
+    """Backed rows load sorted inside a minibatch: the heads' targets must follow the cells actually loaded."""
+    import anndata
+    import scvi
+
+    simulate(n_cells=400, n_genes=100, n_types=4, seed=0).write_h5ad(tmp_path / "sim.h5ad")
+    fit_heads = _init.fit_categorical_heads
+    accuracies, starts, fits = [], [], []
+    monkeypatch.setattr(
+        _init, "fit_categorical_heads", lambda model, labels, **kw: accuracies.append(fit_heads(model, labels, **kw))
+    )
+    for backed in (None, "r"):
+        adata = anndata.read_h5ad(tmp_path / "sim.h5ad", backed=backed)
+        scvi.settings.seed = 0
+        CplMixVAE.setup_anndata(adata)
+        model = CplMixVAE(adata, n_categories=4, n_hidden=32)
+        model.train(max_epochs=2, state_epochs=0, batch_size=64, enable_progress_bar=False)
+        starts.append(model._initial_labels)
+        fits.append(model.predict(soft=True))
+    np.testing.assert_array_equal(starts[0], starts[1])
+    assert accuracies[0] > 0.9 and accuracies[1] == pytest.approx(accuracies[0])
+    np.testing.assert_array_equal(fits[1].to_numpy().argmax(1), fits[0].to_numpy().argmax(1))
+    np.testing.assert_allclose(fits[1].to_numpy(), fits[0].to_numpy(), atol=1e-5)

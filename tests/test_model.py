@@ -166,7 +166,7 @@ def test_sparse_training_minibatches_give_the_dense_fit(sim_adata, monkeypatch, 
         model = _fit(sim_adata, n_categories=3, likelihood=likelihood, augmentation=augmentation, train=extra)
         fits.append((model.history, model.predict(soft=True)))
         if sparse is None:
-            # every training step (270 cells / 64) read the CSR structure: one epoch and the state phase's three
+            # every training step (300 cells / 64) read the CSR structure: one epoch and the state phase's three
             assert read["n"] == 5 * 4
     (history, soft), (history_dense, soft_dense) = fits
     for key in history:

@@ -3,6 +3,7 @@
 import numpy as np
 import scvi
 import torch
+from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
 
 from scmixvae.model import CplMixVAE
@@ -96,3 +97,37 @@ def test_constant_kl_weight_is_logged_once_per_epoch(sim_adata):
     # records every log_every_n_steps-th step: step 10 of 10, weight 9 / 10)
     warm = _history(sim_adata, n_steps_kl_warmup=10).history["kl_weight"]
     np.testing.assert_allclose(warm.iloc[:, 0].to_numpy(float), [0.9])
+
+
+def _trained_cells(model, **train_kwargs) -> set[int]:
+    """The cells that the training steps of one ``train()`` call see (their minibatches carry their indices)."""
+    cells, loss = set(), model.module.loss
+
+    def spy(tensors, *args, **kwargs):
+        if model.module.training:
+            cells.update(tensors[REGISTRY_KEYS.INDICES_KEY].reshape(-1).tolist())
+        return loss(tensors, *args, **kwargs)
+
+    model.module.loss = spy
+    try:
+        model.train(batch_size=64, enable_progress_bar=False, **train_kwargs)
+    finally:
+        model.module.loss = loss
+    return cells
+
+
+def test_every_cell_trains_the_categories_unless_validation_is_asked_for(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    n = sim_adata.n_obs
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+    assert _trained_cells(model, max_epochs=2, state_epochs=1) == set(range(n))
+    assert "elbo_validation" not in model.history and len(model.validation_indices_) == 0
+    # validation asked for: scvi-tools' split, whose validation cells do not train
+    for ask in ({"early_stopping": True}, {"check_val_every_n_epoch": 1}):
+        model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+        cells = _trained_cells(model, max_epochs=2, state_epochs=0, **ask)
+        assert cells == set(model.train_indices_.tolist()) and len(cells) < n, ask
+        assert "elbo_validation" in model.history and not cells & set(model.validation_indices_.tolist()), ask
+    # the state phase alone fits no category: scvi-tools' default split, as before
+    cells = _trained_cells(model, max_epochs=0, state_epochs=1)
+    assert cells == set(model.train_indices_.tolist()) and len(cells) == round(0.9 * n)

@@ -1,12 +1,18 @@
-"""An AnnData manager whose minibatches can carry one nearest neighbour's counts per cell (``augmentation="knn"``).
+"""An AnnData manager whose training minibatches carry their cells' indices, and neighbours' counts for ``"knn"``.
 
-The neighbour table is computed once per model and attached to the manager only while training; read-outs and
-every other loader see the plain scvi-tools dataset.
+scvi-tools loads the rows of a backed AnnData in sorted order, whatever order a minibatch asks for; a training
+loop that takes per-cell targets from the order it asked for then pairs cells with other cells' targets. Training
+minibatches therefore ask for their rows in sorted order (the same rows, loaded in the same order in memory and
+backed) and carry the index of each row (``REGISTRY_KEYS.INDICES_KEY``), from which targets and neighbours are
+looked up. With ``augmentation="knn"`` they also carry one nearest neighbour's counts per cell: the neighbour
+table is computed once per model and attached to the manager only while training. Read-outs and every other
+loader see the plain scvi-tools dataset.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import scipy.sparse as sp
@@ -28,18 +34,31 @@ def _rows(data, rows: np.ndarray) -> np.ndarray:
     return np.asarray(block, dtype=np.float32)[inverse]
 
 
-class NeighbourDataset(AnnTorchDataset):
-    """:class:`~scvi.data.AnnTorchDataset` that adds, for every cell, the counts of a random one of its neighbours."""
+class IndexedDataset(AnnTorchDataset):
+    """:class:`~scvi.data.AnnTorchDataset` whose minibatches hold their rows in sorted order, with their indices.
+
+    ``REGISTRY_KEYS.INDICES_KEY`` holds the index of every row's cell, shape ``(n, 1)``. The rows are asked for
+    in sorted order, so that scvi-tools' own sorting of backed rows leaves them where they are: the indices are
+    those of the rows actually loaded, and a minibatch is the same in memory and backed.
+    """
+
+    def __getitem__(self, indexes: int | Sequence[int] | slice) -> dict[str, np.ndarray | torch.Tensor]:
+        if isinstance(indexes, slice):
+            indexes = np.arange(*indexes.indices(len(self)))
+        idx = np.sort(np.atleast_1d(np.asarray(indexes, dtype=np.int64)))
+        data = super().__getitem__(idx)
+        data[REGISTRY_KEYS.INDICES_KEY] = idx[:, None]
+        return data
+
+
+class NeighbourDataset(IndexedDataset):
+    """:class:`IndexedDataset` that adds, for every cell, the counts of a random one of its neighbours."""
 
     neighbours: np.ndarray
 
     def __getitem__(self, indexes: int | Sequence[int] | slice) -> dict[str, np.ndarray | torch.Tensor]:
         data = super().__getitem__(indexes)
-        if isinstance(indexes, slice):
-            indexes = np.arange(*indexes.indices(len(self)))
-        idx = np.atleast_1d(np.asarray(indexes))
-        if self.adata_manager.adata.isbacked:
-            idx = np.sort(idx)  # the order scvi-tools loads backed rows in
+        idx = data[REGISTRY_KEYS.INDICES_KEY][:, 0]
         k = self.neighbours.shape[1]
         pick = torch.randint(k, (len(idx),)).numpy()  # torch's RNG: seeded by scvi.settings.seed
         data[NEIGHBOUR_X_KEY] = _rows(self.data[REGISTRY_KEYS.X_KEY], self.neighbours[idx, pick])
@@ -47,10 +66,25 @@ class NeighbourDataset(AnnTorchDataset):
 
 
 class CplMixVAEAnnDataManager(AnnDataManager):
-    """:class:`~scvi.data.AnnDataManager` that loads neighbours' counts when :attr:`neighbours` is set."""
+    """:class:`~scvi.data.AnnDataManager` whose datasets carry cell indices and neighbours' counts when asked.
+
+    While :attr:`carry_indices` is set (training), its datasets are :class:`IndexedDataset`; while
+    :attr:`neighbours` is set, :class:`NeighbourDataset`; otherwise scvi-tools' plain dataset.
+    """
 
     #: ``(n_obs, k)`` indices of each cell's nearest neighbours, or ``None``.
     neighbours: np.ndarray | None = None
+    #: Whether new datasets carry their cells' indices (``REGISTRY_KEYS.INDICES_KEY``), rows in sorted order.
+    carry_indices: bool = False
+
+    @contextmanager
+    def indexed_minibatches(self) -> Iterator[None]:
+        """Within this block, new data loaders' minibatches carry their cells' indices (see :class:`IndexedDataset`)."""
+        previous, self.carry_indices = self.carry_indices, True
+        try:
+            yield
+        finally:
+            self.carry_indices = previous
 
     def create_torch_dataset(
         self,
@@ -59,10 +93,13 @@ class CplMixVAEAnnDataManager(AnnDataManager):
         load_sparse_tensor: bool = False,
     ) -> AnnTorchDataset:
         """Create the torch dataset (see :meth:`scvi.data.AnnDataManager.create_torch_dataset`)."""
-        if self.neighbours is None:
+        if self.neighbours is None and not self.carry_indices:
             return super().create_torch_dataset(indices, data_and_attributes, load_sparse_tensor)
-        dataset = NeighbourDataset(self, getitem_tensors=data_and_attributes, load_sparse_tensor=load_sparse_tensor)
-        dataset.neighbours = self.neighbours
+        if self.neighbours is None:
+            dataset = IndexedDataset(self, getitem_tensors=data_and_attributes, load_sparse_tensor=load_sparse_tensor)
+        else:
+            dataset = NeighbourDataset(self, getitem_tensors=data_and_attributes, load_sparse_tensor=load_sparse_tensor)
+            dataset.neighbours = self.neighbours
         return Subset(dataset, indices) if indices is not None else dataset
 
 

@@ -107,6 +107,29 @@ def default_state_epochs(n_cells: int, max_epochs: int | None = None) -> int:
     return round(max_epochs * n_state_epochs / default_max_epochs(n_cells))
 
 
+def _default_train_size(
+    max_epochs: int, early_stopping: bool, validation_size: float | None, kwargs: dict
+) -> float | None:
+    """``train_size`` of a :meth:`CplMixVAE.train` call that gives none: ``1.0`` where the categories train unvalidated.
+
+    scvi-tools holds out 10% of the cells for validation, which then never train, and validates only when
+    asked (early stopping, ``check_val_every_n_epoch``, checkpoints, a learning-rate monitor). A call that trains
+    the categories (``max_epochs > 0``) and validates nothing trains them on every cell, so that no type loses a
+    tenth of its cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``), also
+    when resuming from a checkpoint (``ckpt_path``), which a fit that validated wrote.
+    """
+    from scvi.train import SaveCheckpoint
+
+    validates = (
+        early_stopping
+        or kwargs.get("ckpt_path") is not None
+        or validation_size is not None
+        or any(kwargs.get(key) for key in ("check_val_every_n_epoch", "enable_checkpointing", "learning_rate_monitor"))
+        or any(isinstance(callback, SaveCheckpoint) for callback in kwargs.get("callbacks") or [])
+    )
+    return 1.0 if max_epochs > 0 and not validates else None
+
+
 def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | None) -> None:
     """Raise a clear error, before anything is registered, where scvi-tools cannot read the counts' type.
 
@@ -524,7 +547,10 @@ class CplMixVAE(
         accelerator, devices
             Lightning accelerator and devices (``"auto"`` picks a GPU when there is one).
         train_size, validation_size
-            Fractions of cells for training and validation (scvi-tools' defaults: 0.9 / 0.1).
+            Fractions of cells for training and validation. ``None``: every cell trains when this call trains the
+            categories (``max_epochs > 0``) and nothing asks for validation (early stopping, checkpoints,
+            ``check_val_every_n_epoch``, a ``validation_size``) and it does not resume from a checkpoint;
+            otherwise scvi-tools' defaults, 0.9 / 0.1.
         batch_size
             Minibatch size.
         early_stopping
@@ -628,6 +654,10 @@ class CplMixVAE(
             if state_epochs:  # the states of the chosen categories
                 self.train(max_epochs=0, state_epochs=state_epochs, prune=False, **common, **kwargs)
             return None
+        if train_size is None:
+            train_size = _default_train_size(max_epochs, early_stopping, validation_size, kwargs)
+            if train_size == 1.0:  # no validation set: none must be asked for
+                kwargs.setdefault("limit_val_batches", 0)
         if state_epochs:
             plan_kwargs = {**(plan_kwargs or {}), "state_phase_start": max_epochs}
         if state_epochs or self.module.state_encoder_kind == "staged":
@@ -663,8 +693,10 @@ class CplMixVAE(
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
         if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
             kwargs.setdefault("load_sparse_tensor", self._sparse_minibatches(accelerator))
-        # the neighbours' counts are loaded into the training minibatches only while training
+        # the neighbours' counts are loaded into the training minibatches only while training; their rows are
+        # loaded in sorted order, the same in memory and backed
         self.adata_manager.neighbours = self.neighbours_ if mixes_neighbours else None
+        self.adata_manager.carry_indices = True
         try:
             return super().train(
                 max_epochs=max_epochs + state_epochs,
@@ -688,6 +720,7 @@ class CplMixVAE(
             raise FitInterrupted from None
         finally:
             self.adata_manager.neighbours = None
+            self.adata_manager.carry_indices = False
             self.module.categories_frozen = False
 
     # attributes that one fit (training and pruning) sets; a restart starts them afresh

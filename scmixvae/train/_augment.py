@@ -84,12 +84,12 @@ def train_augmenter(
     rows = []
     for _ in range(max_epochs):
         order = generator.permutation(model.adata.n_obs)
-        loader = model._make_data_loader(adata=model.adata, indices=order, batch_size=batch_size, shuffle=False)
-        start, sums, n_steps = 0, {}, 0
+        with model.adata_manager.indexed_minibatches():  # targets from the cells actually in each minibatch
+            loader = model._make_data_loader(adata=model.adata, indices=order, batch_size=batch_size, shuffle=False)
+        sums, n_steps = {}, 0
         for tensors in loader:
             x = tensors[REGISTRY_KEYS.X_KEY].to(module.device)
-            target = labels_t[order[start : start + x.shape[0]]].to(module.device)
-            start += x.shape[0]
+            target = labels_t[tensors[REGISTRY_KEYS.INDICES_KEY].reshape(-1).long()].to(module.device)
             x_norm = module.normalise(x, x.sum(-1, keepdim=True))
             terms = augmenter.loss(x_norm, target)
             optimizer.zero_grad()

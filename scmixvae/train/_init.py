@@ -170,12 +170,10 @@ def fit_categorical_heads(
     for _ in range(epochs):
         correct = total = 0
         order = generator.permutation(model.adata.n_obs)
-        loader = model._make_data_loader(adata=model.adata, indices=order, batch_size=batch_size, shuffle=False)
-        start = 0
+        with model.adata_manager.indexed_minibatches():  # targets from the cells actually in each minibatch
+            loader = model._make_data_loader(adata=model.adata, indices=order, batch_size=batch_size, shuffle=False)
         for tensors in loader:
-            n = tensors[REGISTRY_KEYS.X_KEY].shape[0]
-            target = labels_t[order[start : start + n]].to(module.device)
-            start += n
+            target = labels_t[tensors[REGISTRY_KEYS.INDICES_KEY].reshape(-1).long()].to(module.device)
             out = module.inference(**module._get_inference_input(tensors))
             log_q = out["log_q"]
             loss = torch.nn.functional.nll_loss(

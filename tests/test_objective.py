@@ -1,0 +1,78 @@
+"""The objective's terms, seen through training: what each one does to the fitted posteriors.
+
+Each test trains small models from random weights (``category_init="random"``, so that nothing but the
+objective aligns or shapes the agents) on simulated data with three well separated types, and checks the
+behaviour the term exists for: the coupling makes the agents' categories agree, its normalisation by the
+minibatch variance keeps a strong coupling from collapsing every posterior onto one shared, uniform one, and
+the entropy term pulls the posteriors away from overconfidence. The formulas themselves are tested in
+``test_module.py``; these tests fail when a term is switched off, unnormalised or of the wrong sign.
+"""
+
+import numpy as np
+import pytest
+import scvi
+from sklearn.metrics import adjusted_rand_score
+
+from scmixvae.data import simulate
+from scmixvae.model import CplMixVAE
+
+N_TYPES = 3
+EPOCHS = 40
+
+
+@pytest.fixture(scope="module")
+def three_types():
+    adata = simulate(n_cells=400, n_genes=200, n_types=N_TYPES, type_separation=2.0, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    return adata
+
+
+def _fit(adata, seed: int, **options) -> CplMixVAE:
+    scvi.settings.seed = seed
+    model = CplMixVAE(adata, n_categories=N_TYPES, n_hidden=32, category_init="random", **options)
+    model.train(max_epochs=EPOCHS, state_epochs=0, batch_size=64, enable_progress_bar=False)
+    return model
+
+
+def _mean_entropy(model: CplMixVAE) -> float:
+    """Mean entropy (nats) of the agents' categorical posteriors over cells and agents."""
+    entropies = []
+    for agent in range(model.module.n_agents):
+        q = model.get_category_probabilities(agent=agent).to_numpy()
+        entropies.append(-(q * np.log(np.clip(q, 1e-12, None))).sum(1).mean())
+    return float(np.mean(entropies))
+
+
+def _agreement(model: CplMixVAE) -> float:
+    """Fraction of cells on which the two agents give the same category."""
+    return float(model.get_agent_agreement().loc["agent0", "agent1"])
+
+
+def test_the_coupling_makes_agents_from_different_starts_agree(three_types):
+    # from independent random weights, an agent's category indices are arbitrary: uncoupled agents that find the
+    # same partition give its parts different indices, and only the coupling makes them the same category
+    coupled = [_agreement(_fit(three_types, seed)) for seed in (0, 1)]
+    uncoupled = [_agreement(_fit(three_types, seed, coupling_weight=0.0)) for seed in (0, 1)]
+    assert min(coupled) > 0.95, coupled
+    assert min(uncoupled) < 0.9, uncoupled  # the agreement above is the coupling's, not the data's
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_strong_coupling_keeps_the_types_and_confident_posteriors(three_types, seed):
+    # Dividing by the minibatch standard deviation is what keeps the coupling from being satisfied by one
+    # posterior shared by every cell: unnormalised, a strong coupling flattens every posterior to uniform
+    # (mean entropy log K) and the types are lost
+    model = _fit(three_types, seed, coupling_weight=100.0)
+    truth = three_types.obs["type"].to_numpy()
+    for agent in range(model.module.n_agents):
+        assert adjusted_rand_score(truth, model.predict(agent=agent).to_numpy()) > 0.5
+    assert _mean_entropy(model) < 0.95 * np.log(N_TYPES)  # uniform: log K
+
+
+def test_the_entropy_term_pulls_posteriors_towards_uniform(three_types):
+    # without the coupling, the entropy term alone acts against the reconstruction's pull towards confident
+    # posteriors: weighted heavily it makes them almost uniform; with the wrong sign it would sharpen them
+    sharp = _mean_entropy(_fit(three_types, 0, coupling_weight=0.0, entropy_weight=0.0))
+    flat = _mean_entropy(_fit(three_types, 0, coupling_weight=0.0, entropy_weight=10.0))
+    assert flat > 0.75 * np.log(N_TYPES), (sharp, flat)  # uniform: log K
+    assert flat > sharp + 0.25 * np.log(N_TYPES), (sharp, flat)
