@@ -9,10 +9,8 @@ import scvi
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from scmixvae.model import CplMixVAE
-from scmixvae.train import _pruning
-from scmixvae.train._pruning import (
-    ConvergenceStopping,
+from scmixvae import _scoring
+from scmixvae._scoring import (
     categories_to_prune,
     category_agreement,
     check_collapse,
@@ -20,6 +18,8 @@ from scmixvae.train._pruning import (
     mean_consensus,
     select_round,
 )
+from scmixvae.model import CplMixVAE
+from scmixvae.train import ConvergenceStopping, _pruning
 
 TRAIN = {"batch_size": 64, "enable_progress_bar": False}
 
@@ -429,20 +429,20 @@ def test_medoid_picks_the_labelling_that_agrees_best_with_the_others():
     b = np.array([5, 5, 5, 7, 7, 7, 7, 7, 7])  # a with types 1 and 2 merged
     c = np.array([1, 1, 1, 2, 2, 2, 0, 0, 0])  # a, renamed
     d = np.array([0, 1, 2, 0, 1, 2, 0, 1, 2])  # unrelated
-    best, ari = _pruning.medoid([b, d, a, c])
+    best, ari = _scoring.medoid([b, d, a, c])
     assert best == 2  # a and c agree fully; a is first of the two
     assert ari.shape == (4, 4) and np.allclose(np.diag(ari), 1) and np.allclose(ari, ari.T)
     assert ari[2, 3] == pytest.approx(1.0) and ari[0, 2] < 1
-    assert _pruning.medoid([d, a, c])[0] == 1
+    assert _scoring.medoid([d, a, c])[0] == 1
 
 
 def test_medoid_takes_the_first_on_a_tie_and_rejects_bad_input():
     a, b = np.array([0, 0, 1, 1]), np.array([0, 1, 0, 1])
-    assert _pruning.medoid([a, b])[0] == 0 and _pruning.medoid([b, a])[0] == 0
+    assert _scoring.medoid([a, b])[0] == 0 and _scoring.medoid([b, a])[0] == 0
     with pytest.raises(ValueError, match="at least two labellings; got 1"):
-        _pruning.medoid([a])
+        _scoring.medoid([a])
     with pytest.raises(ValueError, match=r"same cells; got lengths \[3, 4\]"):
-        _pruning.medoid([a, a[:3]])
+        _scoring.medoid([a, a[:3]])
 
 
 RESTART_PRUNE = {"max_rounds": 1, "epochs_per_round": 1}

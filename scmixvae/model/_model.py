@@ -24,13 +24,14 @@ from scvi.data.fields import (
 )
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
+from .. import _scoring
 from .. import _validation as check
 from .._constants import CONDITION_KEY, category_name
+from .._scoring import agreement_matrix, co_assignment
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
 from ..module._module import STATE_ENCODERS, Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan, _pruning
-from ..train._pruning import agreement_matrix, co_assignment
 from ..train._trainingplan import InterruptFlag
 from ._likelihood import CplMixVAELikelihoodMixin
 from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter
@@ -775,11 +776,11 @@ class CplMixVAE(
         finally:
             if scvi.settings.seed != base_seed:
                 scvi.settings.seed = base_seed
-        best, agreement = _pruning.medoid(labels)
+        best, agreement = _scoring.medoid(labels)
         for name, value in fits[best].items():
             setattr(self, name, value)
         history = pd.DataFrame(rows, columns=_pruning.RESTART_COLUMNS[:-2])
-        history["mean_ari"] = _pruning.mean_agreement(agreement)
+        history["mean_ari"] = _scoring.mean_agreement(agreement)
         history["selected"] = history["restart"] == best
         history.attrs["ari"] = agreement.tolist()
         self.restart_history_ = history

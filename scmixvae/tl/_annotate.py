@@ -10,7 +10,7 @@ from anndata import AnnData
 
 from .. import _validation as check
 from .._constants import DEFAULT_KEY, agent_type_key, agreement_key, confidence_key, state_key, type_key
-from ..train._pruning import agreement_matrix
+from .._scoring import agreement_matrix
 
 
 def annotate(

@@ -1,7 +1,6 @@
 """Training plans and schedules of scmixvae."""
 
-from ._pruning import (
-    ConvergenceStopping,
+from .._scoring import (
     categories_to_prune,
     category_agreement,
     check_collapse,
@@ -10,6 +9,7 @@ from ._pruning import (
     medoid,
     select_round,
 )
+from ._pruning import ConvergenceStopping
 from ._trainingplan import CplMixVAETrainingPlan, TrainingCheckpoint
 
 __all__ = [
