@@ -86,6 +86,14 @@ READ_OUTS = {
     "get_setup_arg": (lambda m: m.get_setup_arg("layer"), lambda m, r: r is None),
     "get_state_registry": (lambda m: m.get_state_registry("X"), lambda m, r: len(r["column_names"]) == N_GENES),
     "get_var_names": (lambda m: m.get_var_names(), lambda m, r: list(r) == list(m.adata.var_names)),
+    "iter_inference": (
+        lambda m: [(inputs["x"].shape, out["q"]) for inputs, out in m.iter_inference(batch_size=128)],
+        lambda m, r: (
+            [shape[0] for shape, _ in r] == [128, 128, 44]
+            and not m.module.training
+            and (torch.cat([q for _, q in r], 1).mean(0).argmax(-1).numpy() == m.predict().cat.codes.to_numpy()).all()
+        ),
+    ),
 }
 
 # methods that change the model or need another object: a test of their own below

@@ -8,11 +8,9 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from anndata import AnnData
-from scvi import REGISTRY_KEYS
 
 from .. import _validation as check
 from ..module._losses import kl_normal_standard
-from ..module._module import eval_mode
 
 _EXTRA_ARGUMENTS = (
     "Custom `dataloader`s and forward keyword arguments are not supported by CplMixVAE; "
@@ -34,17 +32,13 @@ class CplMixVAELikelihoodMixin:
     def _minibatches(self, adata, indices, batch_size, dataloader, data_loader_kwargs, kwargs):
         if dataloader is not None or kwargs:
             raise ValueError(_EXTRA_ARGUMENTS)
-        self._check_if_trained(warn=True)
-        adata = self._validate_anndata(adata)
-        return self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, **(data_loader_kwargs or {}))
+        return self.iter_inference(adata, indices, batch_size=batch_size, data_loader_kwargs=data_loader_kwargs)
 
-    def _per_category_terms(self, tensors: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _per_category_terms(self, inputs: dict, out: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Categorical posterior, log-likelihood and state KL per surviving category, each ``(A, B, K')``."""
         module = self.module
-        inputs = module._get_inference_input(tensors)
-        out = module.inference(**inputs)
         active = module.category_mask.nonzero().squeeze(-1)
-        x = tensors[REGISTRY_KEYS.X_KEY].to(out["library"].device)
+        x = inputs["x"].to(out["library"].device)
         log_lik, kl = [], []
         for k in active.tolist():
             c = torch.zeros_like(out["q"])
@@ -101,11 +95,10 @@ class CplMixVAELikelihoodMixin:
         """
         self._check_agent(agent)
         values = []
-        with eval_mode(self.module):
-            for tensors in self._minibatches(adata, indices, batch_size, dataloader, data_loader_kwargs, kwargs):
-                q, log_lik, kl = self._per_category_terms(tensors)
-                kl_c = (q * torch.log(q.clamp_min(1e-12) * q.shape[-1])).sum(-1)
-                values.append((q * (log_lik - kl)).sum(-1) - kl_c)
+        for inputs, out in self._minibatches(adata, indices, batch_size, dataloader, data_loader_kwargs, kwargs):
+            q, log_lik, kl = self._per_category_terms(inputs, out)
+            kl_c = (q * torch.log(q.clamp_min(1e-12) * q.shape[-1])).sum(-1)
+            values.append((q * (log_lik - kl)).sum(-1) - kl_c)
         return self._per_cell(values, agent, return_mean)
 
     @torch.inference_mode()
@@ -131,10 +124,9 @@ class CplMixVAELikelihoodMixin:
         """
         self._check_agent(agent)
         values = []
-        with eval_mode(self.module):
-            for tensors in self._minibatches(adata, indices, batch_size, dataloader, data_loader_kwargs, kwargs):
-                q, log_lik, _ = self._per_category_terms(tensors)
-                values.append(-(q * log_lik).sum(-1))
+        for inputs, out in self._minibatches(adata, indices, batch_size, dataloader, data_loader_kwargs, kwargs):
+            q, log_lik, _ = self._per_category_terms(inputs, out)
+            values.append(-(q * log_lik).sum(-1))
         return {"reconstruction_loss": self._per_cell(values, agent, return_mean)}
 
     @torch.inference_mode()
@@ -159,24 +151,21 @@ class CplMixVAELikelihoodMixin:
         self._check_agent(agent)
         check.check_int("n_mc_samples", n_mc_samples)
         module, values = self.module, []
-        with eval_mode(module):
-            for tensors in self._minibatches(adata, indices, batch_size, dataloader, data_loader_kwargs, kwargs):
-                inputs = module._get_inference_input(tensors)
-                out = module.inference(**inputs)
-                x = tensors[REGISTRY_KEYS.X_KEY].to(out["library"].device)
-                q = out["q"] * module.category_mask
-                q = q / q.sum(-1, keepdim=True)
-                log_prior_c = -math.log(module.n_active_categories)
-                log_w = []
-                for _ in range(n_mc_samples):
-                    code = torch.distributions.Categorical(probs=q).sample()  # (A, B)
-                    c = torch.nn.functional.one_hot(code, q.shape[-1]).to(q.dtype)
-                    mean, var = module.state_posterior(out["hs"], c)
-                    s = mean + var.sqrt() * torch.randn_like(mean)
-                    gen = module.generative(s, c, out["library"], inputs.get("batch_index"), out["cov"])
-                    log_ps = torch.distributions.Normal(0.0, 1.0).log_prob(s).sum(-1)
-                    log_qs = torch.distributions.Normal(mean, var.sqrt()).log_prob(s).sum(-1)
-                    log_qc = torch.log(q.gather(-1, code.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12))
-                    log_w.append(module.log_likelihood(x, out, gen) + log_ps - log_qs + log_prior_c - log_qc)
-                values.append(torch.logsumexp(torch.stack(log_w), 0) - np.log(n_mc_samples))
+        for inputs, out in self._minibatches(adata, indices, batch_size, dataloader, data_loader_kwargs, kwargs):
+            x = inputs["x"].to(out["library"].device)
+            q = out["q"] * module.category_mask
+            q = q / q.sum(-1, keepdim=True)
+            log_prior_c = -math.log(module.n_active_categories)
+            log_w = []
+            for _ in range(n_mc_samples):
+                code = torch.distributions.Categorical(probs=q).sample()  # (A, B)
+                c = torch.nn.functional.one_hot(code, q.shape[-1]).to(q.dtype)
+                mean, var = module.state_posterior(out["hs"], c)
+                s = mean + var.sqrt() * torch.randn_like(mean)
+                gen = module.generative(s, c, out["library"], inputs.get("batch_index"), out["cov"])
+                log_ps = torch.distributions.Normal(0.0, 1.0).log_prob(s).sum(-1)
+                log_qs = torch.distributions.Normal(mean, var.sqrt()).log_prob(s).sum(-1)
+                log_qc = torch.log(q.gather(-1, code.unsqueeze(-1)).squeeze(-1).clamp_min(1e-12))
+                log_w.append(module.log_likelihood(x, out, gen) + log_ps - log_qs + log_prior_c - log_qc)
+            values.append(torch.logsumexp(torch.stack(log_w), 0) - np.log(n_mc_samples))
         return self._per_cell(values, agent, return_mean)

@@ -6,7 +6,7 @@ import functools
 import logging
 import os
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Literal
 
 import numpy as np
@@ -1031,6 +1031,48 @@ class CplMixVAE(
         """Names of the surviving categories (their index among the initial ``n_categories``)."""
         return [category_name(k) for k in np.flatnonzero(self.module.category_mask.cpu().numpy())]
 
+    def iter_inference(
+        self,
+        adata: AnnData | None = None,
+        indices: Sequence[int] | None = None,
+        *,
+        batch_size: int | None = None,
+        data_loader_kwargs: dict | None = None,
+    ) -> Iterator[tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor]]]:
+        """Run the model's inference over minibatches of the real cells in evaluation mode.
+
+        The one read-out loop: :meth:`predict`, :meth:`get_latent_representation`,
+        :meth:`get_normalized_expression`, the :mod:`scmixvae.tl` verbs and the choice of the number of types all
+        read the model through it. The module stays in evaluation mode (no input dropout or augmentation;
+        BatchNorm running statistics) until the iteration ends; no gradient is recorded.
+
+        Parameters
+        ----------
+        adata, indices, batch_size
+            As in :meth:`get_category_probabilities`.
+        data_loader_kwargs
+            Further keyword arguments of scvi-tools' data loader.
+
+        Yields
+        ------
+        For each minibatch, in the order of ``indices``: the module's inference inputs (counts, batch, covariates)
+        and its inference outputs (``q``: posteriors ``(A, n, K)`` over all initial categories, masked ones 0;
+        ``hs``: the state features; ``qs_m``, ``qs_v``: each agent's state posterior given its own category).
+        """
+        self._check_if_trained(warn=True)
+        adata = self._validate_anndata(adata)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        loader = self._make_data_loader(
+            adata=adata, indices=indices, batch_size=batch_size, **(data_loader_kwargs or {})
+        )
+        module = self.module
+        with eval_mode(module):
+            for tensors in loader:
+                with torch.inference_mode():  # per minibatch: the grad mode is not left changed between yields
+                    inputs = module._get_inference_input(tensors)
+                    outputs = module.inference(**inputs)
+                yield inputs, outputs
+
     @torch.inference_mode()
     def _posteriors(
         self,
@@ -1044,23 +1086,18 @@ class CplMixVAE(
         """Category posteriors ``(A, n, K)`` and optionally state latents ``(A, n, S)`` of the real cells."""
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
-        if indices is None:
-            indices = np.arange(adata.n_obs)
-        indices = np.asarray(indices)
-        dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size)
+        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
         module = self.module
         qs, states = [], []
-        with eval_mode(module):
-            for tensors in dl:
-                out = module.inference(**module._get_inference_input(tensors))
-                qs.append(out["q"].cpu())
-                if state is None:
-                    continue
-                if state == "consensus":
-                    _, mean, var = module.consensus_state(out["q"], out["hs"])
-                else:
-                    mean, var = out["qs_m"], out["qs_v"]
-                states.append((mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)).cpu())
+        for _, out in self.iter_inference(adata, indices, batch_size=batch_size):
+            qs.append(out["q"].cpu())
+            if state is None:
+                continue
+            if state == "consensus":
+                _, mean, var = module.consensus_state(out["q"], out["hs"])
+            else:
+                mean, var = out["qs_m"], out["qs_v"]
+            states.append((mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)).cpu())
         active = module.category_mask.cpu().numpy()
         q = torch.cat(qs, dim=1).numpy()[..., active]
         s = torch.cat(states, dim=1).numpy() if states else None

@@ -17,7 +17,6 @@ from scvi.model.base import RNASeqMixin
 
 from .. import _validation as check
 from .._constants import NORMALISATION_SCALE, RAW_SCALING_KEY
-from ..module._module import eval_mode
 
 if TYPE_CHECKING:
     import sparse
@@ -172,18 +171,15 @@ class CplMixVAERNAMixin(RNASeqMixin):
         gene_mask = np.ones(adata.n_vars, dtype=bool) if gene_list is None else adata.var_names.isin(gene_list)
 
         module = self.module
-        dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, **data_loader_kwargs)
         exprs = []
-        with eval_mode(module):
-            for tensors in dl:
-                inputs = module._get_inference_input(tensors)
-                out = module.inference(**inputs)
-                c, mean, var = module.consensus_state(out["q"], out["hs"])
-                per_sample = []
-                for _ in range(n_samples):
-                    s = mean + var.sqrt() * torch.randn_like(mean) if sample else mean
-                    per_sample.append(self._decode_scale(out, inputs, s, c, batch_codes, agent, library_size))
-                exprs.append(torch.stack(per_sample).cpu().numpy()[..., gene_mask])
+        read = self.iter_inference(adata, indices, batch_size=batch_size, data_loader_kwargs=data_loader_kwargs)
+        for inputs, out in read:
+            c, mean, var = module.consensus_state(out["q"], out["hs"])
+            per_sample = []
+            for _ in range(n_samples):
+                s = mean + var.sqrt() * torch.randn_like(mean) if sample else mean
+                per_sample.append(self._decode_scale(out, inputs, s, c, batch_codes, agent, library_size))
+            exprs.append(torch.stack(per_sample).cpu().numpy()[..., gene_mask])
         exprs = np.concatenate(exprs, axis=1)  # (n_samples, n_cells, n_genes)
 
         if n_samples_overall is not None:
@@ -219,17 +215,12 @@ class CplMixVAERNAMixin(RNASeqMixin):
 
     def _consensus_decodes(self, adata, indices, batch_size, *, give_mean: bool, data_loader_kwargs=None):
         """Yield ``(inputs, inference outputs, generative outputs)`` decoded with the consensus category."""
-        self._check_if_trained(warn=True)
-        adata = self._validate_anndata(adata)
         module = self.module
-        dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, **(data_loader_kwargs or {}))
-        with eval_mode(module):
-            for tensors in dl:
-                inputs = module._get_inference_input(tensors)
-                out = module.inference(**inputs)
-                c, mean, var = module.consensus_state(out["q"], out["hs"])
-                s = mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)
-                yield inputs, out, module.generative(s, c, out["library"], inputs.get("batch_index"), out["cov"])
+        read = self.iter_inference(adata, indices, batch_size=batch_size, data_loader_kwargs=data_loader_kwargs)
+        for inputs, out in read:
+            c, mean, var = module.consensus_state(out["q"], out["hs"])
+            s = mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)
+            yield inputs, out, module.generative(s, c, out["library"], inputs.get("batch_index"), out["cov"])
 
     @torch.inference_mode()
     def posterior_predictive_sample(

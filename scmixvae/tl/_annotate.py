@@ -57,7 +57,9 @@ def annotate(
     if copy:
         adata = adata.copy()
     target = adata
-    _, q, _ = model._posteriors(adata, None, batch_size)
+    active = model.module.category_mask.cpu().numpy()
+    q = np.concatenate([out["q"].cpu().numpy() for _, out in model.iter_inference(adata, batch_size=batch_size)], 1)
+    q = q[..., active]
     state = model.get_latent_representation(adata, batch_size=batch_size)
     categories = model.category_names
     mean_q = q.mean(0)

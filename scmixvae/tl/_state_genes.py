@@ -163,21 +163,16 @@ def _encode(model, adata: AnnData, batch_size: int | None) -> tuple[np.ndarray, 
     Also returns the mean of the continuous covariates (``None`` without them). Memory is ``n x A x F``
     floats (the state features' width, not the genes).
     """
-    module = model.module
-    dl = model._make_data_loader(adata=adata, indices=np.arange(adata.n_obs), batch_size=batch_size)
     consensus, hs = [], []
     cont_sum, n = None, 0
-    with eval_mode(module):
-        for tensors in dl:
-            inputs = module._get_inference_input(tensors)
-            out = module.inference(**inputs)
-            consensus.append(out["q"].mean(0).argmax(-1).cpu())
-            hs.append(out["hs"].cpu())
-            cont = inputs.get("cont_covs")
-            if cont is not None and cont.shape[-1] > 0:
-                part = cont.float().sum(0).cpu()
-                cont_sum = part if cont_sum is None else cont_sum + part
-            n += out["hs"].shape[1]
+    for inputs, out in model.iter_inference(adata, batch_size=batch_size):
+        consensus.append(out["q"].mean(0).argmax(-1).cpu())
+        hs.append(out["hs"].cpu())
+        cont = inputs.get("cont_covs")
+        if cont is not None and cont.shape[-1] > 0:
+            part = cont.float().sum(0).cpu()
+            cont_sum = part if cont_sum is None else cont_sum + part
+        n += out["hs"].shape[1]
     cont_mean = None if cont_sum is None else cont_sum / n
     return torch.cat(consensus).numpy(), torch.cat(hs, dim=1), cont_mean
 

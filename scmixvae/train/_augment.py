@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from scvi import REGISTRY_KEYS
 
-from ._init import _CHUNK, balanced_neighbours, log_normalised
+from ._init import balanced_neighbours, log_normalised_svd, project
 
 logger = logging.getLogger(__name__)
 
@@ -30,18 +30,11 @@ def neighbour_table(
     are taken equally from each group (:func:`~scmixvae.train._init.balanced_neighbours`; about
     ``n_neighbors`` in all), so that mixing a cell with a neighbour also mixes conditions.
     """
-    from sklearn.decomposition import TruncatedSVD
-
     n = matrix.shape[0]
     n_neighbors = max(1, min(n_neighbors, n - 1))
-    x, _ = log_normalised(matrix, max_cells=max_fit_cells, seed=seed)
-    n_components = max(1, min(n_components, x.shape[1] - 1, x.shape[0] - 1))
-    svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(x)
-    if x.shape[0] == n:
-        rep = svd.transform(x)
-    else:
-        rep = np.vstack([svd.transform(log_normalised(matrix[s : s + _CHUNK])[0]) for s in range(0, n, _CHUNK)])
-    rep = rep.astype(np.float32)
+    rep, rows, svd = log_normalised_svd(matrix, n_components=n_components, max_cells=max_fit_cells, seed=seed)
+    if len(rows) < n:
+        rep = np.vstack([block for _, block in project(matrix, svd)]).astype(np.float32)
     groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)  # one group: plain k-NN
     _, idx = balanced_neighbours(rep, groups, n_neighbors)
     return idx.reshape(n, -1).astype(np.int64)

@@ -10,6 +10,8 @@ then refines it with the coupled objective.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,6 +19,9 @@ import torch
 from scvi import REGISTRY_KEYS
 
 from .._preprocess import log_normalise_block
+
+if TYPE_CHECKING:
+    from sklearn.decomposition import TruncatedSVD
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +41,28 @@ def log_normalised(matrix, *, max_cells: int | None = None, seed: int = 0) -> tu
     for start in range(0, len(rows), _CHUNK):
         blocks.append(log_normalise_block(sp.csr_matrix(matrix[rows[start : start + _CHUNK]])))
     return sp.vstack(blocks, format="csr"), rows
+
+
+def log_normalised_svd(
+    matrix, *, n_components: int = 30, max_cells: int | None = None, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, TruncatedSVD]:
+    """Fit a truncated SVD to log-normalised counts (:func:`log_normalised`) of at most ``max_cells`` cells.
+
+    Returns the representation ``(n_fit, n_components)`` (float32) of the cells it was fitted on, their row
+    indices, and the fitted SVD (:func:`project` applies it to every cell, chunk by chunk).
+    """
+    from sklearn.decomposition import TruncatedSVD
+
+    x, rows = log_normalised(matrix, max_cells=max_cells, seed=seed)
+    n_components = max(1, min(n_components, x.shape[1] - 1, x.shape[0] - 1))
+    svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(x)
+    return svd.transform(x).astype(np.float32), rows, svd
+
+
+def project(matrix, svd: TruncatedSVD) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, representation)`` of every chunk of cells: ``svd`` applied to their log-normalised counts."""
+    for start in range(0, matrix.shape[0], _CHUNK):  # bounded memory: one chunk of cells at a time
+        yield start, svd.transform(log_normalised(matrix[start : start + _CHUNK])[0])
 
 
 def balanced_neighbours(rep: np.ndarray, groups: np.ndarray, n_neighbors: int = 15) -> tuple[np.ndarray, np.ndarray]:
@@ -101,15 +128,11 @@ def leiden_labels(
     (:func:`balanced_knn_graph`).
     """
     import anndata
-    from sklearn.decomposition import TruncatedSVD
     from sklearn.neighbors import KNeighborsClassifier
 
     from .._neighbors import leiden, neighbors
 
-    x, rows = log_normalised(matrix, max_cells=max_cells, seed=seed)
-    n_components = max(1, min(n_components, x.shape[1] - 1, x.shape[0] - 1))
-    svd = TruncatedSVD(n_components=n_components, random_state=seed).fit(x)
-    rep = svd.transform(x).astype(np.float32)
+    rep, rows, svd = log_normalised_svd(matrix, n_components=n_components, max_cells=max_cells, seed=seed)
     graph = anndata.AnnData(obs={"i": np.arange(len(rows))}, obsm={"X_rep": rep})
     leiden_kwargs = {}
     if groups is not None and len(np.unique(groups[rows])) > 1:
@@ -143,9 +166,8 @@ def leiden_labels(
         return labels
     knn = KNeighborsClassifier(n_neighbors=1).fit(rep, labels)
     out = np.empty(matrix.shape[0], dtype=np.int64)
-    for start in range(0, matrix.shape[0], _CHUNK):  # bounded memory: one chunk of cells at a time
-        block, _ = log_normalised(matrix[start : start + _CHUNK])
-        out[start : start + block.shape[0]] = knn.predict(svd.transform(block))
+    for start, block in project(matrix, svd):
+        out[start : start + block.shape[0]] = knn.predict(block)
     return out
 
 
