@@ -63,7 +63,7 @@ def _prepare(model) -> dict[str, float]:
     import scvi
     from scvi import REGISTRY_KEYS
 
-    from scmixvae.train._augment import neighbour_table
+    from scmixvae.model._start import neighbour_table
 
     seconds = {"augmenter_seconds": 0.0, "neighbour_seconds": 0.0}
     start = time.perf_counter()

@@ -132,10 +132,10 @@ def worker(args) -> dict:
         model = CplMixVAE(adata, n_agents=2, n_categories=10, category_init="leiden" if args.init else "random")
     row["setup_seconds"] = time.perf_counter() - start
     if args.init:
-        from scmixvae.train._init import fit_categorical_heads
+        from scmixvae.model._start import fit_categorical_heads, initial_partition
 
         start = time.perf_counter()
-        labels = model._initial_partition()
+        labels = initial_partition(model)
         row["leiden_init_seconds"] = time.perf_counter() - start
         start = time.perf_counter()
         fit_categorical_heads(model, labels)

@@ -12,9 +12,9 @@ from scmixvae._constants import NEIGHBOUR_X_KEY
 from scmixvae.data import simulate
 from scmixvae.model import CplMixVAE
 from scmixvae.model._model import default_max_epochs
+from scmixvae.model._start import neighbour_table
 from scmixvae.module import AugmenterModule, CplMixVAEModule
 from scmixvae.module._augment import mix_neighbours, thin_counts
-from scmixvae.train._augment import neighbour_table
 
 OPTIONS = ["dropout", "thinning", "knn", "learned"]
 

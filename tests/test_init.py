@@ -5,7 +5,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from scmixvae.data import simulate
 from scmixvae.model import CplMixVAE
-from scmixvae.train import _init
+from scmixvae.model import _start as _init
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ def test_leiden_init_with_conditions_follows_types_not_conditions():
 
 
 def test_knn_neighbours_with_conditions_come_equally_from_each_condition():
-    from scmixvae.train._augment import neighbour_table
+    from scmixvae.model._start import neighbour_table
 
     adata = simulate(n_cells=300, n_genes=100, n_types=3, seed=2)
     groups = np.random.default_rng(0).integers(3, size=adata.n_obs)

@@ -18,8 +18,8 @@ from scmixvae._scoring import (
     mean_consensus,
     select_round,
 )
-from scmixvae.model import CplMixVAE
-from scmixvae.train import ConvergenceStopping, _pruning
+from scmixvae.model import CplMixVAE, _pruning
+from scmixvae.train import ConvergenceStopping
 
 TRAIN = {"batch_size": 64, "enable_progress_bar": False}
 
@@ -540,7 +540,7 @@ def test_three_restarts_by_default_only_when_the_model_chooses_k(monkeypatch):
     assert [default_n_restarts(True, n) for n in (400, 50_000, 50_001)] == [3, 3, 1]
     assert default_n_restarts(False, 400) == 1
     seen = []
-    monkeypatch.setattr(CplMixVAE, "_fit_restarts", lambda self, n, *args: seen.append(n))
+    monkeypatch.setattr(_pruning, "fit_restarts", lambda model, schedule: seen.append(schedule.n_restarts))
     single = _pruning.prune
 
     def pruning(model, **kwargs):
@@ -600,7 +600,7 @@ def test_one_ctrl_c_stops_the_whole_default_fit(at):
     assert stopper.runs == at + 1  # no later training, pruning round, restart or state phase ran
     said = [str(w.message) for w in caught if "interrupted" in str(w.message)]
     assert len(said) == 1 and "interrupted (KeyboardInterrupt): the fit stopped there" in said[0]
-    assert model._fit_depth == 0 and model.is_trained_ and model.interrupted_
+    assert model.is_trained_ and model.interrupted_
     assert model.restart_history.empty  # the restarts did not finish
     labels = model.predict()
     assert labels.shape == (model.adata.n_obs,) and set(labels.cat.categories) == set(model.category_names)

@@ -1,13 +1,7 @@
 """scvi-tools models of scmixvae."""
 
-from ._model import (
-    CplMixVAE,
-    default_max_epochs,
-    default_n_categories,
-    default_n_restarts,
-    default_options,
-    default_state_epochs,
-)
+from ._fit import default_max_epochs, default_n_restarts, default_state_epochs
+from ._model import CplMixVAE, default_n_categories, default_options
 
 __all__ = [
     "CplMixVAE",

@@ -24,15 +24,15 @@ from scvi.data.fields import (
 )
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
-from .. import _scoring
 from .. import _validation as check
 from .._constants import CONDITION_KEY, category_name
 from .._scoring import agreement_matrix, co_assignment
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
 from ..module._module import STATE_ENCODERS, Likelihood, eval_mode
-from ..train import CplMixVAETrainingPlan, _pruning
-from ..train._trainingplan import InterruptFlag
+from ..train import CplMixVAETrainingPlan
+from . import _fit, _pruning, _start
+from ._fit import FitInterrupted, default_max_epochs
 from ._likelihood import CplMixVAELikelihoodMixin
 from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter
 from ._registry import CplMixVAERegistryMixin
@@ -46,28 +46,19 @@ logger = logging.getLogger(__name__)
 MIN_TRAINING_CELLS = 3
 
 
-class FitInterrupted(KeyboardInterrupt):
-    """A Ctrl-C in one training run of a fit: it stops every later stage (see :meth:`CplMixVAE.train`)."""
-
-
 def _stops_whole_fit_on_interrupt(fit):
     """Wrap :meth:`CplMixVAE.train` or :meth:`CplMixVAE.prune` so that one Ctrl-C stops the whole fit.
 
-    A training run stopped by Ctrl-C raises :class:`FitInterrupted`; the calls nested in a fit (its training,
-    pruning rounds, restarts and state phase) pass it on, and the outermost one returns ``None`` with a warning.
+    A training run stopped by Ctrl-C raises :class:`~scmixvae.model._fit.FitInterrupted`, which passes through
+    every later stage of the fit (pruning rounds, restarts, state phase); here it becomes a warning and ``None``.
     """
 
     @functools.wraps(fit)
     def wrapper(self, *args, **kwargs):
-        depth = self._fit_depth
-        self._fit_depth = depth + 1
-        if not depth:
-            self.interrupted_ = False
+        self.interrupted_ = False
         try:
             return fit(self, *args, **kwargs)
         except FitInterrupted:
-            if depth:
-                raise
             self.interrupted_ = True
             message = (
                 "Training was interrupted (KeyboardInterrupt): the fit stopped there, and none of its later stages "
@@ -78,57 +69,8 @@ def _stops_whole_fit_on_interrupt(fit):
             logger.warning(message)
             warnings.warn(message, UserWarning, stacklevel=2)
             return None
-        finally:
-            self._fit_depth = depth
 
     return wrapper
-
-
-def default_max_epochs(n_cells: int) -> int:
-    """Default number of training epochs: ``250,000 / n_cells`` clipped to ``[20, 100]``.
-
-    The agents agree on the types within a few thousand minibatch steps. The state latent keeps improving for
-    longer: train longer (``max_epochs``) when the states are what you are after (see the user guide).
-    """
-    return int(np.clip(round(250_000 / max(n_cells, 1)), 20, 100))
-
-
-def default_state_epochs(n_cells: int, max_epochs: int | None = None) -> int:
-    """Default length of the state phase of :meth:`CplMixVAE.train`: ``750,000 / n_cells`` clipped to ``[0, 300]``.
-
-    Three times :func:`default_max_epochs` on data of up to ~9,000 cells, where the agents settle on the types
-    long before the state latent has learned the within-type programs of the smaller types; on larger data the
-    types' own epochs hold enough minibatch steps, and the phase shrinks (8 epochs at 100,000 cells, none above
-    1.5 million). With ``max_epochs`` given: the same multiple of it as the defaults have; ``max_epochs=0`` (the
-    state phase alone, e.g. after :meth:`CplMixVAE.prune`): the default length.
-    """
-    n_state_epochs = int(np.clip(round(750_000 / max(n_cells, 1)), 0, 300))
-    if not max_epochs:
-        return n_state_epochs
-    return round(max_epochs * n_state_epochs / default_max_epochs(n_cells))
-
-
-def _default_train_size(
-    max_epochs: int, early_stopping: bool, validation_size: float | None, kwargs: dict
-) -> float | None:
-    """``train_size`` of a :meth:`CplMixVAE.train` call that gives none: ``1.0`` where the categories train unvalidated.
-
-    scvi-tools holds out 10% of the cells for validation, which then never train, and validates only when
-    asked (early stopping, ``check_val_every_n_epoch``, checkpoints, a learning-rate monitor). A call that trains
-    the categories (``max_epochs > 0``) and validates nothing trains them on every cell, so that no type loses a
-    tenth of its cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``), also
-    when resuming from a checkpoint (``ckpt_path``), which a fit that validated wrote.
-    """
-    from scvi.train import SaveCheckpoint
-
-    validates = (
-        early_stopping
-        or kwargs.get("ckpt_path") is not None
-        or validation_size is not None
-        or any(kwargs.get(key) for key in ("check_val_every_n_epoch", "enable_checkpointing", "learning_rate_monitor"))
-        or any(isinstance(callback, SaveCheckpoint) for callback in kwargs.get("callbacks") or [])
-    )
-    return 1.0 if max_epochs > 0 and not validates else None
 
 
 def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | None) -> None:
@@ -179,17 +121,6 @@ def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
     }
 
 
-def default_n_restarts(choose_n_categories: bool, n_cells: int) -> int:
-    """Fits of :meth:`CplMixVAE.train` to choose from: 3 when the model chooses the number of types, else 1.
-
-    The types chosen by pruning from many categories vary between seeds; keeping the medoid of three fits (the
-    one agreeing best with the other two) avoids relying on a single, possibly atypical fit, at three times the
-    cost of the training and pruning. Above 50,000 cells, where one fit takes a quarter of an hour or more on a
-    CPU, the default is one fit; ask for restarts with ``train(n_restarts=3)``.
-    """
-    return 3 if choose_n_categories and n_cells <= 50_000 else 1
-
-
 def default_n_categories(n_cells: int) -> int:
     """Categories to start from when the number of types is unknown: ``n_cells / 50`` clipped to ``[2, 50]``.
 
@@ -197,6 +128,61 @@ def default_n_categories(n_cells: int) -> int:
     about 50 types, and on small data every category keeps about 50 cells on average.
     """
     return int(np.clip(n_cells // 50, 2, 50))
+
+
+def _check_init_arguments(
+    adata: AnnData | None,
+    *,
+    n_categories: int,
+    n_state: int,
+    n_hidden: int,
+    n_layers: int,
+    n_latent: int,
+    n_hidden_state: int,
+    likelihood: str,
+    input_dropout: float,
+    tau: float | None,
+    beta: float,
+    coupling_weight: float,
+    initial_coupling_weight: float | None,
+    condition_weight: float,
+    category_init: str,
+    augmentation: str,
+    augmentation_strength: float | None,
+    state_encoder: str,
+) -> None:
+    """Check the arguments of :class:`CplMixVAE` (its defaults resolved) before the module is built."""
+    check.check_int("n_categories", n_categories, minimum=1)
+    check.check_int("n_state", n_state, minimum=1)
+    check.check_int("n_hidden", n_hidden, minimum=1)
+    check.check_int("n_layers", n_layers, minimum=1)
+    check.check_int("n_latent", n_latent, minimum=1)
+    check.check_int("n_hidden_state", n_hidden_state, minimum=1)
+    check.check_choice("likelihood", likelihood, ("nb", "zinb", "gaussian"))
+    check.check_float("input_dropout", input_dropout, maximum=0.95)
+    check.check_float("beta", beta)
+    check.check_float("coupling_weight", coupling_weight)
+    if initial_coupling_weight is not None:
+        check.check_float("initial_coupling_weight", initial_coupling_weight)
+    check.check_float("condition_weight", condition_weight)
+    check.check_choice("category_init", category_init, ("leiden", "random"))
+    check.check_choice("augmentation", augmentation, AUGMENTATIONS)
+    check.check_choice("state_encoder", state_encoder, STATE_ENCODERS)
+    if augmentation_strength is not None:
+        check.check_float("augmentation_strength", augmentation_strength, strict=True)
+        if augmentation in ("thinning", "knn") and augmentation_strength >= 1:
+            raise ValueError(
+                f"augmentation_strength={augmentation_strength} must be below 1 for augmentation={augmentation!r}."
+            )
+    if tau is not None:
+        check.check_float("tau", tau, strict=True)
+    if adata is not None and adata.n_obs < MIN_TRAINING_CELLS:
+        raise ValueError(
+            f"The AnnData has {adata.n_obs} cell(s); training needs at least {MIN_TRAINING_CELLS} (in practice "
+            "hundreds). To read out a few new cells, pass them to a trained model's read-outs instead."
+        )
+    if adata is not None and n_categories > adata.n_obs:
+        raise ValueError(f"n_categories={n_categories} is larger than the number of cells ({adata.n_obs}).")
 
 
 class CplMixVAE(
@@ -299,7 +285,6 @@ class CplMixVAE(
     _module_cls = CplMixVAEModule
     _training_plan_cls = CplMixVAETrainingPlan
     _data_splitter_cls = CplMixVAEDataSplitter
-    _fit_depth = 0  # train() and prune() calls in progress (see _stops_whole_fit_on_interrupt)
     interrupted_ = False  # whether the last train() or prune() was stopped by Ctrl-C
 
     def __init__(
@@ -345,44 +330,31 @@ class CplMixVAE(
             defaults["initial_coupling_weight"] if initial_coupling_weight is None else initial_coupling_weight
         )
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
-        check.check_int("n_categories", n_categories, minimum=1)
-        check.check_int("n_state", n_state, minimum=1)
-        check.check_int("n_hidden", n_hidden, minimum=1)
-        check.check_int("n_layers", n_layers, minimum=1)
-        check.check_int("n_latent", n_latent, minimum=1)
-        check.check_int("n_hidden_state", n_hidden_state, minimum=1)
-        check.check_choice("likelihood", likelihood, ("nb", "zinb", "gaussian"))
-        check.check_float("input_dropout", input_dropout, maximum=0.95)
-        check.check_float("beta", beta)
-        check.check_float("coupling_weight", coupling_weight)
-        if initial_coupling_weight is not None:
-            check.check_float("initial_coupling_weight", initial_coupling_weight)
-        check.check_float("condition_weight", condition_weight)
-        check.check_choice("category_init", category_init, ("leiden", "random"))
-        check.check_choice("augmentation", augmentation, AUGMENTATIONS)
-        check.check_choice("state_encoder", state_encoder, STATE_ENCODERS)
-        if augmentation_strength is not None:
-            check.check_float("augmentation_strength", augmentation_strength, strict=True)
-            if augmentation in ("thinning", "knn") and augmentation_strength >= 1:
-                raise ValueError(
-                    f"augmentation_strength={augmentation_strength} must be below 1 for augmentation={augmentation!r}."
-                )
+        _check_init_arguments(
+            adata,
+            n_categories=n_categories,
+            n_state=n_state,
+            n_hidden=n_hidden,
+            n_layers=n_layers,
+            n_latent=n_latent,
+            n_hidden_state=n_hidden_state,
+            likelihood=likelihood,
+            input_dropout=input_dropout,
+            tau=tau,
+            beta=beta,
+            coupling_weight=coupling_weight,
+            initial_coupling_weight=initial_coupling_weight,
+            condition_weight=condition_weight,
+            category_init=category_init,
+            augmentation=augmentation,
+            augmentation_strength=augmentation_strength,
+            state_encoder=state_encoder,
+        )
         self.category_init = category_init
-        if tau is not None:
-            check.check_float("tau", tau, strict=True)
-        if adata is not None and adata.n_obs < MIN_TRAINING_CELLS:
-            raise ValueError(
-                f"The AnnData has {adata.n_obs} cell(s); training needs at least {MIN_TRAINING_CELLS} (in practice "
-                "hundreds). To read out a few new cells, pass them to a trained model's read-outs instead."
-            )
-        if adata is not None and n_categories > adata.n_obs:
-            raise ValueError(f"n_categories={n_categories} is larger than the number of cells ({adata.n_obs}).")
-
         n_cats_per_cov = None
         if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
             n_cats_per_cov = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
-        # kept to build fresh modules for the restarts of train(n_restarts=...)
-        self._module_arguments = dict(
+        self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
             n_agents=n_agents,
             n_categories=n_categories,
@@ -407,7 +379,6 @@ class CplMixVAE(
             condition_weight=condition_weight,
             **module_kwargs,
         )
-        self.module = self._module_cls(**self._module_arguments)
         self._model_summary_string = (
             f"CplMixVAE model with the following parameters: \nn_agents: {n_agents}, n_categories: {n_categories}"
             f"{' (maximum; train() prunes)' if self.choose_n_categories_ else ''}, "
@@ -606,221 +577,30 @@ class CplMixVAE(
         minibatches (scvi-tools' ``load_sparse_tensor``), from which the module reads the non-zero counts
         directly; ``load_sparse_tensor=False`` loads them dense instead.
         """
-        n_cells = self.adata.n_obs
-        if max_epochs is not None:
-            check.check_int("max_epochs", max_epochs, minimum=0)
-        if state_epochs is None:
-            state_epochs = default_state_epochs(n_cells, max_epochs)
-        if max_epochs is None:
-            max_epochs = default_max_epochs(n_cells)
-        check.check_int("state_epochs", state_epochs, minimum=0)
-        check.check_int("batch_size", batch_size, minimum=2)
-        if max_epochs + state_epochs == 0:
-            raise ValueError("max_epochs and state_epochs are both 0: there is nothing to train.")
-        if max_epochs == 0 and not self.is_trained_:
-            raise ValueError(
-                "max_epochs=0 trains the states of a trained model only; train the model first (max_epochs > 0)."
-            )
-        resuming = kwargs.get("ckpt_path") is not None  # the checkpoint holds the initialised weights
-        if prune is None:
-            prune = self.choose_n_categories_ and not self.is_trained_ and not resuming
-        if n_restarts is None:
-            chooses = self.choose_n_categories_ and prune and not self.is_trained_ and not resuming
-            n_restarts = default_n_restarts(chooses, n_cells)
-        check.check_int("n_restarts", n_restarts, minimum=1)
-        if n_restarts > 1:
-            if not prune:
-                raise ValueError(
-                    f"n_restarts={n_restarts} restarts the choice of the number of categories; it needs prune=True "
-                    "(the default for a model created without n_categories)."
-                )
-            if self.is_trained_ or resuming:
-                raise ValueError(
-                    f"n_restarts={n_restarts} fits the model from fresh weights; this model is already trained "
-                    "(or resumes from a checkpoint). Create a new model to fit it with restarts."
-                )
-        if prune:
-            self.choose_n_categories_ = False  # the trainings inside prune() must not prune again
-            common = {
-                "accelerator": accelerator, "devices": devices, "train_size": train_size,
-                "validation_size": validation_size, "early_stopping": early_stopping, "plan_kwargs": plan_kwargs,
-                "batch_size": batch_size,
-            }  # fmt: skip
-            if n_restarts > 1:
-                self._fit_restarts(n_restarts, max_epochs, prune_kwargs or {}, common, kwargs)
-            else:
-                if not self.is_trained_:
-                    self.train(max_epochs=max_epochs, state_epochs=0, prune=False, **common, **kwargs)
-                self.prune(**(prune_kwargs or {}), **common, **kwargs)
-            if state_epochs:  # the states of the chosen categories
-                self.train(max_epochs=0, state_epochs=state_epochs, prune=False, **common, **kwargs)
-            return None
-        if train_size is None:
-            train_size = _default_train_size(max_epochs, early_stopping, validation_size, kwargs)
-            if train_size == 1.0:  # no validation set: none must be asked for
-                kwargs.setdefault("limit_val_batches", 0)
-        if state_epochs:
-            plan_kwargs = {**(plan_kwargs or {}), "state_phase_start": max_epochs}
-        if state_epochs or self.module.state_encoder_kind == "staged":
-            strategy = kwargs.get("strategy")
-            if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
-                # the frozen categorical path gets no gradients in the state phase, nor "staged"'s state encoder
-                # before it: DDP must expect that
-                kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"
-        if (
-            self.category_init == "leiden"
-            and not resuming
-            and not self.is_trained_
-            and not getattr(self, "category_init_done_", False)
-        ):
-            # Leiden partition with K clusters, then a few passes fitting the categorical heads to it.
-            from ..train._init import fit_categorical_heads
-
-            fit_categorical_heads(self, self._initial_partition())
-            self.category_init_done_ = True
-        augmentation = self.module.augmentation
-        if augmentation == "learned" and not resuming and not bool(self.module.augmenter.trained):
-            self.train_augmenter()
-        # the agents' views, neighbours included, are made only while the categorical path trains: a fit that is
-        # all state phase (max_epochs=0) needs no neighbours
-        mixes_neighbours = augmentation == "knn" and max_epochs > 0
-        if mixes_neighbours and getattr(self, "neighbours_", None) is None:
-            from ..train._augment import neighbour_table
-
-            matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-            self.neighbours_ = neighbour_table(matrix, seed=scvi.settings.seed or 0, groups=self._condition_codes())
-        self.module.train()
-        flag = InterruptFlag()
-        kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
-        if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
-            kwargs.setdefault("load_sparse_tensor", self._sparse_minibatches(accelerator))
-        # the neighbours' counts are loaded into the training minibatches only while training; their rows are
-        # loaded in sorted order, the same in memory and backed
-        self.adata_manager.neighbours = self.neighbours_ if mixes_neighbours else None
-        self.adata_manager.carry_indices = True
-        try:
-            return super().train(
-                max_epochs=max_epochs + state_epochs,
-                accelerator=accelerator,
-                devices=devices,
-                train_size=train_size,
-                validation_size=validation_size,
-                batch_size=batch_size,
-                early_stopping=early_stopping,
-                plan_kwargs=plan_kwargs,
-                **kwargs,
-            )
-        except SystemExit:
-            if not flag.interrupted:
-                raise
-            # Ctrl-C: Lightning shut down cleanly; keep the weights reached so far and stop the whole fit
-            self.module.eval()
-            self.is_trained_ = True
-            if flag.history is not None and not self.history_:  # scvi-tools 1.4 already merged it into history_
-                self.history_ = flag.history
-            raise FitInterrupted from None
-        finally:
-            self.adata_manager.neighbours = None
-            self.adata_manager.carry_indices = False
-            self.module.categories_frozen = False
-
-    # attributes that one fit (training and pruning) sets; a restart starts them afresh
-    _FIT_ATTRIBUTES = (
-        "module",
-        "is_trained_",
-        "history_",
-        "pruning_history_",
-        "category_init_done_",
-        "_initial_labels",
-        "neighbours_",
-        "train_indices_",
-        "validation_indices_",
-        "test_indices_",
-        "trainer",
-    )
-
-    def _fit_restarts(self, n_restarts: int, max_epochs: int, prune_kwargs: dict, common: dict, kwargs: dict) -> None:
-        """Train and prune ``n_restarts`` times from fresh weights and keep the medoid fit (see :meth:`train`)."""
-        base_seed = scvi.settings.seed
-        first_seed = base_seed or 0
-        fits, labels, rows = [], [], []
-        try:
-            for restart in range(n_restarts):
-                if restart:  # a fresh model, as CplMixVAE(...) after `scvi.settings.seed = first_seed + restart`
-                    scvi.settings.seed = first_seed + restart
-                    for name in self._FIT_ATTRIBUTES:  # the Leiden start and the neighbours depend on the seed
-                        setattr(self, name, None)
-                    self.module = self._module_cls(**self._module_arguments)
-                    self.is_trained_ = False
-                self.train(max_epochs=max_epochs, state_epochs=0, prune=False, **common, **kwargs)
-                history = self.prune(**prune_kwargs, **common, **kwargs)
-                chosen = history.loc[history["selected"]].iloc[0]
-                labels.append(self.predict(batch_size=common["batch_size"]).to_numpy())
-                fits.append({name: getattr(self, name, None) for name in self._FIT_ATTRIBUTES})
-                rows.append({
-                    "restart": restart,
-                    "seed": first_seed + restart,
-                    "n_categories": int(chosen["n_categories"]),
-                    "mean_consensus": float(chosen["mean_consensus"]),
-                })  # fmt: skip
-                logger.info(
-                    "Restart %d: %d categories, mean consensus %.3f.",
-                    restart,
-                    rows[-1]["n_categories"],
-                    rows[-1]["mean_consensus"],
-                )
-        except KeyboardInterrupt:  # Ctrl-C stops the restarts; keep the last completed fit, if any
-            for name, value in (fits[-1] if fits else {}).items():
-                setattr(self, name, value)
-            raise
-        finally:
-            if scvi.settings.seed != base_seed:
-                scvi.settings.seed = base_seed
-        best, agreement = _scoring.medoid(labels)
-        for name, value in fits[best].items():
-            setattr(self, name, value)
-        history = pd.DataFrame(rows, columns=_pruning.RESTART_COLUMNS[:-2])
-        history["mean_ari"] = _scoring.mean_agreement(agreement)
-        history["selected"] = history["restart"] == best
-        history.attrs["ari"] = agreement.tolist()
-        self.restart_history_ = history
-        logger.info("Kept restart %d (mean adjusted Rand index with the others %.3f).", best, history["mean_ari"][best])
-
-    def _sparse_minibatches(self, accelerator: str) -> bool:
-        """Whether training loads its minibatches as sparse CSR tensors: on the CPU, with CSR counts.
-
-        The module then reads the non-zero counts from the CSR structure instead of searching a dense
-        minibatch for them (see :meth:`train`); on an accelerator every step works densely anyway.
-        """
-        on_cpu = accelerator == "cpu" or (
-            accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+        trainer = {
+            "accelerator": accelerator, "devices": devices, "train_size": train_size,
+            "validation_size": validation_size, "batch_size": batch_size, "early_stopping": early_stopping,
+            "plan_kwargs": plan_kwargs, **kwargs,
+        }  # fmt: skip
+        schedule = _fit.resolve_schedule(
+            self,
+            max_epochs=max_epochs,
+            state_epochs=state_epochs,
+            prune=prune,
+            n_restarts=n_restarts,
+            prune_kwargs=prune_kwargs,
+            trainer=trainer,
         )
-        if not on_cpu or self.adata.n_obs == 0:
-            return False
-        # what the loader gets for a minibatch (in memory or backed): scvi-tools converts CSR matrices only
-        matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        return isinstance(matrix[np.array([0])], sp.csr_matrix)
-
-    def _initial_partition(self) -> np.ndarray:
-        """Leiden partition of the training cells into ``n_categories`` clusters (computed once per model)."""
-        if getattr(self, "_initial_labels", None) is None:
-            from ..train._init import leiden_labels
-
-            matrix = self.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-            self._initial_labels = leiden_labels(
-                matrix, self.module.n_categories, seed=scvi.settings.seed or 0, groups=self._condition_codes()
-            )
-        return self._initial_labels
-
-    def _condition_codes(self) -> np.ndarray | None:
-        """Condition code of every training cell, or ``None`` without a registered condition.
-
-        With a condition, the Leiden initialisation and the ``"knn"`` neighbours take every cell's neighbours
-        equally from each condition.
-        """
-        if CONDITION_KEY not in self.adata_manager.data_registry:
-            return None
-        return np.asarray(self.adata_manager.get_from_registry(CONDITION_KEY)).ravel()
+        if schedule.prune:
+            self.choose_n_categories_ = False  # chosen once: a later train() trains on
+        if schedule.n_restarts > 1:  # the start, the category fit and the choice of K, each restart a fresh model
+            _pruning.fit_restarts(self, schedule)
+        else:
+            _fit.start(self, schedule)
+            _fit.train_categories(self, schedule)
+            if schedule.prune:
+                _pruning.prune(self, **schedule.prune_kwargs, **schedule.trainer)
+        _fit.state_phase(self, schedule)
 
     def train_augmenter(
         self,
@@ -862,13 +642,13 @@ class CplMixVAE(
         check.check_int("max_epochs", max_epochs, minimum=1)
         check.check_int("batch_size", batch_size, minimum=2)
         check.check_float("lr", lr, strict=True)
-        from ..train._augment import label_codes, train_augmenter
-
         if labels is None:
-            codes = self._initial_partition()
+            codes = _start.initial_partition(self)
         else:
-            codes = label_codes(labels, self.adata.n_obs, self.module.n_categories)
-        self.augmenter_history_ = train_augmenter(self, codes, max_epochs=max_epochs, batch_size=batch_size, lr=lr)
+            codes = _start.label_codes(labels, self.adata.n_obs, self.module.n_categories)
+        self.augmenter_history_ = _start.train_augmenter(
+            self, codes, max_epochs=max_epochs, batch_size=batch_size, lr=lr
+        )
         return self.augmenter_history_
 
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
@@ -1259,7 +1039,7 @@ class CplMixVAE(
         is the one with the most categories whose mean consensus reaches ``threshold`` (or, when none does,
         the one with the highest consensus); its weights and category mask are restored, so
         :attr:`n_categories`, :meth:`predict` and every read-out reflect it. A warning is raised when the
-        kept posteriors look collapsed. See :func:`scmixvae.train._pruning.prune` for the exact rules.
+        kept posteriors look collapsed. See :func:`scmixvae.model._pruning.prune` for the exact rules.
 
         Parameters
         ----------

@@ -9,7 +9,7 @@ from .._scoring import (
     medoid,
     select_round,
 )
-from ._pruning import ConvergenceStopping
+from ._callbacks import ConvergenceStopping
 from ._trainingplan import CplMixVAETrainingPlan, TrainingCheckpoint
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""Model order without knowing K: category pruning, consensus and the choice of the number of types.
+"""The choice of the number of types: category pruning (the published procedure) and restarts.
 
 Start with too many categories; after training, repeatedly label the cells by each agent's argmax, score every
 category by the agents' agreement on it, mask the categories that clearly fail, and train a little more. Every
@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import pandas as pd
+import scvi
 import torch
-from lightning.pytorch.callbacks import Callback
 
 from .. import _validation as check
 from .._constants import category_name
@@ -27,9 +26,13 @@ from .._scoring import (
     categories_to_prune,
     category_agreement,
     check_collapse,
+    mean_agreement,
     mean_consensus,
+    medoid,
     select_round,
 )
+from ..train._callbacks import ConvergenceStopping
+from . import _fit
 
 logger = logging.getLogger(__name__)
 
@@ -41,69 +44,6 @@ RESTART_COLUMNS = ["restart", "seed", "n_categories", "mean_consensus", "mean_ar
 
 
 # ------------------------------------------------------------------------------------------- training
-
-
-class ConvergenceStopping(Callback):
-    """Lightning callback: stop training when an epoch-level metric stops improving.
-
-    The metric (``trainer.callback_metrics[monitor]``, logged every epoch by the training plan) improves when
-    it beats its best value so far by more than ``rel_tol * |best|``; training stops after ``patience``
-    epochs without improvement, never before ``min_epochs``. Relative, so that it needs no tuning to the
-    scale of the loss (which grows with the number of genes).
-
-    Parameters
-    ----------
-    monitor
-        Metric to watch (``"train_loss"``, ``"elbo_train"``, ``"agreement_train"``...).
-    mode
-        ``"min"`` or ``"max"``.
-    rel_tol
-        Relative improvement that counts.
-    patience
-        Epochs without improvement before stopping.
-    min_epochs
-        Epochs always trained.
-    """
-
-    def __init__(
-        self,
-        monitor: str = "train_loss",
-        *,
-        mode: Literal["min", "max"] = "min",
-        rel_tol: float = 2e-3,
-        patience: int = 3,
-        min_epochs: int = 3,
-    ):
-        super().__init__()
-        check.check_choice("mode", mode, ("min", "max"))
-        self.monitor, self.mode, self.rel_tol = monitor, mode, rel_tol
-        self.patience, self.min_epochs = patience, min_epochs
-        self.best: float | None = None
-        self.wait = 0
-        self.epochs = 0
-        self.stopped_epoch: int | None = None
-
-    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.best, self.wait, self.epochs, self.stopped_epoch = None, 0, 0, None
-
-    def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
-        metrics = trainer.callback_metrics
-        value = metrics.get(self.monitor, metrics.get(f"{self.monitor}_epoch"))
-        if value is None:
-            return
-        value = float(value) if self.mode == "min" else -float(value)
-        self.epochs += 1
-        if not math.isfinite(value):
-            trainer.should_stop = True
-            self.stopped_epoch = self.epochs
-            return
-        if self.best is None or value < self.best - self.rel_tol * abs(self.best):
-            self.best, self.wait = value, 0
-        else:
-            self.wait += 1
-        if self.epochs >= self.min_epochs and self.wait >= self.patience:
-            trainer.should_stop = True
-            self.stopped_epoch = self.epochs
 
 
 def default_epochs_per_round(n_cells: int) -> int:
@@ -217,59 +157,26 @@ def prune(
     ``agreement`` (JSON object: category name → agreement), ``pruned`` (JSON list of the names masked after
     the round) and ``selected``; ``attrs["selected_round"]`` and ``attrs["threshold"]``.
     """
-    module = model.module
-    check.check_float("threshold", threshold, maximum=1.0, strict=True)
-    check.check_int("min_categories", min_categories, minimum=1)
-    check.check_int("batch_size", batch_size, minimum=2)
-    if max_rounds is not None:
-        check.check_int("max_rounds", max_rounds, minimum=0)
-    if epochs_per_round is not None:
-        check.check_int("epochs_per_round", epochs_per_round, minimum=1)
-    if module.n_agents < 2:
-        raise ValueError(
-            f"Pruning needs the consensus of at least two agents; this model has n_agents={module.n_agents}."
-        )
-    if min_categories > model.n_categories:
-        raise ValueError(
-            f"min_categories={min_categories} is larger than the model's {model.n_categories} categories; "
-            "start from more categories (n_categories) or lower min_categories."
-        )
-    if "max_epochs" in train_kwargs:
-        raise ValueError("Pass the epochs of each round as `epochs_per_round`, not `max_epochs`.")
-    if "state_epochs" in train_kwargs:
-        raise ValueError(
-            "Pruning trains no state phase; train the states of the chosen categories afterwards with "
-            "`model.train(max_epochs=0)` (or use `model.train(prune=True)`, which does both)."
-        )
-    train_kwargs["state_epochs"] = 0
+    _check_arguments(model, threshold, min_categories, max_rounds, epochs_per_round, batch_size, train_kwargs)
     user_callbacks = list(train_kwargs.pop("callbacks", None) or [])
-
-    if not model.is_trained_:  # prune=False: train only (pruning is what this call does next)
-        model.train(batch_size=batch_size, callbacks=list(user_callbacks), prune=False, **train_kwargs)
-    if epochs_per_round is None:
-        max_epochs = default_epochs_per_round(model.adata.n_obs)
-    else:
-        max_epochs = epochs_per_round
-
+    trainer = train_kwargs  # the keyword arguments of every Lightning run but its epochs and callbacks
+    if not model.is_trained_:  # train first, as train(prune=False) does (pruning is what this call does next)
+        trainer = {"batch_size": batch_size, "callbacks": list(user_callbacks), **train_kwargs}
+        schedule = _fit.resolve_schedule(
+            model, max_epochs=None, state_epochs=0, prune=False, n_restarts=None, prune_kwargs=None, trainer=trainer
+        )
+        _fit.start(model, schedule)
+        _fit.train_categories(model, schedule)
+    max_epochs = default_epochs_per_round(model.adata.n_obs) if epochs_per_round is None else epochs_per_round
+    module = model.module
     rows: list[dict[str, Any]] = []
     best_key, best_round, best_state = None, None, None
-    epochs_before = 0
-    round_ = 0
+    round_ = epochs_before = 0
     while True:
         scores = _evaluate(model, batch_size, min_categories)
-        n_epochs = _n_epochs(model)
-        row = {
-            "round": round_,
-            "n_categories": scores["n_categories"],
-            "mean_consensus": scores["mean_consensus"],
-            "train_loss": _last_loss(model),
-            "epochs": n_epochs - epochs_before if round_ else n_epochs,
-            "categories": scores["categories"],
-            "agreement": scores["agreement_json"],
-            "pruned": "[]",
-        }
-        epochs_before = n_epochs
+        row = _round_row(model, round_, scores, epochs_before)
         rows.append(row)
+        epochs_before = _n_epochs(model)
         key = (_selection_key(row["n_categories"], row["mean_consensus"], threshold), -round_)
         if best_key is None or key > best_key:
             best_key, best_round, best_state = key, round_, _snapshot(module)
@@ -285,17 +192,62 @@ def prune(
             break
         row["pruned"] = json.dumps([category_name(k) for k in drop])
         module.category_mask[torch.as_tensor(drop, device=module.category_mask.device)] = False
-        callbacks = list(user_callbacks)
-        if epochs_per_round is None:
-            callbacks.append(ConvergenceStopping())
+        callbacks = [*user_callbacks, *([ConvergenceStopping()] if epochs_per_round is None else [])]
         try:  # a non-finite loss raises (the training plan checks every epoch) and stops the fit
-            model.train(max_epochs=max_epochs, batch_size=batch_size, callbacks=callbacks, **train_kwargs)
+            _fit.run(
+                model, max_epochs=max_epochs, state_epochs=0, batch_size=batch_size, callbacks=callbacks, **train_kwargs
+            )
         except KeyboardInterrupt:  # Ctrl-C stops the whole fit; keep the best round so far
             module.load_state_dict(best_state)
             raise
         round_ += 1
+    return _keep_round(model, rows, best_round, best_state, threshold, batch_size)
 
-    module.load_state_dict(best_state)
+
+def _check_arguments(model, threshold, min_categories, max_rounds, epochs_per_round, batch_size, train_kwargs) -> None:
+    """Check the arguments of :func:`prune` before any work starts."""
+    check.check_float("threshold", threshold, maximum=1.0, strict=True)
+    check.check_int("min_categories", min_categories, minimum=1)
+    check.check_int("batch_size", batch_size, minimum=2)
+    if max_rounds is not None:
+        check.check_int("max_rounds", max_rounds, minimum=0)
+    if epochs_per_round is not None:
+        check.check_int("epochs_per_round", epochs_per_round, minimum=1)
+    n_agents = model.module.n_agents
+    if n_agents < 2:
+        raise ValueError(f"Pruning needs the consensus of at least two agents; this model has n_agents={n_agents}.")
+    if min_categories > model.n_categories:
+        raise ValueError(
+            f"min_categories={min_categories} is larger than the model's {model.n_categories} categories; "
+            "start from more categories (n_categories) or lower min_categories."
+        )
+    if "max_epochs" in train_kwargs:
+        raise ValueError("Pass the epochs of each round as `epochs_per_round`, not `max_epochs`.")
+    if "state_epochs" in train_kwargs:
+        raise ValueError(
+            "Pruning trains no state phase; train the states of the chosen categories afterwards with "
+            "`model.train(max_epochs=0)` (or use `model.train(prune=True)`, which does both)."
+        )
+
+
+def _round_row(model, round_: int, scores: dict[str, Any], epochs_before: int) -> dict[str, Any]:
+    """Make the history row of a round (``epochs``: trained since the previous round; ``pruned`` filled in later)."""
+    n_epochs = _n_epochs(model)
+    return {
+        "round": round_,
+        "n_categories": scores["n_categories"],
+        "mean_consensus": scores["mean_consensus"],
+        "train_loss": _last_loss(model),
+        "epochs": n_epochs - epochs_before if round_ else n_epochs,
+        "categories": scores["categories"],
+        "agreement": scores["agreement_json"],
+        "pruned": "[]",
+    }
+
+
+def _keep_round(model, rows, best_round: int, best_state: dict, threshold: float, batch_size: int) -> pd.DataFrame:
+    """Restore the round :func:`select_round` chooses, record the history and check the posteriors for collapse."""
+    model.module.load_state_dict(best_state)
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS[:-1])
     selected = select_round(history, threshold)
     if selected != best_round:  # pragma: no cover - the running best and select_round share one order
@@ -311,5 +263,52 @@ def prune(
         history.loc[history["selected"], "mean_consensus"].iloc[0],
     )
     _, q = _labels(model, batch_size)
-    check_collapse(q, stacklevel=4)  # user -> CplMixVAE.prune -> prune -> check_collapse
+    check_collapse(q, stacklevel=5)  # user -> CplMixVAE.prune -> prune -> _keep_round -> check_collapse
     return history
+
+
+def fit_restarts(model, schedule: _fit.Schedule) -> None:
+    """Fit ``n_restarts`` models from fresh weights and keep the medoid fit (see :meth:`CplMixVAE.train`).
+
+    Restart 0 is ``model`` itself; restart ``r`` a :func:`~scmixvae.model._fit.fresh_model` built after
+    ``scvi.settings.seed`` is set to the seed plus ``r`` (restored afterwards). Each runs the start, the category
+    fit and :func:`prune`; ``model`` becomes the fit whose labels agree best with the others' (a Ctrl-C: the last
+    completed fit).
+    """
+    base_seed = scvi.settings.seed
+    first_seed = base_seed or 0
+    fits, labels, rows = [], [], []
+    try:
+        for restart in range(schedule.n_restarts):
+            if restart:  # a fresh model, as CplMixVAE(...) after `scvi.settings.seed = first_seed + restart`
+                scvi.settings.seed = first_seed + restart
+            fit = _fit.fresh_model(model) if restart else model
+            _fit.start(fit, schedule)
+            _fit.train_categories(fit, schedule)
+            history = prune(fit, **schedule.prune_kwargs, **schedule.trainer)
+            chosen = history.loc[history["selected"]].iloc[0]
+            labels.append(fit.predict(batch_size=schedule.trainer["batch_size"]).to_numpy())
+            fits.append(fit)
+            rows.append({
+                "restart": restart,
+                "seed": first_seed + restart,
+                "n_categories": int(chosen["n_categories"]),
+                "mean_consensus": float(chosen["mean_consensus"]),
+            })  # fmt: skip
+            logger.info("Restart %d: %d categories, mean consensus %.3f.", restart, *list(rows[-1].values())[2:])
+    except KeyboardInterrupt:  # Ctrl-C stops the restarts; keep the last completed fit, if any
+        if len(fits) > 1:
+            _fit.adopt_fit(model, fits[-1])
+        raise
+    finally:
+        if scvi.settings.seed != base_seed:
+            scvi.settings.seed = base_seed
+    best, agreement = medoid(labels)
+    if best:
+        _fit.adopt_fit(model, fits[best])
+    history = pd.DataFrame(rows, columns=RESTART_COLUMNS[:-2])
+    history["mean_ari"] = mean_agreement(agreement)
+    history["selected"] = history["restart"] == best
+    history.attrs["ari"] = agreement.tolist()
+    model.restart_history_ = history
+    logger.info("Kept restart %d (mean adjusted Rand index with the others %.3f).", best, history["mean_ari"][best])

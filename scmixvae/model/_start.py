@@ -1,10 +1,10 @@
-"""Initialisation of the categorical heads from a graph clustering (``category_init="leiden"``).
+"""The start of a fit: the Leiden partition, the ``"knn"`` neighbours and the learned augmenter.
 
-Deep clustering models (DEC, VaDE, scDeepCluster) start their cluster assignment from a classical clustering
-rather than from random weights; cpl-mixVAE started from random weights, and its agents then settle in whichever
-partition they reach first. Here the agents' categorical heads are first fitted, for a few passes, to a Leiden
-partition with as many clusters as categories, computed on a truncated SVD of log-normalised counts; full training
-then refines it with the coupled objective.
+``category_init="leiden"``: deep clustering models (DEC, VaDE, scDeepCluster) start their cluster assignment from a
+classical clustering rather than from random weights; cpl-mixVAE started from random weights, and its agents then
+settle in whichever partition they reach first. Here the agents' categorical heads are first fitted, for a few
+passes, to a Leiden partition with as many clusters as categories, computed on a truncated SVD of log-normalised
+counts; full training then refines it with the coupled objective.
 """
 
 from __future__ import annotations
@@ -14,10 +14,13 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
+import scvi
 import torch
 from scvi import REGISTRY_KEYS
 
+from .._constants import CONDITION_KEY
 from .._preprocess import log_normalise_block
 
 if TYPE_CHECKING:
@@ -210,3 +213,117 @@ def fit_categorical_heads(
     accuracy = correct / max(total, 1)
     logger.info("categorical heads fitted to the initial partition: accuracy %.3f after %d epochs", accuracy, epochs)
     return accuracy
+
+
+def neighbour_table(
+    matrix,
+    *,
+    n_neighbors: int = 15,
+    n_components: int = 30,
+    max_fit_cells: int = 100_000,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> np.ndarray:
+    """Find the indices ``(n_cells, n_neighbors)`` of each cell's nearest neighbours (itself excluded).
+
+    Neighbours are found once, in a truncated SVD of log-normalised counts (fitted on at most ``max_fit_cells``
+    cells and applied chunk by chunk, so memory stays bounded). With ``groups`` (a condition code per cell) they
+    are taken equally from each group (:func:`balanced_neighbours`; about
+    ``n_neighbors`` in all), so that mixing a cell with a neighbour also mixes conditions.
+    """
+    n = matrix.shape[0]
+    n_neighbors = max(1, min(n_neighbors, n - 1))
+    rep, rows, svd = log_normalised_svd(matrix, n_components=n_components, max_cells=max_fit_cells, seed=seed)
+    if len(rows) < n:
+        rep = np.vstack([block for _, block in project(matrix, svd)]).astype(np.float32)
+    groups = np.zeros(n, dtype=np.int64) if groups is None else np.asarray(groups)  # one group: plain k-NN
+    _, idx = balanced_neighbours(rep, groups, n_neighbors)
+    return idx.reshape(n, -1).astype(np.int64)
+
+
+def label_codes(labels, n_cells: int, n_classes: int) -> np.ndarray:
+    """Check user-given types of the training cells and turn them into integer codes below ``n_classes``."""
+    labels = np.asarray(labels)
+    if labels.shape != (n_cells,):
+        raise ValueError(f"`labels` must have one entry per cell ({n_cells}), got {labels.shape}.")
+    if pd.isna(labels).any():
+        raise ValueError("`labels` contains missing values.")
+    codes = pd.factorize(labels, sort=True)[0]
+    if codes.max() >= n_classes:
+        raise ValueError(
+            f"`labels` has {codes.max() + 1} classes; the augmenter distinguishes at most n_categories={n_classes}."
+        )
+    return codes
+
+
+def train_augmenter(
+    model,
+    labels: np.ndarray,
+    *,
+    max_epochs: int,
+    batch_size: int = 256,
+    lr: float = 1e-3,
+) -> pd.DataFrame:
+    """Train the model's :class:`~scmixvae.module.AugmenterModule` on its data, with ``labels`` as types.
+
+    Returns the mean of each loss term per epoch.
+    """
+    module = model.module
+    augmenter = module.augmenter
+    labels_t = torch.tensor(np.asarray(labels), dtype=torch.long)
+    optimizer = torch.optim.Adam(augmenter.parameters(), lr=lr)
+    generator = np.random.default_rng(int(torch.randint(2**31 - 1, (1,))))
+    was_training = augmenter.training
+    augmenter.train()
+    rows = []
+    for _ in range(max_epochs):
+        order = generator.permutation(model.adata.n_obs)
+        with model.adata_manager.indexed_minibatches():  # targets from the cells actually in each minibatch
+            loader = model._make_data_loader(adata=model.adata, indices=order, batch_size=batch_size, shuffle=False)
+        sums, n_steps = {}, 0
+        for tensors in loader:
+            x = tensors[REGISTRY_KEYS.X_KEY].to(module.device)
+            target = labels_t[tensors[REGISTRY_KEYS.INDICES_KEY].reshape(-1).long()].to(module.device)
+            x_norm = module.normalise(x, x.sum(-1, keepdim=True))
+            terms = augmenter.loss(x_norm, target)
+            optimizer.zero_grad()
+            terms["loss"].backward()
+            optimizer.step()
+            for key, value in terms.items():
+                sums[key] = sums.get(key, 0.0) + float(value.detach())
+            n_steps += 1
+        rows.append({key: value / max(n_steps, 1) for key, value in sums.items()})
+    augmenter.train(was_training)
+    augmenter.trained.fill_(True)
+    history = pd.DataFrame(rows).rename_axis("epoch")
+    logger.info("augmenter trained for %d epochs: %s", max_epochs, history.iloc[-1].round(3).to_dict())
+    return history
+
+
+def condition_codes(model) -> np.ndarray | None:
+    """Condition code of every training cell of ``model``, or ``None`` without a registered condition.
+
+    With a condition, the Leiden start and the ``"knn"`` neighbours take every cell's neighbours equally from
+    each condition.
+    """
+    if CONDITION_KEY not in model.adata_manager.data_registry:
+        return None
+    return np.asarray(model.adata_manager.get_from_registry(CONDITION_KEY)).ravel()
+
+
+def initial_partition(model) -> np.ndarray:
+    """Leiden partition of ``model``'s training cells into ``n_categories`` clusters (computed once per model)."""
+    if getattr(model, "_initial_labels", None) is None:
+        matrix = model.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        model._initial_labels = leiden_labels(
+            matrix, model.module.n_categories, seed=scvi.settings.seed or 0, groups=condition_codes(model)
+        )
+    return model._initial_labels
+
+
+def neighbours(model) -> np.ndarray:
+    """``model``'s ``"knn"`` neighbour table (:func:`neighbour_table`), found once and kept as ``neighbours_``."""
+    if getattr(model, "neighbours_", None) is None:
+        matrix = model.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+        model.neighbours_ = neighbour_table(matrix, seed=scvi.settings.seed or 0, groups=condition_codes(model))
+    return model.neighbours_

@@ -1,0 +1,291 @@
+"""One straight fit: the schedule of :meth:`CplMixVAE.train <scmixvae.model.CplMixVAE.train>` and its stages.
+
+``train()`` resolves its :class:`Schedule` once and runs the stages in order, each a function of the model:
+:func:`start` (the categorical heads fitted to a Leiden partition, the learned augmenter), :func:`train_categories`
+(one Lightning run), the choice of the number of types (:mod:`scmixvae.model._pruning`: pruning rounds, restarts)
+and :func:`state_phase`. No stage calls ``train()`` back; every Lightning run goes through :func:`run`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from scvi import REGISTRY_KEYS
+from scvi.model.base import UnsupervisedTrainingMixin
+
+from .. import _validation as check
+from ..train._trainingplan import InterruptFlag
+from . import _start
+
+logger = logging.getLogger(__name__)
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """A Ctrl-C in one Lightning run of a fit: it stops every later stage (see :meth:`CplMixVAE.train`)."""
+
+
+def default_max_epochs(n_cells: int) -> int:
+    """Default number of training epochs: ``250,000 / n_cells`` clipped to ``[20, 100]``.
+
+    The agents agree on the types within a few thousand minibatch steps. The state latent keeps improving for
+    longer: train longer (``max_epochs``) when the states are what you are after (see the user guide).
+    """
+    return int(np.clip(round(250_000 / max(n_cells, 1)), 20, 100))
+
+
+def default_state_epochs(n_cells: int, max_epochs: int | None = None) -> int:
+    """Default length of the state phase of :meth:`CplMixVAE.train`: ``750,000 / n_cells`` clipped to ``[0, 300]``.
+
+    Three times :func:`default_max_epochs` on data of up to ~9,000 cells, where the agents settle on the types
+    long before the state latent has learned the within-type programs of the smaller types; on larger data the
+    types' own epochs hold enough minibatch steps, and the phase shrinks (8 epochs at 100,000 cells, none above
+    1.5 million). With ``max_epochs`` given: the same multiple of it as the defaults have; ``max_epochs=0`` (the
+    state phase alone, e.g. after :meth:`CplMixVAE.prune`): the default length.
+    """
+    n_state_epochs = int(np.clip(round(750_000 / max(n_cells, 1)), 0, 300))
+    if not max_epochs:
+        return n_state_epochs
+    return round(max_epochs * n_state_epochs / default_max_epochs(n_cells))
+
+
+def default_train_size(
+    max_epochs: int, early_stopping: bool, validation_size: float | None, kwargs: dict
+) -> float | None:
+    """``train_size`` of a :meth:`CplMixVAE.train` call that gives none: ``1.0`` where the categories train unvalidated.
+
+    scvi-tools holds out 10% of the cells for validation, which then never train, and validates only when
+    asked (early stopping, ``check_val_every_n_epoch``, checkpoints, a learning-rate monitor). A call that trains
+    the categories (``max_epochs > 0``) and validates nothing trains them on every cell, so that no type loses a
+    tenth of its cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``), also
+    when resuming from a checkpoint (``ckpt_path``), which a fit that validated wrote.
+    """
+    from scvi.train import SaveCheckpoint
+
+    validates = (
+        early_stopping
+        or kwargs.get("ckpt_path") is not None
+        or validation_size is not None
+        or any(kwargs.get(key) for key in ("check_val_every_n_epoch", "enable_checkpointing", "learning_rate_monitor"))
+        or any(isinstance(callback, SaveCheckpoint) for callback in kwargs.get("callbacks") or [])
+    )
+    return 1.0 if max_epochs > 0 and not validates else None
+
+
+def default_n_restarts(choose_n_categories: bool, n_cells: int) -> int:
+    """Fits of :meth:`CplMixVAE.train` to choose from: 3 when the model chooses the number of types, else 1.
+
+    The types chosen by pruning from many categories vary between seeds; keeping the medoid of three fits (the
+    one agreeing best with the other two) avoids relying on a single, possibly atypical fit, at three times the
+    cost of the training and pruning. Above 50,000 cells, where one fit takes a quarter of an hour or more on a
+    CPU, the default is one fit; ask for restarts with ``train(n_restarts=3)``.
+    """
+    return 3 if choose_n_categories and n_cells <= 50_000 else 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """What one :meth:`CplMixVAE.train` call does, resolved once before any work starts.
+
+    ``max_epochs`` epochs of every part, then (after the choice of K when ``prune``) ``state_epochs`` of the state
+    phase; ``n_restarts`` fits to choose the medoid from; ``trainer``: the keyword arguments of every Lightning
+    run (``accelerator``, ``batch_size``, ``plan_kwargs``, callbacks...).
+    """
+
+    max_epochs: int
+    state_epochs: int
+    prune: bool
+    n_restarts: int
+    resuming: bool
+    prune_kwargs: dict[str, Any]
+    trainer: dict[str, Any]
+
+
+def resolve_schedule(
+    model,
+    *,
+    max_epochs: int | None,
+    state_epochs: int | None,
+    prune: bool | None,
+    n_restarts: int | None,
+    prune_kwargs: dict | None,
+    trainer: dict[str, Any],
+) -> Schedule:
+    """Resolve the defaults of a :meth:`CplMixVAE.train` call and check its arguments before any work starts."""
+    n_cells = model.adata.n_obs
+    if max_epochs is not None:
+        check.check_int("max_epochs", max_epochs, minimum=0)
+    if state_epochs is None:
+        state_epochs = default_state_epochs(n_cells, max_epochs)
+    if max_epochs is None:
+        max_epochs = default_max_epochs(n_cells)
+    check.check_int("state_epochs", state_epochs, minimum=0)
+    check.check_int("batch_size", trainer["batch_size"], minimum=2)
+    if max_epochs + state_epochs == 0:
+        raise ValueError("max_epochs and state_epochs are both 0: there is nothing to train.")
+    if max_epochs == 0 and not model.is_trained_:
+        raise ValueError(
+            "max_epochs=0 trains the states of a trained model only; train the model first (max_epochs > 0)."
+        )
+    resuming = trainer.get("ckpt_path") is not None  # the checkpoint holds the initialised weights
+    if prune is None:
+        prune = model.choose_n_categories_ and not model.is_trained_ and not resuming
+    if n_restarts is None:
+        chooses = model.choose_n_categories_ and prune and not model.is_trained_ and not resuming
+        n_restarts = default_n_restarts(chooses, n_cells)
+    check.check_int("n_restarts", n_restarts, minimum=1)
+    if n_restarts > 1 and not prune:
+        raise ValueError(
+            f"n_restarts={n_restarts} restarts the choice of the number of categories; it needs prune=True "
+            "(the default for a model created without n_categories)."
+        )
+    if n_restarts > 1 and (model.is_trained_ or resuming):
+        raise ValueError(
+            f"n_restarts={n_restarts} fits the model from fresh weights; this model is already trained "
+            "(or resumes from a checkpoint). Create a new model to fit it with restarts."
+        )
+    return Schedule(max_epochs, state_epochs, prune, n_restarts, resuming, dict(prune_kwargs or {}), trainer)
+
+
+def start(model, schedule: Schedule) -> None:
+    """Start a fit: fit the categorical heads to a Leiden partition and train the learned augmenter, if needed.
+
+    Each happens once per model (``category_init="leiden"``: before its first training; ``augmentation="learned"``:
+    while its augmenter is untrained) and never when resuming from a checkpoint, which holds the weights.
+    """
+    if schedule.resuming:
+        return
+    if model.category_init == "leiden" and not model.is_trained_ and not getattr(model, "category_init_done_", False):
+        _start.fit_categorical_heads(model, _start.initial_partition(model))
+        model.category_init_done_ = True
+    if model.module.augmentation == "learned" and not bool(model.module.augmenter.trained):
+        model.train_augmenter()
+
+
+def train_categories(model, schedule: Schedule) -> None:
+    """Train every part of the model for ``max_epochs``, in one Lightning run.
+
+    Without a choice of K the state phase follows in the same run (``max_epochs=0``: the state phase alone); with
+    one, it comes after the choice (:func:`state_phase`), and a trained model's categories are not trained again.
+    """
+    if schedule.prune and model.is_trained_:
+        return
+    state_epochs = 0 if schedule.prune else schedule.state_epochs
+    run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **schedule.trainer)
+
+
+def state_phase(model, schedule: Schedule) -> None:
+    """Train the states of the chosen categories for ``state_epochs`` (after a choice of K; see :func:`run`)."""
+    if schedule.prune and schedule.state_epochs:
+        run(model, max_epochs=0, state_epochs=schedule.state_epochs, **schedule.trainer)
+
+
+def run(
+    model,
+    *,
+    max_epochs: int,
+    state_epochs: int,
+    accelerator: str = "auto",
+    devices: int | list[int] | str = "auto",
+    train_size: float | None = None,
+    validation_size: float | None = None,
+    batch_size: int = 128,
+    early_stopping: bool = False,
+    plan_kwargs: dict | None = None,
+    **kwargs,
+) -> None:
+    """One Lightning run of scvi-tools' trainer: ``max_epochs`` of every part, then ``state_epochs`` of the states.
+
+    In the state phase the categorical path is frozen (the training plan's ``state_phase_start``). A Ctrl-C keeps
+    the weights reached so far and raises :class:`FitInterrupted`; a non-finite loss raises the training plan's
+    :class:`RuntimeError`.
+    """
+    if train_size is None:
+        train_size = default_train_size(max_epochs, early_stopping, validation_size, kwargs)
+        if train_size == 1.0:  # no validation set: none must be asked for
+            kwargs.setdefault("limit_val_batches", 0)
+    if state_epochs:
+        plan_kwargs = {**(plan_kwargs or {}), "state_phase_start": max_epochs}
+    if state_epochs or model.module.state_encoder_kind == "staged":
+        strategy = kwargs.get("strategy")
+        if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
+            # the frozen categorical path gets no gradients in the state phase, nor "staged"'s state encoder
+            # before it: DDP must expect that
+            kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"
+    # the agents' views, neighbours included, are made only while the categorical path trains
+    mixes_neighbours = model.module.augmentation == "knn" and max_epochs > 0
+    table = _start.neighbours(model) if mixes_neighbours else None
+    model.module.train()
+    flag = InterruptFlag()
+    kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
+    if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
+        kwargs.setdefault("load_sparse_tensor", sparse_minibatches(model, accelerator))
+    # the neighbours' counts are loaded into the training minibatches only while training; their rows are
+    # loaded in sorted order, the same in memory and backed
+    model.adata_manager.neighbours = table
+    model.adata_manager.carry_indices = True
+    try:
+        UnsupervisedTrainingMixin.train(
+            model,
+            max_epochs=max_epochs + state_epochs,
+            accelerator=accelerator,
+            devices=devices,
+            train_size=train_size,
+            validation_size=validation_size,
+            batch_size=batch_size,
+            early_stopping=early_stopping,
+            plan_kwargs=plan_kwargs,
+            **kwargs,
+        )
+    except SystemExit:
+        if not flag.interrupted:
+            raise
+        # Ctrl-C: Lightning shut down cleanly; keep the weights reached so far and stop the whole fit
+        model.module.eval()
+        model.is_trained_ = True
+        if flag.history is not None and not model.history_:  # scvi-tools 1.4 already merged it into history_
+            model.history_ = flag.history
+        raise FitInterrupted from None
+    finally:
+        model.adata_manager.neighbours = None
+        model.adata_manager.carry_indices = False
+        model.module.categories_frozen = False
+
+
+def sparse_minibatches(model, accelerator: str) -> bool:
+    """Whether training loads its minibatches as sparse CSR tensors: on the CPU, with CSR counts.
+
+    The module then reads the non-zero counts from the CSR structure instead of searching a dense minibatch for
+    them (see :meth:`CplMixVAE.train`); on an accelerator every step works densely anyway.
+    """
+    on_cpu = accelerator == "cpu" or (
+        accelerator == "auto" and not torch.cuda.is_available() and not torch.backends.mps.is_available()
+    )
+    if not on_cpu or model.adata.n_obs == 0:
+        return False
+    # what the loader gets for a minibatch (in memory or backed): scvi-tools converts CSR matrices only
+    matrix = model.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+    return isinstance(matrix[np.array([0])], sp.csr_matrix)
+
+
+def fresh_model(model):
+    """Build a new, untrained model like ``model`` (from its ``init_params_``) on the same data: a restart.
+
+    Built after ``scvi.settings.seed`` is set, it is the model ``CplMixVAE(adata, ...)`` would create with that seed.
+    """
+    params = model.init_params_
+    kwargs = {key: value for group in params["kwargs"].values() for key, value in group.items()}
+    return type(model)(model.adata, **params["non_kwargs"], **kwargs)
+
+
+def adopt_fit(model, fitted) -> None:
+    """Make ``model`` the fit of ``fitted`` (a :func:`fresh_model` of it): its module, histories and fit state.
+
+    Every attribute is taken over except the model's identity (its ``id`` in scvi-tools' registry of managers)
+    and its description as created.
+    """
+    model.__dict__.update({k: v for k, v in vars(fitted).items() if k not in ("id", "_model_summary_string")})
