@@ -150,6 +150,116 @@ def simulate(
     >>> adata.obs["type"].cat.categories.tolist()
     ['type_0', 'type_1', 'type_2', 'type_3']
     """
+    n_marker_genes, n_state_genes = _check_arguments(
+        n_cells, n_genes, n_types, n_marker_genes=n_marker_genes, n_state_genes=n_state_genes, n_batches=n_batches,
+        batch_effect=batch_effect, shared_state=shared_state, library_size_mean=library_size_mean,
+        library_size_sigma=library_size_sigma, dispersion=dispersion, type_separation=type_separation,
+        state_strength=state_strength, seed=seed, sparse=sparse,
+    )  # fmt: skip
+    proportions, sizes_mode = _type_proportions(type_sizes, n_types)
+
+    rng = np.random.default_rng(seed)
+    gene_names = np.array([f"gene_{g}" for g in range(n_genes)])
+    type_names = [f"type_{t}" for t in range(n_types)]
+
+    # genes
+    raw = rng.normal(0.0, _BASELINE_SD, size=n_genes)
+    baseline = _BASELINE_CAP - np.logaddexp(0.0, _BASELINE_CAP - raw)  # ~ raw below the cap, -> cap above it
+    gene_dispersion = dispersion * np.exp(rng.normal(0.0, 0.5, size=n_genes))
+    expressed_weight = np.exp(baseline / 2.0)
+
+    # type and state programs
+    type_programs, marker_genes, state_programs, state_genes, shared_program, shared_genes = _draw_programs(
+        rng, gene_names, type_names, expressed_weight, n_marker_genes=n_marker_genes, n_state_genes=n_state_genes,
+        type_separation=type_separation, state_strength=state_strength, shared_state=shared_state,
+    )  # fmt: skip
+    batch_effects = np.zeros((n_batches, n_genes))
+    if n_batches > 1:
+        batch_effects = rng.normal(0.0, batch_effect, size=(n_batches, n_genes))
+
+    # cells
+    counts_per_type = _split_counts(proportions, n_cells)
+    types = rng.permutation(np.repeat(np.arange(n_types), counts_per_type))
+    batches = rng.integers(n_batches, size=n_cells)
+    state = rng.uniform(0.0, 1.0, size=n_cells)
+    shared = rng.uniform(0.0, 1.0, size=n_cells) if shared_state else np.zeros(n_cells)
+    log_sigma = float(library_size_sigma)
+    library_size = np.exp(rng.normal(np.log(library_size_mean) - log_sigma**2 / 2, log_sigma, size=n_cells))
+
+    counts = _sample_counts(
+        rng,
+        baseline=baseline,
+        type_programs=type_programs,
+        state_programs=state_programs,
+        shared_program=shared_program,
+        batch_effects=batch_effects,
+        gene_dispersion=gene_dispersion,
+        types=types,
+        batches=batches,
+        state=state,
+        shared=shared,
+        library_size=library_size,
+        sparse=sparse,
+    )
+
+    obs = _obs(types, type_names, state, shared if shared_state else None, batches, n_batches, library_size)
+    adata = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names)))
+    params = {
+        "n_cells": int(n_cells), "n_genes": int(n_genes), "n_types": int(n_types),
+        "n_marker_genes": int(n_marker_genes), "n_state_genes": int(n_state_genes), "type_sizes": sizes_mode,
+        "n_batches": int(n_batches), "batch_effect": float(batch_effect), "shared_state": bool(shared_state),
+        "library_size_mean": float(library_size_mean), "library_size_sigma": float(library_size_sigma),
+        "dispersion": float(dispersion), "type_separation": float(type_separation),
+        "state_strength": float(state_strength), "seed": int(seed),
+    }  # fmt: skip
+    adata.uns["simulation"] = {
+        "params": params,
+        "type_proportions": proportions,
+        "baseline": baseline,
+        "gene_dispersion": gene_dispersion,
+        "type_programs": type_programs,
+        "marker_genes": marker_genes,
+        "state_programs": state_programs,
+        "state_genes": state_genes,
+        "shared_program": shared_program,
+        "shared_genes": shared_genes,
+        "batch_effects": batch_effects,
+    }
+    logger.info("Simulated %d cells x %d genes, %d types, %d batches.", n_cells, n_genes, n_types, n_batches)
+    return adata
+
+
+def _obs(types, type_names, state, shared, batches, n_batches, library_size) -> pd.DataFrame:
+    """Build the cells' ``obs`` of :func:`simulate` (``shared``: ``None`` without the shared state)."""
+    obs = pd.DataFrame(index=pd.Index([f"cell_{c}" for c in range(len(types))]))
+    obs["type"] = pd.Categorical.from_codes(types, categories=type_names)
+    obs["state"] = state
+    if shared is not None:
+        obs["shared_state"] = shared
+    obs["batch"] = pd.Categorical.from_codes(batches, categories=[f"batch_{k}" for k in range(n_batches)])
+    obs["library_size"] = library_size
+    return obs
+
+
+def _check_arguments(
+    n_cells,
+    n_genes,
+    n_types,
+    *,
+    n_marker_genes,
+    n_state_genes,
+    n_batches,
+    batch_effect,
+    shared_state,
+    library_size_mean,
+    library_size_sigma,
+    dispersion,
+    type_separation,
+    state_strength,
+    seed,
+    sparse,
+) -> tuple[int, int]:
+    """Check the arguments of :func:`simulate`; return ``n_marker_genes`` and ``n_state_genes`` with defaults."""
     _check_int("n_cells", n_cells, minimum=1)
     _check_int("n_genes", n_genes, minimum=1)
     _check_int("n_types", n_types, minimum=1)
@@ -184,19 +294,27 @@ def simulate(
         raise TypeError(f"`shared_state` must be True or False, got {shared_state!r}.")
     if not isinstance(sparse, bool | np.bool_):
         raise TypeError(f"`sparse` must be True or False, got {sparse!r}.")
-    proportions, sizes_mode = _type_proportions(type_sizes, n_types)
+    return n_marker_genes, n_state_genes
 
-    rng = np.random.default_rng(seed)
-    gene_names = np.array([f"gene_{g}" for g in range(n_genes)])
-    type_names = [f"type_{t}" for t in range(n_types)]
 
-    # genes
-    raw = rng.normal(0.0, _BASELINE_SD, size=n_genes)
-    baseline = _BASELINE_CAP - np.logaddexp(0.0, _BASELINE_CAP - raw)  # ~ raw below the cap, -> cap above it
-    gene_dispersion = dispersion * np.exp(rng.normal(0.0, 0.5, size=n_genes))
-    expressed_weight = np.exp(baseline / 2.0)
+def _draw_programs(
+    rng: np.random.Generator,
+    gene_names: np.ndarray,
+    type_names: list[str],
+    expressed_weight: np.ndarray,
+    *,
+    n_marker_genes: int,
+    n_state_genes: int,
+    type_separation: float,
+    state_strength: float,
+    shared_state: bool,
+) -> tuple[np.ndarray, dict, np.ndarray, dict, np.ndarray, np.ndarray]:
+    """Draw every type's program and state program, and the shared program (steps 2 to 4 of :func:`simulate`).
 
-    # type and state programs
+    Returns the type programs and marker genes, the state programs and state genes, the shared program and its
+    genes.
+    """
+    n_types, n_genes = len(type_names), len(gene_names)
     type_programs = np.zeros((n_types, n_genes))
     state_programs = np.zeros((n_types, n_genes))
     marker_genes: dict[str, np.ndarray] = {}
@@ -216,74 +334,7 @@ def simulate(
         shared_genes = gene_names[chosen]
     else:
         shared_genes = np.array([], dtype=str)
-    batch_effects = np.zeros((n_batches, n_genes))
-    if n_batches > 1:
-        batch_effects = rng.normal(0.0, batch_effect, size=(n_batches, n_genes))
-
-    # cells
-    counts_per_type = _split_counts(proportions, n_cells)
-    types = rng.permutation(np.repeat(np.arange(n_types), counts_per_type))
-    batches = rng.integers(n_batches, size=n_cells)
-    state = rng.uniform(0.0, 1.0, size=n_cells)
-    shared = rng.uniform(0.0, 1.0, size=n_cells) if shared_state else np.zeros(n_cells)
-    log_sigma = float(library_size_sigma)
-    library_size = np.exp(rng.normal(np.log(library_size_mean) - log_sigma**2 / 2, log_sigma, size=n_cells))
-
-    counts = _sample_counts(
-        rng,
-        baseline=baseline,
-        type_programs=type_programs,
-        state_programs=state_programs,
-        shared_program=shared_program,
-        batch_effects=batch_effects,
-        gene_dispersion=gene_dispersion,
-        types=types,
-        batches=batches,
-        state=state,
-        shared=shared,
-        library_size=library_size,
-        sparse=sparse,
-    )
-
-    obs = pd.DataFrame(index=pd.Index([f"cell_{c}" for c in range(n_cells)]))
-    obs["type"] = pd.Categorical.from_codes(types, categories=type_names)
-    obs["state"] = state
-    if shared_state:
-        obs["shared_state"] = shared
-    obs["batch"] = pd.Categorical.from_codes(batches, categories=[f"batch_{k}" for k in range(n_batches)])
-    obs["library_size"] = library_size
-    adata = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names)))
-    adata.uns["simulation"] = {
-        "params": {
-            "n_cells": int(n_cells),
-            "n_genes": int(n_genes),
-            "n_types": int(n_types),
-            "n_marker_genes": int(n_marker_genes),
-            "n_state_genes": int(n_state_genes),
-            "type_sizes": sizes_mode,
-            "n_batches": int(n_batches),
-            "batch_effect": float(batch_effect),
-            "shared_state": bool(shared_state),
-            "library_size_mean": float(library_size_mean),
-            "library_size_sigma": float(library_size_sigma),
-            "dispersion": float(dispersion),
-            "type_separation": float(type_separation),
-            "state_strength": float(state_strength),
-            "seed": int(seed),
-        },
-        "type_proportions": proportions,
-        "baseline": baseline,
-        "gene_dispersion": gene_dispersion,
-        "type_programs": type_programs,
-        "marker_genes": marker_genes,
-        "state_programs": state_programs,
-        "state_genes": state_genes,
-        "shared_program": shared_program,
-        "shared_genes": shared_genes,
-        "batch_effects": batch_effects,
-    }
-    logger.info("Simulated %d cells x %d genes, %d types, %d batches.", n_cells, n_genes, n_types, n_batches)
-    return adata
+    return type_programs, marker_genes, state_programs, state_genes, shared_program, shared_genes
 
 
 def _sample_counts(

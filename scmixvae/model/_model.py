@@ -133,6 +133,8 @@ def default_n_categories(n_cells: int) -> int:
 def _check_init_arguments(
     adata: AnnData | None,
     *,
+    n_agents: int,
+    choose_n_categories: bool,
     n_categories: int,
     n_state: int,
     n_hidden: int,
@@ -152,6 +154,11 @@ def _check_init_arguments(
     state_encoder: str,
 ) -> None:
     """Check the arguments of :class:`CplMixVAE` (its defaults resolved) before the module is built."""
+    if choose_n_categories and n_agents < 2:
+        raise ValueError(
+            "Choosing the number of categories (n_categories=None) needs the consensus of at least two "
+            "agents; give n_categories or use n_agents >= 2."
+        )
     check.check_int("n_categories", n_categories, minimum=1)
     check.check_int("n_state", n_state, minimum=1)
     check.check_int("n_hidden", n_hidden, minimum=1)
@@ -316,11 +323,6 @@ class CplMixVAE(
         # K unknown: start from many categories; the first train() prunes them (see train(prune=...))
         self.choose_n_categories_ = n_categories is None
         if self.choose_n_categories_:
-            if n_agents < 2:
-                raise ValueError(
-                    "Choosing the number of categories (n_categories=None) needs the consensus of at least two "
-                    "agents; give n_categories or use n_agents >= 2."
-                )
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
         defaults = default_options(self.choose_n_categories_)
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
@@ -332,6 +334,8 @@ class CplMixVAE(
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
         _check_init_arguments(
             adata,
+            n_agents=n_agents,
+            choose_n_categories=self.choose_n_categories_,
             n_categories=n_categories,
             n_state=n_state,
             n_hidden=n_hidden,

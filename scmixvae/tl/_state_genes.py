@@ -621,17 +621,23 @@ def rank_state_genes(
             "agent": int(agent),
         },
     )
-    adata.uns[key_added]["traversal"] = {
+    adata.uns[key_added]["traversal"] = _traversal_record(geometry, cont_mean)
+    return adata if copy else None
+
+
+def _traversal_record(geometry: dict[str, tuple], cont_mean: torch.Tensor | None) -> dict[str, np.ndarray]:
+    """Build the ``traversal`` entry of a ranking: each ranked group's category, size and path."""
+    values = list(geometry.values())
+    return {
         "groups": np.asarray(list(geometry), dtype=str),
-        "category": np.asarray([g[0] for g in geometry.values()], dtype=str),
-        "n_cells": np.asarray([g[1] for g in geometry.values()], dtype=np.int64),
-        "center": np.stack([g[2] for g in geometry.values()]),
-        "direction": np.stack([g[3] for g in geometry.values()]),
-        "sigma": np.asarray([g[4] for g in geometry.values()], dtype=np.float64),
-        "axis": np.asarray([g[5] for g in geometry.values()], dtype=str),
+        "category": np.asarray([g[0] for g in values], dtype=str),
+        "n_cells": np.asarray([g[1] for g in values], dtype=np.int64),
+        "center": np.stack([g[2] for g in values]),
+        "direction": np.stack([g[3] for g in values]),
+        "sigma": np.asarray([g[4] for g in values], dtype=np.float64),
+        "axis": np.asarray([g[5] for g in values], dtype=str),
         "continuous_covariates": np.zeros(0) if cont_mean is None else cont_mean.numpy().astype(np.float64),
     }
-    return adata if copy else None
 
 
 def _rank_group(model, k, counts, states, center, direction, sigma, std, traversal: dict) -> dict[str, np.ndarray]:
