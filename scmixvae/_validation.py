@@ -42,9 +42,8 @@ def check_anndata(adata, where: str = "`adata`") -> None:
 
 def check_model(model, where: str = "`model`") -> None:
     """Raise a :class:`TypeError` for anything but a CplMixVAE and a :class:`ValueError` for an untrained one."""
-    from .model import CplMixVAE  # imported here: the model imports this module
-
-    if not isinstance(model, CplMixVAE):
+    # by name, so that this module imports no model (the model imports it)
+    if not any(f"{c.__module__}.{c.__qualname__}" == "scmixvae.model._model.CplMixVAE" for c in type(model).__mro__):
         raise TypeError(f"{where} must be a trained scmixvae.model.CplMixVAE, got {type(model).__name__}.")
     model._check_if_trained()
 

@@ -417,7 +417,6 @@ def state_traversal(
     axis = _resolve_axis(model, axis)
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
     k = _category_index(model, category)
-    model._check_if_trained(warn=True)
     adata = model._validate_anndata(adata)
     consensus, h, cont_mean = _encode(model, adata, batch_size)
     if cells is None:
@@ -562,7 +561,6 @@ def rank_state_genes(
         _check_groupby(adata, groupby)
     if copy:
         adata = adata.copy()
-    model._check_if_trained(warn=True)
     model_adata = model._validate_anndata(adata)
 
     consensus, h, cont_mean = _encode(model, model_adata, batch_size)
