@@ -544,13 +544,13 @@ class CplMixVAE(
             With pruning: fit the model this many times from fresh weights (training and pruning, no state
             phase), then keep the fit whose categories agree best with the others' (the medoid: highest mean
             adjusted Rand index of its :meth:`predict` labels with every other fit's; the earliest on a tie) and
-            train the states of that one. Restart 0 is the model as created; restart ``r`` rebuilds it after
-            setting ``scvi.settings.seed`` to the current seed plus ``r`` (restored afterwards), so it is the fit
-            a new model created with that seed would give. Fits from many categories vary between seeds; the
-            medoid is the most typical of them. Two restarts always tie (the first is kept): use three or more. See
-            :attr:`restart_history`. ``None`` (default): :func:`default_n_restarts`, ``3`` when this call
-            chooses the number of types of a model created without ``n_categories`` (its first training) on up
-            to 50,000 cells, else ``1``, a single fit.
+            train the states of that one. Restart 0 is the model as created; restart ``r`` is a new model built with
+            the same arguments after setting ``scvi.settings.seed`` to the current seed plus ``r`` (restored
+            afterwards), so it is the fit a new model created with that seed would give; the model becomes the fit
+            kept. Fits from many categories vary between seeds; the medoid is the most typical of them. Two
+            restarts always tie (the first is kept): use three or more. See :attr:`restart_history`. ``None``
+            (default): :func:`default_n_restarts`, ``3`` when this call chooses the number of types of a model
+            created without ``n_categories`` (its first training) on up to 50,000 cells, else ``1``, a single fit.
         state_epochs
             Epochs of the state phase, after ``max_epochs`` (and after pruning): the encoder trunk and the
             categorical heads are frozen (they read the real cell, as in a read-out, and learn nothing), so the
