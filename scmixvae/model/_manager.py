@@ -88,7 +88,8 @@ class OptionalObsField(CategoricalObsField):
     ) -> dict:
         """Register ``adata_target`` with the model's categories; unknown values get :data:`UNKNOWN_CODE`."""
         mapping = np.asarray(state_registry[self.CATEGORICAL_MAPPING_KEY])
-        column = adata_target.obs.get(self._original_attr_key) if not self.is_default else None
+        key = state_registry[self.ORIGINAL_ATTR_KEY]  # the column the model was set up with
+        column = adata_target.obs.get(key) if not self.is_default else None
         if self.is_default or (
             column is not None and column.notna().all() and pd.Index(column.unique()).isin(mapping).all()
         ):
@@ -98,7 +99,7 @@ class OptionalObsField(CategoricalObsField):
         else:  # values outside the model's categories (and missing ones) get code -1
             codes = pd.Categorical(column.astype(object), categories=pd.Index(mapping)).codes.astype(np.int64)
         adata_target.obs[self.attr_key] = codes
-        return {self.CATEGORICAL_MAPPING_KEY: mapping.copy(), self.ORIGINAL_ATTR_KEY: self._original_attr_key}
+        return {self.CATEGORICAL_MAPPING_KEY: mapping.copy(), self.ORIGINAL_ATTR_KEY: key}
 
 
 class CplMixVAEDataSplitter(DataSplitter):

@@ -384,9 +384,9 @@ def category_condition_discrepancy(q: torch.Tensor, condition: torch.Tensor, n_c
     For each pair of conditions ``g, h`` with at least two cells each, a chi-square-like distance between their
     mean posteriors, ``sum_k (m_gk - m_hk)^2 / m_k`` with ``m_k`` the mean posterior of the minibatch's cells of
     known condition (held constant for the gradient), so that a type split between conditions costs in proportion
-    to its size. The squares are estimated without bias (``m_gk^2`` leaves out each cell's product with itself): a plug-in estimate would be
-    biased upwards by the sampling noise of the proportions, which is smaller with fewer categories, and would
-    so reward merging types. Averaged over the pairs of conditions present.
+    to its size. The squares are estimated without bias (``m_gk^2`` leaves out each cell's product with itself): a
+    plug-in estimate would be biased upwards by the sampling noise of the proportions, which is smaller with fewer
+    categories, and would so reward merging types. Averaged over the pairs of conditions present.
 
     Parameters
     ----------
