@@ -25,6 +25,7 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import _validation as check
+from .._logging import log_interval, quiet_fit
 from .._constants import CONDITION_KEY, category_name
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
@@ -63,7 +64,8 @@ def _stops_whole_fit_on_interrupt(fit):
         if not depth:
             self.interrupted_ = False
         try:
-            return fit(self, *args, **kwargs)
+            with quiet_fit():  # no notice or warning repeated by every trainer of the fit
+                return fit(self, *args, **kwargs)
         except FitInterrupted:
             if depth:
                 raise
@@ -661,6 +663,7 @@ class CplMixVAE(
         self.module.train()
         flag = InterruptFlag()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
+        kwargs.setdefault("log_every_n_steps", log_interval(self.adata.n_obs, batch_size, train_size))
         if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
             kwargs.setdefault("load_sparse_tensor", self._sparse_minibatches(accelerator))
         # the neighbours' counts are loaded into the training minibatches only while training
