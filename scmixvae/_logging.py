@@ -1,5 +1,7 @@
-"""What a user sees while scmixvae works: its messages at scvi-tools' verbosity, and fits without the notices and
-warnings that the libraries below it raise because of how scmixvae drives them.
+"""What a user sees while scmixvae works: its messages, and fits free of other libraries' repeated notices.
+
+The package's messages are shown at scvi-tools' verbosity; a fit hides the notices and warnings that the libraries
+below it raise because of how scmixvae drives them.
 
 * The ``scmixvae`` logger hands its records to scvi-tools' ``scvi`` logger (:func:`follow_scvi_verbosity`), as if
   it were one of its children: they are shown by scvi-tools' console handler at ``scvi.settings.verbosity``

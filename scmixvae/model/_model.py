@@ -25,8 +25,8 @@ from scvi.data.fields import (
 from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import _validation as check
-from .._logging import log_interval, quiet_fit
 from .._constants import CONDITION_KEY, category_name
+from .._logging import log_interval, quiet_fit
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
 from ..module._module import STATE_ENCODERS, Likelihood, eval_mode

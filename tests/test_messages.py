@@ -1,0 +1,178 @@
+"""What a user sees while a fit runs: the package's messages at scvi-tools' verbosity, no warnings or notices
+caused by the package, and silence when asked for."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scvi
+
+from scmixvae._logging import log_interval, quiet_fit
+from scmixvae.data._simulate import simulate
+from scmixvae.model import CplMixVAE
+
+ROOT = Path(__file__).resolve().parents[1]
+FIT_KWARGS = {
+    "max_epochs": 1,
+    "state_epochs": 1,
+    "n_restarts": 1,
+    "batch_size": 64,
+    "prune_kwargs": {"max_rounds": 1, "epochs_per_round": 1},
+}
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.NOTSET)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+@pytest.fixture
+def scvi_handler(monkeypatch):
+    """A handler on scvi-tools' ``scvi`` logger (next to its console handler); verbosity restored afterwards."""
+    handler = _Records()
+    scvi_logger = logging.getLogger("scvi")
+    verbosity = scvi.settings.verbosity
+    scvi_logger.addHandler(handler)
+    yield handler
+    scvi_logger.removeHandler(handler)
+    scvi.settings.verbosity = verbosity
+
+
+def _default_fit(**kwargs):
+    scvi.settings.seed = 0
+    adata = simulate(n_cells=300, n_genes=120, n_types=3, n_batches=2, seed=0)
+    adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_hidden=16)  # K unknown: Leiden start, pruning rounds, the chosen K, the states
+    model.train(**FIT_KWARGS, enable_progress_bar=False, **kwargs)
+    return model
+
+
+def test_fit_logs_its_stages_through_scvi_tools_handler(scvi_handler):
+    scvi.settings.verbosity = logging.INFO
+    _default_fit()
+    ours = [r for r in scvi_handler.records if r.name.startswith("scmixvae.")]
+    messages = [r.getMessage() for r in ours]
+    assert {r.levelno for r in ours} == {logging.INFO}
+    for stage in ("Leiden initialisation: ", "Pruning round 0: ", "Pruning round 1: ", "Selected round "):
+        assert any(m.startswith(stage) for m in messages), (stage, messages)
+    assert logging.getLogger("scmixvae.train._pruning").getEffectiveLevel() == logging.INFO
+
+
+def test_scvi_verbosity_warning_silences_the_messages(scvi_handler):
+    scvi.settings.verbosity = logging.WARNING
+    _default_fit()
+    assert [r.getMessage() for r in scvi_handler.records if r.name.startswith("scmixvae.")] == []
+    assert not logging.getLogger("scmixvae.train._pruning").isEnabledFor(logging.INFO)
+
+
+def test_a_level_set_on_the_package_logger_takes_precedence(scvi_handler):
+    scvi.settings.verbosity = logging.WARNING
+    package = logging.getLogger("scmixvae")
+    package.setLevel(logging.INFO)
+    try:
+        logging.getLogger("scmixvae.train._pruning").info("a stage")
+    finally:
+        package.setLevel(logging.NOTSET)
+    assert [r.getMessage() for r in scvi_handler.records] == ["a stage"]
+
+
+@pytest.mark.parametrize(
+    ("n_cells", "batch_size", "train_size", "expected"),
+    [(300, 64, None, 4), (300, 128, 0.5, 1), (20, 128, None, 1), (100_000, 128, None, 10)],
+)
+def test_log_interval_never_exceeds_the_training_minibatches(n_cells, batch_size, train_size, expected):
+    assert log_interval(n_cells, batch_size, train_size) == expected
+
+
+def test_quiet_fit_restores_lightning_loggers_and_warning_filters():
+    import torch
+
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    before_level, before_filters = rank_zero.level, list(warnings.filters)
+    before_checks = torch.sparse.check_sparse_tensor_invariants.is_enabled()
+    with quiet_fit():
+        assert not rank_zero.isEnabledFor(logging.INFO)
+    assert rank_zero.level == before_level
+    assert warnings.filters == before_filters
+    assert torch.sparse.check_sparse_tensor_invariants.is_enabled() == before_checks
+    with warnings.catch_warnings(record=True) as seen:  # a user's warning of the same text still shows outside
+        warnings.simplefilter("always")
+        warnings.warn("Sparse CSR tensor support is in beta state.", UserWarning, stacklevel=1)
+    assert len(seen) == 1
+
+
+# A fresh interpreter: torch raises its sparse CSR warnings once per process, and the test suite's conftest quiets
+# Lightning. Everything printed after MARK comes from the fit and the read-outs.
+SCRIPT = """
+import json, logging, sys, warnings
+import numpy as np
+import scvi
+from scmixvae.data import simulate
+from scmixvae.model import CplMixVAE
+
+quiet = sys.argv[1] == "quiet"
+fit_kwargs = json.loads(sys.argv[2])
+if quiet:
+    scvi.settings.verbosity = logging.WARNING
+scvi.settings.seed = 0
+adata = simulate(n_cells=300, n_genes=120, n_types=3, n_batches=2, seed=0)
+adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()
+CplMixVAE.setup_anndata(adata)
+model = CplMixVAE(adata, n_hidden=16)
+print("MARK", flush=True)
+print("MARK", file=sys.stderr, flush=True)
+with warnings.catch_warnings(record=not quiet) as seen:
+    warnings.simplefilter("always")
+    model.train(**fit_kwargs, enable_progress_bar=not quiet)
+    model.predict()
+    model.get_latent_representation()
+if not quiet:
+    print("WARNINGS", json.dumps([f"{w.category.__name__}: {w.message}" for w in seen]))
+"""
+
+
+def _run(mode: str, fit_kwargs: dict) -> tuple[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    result = subprocess.run(
+        [sys.executable, "-c", SCRIPT, mode, json.dumps(fit_kwargs)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    out, err = (re.sub(r"\x1b\[[0-9;]*m", "", text.split("MARK\n", 1)[1]) for text in (result.stdout, result.stderr))
+    return out, err  # without the terminal colours of scvi-tools' console
+
+
+def test_default_fit_raises_no_warning_or_notice_of_its_own():
+    out, err = _run("loud", {**FIT_KWARGS, "n_restarts": 2})
+    warned = json.loads(out.rsplit("WARNINGS ", 1)[1])
+    for pattern in ("Sparse", "log_every_n_steps", "LeafSpec", "litlogger", "invariant"):
+        assert not [w for w in warned if re.search(pattern, w)], (pattern, warned)
+    for notice in ("GPU available", "TPU available", "Tip:", "litlogger", "Seed set", "Trainer.fit` stopped"):
+        assert notice not in out + err, notice
+    assert "Pruning round 1" in out  # the package's messages: scvi-tools' console handler, on stdout
+    assert "Kept restart" in out
+    assert "Epoch 1/1" in out + err  # scvi-tools' progress bar is still there
+
+
+def test_no_progress_bar_and_verbosity_warning_leave_a_fit_silent():
+    out, err = _run("quiet", FIT_KWARGS)
+    assert (out, err) == ("", "")
