@@ -170,7 +170,11 @@ def test_default_fit_raises_no_warning_or_notice_of_its_own():
         assert notice not in out + err, notice
     assert "Pruning round 1" in out  # the package's messages: scvi-tools' console handler, on stdout
     assert "Kept restart" in out
-    assert "Epoch 1/1" in out + err  # scvi-tools' progress bar is still there
+    # one progress display for the whole fit, naming the stage, instead of a progress bar per training run
+    for stage in ("restart 1/2 · categories", "restart 2/2 · K: pruning round 1", "states: 100%"):
+        assert stage in out, stage
+    assert "Epoch 1/" not in out + err
+    assert "restart 2/2 · states" not in out  # the state phase trains the restart kept, whichever it is
 
 
 def test_no_progress_bar_and_verbosity_warning_leave_a_fit_silent():
