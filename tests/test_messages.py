@@ -180,3 +180,30 @@ def test_default_fit_raises_no_warning_or_notice_of_its_own():
 def test_no_progress_bar_and_verbosity_warning_leave_a_fit_silent():
     out, err = _run("quiet", FIT_KWARGS)
     assert (out, err) == ("", "")
+
+
+def test_the_fit_display_names_each_stage():
+    from scmixvae.train._progress import FitProgress
+
+    progress = FitProgress()
+    names = []
+    with progress.within("train"):
+        progress.start_restart(0, 2)
+        names.append(progress.run(max_epochs=5, state_epochs=0, trained=False).name)
+        with progress.within("prune"):
+            names += [progress.run(max_epochs=5, state_epochs=0, trained=True).name for _ in range(2)]
+        names.append(progress.run(max_epochs=0, state_epochs=5, trained=True).name)
+    assert names == ["categories", "K: pruning round 1", "K: pruning round 2", "states"]
+    assert progress.restart == ""  # the state phase trains the restart kept
+    assert progress.run(max_epochs=5, state_epochs=5, trained=False).state_phase_start == 5
+
+
+def test_a_progress_bar_callback_of_the_user_replaces_the_fit_display(sim_adata, capsys):
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    # as with scvi-tools, a progress bar of one's own comes with simple_progress_bar=False
+    model.train(max_epochs=1, state_epochs=1, batch_size=128, callbacks=[TQDMProgressBar()], simple_progress_bar=False)
+    assert model.is_trained_
+    assert "Epoch 1:" in capsys.readouterr().out  # Lightning's own bar, not the fit's

@@ -666,7 +666,7 @@ class CplMixVAE(
         self.module.train()
         flag = InterruptFlag()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
-        if (progress := current_progress()) is not None:  # the fit's one display replaces the run's own bar
+        if (progress := current_progress(kwargs["callbacks"])) is not None:  # the fit's display, not the run's bar
             kwargs["enable_progress_bar"] = False
             kwargs["callbacks"].append(
                 progress.run(max_epochs=max_epochs, state_epochs=state_epochs, trained=self.is_trained_)

@@ -99,8 +99,15 @@ class FitProgress(Callback):
             self.bar = None
 
 
-def current() -> FitProgress | None:
-    """Return the progress display of the fit in progress, or ``None``."""
+def current(callbacks: list | None = None) -> FitProgress | None:
+    """Return the progress display of the fit in progress, or ``None``.
+
+    ``None`` too when ``callbacks`` (a training run's) hold a progress bar of the user's, which then shows instead.
+    """
+    from lightning.pytorch.callbacks import ProgressBar
+
+    if any(isinstance(callback, ProgressBar) for callback in callbacks or ()):
+        return None
     return _ACTIVE.get()
 
 
