@@ -21,8 +21,13 @@ import warnings
 from collections.abc import Iterator
 
 #: Lightning's loggers whose INFO lines a fit repeats for every trainer it opens: "GPU available: ...",
-#: "TPU available: ...", the LitLogger tip, "`Trainer.fit` stopped: ..." and, for restarts, "Seed set to ...".
-_LIGHTNING_NOTICES = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed")
+#: "TPU available: ...", the LitLogger tip, "`Trainer.fit` stopped: ...", on a GPU "LOCAL_RANK: 0 -
+#: CUDA_VISIBLE_DEVICES: ..." and, for restarts, "Seed set to ...".
+_LIGHTNING_NOTICES = (
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning.pytorch.accelerators.cuda",
+    "lightning.fabric.utilities.seed",
+)
 
 #: Warnings raised below the package because of how it trains, as (message regex, category): torch's notice that
 #: sparse CSR support is in beta (the fit's sparse minibatches, ``load_sparse_tensor``), and Lightning's use of

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import scvi
 
-from scmixvae._logging import log_interval, quiet_fit
+from scmixvae._logging import _LIGHTNING_NOTICES, log_interval, quiet_fit
 from scmixvae.data._simulate import simulate
 from scmixvae.model import CplMixVAE
 
@@ -98,15 +98,38 @@ def test_log_interval_never_exceeds_the_training_minibatches(n_cells, batch_size
     assert log_interval(n_cells, batch_size, train_size) == expected
 
 
-def test_quiet_fit_restores_lightning_loggers_and_warning_filters():
+@pytest.fixture
+def lightning_at_info():
+    """Lightning's loggers at their own level, INFO (the test suite's conftest raises them to ERROR)."""
+    loggers = [logging.getLogger(name) for name in ("lightning", "lightning.pytorch")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.INFO)
+    yield
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
+
+
+@pytest.mark.parametrize("verbosity", [logging.INFO, logging.DEBUG])
+def test_quiet_fit_hides_lightning_notices_unless_debugging(lightning_at_info, scvi_handler, verbosity):
+    scvi.settings.verbosity = verbosity
+    notices = [logging.getLogger(name) for name in _LIGHTNING_NOTICES]
+    assert all(lg.isEnabledFor(logging.INFO) for lg in notices)
+    with quiet_fit():
+        assert [lg.isEnabledFor(logging.INFO) for lg in notices] == [verbosity == logging.DEBUG] * len(notices)
+    assert all(lg.isEnabledFor(logging.INFO) for lg in notices)
+
+
+def test_quiet_fit_restores_lightning_loggers_and_warning_filters(lightning_at_info):
     import torch
 
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    before_level, before_filters = rank_zero.level, list(warnings.filters)
+    notices = [logging.getLogger(name) for name in _LIGHTNING_NOTICES]
+    assert "lightning.pytorch.accelerators.cuda" in _LIGHTNING_NOTICES  # "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES"
+    before_levels, before_filters = [lg.level for lg in notices], list(warnings.filters)
     before_checks = torch.sparse.check_sparse_tensor_invariants.is_enabled()
     with quiet_fit():
-        assert not rank_zero.isEnabledFor(logging.INFO)
-    assert rank_zero.level == before_level
+        assert not any(lg.isEnabledFor(logging.INFO) for lg in notices)
+    assert [lg.level for lg in notices] == before_levels
     assert warnings.filters == before_filters
     assert torch.sparse.check_sparse_tensor_invariants.is_enabled() == before_checks
     with warnings.catch_warnings(record=True) as seen:  # a user's warning of the same text still shows outside
