@@ -26,10 +26,13 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import _validation as check
 from .._constants import CONDITION_KEY, category_name
+from .._logging import log_interval, quiet_fit
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
 from ..module._module import STATE_ENCODERS, Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan, _pruning
+from ..train._progress import current as current_progress
+from ..train._progress import fit_progress
 from ..train._pruning import agreement_matrix, co_assignment
 from ..train._trainingplan import InterruptFlag
 from ._likelihood import CplMixVAELikelihoodMixin
@@ -64,7 +67,9 @@ def _stops_whole_fit_on_interrupt(fit):
         if not depth:
             self.interrupted_ = False
         try:
-            return fit(self, *args, **kwargs)
+            # one progress display for the whole fit; no notice or warning repeated by every trainer of it
+            with quiet_fit(), fit_progress(fit.__name__, kwargs.get("enable_progress_bar", True)):
+                return fit(self, *args, **kwargs)
         except FitInterrupted:
             if depth:
                 raise
@@ -703,6 +708,12 @@ class CplMixVAE(
         self.module.train()
         flag = InterruptFlag()
         kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
+        if (progress := current_progress(kwargs["callbacks"])) is not None:  # the fit's display, not the run's bar
+            kwargs["enable_progress_bar"] = False
+            kwargs["callbacks"].append(
+                progress.run(max_epochs=max_epochs, state_epochs=state_epochs, trained=self.is_trained_)
+            )
+        kwargs.setdefault("log_every_n_steps", log_interval(self.adata.n_obs, batch_size, train_size))
         if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
             kwargs.setdefault("load_sparse_tensor", self._sparse_minibatches(accelerator))
         # the neighbours' counts are loaded into the training minibatches only while training; their rows are
@@ -757,6 +768,8 @@ class CplMixVAE(
         fits, labels, rows = [], [], []
         try:
             for restart in range(n_restarts):
+                if (progress := current_progress()) is not None:
+                    progress.start_restart(restart, n_restarts)
                 if restart:  # a fresh model, as CplMixVAE(...) after `scvi.settings.seed = first_seed + restart`
                     scvi.settings.seed = first_seed + restart
                     for name in self._FIT_ATTRIBUTES:  # the Leiden start and the neighbours depend on the seed
