@@ -6,6 +6,8 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING
 
+from ._logging import follow_scvi_verbosity
+
 if TYPE_CHECKING:
     from . import data, model, module, pl, tl, train
 
@@ -16,6 +18,8 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree wi
 
 __all__ = ["__version__", "data", "model", "module", "pl", "tl", "train"]
 _SUBPACKAGES = frozenset(__all__) - {"__version__"}
+
+follow_scvi_verbosity()  # the package's messages are shown at scvi-tools' verbosity (`scvi.settings.verbosity`)
 
 
 def __getattr__(name: str):

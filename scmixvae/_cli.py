@@ -12,8 +12,6 @@ import os
 import sys
 from pathlib import Path
 
-logger = logging.getLogger("scmixvae")
-
 
 def _int_at_least(minimum: int):
     def parse(text: str) -> int:
@@ -71,7 +69,7 @@ def _common_options(command: argparse.ArgumentParser) -> None:
         "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default: auto)"
     )
     command.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
-    command.add_argument("--quiet", action="store_true", help="no progress bar")
+    command.add_argument("--quiet", action="store_true", help="no progress bar and no messages, only errors")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -251,7 +249,7 @@ def _demo(args) -> int:
     from .model import CplMixVAE
 
     out.mkdir(parents=True, exist_ok=True)
-    scvi.settings.seed = args.seed
+    _scvi_settings(scvi, args)
     adata = simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_types=args.n_types, seed=args.seed)
     CplMixVAE.setup_anndata(adata)
     model = CplMixVAE(adata, n_categories=args.n_types)
@@ -278,6 +276,19 @@ def _fit_outputs(args) -> tuple[list[Path], list[Path]]:
     return files, [] if args.save_model is None else [args.save_model]
 
 
+def _scvi_settings(scvi, args) -> None:
+    """Set the command's seed and, with ``--quiet``, scvi-tools' verbosity (which scmixvae follows) to WARNING."""
+    if args.quiet:
+        scvi.settings.verbosity = logging.WARNING
+    seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
+    level = seed_logger.level
+    seed_logger.setLevel(logging.WARNING)  # Lightning's "Seed set to ..." repeats the command's own --seed
+    try:
+        scvi.settings.seed = args.seed
+    finally:
+        seed_logger.setLevel(level)
+
+
 def _fit(args) -> int:
     if args.output.suffix != ".h5ad":
         return _error(f"output {args.output} must end in .h5ad")
@@ -295,7 +306,7 @@ def _fit(args) -> int:
     from ._io import atomic_write, write_h5ad
     from .model import CplMixVAE
 
-    scvi.settings.seed = args.seed
+    _scvi_settings(scvi, args)
     try:
         CplMixVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key, condition_key=args.condition_key)
         kwargs = {"n_categories": args.n_categories}
@@ -351,7 +362,6 @@ def _fit_figures(adata, model, key: str, genes_key: str, folder: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scmixvae`` command."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return _demo(args) if args.command == "demo" else _fit(args)
     except KeyboardInterrupt:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -19,6 +20,18 @@ def pytest_configure(config):
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+
+
+@pytest.fixture(autouse=True)
+def _package_records_reach_caplog(monkeypatch):
+    """Let caplog (a root handler) see the package's log records.
+
+    The ``scmixvae`` logger hands its records to scvi-tools' ``scvi`` logger, which keeps them from the root logger
+    (``propagate = False``, as scvi-tools sets it up for its own); tests let them through to the root as well.
+    """
+    import scvi  # noqa: F401  (scvi-tools sets its logger up on import)
+
+    monkeypatch.setattr(logging.getLogger("scvi"), "propagate", True)
 
 
 def pytest_collection_modifyitems(config, items):

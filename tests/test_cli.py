@@ -271,3 +271,22 @@ def test_fit_interrupted_by_ctrl_c_writes_nothing_and_exits_130(tmp_path, sim_ad
     assert rc == 130
     assert "interrupted" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5ad"]
+
+
+def test_quiet_demo_prints_only_its_results(tmp_path, capfd):
+    import logging
+
+    import scvi
+
+    verbosity = scvi.settings.verbosity
+    try:
+        rc = main(["demo", "--output", str(tmp_path / "demo"), "--n-cells", "300", "--n-genes", "80", "--n-types",
+                   "3", "--max-epochs", "1", "--state-epochs", "1", "--quiet", "--accelerator", "cpu"])  # fmt: skip
+        assert scvi.settings.verbosity == logging.WARNING
+    finally:
+        scvi.settings.verbosity = verbosity
+    assert rc == 0
+    captured = capfd.readouterr()
+    lines = [line for line in captured.out.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0].startswith("ARI of the consensus types") and lines[1].startswith("wrote ")
+    assert "Seed set" not in captured.err and "Leiden" not in captured.err + captured.out

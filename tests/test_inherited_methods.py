@@ -101,7 +101,7 @@ SEPARATE = {
     "train", "prune", "train_augmenter", "save", "load", "load_registry", "view_setup_args", "convert_legacy_save",
     "setup_anndata", "register_manager", "deregister_manager", "transfer_fields", "update_setup_method_args",
     "to_device", "get_importance_weights", "differential_abundance", "view_setup_method_args", "view_registry",
-    "view_anndata_setup",
+    "view_anndata_setup", "prepare_query_anndata", "load_query_data",  # reference mapping: tests/test_query.py
 }  # fmt: skip
 PROPERTIES = {
     "adata", "adata_manager", "category_names", "device", "get_normalized_function_name", "history", "is_trained",

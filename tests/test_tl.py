@@ -539,7 +539,8 @@ def test_condition_axis_needs_a_registered_condition_present_in_the_data(fitted,
     cond_adata, cond_model = with_condition
     missing = cond_adata.copy()
     del missing.obs["treatment"]
-    with pytest.raises(ValueError, match=r"`condition_key`: column\(s\) \['treatment'\] not found in adata\.obs"):
+    # read-outs need no condition; the condition axis does, and says so
+    with pytest.raises(ValueError, match=r"`axis=\"condition\"`: adata.obs has no column 'treatment'"):
         tl.rank_state_genes(missing, cond_model, copy=True)
 
 

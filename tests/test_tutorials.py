@@ -71,9 +71,27 @@ assert list(augmentations.index) == ["dropout", "thinning", "knn", "learned"]
 for table in (likelihoods, augmentations):
     assert table["ARI vs truth"].between(-1, 1).all() and table["agent agreement"].between(0, 1).all()
 """,
+    "04_reference_mapping.ipynb": """
+import pandas as pd
+from sklearn.metrics import adjusted_rand_score
+assert FAST is True
+assert reference.n_obs + query.n_obs == 450 and set(query.obs["batch"]) == {"batch_2"}
+assert list(query.var_names) == list(reference.var_names)
+assert query_model.category_names == model.category_names == from_folder.category_names
+assert query_model.module.n_batch == 3 and model.module.n_batch == 2
+assert set(query.obs["cplmixvae_type"].cat.categories) <= set(model.category_names)
+assert adjusted_rand_score(query.obs["type"], query.obs["cplmixvae_type"]) >= 0.9
+assert same_category.mean() >= 0.9
+assert all("weight_cov" in n for n, p in query_model.module.named_parameters() if p.requires_grad)
+""",
 }
 NEEDS_SHARED_DATA = {"02_ifnb_states.ipynb"}
-MIN_FIGURES = {"01_quickstart.ipynb": 5, "02_ifnb_states.ipynb": 7, "03_model_order_and_diagnostics.ipynb": 5}
+MIN_FIGURES = {
+    "01_quickstart.ipynb": 5,
+    "02_ifnb_states.ipynb": 7,
+    "03_model_order_and_diagnostics.ipynb": 5,
+    "04_reference_mapping.ipynb": 1,
+}
 
 
 def _figures(nb) -> int:

@@ -19,6 +19,8 @@ from scvi import REGISTRY_KEYS
 from scvi.model.base import UnsupervisedTrainingMixin
 
 from .. import _validation as check
+from .._logging import log_interval
+from ..train._progress import current as current_progress
 from ..train._trainingplan import InterruptFlag
 from . import _start
 
@@ -189,6 +191,7 @@ def run(
     *,
     max_epochs: int,
     state_epochs: int,
+    stage: str | None = None,
     accelerator: str = "auto",
     devices: int | list[int] | str = "auto",
     train_size: float | None = None,
@@ -200,7 +203,8 @@ def run(
 ) -> None:
     """One Lightning run of scvi-tools' trainer: ``max_epochs`` of every part, then ``state_epochs`` of the states.
 
-    In the state phase the categorical path is frozen (the training plan's ``state_phase_start``). A Ctrl-C keeps
+    In the state phase the categorical path is frozen (the training plan's ``state_phase_start``). ``stage`` names
+    the run on the fit's progress display (by default, from what it trains). A Ctrl-C keeps
     the weights reached so far and raises :class:`FitInterrupted`; a non-finite loss raises the training plan's
     :class:`RuntimeError`.
     """
@@ -222,6 +226,13 @@ def run(
     model.module.train()
     flag = InterruptFlag()
     kwargs["callbacks"] = [*(kwargs.get("callbacks") or []), flag]
+    if (progress := current_progress(kwargs["callbacks"])) is not None:  # the fit's display, not the run's bar
+        kwargs["enable_progress_bar"] = False
+        trained = model.is_trained_
+        kwargs["callbacks"].append(
+            progress.run(max_epochs=max_epochs, state_epochs=state_epochs, trained=trained, stage=stage)
+        )
+    kwargs.setdefault("log_every_n_steps", log_interval(model.adata.n_obs, batch_size, train_size))
     if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
         kwargs.setdefault("load_sparse_tensor", sparse_minibatches(model, accelerator))
     # the neighbours' counts are loaded into the training minibatches only while training; their rows are

@@ -15,10 +15,13 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 import torch
+from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data import AnnDataManager, AnnTorchDataset
+from scvi.data.fields import CategoricalObsField
 from scvi.dataloaders import DataSplitter
 from torch.utils.data import Subset
 
@@ -101,6 +104,39 @@ class CplMixVAEAnnDataManager(AnnDataManager):
             dataset = NeighbourDataset(self, getitem_tensors=data_and_attributes, load_sparse_tensor=load_sparse_tensor)
             dataset.neighbours = self.neighbours
         return Subset(dataset, indices) if indices is not None else dataset
+
+
+#: Code of a cell whose value of an :class:`OptionalObsField` is unknown to the model (column absent, value unseen).
+UNKNOWN_CODE = -1
+
+
+class OptionalObsField(CategoricalObsField):
+    """A categorical ``obs`` field that data new to a model may lack, for columns inference does not read.
+
+    The labels and the condition are read by no encoder: read-outs on new cells (and a query of
+    :meth:`~scmixvae.model.CplMixVAE.load_query_data`) need neither. When an AnnData is registered from a model's
+    registry (a transfer), a missing column, a missing value or a value the model has not seen gets the code
+    :data:`UNKNOWN_CODE` instead of an error; the categories stay the model's. Registering the training data
+    (no transfer) is unchanged.
+    """
+
+    def transfer_field(
+        self, state_registry: dict, adata_target: AnnData, extend_categories: bool = False, **kwargs
+    ) -> dict:
+        """Register ``adata_target`` with the model's categories; unknown values get :data:`UNKNOWN_CODE`."""
+        mapping = np.asarray(state_registry[self.CATEGORICAL_MAPPING_KEY])
+        key = state_registry[self.ORIGINAL_ATTR_KEY]  # the column the model was set up with
+        column = adata_target.obs.get(key) if not self.is_default else None
+        if self.is_default or (
+            column is not None and column.notna().all() and pd.Index(column.unique()).isin(mapping).all()
+        ):
+            return super().transfer_field(state_registry, adata_target, extend_categories=False, **kwargs)
+        if column is None:
+            codes = np.full(adata_target.n_obs, UNKNOWN_CODE, dtype=np.int64)
+        else:  # values outside the model's categories (and missing ones) get code -1
+            codes = pd.Categorical(column.astype(object), categories=pd.Index(mapping)).codes.astype(np.int64)
+        adata_target.obs[self.attr_key] = codes
+        return {self.CATEGORICAL_MAPPING_KEY: mapping.copy(), self.ORIGINAL_ATTR_KEY: key}
 
 
 class CplMixVAEDataSplitter(DataSplitter):

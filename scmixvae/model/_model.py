@@ -26,15 +26,18 @@ from scvi.model.base import BaseModelClass, UnsupervisedTrainingMixin
 
 from .. import _validation as check
 from .._constants import CONDITION_KEY, category_name
+from .._logging import quiet_fit
 from .._scoring import agreement_matrix, co_assignment
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
 from ..module._module import STATE_ENCODERS, Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan
+from ..train._progress import fit_progress
 from . import _fit, _pruning, _start
 from ._fit import FitInterrupted, default_max_epochs
 from ._likelihood import CplMixVAELikelihoodMixin
-from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter
+from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter, OptionalObsField
+from ._query import CplMixVAEQueryMixin
 from ._registry import CplMixVAERegistryMixin
 from ._rnaseq import CplMixVAERNAMixin
 from ._save_load import load_model, read_registry, save_model
@@ -57,7 +60,9 @@ def _stops_whole_fit_on_interrupt(fit):
     def wrapper(self, *args, **kwargs):
         self.interrupted_ = False
         try:
-            return fit(self, *args, **kwargs)
+            # one progress display for the whole fit; no notice or warning repeated by every trainer of it
+            with quiet_fit(), fit_progress(fit.__name__, kwargs.get("enable_progress_bar", True)):
+                return fit(self, *args, **kwargs)
         except FitInterrupted:
             self.interrupted_ = True
             message = (
@@ -193,7 +198,12 @@ def _check_init_arguments(
 
 
 class CplMixVAE(
-    CplMixVAERNAMixin, CplMixVAELikelihoodMixin, CplMixVAERegistryMixin, UnsupervisedTrainingMixin, BaseModelClass
+    CplMixVAEQueryMixin,
+    CplMixVAERNAMixin,
+    CplMixVAELikelihoodMixin,
+    CplMixVAERegistryMixin,
+    UnsupervisedTrainingMixin,
+    BaseModelClass,
 ):
     """Coupled mixture VAE (cpl-mixVAE): cell types and continuous within-type states.
 
@@ -422,7 +432,11 @@ class CplMixVAE(
           reads them during training and read-outs (all zeros when the key is not given). They are part of the
           registration and are re-created by it; do not edit them.
 
-        Read-outs on a new AnnData register it the same way (the same keys).
+        Read-outs on a new AnnData register it the same way (the same keys). They need the covariates that
+        inference reads (batch, categorical and continuous covariates, with values the model was trained on; new
+        batches are mapped with :meth:`load_query_data`) but not the labels or the condition: a column that is
+        missing there, or a value the model has not seen, gets code ``-1`` in ``obs["_scvi_labels"]`` or
+        ``obs["_scvi_condition"]``.
 
         Parameters
         ----------
@@ -447,15 +461,17 @@ class CplMixVAE(
         """
         check.check_anndata(adata)
         check.check_unique_names(adata)
+        # from a model's registry (load, read-outs, a query): the labels and the condition may be absent
+        transfer = kwargs.get("source_registry") is not None
         check.check_obs_keys(
             adata,
             batch_key=batch_key,
-            labels_key=labels_key,
+            labels_key=None if transfer else labels_key,
             categorical_covariate_keys=categorical_covariate_keys,
             continuous_covariate_keys=continuous_covariate_keys,
-            condition_key=condition_key,
+            condition_key=None if transfer else condition_key,
         )
-        if condition_key is not None:
+        if condition_key is not None and not transfer:
             if condition_key in (batch_key, labels_key):
                 raise ValueError(
                     f"`condition_key` {condition_key!r} is also the batch or labels key; use it for one only."
@@ -475,20 +491,20 @@ class CplMixVAE(
             adata,
             continuous=continuous_covariate_keys,
             batch_key=batch_key,
-            labels_key=labels_key,
+            labels_key=None if transfer else labels_key,
             categorical_covariate_keys=categorical_covariate_keys,
         )
-        check.check_counts(adata, layer)
+        check.check_counts(adata, layer, warn_empty_genes=not transfer)  # the model fixes the genes of new data
         setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
-            CategoricalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
+            OptionalObsField(REGISTRY_KEYS.LABELS_KEY, labels_key),
             CategoricalJointObsField(REGISTRY_KEYS.CAT_COVS_KEY, categorical_covariate_keys),
             NumericalJointObsField(REGISTRY_KEYS.CONT_COVS_KEY, continuous_covariate_keys),
         ]
         if condition_key is not None:  # registered only when given: models saved without it load unchanged
-            anndata_fields.append(CategoricalObsField(CONDITION_KEY, condition_key))
+            anndata_fields.append(OptionalObsField(CONDITION_KEY, condition_key))
         _check_registrable_counts(anndata_fields[0], adata, layer)
         adata_manager = CplMixVAEAnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
@@ -688,11 +704,12 @@ class CplMixVAE(
         return manager is not None and manager.adata is adata
 
     def _check_new_data(self, adata: AnnData) -> None:
-        """Run :meth:`setup_anndata`'s checks of the counts and covariates on an AnnData new to the model."""
+        """Run :meth:`setup_anndata`'s checks of the counts and covariates on an AnnData new to the model.
+
+        The labels and the condition, which inference does not read, may be absent or hold other values.
+        """
         args = self.adata_manager.registry.get("setup_args", {})
-        covariates = {
-            key: args.get(key) for key in ("batch_key", "labels_key", "categorical_covariate_keys", "condition_key")
-        }
+        covariates = {key: args.get(key) for key in ("batch_key", "categorical_covariate_keys")}
         continuous = args.get("continuous_covariate_keys")
         check.check_obs_keys(adata, continuous_covariate_keys=continuous, **covariates)
         check.check_covariates(adata, continuous=continuous, **covariates)

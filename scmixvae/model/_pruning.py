@@ -32,6 +32,7 @@ from .._scoring import (
     select_round,
 )
 from ..train._callbacks import ConvergenceStopping
+from ..train._progress import current as current_progress
 from . import _fit
 
 logger = logging.getLogger(__name__)
@@ -195,7 +196,13 @@ def prune(
         callbacks = [*user_callbacks, *([ConvergenceStopping()] if epochs_per_round is None else [])]
         try:  # a non-finite loss raises (the training plan checks every epoch) and stops the fit
             _fit.run(
-                model, max_epochs=max_epochs, state_epochs=0, batch_size=batch_size, callbacks=callbacks, **train_kwargs
+                model,
+                max_epochs=max_epochs,
+                state_epochs=0,
+                stage=f"K: pruning round {round_ + 1}",
+                batch_size=batch_size,
+                callbacks=callbacks,
+                **train_kwargs,
             )
         except KeyboardInterrupt:  # Ctrl-C stops the whole fit; keep the best round so far
             module.load_state_dict(best_state)
@@ -280,6 +287,8 @@ def fit_restarts(model, schedule: _fit.Schedule) -> None:
     fits, labels, rows = [], [], []
     try:
         for restart in range(schedule.n_restarts):
+            if (progress := current_progress()) is not None:
+                progress.start_restart(restart, schedule.n_restarts)
             if restart:  # a fresh model, as CplMixVAE(...) after `scvi.settings.seed = first_seed + restart`
                 scvi.settings.seed = first_seed + restart
             fit = _fit.fresh_model(model) if restart else model

@@ -382,18 +382,18 @@ def category_condition_discrepancy(q: torch.Tensor, condition: torch.Tensor, n_c
     """How much the category proportions differ between conditions in a minibatch, per agent.
 
     For each pair of conditions ``g, h`` with at least two cells each, a chi-square-like distance between their
-    mean posteriors, ``sum_k (m_gk - m_hk)^2 / m_k`` with ``m_k`` the minibatch's mean posterior (held constant
-    for the gradient), so that a type split between conditions costs in proportion to its size. The squares are
-    estimated without bias (``m_gk^2`` leaves out each cell's product with itself): a plug-in estimate would be
-    biased upwards by the sampling noise of the proportions, which is smaller with fewer categories, and would
-    so reward merging types. Averaged over the pairs of conditions present.
+    mean posteriors, ``sum_k (m_gk - m_hk)^2 / m_k`` with ``m_k`` the mean posterior of the minibatch's cells of
+    known condition (held constant for the gradient), so that a type split between conditions costs in proportion
+    to its size. The squares are estimated without bias (``m_gk^2`` leaves out each cell's product with itself): a
+    plug-in estimate would be biased upwards by the sampling noise of the proportions, which is smaller with fewer
+    categories, and would so reward merging types. Averaged over the pairs of conditions present.
 
     Parameters
     ----------
     q
         Posteriors ``(A, B, K)``; masked categories carry zero mass.
     condition
-        Integer condition code per cell ``(B,)`` or ``(B, 1)``.
+        Integer condition code per cell ``(B,)`` or ``(B, 1)``; cells with a negative code (unknown) are left out.
     n_conditions
         Number of condition codes.
 
@@ -403,9 +403,13 @@ def category_condition_discrepancy(q: torch.Tensor, condition: torch.Tensor, n_c
     negative, being unbiased), about ``4 p`` when a type of proportion ``p`` is split into one category per
     condition between two conditions.
     """
-    g = F.one_hot(condition.reshape(-1).long(), n_conditions).to(q.dtype)  # (B, G)
+    condition = condition.reshape(-1).long()
+    # cells of unknown condition (code -1: a query or new data without it) take no part
+    known = (condition >= 0).to(q.dtype)  # (B,)
+    g = F.one_hot(condition.clamp(min=0), n_conditions).to(q.dtype) * known.unsqueeze(-1)  # (B, G)
     n = g.sum(0)  # (G,)
-    weight = 1.0 / q.detach().mean(1).clamp(min=1e-3)  # (A, K)
+    mean_q = torch.einsum("b,abk->ak", known, q.detach()) / known.sum().clamp(min=1)
+    weight = 1.0 / mean_q.clamp(min=1e-3)  # (A, K)
     sums = torch.einsum("bg,abk->agk", g, q)  # (A, G, K)
     self_products = torch.einsum("bg,abk->agk", g, q.pow(2))  # (A, G, K)
     present = n >= 2
