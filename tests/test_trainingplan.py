@@ -93,10 +93,11 @@ def test_constant_kl_weight_is_logged_once_per_epoch(sim_adata):
     # no warm-up (the default): one value per epoch, and it is the constant weight
     assert constant.index.tolist() == [0, 1]
     np.testing.assert_array_equal(constant.iloc[:, 0].to_numpy(float), [1.0, 1.0])
-    # with a warm-up the weight changes every step, and scvi-tools' per-step logging is kept (the logger
-    # records every log_every_n_steps-th step: step 10 of 10, weight 9 / 10)
+    # with a warm-up the weight changes every step, and scvi-tools' per-step logging is kept: the logger
+    # records every log_every_n_steps-th step, 4 here (270 training cells, 4 full minibatches an epoch), so the
+    # 4th and 8th steps of the warm-up's 10, weights 3 / 10 and 7 / 10
     warm = _history(sim_adata, n_steps_kl_warmup=10).history["kl_weight"]
-    np.testing.assert_allclose(warm.iloc[:, 0].to_numpy(float), [0.9])
+    np.testing.assert_allclose(warm.iloc[:, 0].to_numpy(float), [0.3, 0.7])
 
 
 def _trained_cells(model, **train_kwargs) -> set[int]:
