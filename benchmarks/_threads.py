@@ -23,5 +23,7 @@ def threads_from_argv(argv: list[str], default: int = 1) -> int:
 
 
 THREADS = threads_from_argv(sys.argv[1:])
-for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+# ``--omp-only``: only OMP_NUM_THREADS, as a user who exports it and nothing else (bench_speed --side-by-side)
+_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+for _var in _VARS[:1] if "--omp-only" in sys.argv[1:] else _VARS:
     os.environ[_var] = str(THREADS)

@@ -158,13 +158,16 @@ def side_by_side(args, argv: list[str]) -> None:
 
     from _common import write_results
 
+    # each fit as a user starts it: OMP_NUM_THREADS exported, no other thread setting
+    user_env = {key: value for key, value in os.environ.items() if not key.endswith("_NUM_THREADS")}
+    user_env["OMP_NUM_THREADS"] = str(args.threads)
     rows = []
     for method in ("scvi", "cpl"):
         alone = None
         for n_at_once in (1, 2):
             outs = [Path(tempfile.mkstemp(suffix=".json")[1]) for _ in range(n_at_once)]
-            cmd = [sys.executable, __file__, *argv, "--side-worker", method]
-            procs = [subprocess.Popen([*cmd, "--out", str(out)]) for out in outs]
+            cmd = [sys.executable, __file__, *argv, "--side-worker", method, "--omp-only"]
+            procs = [subprocess.Popen([*cmd, "--out", str(out)], env=user_env) for out in outs]
             if any(proc.wait() != 0 for proc in procs):
                 raise SystemExit(f"a {method} worker failed")
             results = [json.loads(out.read_text()) for out in outs]
@@ -207,14 +210,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--side-by-side", action="store_true", help="two fits at once against one alone (see above)")
     p.add_argument("--side-worker", choices=["scvi", "cpl"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--omp-only", action="store_true", help=argparse.SUPPRESS)  # read by _threads
     p.add_argument("--name", default=None, help="result file (default: speed, or speed_side_by_side)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"state_encoder": "separate"}\'')
     args = p.parse_args(argv)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
     if args.side_worker:
         Path(args.out).write_text(json.dumps(_side_by_side_worker(args)))
         return
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(args.threads)
     if args.side_by_side:
         side_by_side(args, argv if argv is not None else sys.argv[1:])
         return

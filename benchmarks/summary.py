@@ -44,6 +44,9 @@ RESULTS: list[tuple[str, str, str]] = [
      "state genes, AUROC of control vs stimulated along the state, cell-type ARI."),
     ("bench_speed.py", "speed",
      "Seconds per epoch and FLOP/s of CplMixVAE (two agents) and scVI on 10^5 simulated cells, one CPU thread."),
+    ("bench_speed.py --side-by-side", "speed_side_by_side",
+     "Two fits at once on the 2-core machine, each started with OMP_NUM_THREADS=1, against one alone: seconds per "
+     "epoch and the torch threads each trained with."),
     ("bench_scale.py", "scale",
      "10^4 to 10^6 cells (10^6 read from a backed `.h5ad`): seconds per epoch and peak memory against scVI."),
     ("bench_wholefit.py", "wholefit",
