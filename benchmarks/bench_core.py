@@ -175,7 +175,7 @@ def part_speed(args) -> list[dict]:
                                      enable_progress_bar=False)  # fmt: skip
         scvi_s = timer.seconds_per_epoch()
         rows.append({"part": "speed", "dataset": args.speed_dataset, "method": "scVI", "batch_size": batch_size,
-                     "s_per_epoch": scvi_s, "ratio_to_scvi": 1.0})  # fmt: skip
+                     "threads": timer.threads_used(), "s_per_epoch": scvi_s, "ratio_to_scvi": 1.0})  # fmt: skip
         for likelihood in args.likelihoods:
             for n_agents in (1, 2, 3, 5):
                 CplMixVAE.setup_anndata(adata)
@@ -190,7 +190,7 @@ def part_speed(args) -> list[dict]:
                 s = timer.seconds_per_epoch()
                 rows.append({"part": "speed", "dataset": args.speed_dataset,
                              "method": f"CplMixVAE[{likelihood}] A={n_agents}", "batch_size": batch_size,
-                             "s_per_epoch": s, "ratio_to_scvi": s / scvi_s})  # fmt: skip
+                             "threads": timer.threads_used(), "s_per_epoch": s, "ratio_to_scvi": s / scvi_s})  # fmt: skip
                 print(rows[-1], flush=True)
     return rows
 

@@ -158,6 +158,7 @@ def worker(args) -> dict:
     )
     steps = min(args.steps, math.ceil(0.9 * args.n / args.batch_size))
     step = timer.seconds_per_epoch() / steps
+    row["threads"] = timer.threads_used()
     row["ms_per_step"] = step * 1e3
     row["s_per_epoch_extrapolated"] = step * math.ceil(0.9 * args.n / args.batch_size)
     model.get_latent_representation(indices=list(range(min(args.n, 10_000))), batch_size=1000)  # a read-out
