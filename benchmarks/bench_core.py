@@ -190,7 +190,8 @@ def part_speed(args) -> list[dict]:
                 s = timer.seconds_per_epoch()
                 rows.append({"part": "speed", "dataset": args.speed_dataset,
                              "method": f"CplMixVAE[{likelihood}] A={n_agents}", "batch_size": batch_size,
-                             "threads": timer.threads_used(), "s_per_epoch": s, "ratio_to_scvi": s / scvi_s})  # fmt: skip
+                             "threads": timer.threads_used(), "s_per_epoch": s,
+                             "ratio_to_scvi": s / scvi_s})  # fmt: skip
                 print(rows[-1], flush=True)
     return rows
 
