@@ -6,6 +6,7 @@ import logging
 import warnings
 
 import numpy as np
+import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 from pandas.api.types import is_numeric_dtype
@@ -238,3 +239,24 @@ def check_key_added(key_added) -> str:
             "use letters, digits, '_' or '-', e.g. 'cplmixvae_run1'."
         )
     return key_added
+
+
+def gene_mismatch(names, genes, owner: str = "the model") -> str | None:
+    """Describe how the genes ``names`` differ from ``genes`` (``owner``'s, in order); ``None`` when they match.
+
+    Returns e.g. ``"has the model's genes in another order"`` or ``"has 90 genes; the model was trained on 100
+    (10 missing, e.g. [...])"``, to be completed by the caller's fix.
+    """
+    names = np.asarray(pd.Index(names).astype(str))
+    genes = np.asarray(pd.Index(genes).astype(str))
+    if len(names) == len(genes) and np.array_equal(names, genes):
+        return None
+    missing = pd.Index(genes).difference(names)
+    extra = pd.Index(names).difference(genes)
+    if len(missing) == 0 and len(extra) == 0 and len(names) == len(genes):
+        return f"has {owner}'s genes in another order"
+    return (
+        f"has {len(names)} genes; {owner} was trained on {len(genes)}"
+        + (f" ({len(missing)} missing, e.g. {list(missing[:5])})" if len(missing) else "")
+        + (f" ({len(extra)} not in {owner}, e.g. {list(extra[:5])})" if len(extra) else "")
+    )

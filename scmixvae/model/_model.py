@@ -686,12 +686,10 @@ class CplMixVAE(
             if adata.is_view:
                 adata = adata.copy()
             genes = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]
-            if adata.n_vars != len(genes) or not np.array_equal(np.asarray(adata.var_names), np.asarray(genes)):
-                missing = pd.Index(genes).difference(adata.var_names)
+            if (problem := check.gene_mismatch(adata.var_names, genes)) is not None:
                 raise ValueError(
-                    f"The AnnData has {adata.n_vars} genes; the model was trained on {len(genes)}"
-                    + (f" ({len(missing)} missing, e.g. {list(missing[:5])})" if len(missing) else " in another order")
-                    + ". Subset and order it as the training data: `adata[:, model.adata.var_names]`."
+                    f"The AnnData {problem}. Subset and order it as the training data: "
+                    "`adata[:, model.adata.var_names]`."
                 )
             if self.adata_manager is not None and not self._registered(adata):
                 self._check_new_data(adata)

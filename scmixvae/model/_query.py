@@ -23,6 +23,7 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 
+from .. import _validation as check
 from ..module._components import StackedBatchNorm, StackedLinear
 from ._save_load import MODEL_FILE, read_model_file
 
@@ -65,21 +66,11 @@ def _read_reference(cls, reference_model) -> tuple[dict, np.ndarray, dict]:
 
 def _check_query_genes(adata: AnnData, genes: np.ndarray) -> None:
     """Raise a clear error when the query's genes are not the reference's, in the same order."""
-    names = np.asarray(adata.var_names.astype(str))
-    if len(names) == len(genes) and np.array_equal(names, genes.astype(str)):
+    problem = check.gene_mismatch(adata.var_names, genes, "the reference")
+    if problem is None:
         return
-    missing = pd.Index(genes).difference(names)
-    extra = pd.Index(names).difference(genes)
-    if len(missing) == 0 and len(extra) == 0:
-        problem = "the reference's genes in another order"
-    else:
-        problem = (
-            f"{len(names)} genes; the reference was trained on {len(genes)}"
-            + (f" ({len(missing)} missing, e.g. {list(missing[:5])})" if len(missing) else "")
-            + (f" ({len(extra)} not in the reference, e.g. {list(extra[:5])})" if len(extra) else "")
-        )
     raise ValueError(
-        f"The query AnnData has {problem}. Pad and order it as the reference's genes first: "
+        f"The query AnnData {problem}. Pad and order it as the reference's genes first: "
         "`CplMixVAE.prepare_query_anndata(adata, reference_model)` (missing genes become zero counts)."
     )
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from .. import _validation as check
 from .._io import atomic_write
 
 MODEL_FILE = "model.pt"
@@ -238,21 +239,11 @@ def read_registry(dir_path, prefix: str | None = None) -> dict:
 
 def check_genes(adata, genes: np.ndarray, path: Path) -> None:
     """Raise a clear error when ``adata``'s genes are not the saved model's, in the same order."""
-    names = np.asarray(adata.var_names.astype(str))
-    if len(names) == len(genes) and np.array_equal(names, genes):
+    problem = check.gene_mismatch(adata.var_names, genes)
+    if problem is None:
         return
-    missing = pd.Index(genes).difference(names)
-    extra = pd.Index(names).difference(genes)
-    if len(missing) == 0 and len(extra) == 0 and len(names) == len(genes):
-        problem = "has the model's genes in another order"
-    else:
-        problem = (
-            f"has {len(names)} genes; the model saved in {path} was trained on {len(genes)}"
-            + (f" ({len(missing)} missing, e.g. {list(missing[:5])})" if len(missing) else "")
-            + (f" ({len(extra)} not in the model, e.g. {list(extra[:5])})" if len(extra) else "")
-        )
     raise ValueError(
-        f"The AnnData {problem}; its predictions would be wrong. Subset and order it as the training data: "
+        f"The AnnData {problem} (model saved in {path}); its predictions would be wrong. Subset and order it as the training data: "
         f"`adata[:, genes].copy()` with `genes = CplMixVAE.load_registry({str(path)!r})"
         "['field_registries']['X']['state_registry']['column_names']`."
     )
