@@ -243,7 +243,8 @@ def check_genes(adata, genes: np.ndarray, path: Path) -> None:
     if problem is None:
         return
     raise ValueError(
-        f"The AnnData {problem} (model saved in {path}); its predictions would be wrong. Subset and order it as the training data: "
+        f"The AnnData {problem} (model saved in {path}); its predictions would be wrong. Subset and order it as "
+        "the training data: "
         f"`adata[:, genes].copy()` with `genes = CplMixVAE.load_registry({str(path)!r})"
         "['field_registries']['X']['state_registry']['column_names']`."
     )
