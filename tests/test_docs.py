@@ -33,9 +33,32 @@ def test_tutorials_page_includes_every_notebook():
     assert list((ROOT / "tutorials").glob("*.ipynb")), "no tutorials to include"
 
 
+def _user_guide_figures() -> list[tuple[Path, str]]:
+    """(image, caption) of every ``{figure}`` directive in the user guide."""
+    found = []
+    for page in sorted((DOCS / "user_guide").glob("*.md")):
+        for target, body in re.findall(r"```\{figure\} (\S+)\n(.*?)```", page.read_text(), flags=re.DOTALL):
+            found.append(((page.parent / target).resolve(), body))
+    return found
+
+
+def test_user_guide_figures_are_committed_small_and_reproducible():
+    figures = _user_guide_figures()
+    names = {image.name for image, _ in figures}
+    assert {"model_diagram.png", "k_choice.png", "state_traversal.png"} <= names
+    script = (DOCS / "_static" / "make_figures.py").read_text()
+    for image, caption in figures:
+        assert image.is_file(), f"{image} is referenced but missing"
+        assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", image.name
+        assert image.stat().st_size < 300 * 1024, f"{image.name} is over 300 KB"
+        assert f'"{image.name}"' in script, f"make_figures.py does not write {image.name}"
+        assert "python docs/_static/make_figures.py" in caption, f"the caption of {image.name} names no command"
+        assert ":alt:" in caption, f"{image.name} has no alt text"
+
+
 @pytest.mark.slow
 def test_sphinx_build_passes_with_warnings_as_errors(tmp_path):
-    for module in ("sphinx", "myst_nb"):
+    for module in ("sphinx", "myst_nb", "sphinx_book_theme"):
         pytest.importorskip(module, reason=f"building the docs needs {module} (pip install -e '.[doc]')")
     env = {
         **{key: value for key, value in os.environ.items() if key != "SCMIXVAE_DOCS_OFFLINE"},
@@ -62,3 +85,7 @@ def test_sphinx_build_passes_with_warnings_as_errors(tmp_path):
     assert "Unreleased" in (html / "changelog.html").read_text()
     for page in ("installation", "user_guide/model", "tutorials", "api"):
         assert (html / f"{page}.html").is_file()
+    assert (html / "_static" / "styles" / "sphinx-book-theme.css").is_file(), "not built with sphinx-book-theme"
+    model_page = (html / "user_guide" / "model.html").read_text()
+    for image, _ in _user_guide_figures():
+        assert (html / "_images" / image.name).is_file() and image.name in model_page, image.name
