@@ -20,6 +20,7 @@ from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
 
+from .. import _validation as check
 from .._constants import DEFAULT_KEY, DEFAULT_STATE_GENES_KEY, state_key, type_key
 
 logger = logging.getLogger(__name__)
@@ -212,9 +213,9 @@ def state_traversal_heatmap(
     The figure with ``return_fig=True``, ``None`` when shown, the axes otherwise.
     """
     save = _check_save(save)
-    from ..tl._state_genes import _check_model, _decode_path, _get_ranking
+    from ..tl._state_genes import _decode_path, _get_ranking
 
-    _check_model(model)
+    check.check_model(model)
     ranking = _get_ranking(adata, key)
     traversal = ranking.get("traversal")
     if traversal is None:
@@ -468,8 +469,7 @@ def embedding(
     The figure with ``return_fig=True``, ``None`` when shown, the axes otherwise.
     """
     save = _check_save(save)
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    check.check_anndata(adata)
     key = basis if basis in adata.obsm else f"X_{basis}"
     if key not in adata.obsm:
         raise ValueError(f"No embedding {basis!r} in adata.obsm (keys: {list(adata.obsm)}); run tl.annotate or a UMAP.")

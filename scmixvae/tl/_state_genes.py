@@ -42,10 +42,6 @@ def group_key(key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- checks
-def _check_model(model) -> None:
-    check.check_model(model)
-
-
 def _resolve_axis(model, axis):
     """``None``: ``"condition"`` for models set up with a condition, else ``"pc1"``."""
     if axis is None:
@@ -413,7 +409,7 @@ def state_traversal(
     expression ``(n_steps, n_genes)`` as ``log1p`` of library-normalised expression (per ``1e4``), the
     scale of the data's ``log1p``-normalised counts.
     """
-    _check_model(model)
+    check.check_model(model)
     axis = _resolve_axis(model, axis)
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
     k = _category_index(model, category)
@@ -549,9 +545,8 @@ def rank_state_genes(
     Groups with fewer than 3 cells, or whose cells do not spread along the axis, are left out with a
     logged warning.
     """
-    _check_model(model)
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    check.check_model(model)
+    check.check_anndata(adata)
     check.check_key_added(key_added)
     axis = _resolve_axis(model, axis)
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
@@ -740,8 +735,7 @@ def get_state_genes(
 
 def _get_ranking(adata: AnnData, key: str) -> dict:
     """``uns[key]`` after checking that it holds a ``rank_genes_groups``-style ranking."""
-    if not isinstance(adata, AnnData):
-        raise TypeError(f"`adata` must be an AnnData, got {type(adata).__name__}.")
+    check.check_anndata(adata)
     if key not in adata.uns:
         raise ValueError(f"No gene ranking in adata.uns[{key!r}]; run scmixvae.tl.rank_state_genes first.")
     ranking = adata.uns[key]
