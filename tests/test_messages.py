@@ -210,13 +210,12 @@ def test_the_fit_display_names_each_stage():
 
     progress = FitProgress()
     names = []
-    with progress.within("train"):
-        progress.start_restart(0, 2)
-        names.append(progress.run(max_epochs=5, state_epochs=0, trained=False).name)
-        for r in (1, 2):  # the fit names its pruning rounds
-            names.append(progress.run(max_epochs=5, state_epochs=0, trained=True, stage=f"K: pruning round {r}").name)
-        names.append(progress.run(max_epochs=5, state_epochs=0, trained=True).name)  # a trained model trained on
-        names.append(progress.run(max_epochs=0, state_epochs=5, trained=True).name)
+    progress.start_restart(0, 2)
+    names.append(progress.run(max_epochs=5, state_epochs=0, trained=False).name)
+    for r in (1, 2):  # the fit names its pruning rounds
+        names.append(progress.run(max_epochs=5, state_epochs=0, trained=True, stage=f"K: pruning round {r}").name)
+    names.append(progress.run(max_epochs=5, state_epochs=0, trained=True).name)  # a trained model trained on
+    names.append(progress.run(max_epochs=0, state_epochs=5, trained=True).name)
     assert names == ["categories", "K: pruning round 1", "K: pruning round 2", "training", "states"]
     assert progress.restart == ""  # the state phase trains the restart kept
     assert progress.run(max_epochs=5, state_epochs=5, trained=False).state_phase_start == 5

@@ -61,7 +61,7 @@ def _stops_whole_fit_on_interrupt(fit):
         self.interrupted_ = False
         try:
             # one progress display for the whole fit; no notice or warning repeated by every trainer of it
-            with quiet_fit(), fit_progress(fit.__name__, kwargs.get("enable_progress_bar", True)):
+            with quiet_fit(), fit_progress(kwargs.get("enable_progress_bar", True)):
                 return fit(self, *args, **kwargs)
         except FitInterrupted:
             self.interrupted_ = True

@@ -27,21 +27,11 @@ class FitProgress(Callback):
     def __init__(self):
         super().__init__()
         self.bar = None
-        self.methods: list[str] = []
         self.restart: str = ""
         self.name, self.state_phase_start = "", None
 
     def __getstate__(self) -> dict[str, Any]:  # a spawned process gets no bar (tqdm cannot be pickled)
         return {**self.__dict__, "bar": None}
-
-    @contextlib.contextmanager
-    def within(self, method: str) -> Iterator[FitProgress]:
-        """Scope of a call of ``method`` (``"train"`` or ``"prune"``) of the fit."""
-        self.methods.append(method)
-        try:
-            yield self
-        finally:
-            self.methods.pop()
 
     def start_restart(self, restart: int, n_restarts: int) -> None:
         """Prefix the stages with ``restart restart+1/n_restarts``."""
@@ -108,16 +98,14 @@ def current(callbacks: list | None = None) -> FitProgress | None:
 
 
 @contextlib.contextmanager
-def fit_progress(method: str, enabled: bool) -> Iterator[FitProgress | None]:
-    """Scope of a call of ``method`` of a fit.
+def fit_progress(enabled: bool) -> Iterator[FitProgress | None]:
+    """Scope of one fit (a call of ``train`` or ``prune``): its training runs share one display (when ``enabled``).
 
-    The outermost call opens the display (when ``enabled``); nested calls (the trainings and pruning of a fit)
-    share it.
+    A fit inside a fit in progress shares the outer one's display.
     """
     outer = _ACTIVE.get()
     if outer is not None:
-        with outer.within(method):
-            yield outer
+        yield outer
         return
     if not enabled:
         yield None
@@ -125,8 +113,7 @@ def fit_progress(method: str, enabled: bool) -> Iterator[FitProgress | None]:
     progress = FitProgress()
     token = _ACTIVE.set(progress)
     try:
-        with progress.within(method):
-            yield progress
+        yield progress
     finally:
         _ACTIVE.reset(token)
         progress.close()
