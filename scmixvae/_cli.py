@@ -280,13 +280,10 @@ def _scvi_settings(scvi, args) -> None:
     """Set the command's seed and, with ``--quiet``, scvi-tools' verbosity (which scmixvae follows) to WARNING."""
     if args.quiet:
         scvi.settings.verbosity = logging.WARNING
-    seed_logger = logging.getLogger("lightning.fabric.utilities.seed")
-    level = seed_logger.level
-    seed_logger.setLevel(logging.WARNING)  # Lightning's "Seed set to ..." repeats the command's own --seed
-    try:
+    from ._logging import quiet_fit
+
+    with quiet_fit():  # as in a fit: Lightning's "Seed set to ..." notice repeats the command's own --seed
         scvi.settings.seed = args.seed
-    finally:
-        seed_logger.setLevel(level)
 
 
 def _fit(args) -> int:
