@@ -109,9 +109,9 @@ def worker(method: str, dataset: str, seed: int, variant: dict, args) -> None:
     else:
         out = fit_cpl(adata, labels, method=method, seed=seed, variant=variant, args=args)
     out.pop("method", None)
-    out["chosen_k"] = out.get("chosen_k", out["n_clusters"])
-    out |= {"method": method_name(method, variant), "dataset": dataset, "seed": seed,
-            "k_ref": int(np.unique(labels).size), "labels": [str(x) for x in out["labels"]]}  # fmt: skip
+    out = {"method": method_name(method, variant), "dataset": dataset, "seed": seed,
+           "k_ref": int(np.unique(labels).size), "chosen_k": out.get("chosen_k", out["n_clusters"]), **out,
+           "labels": [str(x) for x in out["labels"]]}  # fmt: skip
     fit_file(args.fits, method, variant, dataset, seed).write_text(json.dumps(out))
     print(out["method"], dataset, seed, f"ARI {out['ari']:.3f} K {out['chosen_k']} {out['seconds']:.0f} s", flush=True)
 

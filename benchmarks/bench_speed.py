@@ -3,8 +3,10 @@
     python benchmarks/bench_speed.py --threads 1                                    # every part (hours)
     python benchmarks/bench_speed.py --parts throughput --likelihoods gaussian nb --steps 30 --repeats 3 --threads 1
     python benchmarks/bench_speed.py --n-cells 3000 --n-genes 300 --steps 5 --epochs 2 --repeats 1 \
-        --scale-sizes 2000 5000 --in-memory-max 3000 --wholefit-cells 1000 --scvi-epochs 2 \
-        --side-cells 1000 --side-genes 200 --side-epochs 2 --out /tmp/x --threads 1   # smoke test, minutes
+        --scale-sizes 2000 5000 --in-memory-max 3000 --scale-steps 5 --scale-epochs 2 --tmp /tmp/x/scale \
+        --wholefit-cells 1000 --scvi-epochs 2 --wholefit-train '{"max_epochs": 2, "state_epochs": 0, "n_restarts": 1,
+        "prune_kwargs": {"max_rounds": 1, "epochs_per_round": 1}}' --side-cells 1000 --side-genes 200 \
+        --side-epochs 2 --out /tmp/x --threads 1                   # smoke test, minutes
 
 All data come from ``scmixvae.data.simulate`` (10 types). Every CplMixVAE has two agents. Parts (``--parts``; each
 adds its rows, with a ``part`` column, to the one result file ``{--out}/{--name}``, default
@@ -18,9 +20,9 @@ adds its rows, with a ``part`` column, to the one result file ``{--out}/{--name}
   ``train()`` of one step (matrix products, forward and backward), against the peak of a ``torch.mm`` here.
   ``--precision`` and ``--compile`` (``plan_kwargs={"compile": True}``) for GPUs (``gpu.sh``).
 - ``wholefit``: ``CplMixVAE(adata).train()`` with every default (K unknown: start, training, pruning,
-  restarts, state phase) against scVI's default ``train()`` (``--scvi-epochs N``: N epochs, times scaled to its
-  default number and flagged ``extrapolated``) and Leiden on its latent, on ``--wholefit-cells`` cells, each in a
-  fresh process: chosen K, ARI, NMI, seconds, peak memory.
+  restarts, state phase; ``--wholefit-train`` to change them) against scVI's default ``train()``
+  (``--scvi-epochs N``: N epochs, times scaled to its default number and flagged ``extrapolated``) and Leiden on
+  its latent, on ``--wholefit-cells`` cells, each in a fresh process: chosen K, ARI, NMI, seconds, peak memory.
 - ``scale``: one fresh process per size of ``--scale-sizes`` and method; sizes above ``--in-memory-max`` are
   written once under ``--tmp`` in chunks of 10^5 cells and read with ``read_h5ad(backed="r")``. Load and set-up
   seconds, ``start_seconds`` (the first ``train()`` call less its epochs: CplMixVAE's Leiden start), milliseconds
@@ -158,7 +160,7 @@ def worker_wholefit(spec: dict, args) -> dict:
     with Timer(memory=False) as timer:
         CplMixVAE.setup_anndata(adata)
         model = CplMixVAE(adata)
-        model.train(accelerator=args.accelerator, enable_progress_bar=False, callbacks=[epochs])
+        model.train(accelerator=args.accelerator, enable_progress_bar=False, callbacks=[epochs], **args.wholefit_train)
     pred = model.predict().astype(str).to_numpy()
     return {"method": "CplMixVAE", "n_clusters": int(np.unique(pred).size), **clustering_scores(truth, pred),
             "chosen_k": int(model.n_categories), "restarts": len(model.restart_history) or 1,
@@ -330,6 +332,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--precision", default=None, help="throughput: Lightning precision, e.g. bf16-mixed on a GPU")
     p.add_argument("--compile", action="store_true", help="throughput: plan_kwargs={'compile': True}")
     p.add_argument("--wholefit-cells", type=int, default=5000)
+    p.add_argument("--wholefit-train", type=json.loads, default={}, help="wholefit: CplMixVAE's train() kwargs, JSON")
     p.add_argument("--scvi-epochs", type=int, default=None, help="wholefit: scVI epochs, times scaled to its default")
     p.add_argument("--scale-sizes", nargs="+", type=int, default=[10_000, 100_000, 1_000_000])
     p.add_argument("--scale-steps", type=int, default=50)
