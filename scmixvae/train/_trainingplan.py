@@ -12,6 +12,8 @@ from scvi import REGISTRY_KEYS
 from scvi.train import SaveCheckpoint, TrainingPlan
 from torchmetrics import Metric
 
+from ..module._components import recompute_norm_statistics
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,7 +23,10 @@ class CplMixVAETrainingPlan(TrainingPlan):
     The published method trains with Adam at a constant learning rate and no KL warm-up, so
     ``n_epochs_kl_warmup`` defaults to ``None`` here (scVI's plan warms up over 400 epochs). Every term of
     the loss is logged per agent (``reconstruction_agent{a}``, ``kl_agent{a}``, ``neg_entropy_agent{a}``)
-    together with ``coupling`` and the agents' ``agreement``, and lands in ``model.history``.
+    together with ``coupling`` and the agents' ``agreement``, and lands in ``model.history``. When a run has trained
+    the categorical path (at its end, or where its state phase begins), the running statistics of the encoder's
+    batch norms are recomputed in one pass over the real training cells, which read-outs encode, in place of
+    those of the agents' augmented views.
 
     Parameters
     ----------
@@ -194,6 +199,8 @@ class CplMixVAETrainingPlan(TrainingPlan):
         # from the epoch counter, so that a fit resumed from a checkpoint is in the right phase
         start = self.state_phase_start
         frozen = start is not None and self.current_epoch >= start
+        if frozen and self.current_epoch == start > 0:  # the categorical path trained until now
+            self._recompute_norm_statistics()
         self.module.categories_frozen = frozen
         if self.module.state_encoder_kind == "staged":
             # read-outs use the state path the decoder is being trained with
@@ -201,8 +208,25 @@ class CplMixVAETrainingPlan(TrainingPlan):
         super().on_train_epoch_start()
 
     def on_train_end(self) -> None:
+        if not self.module.categories_frozen:  # the last epoch trained the categorical path
+            self._recompute_norm_statistics()
         self.module.categories_frozen = False  # a later train() trains everything again
         super().on_train_end()
+
+    def _recompute_norm_statistics(self) -> None:
+        """Set the running statistics of the encoder's batch norms from one pass over the real training cells.
+
+        In training the encoder trunk normalises the agents' augmented views, while read-outs, pruning scores and
+        the state phase encode the real cells with the running statistics: after the categorical path trains,
+        they are recomputed from the real cells (:func:`~scmixvae.module._components.recompute_norm_statistics`).
+        """
+        module = self.module
+        loader = self.trainer.train_dataloader
+        if loader is None:
+            return
+        recompute_norm_statistics(
+            module, loader, lambda tensors: module.inference(**module._get_inference_input(tensors))
+        )
 
     def on_train_epoch_end(self) -> None:
         self._flush_logs("train")  # only if the last step did not (an epoch cut short)
