@@ -166,3 +166,33 @@ def test_recompute_norm_statistics_keeps_statistics_without_a_minibatch_of_two()
     recompute_norm_statistics(norm, batches, norm)
     torch.testing.assert_close(norm.running_mean, torch.cat(batches, 1).mean(1, keepdim=True))
     assert norm.training
+
+
+def test_optimiser_state_carries_over_between_runs_of_one_model_not_to_a_new_model(sim_adata):
+    from lightning.pytorch.callbacks import Callback
+
+    starts, ends = [], []
+
+    def moments(trainer):
+        state = trainer.optimizers[0].state_dict()["state"]
+        return {i: s["exp_avg"].clone() for i, s in state.items()}
+
+    class Record(Callback):
+        def on_train_start(self, trainer, pl_module):
+            starts.append(moments(trainer))
+
+        def on_train_end(self, trainer, pl_module):
+            ends.append(moments(trainer))
+
+    CplMixVAE.setup_anndata(sim_adata)
+    kwargs = {"state_epochs": 0, "batch_size": 64, "enable_progress_bar": False, "callbacks": [Record()]}
+    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    model.train(max_epochs=1, **kwargs)
+    model.train(max_epochs=1, plan_kwargs={"lr": 5e-4}, **kwargs)
+    CplMixVAE(sim_adata, n_categories=3, category_init="random").train(max_epochs=1, **kwargs)
+    assert starts[0] == {} and starts[2] == {}  # fresh models start fresh
+    assert ends[0] and sorted(starts[1]) == sorted(ends[0])
+    for i, exp_avg in ends[0].items():  # the second run starts where the first ended
+        torch.testing.assert_close(starts[1][i], exp_avg, rtol=0, atol=0)
+    assert not torch.equal(ends[1][0], ends[0][0])
+    assert model.module.carried_optimizer_state[1]["param_groups"][0]["lr"] == 5e-4  # the plan's own settings

@@ -107,6 +107,38 @@ class CplMixVAETrainingPlan(TrainingPlan):
 
         return create
 
+    def configure_optimizers(self):
+        """scvi-tools' optimiser, continuing from the state of the module's previous run where the parameters match.
+
+        Each training stage of a fit (the categories, every pruning round, the state phase) is a Lightning run of
+        its own; the optimiser's state (Adam's moments) at the end of a run is kept with the module
+        (:meth:`on_train_end`) and loaded here when the next run optimises the same parameters with the same
+        optimiser, so that consecutive runs of one model train on as one. The learning rate, ``eps`` and weight
+        decay are this plan's. A new model (e.g. a restart) starts fresh.
+        """
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"]
+        carried = getattr(self.module, "carried_optimizer_state", None)
+        if carried is not None and carried[0] == self._optimizer_signature(optimizer):
+            optimizer.load_state_dict(carried[1])
+            for group in optimizer.param_groups:
+                group.update(lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        return config
+
+    def _optimizer_signature(self, optimizer) -> tuple:
+        """Return what must match for an optimiser state to carry over: the class, fused or not, the parameters."""
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        groups = tuple(
+            tuple((names.get(id(p)), tuple(p.shape)) for p in group["params"]) for group in optimizer.param_groups
+        )
+        return type(optimizer).__name__, bool(optimizer.defaults.get("fused")), groups
+
+    def _keep_optimizer_state(self) -> None:
+        optimizers = getattr(self.trainer, "optimizers", None) or []
+        if len(optimizers) == 1:
+            optimizer = optimizers[0]
+            self.module.carried_optimizer_state = (self._optimizer_signature(optimizer), optimizer.state_dict())
+
     # ------------------------------------------------------------------ metrics
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
         """:meth:`~lightning.pytorch.core.LightningModule.log`, deferred to the epoch's end for epoch-level values.
@@ -208,6 +240,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
         super().on_train_epoch_start()
 
     def on_train_end(self) -> None:
+        self._keep_optimizer_state()
         if not self.module.categories_frozen:  # the last epoch trained the categorical path
             self._recompute_norm_statistics()
         self.module.categories_frozen = False  # a later train() trains everything again
