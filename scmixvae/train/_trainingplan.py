@@ -46,6 +46,17 @@ class CplMixVAETrainingPlan(TrainingPlan):
     defer_logging
         With epoch-level logging (the default), keep what each step logs on the device and hand it to Lightning
         once per epoch (see Notes); ``False`` logs at every step, as scvi-tools does.
+    max_coupling_factor
+        Factor of the module's ``coupling_weight`` after the coupling warm-up (throughout without one).
+    min_coupling_factor
+        Factor of ``coupling_weight`` at the start of the coupling warm-up.
+    n_epochs_coupling_warmup
+        Epochs over which the coupling weight rises geometrically (at every step; a constant factor per step) from
+        ``min_coupling_factor`` to ``max_coupling_factor`` times ``coupling_weight``, as scvi-tools ramps the KL
+        weight (linearly) with ``n_epochs_kl_warmup``: a rise of orders of magnitude needs as many steps for the
+        weight's tenfold rises at its low end as at its high end. ``None``: no warm-up. The weight in use is
+        logged as ``coupling_weight`` and, at the end of the run, kept with the module as ``coupling_factor``
+        (where a later warm-up of a fit starts from).
     state_phase_start
         Epoch (counted from 0) from which the module's categorical path is frozen: the encoder trunk and the
         categorical heads read the real cell and learn nothing, so the types stay as they are, while the state
@@ -76,6 +87,9 @@ class CplMixVAETrainingPlan(TrainingPlan):
         n_epochs_kl_warmup: int | None = None,
         fused_optimizer: bool = True,
         defer_logging: bool = True,
+        max_coupling_factor: float = 1.0,
+        min_coupling_factor: float = 1e-3,
+        n_epochs_coupling_warmup: int | None = None,
         state_phase_start: int | None = None,
         **kwargs: Any,
     ):
@@ -85,6 +99,9 @@ class CplMixVAETrainingPlan(TrainingPlan):
         self.fused_optimizer = fused_optimizer
         self.defer_logging = defer_logging
         self.state_phase_start = state_phase_start
+        self.max_coupling_factor, self.min_coupling_factor = float(max_coupling_factor), float(min_coupling_factor)
+        self.n_epochs_coupling_warmup = n_epochs_coupling_warmup
+        self.coupling_factor = self.max_coupling_factor if n_epochs_coupling_warmup is None else min_coupling_factor
         self._pending_logs: dict[str, dict[str, tuple]] = {}
         self._deferring: str | None = None
         self._current_batch_size = 1
@@ -202,8 +219,24 @@ class CplMixVAETrainingPlan(TrainingPlan):
         finally:
             self._deferring = None
 
+    def _coupling_factor(self, batch_idx: int) -> float:
+        """Factor of ``coupling_weight`` at this step (see ``n_epochs_coupling_warmup``)."""
+        if not self.n_epochs_coupling_warmup:
+            return self.max_coupling_factor
+        n_batches = getattr(self.trainer, "num_training_batches", None) if self._trainer is not None else None
+        n_batches = n_batches if isinstance(n_batches, int) and n_batches > 0 else 1
+        progress = min((self.current_epoch + batch_idx / n_batches) / self.n_epochs_coupling_warmup, 1.0)
+        low, high = self.min_coupling_factor, self.max_coupling_factor
+        return low * (high / low) ** progress if low > 0 else high * progress
+
     def training_step(self, batch, batch_idx):
         """scvi-tools' training step; its epoch-level logging is deferred to the epoch's last step."""
+        self.coupling_factor = self._coupling_factor(batch_idx)
+        self.loss_kwargs["coupling_factor"] = self.coupling_factor
+        warmup = bool(self.n_epochs_coupling_warmup)  # per step with a warm-up (as scvi-tools' kl_weight)
+        self.log(
+            "coupling_weight", self.coupling_factor * self.module.coupling_weight, on_step=warmup, on_epoch=not warmup
+        )
         loss = self._run_deferred("train", super().training_step, batch, batch_idx)
         value = loss["loss"] if isinstance(loss, dict) else loss
         if isinstance(value, torch.Tensor):  # on the device: no host synchronisation per step
@@ -241,6 +274,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
 
     def on_train_end(self) -> None:
         self._keep_optimizer_state()
+        self.module.coupling_factor = self.coupling_factor  # where a later coupling warm-up of the fit starts
         if not self.module.categories_frozen:  # the last epoch trained the categorical path
             self._recompute_norm_statistics()
         self.module.categories_frozen = False  # a later train() trains everything again
