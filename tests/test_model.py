@@ -262,20 +262,15 @@ def test_options_depend_on_whether_the_model_chooses_k(sim_adata):
     given = CplMixVAE(sim_adata, n_categories=3)
     assert given.module.augmentation == "dropout" and given.module.likelihood == "gaussian"
     assert given.module.state_encoder_kind == "separate"
-    assert chooses.module.initial_coupling_weight == 0.001 and given.module.initial_coupling_weight is None
     common = {"likelihood": "gaussian", "state_encoder": "separate"}
-    assert default_options(True) == {"augmentation": "knn", **common, "initial_coupling_weight": 0.001}
-    assert default_options(False) == {"augmentation": "dropout", **common, "initial_coupling_weight": None}
+    assert default_options(True) == {"augmentation": "knn", **common}
+    assert default_options(False) == {"augmentation": "dropout", **common}
     explicit = CplMixVAE(sim_adata, likelihood="gaussian", state_encoder="staged", augmentation="thinning")
     assert (explicit.module.likelihood, explicit.module.state_encoder_kind) == ("gaussian", "staged")
     assert explicit.module.augmentation == "thinning"
     assert CplMixVAE(sim_adata, likelihood="nb").init_params_["non_kwargs"]["likelihood"] == "nb"
     assert chooses.init_params_["non_kwargs"]["likelihood"] == "gaussian"  # saved as resolved
-    assert chooses.init_params_["non_kwargs"]["initial_coupling_weight"] == 0.001
-    assert CplMixVAE(sim_adata, initial_coupling_weight=1.0).module.initial_coupling_weight == 1.0
-    assert CplMixVAE(sim_adata, n_categories=3, initial_coupling_weight=0.0).module.initial_coupling_weight == 0.0
-    with pytest.raises(ValueError, match="initial_coupling_weight"):
-        CplMixVAE(sim_adata, initial_coupling_weight=-1.0)
+    assert "initial_coupling_weight" not in chooses.init_params_["non_kwargs"]
     with pytest.raises(ValueError, match="state_encoder"):
         CplMixVAE(sim_adata, state_encoder="trunk")
 

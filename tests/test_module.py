@@ -232,25 +232,20 @@ def test_masked_categories_get_no_mass_and_tau_follows_active_k(counts):
     assert torch.isfinite(loss.loss)
 
 
-def test_initial_coupling_weight_applies_until_a_category_is_masked(counts):
+def test_coupling_factor_scales_the_coupling_weight(counts):
     torch.manual_seed(0)
-    scheduled = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=1.0, initial_coupling_weight=0.0)
-    assert float(scheduled.current_coupling_weight()) == 0.0
+    module = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=2.0)
+    state = module.state_dict()
 
-    def loss_of(module):
-        module.load_state_dict(scheduled.state_dict())
+    def loss_of(coupling_weight, **loss_kwargs):
+        other = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=coupling_weight)
+        other.load_state_dict(state)
         torch.manual_seed(1)
-        return module(_tensors(counts))[2].loss
+        return other(_tensors(counts), loss_kwargs=loss_kwargs)[2].loss
 
-    uncoupled = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=0.0)
-    coupled = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=1.0)
-    before = loss_of(scheduled)
-    torch.testing.assert_close(before, loss_of(uncoupled))
-    assert not torch.allclose(before, loss_of(coupled))  # the coupling term is not zero here
-    scheduled.category_mask[2] = False
-    assert float(scheduled.current_coupling_weight()) == 1.0
-    torch.testing.assert_close(loss_of(scheduled), loss_of(coupled))
-    assert CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=0.5).current_coupling_weight() == 0.5
+    torch.testing.assert_close(loss_of(2.0, coupling_factor=0.25), loss_of(0.5))
+    torch.testing.assert_close(loss_of(2.0, coupling_factor=0.0), loss_of(0.0))
+    assert not torch.allclose(loss_of(2.0), loss_of(0.0))  # the coupling term is not zero here
 
 
 def test_single_agent_has_no_coupling_term(counts):

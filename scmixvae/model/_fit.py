@@ -27,6 +27,12 @@ from . import _start
 logger = logging.getLogger(__name__)
 
 
+#: Factor of ``coupling_weight`` at which a fit that prunes trains its many categories before the first round: the
+#: agents keep similar types apart (each over-split into pure categories) instead of merging them, which pruning
+#: cannot undo; the first pruning round warms the weight up to ``coupling_weight`` (:mod:`._pruning`).
+PRUNING_COUPLING_FACTOR = 1e-3
+
+
 class FitInterrupted(KeyboardInterrupt):
     """A Ctrl-C in one Lightning run of a fit: it stops every later stage (see :meth:`CplMixVAE.train`)."""
 
@@ -172,12 +178,16 @@ def train_categories(model, schedule: Schedule) -> None:
     """Train every part of the model for ``max_epochs``, in one Lightning run.
 
     Without a choice of K the state phase follows in the same run (``max_epochs=0``: the state phase alone); with
-    one, it comes after the choice (:func:`state_phase`), and a trained model's categories are not trained again.
+    one, it comes after the choice (:func:`state_phase`), the categories train weakly coupled
+    (:data:`PRUNING_COUPLING_FACTOR`), and a trained model's categories are not trained again.
     """
     if schedule.prune and model.is_trained_:
         return
+    trainer = dict(schedule.trainer)
+    if schedule.prune:
+        trainer["plan_kwargs"] = {**(trainer.get("plan_kwargs") or {}), "max_coupling_factor": PRUNING_COUPLING_FACTOR}
     state_epochs = 0 if schedule.prune else schedule.state_epochs
-    run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **schedule.trainer)
+    run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **trainer)
 
 
 def state_phase(model, schedule: Schedule) -> None:

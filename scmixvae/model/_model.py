@@ -101,12 +101,8 @@ def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
     """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
 
     The defaults for each use (evidence on the :doc:`benchmarks page </benchmarks>`): with ``K`` given,
-    ``augmentation="dropout"``, ``likelihood="gaussian"``, ``state_encoder="separate"`` and no separate
-    ``initial_coupling_weight``; when the model starts from many categories and prunes them
-    (``n_categories=None``), ``"knn"``, ``"gaussian"``, ``"separate"`` and ``initial_coupling_weight=0.001``:
-    the agents train almost uncoupled from many categories, so that they keep the types apart (each over-split
-    into pure categories) instead of merging similar ones, and the full coupling aligns them from the first
-    pruning round on.
+    ``augmentation="dropout"``, ``likelihood="gaussian"`` and ``state_encoder="separate"``; when the model starts
+    from many categories and prunes them (``n_categories=None``), ``"knn"``, ``"gaussian"`` and ``"separate"``.
 
     Parameters
     ----------
@@ -115,14 +111,12 @@ def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
 
     Returns
     -------
-    ``{"augmentation": ..., "likelihood": ..., "state_encoder": ..., "initial_coupling_weight": ...}``
-    (``None``: the same as ``coupling_weight``).
+    ``{"augmentation": ..., "likelihood": ..., "state_encoder": ...}``.
     """
     return {
         "augmentation": "knn" if choose_n_categories else "dropout",
         "likelihood": "gaussian",
         "state_encoder": "separate",
-        "initial_coupling_weight": 0.001 if choose_n_categories else None,
     }
 
 
@@ -151,7 +145,6 @@ def _check_init_arguments(
     tau: float | None,
     beta: float,
     coupling_weight: float,
-    initial_coupling_weight: float | None,
     condition_weight: float,
     category_init: str,
     augmentation: str,
@@ -174,8 +167,6 @@ def _check_init_arguments(
     check.check_float("input_dropout", input_dropout, maximum=0.95)
     check.check_float("beta", beta)
     check.check_float("coupling_weight", coupling_weight)
-    if initial_coupling_weight is not None:
-        check.check_float("initial_coupling_weight", initial_coupling_weight)
     check.check_float("condition_weight", condition_weight)
     check.check_choice("category_init", category_init, ("leiden", "random"))
     check.check_choice("augmentation", augmentation, AUGMENTATIONS)
@@ -257,14 +248,11 @@ class CplMixVAE(
     beta
         Weight of the state KL divergence (published: 1).
     coupling_weight
-        Weight ``lambda`` of the coupling distance (published: 1).
-    initial_coupling_weight
-        Weight of the coupling distance while every category survives (the first training of a model that
-        chooses ``K``); ``coupling_weight`` applies from the first pruning round on. ``None`` (default):
-        ``0.001`` when the model chooses the number of types, so that the agents keep similar types apart (each
-        over-split into pure categories) for the pruning rounds, fully coupled, to align and merge; with full
-        coupling from many categories the agents merge similar types, which pruning cannot split again.
-        ``coupling_weight`` when ``n_categories`` is given.
+        Weight ``lambda`` of the coupling distance (published: 1). A fit that prunes (:meth:`train` of a model
+        created without ``n_categories``, :meth:`prune`) trains its many categories at ``0.001 * coupling_weight``,
+        so that the agents keep similar types apart (each over-split into pure categories) instead of merging
+        them, which pruning cannot undo; the weight then rises smoothly to ``coupling_weight`` over the first
+        half of the first pruning round (geometrically, logged as ``coupling_weight`` in :attr:`history`).
     state_encoder
         ``"separate"``: the state posterior reads a one-layer encoder of its own that sees the real cell;
         ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps mostly the
@@ -319,7 +307,6 @@ class CplMixVAE(
         tau: float | None = None,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
-        initial_coupling_weight: float | None = None,
         category_init: Literal["leiden", "random"] = "leiden",
         augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
@@ -338,9 +325,6 @@ class CplMixVAE(
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
         likelihood = defaults["likelihood"] if likelihood is None else likelihood
         state_encoder = defaults["state_encoder"] if state_encoder is None else state_encoder
-        initial_coupling_weight = (
-            defaults["initial_coupling_weight"] if initial_coupling_weight is None else initial_coupling_weight
-        )
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
         _check_init_arguments(
             adata,
@@ -357,7 +341,6 @@ class CplMixVAE(
             tau=tau,
             beta=beta,
             coupling_weight=coupling_weight,
-            initial_coupling_weight=initial_coupling_weight,
             condition_weight=condition_weight,
             category_init=category_init,
             augmentation=augmentation,
@@ -384,7 +367,6 @@ class CplMixVAE(
             tau=tau,
             beta=beta,
             coupling_weight=coupling_weight,
-            initial_coupling_weight=initial_coupling_weight,
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
             state_encoder=state_encoder,
@@ -398,9 +380,7 @@ class CplMixVAE(
             f"{' (maximum; train() prunes)' if self.choose_n_categories_ else ''}, "
             f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
-            f"beta: {beta}, coupling_weight: {coupling_weight}"
-            + (f" ({initial_coupling_weight} before pruning)" if initial_coupling_weight is not None else "")
-            + f", category_init: {category_init}, "
+            f"beta: {beta}, coupling_weight: {coupling_weight}" + f", category_init: {category_init}, "
             f"augmentation: {augmentation}, state_encoder: {state_encoder}"
             + (f" ({n_hidden_state} units)" if state_encoder != "shared" else "")
             + (f", condition_weight: {condition_weight}." if self.module.n_conditions > 1 else ".")

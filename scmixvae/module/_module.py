@@ -128,9 +128,6 @@ class CplMixVAEModule(BaseModuleClass):
         Weight of the state KL divergence.
     coupling_weight
         Weight ``lambda`` of the coupling distance.
-    initial_coupling_weight
-        Weight of the coupling distance while every category survives, i.e. before any is pruned; ``None``:
-        ``coupling_weight``. Once a category is masked, ``coupling_weight`` applies.
     coupling
         ``"clr"`` (centred log-ratios, the default) or ``"aitchison"`` (the published approximation).
     entropy_weight
@@ -183,7 +180,6 @@ class CplMixVAEModule(BaseModuleClass):
         gumbel_temperature: float = 1.0,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
-        initial_coupling_weight: float | None = None,
         coupling: Literal["aitchison", "clr"] = "clr",
         category_state_interaction: bool = True,
         coupling_eps: float = 1e-8,
@@ -207,7 +203,6 @@ class CplMixVAEModule(BaseModuleClass):
         self.likelihood, self.dispersion, self.coupling = likelihood, dispersion, coupling
         self.input_dropout, self.tau, self.gumbel_temperature = input_dropout, tau, gumbel_temperature
         self.beta, self.coupling_weight = beta, coupling_weight
-        self.initial_coupling_weight = initial_coupling_weight
         self.category_state_interaction = category_state_interaction
         self.coupling_eps = coupling_eps
         self.entropy_weight = entropy_weight
@@ -258,16 +253,6 @@ class CplMixVAEModule(BaseModuleClass):
         )
 
     # ------------------------------------------------------------------ helpers
-    def current_coupling_weight(self) -> float | torch.Tensor:
-        """Weight of the coupling distance now: ``initial_coupling_weight`` while no category is masked.
-
-        A tensor when ``initial_coupling_weight`` is set (read from the mask on its device, without waiting for
-        it), else the float ``coupling_weight``.
-        """
-        if self.initial_coupling_weight is None:
-            return self.coupling_weight
-        return torch.where(self.category_mask.all(), self.initial_coupling_weight, self.coupling_weight)
-
     @property
     def n_active_categories(self) -> int:
         """Number of categories that survive pruning."""
@@ -626,10 +611,12 @@ class CplMixVAEModule(BaseModuleClass):
         inference_outputs: dict,
         generative_outputs: dict,
         kl_weight: float = 1.0,
+        coupling_factor: float | torch.Tensor = 1.0,
     ) -> LossOutput:
         """Compute the cpl-mixVAE loss.
 
-        ``max(A - 1, 1) * sum_a mean_i [Rec_a + beta * kl_weight * KL_a] + sum_{a<b} [NE_a + NE_b + lambda * D_ab]``.
+        ``max(A - 1, 1) * sum_a mean_i [Rec_a + beta * kl_weight * KL_a] + sum_{a<b} [NE_a + NE_b + lambda * D_ab]``,
+        ``lambda`` being ``coupling_factor * coupling_weight`` (the training plan's coupling schedule).
         """
         x = tensors[REGISTRY_KEYS.X_KEY]
         a = self.n_agents
@@ -645,7 +632,9 @@ class CplMixVAEModule(BaseModuleClass):
             pairs = torch.triu_indices(a, a, offset=1, device=dist.device)
             pair_dist = dist[pairs[0], pairs[1]]
             loss = (
-                loss + self.entropy_weight * (a - 1) * neg_ent.sum() + self.current_coupling_weight() * pair_dist.sum()
+                loss
+                + self.entropy_weight * (a - 1) * neg_ent.sum()
+                + coupling_factor * self.coupling_weight * pair_dist.sum()
             )
             extra["coupling"] = pair_dist.mean().detach()
             with torch.no_grad():
