@@ -97,7 +97,7 @@ def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | No
         ) from err
 
 
-def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
+def _default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
     """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
 
     The defaults for each use (evidence on the :doc:`benchmarks page </benchmarks>`): with ``K`` given,
@@ -145,7 +145,6 @@ def _check_init_arguments(
     n_hidden: int,
     n_layers: int,
     n_latent: int,
-    n_hidden_state: int,
     likelihood: str,
     input_dropout: float,
     tau: float | None,
@@ -153,7 +152,6 @@ def _check_init_arguments(
     coupling_weight: float,
     initial_coupling_weight: float | None,
     condition_weight: float,
-    category_init: str,
     augmentation: str,
     augmentation_strength: float | None,
     state_encoder: str,
@@ -169,7 +167,6 @@ def _check_init_arguments(
     check.check_int("n_hidden", n_hidden, minimum=1)
     check.check_int("n_layers", n_layers, minimum=1)
     check.check_int("n_latent", n_latent, minimum=1)
-    check.check_int("n_hidden_state", n_hidden_state, minimum=1)
     check.check_choice("likelihood", likelihood, ("nb", "zinb", "gaussian"))
     check.check_float("input_dropout", input_dropout, maximum=0.95)
     check.check_float("beta", beta)
@@ -177,7 +174,6 @@ def _check_init_arguments(
     if initial_coupling_weight is not None:
         check.check_float("initial_coupling_weight", initial_coupling_weight)
     check.check_float("condition_weight", condition_weight)
-    check.check_choice("category_init", category_init, ("leiden", "random"))
     check.check_choice("augmentation", augmentation, AUGMENTATIONS)
     check.check_choice("state_encoder", state_encoder, STATE_ENCODERS)
     if augmentation_strength is not None:
@@ -266,27 +262,27 @@ class CplMixVAE(
         coupling from many categories the agents merge similar types, which pruning cannot split again.
         ``coupling_weight`` when ``n_categories`` is given.
     state_encoder
-        ``"separate"``: the state posterior reads a one-layer encoder of its own that sees the real cell;
-        ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps mostly the
-        type; ``"staged"``: the trunk while the categories are learned and pruned, its own encoder (with a
-        head of its own) in the state phase of :meth:`train`. ``"separate"`` costs one more matrix product per
-        agent and step, and only an encoder of its own learns in the state phase, where the trunk is frozen.
-        ``None`` (default): ``"separate"``.
-    n_hidden_state
-        Width of the ``"separate"`` (and ``"staged"``) state encoder.
+        ``"separate"``: the state posterior reads a one-layer encoder of its own (32 units) that sees the real
+        cell; ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps mostly
+        the type. ``"separate"`` costs one more matrix product per agent and step, and only an encoder of its
+        own learns in the state phase of :meth:`train`, where the trunk is frozen. ``None`` (default):
+        ``"separate"``.
     condition_weight
         With a condition registered (``setup_anndata(condition_key=...)``): weight of the penalty that keeps
         every category's share of cells the same in each condition (times the number of genes; see
         :func:`~scmixvae.module.category_condition_discrepancy`). Without it, a strong condition effect (e.g.
         interferon stimulation) splits types into one category per condition; with it, the condition's effect
         goes to the state. Ignored without a registered condition.
-    category_init
-        ``"leiden"``: before the first training, fit the agents' categorical heads to a Leiden partition of
-        the cells with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refine
-        with the coupled objective; ``"random"``: start from random weights, as published.
     **module_kwargs
-        Further keyword arguments of :class:`~scmixvae.module.CplMixVAEModule`
-        (``dispersion``, ``gumbel_temperature``, ``coupling``).
+        Further keyword arguments of :class:`~scmixvae.module.CplMixVAEModule`: ``dispersion`` (of the count
+        likelihoods), ``coupling`` (``"clr"`` or the published ``"aitchison"``) and
+        ``category_state_interaction``.
+
+    Notes
+    -----
+    Before its first training, the model fits the agents' categorical heads to a Leiden partition of the cells
+    with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refines it with the coupled
+    objective; the published model started from random weights.
 
     Examples
     --------
@@ -320,11 +316,9 @@ class CplMixVAE(
         beta: float = 1.0,
         coupling_weight: float = 1.0,
         initial_coupling_weight: float | None = None,
-        category_init: Literal["leiden", "random"] = "leiden",
         augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
-        state_encoder: Literal["shared", "separate", "staged"] | None = None,
-        n_hidden_state: int = 32,
+        state_encoder: Literal["shared", "separate"] | None = None,
         condition_weight: float = 1.0,
         **module_kwargs,
     ):
@@ -334,7 +328,7 @@ class CplMixVAE(
         self.choose_n_categories_ = n_categories is None
         if self.choose_n_categories_:
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
-        defaults = default_options(self.choose_n_categories_)
+        defaults = _default_options(self.choose_n_categories_)
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
         likelihood = defaults["likelihood"] if likelihood is None else likelihood
         state_encoder = defaults["state_encoder"] if state_encoder is None else state_encoder
@@ -351,7 +345,6 @@ class CplMixVAE(
             n_hidden=n_hidden,
             n_layers=n_layers,
             n_latent=n_latent,
-            n_hidden_state=n_hidden_state,
             likelihood=likelihood,
             input_dropout=input_dropout,
             tau=tau,
@@ -359,12 +352,10 @@ class CplMixVAE(
             coupling_weight=coupling_weight,
             initial_coupling_weight=initial_coupling_weight,
             condition_weight=condition_weight,
-            category_init=category_init,
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
             state_encoder=state_encoder,
         )
-        self.category_init = category_init
         n_cats_per_cov = None
         if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
             n_cats_per_cov = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
@@ -388,7 +379,6 @@ class CplMixVAE(
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
             state_encoder=state_encoder,
-            n_hidden_state=n_hidden_state,
             n_conditions=n_conditions,
             condition_weight=condition_weight,
             **module_kwargs,
@@ -400,9 +390,7 @@ class CplMixVAE(
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
             f"beta: {beta}, coupling_weight: {coupling_weight}"
             + (f" ({initial_coupling_weight} before pruning)" if initial_coupling_weight is not None else "")
-            + f", category_init: {category_init}, "
-            f"augmentation: {augmentation}, state_encoder: {state_encoder}"
-            + (f" ({n_hidden_state} units)" if state_encoder != "shared" else "")
+            + f", augmentation: {augmentation}, state_encoder: {state_encoder}"
             + (f", condition_weight: {condition_weight}." if self.module.n_conditions > 1 else ".")
         )
         self.init_params_ = self._get_init_params(locals())
@@ -642,7 +630,7 @@ class CplMixVAE(
             Passes over the data; ``None`` uses a quarter of :func:`default_max_epochs` (at least 5).
         labels
             Types of the training cells for the classifier; ``None`` uses a Leiden partition with
-            ``n_categories`` clusters (the one ``category_init="leiden"`` uses).
+            ``n_categories`` clusters (the one the model starts its categories from).
         batch_size
             Minibatch size.
         lr

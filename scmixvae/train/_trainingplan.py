@@ -195,9 +195,6 @@ class CplMixVAETrainingPlan(TrainingPlan):
         start = self.state_phase_start
         frozen = start is not None and self.current_epoch >= start
         self.module.categories_frozen = frozen
-        if self.module.state_encoder_kind == "staged":
-            # read-outs use the state path the decoder is being trained with
-            self.module.state_reads_encoder.fill_(frozen)
         super().on_train_epoch_start()
 
     def on_train_end(self) -> None:
