@@ -50,7 +50,8 @@ def pruned():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_pruning, "_evaluate", recording_evaluate)
-        history = _pruning.prune(model, threshold=0.95, epochs_per_round=1, stop_at_threshold=False, **TRAIN)
+        # threshold 1: no round short of perfect consensus stops the pruning, which goes down to min_categories
+        history = _pruning.prune(model, threshold=1.0, epochs_per_round=1, **TRAIN)
     return model, history, snapshots
 
 
@@ -242,7 +243,7 @@ def test_prune_records_one_row_per_round_with_decreasing_k(pruned):
 
 def test_prune_restores_the_selected_round(pruned):
     model, history, snapshots = pruned
-    selected = select_round(history, 0.95)
+    selected = select_round(history, history.attrs["threshold"])
     assert history["selected"].sum() == 1
     assert history.loc[history["selected"], "round"].item() == selected == history.attrs["selected_round"]
     row = history.set_index("round").loc[selected]
@@ -318,7 +319,7 @@ def test_prune_works_with_a_separate_state_encoder():
 
     adata = simulate(n_cells=200, n_genes=60, n_types=3, seed=0)
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=4, n_hidden=8, state_encoder="separate", category_init="random")
+    model = CplMixVAE(adata, n_categories=4, n_hidden=8, state_encoder="separate")
     model.train(max_epochs=1, **TRAIN)
     history = model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
     assert history["selected"].sum() == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import warnings
@@ -40,7 +41,7 @@ from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter, OptionalOb
 from ._query import CplMixVAEQueryMixin
 from ._registry import CplMixVAERegistryMixin
 from ._rnaseq import CplMixVAERNAMixin
-from ._save_load import load_model, read_registry, save_model
+from ._save_load import REMOVED_OPTIONS, load_model, read_registry, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +194,24 @@ def _check_init_arguments(
         raise ValueError(f"n_categories={n_categories} is larger than the number of cells ({adata.n_obs}).")
 
 
+def _check_module_kwargs(model_cls, module_kwargs: dict) -> None:
+    """Refuse keyword arguments that the module does not take, or that the model sets itself."""
+    module_params = inspect.signature(model_cls._module_cls.__init__).parameters
+    model_params = inspect.signature(model_cls.__init__).parameters
+    set_by_model = {"n_input", "n_batch", "n_cats_per_cov", "n_continuous_cov", "n_conditions"}
+    accepted = [p for p in module_params if p != "self" and p not in model_params and p not in set_by_model]
+    for name in module_kwargs:
+        if name in accepted:
+            continue
+        removed = (
+            f" It was removed: the model uses {name}={REMOVED_OPTIONS[name]!r}." if name in REMOVED_OPTIONS else ""
+        )
+        raise TypeError(
+            f"{model_cls.__name__} got an unexpected keyword argument {name!r}.{removed} Its further keyword "
+            f"arguments, passed on to the module, are {accepted}."
+        )
+
+
 class CplMixVAE(
     CplMixVAEQueryMixin,
     CplMixVAERNAMixin,
@@ -323,6 +342,7 @@ class CplMixVAE(
         **module_kwargs,
     ):
         super().__init__(adata)
+        _check_module_kwargs(type(self), module_kwargs)
         check.check_int("n_agents", n_agents, minimum=1)
         # K unknown: start from many categories; the first train() prunes them (see train(prune=...))
         self.choose_n_categories_ = n_categories is None
