@@ -7,7 +7,7 @@
         --max-epochs 1 --epochs-per-round 1 --max-rounds 1 --scvi-max-epochs 1 --name pruning_smoke   # smoke test
 
 Every fit uses the options of a model that chooses K by itself (``CplMixVAE(adata)`` without
-``n_categories``; :func:`scmixvae.model.default_options`: ``"knn"`` views, ``"gaussian"`` and the separate
+``n_categories``; its defaults: ``"knn"`` views, ``"gaussian"`` and the separate
 state encoder; ``--augmentation`` and ``--model-kwargs`` override them). Results named before session 7 used
 ``"dropout"`` (then the default of a model given ``n_categories``, which these fits are: ``K_max``), those of
 session 7 the Gaussian likelihood and the separate state encoder. Each fit is a single one (``n_restarts=1``) unless
@@ -62,7 +62,8 @@ def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
     import scvi
     from _common import Timer
 
-    from scmixvae.model import CplMixVAE, default_options, default_state_epochs
+    from scmixvae.model import CplMixVAE, default_state_epochs
+    from scmixvae.model._model import _default_options
 
     scvi.settings.seed = seed
     a = ad.AnnData(adata.X.copy(), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
@@ -70,7 +71,7 @@ def fit_pruned(adata, *, seed: int, k_max: int, args) -> dict[str, Any]:
     train = {"batch_size": args.batch_size, "accelerator": args.accelerator, "enable_progress_bar": False}
     with Timer() as total:
         # the options of CplMixVAE(adata) without n_categories (which starts from 50 categories by itself)
-        options = default_options(choose_n_categories=True)
+        options = _default_options(choose_n_categories=True)
         if args.augmentation is not None:
             options["augmentation"] = args.augmentation
         model = CplMixVAE(a, n_categories=k_max, **{**options, **args.model_kwargs})

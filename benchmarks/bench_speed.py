@@ -117,9 +117,8 @@ def _time_model(kind: str, adata, batch_size: int, args, likelihood: str | None 
         model.train(callbacks=[timer], **kw)
     else:
         CplMixVAE.setup_anndata(adata)
-        model = CplMixVAE(
-            adata, n_agents=2, n_categories=10, likelihood=likelihood, category_init="random", **args.model_kwargs
-        )
+        model = CplMixVAE(adata, n_agents=2, n_categories=10, likelihood=likelihood, **args.model_kwargs)
+        model.category_init_done_ = True  # random weights: no Leiden start
         plan = {"compile": True} if args.compile else {}
         if args.state_phase:  # the state phase's steps (categorical path frozen) from the first epoch
             plan["state_phase_start"] = 0

@@ -125,7 +125,7 @@ def part_memory(args) -> list[dict]:
 
     adata = scmixvae.data.simulate(n_cells=100_000, n_genes=2000, n_types=8, seed=0)
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=8, category_init="random")
+    model = CplMixVAE(adata, n_categories=8)
     with Timer() as timer:
         scmixvae.tl.rank_state_genes(adata, model, batch_size=1024)
     row = {"part": "memory", "n_cells": adata.n_obs, "n_genes": adata.n_vars, "seconds": timer.seconds,

@@ -435,7 +435,7 @@ def test_state_encoder_defaults_to_separate_with_32_units(tmp_path, condition_ke
     CplMixVAE.setup_anndata(adata, condition_key=condition_key)
     model = CplMixVAE(adata, n_categories=2)
     assert model.module.state_encoder.layers[0].weight.shape == (2, adata.n_vars, 32)
-    assert "state_encoder: separate" in model._model_summary_string
+    assert "state_encoder: separate (32 units)" in model._model_summary_string
     assert CplMixVAE(adata, n_categories=2, state_encoder=None).module.state_encoder is not None
     assert CplMixVAE(adata, n_categories=2, state_encoder="shared").module.state_encoder is None
     model.save(tmp_path / "model", save_anndata=False)

@@ -31,7 +31,7 @@ from .._logging import quiet_fit
 from .._scoring import agreement_matrix, co_assignment
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
-from ..module._module import STATE_ENCODERS, Likelihood, eval_mode
+from ..module._module import N_HIDDEN_STATE, STATE_ENCODERS, Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan
 from ..train._progress import fit_progress
 from . import _fit, _pruning, _start
@@ -411,6 +411,7 @@ class CplMixVAE(
             f"beta: {beta}, coupling_weight: {coupling_weight}"
             + (f" ({initial_coupling_weight} before pruning)" if initial_coupling_weight is not None else "")
             + f", augmentation: {augmentation}, state_encoder: {state_encoder}"
+            + (f" ({N_HIDDEN_STATE} units)" if state_encoder == "separate" else "")
             + (f", condition_weight: {condition_weight}." if self.module.n_conditions > 1 else ".")
         )
         self.init_params_ = self._get_init_params(locals())
