@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn.metrics import adjusted_rand_score
 
 from scmixvae.data import simulate
@@ -49,20 +50,22 @@ def test_leiden_init_runs_once_and_is_remembered(separated, tmp_path):
     assert loaded.category_init_done_
 
 
-def test_random_init_skips_the_clustering(separated, monkeypatch):
+def test_leiden_start_runs_only_before_the_first_training(separated, monkeypatch):
     adata = separated.copy()
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=4, n_hidden=16, category_init="random")
-    monkeypatch.setattr(_init, "leiden_labels", lambda *a, **k: pytest.fail("clustering must not run"))
+    model = CplMixVAE(adata, n_categories=4, n_hidden=16)
     model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
-    assert not getattr(model, "category_init_done_", False)
+    head = model.module.category_head.weight.detach().clone()
+    monkeypatch.setattr(_init, "leiden_labels", lambda *a, **k: pytest.fail("clustering must not run again"))
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)  # trains on from the weights reached
+    assert model.category_init_done_ and not torch.equal(model.module.category_head.weight, head)
 
 
-def test_bad_category_init_is_refused(separated):
+def test_removed_category_init_is_refused_by_name(separated):
     adata = separated.copy()
     CplMixVAE.setup_anndata(adata)
-    with pytest.raises(ValueError, match="category_init"):
-        CplMixVAE(adata, category_init="kmeans")
+    with pytest.raises(TypeError, match=r"'category_init'\. It was removed: the model uses category_init='leiden'"):
+        CplMixVAE(adata, category_init="random")
 
 
 def test_balanced_graph_takes_neighbours_from_every_group_and_is_symmetric():

@@ -39,7 +39,10 @@ def _small_model(n_categories=6, n_agents=2, epochs=2):
 
 @pytest.fixture(scope="module")
 def pruned():
-    """A model pruned from 6 categories down to 2, one epoch per round, with a snapshot of every round."""
+    """A model pruned from 6 categories, one epoch per round, with a snapshot of every round.
+
+    Threshold 1: only perfect consensus stops the pruning before it reaches ``min_categories`` (2).
+    """
     model = _small_model()
     snapshots = []
     evaluate = _pruning._evaluate
@@ -51,7 +54,7 @@ def pruned():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_pruning, "_evaluate", recording_evaluate)
-        history = _pruning.prune(model, threshold=0.95, epochs_per_round=1, stop_at_threshold=False, **TRAIN)
+        history = _pruning.prune(model, threshold=1.0, epochs_per_round=1, **TRAIN)
     return model, history, snapshots
 
 
@@ -230,7 +233,10 @@ def test_prune_records_one_row_per_round_with_decreasing_k(pruned):
     assert history["round"].tolist() == list(range(len(history))) == list(range(len(snapshots)))
     assert len(history) >= 2
     k = history["n_categories"].to_numpy()
-    assert (np.diff(k) < 0).all() and k[0] <= 6 and k[-1] == 2
+    assert (np.diff(k) < 0).all() and k[0] <= 6
+    # the last round is the first at min_categories or at the threshold; none before it reached either
+    assert k[-1] == 2 or history["mean_consensus"].iloc[-1] >= 1.0
+    assert (k[:-1] > 2).all() and (history["mean_consensus"].iloc[:-1] < 1.0).all()
     assert np.isfinite(history["train_loss"]).all()
     assert (history["epochs"].iloc[1:] == 1).all()
     for _, row in history.iterrows():
@@ -243,7 +249,7 @@ def test_prune_records_one_row_per_round_with_decreasing_k(pruned):
 
 def test_prune_restores_the_selected_round(pruned):
     model, history, snapshots = pruned
-    selected = select_round(history, 0.95)
+    selected = select_round(history, history.attrs["threshold"])
     assert history["selected"].sum() == 1
     assert history.loc[history["selected"], "round"].item() == selected == history.attrs["selected_round"]
     row = history.set_index("round").loc[selected]
@@ -319,7 +325,7 @@ def test_prune_works_with_a_separate_state_encoder():
 
     adata = simulate(n_cells=200, n_genes=60, n_types=3, seed=0)
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=4, n_hidden=8, state_encoder="separate", category_init="random")
+    model = CplMixVAE(adata, n_categories=4, n_hidden=8, state_encoder="separate")
     model.train(max_epochs=1, **TRAIN)
     history = model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
     assert history["selected"].sum() == 1
@@ -405,7 +411,7 @@ def test_a_model_choosing_k_couples_weakly_then_warms_the_coupling_up_smoothly_i
             state = trainer.optimizers[0].state_dict()["state"]
             runs[-1]["end"] = {i: s["exp_avg"].clone() for i, s in state.items()}
 
-    prune_kwargs = {"max_rounds": 2, "epochs_per_round": 4, "threshold": 0.9999, "stop_at_threshold": False}
+    prune_kwargs = {"max_rounds": 2, "epochs_per_round": 4, "threshold": 0.9999}
     model.train(max_epochs=2, state_epochs=0, prune_kwargs=prune_kwargs, callbacks=[Record()], n_restarts=1, **TRAIN)
     weights = {run: np.array([w for r, w in steps if r == run]) for run in range(len(runs))}
     assert len(runs) == 3  # the categories, two pruning rounds

@@ -14,7 +14,7 @@ from scmixvae.train import CplMixVAETrainingPlan
 
 def _history(adata, **plan_kwargs):
     scvi.settings.seed = 0
-    model = CplMixVAE(adata, n_categories=3, category_init="random")
+    model = CplMixVAE(adata, n_categories=3)
     # 64 cells per step with a last, smaller minibatch: the epoch means are weighted by minibatch size
     model.train(
         max_epochs=2,
@@ -54,7 +54,7 @@ def test_deferred_logging_equals_per_step_logging(sim_adata, monkeypatch):
 
 def test_adam_is_fused_on_the_cpu(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3)
     plan = CplMixVAETrainingPlan(model.module)
     optimizer = plan.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"]
@@ -64,7 +64,7 @@ def test_adam_is_fused_on_the_cpu(sim_adata):
 
 def test_mixed_precision_training_runs_on_the_cpu(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3)
     model.train(max_epochs=2, state_epochs=1, precision="bf16-mixed", accelerator="cpu", enable_progress_bar=False)
     loss = model.history["train_loss"].iloc[:, 0].to_numpy(float)
     assert np.isfinite(loss).all() and len(loss) == 3  # the state phase included
@@ -83,7 +83,7 @@ def test_per_agent_metrics_reach_callbacks_at_the_end_of_each_epoch(sim_adata):
             self.values.append(float(trainer.callback_metrics["agreement_train"]))
 
     CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3)
     probe = Probe()
     model.train(max_epochs=2, batch_size=64, enable_progress_bar=False, callbacks=[probe])
     np.testing.assert_allclose(probe.values, model.history["agreement_train"].iloc[:, 0].to_numpy(float), rtol=1e-6)
@@ -122,12 +122,12 @@ def _trained_cells(model, **train_kwargs) -> set[int]:
 def test_every_cell_trains_the_categories_unless_validation_is_asked_for(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
     n = sim_adata.n_obs
-    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
     assert _trained_cells(model, max_epochs=2, state_epochs=1) == set(range(n))
     assert "elbo_validation" not in model.history and len(model.validation_indices_) == 0
     # validation asked for: scvi-tools' split, whose validation cells do not train
     for ask in ({"early_stopping": True}, {"check_val_every_n_epoch": 1}):
-        model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+        model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
         cells = _trained_cells(model, max_epochs=2, state_epochs=0, **ask)
         assert cells == set(model.train_indices_.tolist()) and len(cells) < n, ask
         assert "elbo_validation" in model.history and not cells & set(model.validation_indices_.tolist()), ask
@@ -141,7 +141,8 @@ def test_trunk_norm_statistics_are_those_of_the_real_cells_after_training(sim_ad
     # training normalises the agents' dropped-out views; read-outs encode the real cells with the running statistics
     CplMixVAE.setup_anndata(sim_adata)
     scvi.settings.seed = 0
-    model = CplMixVAE(sim_adata, n_categories=3, category_init="random", input_dropout=0.5)
+    model = CplMixVAE(sim_adata, n_categories=3, input_dropout=0.5)
+    model.category_init_done_ = True  # random weights: no Leiden start
     model.train(max_epochs=2, state_epochs=state_epochs, batch_size=64, enable_progress_bar=False)
     module = model.module
     with torch.no_grad(), eval_mode(module):
@@ -186,10 +187,11 @@ def test_optimiser_state_carries_over_between_runs_of_one_model_not_to_a_new_mod
 
     CplMixVAE.setup_anndata(sim_adata)
     kwargs = {"state_epochs": 0, "batch_size": 64, "enable_progress_bar": False, "callbacks": [Record()]}
-    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    model, fresh = CplMixVAE(sim_adata, n_categories=3), CplMixVAE(sim_adata, n_categories=3)
+    model.category_init_done_ = fresh.category_init_done_ = True  # random weights: no Leiden start
     model.train(max_epochs=1, **kwargs)
     model.train(max_epochs=1, plan_kwargs={"lr": 5e-4}, **kwargs)
-    CplMixVAE(sim_adata, n_categories=3, category_init="random").train(max_epochs=1, **kwargs)
+    fresh.train(max_epochs=1, **kwargs)
     assert starts[0] == {} and starts[2] == {}  # fresh models start fresh
     assert ends[0] and sorted(starts[1]) == sorted(ends[0])
     for i, exp_avg in ends[0].items():  # the second run starts where the first ended

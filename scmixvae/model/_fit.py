@@ -162,12 +162,12 @@ def resolve_schedule(
 def start(model, schedule: Schedule) -> None:
     """Start a fit: fit the categorical heads to a Leiden partition and train the learned augmenter, if needed.
 
-    Each happens once per model (``category_init="leiden"``: before its first training; ``augmentation="learned"``:
-    while its augmenter is untrained) and never when resuming from a checkpoint, which holds the weights.
+    Each happens once per model (the Leiden start: before its first training; ``augmentation="learned"``: while its
+    augmenter is untrained) and never when resuming from a checkpoint, which holds the weights.
     """
     if schedule.resuming:
         return
-    if model.category_init == "leiden" and not model.is_trained_ and not getattr(model, "category_init_done_", False):
+    if not model.is_trained_ and not getattr(model, "category_init_done_", False):
         _start.fit_categorical_heads(model, _start.initial_partition(model))
         model.category_init_done_ = True
     if model.module.augmentation == "learned" and not bool(model.module.augmenter.trained):
@@ -224,11 +224,10 @@ def run(
             kwargs.setdefault("limit_val_batches", 0)
     if state_epochs:
         plan_kwargs = {**(plan_kwargs or {}), "state_phase_start": max_epochs}
-    if state_epochs or model.module.state_encoder_kind == "staged":
+    if state_epochs:
         strategy = kwargs.get("strategy")
         if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
-            # the frozen categorical path gets no gradients in the state phase, nor "staged"'s state encoder
-            # before it: DDP must expect that
+            # the frozen categorical path gets no gradients in the state phase: DDP must expect that
             kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"
     # the agents' views, neighbours included, are made only while the categorical path trains
     mixes_neighbours = model.module.augmentation == "knn" and max_epochs > 0

@@ -112,7 +112,6 @@ def prune(
     max_rounds: int | None = None,
     epochs_per_round: int | None = None,
     batch_size: int = 128,
-    stop_at_threshold: bool = True,
     **train_kwargs: Any,
 ) -> pd.DataFrame:
     """Prune categories round by round and keep the round chosen by the consensus criterion.
@@ -122,8 +121,8 @@ def prune(
     agent uses (this changes no label); records the number of surviving categories, the mean consensus
     (:func:`mean_consensus`), the last training loss and every category's agreement
     (:func:`category_agreement`); masks the categories that fail (:func:`categories_to_prune`); and trains on
-    from the current weights. It stops when a round reaches ``threshold`` (with ``stop_at_threshold``: later
-    rounds have fewer categories and cannot be selected), at ``min_categories`` or after ``max_rounds``
+    from the current weights. It stops when a round reaches ``threshold`` (later rounds have fewer
+    categories and cannot be selected), at ``min_categories`` or after ``max_rounds``
     rounds. The round chosen by :func:`select_round` is restored (weights and mask) and the posteriors are
     checked for collapse (:func:`check_collapse`). An untrained model first trains weakly coupled
     (:data:`~scmixvae.model._fit.PRUNING_COUPLING_FACTOR` times ``coupling_weight``); the first round after weakly
@@ -146,9 +145,6 @@ def prune(
         (:class:`ConvergenceStopping`: 0.2% over 3 epochs), at most :func:`default_epochs_per_round`.
     batch_size
         Minibatch size of training and of the read-outs.
-    stop_at_threshold
-        Stop at the first round that reaches ``threshold``; ``False`` prunes down to ``min_categories`` (or
-        ``max_rounds``) to record the whole curve.
     **train_kwargs
         Keyword arguments of ``model.train`` (not ``max_epochs``), e.g. ``plan_kwargs``, ``accelerator``,
         ``enable_progress_bar``, ``callbacks``.
@@ -187,7 +183,7 @@ def prune(
         logger.info(
             "Pruning round %d: %d categories, mean consensus %.3f.", round_, row["n_categories"], row["mean_consensus"]
         )
-        if (stop_at_threshold and row["mean_consensus"] >= threshold) or row["n_categories"] <= min_categories:
+        if row["mean_consensus"] >= threshold or row["n_categories"] <= min_categories:
             break
         if max_rounds is not None and round_ >= max_rounds:
             break

@@ -1,6 +1,6 @@
 """The start of a fit: the Leiden partition, the ``"knn"`` neighbours and the learned augmenter.
 
-``category_init="leiden"``: deep clustering models (DEC, VaDE, scDeepCluster) start their cluster assignment from a
+Deep clustering models (DEC, VaDE, scDeepCluster) start their cluster assignment from a
 classical clustering rather than from random weights; cpl-mixVAE started from random weights, and its agents then
 settle in whichever partition they reach first. Here the agents' categorical heads are first fitted, for a few
 passes, to a Leiden partition with as many clusters as categories, computed on a truncated SVD of log-normalised

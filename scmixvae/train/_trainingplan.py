@@ -267,9 +267,6 @@ class CplMixVAETrainingPlan(TrainingPlan):
         if frozen and self.current_epoch == start > 0:  # the categorical path trained until now
             self._recompute_norm_statistics()
         self.module.categories_frozen = frozen
-        if self.module.state_encoder_kind == "staged":
-            # read-outs use the state path the decoder is being trained with
-            self.module.state_reads_encoder.fill_(frozen)
         super().on_train_epoch_start()
 
     def on_train_end(self) -> None:
