@@ -307,6 +307,7 @@ def test_readouts_on_new_data_with_the_same_genes(trained_model):
         ({"gumbel_temperature": 0.5}, TypeError, "'gumbel_temperature'. It was removed"),
         ({"entropy_weight": 0.0}, TypeError, "'entropy_weight'. It was removed"),
         ({"coupling_eps": 1e-6}, TypeError, "'coupling_eps'. It was removed"),
+        ({"initial_coupling_weight": 0.01}, TypeError, "'initial_coupling_weight'. It was removed: a fit that prunes"),
         ({"n_batch": 3}, TypeError, r"unexpected keyword argument 'n_batch'.*\['dispersion', 'coupling'"),
     ],
 )

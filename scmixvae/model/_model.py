@@ -194,9 +194,11 @@ def _check_module_kwargs(model_cls, module_kwargs: dict) -> None:
     for name in module_kwargs:
         if name in accepted:
             continue
-        removed = (
-            f" It was removed: the model uses {name}={REMOVED_OPTIONS[name]!r}." if name in REMOVED_OPTIONS else ""
-        )
+        removed = ""
+        if name == "initial_coupling_weight":
+            removed = " It was removed: a fit that prunes warms the coupling up from 0.001 x coupling_weight itself."
+        elif name in REMOVED_OPTIONS:
+            removed = f" It was removed: the model uses {name}={REMOVED_OPTIONS[name]!r}."
         raise TypeError(
             f"{model_cls.__name__} got an unexpected keyword argument {name!r}.{removed} Its further keyword "
             f"arguments, passed on to the module, are {accepted}."
