@@ -1,7 +1,7 @@
-"""Shared helpers of the benchmark scripts: data loading, timing and memory, peer pipelines, result files.
+"""Shared helpers of the benchmark scripts: data, timing and memory, the peer pipelines, result files.
 
-Not part of the ``scmixvae`` package. Import it from a script in this folder (``from _common import ...``) or
-with ``benchmarks`` on ``sys.path``.
+Not part of the ``scmixvae`` package, and like the scripts it uses only the package's public API. Import it from
+a script in this folder (``from _common import ...``).
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import logging
 import os
 import platform
 import resource
+import shlex
 import sys
-import threading
 import time
-from collections.abc import Callable
 from importlib.metadata import version as _version
 from importlib.util import find_spec
 from pathlib import Path
@@ -29,17 +28,16 @@ from lightning.pytorch.callbacks import Callback
 from scipy import sparse
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from scmixvae._neighbors import leiden, neighbors
-
 logger = logging.getLogger(__name__)
 
-_MISSING = [name for name in ("psutil", "skmisc") if find_spec(name) is None]
-if _MISSING:
-    raise SystemExit(f"the benchmarks need {', '.join(_MISSING)}: pip install -e '.[bench]'")
+if find_spec("skmisc") is None:
+    raise SystemExit("the benchmarks need scikit-misc: pip install -e '.[bench]'")
+
+DATASETS = ["ifnb", "worm", "bladder", "pbmc", "kidney"]
 
 #: The real data sets, beside the project (see ``../shared/data/README.md``).
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-#: Where :func:`write_results` writes.
+#: Where :func:`write_results` writes unless told otherwise (``--out`` of every script).
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 #: name -> (file in :data:`SHARED_DATA`, ``obs`` column of the reference labels).
 REAL_DATASETS: dict[str, tuple[str, str]] = {
@@ -120,7 +118,10 @@ def quiet() -> None:
     """Silence warnings and Lightning's and scvi-tools' INFO logs in a benchmark process."""
     import warnings
 
+    import scvi
+
     warnings.filterwarnings("ignore")
+    scvi.settings.verbosity = logging.WARNING  # scmixvae's messages follow scvi-tools' verbosity
     for name in ("lightning", "lightning.pytorch", "scvi", "lightning.fabric"):
         logging.getLogger(name).setLevel(logging.ERROR)
 
@@ -134,12 +135,9 @@ def set_threads(n: int) -> None:
         torch.set_num_interop_threads(n)
     except RuntimeError:  # only settable before the first parallel work
         pass
-    try:
-        from threadpoolctl import threadpool_limits
+    from threadpoolctl import threadpool_limits
 
-        threadpool_limits(limits=n)
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        pass
+    threadpool_limits(limits=n)
     if "numba" in sys.modules:
         import numba
 
@@ -147,13 +145,8 @@ def set_threads(n: int) -> None:
     sc.settings.n_jobs = n
 
 
-def peak_rss_mb() -> float:
-    """Peak resident memory of this process since it started (``getrusage``), in MiB."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
-
-
-def _proc_status_mb(field: str) -> float | None:
+def _status_mb(field: str) -> float | None:
+    """A field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``) in MiB; ``None`` off Linux."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -164,137 +157,53 @@ def _proc_status_mb(field: str) -> float | None:
     return None
 
 
-#: Timers inside whose block we are; a nested timer's reset must not hide the outer ones' peak.
-_OPEN_TIMERS: list[Timer] = []
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux ≥ 4.0); whether it worked."""
-    hwm = _proc_status_mb("VmHWM")
-    if hwm is None:
-        return False
-    for timer in _OPEN_TIMERS:  # hand the peak so far to the enclosing timers before it is forgotten
-        timer._hwm_before_reset = max(timer._hwm_before_reset, hwm)
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        return False
-    return True
-
-
-def _current_rss_mb() -> float:
-    rss = _proc_status_mb("VmRSS")
-    if rss is not None:
-        return rss
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        return peak_rss_mb()
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process, MiB (``VmHWM``; ``getrusage`` off Linux)."""
+    hwm = _status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 
 
 class Timer:
-    """Context that records wall time and the peak resident memory reached inside it.
+    """Context that records the wall time of a block and, with ``memory=True``, its peak memory growth.
 
-    Peak memory comes from the kernel's high-water mark, reset on entry (Linux); otherwise from psutil,
-    sampling every 10 ms, when it is installed; otherwise from ``getrusage``, which only sees growth past the
-    process's earlier peak (a lower bound). ``method`` says which. Python allocations and torch's alike count,
-    unlike ``tracemalloc``.
-
-    Attributes
-    ----------
-    seconds
-        Wall time of the block.
-    rss_start_mb
-        Resident memory on entry, MiB.
-    peak_rss_mb
-        Peak resident memory inside the block, MiB.
-    peak_growth_mb
-        ``peak_rss_mb - rss_start_mb``: memory the block needed on top of what was already held.
-
-    Examples
-    --------
-    >>> with Timer() as t:
-    ...     x = [0] * 10_000_000
-    >>> t.seconds > 0 and t.peak_growth_mb > 50
-    True
+    On Linux the kernel's peak-RSS mark is reset on entry (``/proc/self/clear_refs``), so ``peak_mb`` is the
+    peak resident memory inside the block above what the process held on entry; elsewhere it is a lower bound
+    (growth past the process's earlier peak). Do not nest two timers with ``memory=True``: the inner reset would
+    hide the outer block's earlier peak.
     """
 
-    def __init__(self) -> None:
-        self.seconds = float("nan")
-        self.rss_start_mb = float("nan")
-        self.peak_rss_mb = float("nan")
-        self.peak_growth_mb = float("nan")
-        self.method = ""
-        self._stop = threading.Event()
-        self._sampler: threading.Thread | None = None
-        self._sampled_peak = 0.0
-        self._hwm_before_reset = 0.0
-
-    def _sample(self, process: Any) -> None:
-        while not self._stop.wait(0.01):
-            self._sampled_peak = max(self._sampled_peak, process.memory_info().rss / 2**20)
+    def __init__(self, memory: bool = True) -> None:
+        self.memory = memory
+        self.seconds = self.peak_mb = float("nan")
 
     def __enter__(self) -> Timer:
-        self.rss_start_mb = _current_rss_mb()
-        if _reset_peak_rss():
-            self.method = "VmHWM"
-            _OPEN_TIMERS.append(self)
-        else:
+        if self.memory:
+            self._rss0 = _status_mb("VmRSS") or peak_rss_mb()
             try:
-                import psutil
-
-                self.method = "psutil"
-                self._sampled_peak = self.rss_start_mb
-                self._sampler = threading.Thread(target=self._sample, args=(psutil.Process(),), daemon=True)
-                self._sampler.start()
-            except ImportError:
-                self.method = "getrusage"
-                self._maxrss_before = peak_rss_mb()
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
         self._t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self._t0
-        if self.method == "VmHWM":
-            _OPEN_TIMERS.remove(self)
-            self.peak_rss_mb = max(_proc_status_mb("VmHWM") or float("nan"), self._hwm_before_reset)
-        elif self.method == "psutil":
-            self._stop.set()
-            assert self._sampler is not None
-            self._sampler.join()
-            self.peak_rss_mb = max(self._sampled_peak, _current_rss_mb())
-        else:  # the process peak moved only if the block went past every earlier peak; else a lower bound
-            after = peak_rss_mb()
-            self.peak_rss_mb = after if after > self._maxrss_before else max(_current_rss_mb(), self.rss_start_mb)
-        self.peak_growth_mb = max(self.peak_rss_mb - self.rss_start_mb, 0.0)
+        if self.memory:
+            self.peak_mb = max(peak_rss_mb() - self._rss0, 0.0)
 
-    def as_dict(self, prefix: str = "") -> dict[str, float]:
-        """``{prefix}seconds`` and ``{prefix}peak_mb`` (peak growth), for a results row."""
-        return {f"{prefix}seconds": self.seconds, f"{prefix}peak_mb": self.peak_growth_mb}
-
-
-def measure(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, Timer]:
-    """Call ``fn(*args, **kwargs)`` inside a :class:`Timer`; return its result and the timer."""
-    with Timer() as timer:
-        result = fn(*args, **kwargs)
-    return result, timer
+    def as_dict(self) -> dict[str, float]:
+        """``seconds`` and ``peak_mb``, for a results row."""
+        return {"seconds": self.seconds, "peak_mb": self.peak_mb}
 
 
 class EpochTimer(Callback):
-    """Lightning callback that records the wall time of every training epoch.
+    """Lightning callback that records the wall time and torch's thread count of every training epoch.
 
-    Works with any scvi-tools model: ``model.train(..., callbacks=[EpochTimer()])``. An epoch runs from
-    ``on_train_epoch_start`` to ``on_train_epoch_end``, validation included where the model validates.
-
-    Attributes
-    ----------
-    durations
-        Seconds of each epoch, in order.
-    threads
-        ``torch.get_num_threads()`` at the start of each epoch: the threads the method actually trained with.
+    Works with any scvi-tools model: ``model.train(..., callbacks=[EpochTimer()])``.
     """
 
     def __init__(self) -> None:
@@ -325,6 +234,19 @@ class EpochTimer(Callback):
         return float(np.mean(times)) if times else float("nan")
 
 
+def warm_up(accelerator: str = "cpu") -> None:
+    """One tiny CplMixVAE fit, so that numba compilation and torch's start are not timed in the first fit."""
+    from scmixvae.data import simulate
+    from scmixvae.model import CplMixVAE
+
+    adata = simulate(n_cells=300, n_genes=100, n_types=3, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=4, n_hidden=16)
+    model.train(max_epochs=1, state_epochs=0, accelerator=accelerator, enable_progress_bar=False)
+    model.prune(max_rounds=1, epochs_per_round=1, accelerator=accelerator, enable_progress_bar=False)
+    model.predict()
+
+
 # ---------------------------------------------------------------------------------------- pipelines
 
 
@@ -334,32 +256,26 @@ def clustering_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return {"ari": float(adjusted_rand_score(truth, pred)), "nmi": float(normalized_mutual_info_score(truth, pred))}
 
 
-def _leiden_scores(adata: ad.AnnData, labels: np.ndarray, use_rep: str, seed: int) -> dict[str, Any]:
-    neighbors(adata, use_rep=use_rep, random_state=seed)
-    leiden(adata, resolution=1.0, random_state=seed)
-    pred = adata.obs["leiden"].astype(str).to_numpy()
+def leiden_clusters(adata: ad.AnnData, use_rep: str, seed: int) -> np.ndarray:
+    """15-nearest-neighbour graph on ``obsm[use_rep]`` and Leiden (igraph) at resolution 1; the cluster labels.
+
+    The neighbours are an exact search (``transformer="sklearn"``), the one scanpy chooses itself below 8,192
+    cells, so that scanpy 1.11 never reaches pynndescent's graph, which it cannot read under scipy >= 1.14.
+    """
+    sc.pp.neighbors(adata, use_rep=use_rep, n_neighbors=15, random_state=seed, transformer="sklearn")
+    sc.tl.leiden(adata, resolution=1.0, random_state=seed, flavor="igraph", n_iterations=2, directed=False)
+    return adata.obs["leiden"].astype(str).to_numpy()
+
+
+def _scores(labels: np.ndarray, pred: np.ndarray) -> dict[str, Any]:
     return {**clustering_scores(labels, pred), "n_clusters": int(np.unique(pred).size), "labels": pred}
 
 
 def run_pca_leiden(adata: ad.AnnData, labels: np.ndarray, seed: int = 0) -> dict[str, Any]:
-    """Scanpy's default clustering: normalise, log1p, (HVG), PCA, neighbours, Leiden at resolution 1.
+    """Scanpy's default clustering: ``normalize_total`` (10^4), ``log1p``, 2,000 HVGs where there are more,
+    50-component PCA, then :func:`leiden_clusters`. ``adata`` (raw counts) is not changed.
 
-    ``normalize_total`` to 10⁴ counts, ``log1p``, the 2,000 most variable genes (default flavor) only where
-    there are more, 50-component PCA, 15-neighbour graph and Leiden (igraph) at resolution 1.
-
-    Parameters
-    ----------
-    adata
-        Raw counts in ``X``; not changed.
-    labels
-        Reference labels, one per cell.
-    seed
-        Seed of PCA, neighbour search and Leiden.
-
-    Returns
-    -------
-    ``ari``, ``nmi``, ``n_clusters``, ``seconds`` (whole pipeline), ``peak_mb`` (peak memory growth),
-    ``labels`` (the Leiden clusters).
+    Returns ``method``, ``ari``, ``nmi``, ``n_clusters``, ``labels``, ``seconds`` and ``peak_mb``.
     """
     with Timer() as timer:
         a = adata.copy()
@@ -368,106 +284,37 @@ def run_pca_leiden(adata: ad.AnnData, labels: np.ndarray, seed: int = 0) -> dict
         if a.n_vars > N_TOP_GENES:
             sc.pp.highly_variable_genes(a, n_top_genes=N_TOP_GENES, subset=True)
         sc.pp.pca(a, n_comps=min(50, a.n_vars - 1), random_state=seed)
-        out = _leiden_scores(a, labels, "X_pca", seed)
-    return {"method": "PCA+Leiden", **out, **timer.as_dict()}
-
-
-def _scvi_model(adata: ad.AnnData):
-    import scvi
-
-    a = ad.AnnData(adata.X.copy(), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
-    scvi.model.SCVI.setup_anndata(a)
-    return scvi.model.SCVI(a)
+        pred = leiden_clusters(a, "X_pca", seed)
+    return {"method": "PCA+Leiden", **_scores(labels, pred), **timer.as_dict()}
 
 
 def run_scvi_leiden(
-    adata: ad.AnnData,
-    labels: np.ndarray,
-    seed: int = 0,
-    max_epochs: int | None = None,
-    batch_size: int = 128,
-    accelerator: str = "auto",
+    adata: ad.AnnData, labels: np.ndarray, seed: int = 0, max_epochs: int | None = None, accelerator: str = "cpu"
 ) -> dict[str, Any]:
-    """scVI (default model) on raw counts, then neighbours and Leiden at resolution 1 on its latent space.
+    """scVI (default model and ``train()``, batch 128) on raw counts, then :func:`leiden_clusters` on its latent.
 
-    Parameters
-    ----------
-    adata
-        Raw counts in ``X``; not changed (the model trains on a copy).
-    labels
-        Reference labels, one per cell.
-    seed
-        ``scvi.settings.seed`` and the seed of neighbours and Leiden.
-    max_epochs
-        ``None``: scVI's own heuristic, ``min(round(20000 / n_cells * 400), 400)``.
-    batch_size
-        Minibatch size.
-    accelerator
-        Passed to ``model.train``.
-
-    Returns
-    -------
-    ``ari``, ``nmi``, ``n_clusters``, ``epochs`` (run), ``train_seconds``, ``s_per_epoch`` (train time /
-    epochs), ``s_per_epoch_steady`` (mean epoch time after the first), ``threads`` (torch's thread count while
-    training, see :meth:`EpochTimer.threads_used`), ``seconds`` (whole pipeline),
-    ``peak_mb`` (peak memory growth), ``labels`` and ``latent`` (cells × 10).
+    ``max_epochs=None``: scVI's own heuristic, ``min(round(20000 / n_cells * 400), 400)``. ``adata`` is not
+    changed (the model trains on a copy). Returns ``method``, ``ari``, ``nmi``, ``n_clusters``, ``labels``,
+    ``epochs``, ``train_seconds``, ``s_per_epoch`` (mean epoch time after the first), ``threads``, ``seconds``
+    (whole pipeline) and ``peak_mb``.
     """
     import scvi
 
     scvi.settings.seed = seed
+    epochs = EpochTimer()
     with Timer() as total:
-        model = _scvi_model(adata)
-        epoch_timer = EpochTimer()
-        with Timer() as train:
-            model.train(
-                max_epochs=max_epochs,
-                batch_size=batch_size,
-                accelerator=accelerator,
-                enable_progress_bar=False,
-                callbacks=[epoch_timer],
-            )
-        epochs = len(model.history["elbo_train"])
-        latent = model.get_latent_representation(batch_size=1024)
-        a = ad.AnnData(obs=adata.obs[[]].copy())
-        a.obsm["X_scVI"] = latent
-        out = _leiden_scores(a, labels, "X_scVI", seed)
+        a = ad.AnnData(adata.X.copy(), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
+        scvi.model.SCVI.setup_anndata(a)
+        model = scvi.model.SCVI(a)
+        with Timer(memory=False) as train:
+            model.train(max_epochs=max_epochs, accelerator=accelerator, enable_progress_bar=False, callbacks=[epochs])
+        a.obsm["X_scVI"] = model.get_latent_representation(batch_size=1024)
+        pred = leiden_clusters(a, "X_scVI", seed)
     return {
-        "method": "scVI+Leiden",
-        **out,
-        "epochs": epochs,
-        "train_seconds": train.seconds,
-        "s_per_epoch": train.seconds / epochs,
-        "s_per_epoch_steady": epoch_timer.seconds_per_epoch(),
-        "threads": epoch_timer.threads_used(),
+        "method": "scVI+Leiden", **_scores(labels, pred), "epochs": len(epochs.durations),
+        "train_seconds": train.seconds, "s_per_epoch": epochs.seconds_per_epoch(), "threads": epochs.threads_used(),
         **total.as_dict(),
-        "latent": latent,
-    }
-
-
-def scvi_seconds_per_epoch(adata: ad.AnnData, batch_size: int = 128, n_epochs: int = 3, seed: int = 0) -> float:
-    """Seconds per scVI training epoch on ``adata`` (raw counts), the first (warm-up) epoch left out.
-
-    Parameters
-    ----------
-    adata
-        Raw counts in ``X``; not changed.
-    batch_size
-        Minibatch size.
-    n_epochs
-        Epochs to train, at least 2.
-    seed
-        ``scvi.settings.seed``.
-    """
-    import scvi
-
-    if n_epochs < 2:
-        msg = f"n_epochs must be at least 2 (the first is warm-up and not timed), got {n_epochs}."
-        raise ValueError(msg)
-    scvi.settings.seed = seed
-    model = _scvi_model(adata)
-    timer = EpochTimer()
-    model.train(max_epochs=n_epochs, batch_size=batch_size, enable_progress_bar=False, callbacks=[timer])
-    return timer.seconds_per_epoch(skip_first=True)
+    }  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -485,16 +332,11 @@ def machine_info() -> dict[str, Any]:
         "scvi": _version("scvi-tools"),
         "scanpy": _version("scanpy"),
         "anndata": _version("anndata"),
+        "scmixvae": _version("scmixvae"),
         "numpy": np.__version__,
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def _scalar(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
 
 
 def _is_scalar(value: Any) -> bool:
@@ -502,7 +344,7 @@ def _is_scalar(value: Any) -> bool:
 
 
 def _fmt(value: Any) -> str:
-    value = _scalar(value)
+    value = value.item() if isinstance(value, np.generic) else value
     if value is None:
         return ""
     if isinstance(value, float):
@@ -522,39 +364,32 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_results(name: str, rows: list[dict[str, Any]], extra_md: str = "") -> str:
-    """Write ``results/{name}.json`` and ``results/{name}.md`` and print the table.
+def write_results(name: str, rows: list[dict[str, Any]], extra_md: str = "", out: Path | None = None) -> str:
+    """Write ``{out}/{name}.json`` and ``{out}/{name}.md`` (``out``: :data:`RESULTS_DIR`) and print the table.
 
-    Only scalar fields of the rows are written; arrays (labels, latents) are left out.
-
-    Parameters
-    ----------
-    name
-        File stem.
-    rows
-        One dict per result.
-    extra_md
-        Markdown appended below the table (how it was run, notes).
-
-    Returns
-    -------
-    The markdown table.
+    Only the scalar fields of the rows are written (labels and latents are left out); the JSON also records the
+    date, the machine and the command. Both files are written to a temporary name first, then moved into place.
     """
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    out = RESULTS_DIR if out is None else Path(out)
+    out.mkdir(parents=True, exist_ok=True)
     info = machine_info()
     date = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
-    clean = [{k: _scalar(v) for k, v in row.items() if _is_scalar(v)} for row in rows]
-    payload = {"name": name, "date": date, "machine": info, "command": " ".join(sys.argv), "rows": clean}
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    clean = [{k: (v.item() if isinstance(v, np.generic) else v) for k, v in r.items() if _is_scalar(v)} for r in rows]
+    command = "python " + shlex.join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    payload = {"name": name, "date": date, "machine": info, "command": command, "rows": clean}
     table = markdown_table(clean)
     machine = (
         f"{info['cpu_count']} CPUs ({info['cpu_affinity']} usable), {info['torch_threads']} torch thread(s), "
-        f"torch {info['torch']}, scvi-tools {info['scvi']}, scanpy {info['scanpy']}"
+        f"torch {info['torch']}, scvi-tools {info['scvi']}, scanpy {info['scanpy']}, scmixvae {info['scmixvae']}"
         + (f", GPU {info['cuda']}" if info["cuda"] else "")
     )
     md = f"# {name}\n\n{date} · {machine}\n\n{table}\n"
     if extra_md:
         md += f"\n{extra_md.strip()}\n"
-    (RESULTS_DIR / f"{name}.md").write_text(md)
+    md += f"\nCommand: `{command}`\n"
+    for suffix, text in ((".json", json.dumps(payload, indent=2) + "\n"), (".md", md)):
+        tmp = out / f".{name}{suffix}.partial"
+        tmp.write_text(text)
+        tmp.replace(out / f"{name}{suffix}")
     print(table)
     return table

@@ -1,7 +1,9 @@
-"""Issue 5 benchmark: interferon-stimulated genes among each type's state genes on ifnb_2800, and memory.
+"""States on interferon-beta-stimulated PBMCs: interferon-stimulated genes among each type's state genes; memory.
 
-    python benchmarks/bench_state_genes.py --threads 1
+    python benchmarks/bench_state_genes.py --parts ifnb --seeds 0 1 2 --axes default --likelihood gaussian --threads 1
     python benchmarks/bench_state_genes.py --parts memory --threads 1
+    python benchmarks/bench_state_genes.py --seeds 0 --max-epochs 2 --scvi-epochs 2 --memory-cells 2000 \
+        --out /tmp/x --threads 1                                    # smoke test
 
 Parts:
 - ``ifnb``: fit on ``ifnb_2800`` (all 14,053 genes are reduced to the 2,000 most variable, with the ISGs below kept
@@ -11,11 +13,11 @@ Parts:
   ISGs (ISG15, IFIT1, IFIT3, IFI6, MX1, ISG20, IFITM3, OAS1, RSAD2, LY6E) among that type's top 20 state genes
   for each ranking axis of ``--axes`` (the default axis of ``rank_state_genes`` and the first principal one);
   AUROC of the state projection (the traversal axis) separating CTRL from STIM within each reference type; the
-  cell-type ARI next to scVI + Leiden (from ``--peers-from`` or run here).
-- ``memory``: peak resident memory of ``rank_state_genes`` on 100,000 simulated cells x 2,000 genes above the
-  model (untrained weights: memory does not depend on training).
+  cell-type ARI next to scVI + Leiden fitted once here on the same cells and genes (``--no-scvi`` to skip it).
+- ``memory``: peak resident memory of ``rank_state_genes`` on ``--memory-cells`` (10^5) simulated cells x 2,000
+  genes above the model (trained for a few steps only: memory does not depend on training).
 
-Writes ``benchmarks/results/{name}.json`` and ``.md``.
+Writes ``{--out}/{--name}.json`` and ``.md`` (default ``benchmarks/results/state_genes``).
 """
 
 from __future__ import annotations
@@ -26,13 +28,13 @@ import _threads  # noqa: F401  first: --threads sets the thread variables before
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS_DIR
 
 ISGS = ["ISG15", "IFIT1", "IFIT3", "IFI6", "MX1", "ISG20", "IFITM3", "OAS1", "RSAD2", "LY6E"]
 
@@ -42,16 +44,10 @@ def part_ifnb(args) -> list[dict]:
 
     rows = []
     scvi_ari = None
-    if args.peers_from:
-        for row in json.loads(Path(args.peers_from).read_text())["rows"]:
-            if row.get("dataset") == "ifnb" and row.get("method") == "scVI+Leiden":  # bench_peers.py
-                scvi_ari = row["ari"]
-            elif row.get("reference_type") == "SUMMARY" and "scvi_leiden_ari" in row:  # an earlier run of this one
-                scvi_ari = row["scvi_leiden_ari"]
     for seed in args.seeds:
         seed_rows, adata, labels = _fit_ifnb(args, seed)
-        if scvi_ari is None:  # measured here, once, on the same cells and genes
-            scvi_ari = run_scvi_leiden(adata.copy(), labels, seed=0)["ari"]
+        if args.scvi and scvi_ari is None:  # measured here, once, on the same cells and genes
+            scvi_ari = run_scvi_leiden(adata.copy(), labels, seed=0, max_epochs=args.scvi_epochs)["ari"]
         seed_rows[-1]["scvi_leiden_ari"] = scvi_ari
         print(seed_rows[-1], flush=True)
         rows += seed_rows
@@ -123,13 +119,14 @@ def part_memory(args) -> list[dict]:
     import scmixvae
     from scmixvae.model import CplMixVAE
 
-    adata = scmixvae.data.simulate(n_cells=100_000, n_genes=2000, n_types=8, seed=0)
+    adata = scmixvae.data.simulate(n_cells=args.memory_cells, n_genes=2000, n_types=8, seed=0)
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=8, category_init="random")
+    model = CplMixVAE(adata, n_categories=8)
+    model.train(max_epochs=1, state_epochs=0, limit_train_batches=5, enable_progress_bar=False)
     with Timer() as timer:
         scmixvae.tl.rank_state_genes(adata, model, batch_size=1024)
     row = {"part": "memory", "n_cells": adata.n_obs, "n_genes": adata.n_vars, "seconds": timer.seconds,
-           "peak_growth_mb": timer.peak_growth_mb, "method": timer.method}  # fmt: skip
+           "peak_growth_mb": timer.peak_mb}  # fmt: skip
     print(row, flush=True)
     return [row]
 
@@ -152,7 +149,10 @@ def main(argv: list[str] | None = None) -> None:
         help="obs column registered as the condition (CTRL/STIM); 'none' to register none",
     )
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--peers-from", default=None)
+    p.add_argument("--scvi", action=argparse.BooleanOptionalAction, default=True, help="scVI + Leiden's ARI")
+    p.add_argument("--scvi-epochs", type=int, default=None, help="scVI's max_epochs; default: scVI's heuristic")
+    p.add_argument("--memory-cells", type=int, default=100_000)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the result files")
     p.add_argument("--name", default="state_genes")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of each fit (default: the model's)")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"state_encoder": "separate"}\'')
@@ -164,20 +164,14 @@ def main(argv: list[str] | None = None) -> None:
         " as the library's default)",
     )
     args = p.parse_args(argv)
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
-    import warnings
+    from _common import quiet, set_threads, write_results
 
-    from _common import set_threads, write_results
-
-    warnings.filterwarnings("ignore")
+    quiet()
     set_threads(args.threads)
     rows = []
     for part in args.parts:
         rows += {"ifnb": part_ifnb, "memory": part_memory}[part](args)
-    write_results(
-        args.name, rows, extra_md=f"Command: `python benchmarks/bench_state_genes.py {' '.join(argv or sys.argv[1:])}`"
-    )
+    write_results(args.name, rows, out=args.out)
 
 
 if __name__ == "__main__":

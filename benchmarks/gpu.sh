@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU checks, prepared for a machine with one CUDA device (about 4-5 minutes in all):
 #   1. the tests marked `gpu` (skipped on machines without CUDA);
-#   2. the throughput benchmark (bench_speed.py) on 10^5 simulated cells x 2,000 genes, scVI against CplMixVAE
+#   2. the throughput part of bench_speed.py on 10^5 simulated cells x 2,000 genes, scVI against CplMixVAE
 #      (two agents; LIKELIHOODS, default "gaussian nb": the default likelihood and nb) at batch sizes 128 and 1,000,
 #      in float32 and in mixed precision (Lightning's precision, passed through model.train; PRECISION=16-mixed for
 #      float16), each against the card's matmul peak in the same precision;
@@ -39,7 +39,7 @@ PY
 echo "== pytest -m gpu"
 timeout 150 python -m pytest -q -p no:cacheprovider -m gpu || failed=1
 
-COMMON=(--accelerator gpu --n-cells 100000 --batch-sizes 128 1000 --steps 40 --epochs 2 --repeats 1 --threads "$THREADS")
+COMMON=(--parts throughput --accelerator gpu --n-cells 100000 --batch-sizes 128 1000 --steps 40 --epochs 2 --repeats 1 --threads "$THREADS")
 SPEED=("${COMMON[@]}" --likelihoods "${LIKS[@]}")
 echo "== throughput, float32"
 timeout 150 python benchmarks/bench_speed.py "${SPEED[@]}" --name "speed_gpu${SUFFIX}" || failed=1

@@ -1,14 +1,15 @@
 """Run the benchmark suite in one command and write a combined results file.
 
-    python benchmarks/run_all.py --threads 1                 # the full suite: many hours on one thread
+    python benchmarks/run_all.py --threads 1                 # the full suite: a day or more on one thread
     python benchmarks/run_all.py --threads 1 --quick         # every script on small settings: minutes
-    python benchmarks/run_all.py --only speed scale --threads 1
+    python benchmarks/run_all.py --only speed pruning --threads 1
 
 Each script runs in its own process, one after the other, with ``--threads`` passed on and the thread variables
 (``OMP_NUM_THREADS``...) set; a failing script is reported and the others still run. Every script writes its own
-``benchmarks/results/{name}.json`` and ``.md``; this one then writes ``benchmarks/results/{prefix}all.md`` (and
-``.json``): one row per script (result name, exit status, wall seconds, rows) followed by every script's table.
-With ``--quick`` the result names get the prefix ``quick_`` so that they never overwrite the full results.
+``{out}/{name}.json`` and ``.md`` (``--out``, default ``benchmarks/results``); this one then writes
+``{out}/all.md`` (and ``.json``, not committed): one row per script (result name, exit status, wall seconds, rows)
+followed by every script's table. ``--quick`` writes to ``/tmp/scmixvae_bench_quick`` unless ``--out`` is given,
+so that it never overwrites the full results.
 """
 
 from __future__ import annotations
@@ -28,48 +29,36 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+QUICK = Path("/tmp/scmixvae_bench_quick")
 
-#: name -> (script, arguments of the full run, arguments of the quick run). Result file stem = name: the current
-#: result files in ``results/`` were written by these arguments (see ``benchmarks/README.md``).
+#: name -> (script, arguments of the full run, arguments of the quick run). Result file stem = name.
 SUITE: dict[str, tuple[str, list[str], list[str]]] = {
-    "peers": (
-        "bench_peers.py",
-        ["--datasets", "all", "--methods", "pca", "scvi"],
-        ["--datasets", "bladder", "--max-epochs", "2"],
+    "real": (
+        "bench_real.py",
+        ["--methods", "cpl", "scvi", "pca", "--seeds", "0", "1", "2", "3", "4", "--state-epochs", "0",
+         "--jobs", "2", "--fits", "/tmp/scmixvae_fits"],
+        ["--methods", "cpl", "scvi", "pca", "--datasets", "pbmc", "--seeds", "0", "1", "--max-epochs", "2",
+         "--scvi-epochs", "2", "--state-epochs", "0", "--restarts", "1", "--prune-kwargs",
+         '{"max_rounds": 1, "epochs_per_round": 1}', "--fits", "/tmp/scmixvae_fits_quick"],
     ),
-    "core": (
-        "bench_core.py",
-        ["--parts", "real", "--likelihoods", "nb", "gaussian", "--seeds", "0",
-         "--peers-from", str(RESULTS / "peers.json")],
-        ["--parts", "sim", "--likelihoods", "nb"],
-    ),
-    "speed": (
-        "bench_speed.py",
-        ["--n-cells", "100000", "--likelihoods", "gaussian", "nb", "--steps", "30", "--repeats", "3"],
-        ["--n-cells", "20000", "--steps", "10", "--epochs", "2", "--repeats", "1"],
-    ),
-    "scale": (
-        "bench_scale.py",
-        [],
-        ["--sizes", "5000", "20000", "--in-memory-max", "10000", "--steps", "5", "--epochs", "2"],
+    "pruning": (
+        "bench_simulated.py",
+        ["--seeds", "0", "1", "2", "3", "4", "--model-seeds", "0", "1", "--state-epochs", "0"],
+        ["--seeds", "0", "1", "--n-cells", "600", "--n-genes", "200", "--max-epochs", "2", "--state-epochs", "0",
+         "--restarts", "1", "--prune-kwargs", '{"max_rounds": 1, "epochs_per_round": 1}'],
     ),
     "state_genes": (
         "bench_state_genes.py",
-        ["--parts", "ifnb", "--seeds", "0", "1", "2", "--axes", "default", "--likelihood", "gaussian"],
-        ["--parts", "memory"],
+        ["--seeds", "0", "1", "2", "--axes", "default", "--likelihood", "gaussian"],
+        ["--seeds", "0", "--max-epochs", "2", "--scvi-epochs", "2", "--memory-cells", "2000"],
     ),
-    "pruning": (
-        "bench_pruning.py",
-        ["--parts", "sim", "--seeds", "0", "1", "2", "3", "4", "--model-seeds", "0", "1", "--state-epochs", "0",
-         "--restarts", "3"],
-        ["--parts", "sim", "--seeds", "0", "--n-cells", "300", "--n-genes", "100", "--max-epochs", "1",
-         "--epochs-per-round", "1", "--max-rounds", "1", "--scvi-max-epochs", "1"],
-    ),
-    "augment": ("bench_augment.py", ["--parts", "preserve", "fit"], ["--parts", "preserve"]),
-    "wholefit": (
-        "bench_wholefit.py",
-        ["--n-cells", "5000", "--scvi-epochs", "50"],
-        ["--n-cells", "3000", "--n-genes", "300", "--scvi-epochs", "2"],
+    "speed": (
+        "bench_speed.py",
+        [],
+        ["--n-cells", "3000", "--n-genes", "300", "--steps", "5", "--epochs", "2", "--repeats", "1",
+         "--scale-sizes", "2000", "5000", "--in-memory-max", "3000", "--scale-steps", "5", "--scale-epochs", "2",
+         "--wholefit-cells", "1000", "--scvi-epochs", "2", "--side-cells", "1000", "--side-genes", "200",
+         "--side-epochs", "2", "--tmp", "/tmp/scmixvae_scale_quick"],
     ),
 }  # fmt: skip
 
@@ -77,22 +66,22 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--quick", action="store_true", help="small settings; results named quick_*")
+    p.add_argument("--quick", action="store_true", help="small settings, written to --out (default: /tmp)")
+    p.add_argument("--out", type=Path, default=None, help=f"folder of the result files (default {RESULTS})")
     p.add_argument("--only", nargs="+", choices=sorted(SUITE), default=None, help="a subset of the suite")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per script")
     args = p.parse_args(argv)
+    out = args.out or (QUICK if args.quick else RESULTS)
     env = dict(os.environ)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS"):
         env[var] = str(args.threads)
     env.setdefault("MPLBACKEND", "Agg")
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    prefix = "quick_" if args.quick else ""
     summary = []
     for name in args.only or list(SUITE):
         script, full, quick = SUITE[name]
-        result = prefix + name
         cmd = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
-        cmd += ["--threads", str(args.threads), "--name", result]
+        cmd += ["--threads", str(args.threads), "--out", str(out)]
         print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
         try:
@@ -100,10 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         except subprocess.TimeoutExpired:
             status = "timeout"
         seconds = time.perf_counter() - start
-        path = RESULTS / f"{result}.json"
+        path = out / f"{name}.json"
         fresh = path.exists() and path.stat().st_mtime >= time.time() - seconds - 1
         n_rows = len(json.loads(path.read_text())["rows"]) if fresh else 0
-        summary.append({"benchmark": name, "script": script, "result": f"{result}.md" if fresh else "",
+        summary.append({"benchmark": name, "script": script, "result": f"{name}.md" if fresh else "",
                         "status": status, "seconds": round(seconds, 1), "rows": n_rows})  # fmt: skip
         print(summary[-1], flush=True)
     lines = ["| benchmark | script | result | status | seconds | rows |", "|---|---|---|---|---|---|"]
@@ -111,15 +100,13 @@ def main(argv: list[str] | None = None) -> None:
               for s in summary]  # fmt: skip
     date = dt.datetime.now().astimezone().isoformat(timespec="seconds")
     command = f"python benchmarks/run_all.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    md = [f"# {prefix}all\n", f"{date} · `{command}`\n", "\n".join(lines), ""]
+    md = ["# all\n", f"{date} · `{command}`\n", "\n".join(lines), ""]
     for s in summary:
         if s["result"]:
-            table = (RESULTS / s["result"]).read_text().split("\n", 2)[-1]
+            table = (out / s["result"]).read_text().split("\n", 2)[-1]
             md += [f"## {s['benchmark']} ({s['result']})\n", table.strip(), ""]
-    (RESULTS / f"{prefix}all.md").write_text("\n".join(md) + "\n")
-    (RESULTS / f"{prefix}all.json").write_text(
-        json.dumps({"date": date, "command": command, "runs": summary}, indent=2)
-    )
+    (out / "all.md").write_text("\n".join(md) + "\n")
+    (out / "all.json").write_text(json.dumps({"date": date, "command": command, "runs": summary}, indent=2))
     print("\n".join(lines))
     if any(s["status"] != 0 for s in summary):
         sys.exit(1)

@@ -23,39 +23,47 @@ BEGIN = "<!-- results table: written by python benchmarks/summary.py -->"
 END = "<!-- end of results table -->"
 DATASETS = ["ifnb", "worm", "bladder", "pbmc", "kidney"]
 
-#: (script, result stem, what it measures), in the order of the page.
+#: (script, result stem, what it measures), in the order of the page; a stem without a file is left out.
 RESULTS: list[tuple[str, str, str]] = [
-    ("bench_seeds.py", "real_seeds_fits",
-     "The default fit (`CplMixVAE(adata).train()`: types unknown, pruned from 50 categories, three restarts) on the "
-     "five real sets, five seeds: ARI, chosen K, agreement between seeds, wall time."),
-    ("summarise_seeds.py", "real_seeds",
-     "Mean ARI over seeds of the default fit and of scVI + Leiden on the five real sets, with the difference of the "
-     "means and its 90% bootstrap interval (gathered from saved results, no fit)."),
-    ("bench_peers.py", "peers",
-     "The peers: PCA + Leiden and scVI + Leiden (scVI's default training) on the five real sets."),
-    ("bench_core.py", "core",
-     "CplMixVAE given the reference number of types (`nb` and `gaussian` likelihoods) on the five real sets, "
-     "next to the peers."),
-    ("bench_pruning.py", "pruning",
-     "Choice of the number of types on the simulator (8 types, K_max 30, three restarts): chosen K, ARI, agreement "
-     "of two model seeds."),
+    ("bench_real.py", "real",
+     "CplMixVAE (the default fit; with `cpl-k`, K given), scVI + Leiden and PCA + Leiden on the five real sets over "
+     "seeds: ARI, NMI, chosen K, agreement between seeds, time, and the difference of the mean ARIs."),
+    ("bench_real.py --methods cpl-k", "real_k",
+     "CplMixVAE given the reference number of types (one row per likelihood) on the five real sets."),
+    ("bench_simulated.py", "pruning",
+     "Choice of the number of types on the simulator (8 types): chosen K, ARI, agreement of two model seeds."),
     ("bench_state_genes.py", "state_genes",
      "Interferon-β-stimulated PBMCs with the condition registered: interferon-stimulated genes among each type's "
      "state genes, AUROC of control vs stimulated along the state, cell-type ARI."),
     ("bench_speed.py", "speed",
-     "Seconds per epoch and FLOP/s of CplMixVAE (two agents) and scVI on 10^5 simulated cells, one CPU thread."),
-    ("bench_speed.py --side-by-side", "speed_side_by_side",
-     "Two fits at once on the 2-core machine, each started with OMP_NUM_THREADS=1, against one alone: seconds per "
-     "epoch and the torch threads each trained with."),
-    ("bench_scale.py", "scale",
+     "Speed against scVI on simulated data, one CPU thread: seconds per step and FLOP/s (`throughput`), the whole "
+     "fit (`wholefit`), 10^4 to 10^6 cells (`scale`), two fits side by side (`side-by-side`); the file holds the "
+     "parts its command ran."),
+    ("gpu.sh", "speed_gpu", "`bench_speed.py --parts throughput` on one GPU, float32."),
+    ("gpu.sh", "speed_gpu_bf16mixed", "`bench_speed.py --parts throughput` on one GPU, bf16 mixed precision."),
+    ("gpu.sh", "speed_gpu_compile", "`bench_speed.py --parts throughput` on one GPU with `torch.compile`."),
+    # written by scripts since merged into those above (benchmarks/README.md: the command that replaces each);
+    # delete each once its replacement has been run
+    ("bench_seeds.py (now bench_real.py)", "real_seeds_fits",
+     "The default fit (types unknown, pruned from 50 categories, three restarts) on the five real sets, five "
+     "seeds: ARI, chosen K, agreement between seeds, wall time."),
+    ("summarise_seeds.py (now bench_real.py)", "real_seeds",
+     "Mean ARI over seeds of the default fit and of scVI + Leiden on the five real sets, with the difference of the "
+     "means and its 90% bootstrap interval."),
+    ("bench_peers.py (now bench_real.py)", "peers",
+     "PCA + Leiden and scVI + Leiden (scVI's default training) on the five real sets."),
+    ("bench_core.py (now bench_real.py --methods cpl-k)", "core",
+     "CplMixVAE given the reference number of types (`nb` and `gaussian` likelihoods) on the five real sets, "
+     "next to the peers."),
+    ("bench_speed.py --side-by-side (now --parts side-by-side)", "speed_side_by_side",
+     "Two fits at once on the 2-core machine, each started with OMP_NUM_THREADS=1, against one alone."),
+    ("bench_scale.py (now bench_speed.py --parts scale)", "scale",
      "10^4 to 10^6 cells (10^6 read from a backed `.h5ad`): seconds per epoch and peak memory against scVI."),
-    ("bench_wholefit.py", "wholefit",
+    ("bench_wholefit.py (now bench_speed.py --parts wholefit)", "wholefit",
      "The whole default fit (`CplMixVAE(adata).train()`) against scVI's default `train()` on simulated data."),
-    ("bench_augment.py", "augment",
-     "The augmentation options: type preservation of the augmented copies and accuracy of a fit with each."),
-    ("gpu.sh", "speed_gpu", "`bench_speed.py` on one GPU, float32."),
-    ("gpu.sh", "speed_gpu_bf16mixed", "`bench_speed.py` on one GPU, bf16 mixed precision."),
-    ("gpu.sh", "speed_gpu_compile", "`bench_speed.py` on one GPU with `torch.compile`."),
+    ("bench_augment.py (removed)", "augment",
+     "The augmentation options: type preservation of the augmented copies and accuracy of a fit with each. Its "
+     "script needed the package's private internals and was removed; the file predates later defaults."),
 ]  # fmt: skip
 
 
@@ -68,27 +76,69 @@ def _range(values: list[float], fmt: str = "{:.0f}") -> str:
     return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
 
 
-def comparison_table() -> str:
-    """Per real set: the default fit over its seeds next to scVI + Leiden, from three result files."""
+def _comparison_from_real() -> tuple[dict, dict]:
+    """Per set, the numbers of the table, and the difference of the means, from ``real`` (bench_real.py)."""
+    rows = load("real")["rows"]
+    cpl, peer = "CplMixVAE", "scVI+Leiden"
+    mean = {r["method"]: r for r in rows if r["part"] == "mean"}
+    table = {}
+    for ds in DATASETS:
+        fits = {m: [r for r in rows if r["part"] == "fit" and r["dataset"] == ds and r["method"] == m] for m in mean}
+        seeds = next(r for r in rows if r["part"] == "seeds" and r["dataset"] == ds and r["method"] == cpl)
+        table[ds] = {
+            "k_ref": fits[cpl][0]["k_ref"], "k": [r["chosen_k"] for r in fits[cpl]],
+            "clusters": [r["n_clusters"] for r in fits[peer]], "ari": mean[cpl][ds], "ari_peer": mean[peer][ds],
+            "agreement": seeds["ari_between_seeds"], "minutes": [r["seconds"] / 60 for r in fits[cpl]],
+            "minutes_peer": [r["seconds"] / 60 for r in fits[peer]],
+        }  # fmt: skip
+    diff = next(r for r in rows if r["part"] == "difference" and r["method"] == cpl)
+    table["mean"] = {"ari": mean[cpl]["ari"], "ari_peer": mean[peer]["ari"]}
+    return table, {
+        "difference": diff["difference"], "low": diff["interval_90_low"], "high": diff["interval_90_high"],
+        "n": diff["n_seeds"], "n_peer": diff["n_seeds_versus"],
+    }  # fmt: skip
+
+
+def _comparison_from_legacy() -> tuple[dict, dict]:
+    """The same from the files of the scripts ``bench_real.py`` replaced (real_seeds_fits, real_seeds, peers)."""
     fits, means, peers = load("real_seeds_fits"), load("real_seeds"), load("peers")
     cpl_method = means["rows"][0]["method"]
     cpl_mean = next(r for r in means["rows"] if r["method"] == cpl_method and r["seed"].startswith("mean"))
     scvi_mean = next(r for r in means["rows"] if r["method"] == "scVI+Leiden" and r["seed"].startswith("mean"))
+    table = {}
+    for ds in DATASETS:
+        runs = [r for r in fits["rows"] if r["part"] == "real" and r["dataset"] == ds and r["method"] == cpl_method]
+        seeds = next(r for r in fits["rows"] if r["part"] == "seeds" and r["dataset"] == ds)
+        scvi = next(r for r in peers["rows"] if r["dataset"] == ds and r["method"] == "scVI+Leiden")
+        table[ds] = {"k_ref": runs[0]["k_ref"], "k": [r["chosen_k"] for r in runs], "clusters": [scvi["n_clusters"]],
+                     "ari": cpl_mean[ds], "ari_peer": scvi_mean[ds], "agreement": seeds["ari_between_seeds"],
+                     "minutes": [r["seconds"] / 60 for r in runs], "minutes_peer": [scvi["seconds"] / 60]}  # fmt: skip
+    table["mean"] = {"ari": cpl_mean["mean"], "ari_peer": scvi_mean["mean"]}
+    d = means["difference"]
+    return table, {"difference": d["difference"], "low": d["interval_90"][0], "high": d["interval_90"][1],
+                   "n": d["n_cpl"], "n_peer": d["n_peer"]}  # fmt: skip
+
+
+def comparison() -> tuple[dict, dict]:
+    """From ``real`` once bench_real.py has written it, else from the files it replaced."""
+    return _comparison_from_real() if (RESULTS_DIR / "real.json").is_file() else _comparison_from_legacy()
+
+
+def comparison_table() -> str:
+    """Per real set: the default fit over its seeds next to scVI + Leiden."""
+    table, _ = comparison()
     lines = [
         "| data set | types | K, scmixvae | clusters, scVI+Leiden | ARI, scmixvae | ARI, scVI+Leiden "
         "| seed agreement, scmixvae | minutes, scmixvae | minutes, scVI+Leiden |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for ds in DATASETS:
-        runs = [r for r in fits["rows"] if r["part"] == "real" and r["dataset"] == ds and r["method"] == cpl_method]
-        seeds = next(r for r in fits["rows"] if r["part"] == "seeds" and r["dataset"] == ds)
-        scvi = next(r for r in peers["rows"] if r["dataset"] == ds and r["method"] == "scVI+Leiden")
+        t = table[ds]
         lines.append(
-            f"| {ds} | {runs[0]['k_ref']} | {_range([r['chosen_k'] for r in runs])} | {scvi['n_clusters']} "
-            f"| {cpl_mean[ds]:.3f} | {scvi_mean[ds]:.3f} | {seeds['ari_between_seeds']:.2f} "
-            f"| {_range([r['seconds'] / 60 for r in runs])} | {scvi['seconds'] / 60:.0f} |"
+            f"| {ds} | {t['k_ref']} | {_range(t['k'])} | {_range(t['clusters'])} | {t['ari']:.3f} "
+            f"| {t['ari_peer']:.3f} | {t['agreement']:.2f} | {_range(t['minutes'])} | {_range(t['minutes_peer'])} |"
         )
-    lines.append(f"| **mean** | | | | **{cpl_mean['mean']:.3f}** | **{scvi_mean['mean']:.3f}** | | | |")
+    lines.append(f"| **mean** | | | | **{table['mean']['ari']:.3f}** | **{table['mean']['ari_peer']:.3f}** | | | |")
     return "\n".join(lines)
 
 
@@ -99,7 +149,15 @@ def _body(stem: str) -> str:
 
 
 def page() -> str:
-    diff = load("real_seeds")["difference"]
+    _, diff = comparison()
+    source = (
+        "From `real` (`bench_real.py`): scmixvae's K over its seeds, the mean ARI between the labels of two seeds, "
+        "the mean ARIs over the seeds of each method, minutes per fit."
+        if (RESULTS_DIR / "real.json").is_file()
+        else "From the files of the scripts `bench_real.py` replaced: `real_seeds_fits` (scmixvae's K over its "
+        "seeds, the mean ARI between the labels of two seeds, minutes per fit), `real_seeds` (ARIs: means over the "
+        "seeds of each method) and `peers` (clusters and minutes of scVI + Leiden, seed 0)."
+    )
     parts = [
         "# Benchmarks",
         "",
@@ -111,19 +169,16 @@ def page() -> str:
         "",
         "The five real sets of `benchmarks/README.md` (reference types from the authors' annotations). scmixvae: "
         "`CplMixVAE(adata).train()` with every default (the number of types is not given); scVI + Leiden: scVI's "
-        "default model and training, Leiden at resolution 1 on its latent. One CPU thread per fit. From "
-        "`real_seeds_fits` (scmixvae's K over its seeds, the mean ARI between the labels of two seeds, minutes "
-        "per fit), `real_seeds` (ARIs: means over the seeds of each method) and `peers` (clusters and minutes of "
-        "scVI + Leiden, seed 0).",
+        "default model and training, Leiden at resolution 1 on its latent. One CPU thread per fit. " + source,
         "",
         comparison_table(),
         "",
         f"Difference of the mean ARIs (scmixvae minus scVI + Leiden): {diff['difference']:+.3f}, 90% bootstrap "
-        f"interval {diff['interval_90'][0]:+.3f} to {diff['interval_90'][1]:+.3f} ({diff['n_cpl']} and "
-        f"{diff['n_peer']} seeds).",
+        f"interval {diff['low']:+.3f} to {diff['high']:+.3f} ({diff['n']} and {diff['n_peer']} seeds).",
     ]
     for script, stem, what in RESULTS:
-        parts += ["", f"## `{stem}`: {script}", "", what, "", _body(stem)]
+        if (RESULTS_DIR / f"{stem}.json").is_file():
+            parts += ["", f"## `{stem}`: {script}", "", what, "", _body(stem)]
     return "\n".join(parts) + "\n"
 
 

@@ -1,0 +1,146 @@
+"""The simulator, where the truth is known: the choice of the number of types.
+
+    python benchmarks/bench_simulated.py --seeds 0 1 2 3 4 --model-seeds 0 1 --state-epochs 0 --threads 1
+    python benchmarks/bench_simulated.py --seeds 0 --n-cells 600 --n-genes 200 --max-epochs 2 --state-epochs 0 \
+        --restarts 1 --prune-kwargs '{"max_rounds": 1, "epochs_per_round": 1}' --out /tmp/x   # smoke test
+
+Parts (``--parts``; each adds its rows to the one result file ``{--out}/{--name}``, default
+``benchmarks/results/pruning``):
+
+- ``k_choice``: ``scmixvae.data.simulate`` with ``--n-types`` (8) types of unequal sizes, one data set per
+  ``--seeds`` value, each fitted as a user without a number of types fits it: ``CplMixVAE(adata).train()`` (the
+  model starts from ``default_n_categories``, 50 on 3,000 cells, prunes and keeps the medoid of its default
+  restarts; ``--restarts``, ``--max-epochs``, ``--state-epochs`` and ``--prune-kwargs`` are passed to ``train``
+  when given). ``--k-max K`` instead creates ``CplMixVAE(adata, n_categories=K)`` and calls
+  ``train(prune=True)``: a model given K takes the options of a known K (``--model-kwargs`` to change them).
+  Per fit: chosen K, ARI and NMI of ``predict()``, the consensus of the round kept, the K of every round, seconds.
+  The first data set is fitted again with every further ``--model-seeds`` value: ARI between the seeds' labels.
+"""
+
+from __future__ import annotations
+
+# isort: off
+import _threads  # noqa: F401  first: --threads sets the thread variables before numpy and torch start
+# isort: on
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from _common import RESULTS_DIR  # noqa: E402
+
+
+def fit(adata, *, seed: int, args) -> dict[str, Any]:
+    """One fit that chooses K, constructor to the end of ``train()``; its K, labels and times."""
+    import anndata as ad
+    import scvi
+    from _common import Timer
+
+    from scmixvae.model import CplMixVAE, default_n_categories
+
+    scvi.settings.seed = seed
+    a = ad.AnnData(adata.X.copy(), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
+    train = {"enable_progress_bar": False, "accelerator": args.accelerator}
+    for key in ("max_epochs", "state_epochs", "prune_kwargs"):
+        if getattr(args, key) is not None:
+            train[key] = getattr(args, key)
+    if args.restarts is not None:
+        train["n_restarts"] = args.restarts
+    with Timer() as timer:
+        CplMixVAE.setup_anndata(a)
+        if args.k_max is None:
+            model = CplMixVAE(a, **args.model_kwargs)
+        else:
+            model = CplMixVAE(a, n_categories=args.k_max, **args.model_kwargs)
+            train["prune"] = True
+        model.train(**train)
+    history, restarts = model.pruning_history, model.restart_history
+    return {
+        "method": "CplMixVAE" if args.k_max is None else f"CplMixVAE K_max={args.k_max}", "model_seed": seed,
+        "k_max": default_n_categories(a.n_obs) if args.k_max is None else args.k_max,
+        "chosen_k": int(model.n_categories),
+        "consensus": float(history.loc[history["selected"], "mean_consensus"].iloc[0]),
+        "rounds": len(history) - 1, "k_path": ">".join(str(k) for k in history["n_categories"]),
+        "restarts": len(restarts) or 1, "restart_kept": int(restarts["selected"].to_numpy().argmax())
+        if len(restarts) else None, "epochs": len(model.history["train_loss"]), **timer.as_dict(),
+        "labels": model.predict().astype(str).to_numpy(),
+    }  # fmt: skip
+
+
+def part_k_choice(args) -> list[dict]:
+    """Chosen K, ARI and NMI per data seed; ARI between model seeds on the first data set."""
+    from _common import clustering_scores
+
+    from scmixvae.data import simulate
+
+    rows, first = [], []
+    dataset = f"sim_{args.n_cells}x{args.n_genes}_{args.n_types}types"
+    for i, data_seed in enumerate(args.seeds):
+        adata = simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_types=args.n_types, seed=data_seed)
+        truth = adata.obs["type"].astype(str).to_numpy()
+        for model_seed in args.model_seeds if i == 0 else args.model_seeds[:1]:
+            out = fit(adata, seed=model_seed, args=args)
+            rows.append({"part": "k_choice", "dataset": dataset, "data_seed": data_seed, "k_ref": args.n_types, **out,
+                         **clustering_scores(truth, out["labels"]),
+                         "k_within_1": abs(out["chosen_k"] - args.n_types) <= 1})  # fmt: skip
+            print({k: v for k, v in rows[-1].items() if k != "labels"}, flush=True)
+            if i == 0:
+                first.append(out)
+    main_rows = [r for r in rows if r["model_seed"] == args.model_seeds[0]]
+    rows.append({"part": "k_choice", "dataset": "SUMMARY", "method": main_rows[0]["method"],
+                 "k_within_1": f"{sum(r['k_within_1'] for r in main_rows)}/{len(main_rows)}",
+                 "ari": float(np.mean([r["ari"] for r in main_rows])),
+                 "ari_min": float(np.min([r["ari"] for r in main_rows]))})  # fmt: skip
+    for other in first[1:]:
+        rows.append({"part": "stability", "dataset": f"sim seed {args.seeds[0]}", "method": other["method"],
+                     "model_seed": f"{first[0]['model_seed']} vs {other['model_seed']}",
+                     "chosen_k": f"{first[0]['chosen_k']} vs {other['chosen_k']}",
+                     "ari_between_seeds": clustering_scores(first[0]["labels"], other["labels"])["ari"]})  # fmt: skip
+    return rows
+
+
+#: Parts of the benchmark, in the order they run. Another part (a sweep of simulator regimes for the state latent)
+#: is planned; it adds its rows to the same file.
+PARTS = {"k_choice": part_k_choice}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="simulator data seeds")
+    p.add_argument("--model-seeds", nargs="+", type=int, default=[0, 1], help="model seeds on the first data set")
+    p.add_argument("--n-cells", type=int, default=3000)
+    p.add_argument("--n-genes", type=int, default=1000)
+    p.add_argument("--n-types", type=int, default=8)
+    p.add_argument("--k-max", type=int, default=None, help="n_categories to prune from; default: the model's own")
+    p.add_argument("--restarts", type=int, default=None, help="train(n_restarts=...); default: the model's")
+    p.add_argument("--max-epochs", type=int, default=None, help="train(max_epochs=...)")
+    p.add_argument("--state-epochs", type=int, default=None, help="train(state_epochs=...); 0: no state phase")
+    p.add_argument("--prune-kwargs", type=json.loads, default=None, help="train(prune_kwargs=...), JSON")
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="CplMixVAE options, JSON")
+    p.add_argument("--accelerator", default="cpu")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the result files")
+    p.add_argument("--name", default="pruning")
+    args = p.parse_args(argv)
+    from _common import quiet, set_threads, warm_up, write_results
+
+    set_threads(args.threads)
+    quiet()
+    warm_up(args.accelerator)
+    rows = [row for part in args.parts for row in PARTS[part](args)]
+    note = (
+        "`seconds`: the whole fit, constructor to the end of `train()`; `k_path`: K of every pruning round of the "
+        "fit kept; `k_within_1`: chosen K within one of the true number of types."
+    )
+    write_results(args.name, rows, extra_md=note, out=args.out)
+
+
+if __name__ == "__main__":
+    main()
