@@ -52,7 +52,7 @@ SCRIPT = textwrap.dedent(
         adata = simulate(n_cells=300, n_genes=120, n_types=3, n_batches=2, seed=0)
         CplMixVAE.setup_anndata(adata)
         scvi.settings.seed = 0
-        model = CplMixVAE(adata, n_categories=3, category_init="random")
+        model = CplMixVAE(adata, n_categories=3)
         before = model.module.px_head.weight.detach().clone()
         model.train(max_epochs=2, state_epochs=1, accelerator="cpu", devices=2, strategy="ddp_notebook",
                     batch_size=45, enable_progress_bar=False, callbacks=[BatchesPerRank(), StatePhase()])

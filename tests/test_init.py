@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import torch
 from sklearn.metrics import adjusted_rand_score
 
 from scmixvae.data import simulate
@@ -49,20 +50,22 @@ def test_leiden_init_runs_once_and_is_remembered(separated, tmp_path):
     assert loaded.category_init_done_
 
 
-def test_random_init_skips_the_clustering(separated, monkeypatch):
+def test_leiden_start_runs_only_before_the_first_training(separated, monkeypatch):
     adata = separated.copy()
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=4, n_hidden=16, category_init="random")
-    monkeypatch.setattr(_init, "leiden_labels", lambda *a, **k: pytest.fail("clustering must not run"))
+    model = CplMixVAE(adata, n_categories=4, n_hidden=16)
     model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)
-    assert not getattr(model, "category_init_done_", False)
+    head = model.module.category_head.weight.detach().clone()
+    monkeypatch.setattr(_init, "leiden_labels", lambda *a, **k: pytest.fail("clustering must not run again"))
+    model.train(max_epochs=1, batch_size=64, enable_progress_bar=False)  # trains on from the weights reached
+    assert model.category_init_done_ and not torch.equal(model.module.category_head.weight, head)
 
 
-def test_bad_category_init_is_refused(separated):
+def test_removed_category_init_is_refused_by_name(separated):
     adata = separated.copy()
     CplMixVAE.setup_anndata(adata)
-    with pytest.raises(ValueError, match="category_init"):
-        CplMixVAE(adata, category_init="kmeans")
+    with pytest.raises(TypeError, match=r"'category_init'\. It was removed: the model uses category_init='leiden'"):
+        CplMixVAE(adata, category_init="random")
 
 
 def test_balanced_graph_takes_neighbours_from_every_group_and_is_symmetric():
@@ -131,3 +134,28 @@ def test_backed_fit_gives_the_labels_of_the_in_memory_fit(monkeypatch, tmp_path)
     assert accuracies[0] > 0.9 and accuracies[1] == pytest.approx(accuracies[0])
     np.testing.assert_array_equal(fits[1].to_numpy().argmax(1), fits[0].to_numpy().argmax(1))
     np.testing.assert_allclose(fits[1].to_numpy(), fits[0].to_numpy(), atol=1e-5)
+
+
+def test_start_is_balanced_over_batches_and_follows_the_types():
+    # a strong batch effect: an ordinary k-NN graph splits the cells by batch as much as by type
+    adata = simulate(n_cells=600, n_genes=200, n_types=3, type_sizes="balanced", n_batches=2, batch_effect=1.0, seed=1)
+    CplMixVAE.setup_anndata(adata, batch_key="batch")
+    model = CplMixVAE(adata, n_categories=3, n_hidden=16)
+    plain = _init.leiden_labels(adata.X, 3, seed=0)
+    start = _init.initial_partition(model)
+    assert adjusted_rand_score(adata.obs["type"], plain) < 0.5
+    assert adjusted_rand_score(adata.obs["type"], start) > 0.9
+    assert abs(adjusted_rand_score(adata.obs["batch"], start)) < 0.05
+    np.testing.assert_array_equal(_init.balance_groups(model), adata.obs["batch"].cat.codes.to_numpy())
+
+
+def test_start_groups_are_the_combinations_of_batch_and_condition():
+    adata = simulate(n_cells=200, n_genes=60, n_types=2, n_batches=2, seed=0)
+    adata.obs["condition"] = np.where(np.arange(adata.n_obs) % 3 == 0, "stim", "ctrl")
+    CplMixVAE.setup_anndata(adata, batch_key="batch", condition_key="condition")
+    groups = _init.balance_groups(CplMixVAE(adata, n_categories=2, n_hidden=16))
+    pairs = adata.obs["batch"].astype(str) + "/" + adata.obs["condition"]
+    assert len(np.unique(groups)) == 4
+    assert adjusted_rand_score(pairs, groups) == 1.0  # one group per (batch, condition) pair
+    CplMixVAE.setup_anndata(adata)
+    assert _init.balance_groups(CplMixVAE(adata, n_categories=2, n_hidden=16)) is None

@@ -177,3 +177,53 @@ def test_tl_verbs_refuse_keys_that_do_not_survive_h5ad(trained_model, key, error
     with pytest.raises(error, match=message):
         tl.rank_state_genes(adata, trained_model, key_added=key)
     assert list(adata.obs.columns) == columns and set(adata.uns) == uns
+
+
+def _save_as_before(model, folder, non_kwargs=None, module_kwargs=None):
+    """Save ``model`` as a version that still had the removed options would: with them in its init parameters."""
+    model.save(folder, overwrite=True, save_anndata=False)
+    path = folder / "model.pt"
+    content = torch.load(path, map_location="cpu", weights_only=True)
+    init_params = content["attr_dict"]["init_params_"]
+    init_params["non_kwargs"].update(non_kwargs or {})
+    init_params["kwargs"]["module_kwargs"] = {**init_params["kwargs"].get("module_kwargs", {}), **(module_kwargs or {})}
+    torch.save(content, path)
+
+
+OLD_DEFAULTS = {"category_init": "leiden", "n_hidden_state": 32, "initial_coupling_weight": None}
+OLD_MODULE_DEFAULTS = {"gumbel_temperature": 1.0, "coupling_eps": 1e-8, "entropy_weight": 1.0}
+
+
+def test_a_model_saved_with_removed_options_at_their_fixed_values_loads(trained_model, tmp_path):
+    _save_as_before(trained_model, tmp_path / "old", OLD_DEFAULTS, OLD_MODULE_DEFAULTS)
+    loaded = CplMixVAE.load(tmp_path / "old", adata=trained_model.adata)
+    pd.testing.assert_frame_equal(loaded.predict(soft=True), trained_model.predict(soft=True))
+    assert not {*OLD_DEFAULTS, *OLD_MODULE_DEFAULTS} & set(loaded.init_params_["non_kwargs"])
+    # a trained model's category_init and initial_coupling_weight shaped only its training: any value loads
+    _save_as_before(trained_model, tmp_path / "random", {"category_init": "random", "initial_coupling_weight": 0.01})
+    assert CplMixVAE.load(tmp_path / "random", adata=trained_model.adata).is_trained_
+
+
+@pytest.mark.parametrize(
+    ("non_kwargs", "module_kwargs", "match"),
+    [
+        ({"n_hidden_state": 64}, None, r"saved with n_hidden_state=64, an option .* no longer has .*=32"),
+        ({"state_encoder": "staged"}, None, r"saved with state_encoder='staged'.*use 'separate' or 'shared'"),
+        (None, {"entropy_weight": 0.0}, r"saved with entropy_weight=0\.0, an option"),
+        (None, {"gumbel_temperature": 0.5}, r"saved with gumbel_temperature=0\.5, an option"),
+    ],
+)
+def test_a_model_saved_with_a_removed_option_changed_names_it(
+    trained_model, tmp_path, non_kwargs, module_kwargs, match
+):
+    _save_as_before(trained_model, tmp_path / "old", non_kwargs, module_kwargs)
+    with pytest.raises(ValueError, match=match):
+        CplMixVAE.load(tmp_path / "old", adata=trained_model.adata)
+
+
+def test_an_untrained_model_saved_with_a_random_start_names_category_init(sim_adata, tmp_path):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    _save_as_before(model, tmp_path / "old", {"category_init": "random"})
+    with pytest.raises(ValueError, match=r"saved with category_init='random'.*only category_init='leiden' is kept"):
+        CplMixVAE.load(tmp_path / "old", adata=sim_adata)

@@ -190,7 +190,7 @@ def _categorical_path(module):
     return _weights(module, ("encoder.", "trunk_out.", "trunk_norm.", "category_head."))
 
 
-@pytest.mark.parametrize("state_encoder", ["separate", "shared", "staged"])
+@pytest.mark.parametrize("state_encoder", ["separate", "shared"])
 def test_state_phase_trains_the_states_and_leaves_the_types_exactly(sim_adata, state_encoder):
     CplMixVAE.setup_anndata(sim_adata)
     model = _fit(sim_adata, n_categories=3, state_encoder=state_encoder, train={"max_epochs": 2, "state_epochs": 0})
@@ -207,53 +207,8 @@ def test_state_phase_trains_the_states_and_leaves_the_types_exactly(sim_adata, s
     assert not torch.equal(model.module.px_head.weight, decoder)
 
 
-def test_staged_state_reads_the_trunk_then_its_own_encoder(sim_adata, tmp_path):
-    CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, state_encoder="staged")
-    module = model.module
-    encoder, head, shared_head = (_weights(module, p) for p in ("state_encoder.", "state_head.", "shared_state_head."))
-    model.train(max_epochs=2, state_epochs=0, batch_size=64, enable_progress_bar=False)
-    assert "state_encoder: staged (32 units)" in model._model_summary_string
-    assert module.state_reads_encoder.item() is False and module.state_reads_encoder_now() is False
-    assert module.state_head.weight.shape[1] == 32 + 3
-    assert module.shared_state_head.weight.shape[1] == module.trunk_out.weight.shape[-1] + 3
-    # the first phase trains the trunk's state head and leaves the encoder and its head as they were initialised
-    for name, value in {**_weights(module, "state_encoder."), **_weights(module, "state_head.")}.items():
-        assert torch.equal(value, {**encoder, **head}[name]), name
-    assert not torch.equal(module.shared_state_head.weight, shared_head["shared_state_head.weight"])
-    shared_head = _weights(module, "shared_state_head.")
-    first_state = model.get_latent_representation()
-    # read-outs before the state phase: the trunk's head (what the decoder was trained with)
-    tensors = next(iter(model._make_data_loader(adata=sim_adata, indices=np.arange(32), batch_size=32)))
-    with torch.no_grad():
-        module.eval()
-        out = module.inference(**module._get_inference_input(tensors))
-        assert out["hs"] is out["h"]
-    model.train(max_epochs=0, state_epochs=2, batch_size=64, enable_progress_bar=False)
-    assert module.state_reads_encoder.item() is True and module.categories_frozen is False
-    for name, value in _weights(module, "shared_state_head.").items():
-        assert torch.equal(value, shared_head[name]), name  # not trained in the state phase
-    for name, value in _weights(module, "state_encoder.").items():
-        assert not torch.equal(value, encoder[name]), name
-    for name, value in _weights(module, "state_head.").items():
-        assert not torch.equal(value, head[name]), name
-    with torch.no_grad():
-        module.eval()
-        out = module.inference(**module._get_inference_input(tensors))
-        assert out["hs"].shape == (2, 32, 32)  # the separate encoder's features
-    state = model.get_latent_representation()
-    assert not np.allclose(state, first_state)
-    model.save(tmp_path / "model", save_anndata=False)
-    loaded = CplMixVAE.load(tmp_path / "model", adata=sim_adata)
-    assert loaded.module.state_reads_encoder.item() is True
-    np.testing.assert_array_equal(loaded.get_latent_representation(), state)
-    # training every part again goes back to the trunk's state, and so do the read-outs
-    model.train(max_epochs=1, state_epochs=0, batch_size=64, enable_progress_bar=False)
-    assert module.state_reads_encoder.item() is False
-
-
 def test_options_depend_on_whether_the_model_chooses_k(sim_adata):
-    from scmixvae.model import default_options
+    from scmixvae.model._model import _default_options
 
     CplMixVAE.setup_anndata(sim_adata)
     chooses = CplMixVAE(sim_adata)
@@ -262,20 +217,15 @@ def test_options_depend_on_whether_the_model_chooses_k(sim_adata):
     given = CplMixVAE(sim_adata, n_categories=3)
     assert given.module.augmentation == "dropout" and given.module.likelihood == "gaussian"
     assert given.module.state_encoder_kind == "separate"
-    assert chooses.module.initial_coupling_weight == 0.001 and given.module.initial_coupling_weight is None
     common = {"likelihood": "gaussian", "state_encoder": "separate"}
-    assert default_options(True) == {"augmentation": "knn", **common, "initial_coupling_weight": 0.001}
-    assert default_options(False) == {"augmentation": "dropout", **common, "initial_coupling_weight": None}
-    explicit = CplMixVAE(sim_adata, likelihood="gaussian", state_encoder="staged", augmentation="thinning")
-    assert (explicit.module.likelihood, explicit.module.state_encoder_kind) == ("gaussian", "staged")
+    assert _default_options(True) == {"augmentation": "knn", **common}
+    assert _default_options(False) == {"augmentation": "dropout", **common}
+    explicit = CplMixVAE(sim_adata, likelihood="gaussian", state_encoder="shared", augmentation="thinning")
+    assert (explicit.module.likelihood, explicit.module.state_encoder_kind) == ("gaussian", "shared")
     assert explicit.module.augmentation == "thinning"
     assert CplMixVAE(sim_adata, likelihood="nb").init_params_["non_kwargs"]["likelihood"] == "nb"
     assert chooses.init_params_["non_kwargs"]["likelihood"] == "gaussian"  # saved as resolved
-    assert chooses.init_params_["non_kwargs"]["initial_coupling_weight"] == 0.001
-    assert CplMixVAE(sim_adata, initial_coupling_weight=1.0).module.initial_coupling_weight == 1.0
-    assert CplMixVAE(sim_adata, n_categories=3, initial_coupling_weight=0.0).module.initial_coupling_weight == 0.0
-    with pytest.raises(ValueError, match="initial_coupling_weight"):
-        CplMixVAE(sim_adata, initial_coupling_weight=-1.0)
+    assert "initial_coupling_weight" not in chooses.init_params_["non_kwargs"]
     with pytest.raises(ValueError, match="state_encoder"):
         CplMixVAE(sim_adata, state_encoder="trunk")
 
@@ -350,8 +300,14 @@ def test_readouts_on_new_data_with_the_same_genes(trained_model):
         ({"input_dropout": 1.0}, ValueError, "input_dropout"),
         ({"tau": 0.0}, ValueError, "tau"),
         ({"n_agents": "2"}, TypeError, "n_agents"),
-        ({"state_encoder": "trunk"}, ValueError, r"`state_encoder` must be one of \['separate', 'shared', 'staged'\]"),
-        ({"n_hidden_state": 0}, ValueError, "n_hidden_state"),
+        ({"state_encoder": "staged"}, ValueError, r"`state_encoder` must be one of \['separate', 'shared'\]"),
+        # removed options: a clear error naming the option and the value the model uses
+        ({"category_init": "random"}, TypeError, r"'category_init'\. It was removed: .*category_init='leiden'"),
+        ({"n_hidden_state": 64}, TypeError, r"'n_hidden_state'\. It was removed: .*n_hidden_state=32"),
+        ({"gumbel_temperature": 0.5}, TypeError, "'gumbel_temperature'. It was removed"),
+        ({"entropy_weight": 0.0}, TypeError, "'entropy_weight'. It was removed"),
+        ({"coupling_eps": 1e-6}, TypeError, "'coupling_eps'. It was removed"),
+        ({"n_batch": 3}, TypeError, r"unexpected keyword argument 'n_batch'.*\['dispersion', 'coupling'"),
     ],
 )
 def test_bad_parameters_raise(sim_adata, kwargs, error, match):
@@ -381,7 +337,7 @@ def test_keyboard_interrupt_leaves_a_usable_model(sim_adata):
                 raise KeyboardInterrupt
 
     CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
     with pytest.warns(UserWarning, match="interrupted"):
         model.train(max_epochs=10, batch_size=64, enable_progress_bar=False, callbacks=[Interrupt()])
     assert model.is_trained_ and model.interrupted_
@@ -477,8 +433,6 @@ def test_state_encoder_defaults_to_separate_with_32_units(tmp_path, condition_ke
     assert "state_encoder: separate (32 units)" in model._model_summary_string
     assert CplMixVAE(adata, n_categories=2, state_encoder=None).module.state_encoder is not None
     assert CplMixVAE(adata, n_categories=2, state_encoder="shared").module.state_encoder is None
-    wide = CplMixVAE(adata, n_categories=2, n_hidden_state=100)
-    assert wide.module.state_encoder.layers[0].weight.shape == (2, adata.n_vars, 100)
     model.save(tmp_path / "model", save_anndata=False)
     loaded = CplMixVAE.load(tmp_path / "model", adata=adata)
     assert loaded.module.state_encoder.layers[0].weight.shape == (2, adata.n_vars, 32)
@@ -492,7 +446,7 @@ def _nan_weight(model):
 @pytest.mark.parametrize("case", ["nan weight", "huge learning rate"], ids=lambda case: case.replace(" ", "-"))
 def test_non_finite_training_stops_with_an_error_naming_the_causes(sim_adata, case):
     CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
     plan_kwargs = {"lr": 1e6} if case == "huge learning rate" else None
     if case == "nan weight":
         _nan_weight(model)

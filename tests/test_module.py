@@ -5,7 +5,7 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial
 
-from scmixvae.module import CplMixVAEModule, StackedBatchNorm, StackedLinear, check_temperature
+from scmixvae.module import CplMixVAEModule, StackedBatchNorm, StackedLinear, _module, check_temperature
 from scmixvae.module._losses import (
     category_condition_discrepancy,
     coupling_distance,
@@ -154,36 +154,8 @@ def test_separate_state_encoder_reads_the_real_cell_and_shared_reads_the_trunk(c
     out = shared.inference(counts)
     assert out["hs"] is out["h"]
     assert shared.state_head.weight.shape[1] == shared.trunk_out.weight.shape[-1] + 3
-    with pytest.raises(ValueError, match=r"state_encoder must be one of \('separate', 'shared', 'staged'\)"):
-        CplMixVAEModule(counts.shape[1], state_encoder="trunk")
-    narrow = CplMixVAEModule(counts.shape[1], n_categories=3, state_encoder="separate", n_hidden_state=8)
-    assert narrow.state_encoder.layers[0].weight.shape == (2, counts.shape[1], 8)
-    assert narrow.inference(counts)["qs_m"].shape == (2, 32, 2)
-
-
-def test_staged_state_encoder_follows_the_phase(counts):
-    torch.manual_seed(0)
-    module = CplMixVAEModule(counts.shape[1], n_agents=2, n_categories=3, state_encoder="staged")
-    module.train()
-    out, _, loss = module(_tensors(counts))
-    assert out["hs"] is out["h"]  # the categories train: the state reads the trunk, as published
-    loss.loss.backward()
-    assert module.shared_state_head.weight.grad is not None
-    assert all(p.grad is None for p in module.state_encoder.parameters())
-    assert module.state_head.weight.grad is None
-    module.zero_grad(set_to_none=True)
-    module.categories_frozen = True  # the state phase: its own encoder of the real cell
-    out, _, loss = module(_tensors(counts))
-    assert out["hs"].shape == (2, 32, 32)
-    torch.testing.assert_close(out["hs"], module.inference(counts)["hs"])
-    loss.loss.backward()
-    assert module.state_head.weight.grad is not None and module.shared_state_head.weight.grad is None
-    assert all(p.grad is not None for p in module.state_encoder.parameters())
-    module.eval()  # read-outs follow the buffer, not the flag
-    assert module.inference(counts)["hs"].shape[-1] == module.trunk_out.weight.shape[-1]
-    module.state_reads_encoder.fill_(True)
-    assert module.inference(counts)["hs"].shape[-1] == 32
-    assert "state_reads_encoder" in module.state_dict()
+    with pytest.raises(ValueError, match=r"state_encoder must be one of \('separate', 'shared'\)"):
+        CplMixVAEModule(counts.shape[1], state_encoder="staged")
 
 
 def test_normalisation_on_the_nonzero_counts_equals_the_dense_one(counts):
@@ -232,25 +204,20 @@ def test_masked_categories_get_no_mass_and_tau_follows_active_k(counts):
     assert torch.isfinite(loss.loss)
 
 
-def test_initial_coupling_weight_applies_until_a_category_is_masked(counts):
+def test_coupling_factor_scales_the_coupling_weight(counts):
     torch.manual_seed(0)
-    scheduled = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=1.0, initial_coupling_weight=0.0)
-    assert float(scheduled.current_coupling_weight()) == 0.0
+    module = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=2.0)
+    state = module.state_dict()
 
-    def loss_of(module):
-        module.load_state_dict(scheduled.state_dict())
+    def loss_of(coupling_weight, **loss_kwargs):
+        other = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=coupling_weight)
+        other.load_state_dict(state)
         torch.manual_seed(1)
-        return module(_tensors(counts))[2].loss
+        return other(_tensors(counts), loss_kwargs=loss_kwargs)[2].loss
 
-    uncoupled = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=0.0)
-    coupled = CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=1.0)
-    before = loss_of(scheduled)
-    torch.testing.assert_close(before, loss_of(uncoupled))
-    assert not torch.allclose(before, loss_of(coupled))  # the coupling term is not zero here
-    scheduled.category_mask[2] = False
-    assert float(scheduled.current_coupling_weight()) == 1.0
-    torch.testing.assert_close(loss_of(scheduled), loss_of(coupled))
-    assert CplMixVAEModule(counts.shape[1], n_categories=4, coupling_weight=0.5).current_coupling_weight() == 0.5
+    torch.testing.assert_close(loss_of(2.0, coupling_factor=0.25), loss_of(0.5))
+    torch.testing.assert_close(loss_of(2.0, coupling_factor=0.0), loss_of(0.0))
+    assert not torch.allclose(loss_of(2.0), loss_of(0.0))  # the coupling term is not zero here
 
 
 def test_single_agent_has_no_coupling_term(counts):
@@ -305,17 +272,22 @@ def test_sample_returns_counts(counts):
     assert torch.all(samples == samples.round()) and torch.all(samples >= 0)
 
 
-def test_entropy_weight_scales_only_the_entropy_terms(counts):
+@pytest.mark.parametrize("n_agents", [2, 3])
+def test_entropy_terms_enter_the_loss_once_per_pair_at_weight_one(counts, n_agents, monkeypatch):
+    # sum_{a<b} (NE_a + NE_b) = (A - 1) sum_a NE_a: the published weight 1, each agent's term in A - 1 pairs
     losses = {}
-    for weight in (0.0, 1.0):
+    for with_entropy in (True, False):
+        if not with_entropy:
+            monkeypatch.setattr(_module, "negative_entropy", lambda q, log_q: q.new_zeros(q.shape[0]))
         torch.manual_seed(3)
-        module = CplMixVAEModule(counts.shape[1], n_agents=2, likelihood="gaussian", entropy_weight=weight)
+        module = CplMixVAEModule(counts.shape[1], n_agents=n_agents, likelihood="gaussian")
         module.eval()  # deterministic views; sampling is seeded
         torch.manual_seed(4)
         inf, _, loss = module(_tensors(counts))
-        losses[weight] = (loss.loss, (inf["q"] * inf["log_q"]).sum(-1).mean(-1).sum())
+        losses[with_entropy] = (loss.loss, (inf["q"] * inf["log_q"]).sum(-1).mean(-1).sum())
+    expected = (n_agents - 1) * losses[True][1]
     # the loss is ~1e3 in float32: compare the difference at its precision
-    torch.testing.assert_close(losses[1.0][0] - losses[0.0][0], losses[1.0][1], rtol=0, atol=2e-3)
+    torch.testing.assert_close(losses[True][0] - losses[False][0], expected, rtol=0, atol=3e-3)
 
 
 def test_clr_coupling_distance_matches_a_hand_computation():

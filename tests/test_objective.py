@@ -1,8 +1,8 @@
 """The objective's terms, seen through training: what each one does to the fitted posteriors.
 
-Each test trains small models from random weights (``category_init="random"``, so that nothing but the
-objective aligns or shapes the agents) on simulated data with three well separated types, and checks the
-behaviour the term exists for: the coupling makes the agents' categories agree, its normalisation by the
+Each test trains small models from random weights (the published start, without the Leiden start, so that
+nothing but the objective aligns or shapes the agents) on simulated data with three well separated types, and
+checks the behaviour the term exists for: the coupling makes the agents' categories agree, its normalisation by the
 minibatch variance keeps a strong coupling from collapsing every posterior onto one shared, uniform one, and
 the entropy term pulls the posteriors away from overconfidence. The formulas themselves are tested in
 ``test_module.py``; these tests fail when a term is switched off, unnormalised or of the wrong sign.
@@ -15,6 +15,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from scmixvae.data import simulate
 from scmixvae.model import CplMixVAE
+from scmixvae.module import _module
 
 N_TYPES = 3
 EPOCHS = 40
@@ -29,7 +30,8 @@ def three_types():
 
 def _fit(adata, seed: int, **options) -> CplMixVAE:
     scvi.settings.seed = seed
-    model = CplMixVAE(adata, n_categories=N_TYPES, n_hidden=32, category_init="random", **options)
+    model = CplMixVAE(adata, n_categories=N_TYPES, n_hidden=32, **options)
+    model.category_init_done_ = True  # random weights: no Leiden start (as a query model starts, marked done)
     model.train(max_epochs=EPOCHS, state_epochs=0, batch_size=64, enable_progress_bar=False)
     return model
 
@@ -69,10 +71,20 @@ def test_a_strong_coupling_keeps_the_types_and_confident_posteriors(three_types,
     assert _mean_entropy(model) < 0.95 * np.log(N_TYPES)  # uniform: log K
 
 
-def test_the_entropy_term_pulls_posteriors_towards_uniform(three_types):
+def _entropy_term_times(monkeypatch, factor: float) -> None:
+    """Scale the negative-entropy terms of the loss by ``factor`` (their weight is fixed at the published 1)."""
+    negative_entropy = _module.negative_entropy
+    monkeypatch.setattr(_module, "negative_entropy", lambda q, log_q: factor * negative_entropy(q, log_q))
+
+
+def test_the_entropy_term_pulls_posteriors_towards_uniform(three_types, monkeypatch):
     # without the coupling, the entropy term alone acts against the reconstruction's pull towards confident
     # posteriors: weighted heavily it makes them almost uniform; with the wrong sign it would sharpen them
-    sharp = _mean_entropy(_fit(three_types, 0, coupling_weight=0.0, entropy_weight=0.0))
-    flat = _mean_entropy(_fit(three_types, 0, coupling_weight=0.0, entropy_weight=10.0))
+    with monkeypatch.context() as patch:
+        _entropy_term_times(patch, 0.0)
+        sharp = _mean_entropy(_fit(three_types, 0, coupling_weight=0.0))
+    with monkeypatch.context() as patch:
+        _entropy_term_times(patch, 10.0)
+        flat = _mean_entropy(_fit(three_types, 0, coupling_weight=0.0))
     assert flat > 0.75 * np.log(N_TYPES), (sharp, flat)  # uniform: log K
     assert flat > sharp + 0.25 * np.log(N_TYPES), (sharp, flat)

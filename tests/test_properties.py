@@ -32,7 +32,7 @@ def test_random_counts_train_and_read_out_with_documented_shapes(x, k, n_agents)
     k = min(k, adata.n_obs)
     with np.errstate(all="ignore"):
         CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=k, n_agents=n_agents, n_hidden=8, category_init="random")
+    model = CplMixVAE(adata, n_categories=k, n_agents=n_agents, n_hidden=8)
     model.train(max_epochs=1, batch_size=8, enable_progress_bar=False, train_size=1.0)
     labels = model.predict()
     assert labels.shape == (adata.n_obs,) and set(labels.cat.categories) == set(model.category_names)

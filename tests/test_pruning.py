@@ -1,3 +1,4 @@
+import itertools
 import json
 import warnings
 from types import SimpleNamespace
@@ -38,7 +39,10 @@ def _small_model(n_categories=6, n_agents=2, epochs=2):
 
 @pytest.fixture(scope="module")
 def pruned():
-    """A model pruned from 6 categories down to 2, one epoch per round, with a snapshot of every round."""
+    """A model pruned from 6 categories, one epoch per round, with a snapshot of every round.
+
+    Threshold 1: only perfect consensus stops the pruning before it reaches ``min_categories`` (2).
+    """
     model = _small_model()
     snapshots = []
     evaluate = _pruning._evaluate
@@ -50,7 +54,7 @@ def pruned():
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_pruning, "_evaluate", recording_evaluate)
-        history = _pruning.prune(model, threshold=0.95, epochs_per_round=1, stop_at_threshold=False, **TRAIN)
+        history = _pruning.prune(model, threshold=1.0, epochs_per_round=1, **TRAIN)
     return model, history, snapshots
 
 
@@ -229,7 +233,10 @@ def test_prune_records_one_row_per_round_with_decreasing_k(pruned):
     assert history["round"].tolist() == list(range(len(history))) == list(range(len(snapshots)))
     assert len(history) >= 2
     k = history["n_categories"].to_numpy()
-    assert (np.diff(k) < 0).all() and k[0] <= 6 and k[-1] == 2
+    assert (np.diff(k) < 0).all() and k[0] <= 6
+    # the last round is the first at min_categories or at the threshold; none before it reached either
+    assert k[-1] == 2 or history["mean_consensus"].iloc[-1] >= 1.0
+    assert (k[:-1] > 2).all() and (history["mean_consensus"].iloc[:-1] < 1.0).all()
     assert np.isfinite(history["train_loss"]).all()
     assert (history["epochs"].iloc[1:] == 1).all()
     for _, row in history.iterrows():
@@ -242,7 +249,7 @@ def test_prune_records_one_row_per_round_with_decreasing_k(pruned):
 
 def test_prune_restores_the_selected_round(pruned):
     model, history, snapshots = pruned
-    selected = select_round(history, 0.95)
+    selected = select_round(history, history.attrs["threshold"])
     assert history["selected"].sum() == 1
     assert history.loc[history["selected"], "round"].item() == selected == history.attrs["selected_round"]
     row = history.set_index("round").loc[selected]
@@ -318,7 +325,7 @@ def test_prune_works_with_a_separate_state_encoder():
 
     adata = simulate(n_cells=200, n_genes=60, n_types=3, seed=0)
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=4, n_hidden=8, state_encoder="separate", category_init="random")
+    model = CplMixVAE(adata, n_categories=4, n_hidden=8, state_encoder="separate")
     model.train(max_epochs=1, **TRAIN)
     history = model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
     assert history["selected"].sum() == 1
@@ -386,23 +393,45 @@ def test_default_augmentation_is_knn_when_the_model_chooses_k_and_dropout_otherw
     assert _unknown_k_model(augmentation="thinning").module.augmentation == "thinning"
 
 
-def test_a_model_choosing_k_couples_weakly_until_the_first_pruning():
+def test_a_model_choosing_k_couples_weakly_then_warms_the_coupling_up_smoothly_in_the_first_round():
     from lightning.pytorch.callbacks import Callback
 
-    model = _unknown_k_model()
-    seen = []
+    model = _unknown_k_model(coupling_weight=2.0)
+    steps, runs = [], []
 
     class Record(Callback):
-        def on_train_epoch_start(self, trainer, pl_module):
-            module = pl_module.module
-            seen.append((float(module.current_coupling_weight()), bool(module.category_mask.all())))
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            steps.append((len(runs) - 1, pl_module._coupling_factor(batch_idx) * pl_module.module.coupling_weight))
 
-    prune_kwargs = {"max_rounds": 1, "epochs_per_round": 1, "threshold": 0.9999}
-    model.train(max_epochs=2, state_epochs=1, prune_kwargs=prune_kwargs, callbacks=[Record()], n_restarts=1, **TRAIN)
-    assert len(seen) == 4  # two epochs from all categories, one pruning round, one state epoch
-    assert seen[:2] == [(pytest.approx(0.001, rel=1e-6), True)] * 2
-    assert seen[2:] == [(1.0, False)] * 2
-    assert float(model.module.current_coupling_weight()) == 1.0
+        def on_train_start(self, trainer, pl_module):
+            state = trainer.optimizers[0].state_dict()["state"]
+            runs.append({"start": {i: s["exp_avg"].clone() for i, s in state.items()}})
+
+        def on_train_end(self, trainer, pl_module):
+            state = trainer.optimizers[0].state_dict()["state"]
+            runs[-1]["end"] = {i: s["exp_avg"].clone() for i, s in state.items()}
+
+    prune_kwargs = {"max_rounds": 2, "epochs_per_round": 4, "threshold": 0.9999}
+    model.train(max_epochs=2, state_epochs=0, prune_kwargs=prune_kwargs, callbacks=[Record()], n_restarts=1, **TRAIN)
+    weights = {run: np.array([w for r, w in steps if r == run]) for run in range(len(runs))}
+    assert len(runs) == 3  # the categories, two pruning rounds
+    assert len(weights[0]) == 14  # two epochs of seven steps
+    np.testing.assert_allclose(weights[0], 0.002)  # weakly coupled: 0.001 * coupling_weight
+    ramp = weights[1]
+    n_warm = len(ramp) // 2  # two of the round's four epochs
+    assert ramp[0] == pytest.approx(0.002)  # continues from where the categories trained: no jump
+    ratios = ramp[1:n_warm] / ramp[: n_warm - 1]
+    np.testing.assert_allclose(ratios, ratios[0], rtol=1e-6)  # geometric: the same factor every step
+    assert ratios[0] < 2.0  # 1000x in 14 steps, no jump
+    np.testing.assert_allclose(ramp[n_warm:], 2.0)
+    np.testing.assert_allclose(weights[2], 2.0)
+    assert "coupling_weight" in model.history  # logged
+    assert model.history["coupling_weight"].to_numpy(float).max() == pytest.approx(2.0)
+    # each run's optimiser starts where the previous one ended (Adam's moments carried over)
+    for before, after in itertools.pairwise(runs):
+        assert before["end"] and sorted(after["start"]) == sorted(before["end"])
+        for i, exp_avg in before["end"].items():
+            torch.testing.assert_close(after["start"][i], exp_avg, rtol=0, atol=0)
 
 
 def test_prune_on_an_untrained_model_of_unknown_k_prunes_once(monkeypatch):

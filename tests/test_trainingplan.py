@@ -1,18 +1,20 @@
 """Training plan: epoch-level per-agent metrics and the fused optimiser."""
 
 import numpy as np
+import pytest
 import scvi
 import torch
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
 
 from scmixvae.model import CplMixVAE
+from scmixvae.module._module import eval_mode
 from scmixvae.train import CplMixVAETrainingPlan
 
 
 def _history(adata, **plan_kwargs):
     scvi.settings.seed = 0
-    model = CplMixVAE(adata, n_categories=3, category_init="random")
+    model = CplMixVAE(adata, n_categories=3)
     # 64 cells per step with a last, smaller minibatch: the epoch means are weighted by minibatch size
     model.train(
         max_epochs=2,
@@ -52,7 +54,7 @@ def test_deferred_logging_equals_per_step_logging(sim_adata, monkeypatch):
 
 def test_adam_is_fused_on_the_cpu(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3)
     plan = CplMixVAETrainingPlan(model.module)
     optimizer = plan.configure_optimizers()["optimizer"]
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["fused"]
@@ -62,7 +64,7 @@ def test_adam_is_fused_on_the_cpu(sim_adata):
 
 def test_mixed_precision_training_runs_on_the_cpu(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3)
     model.train(max_epochs=2, state_epochs=1, precision="bf16-mixed", accelerator="cpu", enable_progress_bar=False)
     loss = model.history["train_loss"].iloc[:, 0].to_numpy(float)
     assert np.isfinite(loss).all() and len(loss) == 3  # the state phase included
@@ -81,7 +83,7 @@ def test_per_agent_metrics_reach_callbacks_at_the_end_of_each_epoch(sim_adata):
             self.values.append(float(trainer.callback_metrics["agreement_train"]))
 
     CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3)
     probe = Probe()
     model.train(max_epochs=2, batch_size=64, enable_progress_bar=False, callbacks=[probe])
     np.testing.assert_allclose(probe.values, model.history["agreement_train"].iloc[:, 0].to_numpy(float), rtol=1e-6)
@@ -120,15 +122,79 @@ def _trained_cells(model, **train_kwargs) -> set[int]:
 def test_every_cell_trains_the_categories_unless_validation_is_asked_for(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
     n = sim_adata.n_obs
-    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
     assert _trained_cells(model, max_epochs=2, state_epochs=1) == set(range(n))
     assert "elbo_validation" not in model.history and len(model.validation_indices_) == 0
     # validation asked for: scvi-tools' split, whose validation cells do not train
     for ask in ({"early_stopping": True}, {"check_val_every_n_epoch": 1}):
-        model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, category_init="random")
+        model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
         cells = _trained_cells(model, max_epochs=2, state_epochs=0, **ask)
         assert cells == set(model.train_indices_.tolist()) and len(cells) < n, ask
         assert "elbo_validation" in model.history and not cells & set(model.validation_indices_.tolist()), ask
     # the state phase alone fits no category: scvi-tools' default split, as before
     cells = _trained_cells(model, max_epochs=0, state_epochs=1)
     assert cells == set(model.train_indices_.tolist()) and len(cells) == round(0.9 * n)
+
+
+@pytest.mark.parametrize("state_epochs", [0, 1])
+def test_trunk_norm_statistics_are_those_of_the_real_cells_after_training(sim_adata, state_epochs):
+    # training normalises the agents' dropped-out views; read-outs encode the real cells with the running statistics
+    CplMixVAE.setup_anndata(sim_adata)
+    scvi.settings.seed = 0
+    model = CplMixVAE(sim_adata, n_categories=3, input_dropout=0.5)
+    model.category_init_done_ = True  # random weights: no Leiden start
+    model.train(max_epochs=2, state_epochs=state_epochs, batch_size=64, enable_progress_bar=False)
+    module = model.module
+    with torch.no_grad(), eval_mode(module):
+        x = torch.as_tensor(sim_adata.X.toarray(), dtype=torch.float32)
+        real = module.trunk_out(module.encoder(module.normalise(x, x.sum(-1, keepdim=True)), None))
+    norm = module.trunk_norm
+    assert norm.momentum == 0.1 and module.training is False  # restored
+    # the cell-weighted mean of the minibatch means is the mean over every cell (all train: no validation set)
+    torch.testing.assert_close(norm.running_mean, real.mean(1, keepdim=True), rtol=0, atol=1e-5)
+    ratio = norm.running_var / real.var(1, keepdim=True)  # the mean of the minibatch variances
+    assert 0.9 < float(ratio.min()) and float(ratio.max()) < 1.1
+
+
+def test_recompute_norm_statistics_keeps_statistics_without_a_minibatch_of_two():
+    from scmixvae.module._components import StackedBatchNorm, recompute_norm_statistics
+
+    norm = StackedBatchNorm(2, 3)
+    norm.running_mean.fill_(5.0)
+    recompute_norm_statistics(norm, [torch.ones(2, 1, 3)], norm)  # one cell per minibatch: nothing to average
+    assert float(norm.running_mean.min()) == 5.0 and norm.momentum == 0.1
+    batches = [torch.randn(2, 10, 3), torch.randn(2, 30, 3) + 1.0]
+    recompute_norm_statistics(norm, batches, norm)
+    torch.testing.assert_close(norm.running_mean, torch.cat(batches, 1).mean(1, keepdim=True))
+    assert norm.training
+
+
+def test_optimiser_state_carries_over_between_runs_of_one_model_not_to_a_new_model(sim_adata):
+    from lightning.pytorch.callbacks import Callback
+
+    starts, ends = [], []
+
+    def moments(trainer):
+        state = trainer.optimizers[0].state_dict()["state"]
+        return {i: s["exp_avg"].clone() for i, s in state.items()}
+
+    class Record(Callback):
+        def on_train_start(self, trainer, pl_module):
+            starts.append(moments(trainer))
+
+        def on_train_end(self, trainer, pl_module):
+            ends.append(moments(trainer))
+
+    CplMixVAE.setup_anndata(sim_adata)
+    kwargs = {"state_epochs": 0, "batch_size": 64, "enable_progress_bar": False, "callbacks": [Record()]}
+    model, fresh = CplMixVAE(sim_adata, n_categories=3), CplMixVAE(sim_adata, n_categories=3)
+    model.category_init_done_ = fresh.category_init_done_ = True  # random weights: no Leiden start
+    model.train(max_epochs=1, **kwargs)
+    model.train(max_epochs=1, plan_kwargs={"lr": 5e-4}, **kwargs)
+    fresh.train(max_epochs=1, **kwargs)
+    assert starts[0] == {} and starts[2] == {}  # fresh models start fresh
+    assert ends[0] and sorted(starts[1]) == sorted(ends[0])
+    for i, exp_avg in ends[0].items():  # the second run starts where the first ended
+        torch.testing.assert_close(starts[1][i], exp_avg, rtol=0, atol=0)
+    assert not torch.equal(ends[1][0], ends[0][0])
+    assert model.module.carried_optimizer_state[1]["param_groups"][0]["lr"] == 5e-4  # the plan's own settings

@@ -85,7 +85,7 @@ def test_readout_with_other_genes_is_refused(trained_model):
 
 def test_readout_with_an_unseen_batch_is_refused(sim_adata):
     CplMixVAE.setup_anndata(sim_adata, batch_key="batch")
-    model = CplMixVAE(sim_adata, n_categories=2, n_hidden=8, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=2, n_hidden=8)
     model.train(max_epochs=1, enable_progress_bar=False)
     new = sim_adata[:20].copy()
     new.obs["batch"] = new.obs["batch"].cat.add_categories(["unseen"])
@@ -222,7 +222,7 @@ def test_readouts_on_new_data_check_the_counts(trained_model, readout, how, matc
 def test_readouts_on_new_data_check_the_covariates(sim_adata):
     sim_adata.obs["depth"] = np.log(np.asarray(sim_adata.X.sum(1)).ravel())
     CplMixVAE.setup_anndata(sim_adata, batch_key="batch", continuous_covariate_keys=["depth"])
-    model = CplMixVAE(sim_adata, n_categories=2, n_hidden=8, category_init="random")
+    model = CplMixVAE(sim_adata, n_categories=2, n_hidden=8)
     model.train(max_epochs=1, enable_progress_bar=False)
     new = sim_adata[:30].copy()
     del new.uns["_scvi_uuid"], new.uns["_scvi_manager_uuid"]

@@ -1,13 +1,12 @@
 """scvi-tools models of scmixvae."""
 
 from ._fit import default_max_epochs, default_n_restarts, default_state_epochs
-from ._model import CplMixVAE, default_n_categories, default_options
+from ._model import CplMixVAE, default_n_categories
 
 __all__ = [
     "CplMixVAE",
     "default_max_epochs",
     "default_n_categories",
     "default_n_restarts",
-    "default_options",
     "default_state_epochs",
 ]

@@ -27,6 +27,12 @@ from . import _start
 logger = logging.getLogger(__name__)
 
 
+#: Factor of ``coupling_weight`` at which a fit that prunes trains its many categories before the first round: the
+#: agents keep similar types apart (each over-split into pure categories) instead of merging them, which pruning
+#: cannot undo; the first pruning round warms the weight up to ``coupling_weight`` (:mod:`._pruning`).
+PRUNING_COUPLING_FACTOR = 1e-3
+
+
 class FitInterrupted(KeyboardInterrupt):
     """A Ctrl-C in one Lightning run of a fit: it stops every later stage (see :meth:`CplMixVAE.train`)."""
 
@@ -156,12 +162,12 @@ def resolve_schedule(
 def start(model, schedule: Schedule) -> None:
     """Start a fit: fit the categorical heads to a Leiden partition and train the learned augmenter, if needed.
 
-    Each happens once per model (``category_init="leiden"``: before its first training; ``augmentation="learned"``:
-    while its augmenter is untrained) and never when resuming from a checkpoint, which holds the weights.
+    Each happens once per model (the Leiden start: before its first training; ``augmentation="learned"``: while its
+    augmenter is untrained) and never when resuming from a checkpoint, which holds the weights.
     """
     if schedule.resuming:
         return
-    if model.category_init == "leiden" and not model.is_trained_ and not getattr(model, "category_init_done_", False):
+    if not model.is_trained_ and not getattr(model, "category_init_done_", False):
         _start.fit_categorical_heads(model, _start.initial_partition(model))
         model.category_init_done_ = True
     if model.module.augmentation == "learned" and not bool(model.module.augmenter.trained):
@@ -172,12 +178,16 @@ def train_categories(model, schedule: Schedule) -> None:
     """Train every part of the model for ``max_epochs``, in one Lightning run.
 
     Without a choice of K the state phase follows in the same run (``max_epochs=0``: the state phase alone); with
-    one, it comes after the choice (:func:`state_phase`), and a trained model's categories are not trained again.
+    one, it comes after the choice (:func:`state_phase`), the categories train weakly coupled
+    (:data:`PRUNING_COUPLING_FACTOR`), and a trained model's categories are not trained again.
     """
     if schedule.prune and model.is_trained_:
         return
+    trainer = dict(schedule.trainer)
+    if schedule.prune:
+        trainer["plan_kwargs"] = {**(trainer.get("plan_kwargs") or {}), "max_coupling_factor": PRUNING_COUPLING_FACTOR}
     state_epochs = 0 if schedule.prune else schedule.state_epochs
-    run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **schedule.trainer)
+    run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **trainer)
 
 
 def state_phase(model, schedule: Schedule) -> None:
@@ -214,11 +224,10 @@ def run(
             kwargs.setdefault("limit_val_batches", 0)
     if state_epochs:
         plan_kwargs = {**(plan_kwargs or {}), "state_phase_start": max_epochs}
-    if state_epochs or model.module.state_encoder_kind == "staged":
+    if state_epochs:
         strategy = kwargs.get("strategy")
         if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
-            # the frozen categorical path gets no gradients in the state phase, nor "staged"'s state encoder
-            # before it: DDP must expect that
+            # the frozen categorical path gets no gradients in the state phase: DDP must expect that
             kwargs["strategy"] = f"{strategy}_find_unused_parameters_true"
     # the agents' views, neighbours included, are made only while the categorical path trains
     mixes_neighbours = model.module.augmentation == "knn" and max_epochs > 0

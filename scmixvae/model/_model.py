@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import warnings
@@ -30,7 +31,7 @@ from .._logging import quiet_fit
 from .._scoring import agreement_matrix, co_assignment
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
-from ..module._module import STATE_ENCODERS, Likelihood, eval_mode
+from ..module._module import N_HIDDEN_STATE, STATE_ENCODERS, Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan
 from ..train._progress import fit_progress
 from . import _fit, _pruning, _start
@@ -40,7 +41,7 @@ from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter, OptionalOb
 from ._query import CplMixVAEQueryMixin
 from ._registry import CplMixVAERegistryMixin
 from ._rnaseq import CplMixVAERNAMixin
-from ._save_load import load_model, read_registry, save_model
+from ._save_load import REMOVED_OPTIONS, load_model, read_registry, save_model
 
 logger = logging.getLogger(__name__)
 
@@ -97,16 +98,12 @@ def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | No
         ) from err
 
 
-def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
+def _default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
     """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
 
     The defaults for each use (evidence on the :doc:`benchmarks page </benchmarks>`): with ``K`` given,
-    ``augmentation="dropout"``, ``likelihood="gaussian"``, ``state_encoder="separate"`` and no separate
-    ``initial_coupling_weight``; when the model starts from many categories and prunes them
-    (``n_categories=None``), ``"knn"``, ``"gaussian"``, ``"separate"`` and ``initial_coupling_weight=0.001``:
-    the agents train almost uncoupled from many categories, so that they keep the types apart (each over-split
-    into pure categories) instead of merging similar ones, and the full coupling aligns them from the first
-    pruning round on.
+    ``augmentation="dropout"``, ``likelihood="gaussian"`` and ``state_encoder="separate"``; when the model starts
+    from many categories and prunes them (``n_categories=None``), ``"knn"``, ``"gaussian"`` and ``"separate"``.
 
     Parameters
     ----------
@@ -115,14 +112,12 @@ def default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
 
     Returns
     -------
-    ``{"augmentation": ..., "likelihood": ..., "state_encoder": ..., "initial_coupling_weight": ...}``
-    (``None``: the same as ``coupling_weight``).
+    ``{"augmentation": ..., "likelihood": ..., "state_encoder": ...}``.
     """
     return {
         "augmentation": "knn" if choose_n_categories else "dropout",
         "likelihood": "gaussian",
         "state_encoder": "separate",
-        "initial_coupling_weight": 0.001 if choose_n_categories else None,
     }
 
 
@@ -145,15 +140,12 @@ def _check_init_arguments(
     n_hidden: int,
     n_layers: int,
     n_latent: int,
-    n_hidden_state: int,
     likelihood: str,
     input_dropout: float,
     tau: float | None,
     beta: float,
     coupling_weight: float,
-    initial_coupling_weight: float | None,
     condition_weight: float,
-    category_init: str,
     augmentation: str,
     augmentation_strength: float | None,
     state_encoder: str,
@@ -169,15 +161,11 @@ def _check_init_arguments(
     check.check_int("n_hidden", n_hidden, minimum=1)
     check.check_int("n_layers", n_layers, minimum=1)
     check.check_int("n_latent", n_latent, minimum=1)
-    check.check_int("n_hidden_state", n_hidden_state, minimum=1)
     check.check_choice("likelihood", likelihood, ("nb", "zinb", "gaussian"))
     check.check_float("input_dropout", input_dropout, maximum=0.95)
     check.check_float("beta", beta)
     check.check_float("coupling_weight", coupling_weight)
-    if initial_coupling_weight is not None:
-        check.check_float("initial_coupling_weight", initial_coupling_weight)
     check.check_float("condition_weight", condition_weight)
-    check.check_choice("category_init", category_init, ("leiden", "random"))
     check.check_choice("augmentation", augmentation, AUGMENTATIONS)
     check.check_choice("state_encoder", state_encoder, STATE_ENCODERS)
     if augmentation_strength is not None:
@@ -195,6 +183,24 @@ def _check_init_arguments(
         )
     if adata is not None and n_categories > adata.n_obs:
         raise ValueError(f"n_categories={n_categories} is larger than the number of cells ({adata.n_obs}).")
+
+
+def _check_module_kwargs(model_cls, module_kwargs: dict) -> None:
+    """Refuse keyword arguments that the module does not take, or that the model sets itself."""
+    module_params = inspect.signature(model_cls._module_cls.__init__).parameters
+    model_params = inspect.signature(model_cls.__init__).parameters
+    set_by_model = {"n_input", "n_batch", "n_cats_per_cov", "n_continuous_cov", "n_conditions"}
+    accepted = [p for p in module_params if p != "self" and p not in model_params and p not in set_by_model]
+    for name in module_kwargs:
+        if name in accepted:
+            continue
+        removed = (
+            f" It was removed: the model uses {name}={REMOVED_OPTIONS[name]!r}." if name in REMOVED_OPTIONS else ""
+        )
+        raise TypeError(
+            f"{model_cls.__name__} got an unexpected keyword argument {name!r}.{removed} Its further keyword "
+            f"arguments, passed on to the module, are {accepted}."
+        )
 
 
 class CplMixVAE(
@@ -257,36 +263,33 @@ class CplMixVAE(
     beta
         Weight of the state KL divergence (published: 1).
     coupling_weight
-        Weight ``lambda`` of the coupling distance (published: 1).
-    initial_coupling_weight
-        Weight of the coupling distance while every category survives (the first training of a model that
-        chooses ``K``); ``coupling_weight`` applies from the first pruning round on. ``None`` (default):
-        ``0.001`` when the model chooses the number of types, so that the agents keep similar types apart (each
-        over-split into pure categories) for the pruning rounds, fully coupled, to align and merge; with full
-        coupling from many categories the agents merge similar types, which pruning cannot split again.
-        ``coupling_weight`` when ``n_categories`` is given.
+        Weight ``lambda`` of the coupling distance (published: 1). A fit that prunes (:meth:`train` of a model
+        created without ``n_categories``, :meth:`prune`) trains its many categories at ``0.001 * coupling_weight``,
+        so that the agents keep similar types apart (each over-split into pure categories) instead of merging
+        them, which pruning cannot undo; the weight then rises smoothly to ``coupling_weight`` over the first
+        half of the first pruning round (geometrically, logged as ``coupling_weight`` in :attr:`history`).
     state_encoder
-        ``"separate"``: the state posterior reads a one-layer encoder of its own that sees the real cell;
-        ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps mostly the
-        type; ``"staged"``: the trunk while the categories are learned and pruned, its own encoder (with a
-        head of its own) in the state phase of :meth:`train`. ``"separate"`` costs one more matrix product per
-        agent and step, and only an encoder of its own learns in the state phase, where the trunk is frozen.
-        ``None`` (default): ``"separate"``.
-    n_hidden_state
-        Width of the ``"separate"`` (and ``"staged"``) state encoder.
+        ``"separate"``: the state posterior reads a one-layer encoder of its own (32 units) that sees the real
+        cell; ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps mostly
+        the type. ``"separate"`` costs one more matrix product per agent and step, and only an encoder of its
+        own learns in the state phase of :meth:`train`, where the trunk is frozen. ``None`` (default):
+        ``"separate"``.
     condition_weight
         With a condition registered (``setup_anndata(condition_key=...)``): weight of the penalty that keeps
         every category's share of cells the same in each condition (times the number of genes; see
         :func:`~scmixvae.module.category_condition_discrepancy`). Without it, a strong condition effect (e.g.
         interferon stimulation) splits types into one category per condition; with it, the condition's effect
         goes to the state. Ignored without a registered condition.
-    category_init
-        ``"leiden"``: before the first training, fit the agents' categorical heads to a Leiden partition of
-        the cells with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refine
-        with the coupled objective; ``"random"``: start from random weights, as published.
     **module_kwargs
-        Further keyword arguments of :class:`~scmixvae.module.CplMixVAEModule`
-        (``dispersion``, ``gumbel_temperature``, ``coupling``).
+        Further keyword arguments of :class:`~scmixvae.module.CplMixVAEModule`: ``dispersion`` (of the count
+        likelihoods), ``coupling`` (``"clr"`` or the published ``"aitchison"``) and
+        ``category_state_interaction``.
+
+    Notes
+    -----
+    Before its first training, the model fits the agents' categorical heads to a Leiden partition of the cells
+    with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refines it with the coupled
+    objective; the published model started from random weights.
 
     Examples
     --------
@@ -319,28 +322,23 @@ class CplMixVAE(
         tau: float | None = None,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
-        initial_coupling_weight: float | None = None,
-        category_init: Literal["leiden", "random"] = "leiden",
         augmentation: Augmentation | None = None,
         augmentation_strength: float | None = None,
-        state_encoder: Literal["shared", "separate", "staged"] | None = None,
-        n_hidden_state: int = 32,
+        state_encoder: Literal["shared", "separate"] | None = None,
         condition_weight: float = 1.0,
         **module_kwargs,
     ):
         super().__init__(adata)
+        _check_module_kwargs(type(self), module_kwargs)
         check.check_int("n_agents", n_agents, minimum=1)
         # K unknown: start from many categories; the first train() prunes them (see train(prune=...))
         self.choose_n_categories_ = n_categories is None
         if self.choose_n_categories_:
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
-        defaults = default_options(self.choose_n_categories_)
+        defaults = _default_options(self.choose_n_categories_)
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
         likelihood = defaults["likelihood"] if likelihood is None else likelihood
         state_encoder = defaults["state_encoder"] if state_encoder is None else state_encoder
-        initial_coupling_weight = (
-            defaults["initial_coupling_weight"] if initial_coupling_weight is None else initial_coupling_weight
-        )
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
         _check_init_arguments(
             adata,
@@ -351,20 +349,16 @@ class CplMixVAE(
             n_hidden=n_hidden,
             n_layers=n_layers,
             n_latent=n_latent,
-            n_hidden_state=n_hidden_state,
             likelihood=likelihood,
             input_dropout=input_dropout,
             tau=tau,
             beta=beta,
             coupling_weight=coupling_weight,
-            initial_coupling_weight=initial_coupling_weight,
             condition_weight=condition_weight,
-            category_init=category_init,
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
             state_encoder=state_encoder,
         )
-        self.category_init = category_init
         n_cats_per_cov = None
         if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
             n_cats_per_cov = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
@@ -384,11 +378,9 @@ class CplMixVAE(
             tau=tau,
             beta=beta,
             coupling_weight=coupling_weight,
-            initial_coupling_weight=initial_coupling_weight,
             augmentation=augmentation,
             augmentation_strength=augmentation_strength,
             state_encoder=state_encoder,
-            n_hidden_state=n_hidden_state,
             n_conditions=n_conditions,
             condition_weight=condition_weight,
             **module_kwargs,
@@ -399,10 +391,8 @@ class CplMixVAE(
             f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
             f"beta: {beta}, coupling_weight: {coupling_weight}"
-            + (f" ({initial_coupling_weight} before pruning)" if initial_coupling_weight is not None else "")
-            + f", category_init: {category_init}, "
-            f"augmentation: {augmentation}, state_encoder: {state_encoder}"
-            + (f" ({n_hidden_state} units)" if state_encoder != "shared" else "")
+            + f", augmentation: {augmentation}, state_encoder: {state_encoder}"
+            + (f" ({N_HIDDEN_STATE} units)" if state_encoder == "separate" else "")
             + (f", condition_weight: {condition_weight}." if self.module.n_conditions > 1 else ".")
         )
         self.init_params_ = self._get_init_params(locals())
@@ -642,7 +632,7 @@ class CplMixVAE(
             Passes over the data; ``None`` uses a quarter of :func:`default_max_epochs` (at least 5).
         labels
             Types of the training cells for the classifier; ``None`` uses a Leiden partition with
-            ``n_categories`` clusters (the one ``category_init="leiden"`` uses).
+            ``n_categories`` clusters (the one the model starts its categories from).
         batch_size
             Minibatch size.
         lr

@@ -112,7 +112,6 @@ def prune(
     max_rounds: int | None = None,
     epochs_per_round: int | None = None,
     batch_size: int = 128,
-    stop_at_threshold: bool = True,
     **train_kwargs: Any,
 ) -> pd.DataFrame:
     """Prune categories round by round and keep the round chosen by the consensus criterion.
@@ -122,11 +121,14 @@ def prune(
     agent uses (this changes no label); records the number of surviving categories, the mean consensus
     (:func:`mean_consensus`), the last training loss and every category's agreement
     (:func:`category_agreement`); masks the categories that fail (:func:`categories_to_prune`); and trains on
-    from the current weights. It stops when a round reaches ``threshold`` (with ``stop_at_threshold``: later
-    rounds have fewer categories and cannot be selected), at ``min_categories`` or after ``max_rounds``
+    from the current weights. It stops when a round reaches ``threshold`` (later rounds have fewer
+    categories and cannot be selected), at ``min_categories`` or after ``max_rounds``
     rounds. The round chosen by :func:`select_round` is restored (weights and mask) and the posteriors are
-    checked for collapse (:func:`check_collapse`). A model with an ``initial_coupling_weight`` trains at that
-    weight only while no category is masked (its first training); the rounds train at ``coupling_weight``.
+    checked for collapse (:func:`check_collapse`). An untrained model first trains weakly coupled
+    (:data:`~scmixvae.model._fit.PRUNING_COUPLING_FACTOR` times ``coupling_weight``); the first round after weakly
+    coupled training raises the weight geometrically to ``coupling_weight`` over the first half of its most epochs
+    (:class:`ConvergenceStopping` watches only the epochs after it), so that the first categories pruned are
+    scored on agents trained at the full coupling; later rounds train at ``coupling_weight``.
 
     Parameters
     ----------
@@ -143,9 +145,6 @@ def prune(
         (:class:`ConvergenceStopping`: 0.2% over 3 epochs), at most :func:`default_epochs_per_round`.
     batch_size
         Minibatch size of training and of the read-outs.
-    stop_at_threshold
-        Stop at the first round that reaches ``threshold``; ``False`` prunes down to ``min_categories`` (or
-        ``max_rounds``) to record the whole curve.
     **train_kwargs
         Keyword arguments of ``model.train`` (not ``max_epochs``), e.g. ``plan_kwargs``, ``accelerator``,
         ``enable_progress_bar``, ``callbacks``.
@@ -164,7 +163,7 @@ def prune(
     if not model.is_trained_:  # train first, as train(prune=False) does (pruning is what this call does next)
         trainer = {"batch_size": batch_size, "callbacks": list(user_callbacks), **train_kwargs}
         schedule = _fit.resolve_schedule(
-            model, max_epochs=None, state_epochs=0, prune=False, n_restarts=None, prune_kwargs=None, trainer=trainer
+            model, max_epochs=None, state_epochs=0, prune=True, n_restarts=1, prune_kwargs=None, trainer=trainer
         )
         _fit.start(model, schedule)
         _fit.train_categories(model, schedule)
@@ -184,7 +183,7 @@ def prune(
         logger.info(
             "Pruning round %d: %d categories, mean consensus %.3f.", round_, row["n_categories"], row["mean_consensus"]
         )
-        if (stop_at_threshold and row["mean_consensus"] >= threshold) or row["n_categories"] <= min_categories:
+        if row["mean_consensus"] >= threshold or row["n_categories"] <= min_categories:
             break
         if max_rounds is not None and round_ >= max_rounds:
             break
@@ -193,7 +192,11 @@ def prune(
             break
         row["pruned"] = json.dumps([category_name(k) for k in drop])
         module.category_mask[torch.as_tensor(drop, device=module.category_mask.device)] = False
-        callbacks = [*user_callbacks, *([ConvergenceStopping()] if epochs_per_round is None else [])]
+        run_kwargs, warmup = _coupling_warmup(module, max_epochs, train_kwargs)
+        callbacks = [
+            *user_callbacks,
+            *([ConvergenceStopping(warmup_epochs=warmup)] if epochs_per_round is None else []),
+        ]
         try:  # a non-finite loss raises (the training plan checks every epoch) and stops the fit
             _fit.run(
                 model,
@@ -202,13 +205,29 @@ def prune(
                 stage=f"K: pruning round {round_ + 1}",
                 batch_size=batch_size,
                 callbacks=callbacks,
-                **train_kwargs,
+                **run_kwargs,
             )
         except KeyboardInterrupt:  # Ctrl-C stops the whole fit; keep the best round so far
             module.load_state_dict(best_state)
             raise
         round_ += 1
     return _keep_round(model, rows, best_round, best_state, threshold, batch_size)
+
+
+def _coupling_warmup(module, max_epochs: int, train_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Keyword arguments of a round's run and its warm-up epochs: a coupling warm-up after weakly coupled training.
+
+    When the module last trained below ``coupling_weight`` (the weakly coupled start of a fit that prunes), the
+    round raises the weight geometrically from there to ``coupling_weight`` over the first half of its most epochs
+    (at least one), so that the agents train at the full coupling before the round is scored, without the
+    thousandfold jump of a switch; otherwise there is no warm-up (0 epochs).
+    """
+    factor = float(getattr(module, "coupling_factor", 1.0))
+    if factor >= 1.0:
+        return train_kwargs, 0
+    warmup = max(1, max_epochs // 2)
+    plan_kwargs = {"min_coupling_factor": factor, "n_epochs_coupling_warmup": warmup}
+    return {**train_kwargs, "plan_kwargs": {**(train_kwargs.get("plan_kwargs") or {}), **plan_kwargs}}, warmup
 
 
 def _check_arguments(model, threshold, min_categories, max_rounds, epochs_per_round, batch_size, train_kwargs) -> None:

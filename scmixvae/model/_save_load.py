@@ -29,6 +29,19 @@ _TAG = "__scmixvae_type__"
 _TENSOR_KINDS = "biuf"
 _LIST_KINDS = "UO"
 _PLAIN = (str, int, float, bool, type(None))
+#: Options of :class:`~scmixvae.model.CplMixVAE` (and of its module) that were removed, with the value at which
+#: they were fixed: a model saved with that value loads as it was saved.
+REMOVED_OPTIONS = {
+    "category_init": "leiden",
+    "n_hidden_state": 32,
+    "gumbel_temperature": 1.0,
+    "coupling_eps": 1e-8,
+    "entropy_weight": 1.0,
+    "initial_coupling_weight": None,
+}
+#: Removed options that only shaped the first training (its start, its coupling): a trained model loads whatever
+#: their value.
+TRAINING_ONLY_OPTIONS = ("category_init", "initial_coupling_weight")
 
 
 def encode(value, where: str = "value"):
@@ -250,6 +263,32 @@ def check_genes(adata, genes: np.ndarray, path: Path) -> None:
     )
 
 
+def without_removed_options(init_params: dict, trained: bool, path: Path) -> dict:
+    """Return the saved ``init_params`` without the options this version no longer has.
+
+    An option saved at the value it is now fixed at (:data:`REMOVED_OPTIONS`) is dropped; a trained model's
+    :data:`TRAINING_ONLY_OPTIONS` too, whatever their value, since they only shaped its training. Any other
+    value raises a :class:`ValueError` naming the option, as does ``state_encoder="staged"``.
+    """
+    kept = {}
+    for name, value in init_params.items():
+        if name not in REMOVED_OPTIONS:
+            kept[name] = value
+        elif value != REMOVED_OPTIONS[name] and not (name in TRAINING_ONLY_OPTIONS and trained):
+            raise ValueError(
+                f"The model in {path} was saved with {name}={value!r}, an option this version of scmixvae no longer "
+                f"has (only {name}={REMOVED_OPTIONS[name]!r} is kept, built in). Load it with the version that "
+                "saved it, or train the model again with this version."
+            )
+    if kept.get("state_encoder") == "staged":
+        raise ValueError(
+            f"The model in {path} was saved with state_encoder='staged', an option this version of scmixvae no "
+            "longer has (use 'separate' or 'shared'). Load it with the version that saved it, or train the model "
+            "again with this version."
+        )
+    return kept
+
+
 def load_model(cls, dir_path, adata, *, accelerator: str, device, prefix: str | None, backup_url: str | None):
     """Build a ``cls`` model from ``dir_path`` as :meth:`~scmixvae.model.CplMixVAE.load` documents it."""
     from anndata import AnnData, read_h5ad
@@ -280,7 +319,10 @@ def load_model(cls, dir_path, adata, *, accelerator: str, device, prefix: str | 
     cls.setup_anndata(adata, source_registry=registry, **registry["setup_args"])
     init_params = attr_dict.pop("init_params_")
     kwargs = {k: v for group in init_params["kwargs"].values() for k, v in group.items()}
-    model = cls(adata, **init_params["non_kwargs"], **kwargs)
+    kwargs = without_removed_options(
+        {**init_params["non_kwargs"], **kwargs}, bool(attr_dict.get("is_trained_")), folder
+    )
+    model = cls(adata, **kwargs)
     for name, value in attr_dict.items():
         setattr(model, name, value)
     model.module.load_state_dict(state_dict)

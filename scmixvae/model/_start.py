@@ -1,6 +1,6 @@
 """The start of a fit: the Leiden partition, the ``"knn"`` neighbours and the learned augmenter.
 
-``category_init="leiden"``: deep clustering models (DEC, VaDE, scDeepCluster) start their cluster assignment from a
+Deep clustering models (DEC, VaDE, scDeepCluster) start their cluster assignment from a
 classical clustering rather than from random weights; cpl-mixVAE started from random weights, and its agents then
 settle in whichever partition they reach first. Here the agents' categorical heads are first fitted, for a few
 passes, to a Leiden partition with as many clusters as categories, computed on a truncated SVD of log-normalised
@@ -126,9 +126,9 @@ def leiden_labels(
     """Leiden partition of the cells into (as close as possible to) ``n_clusters`` clusters.
 
     The resolution is found by bisection on a log scale. Above ``max_cells`` cells the partition is computed on
-    a random subset and extended to every cell through its nearest subset neighbour. With ``groups`` (a
-    condition code per cell), the graph takes every cell's neighbours equally from each group
-    (:func:`balanced_knn_graph`).
+    a random subset and extended to every cell through its nearest subset neighbour. With ``groups`` (a group code
+    per cell: batch, condition or both; :func:`balance_groups`), the graph takes every cell's neighbours equally
+    from each group (:func:`balanced_knn_graph`).
     """
     import anndata
     from sklearn.neighbors import KNeighborsClassifier
@@ -227,9 +227,9 @@ def neighbour_table(
     """Find the indices ``(n_cells, n_neighbors)`` of each cell's nearest neighbours (itself excluded).
 
     Neighbours are found once, in a truncated SVD of log-normalised counts (fitted on at most ``max_fit_cells``
-    cells and applied chunk by chunk, so memory stays bounded). With ``groups`` (a condition code per cell) they
+    cells and applied chunk by chunk, so memory stays bounded). With ``groups`` (a group code per cell) they
     are taken equally from each group (:func:`balanced_neighbours`; about
-    ``n_neighbors`` in all), so that mixing a cell with a neighbour also mixes conditions.
+    ``n_neighbors`` in all), so that mixing a cell with a neighbour also mixes batches and conditions.
     """
     n = matrix.shape[0]
     n_neighbors = max(1, min(n_neighbors, n - 1))
@@ -300,15 +300,25 @@ def train_augmenter(
     return history
 
 
-def condition_codes(model) -> np.ndarray | None:
-    """Condition code of every training cell of ``model``, or ``None`` without a registered condition.
+def balance_groups(model) -> np.ndarray | None:
+    """Group of every training cell of ``model`` over which the start is balanced, or ``None`` (no groups).
 
-    With a condition, the Leiden start and the ``"knn"`` neighbours take every cell's neighbours equally from
-    each condition.
+    The groups are the registered batches (``setup_anndata(batch_key=...)``), the registered conditions, or the
+    combinations of both. The Leiden start and the ``"knn"`` neighbours take every cell's neighbours equally from
+    each group, so that a strong batch or condition effect does not split the start's partition (or the
+    neighbours the agents' views mix) along it.
     """
-    if CONDITION_KEY not in model.adata_manager.data_registry:
+    registry = model.adata_manager.data_registry
+    codes = []
+    if model.summary_stats.n_batch > 1:
+        codes.append(np.asarray(model.adata_manager.get_from_registry(REGISTRY_KEYS.BATCH_KEY)).ravel())
+    if CONDITION_KEY in registry:
+        codes.append(np.asarray(model.adata_manager.get_from_registry(CONDITION_KEY)).ravel())
+    if not codes:
         return None
-    return np.asarray(model.adata_manager.get_from_registry(CONDITION_KEY)).ravel()
+    if len(codes) == 1:
+        return codes[0]
+    return pd.factorize(pd.MultiIndex.from_arrays(codes), sort=True)[0]
 
 
 def initial_partition(model) -> np.ndarray:
@@ -316,7 +326,7 @@ def initial_partition(model) -> np.ndarray:
     if getattr(model, "_initial_labels", None) is None:
         matrix = model.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         model._initial_labels = leiden_labels(
-            matrix, model.module.n_categories, seed=scvi.settings.seed or 0, groups=condition_codes(model)
+            matrix, model.module.n_categories, seed=scvi.settings.seed or 0, groups=balance_groups(model)
         )
     return model._initial_labels
 
@@ -325,5 +335,5 @@ def neighbours(model) -> np.ndarray:
     """``model``'s ``"knn"`` neighbour table (:func:`neighbour_table`), found once and kept as ``neighbours_``."""
     if getattr(model, "neighbours_", None) is None:
         matrix = model.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
-        model.neighbours_ = neighbour_table(matrix, seed=scvi.settings.seed or 0, groups=condition_codes(model))
+        model.neighbours_ = neighbour_table(matrix, seed=scvi.settings.seed or 0, groups=balance_groups(model))
     return model.neighbours_

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,11 +71,17 @@ class StackedLinear(nn.Module):
 
 
 class StackedBatchNorm(nn.Module):
-    """Batch normalisation over the cells of each agent separately, input ``(A, B, n)``."""
+    """Batch normalisation over the cells of each agent separately, input ``(A, B, n)``.
 
-    def __init__(self, n_agents: int, n_features: int, *, affine: bool = False, momentum: float = 0.1, eps=1e-5):
+    ``momentum=None``: the running statistics are the cumulative average of the minibatches' statistics since
+    ``n_cells_tracked`` was last set to 0, each weighted by its number of cells (as
+    :class:`torch.nn.BatchNorm1d` with ``momentum=None``, which weighs minibatches equally).
+    """
+
+    def __init__(self, n_agents: int, n_features: int, *, affine: bool = False, momentum: float | None = 0.1, eps=1e-5):
         super().__init__()
         self.momentum, self.eps = momentum, eps
+        self.n_cells_tracked = 0  # cells averaged so far with momentum=None
         self.register_buffer("running_mean", torch.zeros(n_agents, 1, n_features))
         self.register_buffer("running_var", torch.ones(n_agents, 1, n_features))
         if affine:
@@ -89,8 +97,12 @@ class StackedBatchNorm(nn.Module):
             with torch.no_grad():
                 n = x.shape[1]
                 dtype = self.running_mean.dtype  # float32 buffers under mixed precision
-                self.running_mean.lerp_(mean.to(dtype), self.momentum)
-                self.running_var.lerp_((var * n / (n - 1)).to(dtype), self.momentum)
+                momentum = self.momentum
+                if momentum is None:  # cumulative average: the first minibatch replaces the statistics
+                    self.n_cells_tracked += n
+                    momentum = n / self.n_cells_tracked
+                self.running_mean.lerp_(mean.to(dtype), momentum)
+                self.running_var.lerp_((var * n / (n - 1)).to(dtype), momentum)
         else:
             mean, var = self.running_mean, self.running_var
         out = (x - mean) * torch.rsqrt(var + self.eps)
@@ -146,3 +158,46 @@ class StackedMLP(nn.Module):
             if self.dropout_rate > 0:
                 x = F.dropout(x, self.dropout_rate, self.training)
         return x
+
+
+def recompute_norm_statistics(module: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any]) -> None:
+    """Recompute the running statistics of every batch norm in ``module`` from ``forward`` over ``batches``.
+
+    One pass without gradients, with the module in evaluation mode except its norm layers (training mode,
+    cumulative average: ``momentum=None``), so that what ``forward`` encodes (e.g. the real cells, where training
+    normalised augmented views) sets the statistics that evaluation-mode read-outs use. Each norm layer's momentum
+    and every submodule's mode are restored afterwards; a layer that sees no minibatch of two or more cells keeps
+    its statistics.
+    """
+    norms = [
+        m
+        for m in module.modules()
+        if isinstance(m, StackedBatchNorm) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)
+    ]
+    if not norms:
+        return
+    modes = {m: m.training for m in module.modules()}
+    momenta = [norm.momentum for norm in norms]
+    saved = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms]
+    try:
+        module.eval()
+        for norm in norms:
+            norm.train()
+            norm.momentum = None
+            if isinstance(norm, StackedBatchNorm):
+                norm.n_cells_tracked = 0
+            else:  # torch's cumulative average counts minibatches
+                norm.num_batches_tracked.zero_()
+        with torch.no_grad():
+            for batch in batches:
+                forward(batch)
+    finally:
+        for norm, momentum, state in zip(norms, momenta, saved, strict=True):
+            norm.momentum = momentum
+            untouched = (
+                norm.n_cells_tracked == 0 if isinstance(norm, StackedBatchNorm) else not norm.num_batches_tracked
+            )
+            if untouched:
+                norm.load_state_dict(state)
+        for m, training in modes.items():
+            m.training = training

@@ -34,7 +34,11 @@ from ._losses import (
 )
 
 #: Options of ``state_encoder``: what the state posterior reads (see :class:`CplMixVAEModule`).
-STATE_ENCODERS = ("separate", "shared", "staged")
+STATE_ENCODERS = ("separate", "shared")
+#: Temperature of the Gumbel-softmax sample of the category at training time (published: 1).
+GUMBEL_TEMPERATURE = 1.0
+#: Width of the ``"separate"`` state encoder; its matrix product with the genes is the option's extra cost per step.
+N_HIDDEN_STATE = 32
 
 logger = logging.getLogger(__name__)
 
@@ -122,38 +126,21 @@ class CplMixVAEModule(BaseModuleClass):
         neighbour (default 0.3); ``"learned"``: latent perturbation in posterior standard deviations (default 4).
     tau
         Temperature of the categorical head; ``None`` ties it to ``1 / K`` of the surviving categories.
-    gumbel_temperature
-        Temperature of the Gumbel-softmax sample of the category at training time.
     beta
         Weight of the state KL divergence.
     coupling_weight
         Weight ``lambda`` of the coupling distance.
-    initial_coupling_weight
-        Weight of the coupling distance while every category survives, i.e. before any is pruned; ``None``:
-        ``coupling_weight``. Once a category is masked, ``coupling_weight`` applies.
     coupling
         ``"clr"`` (centred log-ratios, the default) or ``"aitchison"`` (the published approximation).
-    entropy_weight
-        Weight of the negative-entropy terms (published: 1).
-    coupling_eps
-        Added to the posteriors inside the logarithm of the coupling distance; a larger value stops tiny
-        probabilities of categories that neither agent picks from dominating the distance.
     category_state_interaction
         Feed the decoder ``[c; c ⊗ s]`` instead of ``[c; s]``: each category gets its own linear map of
         the state into the first hidden layer, so that states act through type-specific gene programs.
     state_encoder
         What the state posterior ``q(s | x, c)`` reads besides ``c``: ``"shared"``, the categorical trunk's
-        output ``h`` of the augmented view, as published; ``"separate"`` (default), its own one-layer encoder of
-        the real cell's log-normalised expression, never augmented nor dropped out. The trunk keeps mostly
-        what survives augmentation, the type, so ``"separate"`` gives states much closer to the truth (see
-        the user guide). ``"staged"``: both, one after the other: the trunk while the categorical path trains
-        (so that the state cannot stand in for categories; meant for many more categories than types) and the
-        separate encoder, with a head of its own, in the state phase (``categories_frozen``);
-        the buffer ``state_reads_encoder`` records which the decoder was last trained with, and read-outs use
-        that one.
-    n_hidden_state
-        Width of the ``"separate"`` (and ``"staged"``) state encoder (``None``: ``n_hidden``); its matrix product
-        with the genes is the option's extra cost per step.
+        output ``h`` of the augmented view, as published; ``"separate"`` (default), its own one-layer encoder
+        (32 units) of the real cell's log-normalised expression, never augmented nor dropped
+        out. The trunk keeps mostly what survives augmentation, the type, so ``"separate"`` gives states much
+        closer to the truth (see the user guide).
     n_conditions
         Number of codes of the registered experimental condition (0: none). The condition is given to no
         encoder or decoder: its effect has to be carried by the state.
@@ -180,16 +167,11 @@ class CplMixVAEModule(BaseModuleClass):
         dispersion: Literal["gene", "gene-batch"] = "gene",
         input_dropout: float = 0.5,
         tau: float | None = None,
-        gumbel_temperature: float = 1.0,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
-        initial_coupling_weight: float | None = None,
         coupling: Literal["aitchison", "clr"] = "clr",
         category_state_interaction: bool = True,
-        coupling_eps: float = 1e-8,
-        entropy_weight: float = 1.0,
-        state_encoder: Literal["shared", "separate", "staged"] = "separate",
-        n_hidden_state: int | None = 32,
+        state_encoder: Literal["shared", "separate"] = "separate",
         n_conditions: int = 0,
         condition_weight: float = 0.0,
         augmentation: Augmentation = "dropout",
@@ -205,12 +187,9 @@ class CplMixVAEModule(BaseModuleClass):
         self.n_input, self.n_agents, self.n_categories, self.n_state = n_input, n_agents, n_categories, n_state
         self.n_batch = n_batch
         self.likelihood, self.dispersion, self.coupling = likelihood, dispersion, coupling
-        self.input_dropout, self.tau, self.gumbel_temperature = input_dropout, tau, gumbel_temperature
+        self.input_dropout, self.tau = input_dropout, tau
         self.beta, self.coupling_weight = beta, coupling_weight
-        self.initial_coupling_weight = initial_coupling_weight
         self.category_state_interaction = category_state_interaction
-        self.coupling_eps = coupling_eps
-        self.entropy_weight = entropy_weight
         self.n_conditions, self.condition_weight = int(n_conditions), float(condition_weight)
         if state_encoder not in STATE_ENCODERS:
             raise ValueError(f"state_encoder must be one of {STATE_ENCODERS}, got {state_encoder!r}.")
@@ -227,19 +206,13 @@ class CplMixVAEModule(BaseModuleClass):
         self.trunk_norm = StackedBatchNorm(a, n_latent, affine=False)
         self.category_head = StackedLinear(a, n_latent, n_categories)
         # "shared": the state posterior reads the categorical trunk h, as published; "separate": its own
-        # one-layer encoder of the real (unaugmented) cell; "staged": the trunk (through `shared_state_head`)
-        # while the categories train, the encoder (through `state_head`) in the state phase
-        n_hidden_state = n_hidden if n_hidden_state is None else n_hidden_state
-        if state_encoder in ("separate", "staged"):
-            self.state_encoder = StackedMLP(a, n_input, n_hidden_state, 1, n_cov=n_cov)
+        # one-layer encoder of the real (unaugmented) cell
+        if state_encoder == "separate":
+            self.state_encoder = StackedMLP(a, n_input, N_HIDDEN_STATE, 1, n_cov=n_cov)
         else:
             self.state_encoder = None
-        n_state_in = n_latent if self.state_encoder is None else n_hidden_state
+        n_state_in = n_latent if self.state_encoder is None else N_HIDDEN_STATE
         self.state_head = StackedLinear(a, n_state_in + n_categories, 2 * n_state)
-        if state_encoder == "staged":
-            self.shared_state_head = StackedLinear(a, n_latent + n_categories, 2 * n_state)
-            # which state path the decoder was last trained with (set by the training plan; read-outs follow it)
-            self.register_buffer("state_reads_encoder", torch.zeros((), dtype=torch.bool))
         n_dec_in = n_categories * (1 + n_state) if category_state_interaction else n_categories + n_state
         self.decoder = StackedMLP(a, n_dec_in, n_hidden, n_layers, n_cov=n_cov, inject_covariates=True)
         self.px_head = StackedLinear(a, n_hidden, n_input)
@@ -258,16 +231,6 @@ class CplMixVAEModule(BaseModuleClass):
         )
 
     # ------------------------------------------------------------------ helpers
-    def current_coupling_weight(self) -> float | torch.Tensor:
-        """Weight of the coupling distance now: ``initial_coupling_weight`` while no category is masked.
-
-        A tensor when ``initial_coupling_weight`` is set (read from the mask on its device, without waiting for
-        it), else the float ``coupling_weight``.
-        """
-        if self.initial_coupling_weight is None:
-            return self.coupling_weight
-        return torch.where(self.category_mask.all(), self.initial_coupling_weight, self.coupling_weight)
-
     @property
     def n_active_categories(self) -> int:
         """Number of categories that survive pruning."""
@@ -414,28 +377,9 @@ class CplMixVAEModule(BaseModuleClass):
         log_q = torch.log_softmax(tempered, dim=-1)
         return log_q.exp(), log_q
 
-    def state_reads_encoder_now(self) -> bool:
-        """Whether the state posterior reads the separate state encoder (``True``) or the trunk ``h`` now.
-
-        ``"separate"``: always; ``"shared"``: never; ``"staged"``: in training, during the state phase
-        (``categories_frozen``); otherwise as the buffer ``state_reads_encoder`` says (the path the decoder was
-        last trained with).
-        """
-        if self.state_encoder_kind != "staged":
-            return self.state_encoder is not None
-        if self.training:
-            return self.categories_frozen
-        return bool(self.state_reads_encoder)
-
     def state_posterior(self, hs: torch.Tensor, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Mean and variance of ``q(s | x, c)`` from the state features ``hs`` of :meth:`inference`.
-
-        With ``state_encoder="staged"``, the head follows :meth:`state_reads_encoder_now`, like ``hs``: call it
-        in the mode (training or not, state phase or not) in which ``hs`` was computed.
-        """
-        staged_shared = self.state_encoder_kind == "staged" and not self.state_reads_encoder_now()
-        head = self.shared_state_head if staged_shared else self.state_head
-        out = head(torch.cat([hs, c], dim=-1))
+        """Mean and variance of ``q(s | x, c)`` from the state features ``hs`` of :meth:`inference`."""
+        out = self.state_head(torch.cat([hs, c], dim=-1))
         mean, log_var = out.split(self.n_state, dim=-1)
         return mean, torch.exp(log_var.clamp(-15.0, 15.0)) + 1e-6
 
@@ -481,11 +425,10 @@ class CplMixVAEModule(BaseModuleClass):
         ``q`` and ``log_q`` ``(A, B, K)``, the category ``c`` fed to the state head and the decoder
         (Gumbel-softmax sample in training, one-hot argmax otherwise), the state posterior ``qs_m``,
         ``qs_v`` and sample ``s`` ``(A, B, S)``, the trunk output ``h``, the features the state posterior
-        reads ``hs`` (``h`` itself with ``state_encoder="shared"``, and with ``"staged"`` outside the state
-        phase), ``library`` ``(B, 1)``,
-        ``x_norm`` (``None`` in CPU training when nothing reads it), the covariate vector ``cov``, the non-zero
-        entries ``nonzero`` and their ``counts`` (CPU training) and the dense counts ``x`` (``None`` when the
-        sparse minibatch was not densified).
+        reads ``hs`` (``h`` itself with ``state_encoder="shared"``), ``library`` ``(B, 1)``, ``x_norm``
+        (``None`` in CPU training when nothing reads it), the covariate vector ``cov``, the non-zero entries
+        ``nonzero`` and their ``counts`` (CPU training) and the dense counts ``x`` (``None`` when the sparse
+        minibatch was not densified).
         """
         # non-zero entries: shared by the normalisation, the dropout views and the NB loss on the CPU; read-outs
         # need none of them, and on an accelerator all work densely (finding them would make the host wait for
@@ -515,14 +458,14 @@ class CplMixVAEModule(BaseModuleClass):
             views = self._augment(x, x_norm, library, nonzero, x_neighbour, x_norm_nonzero, counts)
             h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
             q, log_q = self.categorical_posterior(h)
-        hs = self.state_encoder(x_norm, cov) if self.state_reads_encoder_now() else h
+        hs = h if self.state_encoder is None else self.state_encoder(x_norm, cov)
         k = self.n_categories
         if category is not None:
             c = F.one_hot(category.reshape(-1).long(), k).float().expand(self.n_agents, -1, -1)
         elif self.training:
             gumbel = -torch.log(-torch.log(torch.rand_like(q).clamp_(1e-10, 1.0 - 1e-7)))
             logits = (log_q + gumbel).masked_fill(~self.category_mask, float("-inf"))
-            c = torch.softmax(logits / self.gumbel_temperature, dim=-1)
+            c = torch.softmax(logits / GUMBEL_TEMPERATURE, dim=-1)
         else:
             c = F.one_hot(q.argmax(-1), k).float()
         qs_m, qs_v = self.state_posterior(hs, c)
@@ -626,10 +569,12 @@ class CplMixVAEModule(BaseModuleClass):
         inference_outputs: dict,
         generative_outputs: dict,
         kl_weight: float = 1.0,
+        coupling_factor: float | torch.Tensor = 1.0,
     ) -> LossOutput:
         """Compute the cpl-mixVAE loss.
 
-        ``max(A - 1, 1) * sum_a mean_i [Rec_a + beta * kl_weight * KL_a] + sum_{a<b} [NE_a + NE_b + lambda * D_ab]``.
+        ``max(A - 1, 1) * sum_a mean_i [Rec_a + beta * kl_weight * KL_a] + sum_{a<b} [NE_a + NE_b + lambda * D_ab]``,
+        ``lambda`` being ``coupling_factor * coupling_weight`` (the training plan's coupling schedule).
         """
         x = tensors[REGISTRY_KEYS.X_KEY]
         a = self.n_agents
@@ -641,12 +586,11 @@ class CplMixVAEModule(BaseModuleClass):
         loss = max(a - 1, 1) * elbo_terms.sum()
         extra = {}
         if a > 1:
-            dist = coupling_distance(q, self.category_mask, kind=self.coupling, eps=self.coupling_eps)
+            dist = coupling_distance(q, self.category_mask, kind=self.coupling)
             pairs = torch.triu_indices(a, a, offset=1, device=dist.device)
             pair_dist = dist[pairs[0], pairs[1]]
-            loss = (
-                loss + self.entropy_weight * (a - 1) * neg_ent.sum() + self.current_coupling_weight() * pair_dist.sum()
-            )
+            # sum_{a<b} (NE_a + NE_b) = (A - 1) sum_a NE_a
+            loss = loss + (a - 1) * neg_ent.sum() + coupling_factor * self.coupling_weight * pair_dist.sum()
             extra["coupling"] = pair_dist.mean().detach()
             with torch.no_grad():
                 labels = q.argmax(-1)

@@ -29,7 +29,10 @@ class ConvergenceStopping(Callback):
     patience
         Epochs without improvement before stopping.
     min_epochs
-        Epochs always trained.
+        Epochs always trained (after ``warmup_epochs``).
+    warmup_epochs
+        First epochs neither judged nor remembered: a warm-up during which the metric changes by design (e.g. a
+        rising loss weight).
     """
 
     def __init__(
@@ -40,23 +43,29 @@ class ConvergenceStopping(Callback):
         rel_tol: float = 2e-3,
         patience: int = 3,
         min_epochs: int = 3,
+        warmup_epochs: int = 0,
     ):
         super().__init__()
         check.check_choice("mode", mode, ("min", "max"))
         self.monitor, self.mode, self.rel_tol = monitor, mode, rel_tol
-        self.patience, self.min_epochs = patience, min_epochs
+        check.check_int("warmup_epochs", warmup_epochs, minimum=0)
+        self.patience, self.min_epochs, self.warmup_epochs = patience, min_epochs, warmup_epochs
+        self.warmed = 0
         self.best: float | None = None
         self.wait = 0
         self.epochs = 0
         self.stopped_epoch: int | None = None
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        self.best, self.wait, self.epochs, self.stopped_epoch = None, 0, 0, None
+        self.best, self.wait, self.epochs, self.stopped_epoch, self.warmed = None, 0, 0, None, 0
 
     def on_train_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         metrics = trainer.callback_metrics
         value = metrics.get(self.monitor, metrics.get(f"{self.monitor}_epoch"))
         if value is None:
+            return
+        if self.warmed < self.warmup_epochs:
+            self.warmed += 1
             return
         value = float(value) if self.mode == "min" else -float(value)
         self.epochs += 1

@@ -12,6 +12,8 @@ from scvi import REGISTRY_KEYS
 from scvi.train import SaveCheckpoint, TrainingPlan
 from torchmetrics import Metric
 
+from ..module._components import recompute_norm_statistics
+
 logger = logging.getLogger(__name__)
 
 
@@ -21,7 +23,10 @@ class CplMixVAETrainingPlan(TrainingPlan):
     The published method trains with Adam at a constant learning rate and no KL warm-up, so
     ``n_epochs_kl_warmup`` defaults to ``None`` here (scVI's plan warms up over 400 epochs). Every term of
     the loss is logged per agent (``reconstruction_agent{a}``, ``kl_agent{a}``, ``neg_entropy_agent{a}``)
-    together with ``coupling`` and the agents' ``agreement``, and lands in ``model.history``.
+    together with ``coupling`` and the agents' ``agreement``, and lands in ``model.history``. When a run has trained
+    the categorical path (at its end, or where its state phase begins), the running statistics of the encoder's
+    batch norms are recomputed in one pass over the real training cells, which read-outs encode, in place of
+    those of the agents' augmented views.
 
     Parameters
     ----------
@@ -41,6 +46,17 @@ class CplMixVAETrainingPlan(TrainingPlan):
     defer_logging
         With epoch-level logging (the default), keep what each step logs on the device and hand it to Lightning
         once per epoch (see Notes); ``False`` logs at every step, as scvi-tools does.
+    max_coupling_factor
+        Factor of the module's ``coupling_weight`` after the coupling warm-up (throughout without one).
+    min_coupling_factor
+        Factor of ``coupling_weight`` at the start of the coupling warm-up.
+    n_epochs_coupling_warmup
+        Epochs over which the coupling weight rises geometrically (at every step; a constant factor per step) from
+        ``min_coupling_factor`` to ``max_coupling_factor`` times ``coupling_weight``, as scvi-tools ramps the KL
+        weight (linearly) with ``n_epochs_kl_warmup``: a rise of orders of magnitude needs as many steps for the
+        weight's tenfold rises at its low end as at its high end. ``None``: no warm-up. The weight in use is
+        logged as ``coupling_weight`` and, at the end of the run, kept with the module as ``coupling_factor``
+        (where a later warm-up of a fit starts from).
     state_phase_start
         Epoch (counted from 0) from which the module's categorical path is frozen: the encoder trunk and the
         categorical heads read the real cell and learn nothing, so the types stay as they are, while the state
@@ -71,6 +87,9 @@ class CplMixVAETrainingPlan(TrainingPlan):
         n_epochs_kl_warmup: int | None = None,
         fused_optimizer: bool = True,
         defer_logging: bool = True,
+        max_coupling_factor: float = 1.0,
+        min_coupling_factor: float = 1e-3,
+        n_epochs_coupling_warmup: int | None = None,
         state_phase_start: int | None = None,
         **kwargs: Any,
     ):
@@ -80,6 +99,9 @@ class CplMixVAETrainingPlan(TrainingPlan):
         self.fused_optimizer = fused_optimizer
         self.defer_logging = defer_logging
         self.state_phase_start = state_phase_start
+        self.max_coupling_factor, self.min_coupling_factor = float(max_coupling_factor), float(min_coupling_factor)
+        self.n_epochs_coupling_warmup = n_epochs_coupling_warmup
+        self.coupling_factor = self.max_coupling_factor if n_epochs_coupling_warmup is None else min_coupling_factor
         self._pending_logs: dict[str, dict[str, tuple]] = {}
         self._deferring: str | None = None
         self._current_batch_size = 1
@@ -101,6 +123,38 @@ class CplMixVAETrainingPlan(TrainingPlan):
             return optimizer_cls(params, **kwargs)
 
         return create
+
+    def configure_optimizers(self):
+        """scvi-tools' optimiser, continuing from the state of the module's previous run where the parameters match.
+
+        Each training stage of a fit (the categories, every pruning round, the state phase) is a Lightning run of
+        its own; the optimiser's state (Adam's moments) at the end of a run is kept with the module
+        (:meth:`on_train_end`) and loaded here when the next run optimises the same parameters with the same
+        optimiser, so that consecutive runs of one model train on as one. The learning rate, ``eps`` and weight
+        decay are this plan's. A new model (e.g. a restart) starts fresh.
+        """
+        config = super().configure_optimizers()
+        optimizer = config["optimizer"]
+        carried = getattr(self.module, "carried_optimizer_state", None)
+        if carried is not None and carried[0] == self._optimizer_signature(optimizer):
+            optimizer.load_state_dict(carried[1])
+            for group in optimizer.param_groups:
+                group.update(lr=self.lr, eps=self.eps, weight_decay=self.weight_decay)
+        return config
+
+    def _optimizer_signature(self, optimizer) -> tuple:
+        """Return what must match for an optimiser state to carry over: the class, fused or not, the parameters."""
+        names = {id(p): name for name, p in self.module.named_parameters()}
+        groups = tuple(
+            tuple((names.get(id(p)), tuple(p.shape)) for p in group["params"]) for group in optimizer.param_groups
+        )
+        return type(optimizer).__name__, bool(optimizer.defaults.get("fused")), groups
+
+    def _keep_optimizer_state(self) -> None:
+        optimizers = getattr(self.trainer, "optimizers", None) or []
+        if len(optimizers) == 1:
+            optimizer = optimizers[0]
+            self.module.carried_optimizer_state = (self._optimizer_signature(optimizer), optimizer.state_dict())
 
     # ------------------------------------------------------------------ metrics
     def log(self, name: str, value: Any, *args: Any, **kwargs: Any) -> None:
@@ -165,8 +219,24 @@ class CplMixVAETrainingPlan(TrainingPlan):
         finally:
             self._deferring = None
 
+    def _coupling_factor(self, batch_idx: int) -> float:
+        """Factor of ``coupling_weight`` at this step (see ``n_epochs_coupling_warmup``)."""
+        if not self.n_epochs_coupling_warmup:
+            return self.max_coupling_factor
+        n_batches = getattr(self.trainer, "num_training_batches", None) if self._trainer is not None else None
+        n_batches = n_batches if isinstance(n_batches, int) and n_batches > 0 else 1
+        progress = min((self.current_epoch + batch_idx / n_batches) / self.n_epochs_coupling_warmup, 1.0)
+        low, high = self.min_coupling_factor, self.max_coupling_factor
+        return low * (high / low) ** progress if low > 0 else high * progress
+
     def training_step(self, batch, batch_idx):
         """scvi-tools' training step; its epoch-level logging is deferred to the epoch's last step."""
+        self.coupling_factor = self._coupling_factor(batch_idx)
+        self.loss_kwargs["coupling_factor"] = self.coupling_factor
+        warmup = bool(self.n_epochs_coupling_warmup)  # per step with a warm-up (as scvi-tools' kl_weight)
+        self.log(
+            "coupling_weight", self.coupling_factor * self.module.coupling_weight, on_step=warmup, on_epoch=not warmup
+        )
         loss = self._run_deferred("train", super().training_step, batch, batch_idx)
         value = loss["loss"] if isinstance(loss, dict) else loss
         if isinstance(value, torch.Tensor):  # on the device: no host synchronisation per step
@@ -194,15 +264,33 @@ class CplMixVAETrainingPlan(TrainingPlan):
         # from the epoch counter, so that a fit resumed from a checkpoint is in the right phase
         start = self.state_phase_start
         frozen = start is not None and self.current_epoch >= start
+        if frozen and self.current_epoch == start > 0:  # the categorical path trained until now
+            self._recompute_norm_statistics()
         self.module.categories_frozen = frozen
-        if self.module.state_encoder_kind == "staged":
-            # read-outs use the state path the decoder is being trained with
-            self.module.state_reads_encoder.fill_(frozen)
         super().on_train_epoch_start()
 
     def on_train_end(self) -> None:
+        self._keep_optimizer_state()
+        self.module.coupling_factor = self.coupling_factor  # where a later coupling warm-up of the fit starts
+        if not self.module.categories_frozen:  # the last epoch trained the categorical path
+            self._recompute_norm_statistics()
         self.module.categories_frozen = False  # a later train() trains everything again
         super().on_train_end()
+
+    def _recompute_norm_statistics(self) -> None:
+        """Set the running statistics of the encoder's batch norms from one pass over the real training cells.
+
+        In training the encoder trunk normalises the agents' augmented views, while read-outs, pruning scores and
+        the state phase encode the real cells with the running statistics: after the categorical path trains,
+        they are recomputed from the real cells (:func:`~scmixvae.module._components.recompute_norm_statistics`).
+        """
+        module = self.module
+        loader = self.trainer.train_dataloader
+        if loader is None:
+            return
+        recompute_norm_statistics(
+            module, loader, lambda tensors: module.inference(**module._get_inference_input(tensors))
+        )
 
     def on_train_epoch_end(self) -> None:
         self._flush_logs("train")  # only if the last step did not (an epoch cut short)
