@@ -173,7 +173,8 @@ def part_states(args) -> list[dict]:
             scvi.settings.seed = seed
             CplMixVAE.setup_anndata(adata)
             model = CplMixVAE(adata, n_categories=spec["n_types"], **args.model_kwargs)
-            train = {key: getattr(args, key) for key in ("max_epochs", "state_epochs") if getattr(args, key) is not None}
+            lengths = ("max_epochs", "state_epochs")
+            train = {key: getattr(args, key) for key in lengths if getattr(args, key) is not None}
             model.train(enable_progress_bar=False, accelerator=args.accelerator, **train)
             latent = model.get_latent_representation()
             log_library = np.log(np.asarray(adata.X.sum(axis=1)).ravel())
