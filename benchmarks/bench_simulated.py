@@ -214,7 +214,7 @@ PARTS = {"k_choice": part_k_choice, "states": part_states}
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    p.add_argument("--parts", nargs="+", default=["k_choice"], choices=list(PARTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="simulator data seeds")
     p.add_argument("--regimes", nargs="+", default=list(STATE_REGIMES), choices=list(STATE_REGIMES),
                    help="state regimes of the states part")  # fmt: skip
