@@ -117,7 +117,7 @@ def test_the_state_phase_weighs_the_state_kl_by_state_kl_weight(sim_adata, state
 def test_state_kl_weight_must_be_a_weight(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
     model = CplMixVAE(sim_adata, n_categories=3)
-    with pytest.raises(ValueError, match="`state_kl_weight` must be >= 0.0, got -1.0"):
+    with pytest.raises(ValueError, match=r"`state_kl_weight` must be >= 0\.0, got -1\.0"):
         model.train(max_epochs=1, state_epochs=1, plan_kwargs={"state_kl_weight": -1.0})
 
 
