@@ -1,11 +1,12 @@
-"""The simulator, where the truth is known: the choice of the number of types.
+"""The simulator, where the truth is known: the choice of the number of types; the state latent's regimes.
 
     python benchmarks/bench_simulated.py --seeds 0 1 2 3 4 --model-seeds 0 1 --state-epochs 0 --threads 1
+    python benchmarks/bench_simulated.py --parts states --seeds 0 1 2 3 4 --threads 1
     python benchmarks/bench_simulated.py --seeds 0 --n-cells 600 --n-genes 200 --max-epochs 2 --state-epochs 0 \
         --restarts 1 --prune-kwargs '{"max_rounds": 1, "epochs_per_round": 1}' --out /tmp/x   # smoke test
 
-Parts (``--parts``; each adds its rows to the one result file ``{--out}/{--name}``, default
-``benchmarks/results/pruning``):
+Parts (``--parts``; their rows go to one result file ``{--out}/{--name}``, by default
+``benchmarks/results/pruning``, or ``benchmarks/results/states`` for ``--parts states`` alone):
 
 - ``k_choice``: ``scmixvae.data.simulate`` with ``--n-types`` (8) types of unequal sizes, one data set per
   ``--seeds`` value, each fitted as a user without a number of types fits it: ``CplMixVAE(adata).train()`` (the
@@ -15,6 +16,13 @@ Parts (``--parts``; each adds its rows to the one result file ``{--out}/{--name}
   ``train(prune=True)``: a model given K takes the options of a known K (``--model-kwargs`` to change them).
   Per fit: chosen K, ARI and NMI of ``predict()``, the consensus of the round kept, the K of every round, seconds.
   The first data set is fitted again with every further ``--model-seeds`` value: ARI between the seeds' labels.
+- ``states``: every regime of ``STATE_REGIMES`` (``--regimes``; 2,000 cells x 500 genes), one data set per
+  ``--seeds`` value, fitted with the number of types given (``CplMixVAE(adata, n_categories=K).train()``). Per
+  fit: ``state``, the mean over the true types of the best |Spearman| between a coordinate of
+  ``get_latent_representation()`` and the true state; ``pca_per_type``, the same for a PCA of each true type's
+  log-normalised cells with as many components as the state has (``pca_per_type_5``: 5 components);
+  ``state_depth``, the same against the log library size; the ARI of ``predict()``, of the Leiden partition the
+  model started from (``start_labels_``) and of scanpy's PCA + Leiden. Then per regime the mean ± SD over seeds.
 """
 
 from __future__ import annotations
@@ -105,15 +113,111 @@ def part_k_choice(args) -> list[dict]:
     return rows
 
 
-#: Parts of the benchmark, in the order they run. Another part (a sweep of simulator regimes for the state latent)
-#: is planned; it adds its rows to the same file.
-PARTS = {"k_choice": part_k_choice}
+#: Within-type state regimes of ``states``, on ``STATE_DATA``: each type differs in 8% of the genes (40 markers)
+#: unless said; the state program's share of genes (2-10%) and effect (``state_strength`` x Uniform(0.5, 1.5) log
+#: units) vary; type-specific programs, or one program shared by all types; 2 to 10 types.
+STATE_REGIMES = {
+    "strong": {"n_types": 6, "n_state_genes": 50, "state_strength": 1.5},
+    "moderate": {"n_types": 6, "n_state_genes": 25, "state_strength": 0.8},
+    "weak": {"n_types": 6, "n_state_genes": 10, "state_strength": 0.7},
+    "two_types": {"n_types": 2, "n_state_genes": 25, "state_strength": 0.8},
+    "subtle_types": {"n_types": 10, "n_marker_genes": 10, "type_separation": 0.5, "n_state_genes": 25,
+                     "state_strength": 0.8},
+    "shared": {"n_types": 6, "n_state_genes": 0, "shared_state": True, "n_shared_genes": 40, "state_strength": 0.8},
+}  # fmt: skip
+STATE_DATA = {"n_cells": 2000, "n_genes": 500, "n_marker_genes": 40, "library_size_mean": 3000.0,
+              "dispersion": 0.3, "type_sizes": "balanced"}  # fmt: skip
+
+
+def best_state_correlation(latent: np.ndarray, truth: np.ndarray, types: np.ndarray) -> float:
+    """Mean over the true types of the best |Spearman| between a latent coordinate and the true state."""
+    from scipy.stats import spearmanr
+
+    per_type = []
+    for t in np.unique(types):
+        cells = types == t
+        per_type.append(max(abs(spearmanr(latent[cells, j], truth[cells]).statistic) for j in range(latent.shape[1])))
+    return float(np.mean(per_type))
+
+
+def per_type_pca(adata, types: np.ndarray, n_comps: int) -> np.ndarray:
+    """PCA of the log-normalised cells of each true type, ``n_comps`` components per type, as one array."""
+    import scanpy as sc
+
+    x = adata.copy()
+    sc.pp.normalize_total(x, target_sum=1e4)
+    sc.pp.log1p(x)
+    out = np.zeros((x.n_obs, n_comps))
+    for t in np.unique(types):
+        cells = types == t
+        out[cells] = sc.pp.pca(x.X[cells].toarray(), n_comps=n_comps, random_state=0)
+    return out
+
+
+def part_states(args) -> list[dict]:
+    """Types and states with K given, per regime and seed, against per-type PCA and PCA + Leiden (same data)."""
+    import scvi
+    from _common import clustering_scores, run_pca_leiden
+
+    from scmixvae.data import simulate
+    from scmixvae.model import CplMixVAE
+
+    rows = []
+    for regime in args.regimes:
+        spec = {**STATE_DATA, **STATE_REGIMES[regime]}
+        truth_key = "shared_state" if spec.get("shared_state") else "state"
+        for seed in args.seeds:
+            adata = simulate(**spec, seed=seed)
+            types = adata.obs["type"].astype(str).to_numpy()
+            truth = adata.obs[truth_key].to_numpy()
+            scvi.settings.seed = seed
+            CplMixVAE.setup_anndata(adata)
+            model = CplMixVAE(adata, n_categories=spec["n_types"], **args.model_kwargs)
+            lengths = ("max_epochs", "state_epochs")
+            train = {key: getattr(args, key) for key in lengths if getattr(args, key) is not None}
+            model.train(enable_progress_bar=False, accelerator=args.accelerator, **train)
+            latent = model.get_latent_representation()
+            log_library = np.log(np.asarray(adata.X.sum(axis=1)).ravel())
+            row = {"part": "states", "regime": regime, "seed": seed, "n_types": spec["n_types"],
+                   "state": best_state_correlation(latent, truth, types),
+                   "pca_per_type": best_state_correlation(per_type_pca(adata, types, latent.shape[1]), truth, types),
+                   "pca_per_type_5": best_state_correlation(per_type_pca(adata, types, 5), truth, types),
+                   "state_depth": best_state_correlation(latent, log_library, types),
+                   "ari": clustering_scores(types, model.predict().to_numpy())["ari"],
+                   "start_ari": clustering_scores(types, model.start_labels_)["ari"],
+                   "pca_leiden_ari": run_pca_leiden(adata, types, seed=seed)["ari"]}  # fmt: skip
+            rows.append(row)
+            print(row, flush=True)
+    return rows + state_summary(rows)
+
+
+def state_summary(rows: list[dict]) -> list[dict]:
+    """Per regime: mean and standard deviation over seeds; how many seeds the model matches its peers."""
+    out = []
+    for regime in dict.fromkeys(r["regime"] for r in rows):
+        fits = [r for r in rows if r["regime"] == regime]
+        summary = {"part": "states", "regime": regime, "seed": "MEAN ± SD", "n_types": fits[0]["n_types"]}
+        for key in ("state", "pca_per_type", "pca_per_type_5", "state_depth", "ari", "start_ari", "pca_leiden_ari"):
+            values = np.array([r[key] for r in fits])
+            summary[key] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+        summary["state_at_least_pca"] = f"{sum(r['state'] >= r['pca_per_type'] for r in fits)}/{len(fits)}"
+        summary["ari_at_least_start_and_leiden"] = (
+            f"{sum(r['ari'] >= max(r['start_ari'], r['pca_leiden_ari']) - 1e-9 for r in fits)}/{len(fits)}"
+        )
+        out.append(summary)
+    return out
+
+
+#: Parts of the benchmark, in the order they run; each adds its rows to the one result file.
+PARTS = {"k_choice": part_k_choice, "states": part_states}
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", nargs="+", default=list(PARTS), choices=list(PARTS))
+    p.add_argument("--parts", nargs="+", default=["k_choice"], choices=list(PARTS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4], help="simulator data seeds")
+    p.add_argument("--regimes", nargs="+", default=list(STATE_REGIMES), choices=list(STATE_REGIMES),
+                   help="state regimes of the states part")  # fmt: skip
     p.add_argument("--model-seeds", nargs="+", type=int, default=[0, 1], help="model seeds on the first data set")
     p.add_argument("--n-cells", type=int, default=3000)
     p.add_argument("--n-genes", type=int, default=1000)
@@ -127,8 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the result files")
-    p.add_argument("--name", default="pruning")
+    p.add_argument("--name", default=None, help="result file; default: pruning, or states for --parts states")
     args = p.parse_args(argv)
+    if args.name is None:
+        args.name = "states" if args.parts == ["states"] else "pruning"
     from _common import quiet, set_threads, warm_up, write_results
 
     set_threads(args.threads)

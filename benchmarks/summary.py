@@ -32,6 +32,10 @@ RESULTS: list[tuple[str, str, str]] = [
      "CplMixVAE given the reference number of types (one row per likelihood) on the five real sets."),
     ("bench_simulated.py", "pruning",
      "Choice of the number of types on the simulator (8 types): chosen K, ARI, agreement of two model seeds."),
+    ("bench_simulated.py --parts states", "states",
+     "Types and states with K given over simulated regimes (state programs on 2-10% of the genes, effects 0.35-2.25 "
+     "log units, type-specific or shared, 2-10 types): the best state coordinate's |Spearman| with the true state "
+     "against a per-type PCA, and the types against their Leiden start and PCA + Leiden."),
     ("bench_state_genes.py", "state_genes",
      "Interferon-β-stimulated PBMCs with the condition registered: interferon-stimulated genes among each type's "
      "state genes, AUROC of control vs stimulated along the state, cell-type ARI."),

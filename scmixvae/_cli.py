@@ -124,7 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         "--likelihood",
         default=None,
         choices=["nb", "zinb", "gaussian"],
-        help="likelihood of the counts (default: the model's, gaussian)",
+        help="likelihood of the counts (default: the model's, nb)",
     )
     fit.add_argument(
         "--batch-size", type=_int_at_least(2), default=None, help="cells per minibatch (default: the model's, 128)"

@@ -212,19 +212,19 @@ def test_options_depend_on_whether_the_model_chooses_k(sim_adata):
 
     CplMixVAE.setup_anndata(sim_adata)
     chooses = CplMixVAE(sim_adata)
-    assert chooses.module.augmentation == "knn" and chooses.module.likelihood == "gaussian"
+    assert chooses.module.augmentation == "knn" and chooses.module.likelihood == "nb"
     assert chooses.module.state_encoder_kind == "separate"
     given = CplMixVAE(sim_adata, n_categories=3)
-    assert given.module.augmentation == "dropout" and given.module.likelihood == "gaussian"
+    assert given.module.augmentation == "dropout" and given.module.likelihood == "nb"
     assert given.module.state_encoder_kind == "separate"
-    common = {"likelihood": "gaussian", "state_encoder": "separate"}
+    common = {"state_encoder": "separate"}
     assert _default_options(True) == {"augmentation": "knn", **common}
     assert _default_options(False) == {"augmentation": "dropout", **common}
     explicit = CplMixVAE(sim_adata, likelihood="gaussian", state_encoder="shared", augmentation="thinning")
     assert (explicit.module.likelihood, explicit.module.state_encoder_kind) == ("gaussian", "shared")
     assert explicit.module.augmentation == "thinning"
-    assert CplMixVAE(sim_adata, likelihood="nb").init_params_["non_kwargs"]["likelihood"] == "nb"
-    assert chooses.init_params_["non_kwargs"]["likelihood"] == "gaussian"  # saved as resolved
+    assert CplMixVAE(sim_adata, likelihood="gaussian").init_params_["non_kwargs"]["likelihood"] == "gaussian"
+    assert chooses.init_params_["non_kwargs"]["likelihood"] == "nb"
     assert "initial_coupling_weight" not in chooses.init_params_["non_kwargs"]
     with pytest.raises(ValueError, match="state_encoder"):
         CplMixVAE(sim_adata, state_encoder="trunk")

@@ -201,6 +201,25 @@ def test_shared_state_program():
     assert rho > 0.5
 
 
+def test_shared_program_alone_has_its_own_size():
+    adata = simulate(**{**SMALL, "n_state_genes": 0}, shared_state=True, n_shared_genes=25, seed=6)
+    truth = adata.uns["simulation"]
+    assert not truth["state_programs"].any()
+    assert np.count_nonzero(truth["shared_program"]) == 25 == len(truth["shared_genes"])
+    assert truth["params"]["n_shared_genes"] == 25
+    up = truth["shared_program"] > 0
+    rho = spearmanr(adata.obs["shared_state"], _log_normalise(adata.X)[:, up].mean(axis=1)).statistic
+    assert rho > 0.5
+
+
+def test_shared_program_size_defaults_to_the_state_programs():
+    default = simulate(**SMALL, shared_state=True, seed=2)
+    explicit = simulate(**SMALL, shared_state=True, n_shared_genes=SMALL["n_state_genes"], seed=2)
+    assert (default.X != explicit.X).nnz == 0
+    with pytest.raises(ValueError, match="n_shared_genes"):
+        simulate(**SMALL, shared_state=True, n_shared_genes=SMALL["n_genes"] + 1)
+
+
 def test_program_sizes_default_to_what_the_genes_allow():
     assert simulate(200, 100, 2).uns["simulation"]["params"]["n_state_genes"] == 40
     few = simulate(100, 20, 2)

@@ -102,6 +102,25 @@ def test_constant_kl_weight_is_logged_once_per_epoch(sim_adata):
     np.testing.assert_allclose(warm.iloc[:, 0].to_numpy(float), [0.3, 0.7])
 
 
+@pytest.mark.parametrize("state_kl_weight", [None, 1.0, 0.25])
+def test_the_state_phase_weighs_the_state_kl_by_state_kl_weight(sim_adata, state_kl_weight):
+    CplMixVAE.setup_anndata(sim_adata)
+    scvi.settings.seed = 0
+    model = CplMixVAE(sim_adata, n_categories=3)
+    plan_kwargs = {} if state_kl_weight is None else {"state_kl_weight": state_kl_weight}
+    model.train(max_epochs=2, state_epochs=2, batch_size=64, enable_progress_bar=False, plan_kwargs=plan_kwargs)
+    weights = model.history["kl_weight"].iloc[:, 0].to_numpy(float)
+    expected = 0.1 if state_kl_weight is None else state_kl_weight  # the default: 0.1
+    np.testing.assert_allclose(weights, [1.0, 1.0, expected, expected])  # the categories train at the full weight
+
+
+def test_state_kl_weight_must_be_a_weight(sim_adata):
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3)
+    with pytest.raises(ValueError, match=r"`state_kl_weight` must be >= 0\.0, got -1\.0"):
+        model.train(max_epochs=1, state_epochs=1, plan_kwargs={"state_kl_weight": -1.0})
+
+
 def _trained_cells(model, **train_kwargs) -> set[int]:
     """The cells that the training steps of one ``train()`` call see (their minibatches carry their indices)."""
     cells, loss = set(), model.module.loss

@@ -43,6 +43,7 @@ def simulate(
     n_batches: int = 1,
     batch_effect: float = 0.5,
     shared_state: bool = False,
+    n_shared_genes: int | None = None,
     library_size_mean: float = 2500.0,
     library_size_sigma: float = 0.35,
     dispersion: float = 0.4,
@@ -70,7 +71,7 @@ def simulate(
        continuous gradient inside each type, from ``s_c = 0`` (baseline) to ``s_c = 1`` (full program). With the
        defaults the gradient is clear (e.g. the mean of a type's up-regulated state genes tracks ``s_c``) but
        does not split the type into clusters.
-    4. **Shared state** (``shared_state=True``). One more program ``q`` on ``n_state_genes`` genes, the same for
+    4. **Shared state** (``shared_state=True``). One more program ``q`` on ``n_shared_genes`` genes, the same for
        all types (like a stimulation), driven by a second per-cell value ``r_c ~ Uniform(0, 1)``
        (``obs["shared_state"]``), with log-fold changes drawn as for the state programs.
     5. **Batches.** Cells are assigned uniformly at random to ``n_batches`` batches; batch ``k`` adds gene-wise
@@ -113,6 +114,9 @@ def simulate(
         Standard deviation of the gene-wise log-scale batch effects.
     shared_state
         Whether to add the program shared by all types and its driver ``obs["shared_state"]``.
+    n_shared_genes
+        Number of genes of the shared program (default: ``n_state_genes``). With ``n_state_genes=0`` the shared
+        program is the only state, as with a stimulation that acts alike in every type.
     library_size_mean
         Mean library size (expected total count per cell).
     library_size_sigma
@@ -150,9 +154,10 @@ def simulate(
     >>> adata.obs["type"].cat.categories.tolist()
     ['type_0', 'type_1', 'type_2', 'type_3']
     """
-    n_marker_genes, n_state_genes = _check_arguments(
+    n_marker_genes, n_state_genes, n_shared_genes = _check_arguments(
         n_cells, n_genes, n_types, n_marker_genes=n_marker_genes, n_state_genes=n_state_genes, n_batches=n_batches,
-        batch_effect=batch_effect, shared_state=shared_state, library_size_mean=library_size_mean,
+        batch_effect=batch_effect, shared_state=shared_state, n_shared_genes=n_shared_genes,
+        library_size_mean=library_size_mean,
         library_size_sigma=library_size_sigma, dispersion=dispersion, type_separation=type_separation,
         state_strength=state_strength, seed=seed, sparse=sparse,
     )  # fmt: skip
@@ -171,7 +176,8 @@ def simulate(
     # type and state programs
     type_programs, marker_genes, state_programs, state_genes, shared_program, shared_genes = _draw_programs(
         rng, gene_names, type_names, expressed_weight, n_marker_genes=n_marker_genes, n_state_genes=n_state_genes,
-        type_separation=type_separation, state_strength=state_strength, shared_state=shared_state,
+        type_separation=type_separation, state_strength=state_strength,
+        n_shared_genes=n_shared_genes if shared_state else 0,
     )  # fmt: skip
     batch_effects = np.zeros((n_batches, n_genes))
     if n_batches > 1:
@@ -208,6 +214,7 @@ def simulate(
         "n_cells": int(n_cells), "n_genes": int(n_genes), "n_types": int(n_types),
         "n_marker_genes": int(n_marker_genes), "n_state_genes": int(n_state_genes), "type_sizes": sizes_mode,
         "n_batches": int(n_batches), "batch_effect": float(batch_effect), "shared_state": bool(shared_state),
+        "n_shared_genes": int(n_shared_genes),
         "library_size_mean": float(library_size_mean), "library_size_sigma": float(library_size_sigma),
         "dispersion": float(dispersion), "type_separation": float(type_separation),
         "state_strength": float(state_strength), "seed": int(seed),
@@ -251,6 +258,7 @@ def _check_arguments(
     n_batches,
     batch_effect,
     shared_state,
+    n_shared_genes,
     library_size_mean,
     library_size_sigma,
     dispersion,
@@ -258,8 +266,8 @@ def _check_arguments(
     state_strength,
     seed,
     sparse,
-) -> tuple[int, int]:
-    """Check the arguments of :func:`simulate`; return ``n_marker_genes`` and ``n_state_genes`` with defaults."""
+) -> tuple[int, int, int]:
+    """Check the arguments of :func:`simulate`; return ``n_marker_genes``, ``n_state_genes`` and ``n_shared_genes``."""
     _check_int("n_cells", n_cells, minimum=1)
     _check_int("n_genes", n_genes, minimum=1)
     _check_int("n_types", n_types, minimum=1)
@@ -280,6 +288,11 @@ def _check_arguments(
             f"`n_state_genes` ({n_state_genes}) must be at most `n_genes - n_marker_genes` "
             f"({n_genes - n_marker_genes}), as state genes are drawn outside the type's markers; lower one of them."
         )
+    if n_shared_genes is None:
+        n_shared_genes = n_state_genes
+    _check_int("n_shared_genes", n_shared_genes, minimum=0)
+    if n_shared_genes > n_genes:
+        raise ValueError(f"`n_shared_genes` ({n_shared_genes}) must not exceed `n_genes` ({n_genes}).")
     _check_int("n_batches", n_batches, minimum=1)
     if n_batches > n_cells:
         raise ValueError(f"`n_batches` ({n_batches}) must not exceed `n_cells` ({n_cells}).")
@@ -294,7 +307,7 @@ def _check_arguments(
         raise TypeError(f"`shared_state` must be True or False, got {shared_state!r}.")
     if not isinstance(sparse, bool | np.bool_):
         raise TypeError(f"`sparse` must be True or False, got {sparse!r}.")
-    return n_marker_genes, n_state_genes
+    return n_marker_genes, n_state_genes, n_shared_genes
 
 
 def _draw_programs(
@@ -307,12 +320,12 @@ def _draw_programs(
     n_state_genes: int,
     type_separation: float,
     state_strength: float,
-    shared_state: bool,
+    n_shared_genes: int,
 ) -> tuple[np.ndarray, dict, np.ndarray, dict, np.ndarray, np.ndarray]:
     """Draw every type's program and state program, and the shared program (steps 2 to 4 of :func:`simulate`).
 
-    Returns the type programs and marker genes, the state programs and state genes, the shared program and its
-    genes.
+    Returns the type programs and marker genes, the state programs and state genes, the shared program (on
+    ``n_shared_genes`` genes; none when 0) and its genes.
     """
     n_types, n_genes = len(type_names), len(gene_names)
     type_programs = np.zeros((n_types, n_genes))
@@ -328,8 +341,8 @@ def _draw_programs(
         state_programs[t, chosen] = _program(rng, chosen, state_strength)
         state_genes[name] = gene_names[chosen]
     shared_program = np.zeros(n_genes)
-    if shared_state:
-        chosen = _weighted_choice(rng, np.arange(n_genes), expressed_weight, n_state_genes)
+    if n_shared_genes > 0:
+        chosen = _weighted_choice(rng, np.arange(n_genes), expressed_weight, n_shared_genes)
         shared_program[chosen] = _program(rng, chosen, state_strength)
         shared_genes = gene_names[chosen]
     else:

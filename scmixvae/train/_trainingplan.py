@@ -12,6 +12,7 @@ from scvi import REGISTRY_KEYS
 from scvi.train import SaveCheckpoint, TrainingPlan
 from torchmetrics import Metric
 
+from .. import _validation as check
 from ..module._components import recompute_norm_statistics
 
 logger = logging.getLogger(__name__)
@@ -57,6 +58,11 @@ class CplMixVAETrainingPlan(TrainingPlan):
         weight's tenfold rises at its low end as at its high end. ``None``: no warm-up. The weight in use is
         logged as ``coupling_weight`` and, at the end of the run, kept with the module as ``coupling_factor``
         (where a later warm-up of a fit starts from).
+    state_kl_weight
+        Factor of the state KL weight in the state phase (the categorical path frozen). Below 1 the state
+        latent keeps more of each type's within-type programs: at 1 (the published weight) moderate programs
+        shrink towards the prior, and the state then follows a within-type PCA less closely (the state regimes of
+        the benchmarks page). The categories train at the full weight.
     state_phase_start
         Epoch (counted from 0) from which the module's categorical path is frozen: the encoder trunk and the
         categorical heads read the real cell and learn nothing, so the types stay as they are, while the state
@@ -90,6 +96,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
         max_coupling_factor: float = 1.0,
         min_coupling_factor: float = 1e-3,
         n_epochs_coupling_warmup: int | None = None,
+        state_kl_weight: float = 0.1,
         state_phase_start: int | None = None,
         **kwargs: Any,
     ):
@@ -99,6 +106,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
         self.fused_optimizer = fused_optimizer
         self.defer_logging = defer_logging
         self.state_phase_start = state_phase_start
+        self.state_kl_weight = check.check_float("state_kl_weight", state_kl_weight)
         self.max_coupling_factor, self.min_coupling_factor = float(max_coupling_factor), float(min_coupling_factor)
         self.n_epochs_coupling_warmup = n_epochs_coupling_warmup
         self.coupling_factor = self.max_coupling_factor if n_epochs_coupling_warmup is None else min_coupling_factor
@@ -188,6 +196,12 @@ class CplMixVAETrainingPlan(TrainingPlan):
         else:
             pending[name] = ([value], [float(weight)], kwargs)
         return None
+
+    @property
+    def kl_weight(self):
+        """scvi-tools' KL weight (with its warm-up), times ``state_kl_weight`` in the state phase."""
+        weight = super().kl_weight
+        return weight * self.state_kl_weight if self.module.categories_frozen else weight
 
     def _constant_kl_weight(self) -> bool:
         return self.n_epochs_kl_warmup is None and self.n_steps_kl_warmup is None
