@@ -22,7 +22,7 @@ Parts (``--parts``; their rows go to one result file ``{--out}/{--name}``, by de
   ``get_latent_representation()`` and the true state; ``pca_per_type``, the same for a PCA of each true type's
   log-normalised cells with as many components as the state has (``pca_per_type_5``: 5 components);
   ``state_depth``, the same against the log library size; the ARI of ``predict()``, of the Leiden partition the
-  model started from (``start_labels_``) and of scanpy's PCA + Leiden. Then per regime the mean ± SD over seeds.
+  model started from (``start_labels``) and of scanpy's PCA + Leiden. Then per regime the mean ± SD over seeds.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def part_states(args) -> list[dict]:
                    "pca_per_type_5": best_state_correlation(per_type_pca(adata, types, 5), truth, types),
                    "state_depth": best_state_correlation(latent, log_library, types),
                    "ari": clustering_scores(types, model.predict().to_numpy())["ari"],
-                   "start_ari": clustering_scores(types, model.start_labels_)["ari"],
+                   "start_ari": clustering_scores(types, model.start_labels)["ari"],
                    "pca_leiden_ari": run_pca_leiden(adata, types, seed=seed)["ari"]}  # fmt: skip
             rows.append(row)
             print(row, flush=True)

@@ -105,7 +105,7 @@ SEPARATE = {
 }  # fmt: skip
 PROPERTIES = {
     "adata", "adata_manager", "category_names", "device", "get_normalized_function_name", "history", "is_trained",
-    "n_categories", "pruning_history", "restart_history", "registry", "run_id", "run_name", "start_labels_",
+    "n_categories", "pruning_history", "restart_history", "registry", "run_id", "run_name", "start_labels",
     "summary_string", "test_indices", "train_indices", "validation_indices",
 }  # fmt: skip
 
@@ -132,7 +132,7 @@ def test_properties(trained_model):
     assert m.get_normalized_function_name == "get_normalized_expression"
     assert "train_loss" in m.history and len(m.history["train_loss"]) >= 3
     assert m.pruning_history.empty and m.restart_history.empty
-    assert m.start_labels_.shape == (N_CELLS,) and set(np.unique(m.start_labels_)) <= {0, 1, 2, 3}
+    assert m.start_labels.shape == (N_CELLS,) and set(np.unique(m.start_labels)) <= {0, 1, 2, 3}
     assert m.registry["model_name"] == "CplMixVAE"
     assert m.run_id is None or isinstance(m.run_id, str)
     assert m.run_name is None or isinstance(m.run_name, str)

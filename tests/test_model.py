@@ -96,6 +96,7 @@ def test_save_load_round_trip_is_exact(trained_model, tmp_path):
         trained_model.save(tmp_path / "model", overwrite=True, save_anndata=False)
         loaded = CplMixVAE.load(tmp_path / "model", adata=trained_model.adata)
         assert loaded.n_categories == 3
+        assert trained_model.start_labels is not None and loaded.start_labels is None  # the start is not saved
         pd.testing.assert_frame_equal(trained_model.predict(soft=True), loaded.predict(soft=True))
         np.testing.assert_array_equal(trained_model.get_latent_representation(), loaded.get_latent_representation())
         for (name, a), (_, b) in zip(

@@ -1091,7 +1091,7 @@ class CplMixVAE(
         )
 
     @property
-    def start_labels_(self) -> np.ndarray | None:
+    def start_labels(self) -> np.ndarray | None:
         """The Leiden partition the categorical heads were fitted to before the first training, one code per cell.
 
         Codes ``0 .. n_categories - 1`` of the cells the model was set up with (when restarts ran, the start of
