@@ -74,7 +74,7 @@ READ_OUTS = {
     ),
     "get_likelihood_parameters": (
         lambda m: m.get_likelihood_parameters(),
-        lambda m, r: set(r) == {"mean"} and r["mean"].shape == (N_CELLS, N_GENES),
+        lambda m, r: set(r) == {"mean", "dispersions"} and all(v.shape == (N_CELLS, N_GENES) for v in r.values()),
     ),
     "get_latent_library_size": (
         lambda m: m.get_latent_library_size(),
