@@ -167,12 +167,14 @@ def recompute_norm_statistics(module: nn.Module, batches: Iterable[Any], forward
     cumulative average: ``momentum=None``), so that what ``forward`` encodes (e.g. the real cells, where training
     normalised augmented views) sets the statistics that evaluation-mode read-outs use. Each norm layer's momentum
     and every submodule's mode are restored afterwards; a layer that sees no minibatch of two or more cells keeps
-    its statistics.
+    its statistics, and so does a layer whose statistics are frozen (momentum 0, as a query model's reference
+    statistics).
     """
+    tracked = (StackedBatchNorm, nn.modules.batchnorm._BatchNorm)
     norms = [
         m
         for m in module.modules()
-        if isinstance(m, StackedBatchNorm) or (isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats)
+        if isinstance(m, tracked) and getattr(m, "track_running_stats", True) and m.momentum != 0
     ]
     if not norms:
         return
