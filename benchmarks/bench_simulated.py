@@ -241,10 +241,15 @@ def main(argv: list[str] | None = None) -> None:
     quiet()
     warm_up(args.accelerator)
     rows = [row for part in args.parts for row in PARTS[part](args)]
-    note = (
-        "`seconds`: the whole fit, constructor to the end of `train()`; `k_path`: K of every pruning round of the "
-        "fit kept; `k_within_1`: chosen K within one of the true number of types."
-    )
+    notes = {
+        "k_choice": "`seconds`: the whole fit, constructor to the end of `train()`; `k_path`: K of every pruning round "
+        "of the fit kept; `k_within_1`: chosen K within one of the true number of types.",
+        "states": "`state`, `pca_per_type` (`_5`: five components), `state_depth`: mean over the true types of the "
+        "best |Spearman| of a coordinate with the true state (or the log library size); `ari`, `start_ari`, "
+        "`pca_leiden_ari`: the types of `predict()`, of the Leiden start and of PCA + Leiden; per regime the mean "
+        "± SD over seeds, `state_at_least_pca` and `ari_at_least_start_and_leiden` count the seeds.",
+    }
+    note = " ".join(notes[part] for part in args.parts)
     write_results(args.name, rows, extra_md=note, out=args.out)
 
 
