@@ -161,45 +161,30 @@ class StackedMLP(nn.Module):
 
 
 def recompute_norm_statistics(module: nn.Module, batches: Iterable[Any], forward: Callable[[Any], Any]) -> None:
-    """Recompute the running statistics of every batch norm in ``module`` from ``forward`` over ``batches``.
+    """Recompute the running statistics of each :class:`StackedBatchNorm` in ``module`` over ``batches``.
 
     One pass without gradients, with the module in evaluation mode except its norm layers (training mode,
     cumulative average: ``momentum=None``), so that what ``forward`` encodes (e.g. the real cells, where training
     normalised augmented views) sets the statistics that evaluation-mode read-outs use. Each norm layer's momentum
-    and every submodule's mode are restored afterwards; a layer that sees no minibatch of two or more cells keeps
-    its statistics, and so does a layer whose statistics are frozen (momentum 0, as a query model's reference
-    statistics).
+    and every submodule's mode are restored afterwards. A layer that sees no minibatch of two or more cells keeps its
+    statistics (the cumulative average starts with the first one it sees), and so does a layer whose statistics are
+    frozen (momentum 0, as a query model's reference statistics).
     """
-    tracked = (StackedBatchNorm, nn.modules.batchnorm._BatchNorm)
-    norms = [
-        m
-        for m in module.modules()
-        if isinstance(m, tracked) and getattr(m, "track_running_stats", True) and m.momentum != 0
-    ]
+    norms = [m for m in module.modules() if isinstance(m, StackedBatchNorm) and m.momentum != 0]
     if not norms:
         return
     modes = {m: m.training for m in module.modules()}
     momenta = [norm.momentum for norm in norms]
-    saved = [{k: v.clone() for k, v in norm.state_dict().items()} for norm in norms]
     try:
         module.eval()
         for norm in norms:
             norm.train()
-            norm.momentum = None
-            if isinstance(norm, StackedBatchNorm):
-                norm.n_cells_tracked = 0
-            else:  # torch's cumulative average counts minibatches
-                norm.num_batches_tracked.zero_()
+            norm.momentum, norm.n_cells_tracked = None, 0
         with torch.no_grad():
             for batch in batches:
                 forward(batch)
     finally:
-        for norm, momentum, state in zip(norms, momenta, saved, strict=True):
+        for norm, momentum in zip(norms, momenta, strict=True):
             norm.momentum = momentum
-            untouched = (
-                norm.n_cells_tracked == 0 if isinstance(norm, StackedBatchNorm) else not norm.num_batches_tracked
-            )
-            if untouched:
-                norm.load_state_dict(state)
         for m, training in modes.items():
             m.training = training
