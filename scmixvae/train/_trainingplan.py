@@ -247,10 +247,11 @@ class CplMixVAETrainingPlan(TrainingPlan):
         """scvi-tools' training step; its epoch-level logging is deferred to the epoch's last step."""
         self.coupling_factor = self._coupling_factor(batch_idx)
         self.loss_kwargs["coupling_factor"] = self.coupling_factor
-        warmup = bool(self.n_epochs_coupling_warmup)  # per step with a warm-up (as scvi-tools' kl_weight)
-        self.log(
-            "coupling_weight", self.coupling_factor * self.module.coupling_weight, on_step=warmup, on_epoch=not warmup
-        )
+        # logged at every step during a warm-up (as scvi-tools' kl_weight); a constant weight once, at the epoch's end
+        warmup = bool(self.n_epochs_coupling_warmup)
+        if warmup or self._last_training_batch():
+            weight = self.coupling_factor * self.module.coupling_weight
+            self.log("coupling_weight", weight, on_step=warmup, on_epoch=not warmup)
         loss = self._run_deferred("train", super().training_step, batch, batch_idx)
         value = loss["loss"] if isinstance(loss, dict) else loss
         if isinstance(value, torch.Tensor):  # on the device: no host synchronisation per step
