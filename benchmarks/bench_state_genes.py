@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the result files")
     p.add_argument("--name", default="state_genes")
     p.add_argument("--max-epochs", type=int, default=None, help="epochs of each fit (default: the model's)")
-    p.add_argument("--model-kwargs", type=json.loads, default={}, help='JSON, e.g. \'{"state_encoder": "separate"}\'')
+    p.add_argument("--model-kwargs", type=json.loads, default={}, help="JSON, e.g. '{\"beta\": 0.5}'")
     p.add_argument(
         "--normalize",
         action=argparse.BooleanOptionalAction,

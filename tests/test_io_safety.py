@@ -190,8 +190,21 @@ def _save_as_before(model, folder, non_kwargs=None, module_kwargs=None):
     torch.save(content, path)
 
 
-OLD_DEFAULTS = {"category_init": "leiden", "n_hidden_state": 32, "initial_coupling_weight": None}
-OLD_MODULE_DEFAULTS = {"gumbel_temperature": 1.0, "coupling_eps": 1e-8, "entropy_weight": 1.0}
+OLD_DEFAULTS = {
+    "category_init": "leiden",
+    "n_hidden_state": 32,
+    "initial_coupling_weight": None,
+    "state_encoder": "separate",
+    "augmentation_strength": None,
+    "condition_weight": 1.0,
+}
+OLD_MODULE_DEFAULTS = {
+    "gumbel_temperature": 1.0,
+    "coupling_eps": 1e-8,
+    "entropy_weight": 1.0,
+    "coupling": "clr",
+    "category_state_interaction": True,
+}
 
 
 def test_a_model_saved_with_removed_options_at_their_fixed_values_loads(trained_model, tmp_path):
@@ -199,6 +212,7 @@ def test_a_model_saved_with_removed_options_at_their_fixed_values_loads(trained_
     loaded = CplMixVAE.load(tmp_path / "old", adata=trained_model.adata)
     pd.testing.assert_frame_equal(loaded.predict(soft=True), trained_model.predict(soft=True))
     assert not {*OLD_DEFAULTS, *OLD_MODULE_DEFAULTS} & set(loaded.init_params_["non_kwargs"])
+    assert not set(OLD_MODULE_DEFAULTS) & set(loaded.init_params_["kwargs"]["module_kwargs"])
     # a trained model's category_init and initial_coupling_weight shaped only its training: any value loads
     _save_as_before(trained_model, tmp_path / "random", {"category_init": "random", "initial_coupling_weight": 0.01})
     assert CplMixVAE.load(tmp_path / "random", adata=trained_model.adata).is_trained_
@@ -208,7 +222,12 @@ def test_a_model_saved_with_removed_options_at_their_fixed_values_loads(trained_
     ("non_kwargs", "module_kwargs", "match"),
     [
         ({"n_hidden_state": 64}, None, r"saved with n_hidden_state=64, an option .* no longer has .*=32"),
-        ({"state_encoder": "staged"}, None, r"saved with state_encoder='staged'.*use 'separate' or 'shared'"),
+        ({"state_encoder": "staged"}, None, r"saved with state_encoder='staged'.*only state_encoder='separate'"),
+        ({"state_encoder": "shared"}, None, r"saved with state_encoder='shared', an option .*='separate'"),
+        ({"augmentation_strength": 0.5}, None, r"saved with augmentation_strength=0\.5, an option"),
+        ({"condition_weight": 0.0}, None, r"saved with condition_weight=0\.0, an option .*=1\.0"),
+        (None, {"coupling": "aitchison"}, r"saved with coupling='aitchison', an option .*only coupling='clr'"),
+        (None, {"category_state_interaction": False}, r"saved with category_state_interaction=False, an option"),
         (None, {"entropy_weight": 0.0}, r"saved with entropy_weight=0\.0, an option"),
         (None, {"gumbel_temperature": 0.5}, r"saved with gumbel_temperature=0\.5, an option"),
     ],

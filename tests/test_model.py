@@ -107,16 +107,14 @@ def test_save_load_round_trip_is_exact(trained_model, tmp_path):
         trained_model.module.category_mask[3] = True
 
 
-def test_separate_state_encoder_round_trips_and_feeds_the_state_readouts(sim_adata, tmp_path):
+def test_state_encoder_round_trips_and_feeds_the_state_readouts(sim_adata, tmp_path):
     import scmixvae
 
     CplMixVAE.setup_anndata(sim_adata)
-    model = _fit(sim_adata, n_categories=3, state_encoder="separate")
-    assert model.module.state_encoder is not None
-    assert "state_encoder: separate" in model._model_summary_string
+    model = _fit(sim_adata, n_categories=3)
     model.save(tmp_path / "model", save_anndata=False)
     loaded = CplMixVAE.load(tmp_path / "model", adata=sim_adata)
-    assert loaded.module.state_encoder is not None
+    torch.testing.assert_close(loaded.module.state_encoder.state_dict(), model.module.state_encoder.state_dict())
     np.testing.assert_array_equal(model.get_latent_representation(), loaded.get_latent_representation())
     state = model.get_latent_representation()
     assert state.shape == (sim_adata.n_obs, 2) and np.isfinite(state).all()
@@ -191,10 +189,9 @@ def _categorical_path(module):
     return _weights(module, ("encoder.", "trunk_out.", "trunk_norm.", "category_head."))
 
 
-@pytest.mark.parametrize("state_encoder", ["separate", "shared"])
-def test_state_phase_trains_the_states_and_leaves_the_types_exactly(sim_adata, state_encoder):
+def test_state_phase_trains_the_states_and_leaves_the_types_exactly(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
-    model = _fit(sim_adata, n_categories=3, state_encoder=state_encoder, train={"max_epochs": 2, "state_epochs": 0})
+    model = _fit(sim_adata, n_categories=3, train={"max_epochs": 2, "state_epochs": 0})
     assert len(model.history["train_loss"]) == 2
     frozen, soft, state = _categorical_path(model.module), model.predict(soft=True), model.get_latent_representation()
     decoder = model.module.px_head.weight.detach().clone()
@@ -214,21 +211,15 @@ def test_options_depend_on_whether_the_model_chooses_k(sim_adata):
     CplMixVAE.setup_anndata(sim_adata)
     chooses = CplMixVAE(sim_adata)
     assert chooses.module.augmentation == "knn" and chooses.module.likelihood == "nb"
-    assert chooses.module.state_encoder_kind == "separate"
     given = CplMixVAE(sim_adata, n_categories=3)
     assert given.module.augmentation == "dropout" and given.module.likelihood == "nb"
-    assert given.module.state_encoder_kind == "separate"
-    common = {"state_encoder": "separate"}
-    assert _default_options(True) == {"augmentation": "knn", **common}
-    assert _default_options(False) == {"augmentation": "dropout", **common}
-    explicit = CplMixVAE(sim_adata, likelihood="gaussian", state_encoder="shared", augmentation="thinning")
-    assert (explicit.module.likelihood, explicit.module.state_encoder_kind) == ("gaussian", "shared")
-    assert explicit.module.augmentation == "thinning"
+    assert _default_options(True) == {"augmentation": "knn"}
+    assert _default_options(False) == {"augmentation": "dropout"}
+    explicit = CplMixVAE(sim_adata, likelihood="gaussian", augmentation="thinning")
+    assert (explicit.module.likelihood, explicit.module.augmentation) == ("gaussian", "thinning")
     assert CplMixVAE(sim_adata, likelihood="gaussian").init_params_["non_kwargs"]["likelihood"] == "gaussian"
     assert chooses.init_params_["non_kwargs"]["likelihood"] == "nb"
     assert "initial_coupling_weight" not in chooses.init_params_["non_kwargs"]
-    with pytest.raises(ValueError, match="state_encoder"):
-        CplMixVAE(sim_adata, state_encoder="trunk")
 
 
 def test_state_phase_follows_the_epochs_of_every_part(sim_adata, monkeypatch):
@@ -301,7 +292,6 @@ def test_readouts_on_new_data_with_the_same_genes(trained_model):
         ({"input_dropout": 1.0}, ValueError, "input_dropout"),
         ({"tau": 0.0}, ValueError, "tau"),
         ({"n_agents": "2"}, TypeError, "n_agents"),
-        ({"state_encoder": "staged"}, ValueError, r"`state_encoder` must be one of \['separate', 'shared'\]"),
         # removed options: a clear error naming the option and the value the model uses
         ({"category_init": "random"}, TypeError, r"'category_init'\. It was removed: .*category_init='leiden'"),
         ({"n_hidden_state": 64}, TypeError, r"'n_hidden_state'\. It was removed: .*n_hidden_state=32"),
@@ -309,7 +299,12 @@ def test_readouts_on_new_data_with_the_same_genes(trained_model):
         ({"entropy_weight": 0.0}, TypeError, "'entropy_weight'. It was removed"),
         ({"coupling_eps": 1e-6}, TypeError, "'coupling_eps'. It was removed"),
         ({"initial_coupling_weight": 0.01}, TypeError, "'initial_coupling_weight'. It was removed: a fit that prunes"),
-        ({"n_batch": 3}, TypeError, r"unexpected keyword argument 'n_batch'.*\['dispersion', 'coupling'"),
+        ({"state_encoder": "shared"}, TypeError, r"'state_encoder'\. It was removed: .*state_encoder='separate'"),
+        ({"coupling": "aitchison"}, TypeError, r"'coupling'\. It was removed: .*coupling='clr'"),
+        ({"category_state_interaction": False}, TypeError, r"'category_state_interaction'\. It was removed: .*=True"),
+        ({"augmentation_strength": 0.5}, TypeError, r"'augmentation_strength'\. It was removed: each augmentation"),
+        ({"condition_weight": 0.5}, TypeError, r"'condition_weight'\. It was removed: .*condition_weight=1\.0"),
+        ({"n_batch": 3}, TypeError, r"unexpected keyword argument 'n_batch'.*\['dispersion'\]"),
     ],
 )
 def test_bad_parameters_raise(sim_adata, kwargs, error, match):
@@ -369,8 +364,8 @@ def test_condition_key_is_registered_logged_and_round_trips(tmp_path):
     obs_before = adata.obs.copy()
     CplMixVAE.setup_anndata(adata, condition_key="condition")
     pd.testing.assert_frame_equal(adata.obs[obs_before.columns], obs_before)
-    model = _fit(adata, n_categories=3, condition_weight=0.5, train={"max_epochs": 2, "state_epochs": 0})
-    assert model.module.n_conditions == 2 and model.module.condition_weight == 0.5
+    model = _fit(adata, n_categories=3, train={"max_epochs": 2, "state_epochs": 0})
+    assert model.module.n_conditions == 2
     assert len(model.history["condition_discrepancy_train"]) == 2
     model.save(tmp_path / "model", save_anndata=False)
     loaded = CplMixVAE.load(tmp_path / "model", adata=adata)
@@ -386,18 +381,20 @@ def test_condition_key_is_registered_logged_and_round_trips(tmp_path):
 def test_condition_penalty_keeps_types_from_splitting_by_condition():
     from sklearn.metrics import adjusted_mutual_info_score
 
-    def fit(condition_weight):
+    def fit(penalty):
         adata = _stimulated()
         CplMixVAE.setup_anndata(adata, condition_key="condition")
         scvi.settings.seed = 0
-        model = _fit(adata, n_categories=4, condition_weight=condition_weight, state_encoder="separate",
-                     train={"max_epochs": 30})  # fmt: skip
+        model = CplMixVAE(adata, n_categories=4, n_hidden=16)
+        if not penalty:  # the condition stays registered (balanced start), but the loss has no penalty
+            model.module.n_conditions = 0
+        model.train(max_epochs=30, batch_size=64, enable_progress_bar=False)
         labels = model.predict().astype(str)
         return (adjusted_mutual_info_score(adata.obs["condition"], labels),
                 adjusted_mutual_info_score(adata.obs["type"], labels))  # fmt: skip
 
-    cond_free, type_free = fit(0.0)
-    cond_pen, type_pen = fit(1.0)
+    cond_free, type_free = fit(penalty=False)
+    cond_pen, type_pen = fit(penalty=True)
     # without the penalty the spare categories split the cells by condition; with it they follow the types
     assert cond_free > 0.3
     assert cond_pen < 0.1 and type_pen > type_free
@@ -427,14 +424,11 @@ def test_single_condition_warns(sim_adata):
 
 
 @pytest.mark.parametrize("condition_key", ["condition", None])
-def test_state_encoder_defaults_to_separate_with_32_units(tmp_path, condition_key):
+def test_state_encoder_has_32_units(tmp_path, condition_key):
     adata = _stimulated()
     CplMixVAE.setup_anndata(adata, condition_key=condition_key)
     model = CplMixVAE(adata, n_categories=2)
     assert model.module.state_encoder.layers[0].weight.shape == (2, adata.n_vars, 32)
-    assert "state_encoder: separate (32 units)" in model._model_summary_string
-    assert CplMixVAE(adata, n_categories=2, state_encoder=None).module.state_encoder is not None
-    assert CplMixVAE(adata, n_categories=2, state_encoder="shared").module.state_encoder is None
     model.save(tmp_path / "model", save_anndata=False)
     loaded = CplMixVAE.load(tmp_path / "model", adata=adata)
     assert loaded.module.state_encoder.layers[0].weight.shape == (2, adata.n_vars, 32)

@@ -136,26 +136,33 @@ def test_agents_see_different_views_in_training_and_the_real_cell_in_eval(counts
 
 
 @pytest.mark.parametrize("augmentation", ["dropout", "thinning"])
-def test_separate_state_encoder_reads_the_real_cell_and_shared_reads_the_trunk(counts, augmentation):
+def test_state_encoder_reads_the_real_cell(counts, augmentation):
     torch.manual_seed(0)
-    module = CplMixVAEModule(
-        counts.shape[1], n_agents=2, n_categories=3, augmentation=augmentation, state_encoder="separate"
-    )
+    module = CplMixVAEModule(counts.shape[1], n_agents=2, n_categories=3, augmentation=augmentation)
     module.train()
     first = module.inference(counts)
     second = module.inference(counts)
     # the categorical trunk sees a fresh augmented view at every call, the state encoder the real cell
     assert not torch.equal(first["h"], second["h"])
     torch.testing.assert_close(first["hs"], second["hs"])
-    assert first["hs"].shape == (2, 32, module.state_encoder.layers[0].weight.shape[-1])
-    assert CplMixVAEModule(counts.shape[1], n_categories=3).state_encoder.layers[0].weight.shape[-1] == 32  # default
-    shared = CplMixVAEModule(counts.shape[1], n_agents=2, n_categories=3, state_encoder="shared")  # as published
-    assert shared.state_encoder is None
-    out = shared.inference(counts)
-    assert out["hs"] is out["h"]
-    assert shared.state_head.weight.shape[1] == shared.trunk_out.weight.shape[-1] + 3
-    with pytest.raises(ValueError, match=r"state_encoder must be one of \('separate', 'shared'\)"):
-        CplMixVAEModule(counts.shape[1], state_encoder="staged")
+    assert first["hs"].shape == (2, counts.shape[0], 32)  # 32 units
+    assert module.state_head.weight.shape[1] == 32 + 3
+
+
+@pytest.mark.parametrize(
+    "removed", ["state_encoder", "coupling", "category_state_interaction", "augmentation_strength", "condition_weight"]
+)
+def test_module_refuses_removed_options(counts, removed):
+    with pytest.raises(TypeError, match=f"unexpected keyword argument '{removed}'"):
+        CplMixVAEModule(counts.shape[1], **{removed: None})
+
+
+def test_decoder_reads_the_category_and_a_state_copy_per_category(counts):
+    module = CplMixVAEModule(counts.shape[1], n_categories=3, n_state=2)
+    c = torch.tensor([[[0.0, 1.0, 0.0]]])
+    s = torch.tensor([[[0.5, -2.0]]])
+    torch.testing.assert_close(module.decoder_input(c, s), torch.tensor([[[0.0, 1.0, 0.0, 0, 0, 0.5, -2.0, 0, 0]]]))
+    assert module.decoder.layers[0].weight.shape[1] == 3 * (1 + 2)
 
 
 def test_normalisation_on_the_nonzero_counts_equals_the_dense_one(counts):
@@ -227,17 +234,14 @@ def test_single_agent_has_no_coupling_term(counts):
     assert torch.isfinite(loss.loss)
 
 
-@pytest.mark.parametrize("coupling", ["aitchison", "clr"])
-def test_loss_matches_the_published_formula(counts, coupling):
+def test_loss_matches_the_published_formula(counts):
     torch.manual_seed(1)
-    module = CplMixVAEModule(
-        counts.shape[1], n_agents=3, n_categories=4, likelihood="gaussian", beta=0.5, coupling=coupling
-    )
+    module = CplMixVAEModule(counts.shape[1], n_agents=3, n_categories=4, likelihood="gaussian", beta=0.5)
     inf, gen, loss = module(_tensors(counts))
     rec = -module.log_likelihood(counts, inf, gen)
     kl = 0.5 * (inf["qs_v"] + inf["qs_m"] ** 2 - 1 - inf["qs_v"].log()).sum(-1)
     ne = (inf["q"] * inf["log_q"]).sum(-1).mean(-1)
-    dist = coupling_distance(inf["q"], module.category_mask, kind=coupling)
+    dist = coupling_distance(inf["q"], module.category_mask, kind="clr")  # centred log-ratios
     expected = 2 * (rec + 0.5 * kl).mean(-1).sum()
     for a in range(3):
         for b in range(a + 1, 3):
@@ -358,7 +362,7 @@ def test_condition_discrepancy_per_agent_ignores_absent_conditions_and_pushes_pr
 
 def test_condition_penalty_enters_the_loss_only_with_a_condition(counts):
     torch.manual_seed(0)
-    module = CplMixVAEModule(counts.shape[1], n_categories=4, n_hidden=16, n_conditions=2, condition_weight=0.5)
+    module = CplMixVAEModule(counts.shape[1], n_categories=4, n_hidden=16, n_conditions=2)
     module.eval()
     cond = (torch.arange(counts.shape[0]) % 2)[:, None].float()
     tensors = {REGISTRY_KEYS.X_KEY: counts}
@@ -367,5 +371,5 @@ def test_condition_penalty_enters_the_loss_only_with_a_condition(counts):
     torch.manual_seed(1)
     _, _, with_cond = module({**tensors, "condition": cond})
     gap = category_condition_discrepancy(inf["q"], cond, 2)
-    torch.testing.assert_close(with_cond.loss, plain.loss + 0.5 * counts.shape[1] * gap.sum())
+    torch.testing.assert_close(with_cond.loss, plain.loss + counts.shape[1] * gap.sum())  # weight: the genes
     assert "condition_discrepancy" in with_cond.extra_metrics and "condition_discrepancy" not in plain.extra_metrics

@@ -320,12 +320,12 @@ def test_prune_needs_two_agents():
         model.prune()
 
 
-def test_prune_works_with_a_separate_state_encoder():
+def test_prune_leaves_a_model_with_state_readouts():
     from scmixvae.data._simulate import simulate
 
     adata = simulate(n_cells=200, n_genes=60, n_types=3, seed=0)
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=4, n_hidden=8, state_encoder="separate")
+    model = CplMixVAE(adata, n_categories=4, n_hidden=8)
     model.train(max_epochs=1, **TRAIN)
     history = model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
     assert history["selected"].sum() == 1

@@ -494,7 +494,7 @@ def with_condition():
     adata.X = sparse.csr_matrix(x)
     adata.obs["treatment"] = pd.Categorical(np.where(stim, "stim", "ctrl"), categories=["ctrl", "stim"])
     CplMixVAE.setup_anndata(adata, condition_key="treatment")
-    model = CplMixVAE(adata, n_categories=3, n_hidden=32, state_encoder="separate")
+    model = CplMixVAE(adata, n_categories=3, n_hidden=32)
     model.train(max_epochs=3, batch_size=64, enable_progress_bar=False)
     return adata, model
 

@@ -31,7 +31,7 @@ from .._logging import quiet_fit
 from .._scoring import agreement_matrix, co_assignment
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
-from ..module._module import N_HIDDEN_STATE, STATE_ENCODERS, Likelihood, eval_mode
+from ..module._module import Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan
 from ..train._progress import fit_progress
 from . import _fit, _pruning, _start
@@ -102,8 +102,8 @@ def _default_options(choose_n_categories: bool) -> dict[str, str | float | None]
     """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
 
     The defaults for each use (evidence on the :doc:`benchmarks page </benchmarks>`): with ``K`` given,
-    ``augmentation="dropout"`` and ``state_encoder="separate"``; when the model starts from many categories and
-    prunes them (``n_categories=None``), ``"knn"`` and ``"separate"``.
+    ``augmentation="dropout"``; when the model starts from many categories and prunes them
+    (``n_categories=None``), ``"knn"``.
 
     Parameters
     ----------
@@ -112,12 +112,9 @@ def _default_options(choose_n_categories: bool) -> dict[str, str | float | None]
 
     Returns
     -------
-    ``{"augmentation": ..., "state_encoder": ...}``.
+    ``{"augmentation": ...}``.
     """
-    return {
-        "augmentation": "knn" if choose_n_categories else "dropout",
-        "state_encoder": "separate",
-    }
+    return {"augmentation": "knn" if choose_n_categories else "dropout"}
 
 
 def default_n_categories(n_cells: int) -> int:
@@ -144,10 +141,7 @@ def _check_init_arguments(
     tau: float | None,
     beta: float,
     coupling_weight: float,
-    condition_weight: float,
     augmentation: str,
-    augmentation_strength: float | None,
-    state_encoder: str,
 ) -> None:
     """Check the arguments of :class:`CplMixVAE` (its defaults resolved) before the module is built."""
     if choose_n_categories and n_agents < 2:
@@ -164,15 +158,7 @@ def _check_init_arguments(
     check.check_float("input_dropout", input_dropout, maximum=0.95)
     check.check_float("beta", beta)
     check.check_float("coupling_weight", coupling_weight)
-    check.check_float("condition_weight", condition_weight)
     check.check_choice("augmentation", augmentation, AUGMENTATIONS)
-    check.check_choice("state_encoder", state_encoder, STATE_ENCODERS)
-    if augmentation_strength is not None:
-        check.check_float("augmentation_strength", augmentation_strength, strict=True)
-        if augmentation in ("thinning", "knn") and augmentation_strength >= 1:
-            raise ValueError(
-                f"augmentation_strength={augmentation_strength} must be below 1 for augmentation={augmentation!r}."
-            )
     if tau is not None:
         check.check_float("tau", tau, strict=True)
     if adata is not None and adata.n_obs < MIN_TRAINING_CELLS:
@@ -196,6 +182,8 @@ def _check_module_kwargs(model_cls, module_kwargs: dict) -> None:
         removed = ""
         if name == "initial_coupling_weight":
             removed = " It was removed: a fit that prunes warms the coupling up from 0.001 x coupling_weight itself."
+        elif name == "augmentation_strength":
+            removed = " It was removed: each augmentation has its own strength (thinning 0.5, knn 0.3, learned 4)."
         elif name in REMOVED_OPTIONS:
             removed = f" It was removed: the model uses {name}={REMOVED_OPTIONS[name]!r}."
         raise TypeError(
@@ -255,9 +243,6 @@ class CplMixVAE(
         by :meth:`train_augmenter`, called by the first :meth:`train` if needed). ``None`` (default): ``"knn"``
         when the model chooses the number of types (``n_categories=None``), ``"dropout"`` when it is given
         (see the augmentation guide).
-    augmentation_strength
-        ``"thinning"``: expected fraction of counts removed (0.5); ``"knn"``: largest weight of the neighbour
-        (0.3); ``"learned"``: latent perturbation in posterior standard deviations (4).
     tau
         Temperature of the categorical head; ``None`` ties it to ``1 / K`` (published: 0.005 at K = 120).
         A warning is raised when it does not fit ``K``.
@@ -269,25 +254,17 @@ class CplMixVAE(
         so that the agents keep similar types apart (each over-split into pure categories) instead of merging
         them, which pruning cannot undo; the weight then rises smoothly to ``coupling_weight`` over the first
         half of the first pruning round (geometrically, logged as ``coupling_weight`` in :attr:`history`).
-    state_encoder
-        ``"separate"``: the state posterior reads a one-layer encoder of its own (32 units) that sees the real
-        cell; ``"shared"`` (published): it reads the categorical trunk of the augmented view, which keeps mostly
-        the type. ``"separate"`` costs one more matrix product per agent and step, and only an encoder of its
-        own learns in the state phase of :meth:`train`, where the trunk is frozen. ``None`` (default):
-        ``"separate"``.
-    condition_weight
-        With a condition registered (``setup_anndata(condition_key=...)``): weight of the penalty that keeps
-        every category's share of cells the same in each condition (times the number of genes; see
-        :func:`~scmixvae.module.category_condition_discrepancy`). Without it, a strong condition effect (e.g.
-        interferon stimulation) splits types into one category per condition; with it, the condition's effect
-        goes to the state. Ignored without a registered condition.
     **module_kwargs
         Further keyword arguments of :class:`~scmixvae.module.CplMixVAEModule`: ``dispersion`` (of the count
-        likelihoods), ``coupling`` (``"clr"`` or the published ``"aitchison"``) and
-        ``category_state_interaction``.
+        likelihoods).
 
     Notes
     -----
+    The state posterior reads a one-layer encoder of its own (32 units) that sees the real cell, and the decoder
+    gives each category its own map of the state; with a condition registered
+    (``setup_anndata(condition_key=...)``), a penalty keeps every category's share of cells the same in each
+    condition, so that the condition's effect goes to the state (see the user guide).
+
     Before its first training, the model fits the agents' categorical heads to a Leiden partition of the cells
     with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refines it with the coupled
     objective; the published model started from random weights.
@@ -324,9 +301,6 @@ class CplMixVAE(
         beta: float = 1.0,
         coupling_weight: float = 1.0,
         augmentation: Augmentation | None = None,
-        augmentation_strength: float | None = None,
-        state_encoder: Literal["shared", "separate"] | None = None,
-        condition_weight: float = 1.0,
         **module_kwargs,
     ):
         super().__init__(adata)
@@ -338,7 +312,6 @@ class CplMixVAE(
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
         defaults = _default_options(self.choose_n_categories_)
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
-        state_encoder = defaults["state_encoder"] if state_encoder is None else state_encoder
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
         _check_init_arguments(
             adata,
@@ -354,10 +327,7 @@ class CplMixVAE(
             tau=tau,
             beta=beta,
             coupling_weight=coupling_weight,
-            condition_weight=condition_weight,
             augmentation=augmentation,
-            augmentation_strength=augmentation_strength,
-            state_encoder=state_encoder,
         )
         n_cats_per_cov = None
         if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
@@ -379,10 +349,7 @@ class CplMixVAE(
             beta=beta,
             coupling_weight=coupling_weight,
             augmentation=augmentation,
-            augmentation_strength=augmentation_strength,
-            state_encoder=state_encoder,
             n_conditions=n_conditions,
-            condition_weight=condition_weight,
             **module_kwargs,
         )
         self._model_summary_string = (
@@ -390,10 +357,7 @@ class CplMixVAE(
             f"{' (maximum; train() prunes)' if self.choose_n_categories_ else ''}, "
             f"n_state: {n_state}, n_hidden: {n_hidden}, n_layers: {n_layers}, n_latent: {n_latent}, "
             f"likelihood: {likelihood}, input_dropout: {input_dropout}, tau: {tau if tau is not None else '1/K'}, "
-            f"beta: {beta}, coupling_weight: {coupling_weight}"
-            + f", augmentation: {augmentation}, state_encoder: {state_encoder}"
-            + (f" ({N_HIDDEN_STATE} units)" if state_encoder == "separate" else "")
-            + (f", condition_weight: {condition_weight}." if self.module.n_conditions > 1 else ".")
+            f"beta: {beta}, coupling_weight: {coupling_weight}, augmentation: {augmentation}."
         )
         self.init_params_ = self._get_init_params(locals())
 
@@ -445,7 +409,7 @@ class CplMixVAE(
         condition_key
             ``obs`` column of an experimental condition whose effect belongs to the cells' states rather than
             to their types (control vs stimulated, healthy vs disease, time points): training keeps every
-            category's share of cells the same across conditions (``condition_weight`` of the model), and the
+            category's share of cells the same across conditions (a penalty in the loss), and the
             condition is given to no encoder or decoder, so its effect is carried by the state latent. Unlike a
             batch, it is not removed. Use it when every type is present in every condition.
         """

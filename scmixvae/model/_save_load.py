@@ -30,7 +30,8 @@ _TENSOR_KINDS = "biuf"
 _LIST_KINDS = "UO"
 _PLAIN = (str, int, float, bool, type(None))
 #: Options of :class:`~scmixvae.model.CplMixVAE` (and of its module) that were removed, with the value at which
-#: they were fixed: a model saved with that value loads as it was saved.
+#: they were fixed: a model saved with that value loads as it was saved (``augmentation_strength=None``: each
+#: augmentation's own strength).
 REMOVED_OPTIONS = {
     "category_init": "leiden",
     "n_hidden_state": 32,
@@ -38,6 +39,11 @@ REMOVED_OPTIONS = {
     "coupling_eps": 1e-8,
     "entropy_weight": 1.0,
     "initial_coupling_weight": None,
+    "state_encoder": "separate",
+    "coupling": "clr",
+    "category_state_interaction": True,
+    "augmentation_strength": None,
+    "condition_weight": 1.0,
 }
 #: Removed options that only shaped the first training (its start, its coupling): a trained model loads whatever
 #: their value.
@@ -268,7 +274,7 @@ def without_removed_options(init_params: dict, trained: bool, path: Path) -> dic
 
     An option saved at the value it is now fixed at (:data:`REMOVED_OPTIONS`) is dropped; a trained model's
     :data:`TRAINING_ONLY_OPTIONS` too, whatever their value, since they only shaped its training. Any other
-    value raises a :class:`ValueError` naming the option, as does ``state_encoder="staged"``.
+    value raises a :class:`ValueError` naming the option.
     """
     kept = {}
     for name, value in init_params.items():
@@ -280,12 +286,6 @@ def without_removed_options(init_params: dict, trained: bool, path: Path) -> dic
                 f"has (only {name}={REMOVED_OPTIONS[name]!r} is kept, built in). Load it with the version that "
                 "saved it, or train the model again with this version."
             )
-    if kept.get("state_encoder") == "staged":
-        raise ValueError(
-            f"The model in {path} was saved with state_encoder='staged', an option this version of scmixvae no "
-            "longer has (use 'separate' or 'shared'). Load it with the version that saved it, or train the model "
-            "again with this version."
-        )
     return kept
 
 

@@ -17,8 +17,10 @@ from .._constants import NORMALISATION_SCALE
 Augmentation = Literal["dropout", "thinning", "knn", "learned"]
 AUGMENTATIONS: tuple[str, ...] = ("dropout", "thinning", "knn", "learned")
 
-#: Default ``augmentation_strength`` of each option (``"dropout"`` has none: ``input_dropout`` is its strength).
-DEFAULT_STRENGTH = {"dropout": 0.0, "thinning": 0.5, "knn": 0.3, "learned": 4.0}
+#: Strength of each option: ``"thinning"``, the expected fraction of counts removed; ``"knn"``, the largest weight of
+#: the neighbour; ``"learned"``, the latent perturbation in posterior standard deviations (``"dropout"`` has none:
+#: ``input_dropout`` is its strength).
+AUGMENTATION_STRENGTH = {"dropout": 0.0, "thinning": 0.5, "knn": 0.3, "learned": 4.0}
 
 
 def thin_counts(values: torch.Tensor, rows: torch.Tensor, n_cells: int, n_views: int, fraction: float):

@@ -18,7 +18,7 @@ from torch.distributions import Normal
 from torch.nn import functional as F
 
 from .._constants import CONDITION_KEY, NEIGHBOUR_X_KEY, NORMALISATION_SCALE
-from ._augment import AUGMENTATIONS, DEFAULT_STRENGTH, Augmentation, AugmenterModule, mix_neighbours, thin_counts
+from ._augment import AUGMENTATION_STRENGTH, AUGMENTATIONS, Augmentation, AugmenterModule, mix_neighbours, thin_counts
 from ._components import StackedBatchNorm, StackedLinear, StackedMLP
 from ._losses import (
     category_condition_discrepancy,
@@ -33,11 +33,9 @@ from ._losses import (
     with_flat_index,
 )
 
-#: Options of ``state_encoder``: what the state posterior reads (see :class:`CplMixVAEModule`).
-STATE_ENCODERS = ("separate", "shared")
 #: Temperature of the Gumbel-softmax sample of the category at training time (published: 1).
 GUMBEL_TEMPERATURE = 1.0
-#: Width of the ``"separate"`` state encoder; its matrix product with the genes is the option's extra cost per step.
+#: Width of the state encoder, the one-layer encoder of the real cell that the state posterior reads.
 N_HIDDEN_STATE = 32
 
 logger = logging.getLogger(__name__)
@@ -115,39 +113,34 @@ class CplMixVAEModule(BaseModuleClass):
     input_dropout
         Probability of the independent per-agent input dropout at training time, applied to every agent's view
         whatever the ``augmentation``.
-    augmentation
-        How each agent's view of a cell is made at training time (read-outs always encode the real cell, and
-        the decoders always reconstruct it): ``"dropout"`` (input dropout only, published fallback),
-        ``"thinning"`` (binomial thinning of the counts), ``"knn"`` (mixing with one of the cell's nearest
-        neighbours, whose counts the data loader provides as ``x_neighbour``), ``"learned"`` (copies from a
-        trained :class:`~scmixvae.module.AugmenterModule`).
-    augmentation_strength
-        ``"thinning"``: expected fraction of counts removed (default 0.5); ``"knn"``: largest weight of the
-        neighbour (default 0.3); ``"learned"``: latent perturbation in posterior standard deviations (default 4).
     tau
         Temperature of the categorical head; ``None`` ties it to ``1 / K`` of the surviving categories.
     beta
         Weight of the state KL divergence.
     coupling_weight
-        Weight ``lambda`` of the coupling distance.
-    coupling
-        ``"clr"`` (centred log-ratios, the default) or ``"aitchison"`` (the published approximation).
-    category_state_interaction
-        Feed the decoder ``[c; c ⊗ s]`` instead of ``[c; s]``: each category gets its own linear map of
-        the state into the first hidden layer, so that states act through type-specific gene programs.
-    state_encoder
-        What the state posterior ``q(s | x, c)`` reads besides ``c``: ``"shared"``, the categorical trunk's
-        output ``h`` of the augmented view, as published; ``"separate"`` (default), its own one-layer encoder
-        (32 units) of the real cell's log-normalised expression, never augmented nor dropped
-        out. The trunk keeps mostly what survives augmentation, the type, so ``"separate"`` gives states much
-        closer to the truth (see the user guide).
+        Weight ``lambda`` of the coupling distance (on centred log-ratios, :func:`coupling_distance` with
+        ``kind="clr"``).
     n_conditions
         Number of codes of the registered experimental condition (0: none). The condition is given to no
-        encoder or decoder: its effect has to be carried by the state.
-    condition_weight
-        Weight (times the number of genes) of the penalty on the difference between the conditions' category
-        proportions in a minibatch (:func:`category_condition_discrepancy`), which keeps them the same in every
-        condition, so that a condition's effect cannot be absorbed by splitting types.
+        encoder or decoder: its effect has to be carried by the state. With two or more, the loss adds a penalty,
+        of weight the number of genes, on the difference between the conditions' category proportions in a
+        minibatch (:func:`category_condition_discrepancy`), which keeps them the same in every condition, so that
+        a condition's effect cannot be absorbed by splitting types.
+    augmentation
+        How each agent's view of a cell is made at training time (read-outs always encode the real cell, and
+        the decoders always reconstruct it): ``"dropout"`` (input dropout only, published fallback),
+        ``"thinning"`` (binomial thinning that removes half of the counts on average), ``"knn"`` (mixing with
+        one of the cell's nearest neighbours, whose counts the data loader provides as ``x_neighbour``, at a weight
+        of at most 0.3), ``"learned"`` (copies from a trained :class:`~scmixvae.module.AugmenterModule`, perturbed
+        by 4 posterior standard deviations in its latent space).
+
+    Notes
+    -----
+    The state posterior ``q(s | x, c)`` reads, besides ``c``, a one-layer encoder of its own (``N_HIDDEN_STATE``
+    units) of the real cell's log-normalised expression, never augmented nor dropped out (the published model read
+    the categorical trunk ``h`` of the augmented view, which keeps mostly the type). The decoder reads
+    ``[c; c ⊗ s]``: each category has its own linear map of the state into the first hidden layer, so that states
+    act through type-specific gene programs (published: ``[c; s]``).
     """
 
     def __init__(
@@ -169,31 +162,20 @@ class CplMixVAEModule(BaseModuleClass):
         tau: float | None = None,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
-        coupling: Literal["aitchison", "clr"] = "clr",
-        category_state_interaction: bool = True,
-        state_encoder: Literal["shared", "separate"] = "separate",
         n_conditions: int = 0,
-        condition_weight: float = 0.0,
         augmentation: Augmentation = "dropout",
-        augmentation_strength: float | None = None,
     ):
         super().__init__()
         if augmentation not in AUGMENTATIONS:
             raise ValueError(f"augmentation must be one of {AUGMENTATIONS}, got {augmentation!r}.")
         self.augmentation = augmentation
-        self.augmentation_strength = (
-            DEFAULT_STRENGTH[augmentation] if augmentation_strength is None else float(augmentation_strength)
-        )
+        self.augmentation_strength = AUGMENTATION_STRENGTH[augmentation]
         self.n_input, self.n_agents, self.n_categories, self.n_state = n_input, n_agents, n_categories, n_state
         self.n_batch = n_batch
-        self.likelihood, self.dispersion, self.coupling = likelihood, dispersion, coupling
+        self.likelihood, self.dispersion = likelihood, dispersion
         self.input_dropout, self.tau = input_dropout, tau
         self.beta, self.coupling_weight = beta, coupling_weight
-        self.category_state_interaction = category_state_interaction
-        self.n_conditions, self.condition_weight = int(n_conditions), float(condition_weight)
-        if state_encoder not in STATE_ENCODERS:
-            raise ValueError(f"state_encoder must be one of {STATE_ENCODERS}, got {state_encoder!r}.")
-        self.state_encoder_kind = state_encoder
+        self.n_conditions = int(n_conditions)
         self.n_cats_per_cov = list(n_cats_per_cov or [])
         n_cov = (n_batch if n_batch > 1 else 0) + sum(self.n_cats_per_cov) + n_continuous_cov
         self.n_cov = n_cov
@@ -205,15 +187,10 @@ class CplMixVAEModule(BaseModuleClass):
         self.trunk_out = StackedLinear(a, n_hidden, n_latent)
         self.trunk_norm = StackedBatchNorm(a, n_latent, affine=False)
         self.category_head = StackedLinear(a, n_latent, n_categories)
-        # "shared": the state posterior reads the categorical trunk h, as published; "separate": its own
-        # one-layer encoder of the real (unaugmented) cell
-        if state_encoder == "separate":
-            self.state_encoder = StackedMLP(a, n_input, N_HIDDEN_STATE, 1, n_cov=n_cov)
-        else:
-            self.state_encoder = None
-        n_state_in = n_latent if self.state_encoder is None else N_HIDDEN_STATE
-        self.state_head = StackedLinear(a, n_state_in + n_categories, 2 * n_state)
-        n_dec_in = n_categories * (1 + n_state) if category_state_interaction else n_categories + n_state
+        # the state posterior reads a one-layer encoder of its own of the real (unaugmented) cell
+        self.state_encoder = StackedMLP(a, n_input, N_HIDDEN_STATE, 1, n_cov=n_cov)
+        self.state_head = StackedLinear(a, N_HIDDEN_STATE + n_categories, 2 * n_state)
+        n_dec_in = n_categories * (1 + n_state)  # [c; c ⊗ s] (see decoder_input)
         self.decoder = StackedMLP(a, n_dec_in, n_hidden, n_layers, n_cov=n_cov, inject_covariates=True)
         self.px_head = StackedLinear(a, n_hidden, n_input)
         if likelihood == "zinb":
@@ -263,41 +240,22 @@ class CplMixVAEModule(BaseModuleClass):
         library: torch.Tensor,
         nonzero: tuple[torch.Tensor, ...],
         counts: torch.Tensor | None = None,
-        *,
-        dense: bool = True,
-    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`normalise` computed on the non-zero counts only: the dense result and its non-zero values.
 
         ``nonzero``: :func:`~scmixvae.module._losses.nonzero_indices` of ``x`` (or its rows and columns);
         ``counts``: the values of ``x`` there, when known (``x`` is then read for its shape only and may be
         sparse). ``log1p(0) = 0``, so the rest stays zero; on the CPU this costs a fraction of the dense
-        computation. ``dense=False`` returns ``None`` in place of the dense result (the values alone).
+        computation.
         """
         rows, _, flat = with_flat_index(nonzero, x.shape[-1])
         if counts is None:
             counts = x.reshape(-1).index_select(0, flat)
         scale = (NORMALISATION_SCALE / library.clamp(min=1.0)).reshape(-1).index_select(0, rows)
         values = torch.log1p(counts * scale)
-        if not dense:
-            return None, values
         x_norm = library.new_zeros(x.shape)
         x_norm.view(-1).index_copy_(0, flat, values)
         return x_norm, values
-
-    def _reads_dense_x_norm_in_training(self) -> bool:
-        """Whether a training step reads the dense normalised counts, not just their non-zero values.
-
-        They are the Gaussian likelihood's target, the separate state encoder's input and the input of the
-        ``"learned"`` augmentation and of ``"dropout"`` at rate 0; ``"dropout"``, ``"thinning"`` and ``"knn"``
-        build the agents' views from the non-zero values or the raw counts.
-        """
-        return (
-            self.likelihood == "gaussian"
-            or self.state_encoder_kind == "separate"
-            or self.categories_frozen
-            or self.augmentation == "learned"
-            or (self.augmentation == "dropout" and self.input_dropout <= 0)
-        )
 
     def _dropout(self, values: torch.Tensor) -> torch.Tensor:
         """Independent input dropout of each agent's view (entries rescaled by ``1 / keep``)."""
@@ -425,8 +383,8 @@ class CplMixVAEModule(BaseModuleClass):
         ``q`` and ``log_q`` ``(A, B, K)``, the category ``c`` fed to the state head and the decoder
         (Gumbel-softmax sample in training, one-hot argmax otherwise), the state posterior ``qs_m``,
         ``qs_v`` and sample ``s`` ``(A, B, S)``, the trunk output ``h``, the features the state posterior
-        reads ``hs`` (``h`` itself with ``state_encoder="shared"``), ``library`` ``(B, 1)``, ``x_norm``
-        (``None`` in CPU training when nothing reads it), the covariate vector ``cov``, the non-zero entries
+        reads ``hs`` (the state encoder's output), ``library`` ``(B, 1)``, ``x_norm``, the covariate vector ``cov``,
+        the non-zero entries
         ``nonzero`` and their ``counts`` (CPU training) and the dense counts ``x`` (``None`` when the sparse
         minibatch was not densified).
         """
@@ -444,10 +402,8 @@ class CplMixVAEModule(BaseModuleClass):
             library = x.sum(-1, keepdim=True)
         if nonzero is None:
             x_norm, x_norm_nonzero = self.normalise(x, library), None
-        else:  # the dense normalised counts only where something reads them
-            x_norm, x_norm_nonzero = self.normalise_nonzero(
-                x, library, nonzero, counts, dense=self._reads_dense_x_norm_in_training()
-            )
+        else:  # the dense result for the state encoder, the values for the agents' views
+            x_norm, x_norm_nonzero = self.normalise_nonzero(x, library, nonzero, counts)
         cov = self._covariates(batch_index, cat_covs, cont_covs)
         if self.training and self.categories_frozen:
             # state phase: the categorical path reads the real cell as in a read-out and learns nothing
@@ -458,7 +414,7 @@ class CplMixVAEModule(BaseModuleClass):
             views = self._augment(x, x_norm, library, nonzero, x_neighbour, x_norm_nonzero, counts)
             h = self.trunk_norm(self.trunk_out(self.encoder(views, cov)))
             q, log_q = self.categorical_posterior(h)
-        hs = h if self.state_encoder is None else self.state_encoder(x_norm, cov)
+        hs = self.state_encoder(x_norm, cov)
         k = self.n_categories
         if category is not None:
             c = F.one_hot(category.reshape(-1).long(), k).float().expand(self.n_agents, -1, -1)
@@ -477,9 +433,7 @@ class CplMixVAEModule(BaseModuleClass):
         }  # fmt: skip
 
     def decoder_input(self, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        """``[c; s]``, or ``[c; c ⊗ s]`` with ``category_state_interaction`` (a state map of its own per category)."""
-        if not self.category_state_interaction:
-            return torch.cat([c, s], dim=-1)
+        """``[c; c ⊗ s]``: the category and, for each category, a copy of the state (a state map of its own)."""
         return torch.cat([c, (c.unsqueeze(-1) * s.unsqueeze(-2)).flatten(-2)], dim=-1)
 
     @auto_move_data
@@ -586,7 +540,7 @@ class CplMixVAEModule(BaseModuleClass):
         loss = max(a - 1, 1) * elbo_terms.sum()
         extra = {}
         if a > 1:
-            dist = coupling_distance(q, self.category_mask, kind=self.coupling)
+            dist = coupling_distance(q, self.category_mask, kind="clr")
             pairs = torch.triu_indices(a, a, offset=1, device=dist.device)
             pair_dist = dist[pairs[0], pairs[1]]
             # sum_{a<b} (NE_a + NE_b) = (A - 1) sum_a NE_a
@@ -596,9 +550,9 @@ class CplMixVAEModule(BaseModuleClass):
                 labels = q.argmax(-1)
                 extra["agreement"] = (labels == labels[:1]).all(0).float().mean()
         condition = tensors.get(CONDITION_KEY)
-        if condition is not None and self.n_conditions > 1 and self.condition_weight > 0:
+        if condition is not None and self.n_conditions > 1:
             gap = category_condition_discrepancy(q, condition, self.n_conditions)  # (A,)
-            loss = loss + self.condition_weight * self.n_input * gap.sum()
+            loss = loss + self.n_input * gap.sum()
             extra["condition_discrepancy"] = gap.detach().mean()
         per_agent = torch.stack([rec.detach().mean(-1), kl.detach().mean(-1), neg_ent.detach()])  # one reduction
         for i, (rec_i, kl_i, ne_i) in enumerate(per_agent.unbind(-1)):  # dictionary entries for the logger only
