@@ -102,8 +102,12 @@ def _default_options(choose_n_categories: bool) -> dict[str, str | float | None]
     """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
 
     The defaults for each use (evidence on the :doc:`benchmarks page </benchmarks>`): with ``K`` given,
-    ``augmentation="dropout"``; when the model starts from many categories and prunes them
-    (``n_categories=None``), ``"knn"``.
+    ``augmentation="dropout"`` at ``input_dropout=0``: every agent reads the real cell, and the categories
+    refine their Leiden start by the likelihood; when the model starts from many categories and prunes them
+    (``n_categories=None``), ``"knn"`` with ``input_dropout=0.5`` (published). Independent dropout of each
+    agent's view keeps types that differ in many genes but spoils types that differ in a few: the categories then
+    drift to what both halves of a cell show alike, such as its sequencing depth (the subtle types of the
+    state regimes).
 
     Parameters
     ----------
@@ -112,9 +116,11 @@ def _default_options(choose_n_categories: bool) -> dict[str, str | float | None]
 
     Returns
     -------
-    ``{"augmentation": ...}``.
+    ``{"augmentation": ..., "input_dropout": ...}``.
     """
-    return {"augmentation": "knn" if choose_n_categories else "dropout"}
+    if choose_n_categories:
+        return {"augmentation": "knn", "input_dropout": 0.5}
+    return {"augmentation": "dropout", "input_dropout": 0.0}
 
 
 def default_n_categories(n_cells: int) -> int:
@@ -234,7 +240,9 @@ class CplMixVAE(
         programs (the state regimes of the :doc:`benchmarks </benchmarks>`); use it for types alone.
     input_dropout
         Independent per-agent input dropout at training time (published: 0.5), applied on top of any
-        ``augmentation``.
+        ``augmentation``. ``None`` (default): 0.5 when the model chooses the number of types
+        (``n_categories=None``), 0 when it is given, where dropout would make the categories drift from types
+        that differ in a few genes to what both agents' halves of a cell show alike (its depth).
     augmentation
         Each agent's view of a cell during training (read-outs always use the real cell):
         ``"dropout"`` (input dropout only; published fallback), ``"thinning"`` (binomial thinning of the counts,
@@ -242,7 +250,8 @@ class CplMixVAE(
         found once in a truncated SVD of log-normalised counts) or ``"learned"`` (copies from a generator trained
         by :meth:`train_augmenter`, called by the first :meth:`train` if needed). ``None`` (default): ``"knn"``
         when the model chooses the number of types (``n_categories=None``), ``"dropout"`` when it is given
-        (see the augmentation guide).
+        (with the default ``input_dropout`` of 0 there, every agent reads the real cell; see the augmentation
+        guide).
     tau
         Temperature of the categorical head; ``None`` ties it to ``1 / K`` (published: 0.005 at K = 120).
         A warning is raised when it does not fit ``K``.
@@ -296,7 +305,7 @@ class CplMixVAE(
         n_layers: int = 2,
         n_latent: int = 10,
         likelihood: Likelihood = "nb",
-        input_dropout: float = 0.5,
+        input_dropout: float | None = None,
         tau: float | None = None,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
@@ -312,6 +321,7 @@ class CplMixVAE(
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
         defaults = _default_options(self.choose_n_categories_)
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
+        input_dropout = defaults["input_dropout"] if input_dropout is None else input_dropout
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
         _check_init_arguments(
             adata,
