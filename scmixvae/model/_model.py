@@ -101,13 +101,10 @@ def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | No
 def _default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
     """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
 
-    The defaults for each use (evidence on the :doc:`benchmarks page </benchmarks>`): with ``K`` given,
-    ``augmentation="dropout"`` at ``input_dropout=0``: every agent reads the real cell, and the categories
-    refine their Leiden start by the likelihood; when the model starts from many categories and prunes them
-    (``n_categories=None``), ``"knn"`` with ``input_dropout=0.5`` (published). Independent dropout of each
-    agent's view keeps types that differ in many genes but spoils types that differ in a few: the categories then
-    drift to what both halves of a cell show alike, such as its sequencing depth (the subtle types of the
-    state regimes).
+    With ``K`` given, ``augmentation="dropout"`` at ``input_dropout=0``: every agent reads the real cell and the
+    categories refine their Leiden start, which keeps types that differ in a few genes. When the model starts from
+    many categories and prunes them (``n_categories=None``), ``"knn"`` with the published ``input_dropout=0.5``.
+    Evidence for both: the :doc:`benchmarks page </benchmarks>`.
 
     Parameters
     ----------
