@@ -190,7 +190,7 @@ def test_posterior_predictive_samples_and_likelihood_of_counts(sim_adata):
 
 def test_methods_that_change_the_model(sim_adata, tmp_path):
     CplMixVAE.setup_anndata(sim_adata)
-    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, input_dropout=0.5)  # own views, for prune()
     model.train(max_epochs=1, state_epochs=0, batch_size=128, enable_progress_bar=False)
     assert model.is_trained
     with pytest.raises(ValueError, match="only augmentation='learned' has an augmenter"):

@@ -25,13 +25,13 @@ from scmixvae.train import ConvergenceStopping
 TRAIN = {"batch_size": 64, "enable_progress_bar": False}
 
 
-def _small_model(n_categories=6, n_agents=2, epochs=2):
+def _small_model(n_categories=6, n_agents=2, epochs=2, input_dropout=0.5):
     from scmixvae.data._simulate import simulate
 
     scvi.settings.seed = 0
     adata = simulate(n_cells=400, n_genes=100, n_types=3, seed=0)
     CplMixVAE.setup_anndata(adata)
-    model = CplMixVAE(adata, n_categories=n_categories, n_agents=n_agents, n_hidden=16)
+    model = CplMixVAE(adata, n_categories=n_categories, n_agents=n_agents, n_hidden=16, input_dropout=input_dropout)
     if epochs:
         model.train(max_epochs=epochs, **TRAIN)
     return model
@@ -312,6 +312,16 @@ def test_prune_rejects_bad_arguments_before_training(kwargs, match):
     with pytest.raises(ValueError, match=match):
         model.prune(**kwargs)
     assert not model.is_trained_
+
+
+def test_prune_warns_when_every_agent_reads_the_same_cell():
+    model = _small_model(input_dropout=None)  # K given: input_dropout 0, augmentation "dropout"
+    assert model.module.input_dropout == 0
+    with pytest.warns(UserWarning, match="Every agent reads the same cell"):
+        model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Every agent reads the same cell")
+        _small_model().prune(max_rounds=1, epochs_per_round=1, **TRAIN)  # own views: no warning
 
 
 def test_prune_needs_two_agents():

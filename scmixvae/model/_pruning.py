@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -158,6 +159,15 @@ def prune(
     the round) and ``selected``; ``attrs["selected_round"]`` and ``attrs["threshold"]``.
     """
     _check_arguments(model, threshold, min_categories, max_rounds, epochs_per_round, batch_size, train_kwargs)
+    if model.module.augmentation == "dropout" and model.module.input_dropout <= 0:
+        warnings.warn(
+            "Every agent reads the same cell (augmentation='dropout' at input_dropout=0, the default with "
+            "n_categories given), so their agreement says little about which categories to keep. To choose the "
+            "number of types, create the model with n_categories=None, or give each agent its own view "
+            "(input_dropout=0.5, published, or another augmentation).",
+            UserWarning,
+            stacklevel=3,
+        )
     user_callbacks = list(train_kwargs.pop("callbacks", None) or [])
     trainer = train_kwargs  # the keyword arguments of every Lightning run but its epochs and callbacks
     if not model.is_trained_:  # train first, as train(prune=False) does (pruning is what this call does next)
