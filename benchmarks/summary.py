@@ -48,14 +48,6 @@ RESULTS: list[tuple[str, str, str]] = [
     ("gpu.sh", "speed_gpu_compile", "`bench_speed.py --parts throughput` on one GPU with `torch.compile`."),
     # written by scripts since merged into those above (benchmarks/README.md: the command that replaces each);
     # delete each once its replacement has been run
-    ("bench_seeds.py (now bench_real.py)", "real_seeds_fits",
-     "The default fit (types unknown, pruned from 50 categories, three restarts) on the five real sets, five "
-     "seeds: ARI, chosen K, agreement between seeds, wall time."),
-    ("summarise_seeds.py (now bench_real.py)", "real_seeds",
-     "Mean ARI over seeds of the default fit and of scVI + Leiden on the five real sets, with the difference of the "
-     "means and its 90% bootstrap interval."),
-    ("bench_peers.py (now bench_real.py)", "peers",
-     "PCA + Leiden and scVI + Leiden (scVI's default training) on the five real sets."),
     ("bench_core.py (now bench_real.py --methods cpl-k)", "core",
      "CplMixVAE given the reference number of types (`nb` and `gaussian` likelihoods) on the five real sets, "
      "next to the peers."),
@@ -63,11 +55,8 @@ RESULTS: list[tuple[str, str, str]] = [
      "Two fits at once on the 2-core machine, each started with OMP_NUM_THREADS=1, against one alone."),
     ("bench_scale.py (now bench_speed.py --parts scale)", "scale",
      "10^4 to 10^6 cells (10^6 read from a backed `.h5ad`): seconds per epoch and peak memory against scVI."),
-    ("bench_wholefit.py (now bench_speed.py --parts wholefit)", "wholefit",
+    ("bench_speed.py --parts wholefit --name wholefit", "wholefit",
      "The whole default fit (`CplMixVAE(adata).train()`) against scVI's default `train()` on simulated data."),
-    ("bench_augment.py (removed)", "augment",
-     "The augmentation options: type preservation of the augmented copies and accuracy of a fit with each. Its "
-     "script needed the package's private internals and was removed; the file predates later defaults."),
 ]  # fmt: skip
 
 
@@ -103,29 +92,9 @@ def _comparison_from_real() -> tuple[dict, dict]:
     }  # fmt: skip
 
 
-def _comparison_from_legacy() -> tuple[dict, dict]:
-    """The same from the files of the scripts ``bench_real.py`` replaced (real_seeds_fits, real_seeds, peers)."""
-    fits, means, peers = load("real_seeds_fits"), load("real_seeds"), load("peers")
-    cpl_method = means["rows"][0]["method"]
-    cpl_mean = next(r for r in means["rows"] if r["method"] == cpl_method and r["seed"].startswith("mean"))
-    scvi_mean = next(r for r in means["rows"] if r["method"] == "scVI+Leiden" and r["seed"].startswith("mean"))
-    table = {}
-    for ds in DATASETS:
-        runs = [r for r in fits["rows"] if r["part"] == "real" and r["dataset"] == ds and r["method"] == cpl_method]
-        seeds = next(r for r in fits["rows"] if r["part"] == "seeds" and r["dataset"] == ds)
-        scvi = next(r for r in peers["rows"] if r["dataset"] == ds and r["method"] == "scVI+Leiden")
-        table[ds] = {"k_ref": runs[0]["k_ref"], "k": [r["chosen_k"] for r in runs], "clusters": [scvi["n_clusters"]],
-                     "ari": cpl_mean[ds], "ari_peer": scvi_mean[ds], "agreement": seeds["ari_between_seeds"],
-                     "minutes": [r["seconds"] / 60 for r in runs], "minutes_peer": [scvi["seconds"] / 60]}  # fmt: skip
-    table["mean"] = {"ari": cpl_mean["mean"], "ari_peer": scvi_mean["mean"]}
-    d = means["difference"]
-    return table, {"difference": d["difference"], "low": d["interval_90"][0], "high": d["interval_90"][1],
-                   "n": d["n_cpl"], "n_peer": d["n_peer"]}  # fmt: skip
-
-
 def comparison() -> tuple[dict, dict]:
-    """From ``real`` once bench_real.py has written it, else from the files it replaced."""
-    return _comparison_from_real() if (RESULTS_DIR / "real.json").is_file() else _comparison_from_legacy()
+    """The numbers of the README's table and the difference of the means, from ``real`` (bench_real.py)."""
+    return _comparison_from_real()
 
 
 def comparison_table() -> str:
@@ -154,14 +123,6 @@ def _body(stem: str) -> str:
 
 def page() -> str:
     _, diff = comparison()
-    source = (
-        "From `real` (`bench_real.py`): scmixvae's K over its seeds, the mean ARI between the labels of two seeds, "
-        "the mean ARIs over the seeds of each method, minutes per fit."
-        if (RESULTS_DIR / "real.json").is_file()
-        else "From the files of the scripts `bench_real.py` replaced: `real_seeds_fits` (scmixvae's K over its "
-        "seeds, the mean ARI between the labels of two seeds, minutes per fit), `real_seeds` (ARIs: means over the "
-        "seeds of each method) and `peers` (clusters and minutes of scVI + Leiden, seed 0)."
-    )
     parts = [
         "# Benchmarks",
         "",
@@ -173,7 +134,9 @@ def page() -> str:
         "",
         "The five real sets of `benchmarks/README.md` (reference types from the authors' annotations). scmixvae: "
         "`CplMixVAE(adata).train()` with every default (the number of types is not given); scVI + Leiden: scVI's "
-        "default model and training, Leiden at resolution 1 on its latent. One CPU thread per fit. " + source,
+        "default model and training, Leiden at resolution 1 on its latent. One CPU thread per fit. From `real` "
+        "(`bench_real.py`): scmixvae's K over its seeds, the mean ARI between the labels of two seeds, the mean ARIs "
+        "over the seeds of each method, minutes per fit.",
         "",
         comparison_table(),
         "",
