@@ -515,7 +515,8 @@ def test_restarts_keep_the_medoid_and_record_every_restart(restarted):
     model, seed_after = restarted
     history = model.restart_history
     assert list(history.columns) == _pruning.RESTART_COLUMNS
-    assert history["restart"].tolist() == [0, 1, 2] and history["seed"].tolist() == [4, 5, 6]
+    seeds = [4, _pruning.restart_seed(4, 1), _pruning.restart_seed(4, 2)]
+    assert history["restart"].tolist() == [0, 1, 2] and history["seed"].tolist() == seeds
     assert history["selected"].sum() == 1
     ari = np.array(history.attrs["ari"])
     assert ari.shape == (3, 3) and np.allclose(np.diag(ari), 1) and np.allclose(ari, ari.T)
@@ -530,13 +531,23 @@ def test_restarts_keep_the_medoid_and_record_every_restart(restarted):
     assert len(model.history["train_loss"]) == 2 + model.pruning_history["epochs"].iloc[1:].sum() + 1
 
 
-def test_restart_r_is_the_fit_of_a_new_model_with_seed_plus_r(restarted):
+def test_restart_seeds_of_two_seeds_are_disjoint():
+    assert _pruning.restart_seed(7, 0) == 7
+    for seed in range(5):
+        mine = {_pruning.restart_seed(seed, r) for r in range(5)}
+        other = {_pruning.restart_seed(seed + 1, r) for r in range(5)}
+        assert len(mine) == 5 and not mine & other
+    assert _pruning.restart_seed(3, 2) == _pruning.restart_seed(3, 2)  # reproducible
+    assert 0 <= _pruning.restart_seed(2**40, 1) < 2**32
+
+
+def test_restart_r_is_the_fit_of_a_new_model_with_its_restart_seed(restarted):
     model, _ = restarted
     history = model.restart_history
     kept = int(history["selected"].to_numpy().argmax())
     adata = _restart_data()
     for restart in range(3):
-        single = _single_fit(adata, 4 + restart)
+        single = _single_fit(adata, _pruning.restart_seed(4, restart))
         chosen = single.pruning_history.loc[single.pruning_history["selected"]].iloc[0]
         assert chosen["n_categories"] == history.loc[restart, "n_categories"]
         assert chosen["mean_consensus"] == pytest.approx(history.loc[restart, "mean_consensus"], abs=1e-12)

@@ -522,8 +522,9 @@ class CplMixVAE(
             phase), then keep the fit whose categories agree best with the others' (the medoid: highest mean
             adjusted Rand index of its :meth:`predict` labels with every other fit's; the earliest on a tie) and
             train the states of that one. Restart 0 is the model as created; restart ``r`` is a new model built with
-            the same arguments after setting ``scvi.settings.seed`` to the current seed plus ``r`` (restored
-            afterwards), so it is the fit a new model created with that seed would give; the model becomes the fit
+            the same arguments after setting ``scvi.settings.seed`` to a seed drawn from the current seed and ``r``
+            (the ``seed`` column of :attr:`restart_history`; restored afterwards; fits at two seeds share no
+            restart), so it is the fit a new model created with that seed would give; the model becomes the fit
             kept. Fits from many categories vary between seeds; the medoid is the most typical of them. Two
             restarts always tie (the first is kept): use three or more. See :attr:`restart_history`. ``None``
             (default): :func:`default_n_restarts`, ``3`` when this call chooses the number of types of a model

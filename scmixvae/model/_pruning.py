@@ -303,13 +303,22 @@ def _keep_round(model, rows, best_round: int, best_state: dict, threshold: float
     return history
 
 
+def restart_seed(seed: int, restart: int) -> int:
+    """The ``scvi.settings.seed`` of restart ``restart`` of a fit at ``seed``: ``seed`` for restart 0, else a number
+    drawn from both by numpy's :class:`~numpy.random.SeedSequence`, so that fits at two seeds share no restart
+    (with ``seed + restart``, seeds 1 and 2 would share two of three)."""
+    if restart == 0:
+        return seed
+    return int(np.random.SeedSequence([seed % 2**32, restart]).generate_state(1)[0])
+
+
 def fit_restarts(model, schedule: _fit.Schedule) -> None:
     """Fit ``n_restarts`` models from fresh weights and keep the medoid fit (see :meth:`CplMixVAE.train`).
 
     Restart 0 is ``model`` itself; restart ``r`` a :func:`~scmixvae.model._fit.fresh_model` built after
-    ``scvi.settings.seed`` is set to the seed plus ``r`` (restored afterwards). Each runs the start, the category
-    fit and :func:`prune`; ``model`` becomes the fit whose labels agree best with the others' (a Ctrl-C: the last
-    completed fit).
+    ``scvi.settings.seed`` is set to :func:`restart_seed` of the seed and ``r`` (restored afterwards). Each runs
+    the start, the category fit and :func:`prune`; ``model`` becomes the fit whose labels agree best with the
+    others' (a Ctrl-C: the last completed fit).
     """
     base_seed = scvi.settings.seed
     first_seed = base_seed or 0
@@ -318,8 +327,8 @@ def fit_restarts(model, schedule: _fit.Schedule) -> None:
         for restart in range(schedule.n_restarts):
             if (progress := current_progress()) is not None:
                 progress.start_restart(restart, schedule.n_restarts)
-            if restart:  # a fresh model, as CplMixVAE(...) after `scvi.settings.seed = first_seed + restart`
-                scvi.settings.seed = first_seed + restart
+            if restart:  # a fresh model, as CplMixVAE(...) after `scvi.settings.seed = restart_seed(...)`
+                scvi.settings.seed = restart_seed(first_seed, restart)
             fit = _fit.fresh_model(model) if restart else model
             _fit.start(fit, schedule)
             _fit.train_categories(fit, schedule)
@@ -329,7 +338,7 @@ def fit_restarts(model, schedule: _fit.Schedule) -> None:
             fits.append(fit)
             rows.append({
                 "restart": restart,
-                "seed": first_seed + restart,
+                "seed": restart_seed(first_seed, restart),
                 "n_categories": int(chosen["n_categories"]),
                 "mean_consensus": float(chosen["mean_consensus"]),
             })  # fmt: skip
