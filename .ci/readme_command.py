@@ -13,7 +13,7 @@ WHICH = {"demo": 0, "test": 1}
 
 
 def setup_commands(text: str) -> list[str]:
-    """The one-line commands of the ``bash`` blocks in the "Set-up" section, in order."""
+    """Return the one-line commands of the ``bash`` blocks in the "Set-up" section, in order."""
     section = re.search(r"^## Set-up\n(.*?)(?=^## |\Z)", text, flags=re.MULTILINE | re.DOTALL)
     if section is None:
         raise SystemExit(f"{README}: no '## Set-up' section")

@@ -304,9 +304,11 @@ def _keep_round(model, rows, best_round: int, best_state: dict, threshold: float
 
 
 def restart_seed(seed: int, restart: int) -> int:
-    """The ``scvi.settings.seed`` of restart ``restart`` of a fit at ``seed``: ``seed`` for restart 0, else a number
-    drawn from both by numpy's :class:`~numpy.random.SeedSequence`, so that fits at two seeds share no restart
-    (with ``seed + restart``, seeds 1 and 2 would share two of three)."""
+    """Return the ``scvi.settings.seed`` of restart ``restart`` of a fit at ``seed``.
+
+    ``seed`` itself for restart 0, else a number drawn from both by numpy's :class:`~numpy.random.SeedSequence`,
+    so that fits at two seeds share no restart (with ``seed + restart``, seeds 1 and 2 would share two of three).
+    """
     if restart == 0:
         return seed
     return int(np.random.SeedSequence([seed % 2**32, restart]).generate_state(1)[0])
