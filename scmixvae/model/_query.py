@@ -133,7 +133,7 @@ def _pad_and_order(adata: AnnData, genes: pd.Index) -> AnnData:
 def _covariate_blocks(n_batch: int, n_cats_per_cov, n_continuous: int) -> list[tuple[int, int]]:
     """``(rows, categories)`` of each block of the covariate vector: batch, categorical covariates, continuous.
 
-    The batch has rows only with more than one batch (see :meth:`CplMixVAEModule._covariates`).
+    The batch has rows only with more than one batch (see :meth:`~scmixvae.module.CplMixVAEModule.covariates`).
     """
     blocks = [(n_batch if n_batch > 1 else 0, n_batch)]
     blocks += [(n, n) for n in n_cats_per_cov]

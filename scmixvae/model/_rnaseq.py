@@ -203,7 +203,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
                 cov, b_index = out["cov"], batch_index
             else:
                 b_index = torch.full((s.shape[1], 1), code, dtype=torch.long, device=s.device)
-                cov = module._covariates(b_index, inputs.get("cat_covs"), inputs.get("cont_covs"))
+                cov = module.covariates(b_index, inputs.get("cat_covs"), inputs.get("cont_covs"))
             gen = module.generative(s, c, out["library"], b_index, cov)
             if module.likelihood == "gaussian":
                 scale = torch.expm1(gen["px_mean"]).clamp(min=0.0) / NORMALISATION_SCALE

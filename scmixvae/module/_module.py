@@ -218,7 +218,12 @@ class CplMixVAEModule(BaseModuleClass):
         """Temperature in use: ``tau`` or ``1 / K`` of the surviving categories."""
         return self.tau if self.tau is not None else 1.0 / max(self.n_active_categories, 1)
 
-    def _covariates(self, batch_index, cat_covs, cont_covs) -> torch.Tensor | None:
+    def covariates(self, batch_index, cat_covs, cont_covs) -> torch.Tensor | None:
+        """One row per cell of the covariates every encoder and decoder reads, or ``None`` without any.
+
+        The batch one-hot (only with more than one batch), each categorical covariate one-hot, then the continuous
+        covariates, concatenated in that order.
+        """
         parts = []
         if self.n_batch > 1:
             parts.append(F.one_hot(batch_index.reshape(-1).long(), self.n_batch).float())
@@ -404,7 +409,7 @@ class CplMixVAEModule(BaseModuleClass):
             x_norm, x_norm_nonzero = self.normalise(x, library), None
         else:  # the dense result for the state encoder, the values for the agents' views
             x_norm, x_norm_nonzero = self.normalise_nonzero(x, library, nonzero, counts)
-        cov = self._covariates(batch_index, cat_covs, cont_covs)
+        cov = self.covariates(batch_index, cat_covs, cont_covs)
         if self.training and self.categories_frozen:
             # state phase: the categorical path reads the real cell as in a read-out and learns nothing
             with torch.no_grad(), eval_mode(self.trunk_norm):

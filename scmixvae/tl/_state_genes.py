@@ -275,7 +275,7 @@ def _decode_path(
             else None
         )
         cont = None if cont_mean is None else cont_mean.to(device)[None].expand(n_steps, -1)
-        cov = module._covariates(batch_index, cat_covs, cont)
+        cov = module.covariates(batch_index, cat_covs, cont)
         library = torch.ones((n_steps, 1), device=device)
         out = module.generative(s, c, library, batch_index, cov)
         if module.likelihood == "gaussian":
