@@ -104,7 +104,11 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="number of categories (the maximum with --prune); default: start from up to 50 and prune",
     )
-    fit.add_argument("--prune", action="store_true", help="prune --n-categories and choose the number of types")
+    fit.add_argument(
+        "--prune",
+        action="store_true",
+        help="prune --n-categories and choose the number of types (each agent then sees its own view of a cell)",
+    )
     fit.add_argument(
         "--consensus-threshold", type=_fraction, default=0.95, help="consensus criterion of --prune, in (0, 1]"
     )
@@ -307,6 +311,8 @@ def _fit(args) -> int:
     try:
         CplMixVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key, condition_key=args.condition_key)
         kwargs = {"n_categories": args.n_categories}
+        if args.prune and args.n_categories is not None:
+            kwargs["input_dropout"] = 0.5  # pruning needs agents that see different views (published dropout)
         if args.likelihood is not None:
             kwargs["likelihood"] = args.likelihood
         model = CplMixVAE(adata, **kwargs)
