@@ -29,7 +29,7 @@ RESULTS: list[tuple[str, str, str]] = [
      "CplMixVAE (the default fit; with `cpl-k`, K given), scVI + Leiden and PCA + Leiden on the five real sets over "
      "seeds: ARI, NMI, chosen K, agreement between seeds, time, and the difference of the mean ARIs."),
     ("bench_real.py --methods cpl-k", "real_k",
-     "CplMixVAE given the reference number of types (one row per likelihood) on the five real sets."),
+     "CplMixVAE given the reference number of types on the five real sets, next to the peers (same seed)."),
     ("bench_simulated.py", "pruning",
      "Choice of the number of types on the simulator (8 types): chosen K, ARI, agreement of two model seeds."),
     ("bench_simulated.py --parts states", "states",
@@ -48,9 +48,6 @@ RESULTS: list[tuple[str, str, str]] = [
     ("gpu.sh", "speed_gpu_compile", "`bench_speed.py --parts throughput` on one GPU with `torch.compile`."),
     # written by scripts since merged into those above (benchmarks/README.md: the command that replaces each);
     # delete each once its replacement has been run
-    ("bench_core.py (now bench_real.py --methods cpl-k)", "core",
-     "CplMixVAE given the reference number of types (`nb` and `gaussian` likelihoods) on the five real sets, "
-     "next to the peers."),
     ("bench_speed.py --side-by-side (now --parts side-by-side)", "speed_side_by_side",
      "Two fits at once on the 2-core machine, each started with OMP_NUM_THREADS=1, against one alone."),
     ("bench_scale.py (now bench_speed.py --parts scale)", "scale",
