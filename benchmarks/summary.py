@@ -66,7 +66,7 @@ def _range(values: list[float], fmt: str = "{:.0f}") -> str:
     return fmt.format(lo) if fmt.format(lo) == fmt.format(hi) else f"{fmt.format(lo)}–{fmt.format(hi)}"
 
 
-def _comparison_from_real() -> tuple[dict, dict]:
+def comparison() -> tuple[dict, dict]:
     """Per set, the numbers of the table, and the difference of the means, from ``real`` (bench_real.py)."""
     rows = load("real")["rows"]
     cpl, peer = "CplMixVAE", "scVI+Leiden"
@@ -87,11 +87,6 @@ def _comparison_from_real() -> tuple[dict, dict]:
         "difference": diff["difference"], "low": diff["interval_90_low"], "high": diff["interval_90_high"],
         "n": diff["n_seeds"], "n_peer": diff["n_seeds_versus"],
     }  # fmt: skip
-
-
-def comparison() -> tuple[dict, dict]:
-    """The numbers of the README's table and the difference of the means, from ``real`` (bench_real.py)."""
-    return _comparison_from_real()
 
 
 def comparison_table() -> str:

@@ -306,13 +306,14 @@ def _fit(args) -> int:
     from . import tl
     from ._io import atomic_write, write_h5ad
     from .model import CplMixVAE
+    from .model._model import PUBLISHED_INPUT_DROPOUT
 
     _scvi_settings(scvi, args)
     try:
         CplMixVAE.setup_anndata(adata, layer=args.layer, batch_key=args.batch_key, condition_key=args.condition_key)
         kwargs = {"n_categories": args.n_categories}
-        if args.prune and args.n_categories is not None:
-            kwargs["input_dropout"] = 0.5  # pruning needs agents that see different views (published dropout)
+        if args.prune and args.n_categories is not None:  # pruning needs agents that see different views
+            kwargs["input_dropout"] = PUBLISHED_INPUT_DROPOUT
         if args.likelihood is not None:
             kwargs["likelihood"] = args.likelihood
         model = CplMixVAE(adata, **kwargs)

@@ -46,6 +46,10 @@ from ._save_load import REMOVED_OPTIONS, load_model, read_registry, save_model
 logger = logging.getLogger(__name__)
 
 
+#: The published per-agent input dropout: the default of a model that chooses the number of types, and what pruning
+#: needs (agents reading the same cell agree trivially).
+PUBLISHED_INPUT_DROPOUT = 0.5
+
 #: Fewest cells a model trains on (a minibatch of one cell cannot be trained; the splits need some of each).
 MIN_TRAINING_CELLS = 3
 
@@ -116,7 +120,7 @@ def _default_options(choose_n_categories: bool) -> dict[str, str | float | None]
     ``{"augmentation": ..., "input_dropout": ...}``.
     """
     if choose_n_categories:
-        return {"augmentation": "knn", "input_dropout": 0.5}
+        return {"augmentation": "knn", "input_dropout": PUBLISHED_INPUT_DROPOUT}
     return {"augmentation": "dropout", "input_dropout": 0.0}
 
 
