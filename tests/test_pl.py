@@ -4,6 +4,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import anndata as ad
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -66,33 +67,52 @@ def test_heatmaps_draw_no_grid_under_a_grid_style(annotated):
     adata, model = annotated
     group = str(adata.uns[KEY]["traversal"]["groups"][0])
     with plt.rc_context({"axes.grid": True}):  # scanpy's set_figure_params style
-        axes = [pl.consensus_heatmap(model, show=False), pl.state_traversal_heatmap(adata, model, group, show=False)]
+        axes = [pl.consensus_heatmap(model, show=False), pl.state_traversal_heatmap(adata, group, show=False)]
     for ax in axes:
         assert not any(line.get_visible() for line in ax.get_xgridlines() + ax.get_ygridlines())
 
 
 def test_state_traversal_heatmap_shows_the_top_genes(annotated, tmp_path):
-    adata, model = annotated
+    adata, _ = annotated
     group = adata.uns[KEY]["names"].dtype.names[0]
-    ax = pl.state_traversal_heatmap(adata, model, group, n_genes=7, show=False)
+    ax = pl.state_traversal_heatmap(adata, group, n_genes=7, show=False)
     assert isinstance(ax, Axes)
     assert [t.get_text() for t in ax.get_yticklabels()] == list(adata.uns[KEY]["names"][group][:7])
     values = ax.images[0].get_array()
     assert values.shape == (7, adata.uns[KEY]["params"]["n_steps"])
     assert np.nanmin(values) >= 0 and np.nanmax(values) <= 1
-    fig = pl.state_traversal_heatmap(adata, model, group, n_genes=5, standard_scale=None, return_fig=True)
+    fig = pl.state_traversal_heatmap(adata, group, n_genes=5, standard_scale=None, return_fig=True)
     _save(fig, tmp_path / "traversal.png")
     with pytest.raises(ValueError, match="not a group"):
-        pl.state_traversal_heatmap(adata, model, "nope", show=False)
+        pl.state_traversal_heatmap(adata, "nope", show=False)
 
 
-def test_state_traversal_heatmap_decodes_the_ranking_path(annotated):
+def test_state_traversal_heatmap_draws_the_decoded_ranking_path(annotated, tmp_path):
     adata, model = annotated
     group = adata.uns[KEY]["names"].dtype.names[0]
-    ax = pl.state_traversal_heatmap(adata, model, group, n_genes=3, standard_scale=None, show=False)
-    _, decoded = tl.state_traversal(model, group, adata=adata)
+    ax = pl.state_traversal_heatmap(adata, group, n_genes=3, standard_scale=None, show=False)
+    steps, decoded = tl.state_traversal(model, group, adata=adata)
     genes = adata.var_names.get_indexer(adata.uns[KEY]["names"][group][:3])
-    np.testing.assert_allclose(ax.images[0].get_array(), decoded[:, genes].T, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ax.images[0].get_array(), decoded[:, genes].T, rtol=1e-5, atol=1e-5)
+    assert ax.get_xticklabels()[0].get_text() == f"{steps[0]:+.1f}"
+    # the stored path survives a round trip through h5ad; no model is needed to draw it
+    path = tmp_path / "ranked.h5ad"
+    adata.write_h5ad(path)
+    ax = pl.state_traversal_heatmap(ad.read_h5ad(path), group, n_genes=3, standard_scale=None, show=False)
+    np.testing.assert_allclose(ax.images[0].get_array(), decoded[:, genes].T, rtol=1e-5, atol=1e-5)
+
+
+def test_state_traversal_heatmap_rejects_what_it_cannot_draw(annotated):
+    adata, _ = annotated
+    group = adata.uns[KEY]["names"].dtype.names[0]
+    stored = adata.uns[KEY]["traversal"]["expression"].shape[2]
+    assert stored == min(50, adata.n_vars)
+    with pytest.raises(ValueError, match=f"integer from 1 to {stored}"):
+        pl.state_traversal_heatmap(adata, group, n_genes=stored + 1, show=False)
+    old = adata.copy()
+    del old.uns[KEY]["traversal"]["expression"]
+    with pytest.raises(ValueError, match="no decoded traversal"):
+        pl.state_traversal_heatmap(old, group, show=False)
 
 
 def test_state_genes_dotplot_wraps_scanpy(annotated, tmp_path):
@@ -195,11 +215,11 @@ def _inside(fig: Figure, artist) -> bool:
 
 
 def test_returned_figures_keep_legends_and_gene_labels_inside(annotated):
-    adata, model = annotated
+    adata, _ = annotated
     fig = pl.embedding(adata, return_fig=True)
     assert _inside(fig, fig.axes[0].get_legend())
     group = adata.uns[KEY]["names"].dtype.names[0]
-    fig = pl.state_traversal_heatmap(adata, model, group, return_fig=True)
+    fig = pl.state_traversal_heatmap(adata, group, return_fig=True)
     labels = fig.axes[0].get_yticklabels()
     assert labels and all(_inside(fig, label) for label in labels)
 
@@ -210,7 +230,7 @@ def test_every_plot_saves_atomically(annotated, tmp_path):
     plots = {
         "embedding.png": lambda save: pl.embedding(adata, show=False, save=save),
         "consensus.pdf": lambda save: pl.consensus_heatmap(model, show=False, save=save),
-        "traversal.svg": lambda save: pl.state_traversal_heatmap(adata, model, group, show=False, save=save),
+        "traversal.svg": lambda save: pl.state_traversal_heatmap(adata, group, show=False, save=save),
         "dotplot.png": lambda save: pl.state_genes_dotplot(adata, show=False, save=save),
         "history.png": lambda save: pl.training_history(model, show=False, save=save),
     }

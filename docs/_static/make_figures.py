@@ -192,7 +192,7 @@ def draw_state_traversal(adata, model, path: Path) -> None:
     cells = adata.obs["cplmixvae_type"] == category
     simulated = str(adata.obs.loc[cells, "type"].value_counts().idxmax())
     true_genes = set(adata.uns["simulation"]["state_genes"][simulated])
-    fig = scmixvae.pl.state_traversal_heatmap(adata, model, category, n_genes=15, return_fig=True)
+    fig = scmixvae.pl.state_traversal_heatmap(adata, category, n_genes=15, return_fig=True)
     ax = fig.axes[0]
     labels = [t.get_text() for t in ax.get_yticklabels()]
     ax.set_yticks(range(len(labels)), [f"{g} *" if g in true_genes else g for g in labels])

@@ -12,7 +12,6 @@ from typing import Literal
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import torch
 from anndata import AnnData
 from matplotlib import colors as mcolors
 from matplotlib import rcParams
@@ -167,7 +166,6 @@ def consensus_heatmap(
 
 def state_traversal_heatmap(
     adata: AnnData,
-    model,
     category: str,
     *,
     n_genes: int = 20,
@@ -181,19 +179,17 @@ def state_traversal_heatmap(
 ) -> Figure | Axes | None:
     """Plot the decoded expression of a group's top state genes along its state path.
 
-    The path is the one :func:`~scmixvae.tl.rank_state_genes` traversed for the group (stored in
-    ``uns[key]["traversal"]``); it is decoded again with the model.
+    :func:`~scmixvae.tl.rank_state_genes` decodes each group's path and stores the decoded expression of the
+    group's top genes in ``uns[key]["traversal"]``; this draws it (no model needed).
 
     Parameters
     ----------
     adata
         AnnData with the ranking in ``uns[key]``.
-    model
-        The trained :class:`~scmixvae.model.CplMixVAE` that produced the ranking.
     category
         A group of the ranking (a field of ``uns[key]["names"]``).
     n_genes
-        Number of top-ranked genes (rows).
+        Number of top-ranked genes (rows), at most the number stored (50).
     key
         Key of the ranking in ``uns``.
     standard_scale
@@ -213,37 +209,25 @@ def state_traversal_heatmap(
     The figure with ``return_fig=True``, ``None`` when shown, the axes otherwise.
     """
     save = _check_save(save)
-    from ..tl._state_genes import _decode_path, _get_ranking
+    from ..tl._state_genes import _get_ranking
 
-    check.check_model(model)
-    ranking = _get_ranking(adata, key)
-    traversal = ranking.get("traversal")
-    if traversal is None:
-        raise ValueError(f"uns[{key!r}] has no traversal; it must come from scmixvae.tl.rank_state_genes.")
+    traversal = _get_ranking(adata, key).get("traversal")
+    if traversal is None or "expression" not in traversal:
+        raise ValueError(
+            f"uns[{key!r}] has no decoded traversal; it must come from scmixvae.tl.rank_state_genes (run it again "
+            "if it was written by an older version)."
+        )
     groups = [str(g) for g in traversal["groups"]]
     if category not in groups:
         raise ValueError(f"`category`={category!r} is not a group of uns[{key!r}]; groups: {groups}.")
-    if isinstance(n_genes, bool) or not isinstance(n_genes, int) or n_genes < 1:
-        raise ValueError(f"`n_genes` must be a positive integer, got {n_genes!r}.")
+    expression = np.asarray(traversal["expression"])
+    if isinstance(n_genes, bool) or not isinstance(n_genes, int) or not 1 <= n_genes <= expression.shape[2]:
+        raise ValueError(f"`n_genes` must be an integer from 1 to {expression.shape[2]}, got {n_genes!r}.")
     if standard_scale not in ("var", None):
         raise ValueError(f'`standard_scale` must be "var" or None, got {standard_scale!r}.')
-    params = ranking["params"]
-    i = groups.index(category)
-    cont = np.asarray(traversal.get("continuous_covariates", np.zeros(0)), dtype=np.float32)
-    cont_mean = torch.as_tensor(cont) if cont.size else None
-    steps, x_log, _ = _decode_path(
-        model,
-        int(traversal["category"][i]),
-        np.asarray(traversal["center"][i], dtype=float),
-        np.asarray(traversal["direction"][i], dtype=float),
-        float(traversal["sigma"][i]),
-        n_sigma=float(params["n_sigma"]),
-        n_steps=int(params["n_steps"]),
-        agent=int(params["agent"]),
-        cont_mean=cont_mean,
-    )
-    genes = np.asarray(ranking["names"][category], dtype=str)[:n_genes]
-    values = x_log[:, adata.var_names.get_indexer(genes)].T
+    steps = np.asarray(traversal["steps"], dtype=float)
+    values = expression[groups.index(category), :, :n_genes].T.astype(float)
+    genes = np.asarray(adata.uns[key]["names"][category], dtype=str)[:n_genes]
     if standard_scale == "var":
         low, high = values.min(1, keepdims=True), values.max(1, keepdims=True)
         values = np.divide(values - low, high - low, out=np.zeros_like(values), where=high > low)

@@ -31,6 +31,8 @@ _MIN_CELLS = 3
 ENDS_QUANTILE = 0.25
 #: Matrix entries densified at once by the per-gene test over cells.
 _DENSE_ENTRIES = 1 << 22
+#: Top genes of each group whose decoded path :func:`rank_state_genes` stores (``traversal["expression"]``).
+N_STORED_GENES = 50
 
 Axis = Literal["pc1", "condition"] | int
 Measure = Literal["endpoints", "range"]
@@ -537,7 +539,9 @@ def rank_state_genes(
       - ``traversal``: per group (in the order of ``groups``) the ``category`` decoded, ``n_cells``,
         ``center`` and unit ``direction`` of the axis in state space and ``sigma``, the cells' standard
         deviation along it, and the ``continuous_covariates`` decoded with (their means; empty without
-        them); used by :func:`~scmixvae.pl.state_traversal_heatmap`.
+        them); the path's ``steps`` in standard deviations ``(n_steps,)`` and ``expression``, the decoded
+        ``log1p`` normalised expression of each group's 50 top-ranked genes, in the ranking's order
+        ``(n_groups, n_steps, 50)``, which :func:`~scmixvae.pl.state_traversal_heatmap` draws.
 
     - ``obs[f"{key_added}_group"]``: the consensus category (categorical; categories without cells are
       left out, as scanpy's plots need), when ``groupby=None``.
@@ -614,14 +618,20 @@ def rank_state_genes(
             "agent": int(agent),
         },
     )
-    adata.uns[key_added]["traversal"] = _traversal_record(geometry, cont_mean)
+    adata.uns[key_added]["traversal"] = _traversal_record(geometry, results, n_sigma, n_steps, cont_mean)
     return adata if copy else None
 
 
-def _traversal_record(geometry: dict[str, tuple], cont_mean: torch.Tensor | None) -> dict[str, np.ndarray]:
-    """Build the ``traversal`` entry of a ranking: each ranked group's category, size and path."""
+def _traversal_record(
+    geometry: dict[str, tuple], results: dict, n_sigma: float, n_steps: int, cont_mean: torch.Tensor | None
+) -> dict[str, np.ndarray]:
+    """Build the ``traversal`` entry: each ranked group's category, size, path and decoded top genes."""
     values = list(geometry.values())
+    n_top = min(N_STORED_GENES, len(next(iter(results.values()))["scores"]))
+    top_paths = [r["path"][:, np.argsort(-r["scores"], kind="stable")[:n_top]] for r in results.values()]
     return {
+        "steps": np.linspace(-n_sigma, n_sigma, n_steps),
+        "expression": np.stack(top_paths).astype(np.float32),
         "groups": np.asarray(list(geometry), dtype=str),
         "category": np.asarray([g[0] for g in values], dtype=str),
         "n_cells": np.asarray([g[1] for g in values], dtype=np.int64),
@@ -649,6 +659,7 @@ def _rank_group(model, k, counts, states, center, direction, sigma, std, travers
     scores, traversal_lfc = _traversal_scores(x_log, expr, std, traversal["measure"])
     lfc, rho, pvals = observed_state_statistics(counts, (states - center) @ direction)
     return {
+        "path": x_log,
         "scores": scores,
         "logfoldchanges": lfc,
         "pvals": pvals,
