@@ -46,14 +46,6 @@ RESULTS: list[tuple[str, str, str]] = [
     ("gpu.sh", "speed_gpu", "`bench_speed.py --parts throughput` on one GPU, float32."),
     ("gpu.sh", "speed_gpu_bf16mixed", "`bench_speed.py --parts throughput` on one GPU, bf16 mixed precision."),
     ("gpu.sh", "speed_gpu_compile", "`bench_speed.py --parts throughput` on one GPU with `torch.compile`."),
-    # written by scripts since merged into those above (benchmarks/README.md: the command that replaces each);
-    # delete each once its replacement has been run
-    ("bench_speed.py --side-by-side (now --parts side-by-side)", "speed_side_by_side",
-     "Two fits at once on the 2-core machine, each started with OMP_NUM_THREADS=1, against one alone."),
-    ("bench_scale.py (now bench_speed.py --parts scale)", "scale",
-     "10^4 to 10^6 cells (10^6 read from a backed `.h5ad`): seconds per epoch and peak memory against scVI."),
-    ("bench_speed.py --parts wholefit --name wholefit", "wholefit",
-     "The whole default fit (`CplMixVAE(adata).train()`) against scVI's default `train()` on simulated data."),
 ]  # fmt: skip
 
 
