@@ -2,9 +2,9 @@
 # GPU checks, prepared for a machine with one CUDA device (about 4-5 minutes in all):
 #   1. the tests marked `gpu` (skipped on machines without CUDA);
 #   2. the throughput part of bench_speed.py on 10^5 simulated cells x 2,000 genes, scVI against CplMixVAE
-#      (two agents; LIKELIHOODS, default "gaussian nb": the Gaussian and nb, the default likelihood) at batch sizes 128 and 1,000,
-#      in float32 and in mixed precision (Lightning's precision, passed through model.train; PRECISION=16-mixed for
-#      float16), each against the card's matmul peak in the same precision;
+#      (two agents; LIKELIHOODS, default "gaussian nb": the Gaussian and nb, the default likelihood) at batch
+#      sizes 128 and 1,000, in float32 and in mixed precision (Lightning's precision, passed through model.train;
+#      PRECISION=16-mixed for float16), each against the card's matmul peak in the same precision;
 #   3. with COMPILE=1 (default), a run with plan_kwargs={"compile": True} (torch.compile; the first steps compile),
 #      first likelihood only.
 # A failing step does not stop the later ones; the exit status is non-zero if any failed.

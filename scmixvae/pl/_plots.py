@@ -211,7 +211,8 @@ def state_traversal_heatmap(
     save = _check_save(save)
     from ..tl._state_genes import _get_ranking
 
-    traversal = _get_ranking(adata, key).get("traversal")
+    ranking = _get_ranking(adata, key)
+    traversal = ranking.get("traversal")
     if traversal is None or "expression" not in traversal:
         raise ValueError(
             f"uns[{key!r}] has no decoded traversal; it must come from scmixvae.tl.rank_state_genes (run it again "
@@ -227,7 +228,7 @@ def state_traversal_heatmap(
         raise ValueError(f'`standard_scale` must be "var" or None, got {standard_scale!r}.')
     steps = np.asarray(traversal["steps"], dtype=float)
     values = expression[groups.index(category), :, :n_genes].T.astype(float)
-    genes = np.asarray(adata.uns[key]["names"][category], dtype=str)[:n_genes]
+    genes = np.asarray(ranking["names"][category], dtype=str)[:n_genes]
     if standard_scale == "var":
         low, high = values.min(1, keepdims=True), values.max(1, keepdims=True)
         values = np.divide(values - low, high - low, out=np.zeros_like(values), where=high > low)

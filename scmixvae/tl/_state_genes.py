@@ -618,20 +618,18 @@ def rank_state_genes(
             "agent": int(agent),
         },
     )
-    adata.uns[key_added]["traversal"] = _traversal_record(geometry, results, n_sigma, n_steps, cont_mean)
+    adata.uns[key_added]["traversal"] = _traversal_record(geometry, results, cont_mean)
     return adata if copy else None
 
 
 def _traversal_record(
-    geometry: dict[str, tuple], results: dict, n_sigma: float, n_steps: int, cont_mean: torch.Tensor | None
+    geometry: dict[str, tuple], results: dict, cont_mean: torch.Tensor | None
 ) -> dict[str, np.ndarray]:
     """Build the ``traversal`` entry: each ranked group's category, size, path and decoded top genes."""
     values = list(geometry.values())
-    n_top = min(N_STORED_GENES, len(next(iter(results.values()))["scores"]))
-    top_paths = [r["path"][:, np.argsort(-r["scores"], kind="stable")[:n_top]] for r in results.values()]
     return {
-        "steps": np.linspace(-n_sigma, n_sigma, n_steps),
-        "expression": np.stack(top_paths).astype(np.float32),
+        "steps": next(iter(results.values()))["steps"],
+        "expression": np.stack([r["top_path"] for r in results.values()]),
         "groups": np.asarray(list(geometry), dtype=str),
         "category": np.asarray([g[0] for g in values], dtype=str),
         "n_cells": np.asarray([g[1] for g in values], dtype=np.int64),
@@ -644,8 +642,8 @@ def _traversal_record(
 
 
 def _rank_group(model, k, counts, states, center, direction, sigma, std, traversal: dict) -> dict[str, np.ndarray]:
-    """Every column of one group's ranking: the decoder's traversal and the statistics observed over its cells."""
-    _, x_log, expr = _decode_path(
+    """One group's ranking: its columns (decoder's traversal, statistics over its cells), order and top genes' path."""
+    steps, x_log, expr = _decode_path(
         model,
         k,
         center,
@@ -658,8 +656,11 @@ def _rank_group(model, k, counts, states, center, direction, sigma, std, travers
     )
     scores, traversal_lfc = _traversal_scores(x_log, expr, std, traversal["measure"])
     lfc, rho, pvals = observed_state_statistics(counts, (states - center) @ direction)
+    order = np.argsort(-scores, kind="stable")  # the ranking: by decreasing score
     return {
-        "path": x_log,
+        "order": order,
+        "steps": steps,
+        "top_path": x_log[:, order[:N_STORED_GENES]].astype(np.float32),
         "scores": scores,
         "logfoldchanges": lfc,
         "pvals": pvals,
@@ -685,7 +686,7 @@ def _to_rank_genes_groups(results: dict, genes: np.ndarray, *, params: dict) -> 
     """Record arrays of :func:`scanpy.tl.rank_genes_groups`, every gene ranked by decreasing score."""
     columns = {column: [] for column in _COLUMNS}
     for result in results.values():
-        order = np.argsort(-result["scores"], kind="stable")
+        order = result["order"]
         columns["names"].append(genes[order].astype(object))
         for column in list(_COLUMNS)[1:]:
             columns[column].append(result[column][order].astype(_COLUMNS[column]))
