@@ -167,10 +167,7 @@ def simulate(
     gene_names = np.array([f"gene_{g}" for g in range(n_genes)])
     type_names = [f"type_{t}" for t in range(n_types)]
 
-    # genes
-    raw = rng.normal(0.0, _BASELINE_SD, size=n_genes)
-    baseline = _BASELINE_CAP - np.logaddexp(0.0, _BASELINE_CAP - raw)  # ~ raw below the cap, -> cap above it
-    gene_dispersion = dispersion * np.exp(rng.normal(0.0, 0.5, size=n_genes))
+    baseline, gene_dispersion = _draw_genes(rng, n_genes, dispersion)
     expressed_weight = np.exp(baseline / 2.0)
 
     # type and state programs
@@ -183,30 +180,15 @@ def simulate(
     if n_batches > 1:
         batch_effects = rng.normal(0.0, batch_effect, size=(n_batches, n_genes))
 
-    # cells
-    counts_per_type = _split_counts(proportions, n_cells)
-    types = rng.permutation(np.repeat(np.arange(n_types), counts_per_type))
-    batches = rng.integers(n_batches, size=n_cells)
-    state = rng.uniform(0.0, 1.0, size=n_cells)
-    shared = rng.uniform(0.0, 1.0, size=n_cells) if shared_state else np.zeros(n_cells)
-    log_sigma = float(library_size_sigma)
-    library_size = np.exp(rng.normal(np.log(library_size_mean) - log_sigma**2 / 2, log_sigma, size=n_cells))
+    types, batches, state, shared, library_size = _draw_cells(
+        rng, _split_counts(proportions, n_cells), n_batches, shared_state, library_size_mean, library_size_sigma
+    )
 
     counts = _sample_counts(
-        rng,
-        baseline=baseline,
-        type_programs=type_programs,
-        state_programs=state_programs,
-        shared_program=shared_program,
-        batch_effects=batch_effects,
-        gene_dispersion=gene_dispersion,
-        types=types,
-        batches=batches,
-        state=state,
-        shared=shared,
-        library_size=library_size,
-        sparse=sparse,
-    )
+        rng, baseline=baseline, type_programs=type_programs, state_programs=state_programs,
+        shared_program=shared_program, batch_effects=batch_effects, gene_dispersion=gene_dispersion, types=types,
+        batches=batches, state=state, shared=shared, library_size=library_size, sparse=sparse,
+    )  # fmt: skip
 
     obs = _obs(types, type_names, state, shared if shared_state else None, batches, n_batches, library_size)
     adata = AnnData(X=counts, obs=obs, var=pd.DataFrame(index=pd.Index(gene_names)))
@@ -220,20 +202,39 @@ def simulate(
         "state_strength": float(state_strength), "seed": int(seed),
     }  # fmt: skip
     adata.uns["simulation"] = {
-        "params": params,
-        "type_proportions": proportions,
-        "baseline": baseline,
-        "gene_dispersion": gene_dispersion,
-        "type_programs": type_programs,
-        "marker_genes": marker_genes,
-        "state_programs": state_programs,
-        "state_genes": state_genes,
-        "shared_program": shared_program,
-        "shared_genes": shared_genes,
+        "params": params, "type_proportions": proportions, "baseline": baseline, "gene_dispersion": gene_dispersion,
+        "type_programs": type_programs, "marker_genes": marker_genes, "state_programs": state_programs,
+        "state_genes": state_genes, "shared_program": shared_program, "shared_genes": shared_genes,
         "batch_effects": batch_effects,
-    }
+    }  # fmt: skip
     logger.info("Simulated %d cells x %d genes, %d types, %d batches.", n_cells, n_genes, n_types, n_batches)
     return adata
+
+
+def _draw_genes(rng: np.random.Generator, n_genes: int, dispersion: float) -> tuple[np.ndarray, np.ndarray]:
+    """Draw every gene's baseline log-mean and negative-binomial dispersion (step 1 of :func:`simulate`)."""
+    raw = rng.normal(0.0, _BASELINE_SD, size=n_genes)
+    baseline = _BASELINE_CAP - np.logaddexp(0.0, _BASELINE_CAP - raw)  # ~ raw below the cap, -> cap above it
+    return baseline, dispersion * np.exp(rng.normal(0.0, 0.5, size=n_genes))
+
+
+def _draw_cells(
+    rng: np.random.Generator,
+    counts_per_type: np.ndarray,
+    n_batches: int,
+    shared_state: bool,
+    library_size_mean: float,
+    library_size_sigma: float,
+) -> tuple[np.ndarray, ...]:
+    """Draw every cell's type, batch, state, shared driver (zeros without it) and library size, in that order."""
+    n_cells = int(counts_per_type.sum())
+    types = rng.permutation(np.repeat(np.arange(len(counts_per_type)), counts_per_type))
+    batches = rng.integers(n_batches, size=n_cells)
+    state = rng.uniform(0.0, 1.0, size=n_cells)
+    shared = rng.uniform(0.0, 1.0, size=n_cells) if shared_state else np.zeros(n_cells)
+    log_sigma = float(library_size_sigma)
+    library_size = np.exp(rng.normal(np.log(library_size_mean) - log_sigma**2 / 2, log_sigma, size=n_cells))
+    return types, batches, state, shared, library_size
 
 
 def _obs(types, type_names, state, shared, batches, n_batches, library_size) -> pd.DataFrame:

@@ -575,24 +575,7 @@ def rank_state_genes(
     std = gene_std(counts) if normalize else None
     conditions, order = _conditions_for(model, adata, axis)
     traversal = {"n_sigma": n_sigma, "n_steps": n_steps, "agent": agent, "cont_mean": cont_mean, "measure": measure}
-    results, geometry = {}, {}
-    for group in groups.categories:
-        idx = np.flatnonzero(np.asarray(groups == group))
-        if len(idx) < _MIN_CELLS:
-            logger.warning(
-                "Group %r has %d cell(s) (< %d); it is left out of the ranking.", group, len(idx), _MIN_CELLS
-            )
-            continue
-        k = int(np.bincount(consensus[idx]).argmax())
-        states = _states(model, h[:, torch.as_tensor(idx)], k, agent)
-        center, direction, sigma, group_axis = _path_geometry(
-            states, axis, None if conditions is None else conditions[idx], order, name=f"group {group!r}"
-        )
-        if not sigma > 0:
-            logger.warning("The cells of group %r do not spread along the state axis; it is left out.", group)
-            continue
-        results[str(group)] = _rank_group(model, k, counts[idx], states, center, direction, sigma, std, traversal)
-        geometry[str(group)] = (category_name(k), len(idx), center, direction, sigma, str(group_axis))
+    results, geometry = _rank_groups(model, groups, consensus, h, counts, std, axis, (conditions, order), traversal)
     if not results:
         raise ValueError(
             f"No group of {groupby!r} has at least {_MIN_CELLS} cells spread along the state axis; nothing to rank."
@@ -620,6 +603,35 @@ def rank_state_genes(
     )
     adata.uns[key_added]["traversal"] = _traversal_record(geometry, results, cont_mean)
     return adata if copy else None
+
+
+def _rank_groups(model, groups, consensus, h, counts, std, axis, conditions, traversal) -> tuple[dict, dict]:
+    """Rank the state genes of every group of ``groups`` with enough cells spread along the state axis.
+
+    ``consensus``, ``h``: the cells' consensus categories and features (:func:`_encode`); ``conditions``: the
+    cells' condition codes and their order (:func:`_conditions_for`). Returns each ranked group's result of
+    :func:`_rank_group` and its geometry ``(category, n_cells, center, direction, sigma, axis)``.
+    """
+    codes, order = conditions
+    results, geometry = {}, {}
+    for group in groups.categories:
+        idx = np.flatnonzero(np.asarray(groups == group))
+        if len(idx) < _MIN_CELLS:
+            logger.warning(
+                "Group %r has %d cell(s) (< %d); it is left out of the ranking.", group, len(idx), _MIN_CELLS
+            )
+            continue
+        k = int(np.bincount(consensus[idx]).argmax())
+        states = _states(model, h[:, torch.as_tensor(idx)], k, traversal["agent"])
+        center, direction, sigma, group_axis = _path_geometry(
+            states, axis, None if codes is None else codes[idx], order, name=f"group {group!r}"
+        )
+        if not sigma > 0:
+            logger.warning("The cells of group %r do not spread along the state axis; it is left out.", group)
+            continue
+        results[str(group)] = _rank_group(model, k, counts[idx], states, center, direction, sigma, std, traversal)
+        geometry[str(group)] = (category_name(k), len(idx), center, direction, sigma, str(group_axis))
+    return results, geometry
 
 
 def _traversal_record(
