@@ -2,6 +2,7 @@
 
     python benchmarks/bench_simulated.py --seeds 0 1 2 3 4 --model-seeds 0 1 --state-epochs 0 --threads 1
     python benchmarks/bench_simulated.py --parts states --seeds 0 1 2 3 4 --threads 1
+    python benchmarks/bench_simulated.py --parts subtle_k --seeds 0 1 2 3 4 --threads 1
     python benchmarks/bench_simulated.py --seeds 0 --n-cells 600 --n-genes 200 --max-epochs 2 --state-epochs 0 \
         --restarts 1 --prune-kwargs '{"max_rounds": 1, "epochs_per_round": 1}' --out /tmp/x   # smoke test
 
@@ -23,6 +24,9 @@ Parts (``--parts``; their rows go to one result file ``{--out}/{--name}``, by de
   log-normalised cells with as many components as the state has (``pca_per_type_5``: 5 components);
   ``state_depth``, the same against the log library size; the ARI of ``predict()``, of the Leiden partition the
   model started from (``start_labels``) and of scanpy's PCA + Leiden. Then per regime the mean ± SD over seeds.
+- ``subtle_k``: the ``subtle_types`` regime of ``STATE_REGIMES`` fitted as in ``k_choice`` (K unknown; data and
+  model seed both ``--seeds``): chosen K and ARI against scanpy's PCA + Leiden on the same data (``--parts
+  subtle_k`` alone writes ``subtle_k``).
 """
 
 from __future__ import annotations
@@ -191,6 +195,32 @@ def part_states(args) -> list[dict]:
     return rows + state_summary(rows)
 
 
+def part_subtle_k(args) -> list[dict]:
+    """The choice of K on the subtle types of ``STATE_REGIMES`` (K unknown) against PCA + Leiden, per data seed."""
+    from _common import clustering_scores, run_pca_leiden
+
+    from scmixvae.data import simulate
+
+    rows = []
+    spec = {**STATE_DATA, **STATE_REGIMES["subtle_types"]}
+    for seed in args.seeds:
+        adata = simulate(**spec, seed=seed)
+        types = adata.obs["type"].astype(str).to_numpy()
+        out = fit(adata, seed=seed, args=args)
+        peer = run_pca_leiden(adata, types, seed=seed)
+        rows.append({"part": "subtle_k", "dataset": "subtle_types", "data_seed": seed, "k_ref": spec["n_types"],
+                     **{k: v for k, v in out.items() if k != "labels"}, **clustering_scores(types, out["labels"]),
+                     "pca_leiden_k": peer["n_clusters"], "pca_leiden_ari": peer["ari"]})  # fmt: skip
+        rows[-1]["ari_at_least_pca_leiden"] = rows[-1]["ari"] >= peer["ari"]
+        print(rows[-1], flush=True)
+    ari, peer_ari = np.array([r["ari"] for r in rows]), np.array([r["pca_leiden_ari"] for r in rows])
+    rows.append({"part": "subtle_k", "dataset": "SUMMARY", "method": rows[0]["method"],
+                 "ari": f"{ari.mean():.3f} ± {ari.std(ddof=1) if len(ari) > 1 else 0:.3f}",
+                 "pca_leiden_ari": f"{peer_ari.mean():.3f} ± {peer_ari.std(ddof=1) if len(ari) > 1 else 0:.3f}",
+                 "ari_at_least_pca_leiden": f"{int((ari >= peer_ari).sum())}/{len(ari)}"})  # fmt: skip
+    return rows
+
+
 def state_summary(rows: list[dict]) -> list[dict]:
     """Per regime: mean and standard deviation over seeds; how many seeds the model matches its peers."""
     out = []
@@ -209,7 +239,7 @@ def state_summary(rows: list[dict]) -> list[dict]:
 
 
 #: Parts of the benchmark, in the order they run; each adds its rows to the one result file.
-PARTS = {"k_choice": part_k_choice, "states": part_states}
+PARTS = {"k_choice": part_k_choice, "states": part_states, "subtle_k": part_subtle_k}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -231,10 +261,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the result files")
-    p.add_argument("--name", default=None, help="result file; default: pruning, or states for --parts states")
+    p.add_argument("--name", default=None, help="result file; default: pruning, or the one part's name")
     args = p.parse_args(argv)
     if args.name is None:
-        args.name = "states" if args.parts == ["states"] else "pruning"
+        args.name = args.parts[0] if len(args.parts) == 1 and args.parts[0] != "k_choice" else "pruning"
     from _common import quiet, set_threads, warm_up, write_results
 
     set_threads(args.threads)
@@ -248,6 +278,9 @@ def main(argv: list[str] | None = None) -> None:
         "best |Spearman| of a coordinate with the true state (or the log library size); `ari`, `start_ari`, "
         "`pca_leiden_ari`: the types of `predict()`, of the Leiden start and of PCA + Leiden; per regime the mean "
         "± SD over seeds, `state_at_least_pca` and `ari_at_least_start_and_leiden` count the seeds.",
+        "subtle_k": "`subtle_k`: the default fit (K unknown) on the `subtle_types` regime of `states` (10 types "
+        "differing in 2% of the genes), one data and model seed per row; `pca_leiden_ari`: PCA + Leiden on the same "
+        "data; `ari_at_least_pca_leiden` counts the seeds.",
     }
     note = " ".join(notes[part] for part in args.parts)
     write_results(args.name, rows, extra_md=note, out=args.out)
