@@ -2,7 +2,7 @@
 
     python benchmarks/bench_simulated.py --seeds 0 1 2 3 4 --model-seeds 0 1 --state-epochs 0 --threads 1
     python benchmarks/bench_simulated.py --parts states --seeds 0 1 2 3 4 --threads 1
-    python benchmarks/bench_simulated.py --parts subtle_k --seeds 0 1 2 3 4 --threads 1
+    python benchmarks/bench_simulated.py --parts subtle_k --seeds 0 1 2 3 4 --state-epochs 0 --threads 1
     python benchmarks/bench_simulated.py --seeds 0 --n-cells 600 --n-genes 200 --max-epochs 2 --state-epochs 0 \
         --restarts 1 --prune-kwargs '{"max_rounds": 1, "epochs_per_round": 1}' --out /tmp/x   # smoke test
 

@@ -36,6 +36,9 @@ RESULTS: list[tuple[str, str, str]] = [
      "Types and states with K given over simulated regimes (state programs on 2-10% of the genes, effects 0.35-2.25 "
      "log units, type-specific or shared, 2-10 types): the best state coordinate's |Spearman| with the true state "
      "against a per-type PCA, and the types against their Leiden start and PCA + Leiden."),
+    ("bench_simulated.py --parts subtle_k", "subtle_k",
+     "The default fit (K unknown) on the subtle types of `states` (10 types differing in 2% of the genes) against PCA "
+     "+ Leiden on the same data: chosen K and ARI per seed."),
     ("bench_state_genes.py", "state_genes",
      "Interferon-β-stimulated PBMCs with the condition registered: interferon-stimulated genes among each type's "
      "state genes, AUROC of control vs stimulated along the state, cell-type ARI."),

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -260,3 +262,16 @@ def gene_mismatch(names, genes, owner: str = "the model") -> str | None:
         + (f" ({len(missing)} missing, e.g. {list(missing[:5])})" if len(missing) else "")
         + (f" ({len(extra)} not in {owner}, e.g. {list(extra[:5])})" if len(extra) else "")
     )
+
+
+def user_stacklevel() -> int:
+    """``stacklevel`` of a warning that names the first caller outside scmixvae (called as its argument).
+
+    A warning raised deep inside a fit (e.g. by a pruning round of ``train()`` or of ``prune()``) then points at
+    the user's line, however many of the package's frames lie between.
+    """
+    package = Path(__file__).resolve().parent
+    frame, level = sys._getframe(1), 1  # level 1: the function that calls warnings.warn
+    while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(package):
+        frame, level = frame.f_back, level + 1
+    return level

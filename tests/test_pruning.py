@@ -678,3 +678,32 @@ def test_a_huge_learning_rate_stops_the_default_fit_with_the_cause():
         model.train(plan_kwargs={"lr": 1e6}, **DEFAULT_FIT)
     with pytest.raises(ValueError, match="has not been trained"):
         model.predict()
+
+
+def test_prune_warns_when_no_round_reaches_the_threshold():
+    model = _small_model()
+    with pytest.warns(UserWarning, match="No pruning round reached the consensus threshold 0.99999") as caught:
+        history = model.prune(threshold=0.99999, max_rounds=1, epochs_per_round=1, **TRAIN)
+    assert (history["mean_consensus"] < 0.99999).all()
+    kept = history.loc[history["selected"]].iloc[0]
+    assert f"({kept['n_categories']} categories, mean consensus {kept['mean_consensus']:.3f})" in str(
+        next(w.message for w in caught if "No pruning round" in str(w.message))
+    )
+    assert all(w.filename == __file__ for w in caught if "No pruning round" in str(w.message))  # the user's line
+
+
+def test_prune_does_not_warn_when_a_round_reaches_the_threshold():
+    model = _small_model()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        history = model.prune(threshold=0.05, max_rounds=1, epochs_per_round=1, **TRAIN)
+    assert history.loc[history["selected"], "mean_consensus"].iloc[0] >= 0.05
+    assert not [w for w in caught if "No pruning round" in str(w.message)]
+
+
+def test_the_threshold_warning_of_train_names_the_users_line():
+    model = _small_model(epochs=0)
+    prune_kwargs = {"threshold": 0.99999, "max_rounds": 1, "epochs_per_round": 1}
+    with pytest.warns(UserWarning, match="No pruning round reached") as caught:
+        model.train(max_epochs=1, state_epochs=0, prune=True, prune_kwargs=prune_kwargs, **TRAIN)
+    assert [w.filename for w in caught if "No pruning round" in str(w.message)] == [__file__]

@@ -1022,7 +1022,8 @@ class CplMixVAE(
         over agent pairs), masks the empty ones and those far below the rest (at least one, at most 20% of
         the surviving ones per round), and trains on for a few epochs until the loss settles. The round kept
         is the one with the most categories whose mean consensus reaches ``threshold`` (or, when none does,
-        the one with the highest consensus); its weights and category mask are restored, so
+        the one with the highest consensus, with a warning: consensus rises as categories are removed, so that
+        round is no choice the agents agree on); its weights and category mask are restored, so
         :attr:`n_categories`, :meth:`predict` and every read-out reflect it. A warning is raised when the
         kept posteriors look collapsed. See :func:`scmixvae.model._pruning.prune` for the exact rules.
 

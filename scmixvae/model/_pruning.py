@@ -292,12 +292,18 @@ def _keep_round(model, rows, best_round: int, best_state: dict, threshold: float
     history.attrs["selected_round"] = int(selected)
     history.attrs["threshold"] = float(threshold)
     model.pruning_history_ = history
-    logger.info(
-        "Selected round %d: %d categories, mean consensus %.3f.",
-        selected,
-        history.loc[history["selected"], "n_categories"].iloc[0],
-        history.loc[history["selected"], "mean_consensus"].iloc[0],
-    )
+    n_kept, consensus = history.loc[history["selected"], ["n_categories", "mean_consensus"]].iloc[0]
+    logger.info("Selected round %d: %d categories, mean consensus %.3f.", selected, n_kept, consensus)
+    if not consensus >= threshold:
+        warnings.warn(
+            f"No pruning round reached the consensus threshold {threshold}: the round with the highest consensus "
+            f"was kept ({int(n_kept)} categories, mean consensus {consensus:.3f}), and consensus rises as categories "
+            "are removed, so this number of types is not a choice the agents agree on. The types may differ too "
+            "little for it; see `model.pruning_history`, or give the number of types "
+            "(`CplMixVAE(adata, n_categories=...)`).",
+            UserWarning,
+            stacklevel=check.user_stacklevel(),
+        )
     _, q = _labels(model, batch_size)
     check_collapse(q, stacklevel=5)  # user -> CplMixVAE.prune -> prune -> _keep_round -> check_collapse
     return history
