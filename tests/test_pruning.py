@@ -707,3 +707,20 @@ def test_the_threshold_warning_of_train_names_the_users_line():
     with pytest.warns(UserWarning, match="No pruning round reached") as caught:
         model.train(max_epochs=1, state_epochs=0, prune=True, prune_kwargs=prune_kwargs, **TRAIN)
     assert [w.filename for w in caught if "No pruning round" in str(w.message)] == [__file__]
+
+
+def test_the_collapse_warning_of_prune_names_the_users_line(monkeypatch):
+    import inspect
+
+    model = _small_model()
+    collapsed = np.zeros((2, 400, 6))
+    collapsed[..., 0] = 1.0  # every cell in one category
+    real_check = _pruning.check_collapse
+    # the stand-in adds a frame of its own, which stacklevel + 1 skips
+    monkeypatch.setattr(
+        _pruning, "check_collapse", lambda q, stacklevel: real_check(collapsed, stacklevel=stacklevel + 1)
+    )
+    with pytest.warns(UserWarning, match="collapsed") as caught:
+        line = inspect.currentframe().f_lineno + 1
+        model.prune(threshold=0.05, max_rounds=1, epochs_per_round=1, **TRAIN)
+    assert [(w.filename, w.lineno) for w in caught if "collapsed" in str(w.message)] == [(__file__, line)]

@@ -305,7 +305,7 @@ def _keep_round(model, rows, best_round: int, best_state: dict, threshold: float
             stacklevel=check.user_stacklevel(),
         )
     _, q = _labels(model, batch_size)
-    check_collapse(q, stacklevel=5)  # user -> CplMixVAE.prune -> prune -> _keep_round -> check_collapse
+    check_collapse(q, stacklevel=check.user_stacklevel() + 1)  # the user's line, through prune() or train()
     return history
 
 
