@@ -214,11 +214,15 @@ def part_subtle_k(args) -> list[dict]:
         rows[-1]["ari_at_least_pca_leiden"] = rows[-1]["ari"] >= peer["ari"]
         print(rows[-1], flush=True)
     ari, peer_ari = np.array([r["ari"] for r in rows]), np.array([r["pca_leiden_ari"] for r in rows])
-    rows.append({"part": "subtle_k", "dataset": "SUMMARY", "method": rows[0]["method"],
-                 "ari": f"{ari.mean():.3f} ± {ari.std(ddof=1) if len(ari) > 1 else 0:.3f}",
-                 "pca_leiden_ari": f"{peer_ari.mean():.3f} ± {peer_ari.std(ddof=1) if len(ari) > 1 else 0:.3f}",
+    rows.append({"part": "subtle_k", "dataset": "SUMMARY", "method": rows[0]["method"], "ari": mean_sd(ari),
+                 "pca_leiden_ari": mean_sd(peer_ari),
                  "ari_at_least_pca_leiden": f"{int((ari >= peer_ari).sum())}/{len(ari)}"})  # fmt: skip
     return rows
+
+
+def mean_sd(values: np.ndarray) -> str:
+    """``"mean ± SD"`` of the values over seeds (SD 0 for one value), three decimals."""
+    return f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
 
 
 def state_summary(rows: list[dict]) -> list[dict]:
@@ -228,8 +232,7 @@ def state_summary(rows: list[dict]) -> list[dict]:
         fits = [r for r in rows if r["regime"] == regime]
         summary = {"part": "states", "regime": regime, "seed": "MEAN ± SD", "n_types": fits[0]["n_types"]}
         for key in ("state", "pca_per_type", "pca_per_type_5", "state_depth", "ari", "start_ari", "pca_leiden_ari"):
-            values = np.array([r[key] for r in fits])
-            summary[key] = f"{values.mean():.3f} ± {values.std(ddof=1) if len(values) > 1 else 0:.3f}"
+            summary[key] = mean_sd(np.array([r[key] for r in fits]))
         summary["state_at_least_pca"] = f"{sum(r['state'] >= r['pca_per_type'] for r in fits)}/{len(fits)}"
         summary["ari_at_least_start_and_leiden"] = (
             f"{sum(r['ari'] >= max(r['start_ari'], r['pca_leiden_ari']) - 1e-9 for r in fits)}/{len(fits)}"
