@@ -12,7 +12,8 @@ Parts:
   ``--seeds``; map each reference type to its majority consensus type; count the
   ISGs (ISG15, IFIT1, IFIT3, IFI6, MX1, ISG20, IFITM3, OAS1, RSAD2, LY6E) among that type's top 20 state genes
   for each ranking axis of ``--axes`` (the default axis of ``rank_state_genes`` and the first principal one);
-  AUROC of the state projection (the traversal axis) separating CTRL from STIM within each reference type; the
+  AUROC of the state projection (the traversal axis of the reference type's consensus type) separating CTRL from
+  STIM within each reference type, and per model type along its own axis (``mean_auroc_by_type``); the
   cell-type ARI next to scVI + Leiden fitted once here on the same cells and genes (``--no-scvi`` to skip it).
 - ``memory``: peak resident memory of ``rank_state_genes`` on ``--memory-cells`` (10^5) simulated cells x 2,000
   genes above the model (trained for a few steps only: memory does not depend on training).
@@ -107,10 +108,30 @@ def _fit_ifnb(args, seed: int):
         summary[f"types_with_5_isgs_{name}"] = sum(r[f"isgs_in_top20_{name}"] >= 5 for r in rows)
         summary[f"mean_auroc_{name}"] = float(np.nanmean([r[f"auroc_{name}"] for r in rows]))
         summary[f"axis_{name}"] = adata.uns[key]["params"]["axis"]
+        summary[f"mean_auroc_by_type_{name}"] = auroc_by_model_type(
+            adata.obs["cplmixvae_type"].astype(str).to_numpy(), state, stim, groups, traversal["direction"]
+        )
     for row in rows:
         print(row, flush=True)
     rows.append(summary)
     return rows, adata, labels
+
+
+def auroc_by_model_type(types: np.ndarray, state: np.ndarray, stim: np.ndarray, groups, directions) -> float:
+    """Mean over the model's types of the AUROC of CTRL vs STIM along the type's own traversal direction.
+
+    Each cell is projected on the direction of the type it is assigned to (its state is read in that type's frame);
+    types without cells of both conditions are left out.
+    """
+    from sklearn.metrics import roc_auc_score
+
+    aurocs = []
+    for group, direction in zip(groups, np.asarray(directions), strict=True):
+        cells = types == group
+        if stim[cells].any() and (~stim[cells]).any():
+            auroc = roc_auc_score(stim[cells], state[cells] @ direction)
+            aurocs.append(max(auroc, 1 - auroc))
+    return float(np.mean(aurocs)) if aurocs else float("nan")
 
 
 def part_memory(args) -> list[dict]:
@@ -142,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
         help="traversal axes to rank by: 'default' (rank_state_genes' own choice), 'pc1', 'condition' or an index,"
         " optionally with ':endpoints' or ':range' for the score (default: rank_state_genes')",
     )
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="model seeds (one fit each)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="model seeds (one fit each)")
     p.add_argument(
         "--condition-key",
         default="condition",
