@@ -60,7 +60,6 @@ def _fit_ifnb(args, seed: int):
     import scanpy as sc
     import scvi
     from _common import SHARED_DATA, clustering_scores
-    from sklearn.metrics import roc_auc_score
 
     import scmixvae
     from scmixvae.model import CplMixVAE
@@ -102,9 +101,8 @@ def _fit_ifnb(args, seed: int):
             top = table[table["group"].astype(str) == consensus].nlargest(20, "scores")["names"].tolist()
             direction = np.asarray(traversal["direction"])[groups.index(consensus)] if consensus in groups else None
             proj = state[sel] @ direction if direction is not None else state[sel, 0]
-            auroc = roc_auc_score(stim[sel], proj) if stim[sel].any() and (~stim[sel]).any() else float("nan")
             row[f"isgs_in_top20_{name}"] = len(set(top) & set(ISGS))
-            row[f"auroc_{name}"] = max(auroc, 1 - auroc)
+            row[f"auroc_{name}"] = separation(stim[sel], proj)
         summary[f"types_with_5_isgs_{name}"] = sum(r[f"isgs_in_top20_{name}"] >= 5 for r in rows)
         summary[f"mean_auroc_{name}"] = float(np.nanmean([r[f"auroc_{name}"] for r in rows]))
         summary[f"axis_{name}"] = adata.uns[key]["params"]["axis"]
@@ -123,15 +121,19 @@ def auroc_by_model_type(types: np.ndarray, state: np.ndarray, stim: np.ndarray, 
     Each cell is projected on the direction of the type it is assigned to (its state is read in that type's frame);
     types without cells of both conditions are left out.
     """
+    aurocs = [separation(stim[types == group], state[types == group] @ direction)
+              for group, direction in zip(groups, np.asarray(directions), strict=True)]  # fmt: skip
+    return float(np.nanmean(aurocs)) if not np.isnan(aurocs).all() else float("nan")
+
+
+def separation(stim: np.ndarray, projection: np.ndarray) -> float:
+    """AUROC of CTRL vs STIM along ``projection``, whichever way it points; NaN without cells of both conditions."""
     from sklearn.metrics import roc_auc_score
 
-    aurocs = []
-    for group, direction in zip(groups, np.asarray(directions), strict=True):
-        cells = types == group
-        if stim[cells].any() and (~stim[cells]).any():
-            auroc = roc_auc_score(stim[cells], state[cells] @ direction)
-            aurocs.append(max(auroc, 1 - auroc))
-    return float(np.mean(aurocs)) if aurocs else float("nan")
+    if not (stim.any() and (~stim).any()):
+        return float("nan")
+    auroc = roc_auc_score(stim, projection)
+    return max(auroc, 1 - auroc)
 
 
 def part_memory(args) -> list[dict]:
