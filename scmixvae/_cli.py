@@ -306,7 +306,7 @@ def _fit(args) -> int:
     from . import tl
     from ._io import atomic_write, write_h5ad
     from .model import CplMixVAE
-    from .model._model import PUBLISHED_INPUT_DROPOUT
+    from .model._fit import PUBLISHED_INPUT_DROPOUT
 
     _scvi_settings(scvi, args)
     try:

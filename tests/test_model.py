@@ -206,7 +206,7 @@ def test_state_phase_trains_the_states_and_leaves_the_types_exactly(sim_adata):
 
 
 def test_options_depend_on_whether_the_model_chooses_k(sim_adata):
-    from scmixvae.model._model import _default_options
+    from scmixvae.model._fit import option_defaults as _default_options
 
     CplMixVAE.setup_anndata(sim_adata)
     chooses = CplMixVAE(sim_adata)

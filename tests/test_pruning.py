@@ -386,7 +386,8 @@ def test_unknown_k_needs_two_agents_and_round_trips_as_a_fixed_k(tmp_path):
     with pytest.raises(ValueError, match="needs the consensus of at least two agents"):
         _unknown_k_model(n_agents=1)
     model = _unknown_k_model()
-    model.train(max_epochs=1, prune_kwargs={"max_rounds": 0}, n_restarts=1, **TRAIN)
+    # a threshold round 0 reaches: the 8 categories are chosen (no fit without consensus)
+    model.train(max_epochs=1, prune_kwargs={"max_rounds": 0, "threshold": 0.05}, n_restarts=1, **TRAIN)
     model.save(tmp_path / "m", save_anndata=False)
     loaded = CplMixVAE.load(tmp_path / "m", adata=model.adata)
     assert loaded.init_params_["non_kwargs"]["n_categories"] == 8
@@ -403,8 +404,10 @@ def test_default_augmentation_is_knn_when_the_model_chooses_k_and_dropout_otherw
     assert _unknown_k_model(augmentation="thinning").module.augmentation == "thinning"
 
 
-def test_a_model_choosing_k_couples_weakly_then_warms_the_coupling_up_smoothly_in_the_first_round():
+def test_a_model_choosing_k_couples_weakly_then_warms_the_coupling_up_smoothly_in_the_first_round(monkeypatch):
     from lightning.pytorch.callbacks import Callback
+
+    monkeypatch.setattr(_pruning, "fit_without_consensus", lambda model, schedule: None)  # the rounds alone
 
     model = _unknown_k_model(coupling_weight=2.0)
     steps, runs = [], []
@@ -498,7 +501,9 @@ def _restart_data():
 def _single_fit(adata, seed):
     scvi.settings.seed = seed
     model = CplMixVAE(adata, n_hidden=16)
-    model.train(max_epochs=2, state_epochs=0, prune_kwargs=RESTART_PRUNE, n_restarts=1, **TRAIN)
+    with pytest.MonkeyPatch.context() as patch:  # the restarts' pruned fits, not the fit without consensus
+        patch.setattr(_pruning, "fit_without_consensus", lambda model, schedule: None)
+        model.train(max_epochs=2, state_epochs=0, prune_kwargs=RESTART_PRUNE, n_restarts=1, **TRAIN)
     return model
 
 
@@ -507,7 +512,9 @@ def restarted():
     adata = _restart_data()
     scvi.settings.seed = 4
     model = CplMixVAE(adata, n_hidden=16)
-    model.train(max_epochs=2, state_epochs=1, prune_kwargs=RESTART_PRUNE, n_restarts=3, **TRAIN)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(_pruning, "fit_without_consensus", lambda model, schedule: None)
+        model.train(max_epochs=2, state_epochs=1, prune_kwargs=RESTART_PRUNE, n_restarts=3, **TRAIN)
     return model, scvi.settings.seed
 
 
@@ -591,6 +598,7 @@ def test_three_restarts_by_default_only_when_the_model_chooses_k(monkeypatch):
     assert default_n_restarts(False, 400) == 1
     seen = []
     monkeypatch.setattr(_pruning, "fit_restarts", lambda model, schedule: seen.append(schedule.n_restarts))
+    monkeypatch.setattr(_pruning, "fit_without_consensus", lambda model, schedule: None)
     single = _pruning.prune
 
     def pruning(model, **kwargs):
@@ -724,3 +732,64 @@ def test_the_collapse_warning_of_prune_names_the_users_line(monkeypatch):
         line = inspect.currentframe().f_lineno + 1
         model.prune(threshold=0.05, max_rounds=1, epochs_per_round=1, **TRAIN)
     assert [(w.filename, w.lineno) for w in caught if "collapsed" in str(w.message)] == [(__file__, line)]
+
+
+# ------------------------------------------------------------------------------- no consensus: K given by Leiden
+
+
+NO_CONSENSUS = {"threshold": 0.99999, "max_rounds": 1, "epochs_per_round": 1}
+
+
+@pytest.mark.parametrize("n_restarts", [1, 2])
+def test_a_fit_without_consensus_becomes_the_fit_with_leidens_k_given(n_restarts):
+    from scmixvae.model import _start
+
+    adata = _restart_data()
+    scvi.settings.seed = 3
+    model = CplMixVAE(adata, n_hidden=16)
+    with pytest.warns(_pruning.NoConsensusWarning) as caught:
+        model.train(max_epochs=2, state_epochs=1, prune_kwargs=NO_CONSENSUS, n_restarts=n_restarts, **TRAIN)
+    ours = [w for w in caught if issubclass(w.category, _pruning.NoConsensusWarning)]
+    assert len(ours) == 1 and ours[0].filename == __file__  # one warning for the whole choice, at the user's line
+    scvi.settings.seed = 3
+    k = _start.default_resolution_clusters(CplMixVAE(adata, n_hidden=16))
+    assert f"fitted instead with {k} categories" in str(ours[0].message)
+    assert model.pruning_history.attrs["fallback_n_categories"] == k
+    assert (model.pruning_history["mean_consensus"] < 0.99999).all()
+    assert len(model.restart_history) == (n_restarts if n_restarts > 1 else 0)
+    assert model.n_categories == k and not model.choose_n_categories_
+    assert model.module.augmentation == "dropout" and model.module.input_dropout == 0  # the defaults of K given
+    # the types of the model the user would get by giving that K at the same seed; then the state phase
+    scvi.settings.seed = 3
+    given = CplMixVAE(adata, n_hidden=16, n_categories=k)
+    given.train(max_epochs=2, state_epochs=0, **TRAIN)
+    pd.testing.assert_frame_equal(model.predict(soft=True), given.predict(soft=True))
+    assert len(model.history["train_loss"]) == 2 + 1
+
+
+def test_a_fit_without_consensus_keeps_the_options_the_user_chose():
+    adata = _restart_data()
+    scvi.settings.seed = 3
+    model = CplMixVAE(adata, n_hidden=16, augmentation="knn", input_dropout=0.2)
+    with pytest.warns(_pruning.NoConsensusWarning):
+        model.train(max_epochs=1, state_epochs=0, prune_kwargs=NO_CONSENSUS, n_restarts=1, **TRAIN)
+    assert (model.module.augmentation, model.module.input_dropout) == ("knn", 0.2)
+
+
+def test_a_fit_that_reaches_consensus_keeps_its_pruned_round():
+    adata = _restart_data()
+    scvi.settings.seed = 3
+    model = CplMixVAE(adata, n_hidden=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", _pruning.NoConsensusWarning)
+        model.train(max_epochs=1, state_epochs=0, prune_kwargs={"threshold": 0.05}, n_restarts=1, **TRAIN)
+    assert "fallback_n_categories" not in model.pruning_history.attrs
+    assert model.n_categories == model.pruning_history.loc[model.pruning_history["selected"], "n_categories"].item()
+
+
+def test_leiden_at_a_resolution_gives_more_clusters_above_it():
+    from scmixvae.model import _start
+
+    adata = _restart_data()
+    counts = [_start.leiden_labels(adata.X, None, resolution=r, seed=0).max() + 1 for r in (0.2, 1.0, 3.0)]
+    assert counts[0] <= counts[1] < counts[2]

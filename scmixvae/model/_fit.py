@@ -33,6 +33,33 @@ logger = logging.getLogger(__name__)
 PRUNING_COUPLING_FACTOR = 1e-3
 
 
+#: The published per-agent input dropout: the default of a model that chooses the number of types, and what pruning
+#: needs (agents reading the same cell agree trivially).
+PUBLISHED_INPUT_DROPOUT = 0.5
+
+
+def option_defaults(choose_n_categories: bool) -> dict[str, str | float | None]:
+    """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
+
+    With ``K`` given, ``augmentation="dropout"`` at ``input_dropout=0``: every agent reads the real cell and the
+    categories refine their Leiden start, which keeps types that differ in a few genes. When the model starts from
+    many categories and prunes them (``n_categories=None``), ``"knn"`` with the published ``input_dropout=0.5``.
+    Evidence for both: the :doc:`benchmarks page </benchmarks>`.
+
+    Parameters
+    ----------
+    choose_n_categories
+        Whether the model chooses the number of categories.
+
+    Returns
+    -------
+    ``{"augmentation": ..., "input_dropout": ...}``.
+    """
+    if choose_n_categories:
+        return {"augmentation": "knn", "input_dropout": PUBLISHED_INPUT_DROPOUT}
+    return {"augmentation": "dropout", "input_dropout": 0.0}
+
+
 class FitInterrupted(KeyboardInterrupt):
     """A Ctrl-C in one Lightning run of a fit: it stops every later stage (see :meth:`CplMixVAE.train`)."""
 
@@ -292,14 +319,14 @@ def sparse_minibatches(model, accelerator: str) -> bool:
     return isinstance(matrix[np.array([0])], sp.csr_matrix)
 
 
-def fresh_model(model):
-    """Build a new, untrained model like ``model`` (from its ``init_params_``) on the same data: a restart.
+def fresh_model(model, **changes):
+    """Build a new, untrained model like ``model`` (from its ``init_params_``, with ``changes``) on the same data.
 
     Built after ``scvi.settings.seed`` is set, it is the model ``CplMixVAE(adata, ...)`` would create with that seed.
     """
     params = model.init_params_
     kwargs = {key: value for group in params["kwargs"].values() for key, value in group.items()}
-    return type(model)(model.adata, **params["non_kwargs"], **kwargs)
+    return type(model)(model.adata, **{**params["non_kwargs"], **kwargs, **changes})
 
 
 def adopt_fit(model, fitted) -> None:

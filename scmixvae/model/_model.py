@@ -35,7 +35,7 @@ from ..module._module import Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan
 from ..train._progress import fit_progress
 from . import _fit, _pruning, _start
-from ._fit import FitInterrupted, default_max_epochs
+from ._fit import FitInterrupted, default_max_epochs, option_defaults
 from ._likelihood import CplMixVAELikelihoodMixin
 from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter, OptionalObsField
 from ._query import CplMixVAEQueryMixin
@@ -45,10 +45,6 @@ from ._save_load import REMOVED_OPTIONS, load_model, read_registry, save_model
 
 logger = logging.getLogger(__name__)
 
-
-#: The published per-agent input dropout: the default of a model that chooses the number of types, and what pruning
-#: needs (agents reading the same cell agree trivially).
-PUBLISHED_INPUT_DROPOUT = 0.5
 
 #: Fewest cells a model trains on (a minibatch of one cell cannot be trained; the splits need some of each).
 MIN_TRAINING_CELLS = 3
@@ -100,28 +96,6 @@ def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | No
             f"{where} is a scipy sparse array ({type(matrix).__name__}), which scvi-tools {scvi.__version__} cannot "
             f"register. Convert it once to a sparse matrix: `{where} = scipy.sparse.csr_matrix({where})`."
         ) from err
-
-
-def _default_options(choose_n_categories: bool) -> dict[str, str | float | None]:
-    """Return the defaults of :class:`CplMixVAE`'s options that depend on whether it chooses the number of types.
-
-    With ``K`` given, ``augmentation="dropout"`` at ``input_dropout=0``: every agent reads the real cell and the
-    categories refine their Leiden start, which keeps types that differ in a few genes. When the model starts from
-    many categories and prunes them (``n_categories=None``), ``"knn"`` with the published ``input_dropout=0.5``.
-    Evidence for both: the :doc:`benchmarks page </benchmarks>`.
-
-    Parameters
-    ----------
-    choose_n_categories
-        Whether the model chooses the number of categories.
-
-    Returns
-    -------
-    ``{"augmentation": ..., "input_dropout": ...}``.
-    """
-    if choose_n_categories:
-        return {"augmentation": "knn", "input_dropout": PUBLISHED_INPUT_DROPOUT}
-    return {"augmentation": "dropout", "input_dropout": 0.0}
 
 
 def default_n_categories(n_cells: int) -> int:
@@ -320,7 +294,9 @@ class CplMixVAE(
         self.choose_n_categories_ = n_categories is None
         if self.choose_n_categories_:
             n_categories = default_n_categories(adata.n_obs if adata is not None else 50 * 50)
-        defaults = _default_options(self.choose_n_categories_)
+        given = {"augmentation": augmentation, "input_dropout": input_dropout}
+        self.given_options_ = {key: value for key, value in given.items() if value is not None}
+        defaults = option_defaults(self.choose_n_categories_)
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
         input_dropout = defaults["input_dropout"] if input_dropout is None else input_dropout
         n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
@@ -579,13 +555,11 @@ class CplMixVAE(
         )
         if schedule.prune:
             self.choose_n_categories_ = False  # chosen once: a later train() trains on
-        if schedule.n_restarts > 1:  # the start, the category fit and the choice of K, each restart a fresh model
-            _pruning.fit_restarts(self, schedule)
+        if schedule.prune:  # the start, the category fit and the choice of K (restarts: fresh models)
+            _pruning.choose_n_categories(self, schedule)
         else:
             _fit.start(self, schedule)
             _fit.train_categories(self, schedule)
-            if schedule.prune:
-                _pruning.prune(self, **schedule.prune_kwargs, **schedule.trainer)
         _fit.state_phase(self, schedule)
 
     def train_augmenter(

@@ -10,6 +10,7 @@ All category indices here are indices among the model's *initial* ``n_categories
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -34,7 +35,7 @@ from .._scoring import (
 )
 from ..train._callbacks import ConvergenceStopping
 from ..train._progress import current as current_progress
-from . import _fit
+from . import _fit, _start
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +44,10 @@ HISTORY_COLUMNS = [
     "round", "n_categories", "mean_consensus", "train_loss", "epochs", "categories", "agreement", "pruned", "selected",
 ]  # fmt: skip
 RESTART_COLUMNS = ["restart", "seed", "n_categories", "mean_consensus", "mean_ari", "selected"]
+
+
+class NoConsensusWarning(UserWarning):
+    """No pruning round reached the consensus threshold: the agents agree on no number of types."""
 
 
 # ------------------------------------------------------------------------------------------- training
@@ -301,12 +306,68 @@ def _keep_round(model, rows, best_round: int, best_state: dict, threshold: float
             "are removed, so this number of types is not a choice the agents agree on. The types may differ too "
             "little for it; see `model.pruning_history`, or give the number of types "
             "(`CplMixVAE(adata, n_categories=...)`).",
-            UserWarning,
+            NoConsensusWarning,
             stacklevel=check.user_stacklevel(),
         )
     _, q = _labels(model, batch_size)
     check_collapse(q, stacklevel=check.user_stacklevel() + 1)  # the user's line, through prune() or train()
     return history
+
+
+def choose_n_categories(model, schedule: _fit.Schedule) -> None:
+    """Choose K as :meth:`CplMixVAE.train` does: start, category fit and :func:`prune`, once or per restart.
+
+    When the fit kept has no round that reaches the consensus threshold, :func:`fit_without_consensus` replaces it.
+    """
+    with warnings.catch_warnings():  # one warning for the whole choice, from fit_without_consensus
+        warnings.simplefilter("ignore", NoConsensusWarning)
+        if schedule.n_restarts > 1:  # each restart a fresh model
+            fit_restarts(model, schedule)
+        else:
+            _fit.start(model, schedule)
+            _fit.train_categories(model, schedule)
+            prune(model, **schedule.prune_kwargs, **schedule.trainer)
+    fit_without_consensus(model, schedule)
+
+
+def fit_without_consensus(model, schedule: _fit.Schedule) -> None:
+    """Fit with K given when the agents of the fit kept agreed on no number of types (no round at the threshold).
+
+    :func:`prune` then keeps the round with the highest consensus, and consensus rises as categories are removed:
+    that round has about the fewest categories rather than a number of types the agents agree on (ten simulated
+    types that differ in 2% of the genes end in two). With no evidence from the agents, the number of types is
+    that of the Leiden clusters of the start's graph at resolution 1 (scanpy's default), and ``model`` becomes
+    the fit with that many categories given, from fresh weights at the same seed: its types are those of
+    ``CplMixVAE(adata, n_categories=K, ...).train(state_epochs=0)`` (the defaults of K given where the user chose
+    no ``augmentation`` or ``input_dropout``), and the fit's state phase follows. It keeps the pruning and restart
+    histories; ``pruning_history_.attrs["fallback_n_categories"]`` records K.
+    """
+    history = model.pruning_history_
+    kept = history.loc[history["selected"]].iloc[0]
+    if kept["mean_consensus"] >= history.attrs["threshold"]:
+        return
+    n_categories = int(np.clip(_start.default_resolution_clusters(model), 2, model.module.n_categories))
+    warnings.warn(
+        f"No pruning round reached the consensus threshold {history.attrs['threshold']} (the closest: "
+        f"{int(kept['n_categories'])} categories, mean consensus {kept['mean_consensus']:.3f}), so the agents "
+        f"agree on no number of types; the model was fitted instead with {n_categories} categories, the number of "
+        "Leiden clusters at resolution 1. The types may differ too little for the agents to find them; see "
+        "`model.pruning_history`, or give the number of types (`CplMixVAE(adata, n_categories=...)`).",
+        NoConsensusWarning,
+        stacklevel=check.user_stacklevel(),
+    )
+    logger.info("No consensus: fitting %d categories (Leiden at resolution 1).", n_categories)
+    if scvi.settings.seed is not None:
+        scvi.settings.seed = scvi.settings.seed  # the random state of a model created at this seed
+    options = {**_fit.option_defaults(False), **getattr(model, "given_options_", {})}  # the defaults of K given
+    fit = _fit.fresh_model(model, n_categories=n_categories, **options)
+    given_k = dataclasses.replace(schedule, prune=False, n_restarts=1, state_epochs=0)  # the states come next
+    _fit.start(fit, given_k)
+    _fit.train_categories(fit, given_k)
+    restarts = getattr(model, "restart_history_", None)
+    _fit.adopt_fit(model, fit)
+    history.attrs["fallback_n_categories"] = n_categories
+    model.pruning_history_, model.restart_history_ = history, restarts
 
 
 def restart_seed(seed: int, restart: int) -> int:

@@ -116,8 +116,9 @@ def balanced_knn_graph(rep: np.ndarray, groups: np.ndarray, n_neighbors: int = 1
 
 def leiden_labels(
     matrix,
-    n_clusters: int,
+    n_clusters: int | None,
     *,
+    resolution: float = 1.0,
     n_components: int = 30,
     max_cells: int = 100_000,
     seed: int = 0,
@@ -125,10 +126,11 @@ def leiden_labels(
 ) -> np.ndarray:
     """Leiden partition of the cells into (as close as possible to) ``n_clusters`` clusters.
 
-    The resolution is found by bisection on a log scale. Above ``max_cells`` cells the partition is computed on
-    a random subset and extended to every cell through its nearest subset neighbour. With ``groups`` (a group code
-    per cell: batch, condition or both; :func:`balance_groups`), the graph takes every cell's neighbours equally
-    from each group (:func:`balanced_knn_graph`).
+    The resolution is found by bisection on a log scale; with ``n_clusters=None``, the partition at ``resolution``
+    (scanpy's default, 1). Above ``max_cells`` cells the partition is computed on a random subset and extended to
+    every cell through its nearest subset neighbour. With ``groups`` (a group code per cell: batch, condition or
+    both; :func:`balance_groups`), the graph takes every cell's neighbours equally from each group
+    (:func:`balanced_knn_graph`).
     """
     import anndata
     from sklearn.neighbors import KNeighborsClassifier
@@ -137,15 +139,33 @@ def leiden_labels(
 
     rep, rows, svd = log_normalised_svd(matrix, n_components=n_components, max_cells=max_cells, seed=seed)
     graph = anndata.AnnData(obs={"i": np.arange(len(rows))}, obsm={"X_rep": rep})
-    leiden_kwargs = {}
+    leiden_kwargs = {"random_state": seed}
     if groups is not None and len(np.unique(groups[rows])) > 1:
         leiden_kwargs["adjacency"] = balanced_knn_graph(rep, np.asarray(groups)[rows], min(15, len(rows) - 1))
     else:
         neighbors(graph, use_rep="X_rep", n_neighbors=min(15, len(rows) - 1), random_state=seed)
+    if n_clusters is None:
+        leiden(graph, resolution=resolution, **leiden_kwargs)
+        labels = graph.obs["leiden"].cat.codes.to_numpy().astype(np.int64)
+        logger.info("Leiden at resolution %.3g: %d clusters", resolution, labels.max() + 1)
+    else:
+        labels, resolution = _leiden_with_k(graph, n_clusters, leiden, leiden_kwargs)
+        logger.info("Leiden initialisation: %d clusters at resolution %.3g", labels.max() + 1, resolution)
+    if len(rows) == matrix.shape[0]:
+        return labels
+    knn = KNeighborsClassifier(n_neighbors=1).fit(rep, labels)
+    out = np.empty(matrix.shape[0], dtype=np.int64)
+    for start, block in project(matrix, svd):
+        out[start : start + block.shape[0]] = knn.predict(block)
+    return out
+
+
+def _leiden_with_k(graph, n_clusters: int, leiden, leiden_kwargs: dict) -> tuple[np.ndarray, float]:
+    """Bisect Leiden's resolution (log scale) for ``n_clusters`` clusters; merge the smallest ones if above it."""
     best, lo, hi = None, 1e-3, 10.0
     for _ in range(20):
         resolution = float(np.sqrt(lo * hi))
-        leiden(graph, resolution=resolution, random_state=seed, **leiden_kwargs)
+        leiden(graph, resolution=resolution, **leiden_kwargs)
         labels = graph.obs["leiden"].cat.codes.to_numpy()
         k = labels.max() + 1
         if (
@@ -164,14 +184,7 @@ def leiden_labels(
         remap[order[:n_clusters]] = np.arange(n_clusters)
         remap[order[n_clusters:]] = 0
         labels = remap[labels]
-    logger.info("Leiden initialisation: %d clusters at resolution %.3g", labels.max() + 1, resolution)
-    if len(rows) == matrix.shape[0]:
-        return labels
-    knn = KNeighborsClassifier(n_neighbors=1).fit(rep, labels)
-    out = np.empty(matrix.shape[0], dtype=np.int64)
-    for start, block in project(matrix, svd):
-        out[start : start + block.shape[0]] = knn.predict(block)
-    return out
+    return labels, resolution
 
 
 def fit_categorical_heads(
@@ -329,6 +342,13 @@ def initial_partition(model) -> np.ndarray:
             matrix, model.module.n_categories, seed=scvi.settings.seed or 0, groups=balance_groups(model)
         )
     return model._initial_labels
+
+
+def default_resolution_clusters(model) -> int:
+    """Count the Leiden clusters of ``model``'s cells at resolution 1 (scanpy's default), on the start's graph."""
+    matrix = model.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
+    labels = leiden_labels(matrix, None, seed=scvi.settings.seed or 0, groups=balance_groups(model))
+    return int(labels.max()) + 1
 
 
 def neighbours(model) -> np.ndarray:
