@@ -740,31 +740,46 @@ def test_the_collapse_warning_of_prune_names_the_users_line(monkeypatch):
 NO_CONSENSUS = {"threshold": 0.99999, "max_rounds": 1, "epochs_per_round": 1}
 
 
-@pytest.mark.parametrize("n_restarts", [1, 2])
-def test_a_fit_without_consensus_becomes_the_fit_with_leidens_k_given(n_restarts):
+@pytest.mark.parametrize(("n_restarts", "seed"), [(1, 3), (3, 0)])  # seed 0: restart 1 is kept
+def test_a_fit_without_consensus_becomes_the_fit_with_leidens_k_given(n_restarts, seed):
     from scmixvae.model import _start
 
     adata = _restart_data()
-    scvi.settings.seed = 3
+    scvi.settings.seed = seed
     model = CplMixVAE(adata, n_hidden=16)
     with pytest.warns(_pruning.NoConsensusWarning) as caught:
         model.train(max_epochs=2, state_epochs=1, prune_kwargs=NO_CONSENSUS, n_restarts=n_restarts, **TRAIN)
     ours = [w for w in caught if issubclass(w.category, _pruning.NoConsensusWarning)]
     assert len(ours) == 1 and ours[0].filename == __file__  # one warning for the whole choice, at the user's line
-    scvi.settings.seed = 3
-    k = _start.default_resolution_clusters(CplMixVAE(adata, n_hidden=16))
-    assert f"fitted instead with {k} categories" in str(ours[0].message)
+    scvi.settings.seed = seed
+    found = _start.default_resolution_clusters(CplMixVAE(adata, n_hidden=16))
+    k = min(found, 6)  # at most the model's 6 categories (on 300 cells)
+    bound = "" if k == found else f" ({found}, bounded by the model's 2 to 6)"
+    assert f"fitted instead with {k} categories, the number of Leiden clusters at resolution 1{bound}." in str(
+        ours[0].message
+    )
     assert model.pruning_history.attrs["fallback_n_categories"] == k
     assert (model.pruning_history["mean_consensus"] < 0.99999).all()
     assert len(model.restart_history) == (n_restarts if n_restarts > 1 else 0)
+    assert n_restarts == 1 or model.restart_history["selected"].iloc[0] == 0  # a later restart was kept
     assert model.n_categories == k and not model.choose_n_categories_
     assert model.module.augmentation == "dropout" and model.module.input_dropout == 0  # the defaults of K given
     # the types of the model the user would get by giving that K at the same seed; then the state phase
-    scvi.settings.seed = 3
+    scvi.settings.seed = seed
     given = CplMixVAE(adata, n_hidden=16, n_categories=k)
     given.train(max_epochs=2, state_epochs=0, **TRAIN)
     pd.testing.assert_frame_equal(model.predict(soft=True), given.predict(soft=True))
     assert len(model.history["train_loss"]) == 2 + 1
+
+
+def test_adopting_a_restart_keeps_the_options_the_user_gave():
+    from scmixvae.model import _fit
+
+    model = CplMixVAE(_restart_data(), n_hidden=16, input_dropout=0.2)
+    restart = _fit.fresh_model(model)
+    assert restart.given_options_ == {"augmentation": "knn", "input_dropout": 0.2}  # built with every option
+    _fit.adopt_fit(model, restart)
+    assert model.given_options_ == {"input_dropout": 0.2} and model.module is restart.module
 
 
 def test_a_fit_without_consensus_keeps_the_options_the_user_chose():
@@ -793,3 +808,17 @@ def test_leiden_at_a_resolution_gives_more_clusters_above_it():
     adata = _restart_data()
     counts = [_start.leiden_labels(adata.X, None, resolution=r, seed=0).max() + 1 for r in (0.2, 1.0, 3.0)]
     assert counts[0] <= counts[1] < counts[2]
+
+
+def test_the_restart_kept_is_the_medoid_of_those_that_reached_consensus():
+    a, b = np.repeat([0, 1, 2], 20), np.repeat([0, 1], 30)
+    near_a = a.copy()
+    near_a[:3] = 1
+    labels = [b, a, near_a, a.copy()]  # the medoid of all: a (restart 1), agreeing with 2 and 3
+    best, ari = _pruning.kept_restart(labels, [True, True, True, True])
+    assert best == 1 and ari.shape == (4, 4)
+    assert _pruning.kept_restart(labels, [False] * 4)[0] == 1  # none reached: the medoid of all
+    assert _pruning.kept_restart(labels, [True, False, True, False])[0] == 0  # tie of two: the earlier
+    assert _pruning.kept_restart(labels, [False, True, False, True])[0] == 1  # both a: a tie, the earlier
+    assert _pruning.kept_restart([a, b, b.copy()], [True, False, True])[0] == 0  # a tie of two, not b of all
+    assert _pruning.kept_restart(labels, [True, False, False, False])[0] == 0  # the only one that reached

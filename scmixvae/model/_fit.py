@@ -333,6 +333,8 @@ def adopt_fit(model, fitted) -> None:
     """Make ``model`` the fit of ``fitted`` (a :func:`fresh_model` of it): its module, histories and fit state.
 
     Every attribute is taken over except the model's identity (its ``id`` in scvi-tools' registry of managers)
-    and its description as created.
+    and its description as created (its summary and the options the user gave, ``given_options_``: a restart
+    is built with every option resolved).
     """
-    model.__dict__.update({k: v for k, v in vars(fitted).items() if k not in ("id", "_model_summary_string")})
+    kept = ("id", "_model_summary_string", "given_options_")
+    model.__dict__.update({k: v for k, v in vars(fitted).items() if k not in kept})

@@ -494,14 +494,20 @@ class CplMixVAE(
         prune
             Choose the number of categories with :meth:`prune` (its history in :attr:`pruning_history`), after
             training ``max_epochs`` first if the model is untrained. ``None`` (default): prune when the model
-            was created without ``n_categories`` and has not been trained yet.
+            was created without ``n_categories`` and has not been trained yet. When no round of the fit kept
+            reaches the consensus threshold, the agents agree on no number of types, and the model becomes the fit
+            with as many categories given as Leiden finds at resolution 1 (scanpy's default) on the start's graph,
+            at the same seed, with a :class:`~scmixvae.model.NoConsensusWarning` (:meth:`prune` alone keeps its
+            round of highest consensus, as published); ``pruning_history.attrs["fallback_n_categories"]``
+            records it.
         prune_kwargs
             Keyword arguments of :meth:`prune` (``threshold``, ``max_rounds``, ``epochs_per_round``...).
         n_restarts
             With pruning: fit the model this many times from fresh weights (training and pruning, no state
             phase), then keep the fit whose categories agree best with the others' (the medoid: highest mean
-            adjusted Rand index of its :meth:`predict` labels with every other fit's; the earliest on a tie) and
-            train the states of that one. Restart 0 is the model as created; restart ``r`` is a new model built with
+            adjusted Rand index of its :meth:`predict` labels with every other fit's; the earliest on a tie; only
+            fits whose pruning reached the consensus threshold are kept, when there are any) and train the states
+            of that one. Restart 0 is the model as created; restart ``r`` is a new model built with
             the same arguments after setting ``scvi.settings.seed`` to a seed drawn from the current seed and ``r``
             (the ``seed`` column of :attr:`restart_history`; restored afterwards; fits at two seeds share no
             restart), so it is the fit a new model created with that seed would give; the model becomes the fit

@@ -336,7 +336,8 @@ def fit_without_consensus(model, schedule: _fit.Schedule) -> None:
     :func:`prune` then keeps the round with the highest consensus, and consensus rises as categories are removed:
     that round has about the fewest categories rather than a number of types the agents agree on (ten simulated
     types that differ in 2% of the genes end in two). With no evidence from the agents, the number of types is
-    that of the Leiden clusters of the start's graph at resolution 1 (scanpy's default), and ``model`` becomes
+    that of the Leiden clusters of the start's graph at resolution 1 (scanpy's default; at least 2, at most the
+    model's ``n_categories``), and ``model`` becomes
     the fit with that many categories given, from fresh weights at the same seed: its types are those of
     ``CplMixVAE(adata, n_categories=K, ...).train(state_epochs=0)`` (the defaults of K given where the user chose
     no ``augmentation`` or ``input_dropout``), and the fit's state phase follows. It keeps the pruning and restart
@@ -346,12 +347,14 @@ def fit_without_consensus(model, schedule: _fit.Schedule) -> None:
     kept = history.loc[history["selected"]].iloc[0]
     if kept["mean_consensus"] >= history.attrs["threshold"]:
         return
-    n_categories = int(np.clip(_start.default_resolution_clusters(model), 2, model.module.n_categories))
+    found = _start.default_resolution_clusters(model)
+    n_categories = int(np.clip(found, 2, model.module.n_categories))  # within what the model may have
+    bound = "" if n_categories == found else f" ({found}, bounded by the model's 2 to {model.module.n_categories})"
     warnings.warn(
         f"No pruning round reached the consensus threshold {history.attrs['threshold']} (the closest: "
         f"{int(kept['n_categories'])} categories, mean consensus {kept['mean_consensus']:.3f}), so the agents "
         f"agree on no number of types; the model was fitted instead with {n_categories} categories, the number of "
-        "Leiden clusters at resolution 1. The types may differ too little for the agents to find them; see "
+        f"Leiden clusters at resolution 1{bound}. The types may differ too little for the agents to find them; see "
         "`model.pruning_history`, or give the number of types (`CplMixVAE(adata, n_categories=...)`).",
         NoConsensusWarning,
         stacklevel=check.user_stacklevel(),
@@ -381,13 +384,28 @@ def restart_seed(seed: int, restart: int) -> int:
     return int(np.random.SeedSequence([seed % 2**32, restart]).generate_state(1)[0])
 
 
+def kept_restart(labels: list[np.ndarray], reached: list[bool]) -> tuple[int, np.ndarray]:
+    """Index of the restart kept and the matrix of ARIs between the restarts' labels (see :func:`medoid`).
+
+    The medoid of the restarts whose chosen round ``reached`` the consensus threshold, so that a fit on which the
+    agents agree is never given up for one on which they do not; the medoid of all when none did, or all did.
+    """
+    best, agreement = medoid(labels)
+    candidates = np.flatnonzero(reached)
+    if 0 < candidates.size < len(labels):
+        scores = agreement[np.ix_(candidates, candidates)].sum(1)  # with one candidate: that one
+        best = int(candidates[np.argmax(scores)])
+    return best, agreement
+
+
 def fit_restarts(model, schedule: _fit.Schedule) -> None:
     """Fit ``n_restarts`` models from fresh weights and keep the medoid fit (see :meth:`CplMixVAE.train`).
 
     Restart 0 is ``model`` itself; restart ``r`` a :func:`~scmixvae.model._fit.fresh_model` built after
     ``scvi.settings.seed`` is set to :func:`restart_seed` of the seed and ``r`` (restored afterwards). Each runs
     the start, the category fit and :func:`prune`; ``model`` becomes the fit whose labels agree best with the
-    others' (a Ctrl-C: the last completed fit).
+    others' among those that reached the consensus threshold (:func:`kept_restart`; a Ctrl-C: the last completed
+    fit).
     """
     base_seed = scvi.settings.seed
     first_seed = base_seed or 0
@@ -419,7 +437,8 @@ def fit_restarts(model, schedule: _fit.Schedule) -> None:
     finally:
         if scvi.settings.seed != base_seed:
             scvi.settings.seed = base_seed
-    best, agreement = medoid(labels)
+    threshold = model.pruning_history_.attrs["threshold"]
+    best, agreement = kept_restart(labels, [row["mean_consensus"] >= threshold for row in rows])
     if best:
         _fit.adopt_fit(model, fits[best])
     history = pd.DataFrame(rows, columns=RESTART_COLUMNS[:-2])
