@@ -152,6 +152,11 @@ def test_training_history_panels(annotated, tmp_path, monkeypatch):
     assert isinstance(fig, Figure) and len(titled) == 3
     np.testing.assert_array_equal(titled[-1].get_lines()[0].get_ydata(), [3, 3, 2])
     _save(fig, tmp_path / "history.png")
+    assert titled[-1].get_legend() is None
+    pruning.attrs["fallback_n_categories"] = 4  # no round reached consensus: the K fitted instead is drawn
+    last = [a for a in pl.training_history(model, return_fig=True).axes if a.get_title()][-1]
+    assert list(last.get_lines()[1].get_ydata()) == [4, 4]
+    assert [t.get_text() for t in last.get_legend().get_texts()] == ["fitted without consensus: 4"]
     with pytest.raises(ValueError, match=r"not in model\.history"):
         pl.training_history(model, keys=["nope"], show=False)
 

@@ -791,6 +791,16 @@ def test_a_fit_without_consensus_keeps_the_options_the_user_chose():
     assert (model.module.augmentation, model.module.input_dropout) == ("knn", 0.2)
 
 
+def test_a_trained_model_pruned_without_consensus_keeps_its_round_of_highest_consensus():
+    model = _small_model()  # K given, trained
+    with pytest.warns(_pruning.NoConsensusWarning, match="the round with the highest consensus was kept"):
+        model.train(max_epochs=1, state_epochs=0, prune=True, prune_kwargs=NO_CONSENSUS, **TRAIN)
+    history = model.pruning_history
+    assert "fallback_n_categories" not in history.attrs
+    assert model.n_categories == history.loc[history["selected"], "n_categories"].item()
+    assert history.loc[history["selected"], "mean_consensus"].item() == history["mean_consensus"].max()
+
+
 def test_a_fit_that_reaches_consensus_keeps_its_pruned_round():
     adata = _restart_data()
     scvi.settings.seed = 3

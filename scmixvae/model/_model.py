@@ -494,12 +494,12 @@ class CplMixVAE(
         prune
             Choose the number of categories with :meth:`prune` (its history in :attr:`pruning_history`), after
             training ``max_epochs`` first if the model is untrained. ``None`` (default): prune when the model
-            was created without ``n_categories`` and has not been trained yet. When no round of the fit kept
-            reaches the consensus threshold, the agents agree on no number of types, and the model becomes the fit
-            with as many categories given as Leiden finds at resolution 1 (scanpy's default) on the start's graph,
-            at the same seed, with a :class:`~scmixvae.model.NoConsensusWarning` (:meth:`prune` alone keeps its
-            round of highest consensus, as published); ``pruning_history.attrs["fallback_n_categories"]``
-            records it.
+            was created without ``n_categories`` and has not been trained yet. When the model starts untrained
+            and no round of the fit kept reaches the consensus threshold, the agents agree on no number of types,
+            and the model becomes the fit with as many categories given as Leiden finds at resolution 1 (scanpy's
+            default) on the start's graph, at the same seed, with a :class:`~scmixvae.model.NoConsensusWarning`
+            (:meth:`prune` alone, or on a trained model, keeps its round of highest consensus, as published);
+            ``pruning_history.attrs["fallback_n_categories"]`` records it.
         prune_kwargs
             Keyword arguments of :meth:`prune` (``threshold``, ``max_rounds``, ``epochs_per_round``...).
         n_restarts

@@ -317,17 +317,22 @@ def _keep_round(model, rows, best_round: int, best_state: dict, threshold: float
 def choose_n_categories(model, schedule: _fit.Schedule) -> None:
     """Choose K as :meth:`CplMixVAE.train` does: start, category fit and :func:`prune`, once or per restart.
 
-    When the fit kept has no round that reaches the consensus threshold, :func:`fit_without_consensus` replaces it.
+    When the model starts untrained (not from a checkpoint) and the fit kept has no round that reaches the
+    consensus threshold, :func:`fit_without_consensus` replaces it; a trained model that is pruned keeps its round
+    of highest consensus, as :func:`prune` does.
     """
+    from_scratch = not model.is_trained_ and not schedule.resuming
     with warnings.catch_warnings():  # one warning for the whole choice, from fit_without_consensus
-        warnings.simplefilter("ignore", NoConsensusWarning)
+        if from_scratch:
+            warnings.simplefilter("ignore", NoConsensusWarning)
         if schedule.n_restarts > 1:  # each restart a fresh model
             fit_restarts(model, schedule)
         else:
             _fit.start(model, schedule)
             _fit.train_categories(model, schedule)
             prune(model, **schedule.prune_kwargs, **schedule.trainer)
-    fit_without_consensus(model, schedule)
+    if from_scratch:
+        fit_without_consensus(model, schedule)
 
 
 def fit_without_consensus(model, schedule: _fit.Schedule) -> None:
@@ -337,11 +342,11 @@ def fit_without_consensus(model, schedule: _fit.Schedule) -> None:
     that round has about the fewest categories rather than a number of types the agents agree on (ten simulated
     types that differ in 2% of the genes end in two). With no evidence from the agents, the number of types is
     that of the Leiden clusters of the start's graph at resolution 1 (scanpy's default; at least 2, at most the
-    model's ``n_categories``), and ``model`` becomes
-    the fit with that many categories given, from fresh weights at the same seed: its types are those of
-    ``CplMixVAE(adata, n_categories=K, ...).train(state_epochs=0)`` (the defaults of K given where the user chose
-    no ``augmentation`` or ``input_dropout``), and the fit's state phase follows. It keeps the pruning and restart
-    histories; ``pruning_history_.attrs["fallback_n_categories"]`` records K.
+    model's ``n_categories``), and ``model`` becomes the fit with that many categories given, from fresh weights
+    at the same seed: its types are those of ``CplMixVAE(adata, n_categories=K, ...).train(state_epochs=0)`` (the
+    defaults of K given where the user chose no ``augmentation`` or ``input_dropout``), and the fit's state phase
+    follows. It keeps the pruning and restart histories; ``pruning_history_.attrs["fallback_n_categories"]``
+    records K.
     """
     history = model.pruning_history_
     kept = history.loc[history["selected"]].iloc[0]

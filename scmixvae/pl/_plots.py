@@ -345,7 +345,7 @@ def training_history(
         Keys of ``model.history`` to draw on one axes; by default one panel with each agent's
         reconstruction and KL terms, one with the agreement and coupling distance and, when
         ``model.pruning_history`` holds an ``n_categories`` column, one with the number of categories
-        over the pruning rounds.
+        over the pruning rounds (and a dashed line at the number fitted when no round reached consensus).
     ax
         Axes to draw on (all curves on it; the pruning panel is left out).
     show, return_fig
@@ -404,6 +404,9 @@ def training_history(
         axis.set_xlabel("pruning round")
         axis.set_ylabel("categories K")
         axis.set_title("categories")
+        if (fallback := pruning.attrs.get("fallback_n_categories")) is not None:  # no round reached consensus
+            axis.axhline(fallback, color="C3", linestyle="--", label=f"fitted without consensus: {fallback}")
+            axis.legend(fontsize=7)
     fig.tight_layout()
     return _finish(fig, axes[0] if len(axes) == 1 else axes, show=show, return_fig=return_fig, save=save)
 
