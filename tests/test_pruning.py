@@ -824,11 +824,10 @@ def test_the_restart_kept_is_the_medoid_of_those_that_reached_consensus():
     a, b = np.repeat([0, 1, 2], 20), np.repeat([0, 1], 30)
     near_a = a.copy()
     near_a[:3] = 1
-    labels = [b, a, near_a, a.copy()]  # the medoid of all: a (restart 1), agreeing with 2 and 3
-    best, ari = _pruning.kept_restart(labels, [True, True, True, True])
-    assert best == 1 and ari.shape == (4, 4)
-    assert _pruning.kept_restart(labels, [False] * 4)[0] == 1  # none reached: the medoid of all
-    assert _pruning.kept_restart(labels, [True, False, True, False])[0] == 0  # tie of two: the earlier
-    assert _pruning.kept_restart(labels, [False, True, False, True])[0] == 1  # both a: a tie, the earlier
-    assert _pruning.kept_restart([a, b, b.copy()], [True, False, True])[0] == 0  # a tie of two, not b of all
+    labels = [b, near_a, a, a.copy()]  # mean ARI with the others: b lowest, then near_a, then the two a's
+    best, ari = _pruning.kept_restart(labels, [True] * 4)
+    assert best == 2 and ari.shape == (4, 4)  # the medoid (a tie of the two a's: the earlier)
+    assert _pruning.kept_restart(labels, [False] * 4)[0] == 2  # none reached: the medoid of all
+    assert _pruning.kept_restart(labels, [True, False, True, False])[0] == 2  # the medoid reached: kept
+    assert _pruning.kept_restart(labels, [True, True, False, False])[0] == 1  # the best of those that reached
     assert _pruning.kept_restart(labels, [True, False, False, False])[0] == 0  # the only one that reached

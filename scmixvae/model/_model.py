@@ -505,9 +505,9 @@ class CplMixVAE(
         n_restarts
             With pruning: fit the model this many times from fresh weights (training and pruning, no state
             phase), then keep the fit whose categories agree best with the others' (the medoid: highest mean
-            adjusted Rand index of its :meth:`predict` labels with every other fit's; the earliest on a tie; only
-            fits whose pruning reached the consensus threshold are kept, when there are any) and train the states
-            of that one. Restart 0 is the model as created; restart ``r`` is a new model built with
+            adjusted Rand index of its :meth:`predict` labels with every other fit's; the earliest on a tie; among
+            the fits whose pruning reached the consensus threshold, when there are any) and train the states of
+            that one. Restart 0 is the model as created; restart ``r`` is a new model built with
             the same arguments after setting ``scvi.settings.seed`` to a seed drawn from the current seed and ``r``
             (the ``seed`` column of :attr:`restart_history`; restored afterwards; fits at two seeds share no
             restart), so it is the fit a new model created with that seed would give; the model becomes the fit

@@ -392,14 +392,14 @@ def restart_seed(seed: int, restart: int) -> int:
 def kept_restart(labels: list[np.ndarray], reached: list[bool]) -> tuple[int, np.ndarray]:
     """Index of the restart kept and the matrix of ARIs between the restarts' labels (see :func:`medoid`).
 
-    The medoid of the restarts whose chosen round ``reached`` the consensus threshold, so that a fit on which the
-    agents agree is never given up for one on which they do not; the medoid of all when none did, or all did.
+    Among the restarts whose chosen round ``reached`` the consensus threshold (all, when none did), the one whose
+    labels agree best with every restart's (highest mean ARI; the earliest on a tie): the medoid whenever it
+    reached the threshold, and never a fit on which the agents disagree when another fit has their agreement.
     """
     best, agreement = medoid(labels)
     candidates = np.flatnonzero(reached)
-    if 0 < candidates.size < len(labels):
-        scores = agreement[np.ix_(candidates, candidates)].sum(1)  # with one candidate: that one
-        best = int(candidates[np.argmax(scores)])
+    if candidates.size:
+        best = int(candidates[np.argmax(mean_agreement(agreement)[candidates])])
     return best, agreement
 
 
