@@ -38,7 +38,9 @@ RESULTS: list[tuple[str, str, str]] = [
      "against a per-type PCA, and the types against their Leiden start and PCA + Leiden."),
     ("bench_simulated.py --parts subtle_k", "subtle_k",
      "The default fit (K unknown) on the subtle types of `states` (10 types differing in 2% of the genes) against PCA "
-     "+ Leiden on the same data: chosen K and ARI per seed."),
+     "+ Leiden on the same data: chosen K and ARI per seed. A `chosen_k` other than the last K of `k_path`: no "
+     "pruning round reached the consensus threshold, and the fit took the number of Leiden clusters at resolution 1 "
+     "as K given."),
     ("bench_state_genes.py", "state_genes",
      "Interferon-β-stimulated PBMCs with the condition registered: interferon-stimulated genes among each type's "
      "state genes, AUROC of control vs stimulated along the state, cell-type ARI."),

@@ -741,7 +741,7 @@ NO_CONSENSUS = {"threshold": 0.99999, "max_rounds": 1, "epochs_per_round": 1}
 
 
 @pytest.mark.parametrize(("n_restarts", "seed"), [(1, 3), (3, 0)])  # seed 0: restart 1 is kept
-def test_a_fit_without_consensus_becomes_the_fit_with_leidens_k_given(n_restarts, seed):
+def test_a_fit_without_consensus_becomes_the_fit_with_leidens_k_given(n_restarts, seed, tmp_path):
     from scmixvae.model import _start
 
     adata = _restart_data()
@@ -770,6 +770,10 @@ def test_a_fit_without_consensus_becomes_the_fit_with_leidens_k_given(n_restarts
     given.train(max_epochs=2, state_epochs=0, **TRAIN)
     pd.testing.assert_frame_equal(model.predict(soft=True), given.predict(soft=True))
     assert len(model.history["train_loss"]) == 2 + 1
+    model.save(tmp_path / "m", save_anndata=False)  # saved as the model it became, with how it got there
+    loaded = CplMixVAE.load(tmp_path / "m", adata=adata)
+    pd.testing.assert_frame_equal(loaded.predict(soft=True), model.predict(soft=True))
+    assert loaded.pruning_history.attrs["fallback_n_categories"] == k
 
 
 def test_adopting_a_restart_keeps_the_options_the_user_gave():
