@@ -559,9 +559,8 @@ class CplMixVAE(
             prune_kwargs=prune_kwargs,
             trainer=trainer,
         )
-        if schedule.prune:
-            self.choose_n_categories_ = False  # chosen once: a later train() trains on
         if schedule.prune:  # the start, the category fit and the choice of K (restarts: fresh models)
+            self.choose_n_categories_ = False  # chosen once: a later train() trains on
             _pruning.choose_n_categories(self, schedule)
         else:
             _fit.start(self, schedule)
