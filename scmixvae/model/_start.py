@@ -149,7 +149,7 @@ def leiden_labels(
         labels = graph.obs["leiden"].cat.codes.to_numpy().astype(np.int64)
         logger.info("Leiden at resolution %.3g: %d clusters", resolution, labels.max() + 1)
     else:
-        labels, resolution = _leiden_with_k(graph, n_clusters, leiden, leiden_kwargs)
+        labels, resolution = _leiden_with_k(graph, n_clusters, leiden_kwargs)
         logger.info("Leiden initialisation: %d clusters at resolution %.3g", labels.max() + 1, resolution)
     if len(rows) == matrix.shape[0]:
         return labels
@@ -160,8 +160,10 @@ def leiden_labels(
     return out
 
 
-def _leiden_with_k(graph, n_clusters: int, leiden, leiden_kwargs: dict) -> tuple[np.ndarray, float]:
+def _leiden_with_k(graph, n_clusters: int, leiden_kwargs: dict) -> tuple[np.ndarray, float]:
     """Bisect Leiden's resolution (log scale) for ``n_clusters`` clusters; merge the smallest ones if above it."""
+    from .._neighbors import leiden
+
     best, lo, hi = None, 1e-3, 10.0
     for _ in range(20):
         resolution = float(np.sqrt(lo * hi))
