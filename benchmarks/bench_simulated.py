@@ -21,7 +21,8 @@ Parts (``--parts``; their rows go to one result file ``{--out}/{--name}``, by de
   ``--seeds`` value, fitted with the number of types given (``CplMixVAE(adata, n_categories=K).train()``). Per
   fit: ``state``, the mean over the true types of the best |Spearman| between a coordinate of
   ``get_latent_representation()`` and the true state; ``pca_per_type``, the same for a PCA of each true type's
-  log-normalised cells with as many components as the state has (``pca_per_type_5``: 5 components);
+  log-normalised cells with as many components as the state has (``pca_per_type_5``: 5 components;
+  ``pca_per_model_type``: the PCA of each of the model's types instead, which separates the state from the types);
   ``state_depth``, the same against the log library size; the ARI of ``predict()``, of the Leiden partition the
   model started from (``start_labels``) and of scanpy's PCA + Leiden. Then per regime the mean ± SD over seeds.
 - ``subtle_k``: the ``subtle_types`` regime of ``STATE_REGIMES`` fitted as in ``k_choice`` (K unknown; data and
@@ -145,7 +146,7 @@ def best_state_correlation(latent: np.ndarray, truth: np.ndarray, types: np.ndar
 
 
 def per_type_pca(adata, types: np.ndarray, n_comps: int) -> np.ndarray:
-    """PCA of the log-normalised cells of each true type, ``n_comps`` components per type, as one array."""
+    """PCA of the log-normalised cells of each type of ``types``, ``n_comps`` components per type, as one array."""
     import scanpy as sc
 
     x = adata.copy()
@@ -181,13 +182,16 @@ def part_states(args) -> list[dict]:
             train = {key: getattr(args, key) for key in lengths if getattr(args, key) is not None}
             model.train(enable_progress_bar=False, accelerator=args.accelerator, **train)
             latent = model.get_latent_representation()
+            labels = model.predict().to_numpy()
             log_library = np.log(np.asarray(adata.X.sum(axis=1)).ravel())
             row = {"part": "states", "regime": regime, "seed": seed, "n_types": spec["n_types"],
                    "state": best_state_correlation(latent, truth, types),
                    "pca_per_type": best_state_correlation(per_type_pca(adata, types, latent.shape[1]), truth, types),
                    "pca_per_type_5": best_state_correlation(per_type_pca(adata, types, 5), truth, types),
+                   "pca_per_model_type": best_state_correlation(
+                       per_type_pca(adata, labels, latent.shape[1]), truth, types),
                    "state_depth": best_state_correlation(latent, log_library, types),
-                   "ari": clustering_scores(types, model.predict().to_numpy())["ari"],
+                   "ari": clustering_scores(types, labels)["ari"],
                    "start_ari": clustering_scores(types, model.start_labels)["ari"],
                    "pca_leiden_ari": run_pca_leiden(adata, types, seed=seed)["ari"]}  # fmt: skip
             rows.append(row)
@@ -231,9 +235,13 @@ def state_summary(rows: list[dict]) -> list[dict]:
     for regime in dict.fromkeys(r["regime"] for r in rows):
         fits = [r for r in rows if r["regime"] == regime]
         summary = {"part": "states", "regime": regime, "seed": "MEAN ± SD", "n_types": fits[0]["n_types"]}
-        for key in ("state", "pca_per_type", "pca_per_type_5", "state_depth", "ari", "start_ari", "pca_leiden_ari"):
+        keys = ("state", "pca_per_type", "pca_per_type_5", "pca_per_model_type", "state_depth", "ari", "start_ari")
+        for key in (*keys, "pca_leiden_ari"):
             summary[key] = mean_sd(np.array([r[key] for r in fits]))
         summary["state_at_least_pca"] = f"{sum(r['state'] >= r['pca_per_type'] for r in fits)}/{len(fits)}"
+        summary["state_at_least_model_type_pca"] = (
+            f"{sum(r['state'] >= r['pca_per_model_type'] for r in fits)}/{len(fits)}"
+        )
         summary["ari_at_least_start_and_leiden"] = (
             f"{sum(r['ari'] >= max(r['start_ari'], r['pca_leiden_ari']) - 1e-9 for r in fits)}/{len(fits)}"
         )
@@ -277,10 +285,12 @@ def main(argv: list[str] | None = None) -> None:
     notes = {
         "k_choice": "`seconds`: the whole fit, constructor to the end of `train()`; `k_path`: K of every pruning round "
         "of the fit kept; `k_within_1`: chosen K within one of the true number of types.",
-        "states": "`state`, `pca_per_type` (`_5`: five components), `state_depth`: mean over the true types of the "
-        "best |Spearman| of a coordinate with the true state (or the log library size); `ari`, `start_ari`, "
+        "states": "`state`, `pca_per_type` (`_5`: five components; `pca_per_model_type`: the PCA within each of the "
+        "model's types), `state_depth`: mean over the true types of the best |Spearman| of a coordinate with the true "
+        "state (or the log library size); `ari`, `start_ari`, "
         "`pca_leiden_ari`: the types of `predict()`, of the Leiden start and of PCA + Leiden; per regime the mean "
-        "± SD over seeds, `state_at_least_pca` and `ari_at_least_start_and_leiden` count the seeds.",
+        "± SD over seeds, `state_at_least_pca`, `state_at_least_model_type_pca` and `ari_at_least_start_and_leiden` "
+        "count the seeds.",
         "subtle_k": "`subtle_k`: the default fit (K unknown) on the `subtle_types` regime of `states` (10 types "
         "differing in 2% of the genes), one data and model seed per row; `pca_leiden_ari`: PCA + Leiden on the same "
         "data; `ari_at_least_pca_leiden` counts the seeds.",
