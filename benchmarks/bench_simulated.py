@@ -146,7 +146,10 @@ def best_state_correlation(latent: np.ndarray, truth: np.ndarray, types: np.ndar
 
 
 def per_type_pca(adata, types: np.ndarray, n_comps: int) -> np.ndarray:
-    """PCA of the log-normalised cells of each type of ``types``, ``n_comps`` components per type, as one array."""
+    """PCA of the log-normalised cells of each type of ``types``, ``n_comps`` components per type, as one array.
+
+    A type with too few cells for ``n_comps`` components keeps zeros (no axis can be found in it).
+    """
     import scanpy as sc
 
     x = adata.copy()
@@ -155,7 +158,8 @@ def per_type_pca(adata, types: np.ndarray, n_comps: int) -> np.ndarray:
     out = np.zeros((x.n_obs, n_comps))
     for t in np.unique(types):
         cells = types == t
-        out[cells] = sc.pp.pca(x.X[cells].toarray(), n_comps=n_comps, random_state=0)
+        if cells.sum() > n_comps:
+            out[cells] = sc.pp.pca(x.X[cells].toarray(), n_comps=n_comps, random_state=0)
     return out
 
 
