@@ -145,21 +145,28 @@ def best_state_correlation(latent: np.ndarray, truth: np.ndarray, types: np.ndar
     return float(np.mean(per_type))
 
 
-def per_type_pca(adata, types: np.ndarray, n_comps: int) -> np.ndarray:
+def log_normalised(adata) -> np.ndarray:
+    """Dense log1p of the cells normalised to 10,000 counts (the input of the PCA peers)."""
+    import scanpy as sc
+
+    x = adata.copy()
+    sc.pp.normalize_total(x, target_sum=1e4)
+    sc.pp.log1p(x)
+    return x.X.toarray()
+
+
+def per_type_pca(logged: np.ndarray, types: np.ndarray, n_comps: int) -> np.ndarray:
     """PCA of the log-normalised cells of each type of ``types``, ``n_comps`` components per type, as one array.
 
     A type with too few cells for ``n_comps`` components keeps zeros (no axis can be found in it).
     """
     import scanpy as sc
 
-    x = adata.copy()
-    sc.pp.normalize_total(x, target_sum=1e4)
-    sc.pp.log1p(x)
-    out = np.zeros((x.n_obs, n_comps))
+    out = np.zeros((logged.shape[0], n_comps))
     for t in np.unique(types):
         cells = types == t
         if cells.sum() > n_comps:
-            out[cells] = sc.pp.pca(x.X[cells].toarray(), n_comps=n_comps, random_state=0)
+            out[cells] = sc.pp.pca(logged[cells], n_comps=n_comps, random_state=0)
     return out
 
 
@@ -188,12 +195,13 @@ def part_states(args) -> list[dict]:
             latent = model.get_latent_representation()
             labels = model.predict().to_numpy()
             log_library = np.log(np.asarray(adata.X.sum(axis=1)).ravel())
+            logged = log_normalised(adata)
             row = {"part": "states", "regime": regime, "seed": seed, "n_types": spec["n_types"],
                    "state": best_state_correlation(latent, truth, types),
-                   "pca_per_type": best_state_correlation(per_type_pca(adata, types, latent.shape[1]), truth, types),
-                   "pca_per_type_5": best_state_correlation(per_type_pca(adata, types, 5), truth, types),
+                   "pca_per_type": best_state_correlation(per_type_pca(logged, types, latent.shape[1]), truth, types),
+                   "pca_per_type_5": best_state_correlation(per_type_pca(logged, types, 5), truth, types),
                    "pca_per_model_type": best_state_correlation(
-                       per_type_pca(adata, labels, latent.shape[1]), truth, types),
+                       per_type_pca(logged, labels, latent.shape[1]), truth, types),
                    "state_depth": best_state_correlation(latent, log_library, types),
                    "ari": clustering_scores(types, labels)["ari"],
                    "start_ari": clustering_scores(types, model.start_labels)["ari"],
