@@ -15,6 +15,7 @@ import resource
 import shlex
 import sys
 import time
+from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 from importlib.util import find_spec
 from pathlib import Path
@@ -320,6 +321,17 @@ def run_scvi_leiden(
 # ------------------------------------------------------------------------------------------ results
 
 
+#: Libraries behind the neighbour graph and Leiden, recorded with every result (see :func:`machine_info`).
+LEIDEN_STACK = ("scipy", "scikit-learn", "pynndescent", "numba", "igraph", "leidenalg")
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        return _version(name)
+    except PackageNotFoundError:
+        return None
+
+
 def machine_info() -> dict[str, Any]:
     """CPU, threads and library versions, for a results file."""
     return {
@@ -334,6 +346,8 @@ def machine_info() -> dict[str, Any]:
         "anndata": _version("anndata"),
         "scmixvae": _version("scmixvae"),
         "numpy": np.__version__,
+        # the Leiden start and the peers' clusters depend on these: a result must say which it was measured with
+        **{name: _installed_version(name) for name in LEIDEN_STACK},
         "torch_threads": torch.get_num_threads(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
@@ -380,8 +394,8 @@ def write_results(name: str, rows: list[dict[str, Any]], extra_md: str = "", out
     table = markdown_table(clean)
     machine = (
         f"{info['cpu_count']} CPUs ({info['cpu_affinity']} usable), {info['torch_threads']} torch thread(s), "
-        f"torch {info['torch']}, scvi-tools {info['scvi']}, scanpy {info['scanpy']}, scmixvae {info['scmixvae']}"
-        + (f", GPU {info['cuda']}" if info["cuda"] else "")
+        f"torch {info['torch']}, scvi-tools {info['scvi']}, scanpy {info['scanpy']}, scmixvae {info['scmixvae']}, "
+        f"igraph {info['igraph']}, leidenalg {info['leidenalg']}" + (f", GPU {info['cuda']}" if info["cuda"] else "")
     )
     md = f"# {name}\n\n{date} · {machine}\n\n{table}\n"
     if extra_md:
