@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -12,17 +13,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Non
     """Call ``write(temporary_path)`` in ``path``'s folder, then move the file into place.
 
     The temporary file keeps ``path``'s suffix (writers such as matplotlib choose the format by it). A write
-    that fails or is interrupted leaves ``path`` as it was and removes the temporary file.
+    that fails or is interrupted leaves ``path`` as it was and removes the temporary file. The file gets the
+    permissions of the file it replaces, or those of a newly created file (the umask's), not the owner-only ones
+    of a temporary file.
     """
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, _permissions(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _permissions(path: Path) -> int:
+    """Permission bits for a file written to ``path``: those of the file there, else ``0o666`` less the umask."""
+    if path.is_file():
+        return stat.S_IMODE(path.stat().st_mode)
+    umask = os.umask(0o022)  # reading the umask means setting it; put it back at once
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def write_h5ad(adata, path: str | os.PathLike) -> None:

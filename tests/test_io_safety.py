@@ -152,6 +152,22 @@ def test_a_failed_save_leaves_the_earlier_save_intact(sim_adata, tmp_path):
         model.save(tmp_path / "model")
 
 
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
+def test_written_files_get_the_usual_permissions_not_a_temporary_files(tmp_path):
+    adata = anndata.AnnData(np.ones((3, 2), dtype=np.float32))
+    old_umask = os.umask(0o027)
+    try:
+        write_h5ad(adata, tmp_path / "new.h5ad")
+        (tmp_path / "shared.h5ad").write_bytes(b"")
+        (tmp_path / "shared.h5ad").chmod(0o664)
+        write_h5ad(adata, tmp_path / "shared.h5ad")
+    finally:
+        os.umask(old_umask)
+    assert (tmp_path / "new.h5ad").stat().st_mode & 0o777 == 0o640  # 0o666 less the umask
+    assert (tmp_path / "shared.h5ad").stat().st_mode & 0o777 == 0o664  # the replaced file's
+    assert anndata.read_h5ad(tmp_path / "shared.h5ad").shape == (3, 2)
+
+
 def test_write_h5ad_keeps_the_old_file_when_the_new_one_cannot_be_written(tmp_path):
     path = tmp_path / "out.h5ad"
     anndata.AnnData(np.ones((3, 2), dtype=np.float32)).write_h5ad(path)
