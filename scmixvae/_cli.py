@@ -110,7 +110,10 @@ def _parser() -> argparse.ArgumentParser:
         help="prune --n-categories and choose the number of types (each agent then sees its own view of a cell)",
     )
     fit.add_argument(
-        "--consensus-threshold", type=_fraction, default=0.95, help="consensus criterion of --prune, in (0, 1]"
+        "--consensus-threshold",
+        type=_fraction,
+        default=None,
+        help="consensus a pruning round must reach, in (0, 1] (default 0.95); only when the types are chosen",
     )
     fit.add_argument(
         "--n-restarts",
@@ -290,9 +293,25 @@ def _scvi_settings(scvi, args) -> None:
         scvi.settings.seed = args.seed
 
 
+def _choice_option_without_choice(args) -> str | None:
+    """Return the option of the choice of the number of types given to a fit that keeps --n-categories, if any."""
+    if args.n_categories is None or args.prune:
+        return None
+    if args.consensus_threshold is not None:
+        return "--consensus-threshold"
+    if args.n_restarts is not None and args.n_restarts > 1:
+        return "--n-restarts"
+    return None
+
+
 def _fit(args) -> int:
     if args.output.suffix != ".h5ad":
         return _error(f"output {args.output} must end in .h5ad")
+    if (option := _choice_option_without_choice(args)) is not None:
+        return _error(
+            f"{option} applies when the number of types is chosen; --n-categories without --prune keeps that "
+            "number (add --prune, or leave out --n-categories)"
+        )
     files, folders = _fit_outputs(args)
     problem = _check_outputs(files, folders, inputs=[args.input], overwrite=args.overwrite)
     if problem is not None:
@@ -320,7 +339,7 @@ def _fit(args) -> int:
         # without --n-categories the model prunes by itself (train(prune=None)); --prune asks for it explicitly
         model.train(
             prune=True if args.prune else None,
-            prune_kwargs={"threshold": args.consensus_threshold},
+            prune_kwargs=None if args.consensus_threshold is None else {"threshold": args.consensus_threshold},
             n_restarts=args.n_restarts,
             **_train_kwargs(args),
         )

@@ -175,6 +175,16 @@ def test_fit_output_that_cannot_be_written_fails_before_training(tmp_path, sim_a
     assert "must end in .h5ad" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", [["--consensus-threshold", "0.9"], ["--n-restarts", "3"]])
+def test_fit_refuses_options_of_the_choice_of_k_when_k_is_kept(tmp_path, sim_adata, capsys, no_training, option):
+    src = tmp_path / "x.h5ad"
+    sim_adata.write_h5ad(src)
+    args = ["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--n-categories", "3", *option]
+    assert main(args) == 2
+    assert f"{option[0]} applies when the number of types is chosen" in capsys.readouterr().err
+    assert not (tmp_path / "out.h5ad").exists()
+
+
 @pytest.mark.parametrize("kind", ["csv", "text"])
 def test_fit_on_a_file_that_is_not_h5ad_is_a_clear_error(tmp_path, sim_adata, capsys, kind, no_training):
     src = tmp_path / ("x.csv" if kind == "csv" else "x.h5ad")
