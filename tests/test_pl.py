@@ -1,3 +1,4 @@
+import os
 import warnings
 
 import matplotlib
@@ -245,6 +246,9 @@ def test_every_plot_saves_atomically(annotated, tmp_path):
         assert plot(tmp_path / name) is not None
         assert (tmp_path / name).stat().st_size > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(plots)  # no temporary files left
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert all((tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~umask for name in plots)  # not a temp file's
     header = (tmp_path / "embedding.png").read_bytes()[:8]
     assert header == b"\x89PNG\r\n\x1a\n"
 

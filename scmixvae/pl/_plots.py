@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
@@ -21,6 +20,7 @@ from matplotlib.figure import Figure
 
 from .. import _validation as check
 from .._constants import DEFAULT_KEY, DEFAULT_STATE_GENES_KEY, state_key, type_key
+from .._io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -45,16 +45,8 @@ def save_figure(fig: Figure, path: str | os.PathLike, **kwargs) -> None:
 
     ``bbox_inches="tight"`` by default, so that legends and labels outside the axes are kept.
     """
-    path = Path(path)
     kwargs.setdefault("bbox_inches", "tight")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, **kwargs)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda tmp: fig.savefig(tmp, **kwargs))
 
 
 def _finish(fig: Figure, axes, *, show: bool | None, return_fig: bool, save: Path | None = None):
