@@ -584,6 +584,29 @@ def test_restarts_reject_bad_arguments_before_training(kwargs, match):
     assert not model.is_trained_
 
 
+@pytest.mark.parametrize(
+    ("n_categories", "prune_kwargs", "error", "match"),
+    [
+        (None, {"treshold": 0.9}, ValueError, r"prune_kwargs holds \['treshold'\], which train\(\) does not pass"),
+        (None, {"batch_size": 32}, ValueError, r"prune_kwargs holds \['batch_size'\]"),
+        (None, {"plan_kwargs": {"lr": 1e-4}}, ValueError, r"prune_kwargs holds \['plan_kwargs'\]"),
+        (None, {"threshold": 1.5}, ValueError, "`threshold` must be"),
+        (None, {"min_categories": 9}, ValueError, "min_categories=9 is larger than the model's 8 categories"),
+        (None, [("threshold", 0.9)], TypeError, "`prune_kwargs` must be a dict, got list"),
+        (5, {"threshold": 0.9}, ValueError, r"this train\(\) call does not prune"),
+    ],
+)
+def test_train_checks_prune_kwargs_before_any_work(n_categories, prune_kwargs, error, match):
+    """A typo, a training option or a bad value in prune_kwargs failed after the start and the category fit (or was
+    ignored); now every such call fails at once and leaves the model as it was."""
+    model = _unknown_k_model(n_categories=n_categories)
+    chooses = model.choose_n_categories_
+    with pytest.raises(error, match=match):
+        model.train(max_epochs=1, state_epochs=0, prune_kwargs=prune_kwargs, **TRAIN)
+    assert not model.is_trained_ and model.start_labels is None
+    assert model.choose_n_categories_ == chooses  # a later train() still chooses K
+
+
 def test_restarts_need_an_untrained_model():
     model = _unknown_k_model(n_categories=4)
     model.train(max_epochs=1, **TRAIN)

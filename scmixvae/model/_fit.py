@@ -178,6 +178,14 @@ def resolve_schedule(
             f"n_restarts={n_restarts} restarts the choice of the number of categories; it needs prune=True "
             "(the default for a model created without n_categories)."
         )
+    if prune_kwargs is not None and not isinstance(prune_kwargs, dict):
+        raise TypeError(f"`prune_kwargs` must be a dict, got {type(prune_kwargs).__name__}.")
+    if prune_kwargs and not prune:
+        raise ValueError(
+            f"prune_kwargs={prune_kwargs} sets options of the pruning, but this train() call does not prune "
+            "(prune=False, a model given n_categories, or one already trained). Pass prune=True to prune, or leave "
+            "prune_kwargs out."
+        )
     if n_restarts > 1 and (model.is_trained_ or resuming):
         raise ValueError(
             f"n_restarts={n_restarts} fits the model from fresh weights; this model is already trained "

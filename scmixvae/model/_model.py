@@ -501,7 +501,9 @@ class CplMixVAE(
             (:meth:`prune` alone, or on a trained model, keeps its round of highest consensus, as published);
             ``pruning_history.attrs["fallback_n_categories"]`` records it.
         prune_kwargs
-            Keyword arguments of :meth:`prune` (``threshold``, ``max_rounds``, ``epochs_per_round``...).
+            Options of :meth:`prune`: ``threshold``, ``min_categories``, ``max_rounds``, ``epochs_per_round``
+            (its batch size and training options are this call's own), checked before any work starts; only
+            for a call that prunes.
         n_restarts
             With pruning: fit the model this many times from fresh weights (training and pruning, no state
             phase), then keep the fit whose categories agree best with the others' (the medoid: highest mean
@@ -560,7 +562,6 @@ class CplMixVAE(
             trainer=trainer,
         )
         if schedule.prune:  # the start, the category fit and the choice of K (restarts: fresh models)
-            self.choose_n_categories_ = False  # chosen once: a later train() trains on
             _pruning.choose_n_categories(self, schedule)
         else:
             _fit.start(self, schedule)

@@ -11,6 +11,7 @@ All category indices here are indices among the model's *initial* ``n_categories
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import logging
 import warnings
@@ -44,6 +45,9 @@ HISTORY_COLUMNS = [
     "round", "n_categories", "mean_consensus", "train_loss", "epochs", "categories", "agreement", "pruned", "selected",
 ]  # fmt: skip
 RESTART_COLUMNS = ["restart", "seed", "n_categories", "mean_consensus", "mean_ari", "selected"]
+#: The options of :func:`prune` that ``train(prune_kwargs=...)`` sets; its batch size and the keyword arguments of
+#: the Lightning runs are ``train()``'s own, which apply to the pruning rounds as given there.
+PRUNE_OPTIONS = ("threshold", "min_categories", "max_rounds", "epochs_per_round")
 
 
 class NoConsensusWarning(UserWarning):
@@ -229,6 +233,9 @@ def prune(
     return _keep_round(model, rows, best_round, best_state, threshold, batch_size)
 
 
+_PRUNE_PARAMETERS = inspect.signature(prune).parameters  # its defaults, for check_prune_kwargs
+
+
 def _coupling_warmup(module, max_epochs: int, train_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """Keyword arguments of a round's run and its warm-up epochs: a coupling warm-up after weakly coupled training.
 
@@ -314,13 +321,30 @@ def _keep_round(model, rows, best_round: int, best_state: dict, threshold: float
     return history
 
 
+def check_prune_kwargs(model, schedule: _fit.Schedule) -> None:
+    """Check ``train(prune_kwargs=...)`` before any work starts: only :data:`PRUNE_OPTIONS`, with valid values."""
+    unknown = sorted(set(schedule.prune_kwargs) - set(PRUNE_OPTIONS), key=str)
+    if unknown:
+        raise ValueError(
+            f"prune_kwargs holds {unknown}, which train() does not pass to the pruning: it takes "
+            f"{list(PRUNE_OPTIONS)}. Give training options (batch_size, plan_kwargs, callbacks...) to train() "
+            "itself; they apply to the pruning rounds too."
+        )
+    defaults = {name: p.default for name, p in _PRUNE_PARAMETERS.items() if name in PRUNE_OPTIONS}
+    options = {**defaults, **schedule.prune_kwargs}
+    _check_arguments(model, **options, batch_size=schedule.trainer["batch_size"], train_kwargs=schedule.trainer)
+
+
 def choose_n_categories(model, schedule: _fit.Schedule) -> None:
     """Choose K as :meth:`CplMixVAE.train` does: start, category fit and :func:`prune`, once or per restart.
 
-    When the model starts untrained (not from a checkpoint) and the fit kept has no round that reaches the
-    consensus threshold, :func:`fit_without_consensus` replaces it; a trained model that is pruned keeps its round
-    of highest consensus, as :func:`prune` does.
+    The options of the pruning are checked first (:func:`check_prune_kwargs`); the model then chooses K once (a
+    later ``train()`` trains on). When the model starts untrained (not from a checkpoint) and the fit kept has no
+    round that reaches the consensus threshold, :func:`fit_without_consensus` replaces it; a trained model that is
+    pruned keeps its round of highest consensus, as :func:`prune` does.
     """
+    check_prune_kwargs(model, schedule)
+    model.choose_n_categories_ = False
     from_scratch = not model.is_trained_ and not schedule.resuming
     with warnings.catch_warnings():  # one warning for the whole choice, from fit_without_consensus
         if from_scratch:
