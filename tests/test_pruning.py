@@ -607,6 +607,19 @@ def test_train_checks_prune_kwargs_before_any_work(n_categories, prune_kwargs, e
     assert model.choose_n_categories_ == chooses  # a later train() still chooses K
 
 
+def test_a_choice_of_k_that_fails_is_made_again_by_the_next_train():
+    """A train() that failed while choosing K (here: a misspelt option of Lightning's trainer) left the model
+    marked as having chosen: the next train() then kept every initial category, silently, without pruning."""
+    model = _unknown_k_model()
+    with pytest.raises(TypeError, match="max_epoch"):
+        model.train(max_epochs=1, state_epochs=0, n_restarts=1, max_epoch=3, **TRAIN)
+    assert model.choose_n_categories_ and not model.is_trained_
+    model.train(
+        max_epochs=1, state_epochs=0, n_restarts=1, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN
+    )
+    assert len(model.pruning_history) >= 1 and not model.choose_n_categories_
+
+
 def test_restarts_need_an_untrained_model():
     model = _unknown_k_model(n_categories=4)
     model.train(max_epochs=1, **TRAIN)

@@ -338,13 +338,13 @@ def check_prune_kwargs(model, schedule: _fit.Schedule) -> None:
 def choose_n_categories(model, schedule: _fit.Schedule) -> None:
     """Choose K as :meth:`CplMixVAE.train` does: start, category fit and :func:`prune`, once or per restart.
 
-    The options of the pruning are checked first (:func:`check_prune_kwargs`); the model then chooses K once (a
-    later ``train()`` trains on). When the model starts untrained (not from a checkpoint) and the fit kept has no
-    round that reaches the consensus threshold, :func:`fit_without_consensus` replaces it; a trained model that is
-    pruned keeps its round of highest consensus, as :func:`prune` does.
+    The options of the pruning are checked first (:func:`check_prune_kwargs`). When the model starts untrained
+    (not from a checkpoint) and the fit kept has no round that reaches the consensus threshold,
+    :func:`fit_without_consensus` replaces it; a trained model that is pruned keeps its round of highest consensus,
+    as :func:`prune` does. Only a choice that completes marks K as chosen (a later ``train()`` trains on): after
+    one that fails (e.g. a misspelt option of the trainer), the next ``train()`` chooses K again.
     """
     check_prune_kwargs(model, schedule)
-    model.choose_n_categories_ = False
     from_scratch = not model.is_trained_ and not schedule.resuming
     with warnings.catch_warnings():  # one warning for the whole choice, from fit_without_consensus
         if from_scratch:
@@ -357,6 +357,7 @@ def choose_n_categories(model, schedule: _fit.Schedule) -> None:
             prune(model, **schedule.prune_kwargs, **schedule.trainer)
     if from_scratch:
         fit_without_consensus(model, schedule)
+    model.choose_n_categories_ = False
 
 
 def fit_without_consensus(model, schedule: _fit.Schedule) -> None:
