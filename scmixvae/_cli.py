@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 
 
@@ -69,7 +70,9 @@ def _common_options(command: argparse.ArgumentParser) -> None:
         "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default: auto)"
     )
     command.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
-    command.add_argument("--quiet", action="store_true", help="no progress bar and no messages, only errors")
+    command.add_argument(
+        "--quiet", action="store_true", help="no progress bar and no progress messages; warnings and errors only"
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -382,14 +385,22 @@ def _fit_figures(adata, model, key: str, genes_key: str, folder: Path) -> None:
         _save_figure(draw(), folder / f"{name}.png", bbox_inches="tight")
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """Format a warning as the command's message, ``scmixvae: warning: ...``, not with a source file and line."""
+    return f"scmixvae: warning: {message}\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scmixvae`` command."""
     args = _parser().parse_args(argv)
+    formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     try:
         return _demo(args) if args.command == "demo" else _fit(args)
     except KeyboardInterrupt:
         print("scmixvae: interrupted; no output file was replaced by a partial one.", file=sys.stderr)
         return 130
+    finally:  # main is also called in-process (tests, notebooks): give the caller its own format back
+        warnings.formatwarning = formatwarning
 
 
 if __name__ == "__main__":  # pragma: no cover

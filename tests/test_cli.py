@@ -303,3 +303,27 @@ def test_quiet_demo_prints_only_its_results(tmp_path, capfd):
     lines = [line for line in captured.out.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[0].startswith("ARI of the consensus types") and lines[1].startswith("wrote ")
     assert "Seed set" not in captured.err and "Leiden" not in captured.err + captured.out
+
+
+def test_warnings_read_as_the_commands_messages_even_when_quiet(tmp_path, sim_adata):
+    """Python's warning display named an internal file and printed a line of the package's code."""
+    import warnings as python_warnings
+
+    adata = sim_adata.copy()
+    adata.X[:, 0] = 0  # a gene without counts: setup_anndata warns
+    src = tmp_path / "in.h5ad"
+    adata.write_h5ad(src)
+    args = ["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--n-categories", "3", "--max-epochs", "1",
+            "--state-epochs", "0", "--quiet", "--accelerator", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.update({"MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-m", "scmixvae", *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "scmixvae: warning: " in result.stderr and "genes have no counts in adata.X" in result.stderr
+    assert "UserWarning" not in result.stderr and "_cli.py" not in result.stderr
+    formatwarning = python_warnings.formatwarning
+    with python_warnings.catch_warnings(record=True) as caught:  # in-process: warnings reach the caller as warnings
+        python_warnings.simplefilter("always")
+        assert main([*args[:3], str(tmp_path / "again.h5ad"), *args[4:]]) == 0
+    assert any("genes have no counts" in str(w.message) for w in caught)
+    assert python_warnings.formatwarning is formatwarning  # and the caller's display is given back
