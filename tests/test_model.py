@@ -297,6 +297,44 @@ def test_bad_epochs_raise_before_training(sim_adata, train, match):
     assert not model.is_trained_
 
 
+@pytest.mark.parametrize(
+    ("options", "error", "match"),
+    [
+        (
+            {"enable_progess_bar": False},
+            TypeError,
+            r"train\(\) has no option 'enable_progess_bar' .*Did you mean 'enable_progress_bar'\?",
+        ),
+        ({"max_epoch": 3}, TypeError, r"has no option 'max_epoch' .*Did you mean 'max_epochs'\?"),
+        ({"plan_kwargs": {"lrr": 1e-3}}, TypeError, r"plan_kwargs has no option 'lrr' .*Did you mean 'lr'\?"),
+        ({"plan_kwargs": [("lr", 1e-3)]}, TypeError, "`plan_kwargs` must be a dict, got list"),
+    ],
+)
+def test_misspelt_training_options_raise_before_any_work(sim_adata, options, error, match):
+    """A misspelt option of Lightning's trainer failed after the Leiden start; one of the training plan failed
+    inside the first step as "CplMixVAEModule.loss() got an unexpected keyword argument"."""
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    with pytest.raises(error, match=match):
+        model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False, **options)
+    assert not model.is_trained_ and model.start_labels is None
+
+
+def test_training_options_of_every_layer_are_accepted(sim_adata):
+    """Options of scvi-tools' train(), its trainer, Lightning's trainer and of both training plans all pass."""
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model.train(
+        max_epochs=1,
+        state_epochs=0,
+        enable_progress_bar=False,  # scvi-tools' trainer
+        shuffle_set_split=False,  # scvi-tools' train()
+        limit_train_batches=2,  # Lightning's trainer
+        plan_kwargs={"lr": 2e-3, "n_steps_kl_warmup": None, "defer_logging": False},  # scvi-tools' plan and ours
+    )
+    assert model.is_trained_ and len(model.history["train_loss"]) == 1
+
+
 def test_covariates_are_used(sim_adata):
     sim_adata.obs["depth"] = np.log(np.asarray(sim_adata.X.sum(1)).ravel())
     CplMixVAE.setup_anndata(

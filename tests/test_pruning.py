@@ -607,6 +607,13 @@ def test_train_checks_prune_kwargs_before_any_work(n_categories, prune_kwargs, e
     assert model.choose_n_categories_ == chooses  # a later train() still chooses K
 
 
+def test_prune_refuses_a_misspelt_training_option_before_training():
+    model = _unknown_k_model()
+    with pytest.raises(TypeError, match=r"prune\(\) has no option 'enable_progess_bar'"):
+        model.prune(max_rounds=1, epochs_per_round=1, batch_size=64, enable_progess_bar=False)
+    assert not model.is_trained_ and model.start_labels is None
+
+
 def test_a_choice_of_k_that_fails_is_made_again_by_the_next_train():
     """A train() that failed while choosing K (here: a misspelt option of Lightning's trainer) left the model
     marked as having chosen: the next train() then kept every initial category, silently, without pruning."""

@@ -9,19 +9,25 @@ and :func:`state_phase`. No stage calls ``train()`` back; every Lightning run go
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
+import inspect
 import logging
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 import torch
+from lightning.pytorch import Trainer as LightningTrainer
 from scvi import REGISTRY_KEYS
 from scvi.model.base import UnsupervisedTrainingMixin
+from scvi.train import Trainer as ScviTrainer
+from scvi.train import TrainingPlan, TrainRunner
 
 from .. import _validation as check
 from .._logging import log_interval
 from ..train._progress import current as current_progress
-from ..train._trainingplan import InterruptFlag
+from ..train._trainingplan import CplMixVAETrainingPlan, InterruptFlag
 from . import _start
 
 logger = logging.getLogger(__name__)
@@ -140,6 +146,40 @@ class Schedule:
     trainer: dict[str, Any]
 
 
+@functools.cache
+def _accepted(kind: str) -> frozenset[str]:
+    """Names of the keyword arguments of every Lightning run (``"trainer"``) or of its training plan (``"plan"``)."""
+    if kind == "plan":
+        callables = (CplMixVAETrainingPlan.__init__, TrainingPlan.__init__)
+        internal = {"self", "module"}
+    else:  # scvi-tools' train() hands what it does not take to its runner, its trainer, then Lightning's
+        callables = (UnsupervisedTrainingMixin.train, TrainRunner.__init__, ScviTrainer.__init__, LightningTrainer)
+        internal = {"self", "model", "training_plan", "data_splitter", "max_epochs"}
+    names = {"ckpt_path"} if kind == "trainer" else set()  # scvi-tools' runner takes it out of its **kwargs
+    for function in callables:
+        for name, parameter in inspect.signature(function).parameters.items():
+            if parameter.kind not in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
+                names.add(name)
+    return frozenset(names - internal)
+
+
+def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") -> None:
+    """Refuse, before any work starts, a keyword argument that no Lightning run or training plan takes."""
+    plan_kwargs = trainer.get("plan_kwargs")
+    if plan_kwargs is not None and not isinstance(plan_kwargs, dict):
+        raise TypeError(f"`plan_kwargs` must be a dict, got {type(plan_kwargs).__name__}.")
+    for kind, options, what in (
+        ("trainer", trainer, f"{where} has no option"),
+        ("plan", plan_kwargs or {}, "plan_kwargs has no option"),
+    ):
+        accepted = _accepted(kind)
+        for name in options:
+            if name not in accepted:
+                close = difflib.get_close_matches(name, sorted(accepted | {"max_epochs"}), n=1)
+                hint = f" Did you mean {close[0]!r}?" if close else ""
+                raise TypeError(f"{what} {name!r} (nor does scvi-tools' or Lightning's trainer).{hint}")
+
+
 def resolve_schedule(
     model,
     *,
@@ -160,6 +200,7 @@ def resolve_schedule(
         max_epochs = default_max_epochs(n_cells)
     check.check_int("state_epochs", state_epochs, minimum=0)
     check.check_int("batch_size", trainer["batch_size"], minimum=2)
+    check_trainer_options(trainer)
     if max_epochs + state_epochs == 0:
         raise ValueError("max_epochs and state_epochs are both 0: there is nothing to train.")
     if max_epochs == 0 and not model.is_trained_:

@@ -530,7 +530,8 @@ class CplMixVAE(
             ``find_unused_parameters=True``.
         **kwargs
             Further keyword arguments of :meth:`scvi.model.base.UnsupervisedTrainingMixin.train` and of the
-            Lightning trainer (``enable_progress_bar``, ``callbacks``, ``strategy``...).
+            Lightning trainer (``enable_progress_bar``, ``callbacks``, ``strategy``...). A name that none of them
+            takes (here or in ``plan_kwargs``) is refused before any work starts.
 
         Notes
         -----

@@ -276,6 +276,7 @@ def _check_arguments(model, threshold, min_categories, max_rounds, epochs_per_ro
             "Pruning trains no state phase; train the states of the chosen categories afterwards with "
             "`model.train(max_epochs=0)` (or use `model.train(prune=True)`, which does both)."
         )
+    _fit.check_trainer_options(train_kwargs, where="prune()")
 
 
 def _round_row(model, round_: int, scores: dict[str, Any], epochs_before: int) -> dict[str, Any]:
