@@ -214,6 +214,8 @@ def _check_outputs(files: list[Path], folders: list[Path], *, inputs: list[Path]
 
     for path in files + folders:
         same_as_input = any(path.exists() and src.exists() and os.path.samefile(path, src) for src in inputs)
+        if same_as_input and path in folders:
+            return f"model folder {path} is the input file; choose a folder for the model"
         if same_as_input and not overwrite:
             return f"output {path} is the input file; write to another file, or pass --overwrite to replace the input"
         if path.exists() and not overwrite:

@@ -149,6 +149,18 @@ def test_fit_refuses_to_overwrite_its_input(tmp_path, sim_adata, capsys, no_trai
     assert src.read_bytes() == before and out.read_bytes() == b"a file of the user"
 
 
+@pytest.mark.parametrize("overwrite", [[], ["--overwrite"]])
+def test_fit_refuses_its_input_as_the_model_folder(tmp_path, sim_adata, capsys, no_training, overwrite):
+    """The message said "output ... pass --overwrite to replace the input", which a folder cannot do."""
+    src = tmp_path / "x.h5ad"
+    sim_adata.write_h5ad(src)
+    before = src.read_bytes()
+    args = ["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--save-model", str(src), "--quiet", *overwrite]
+    assert main(args) == 2
+    assert f"model folder {src} is the input file; choose a folder for the model" in capsys.readouterr().err
+    assert src.read_bytes() == before and not (tmp_path / "out.h5ad").exists()
+
+
 def test_fit_with_overwrite_replaces_the_input_by_the_annotated_file_and_saves_the_model(tmp_path, sim_adata):
     src = tmp_path / "x.h5ad"
     sim_adata.write_h5ad(src)
