@@ -168,16 +168,16 @@ def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") ->
     plan_kwargs = trainer.get("plan_kwargs")
     if plan_kwargs is not None and not isinstance(plan_kwargs, dict):
         raise TypeError(f"`plan_kwargs` must be a dict, got {type(plan_kwargs).__name__}.")
-    for kind, options, what in (
-        ("trainer", trainer, f"{where} has no option"),
-        ("plan", plan_kwargs or {}, "plan_kwargs has no option"),
+    for kind, options, what, nor in (
+        ("trainer", trainer, where, "scvi-tools' or Lightning's trainer"),
+        ("plan", plan_kwargs or {}, "plan_kwargs", "scvi-tools' training plan"),
     ):
         accepted = _accepted(kind)
         for name in options:
             if name not in accepted:
                 close = difflib.get_close_matches(name, sorted(accepted | {"max_epochs"}), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
-                raise TypeError(f"{what} {name!r} (nor does scvi-tools' or Lightning's trainer).{hint}")
+                raise TypeError(f"{what} has no option {name!r} (nor does {nor}).{hint}")
 
 
 def resolve_schedule(
