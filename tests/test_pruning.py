@@ -615,11 +615,17 @@ def test_prune_refuses_a_misspelt_training_option_before_training():
 
 
 def test_a_choice_of_k_that_fails_is_made_again_by_the_next_train():
-    """A train() that failed while choosing K (here: a misspelt option of Lightning's trainer) left the model
+    """A train() that failed while choosing K (here: a callback that raises in the category fit) left the model
     marked as having chosen: the next train() then kept every initial category, silently, without pruning."""
+
+    class Fails(Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            raise RuntimeError("failed in the category fit")
+
     model = _unknown_k_model()
-    with pytest.raises(TypeError, match="max_epoch"):
-        model.train(max_epochs=1, state_epochs=0, n_restarts=1, max_epoch=3, **TRAIN)
+    with pytest.raises(RuntimeError, match="failed in the category fit"):
+        model.train(max_epochs=1, state_epochs=0, n_restarts=1, callbacks=[Fails()], **TRAIN)
+    assert model.start_labels is not None  # it failed after the start, inside the choice of K
     assert model.choose_n_categories_ and not model.is_trained_
     model.train(
         max_epochs=1, state_epochs=0, n_restarts=1, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN
