@@ -1,8 +1,15 @@
-"""The package's shape: short functions and no import cycle among its modules (read from the source, not run)."""
+"""The package's shape: short functions, no import cycle among its modules, every imported library declared.
+
+Read from the source, not run.
+"""
 
 from __future__ import annotations
 
 import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -108,3 +115,50 @@ def test_no_import_cycle_among_the_modules():
 )
 def test_cycles_are_found(graph, expected):
     assert cycles(graph) == expected
+
+
+def third_party_imports(source: str) -> set[str]:
+    """Top-level names of the modules outside the standard library that ``source`` imports (lazy imports included)."""
+    names = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.partition(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.partition(".")[0])
+    return {name for name in names if name not in sys.stdlib_module_names and name not in ("__future__", "scmixvae")}
+
+
+def canonical(requirement: str) -> str:
+    """The distribution name of a requirement string, normalised (``"scvi-tools>=1.4"`` -> ``"scvi-tools"``)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9][A-Za-z0-9._-]*", requirement).group(0)).lower()
+
+
+def undeclared(imports: dict[str, set[str]], declared: set[str], distributions: dict[str, list[str]]) -> dict:
+    """Imported module name -> importing files, for every module whose distribution is not declared."""
+    return {
+        module: sorted(files)
+        for module, files in imports.items()
+        if not {canonical(d) for d in distributions.get(module, [])} & declared
+    }
+
+
+def test_every_imported_library_is_a_declared_dependency():
+    """A library the package imports must not reach the user only as a dependency of a dependency."""
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["project"]
+    declared = {canonical(requirement) for requirement in project["dependencies"]}
+    imports = {}
+    for path in MODULES.values():
+        for module in third_party_imports(path.read_text()):
+            imports.setdefault(module, set()).add(str(path.relative_to(PACKAGE.parent)))
+    assert {"torch", "scvi", "lightning"} <= imports.keys()  # the sources were read
+    assert undeclared(imports, declared, packages_distributions()) == {}
+
+
+def test_an_undeclared_import_is_found():
+    source = "import numpy, os\nfrom lightning.pytorch import Trainer\nfrom . import x\n"
+    source += "def f():\n    import rich.pretty\n"
+    assert third_party_imports(source) == {"numpy", "lightning", "rich"}
+    imports = {name: {"a.py"} for name in ("numpy", "lightning", "rich", "absent")}
+    distributions = {"numpy": ["numpy"], "lightning": ["lightning"], "rich": ["rich"]}
+    found = undeclared(imports, {canonical("NumPy>=1.2"), canonical("rich")}, distributions)
+    assert found == {"lightning": ["a.py"], "absent": ["a.py"]}
