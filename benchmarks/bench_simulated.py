@@ -120,7 +120,8 @@ def part_k_choice(args) -> list[dict]:
 
 #: Within-type state regimes of ``states``, on ``STATE_DATA``: each type differs in 8% of the genes (40 markers)
 #: unless said; the state program's share of genes (2-10%) and effect (``state_strength`` x Uniform(0.5, 1.5) log
-#: units) vary; type-specific programs, or one program shared by all types; 2 to 10 types.
+#: units) vary; type-specific programs, or one program shared by all types; 2 to 10 types, of equal sizes but in
+#: ``unbalanced`` (8 types of 567 down to 71 cells, the simulator's default sizes).
 STATE_REGIMES = {
     "strong": {"n_types": 6, "n_state_genes": 50, "state_strength": 1.5},
     "moderate": {"n_types": 6, "n_state_genes": 25, "state_strength": 0.8},
@@ -129,6 +130,7 @@ STATE_REGIMES = {
     "subtle_types": {"n_types": 10, "n_marker_genes": 10, "type_separation": 0.5, "n_state_genes": 25,
                      "state_strength": 0.8},
     "shared": {"n_types": 6, "n_state_genes": 0, "shared_state": True, "n_shared_genes": 40, "state_strength": 0.8},
+    "unbalanced": {"n_types": 8, "type_sizes": "unbalanced", "n_state_genes": 25, "state_strength": 0.8},
 }  # fmt: skip
 STATE_DATA = {"n_cells": 2000, "n_genes": 500, "n_marker_genes": 40, "library_size_mean": 3000.0,
               "dispersion": 0.3, "type_sizes": "balanced"}  # fmt: skip

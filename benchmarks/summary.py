@@ -34,7 +34,8 @@ RESULTS: list[tuple[str, str, str]] = [
      "Choice of the number of types on the simulator (8 types): chosen K, ARI, agreement of two model seeds."),
     ("bench_simulated.py --parts states", "states",
      "Types and states with K given over simulated regimes (state programs on 2-10% of the genes, effects 0.35-2.25 "
-     "log units, type-specific or shared, 2-10 types): the best state coordinate's |Spearman| with the true state "
+     "log units, type-specific or shared, 2-10 types, of equal or, in `unbalanced`, unequal sizes): the best state "
+     "coordinate's |Spearman| with the true state "
      "against a PCA within each true type and within each of the model's types, and the types against their Leiden "
      "start and PCA + Leiden."),
     ("bench_simulated.py --parts subtle_k", "subtle_k",
