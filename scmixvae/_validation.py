@@ -203,6 +203,35 @@ def check_int(name: str, value, *, minimum: int = 1, maximum: int | None = None)
     return int(value)
 
 
+def check_indices(indices, n_obs: int, name: str = "indices") -> np.ndarray:
+    """Return the positions of the cells that ``indices`` selects among ``n_obs`` (all of them for ``None``).
+
+    Integer positions (negative ones count from the end, as in numpy) or a boolean mask with one value per cell;
+    anything else, a position outside the cells or a selection of no cell raises before any work starts.
+    """
+    if indices is None:
+        return np.arange(n_obs)
+    idx = np.asarray(indices)
+    if idx.ndim != 1:
+        raise ValueError(f"`{name}` must be one-dimensional (positions or a boolean mask), got shape {idx.shape}.")
+    if idx.size == 0:
+        raise ValueError(f"`{name}` selects no cell.")
+    if idx.dtype == bool:
+        if idx.size != n_obs:
+            raise ValueError(f"The boolean mask `{name}` has {idx.size} values; the AnnData has {n_obs} cells.")
+        if not idx.any():
+            raise ValueError(f"`{name}` selects no cell.")
+        return np.flatnonzero(idx)
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise TypeError(f"`{name}` must hold integer positions or be a boolean mask, got dtype {idx.dtype}.")
+    outside = idx[(idx < -n_obs) | (idx >= n_obs)]
+    if outside.size:
+        raise IndexError(
+            f"`{name}` holds {outside.size} position(s) outside the AnnData's {n_obs} cells (e.g. {outside[0]})."
+        )
+    return np.where(idx < 0, idx + n_obs, idx).astype(np.int64)
+
+
 def check_float(name: str, value, *, minimum: float = 0.0, maximum: float | None = None, strict: bool = False):
     """Validate a real parameter (``strict``: strictly above ``minimum``)."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.number):

@@ -247,3 +247,46 @@ def test_readouts_on_clean_new_data_still_work(trained_model):
         warnings.simplefilter("error", UserWarning)
         labels = trained_model.predict(new)
     pd.testing.assert_series_equal(labels, trained_model.predict(indices=np.arange(50)))
+
+
+INDEXED_READOUTS = {
+    "predict": lambda model, idx: model.predict(indices=idx),
+    "latent": lambda model, idx: model.get_latent_representation(indices=idx),
+    "expression": lambda model, idx: model.get_normalized_expression(indices=idx),
+    "library": lambda model, idx: model.get_latent_library_size(indices=idx),
+    "elbo": lambda model, idx: model.get_elbo(indices=idx),
+    "traversal": lambda model, idx: scmixvae.tl.state_traversal(model, 0, cells=idx),
+}
+
+
+@pytest.mark.parametrize("readout", list(INDEXED_READOUTS))
+@pytest.mark.parametrize(
+    ("indices", "error", "match"),
+    [
+        ([0, 300], IndexError, r"`(indices|cells)` holds 1 position\(s\) outside the AnnData's 300 cells \(e.g. 300\)"),
+        ([-301], IndexError, r"outside the AnnData's 300 cells \(e.g. -301\)"),
+        ([0.0, 1.0], TypeError, r"must hold integer positions or be a boolean mask, got dtype float64"),
+        ([], ValueError, r"`(indices|cells)` selects no cell"),
+        (np.zeros(300, dtype=bool), ValueError, r"selects no cell"),
+        (np.ones(299, dtype=bool), ValueError, r"boolean mask `(indices|cells)` has 299 values; the AnnData has 300"),
+        (np.zeros((2, 2), dtype=int), ValueError, r"must be one-dimensional"),
+    ],
+)
+def test_readouts_refuse_bad_indices_before_any_work(trained_model, readout, indices, error, match, monkeypatch):
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the cells were read before the indices were checked")
+
+    monkeypatch.setattr(trained_model, "_make_data_loader", no_pass)
+    with pytest.raises(error, match=match):
+        INDEXED_READOUTS[readout](trained_model, indices)
+
+
+def test_readouts_take_negative_positions_and_masks_as_numpy_does(trained_model):
+    n = trained_model.adata.n_obs
+    mask = np.zeros(n, dtype=bool)
+    mask[[3, 7, n - 1]] = True
+    expected = trained_model.get_latent_representation(indices=[3, 7, n - 1])
+    np.testing.assert_allclose(trained_model.get_latent_representation(indices=mask), expected)
+    np.testing.assert_allclose(trained_model.get_latent_representation(indices=[3, 7, -1]), expected)
+    names = trained_model.predict(indices=[3, 7, -1]).index
+    assert names.tolist() == trained_model.adata.obs_names[[3, 7, n - 1]].tolist()

@@ -79,7 +79,7 @@ class CplMixVAELikelihoodMixin:
         adata
             AnnData with the training genes; defaults to the training data.
         indices
-            Cells to use; all by default.
+            Cells to use, as integer positions or a boolean mask; all by default.
         batch_size
             Minibatch size (``scvi.settings.batch_size`` by default).
         dataloader

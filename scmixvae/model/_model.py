@@ -807,7 +807,7 @@ class CplMixVAE(
         """
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
-        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        indices = check.check_indices(indices, adata.n_obs)
         loader = self._make_data_loader(
             adata=adata, indices=indices, batch_size=batch_size, **(data_loader_kwargs or {})
         )
@@ -832,7 +832,7 @@ class CplMixVAE(
         """Category posteriors ``(A, n, K)`` and optionally state latents ``(A, n, S)`` of the real cells."""
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
-        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        indices = check.check_indices(indices, adata.n_obs)
         module = self.module
         qs, states = [], []
         for _, out in self.iter_inference(adata, indices, batch_size=batch_size):
@@ -873,7 +873,7 @@ class CplMixVAE(
         adata
             AnnData with the training genes; defaults to the one the model was set up with.
         indices
-            Cells to use; all by default.
+            Cells to use, as integer positions or a boolean mask; all by default.
         agent
             One agent's posterior ``q_a(c | x)``; ``None`` averages over the agents (the consensus).
         batch_size

@@ -112,7 +112,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
         adata
             AnnData with the model's genes; defaults to the training data.
         indices
-            Cells to use; all by default.
+            Cells to use, as integer positions or a boolean mask; all by default.
         transform_batch
             Batch(es) to decode in (names as in the batch key); several are averaged; ``None`` uses
             each cell's own batch.
@@ -163,7 +163,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
             raise ValueError(f"`agent` must be None or an integer in 0..{self.module.n_agents - 1}, got {agent!r}.")
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
-        indices = np.arange(adata.n_obs) if indices is None else np.asarray(indices)
+        indices = check.check_indices(indices, adata.n_obs)
         sample = n_samples > 1 or n_samples_overall is not None
         if n_samples_overall is not None:
             n_samples = n_samples_overall // max(len(indices), 1) + 1
@@ -414,6 +414,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
             raise ValueError("A custom `dataloader` is not supported; pass `adata` and `indices`.")
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
+        indices = check.check_indices(indices, adata.n_obs)
         dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, **data_loader_kwargs)
         x = [tensors[REGISTRY_KEYS.X_KEY] for tensors in dl]
         return np.concatenate(

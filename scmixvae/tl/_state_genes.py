@@ -416,11 +416,12 @@ def state_traversal(
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
     k = _category_index(model, category)
     adata = model._validate_anndata(adata)
+    if cells is not None:
+        cells = check.check_indices(cells, adata.n_obs, name="cells")
     consensus, h, cont_mean = _encode(model, adata, batch_size)
     if cells is None:
         mask = consensus == k
     else:
-        cells = np.asarray(cells)
         mask = np.zeros(adata.n_obs, dtype=bool)
         mask[cells] = True
     if mask.sum() < _MIN_CELLS:
