@@ -232,6 +232,29 @@ def check_indices(indices, n_obs: int, name: str = "indices") -> np.ndarray:
     return np.where(idx < 0, idx + n_obs, idx).astype(np.int64)
 
 
+def check_gene_list(gene_list, var_names: pd.Index) -> np.ndarray:
+    """Return the mask of ``var_names`` that ``gene_list`` selects (every gene for ``None``).
+
+    A gene the model does not have, a single string instead of a list, or an empty list raises: none of them may
+    silently return fewer genes than asked for.
+    """
+    if gene_list is None:
+        return np.ones(len(var_names), dtype=bool)
+    if isinstance(gene_list, str):
+        raise TypeError(
+            f"`gene_list` must be a list of gene names, got the string {gene_list!r}: pass [{gene_list!r}]."
+        )
+    genes = pd.Index(list(gene_list))
+    if genes.empty:
+        raise ValueError("`gene_list` is empty; pass None for every gene.")
+    missing = genes.difference(var_names)
+    if len(missing):
+        raise ValueError(
+            f"`gene_list` holds {len(missing)} gene(s) that are not the model's, e.g. {list(missing[:5])}."
+        )
+    return np.asarray(var_names.isin(genes))
+
+
 def check_float(name: str, value, *, minimum: float = 0.0, maximum: float | None = None, strict: bool = False):
     """Validate a real parameter (``strict``: strictly above ``minimum``)."""
     if isinstance(value, bool) or not isinstance(value, int | float | np.number):

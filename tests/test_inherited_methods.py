@@ -220,3 +220,42 @@ def test_methods_that_change_the_model(sim_adata, tmp_path):
     assert model.get_anndata_manager(other) is None
     CplMixVAE.register_manager(transferred)
     assert CplMixVAE._setup_adata_manager_store[transferred.adata_uuid] is transferred
+
+
+GENE_READOUTS = {
+    "expression": lambda model, genes: model.get_normalized_expression(gene_list=genes),
+    "samples": lambda model, genes: model.posterior_predictive_sample(gene_list=genes),
+}
+
+
+@pytest.mark.parametrize("readout", list(GENE_READOUTS))
+@pytest.mark.parametrize(
+    ("genes", "error", "match"),
+    [
+        (
+            ["no such gene"],
+            ValueError,
+            r"`gene_list` holds 1 gene\(s\) that are not the model's, e.g. \['no such",
+        ),
+        ("gene0", TypeError, r"must be a list of gene names, got the string 'gene0': pass \['gene0'\]"),
+        ([], ValueError, r"`gene_list` is empty; pass None for every gene"),
+    ],
+)
+def test_gene_lists_with_genes_the_model_lacks_are_refused(trained_model, readout, genes, error, match):
+    with pytest.raises(error, match=match):
+        GENE_READOUTS[readout](trained_model, genes)
+
+
+def test_a_gene_list_with_one_known_and_one_unknown_gene_is_refused(trained_model):
+    known = trained_model.adata.var_names[0]
+    with pytest.raises(ValueError, match=r"1 gene\(s\) that are not the model's, e.g. \['nope'\]"):
+        trained_model.get_normalized_expression(gene_list=[known, "nope"])
+    assert trained_model.get_normalized_expression(gene_list=[known]).columns.tolist() == [known]
+
+
+@pytest.mark.parametrize("size", [0, -3.0, float("nan")])
+def test_normalized_expression_needs_a_positive_library_size(trained_model, size):
+    with pytest.raises(ValueError, match='`library_size` must be a positive number or "latent"'):
+        trained_model.get_normalized_expression(library_size=size)
+    with pytest.raises(ValueError, match="`n_samples_overall` must be >= 1, got 0"):
+        trained_model.get_normalized_expression(n_samples_overall=0)

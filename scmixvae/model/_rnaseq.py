@@ -161,14 +161,18 @@ class CplMixVAERNAMixin(RNASeqMixin):
             raise ValueError(f"`n_samples` must be a positive integer, got {n_samples!r}.")
         if agent is not None and not (isinstance(agent, int) and 0 <= agent < self.module.n_agents):
             raise ValueError(f"`agent` must be None or an integer in 0..{self.module.n_agents - 1}, got {agent!r}.")
+        if n_samples_overall is not None:
+            check.check_int("n_samples_overall", n_samples_overall, minimum=1)
+        if library_size != "latent" and not (np.isfinite(library_size) and library_size > 0):
+            raise ValueError(f'`library_size` must be a positive number or "latent", got {library_size!r}.')
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
         indices = check.check_indices(indices, adata.n_obs)
+        gene_mask = check.check_gene_list(gene_list, adata.var_names)
         sample = n_samples > 1 or n_samples_overall is not None
         if n_samples_overall is not None:
             n_samples = n_samples_overall // max(len(indices), 1) + 1
         batch_codes = self._transform_batch_codes(adata, transform_batch)
-        gene_mask = np.ones(adata.n_vars, dtype=bool) if gene_list is None else adata.var_names.isin(gene_list)
 
         module = self.module
         exprs = []
@@ -274,9 +278,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
         check.check_int("n_samples", n_samples)
         check.check_int("agent", agent, minimum=0, maximum=self.module.n_agents - 1)
         adata = self._validate_anndata(adata)
-        gene_mask = np.ones(adata.n_vars, dtype=bool) if gene_list is None else adata.var_names.isin(gene_list)
-        if not gene_mask.any():
-            raise ValueError("None of the genes in `gene_list` are in the data.")
+        gene_mask = check.check_gene_list(gene_list, adata.var_names)
         samples = []
         for _ in range(n_samples):
             per_sample = []
