@@ -241,7 +241,7 @@ GENE_READOUTS = {
         ([], ValueError, r"`gene_list` is empty; pass None for every gene"),
     ],
 )
-def test_gene_lists_with_genes_the_model_lacks_are_refused(trained_model, readout, genes, error, match):
+def test_bad_gene_lists_are_refused(trained_model, readout, genes, error, match):
     with pytest.raises(error, match=match):
         GENE_READOUTS[readout](trained_model, genes)
 
@@ -257,5 +257,8 @@ def test_a_gene_list_with_one_known_and_one_unknown_gene_is_refused(trained_mode
 def test_normalized_expression_needs_a_positive_library_size(trained_model, size):
     with pytest.raises(ValueError, match='`library_size` must be a positive number or "latent"'):
         trained_model.get_normalized_expression(library_size=size)
+
+
+def test_normalized_expression_needs_a_positive_number_of_samples_overall(trained_model):
     with pytest.raises(ValueError, match="`n_samples_overall` must be >= 1, got 0"):
         trained_model.get_normalized_expression(n_samples_overall=0)
