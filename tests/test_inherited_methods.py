@@ -262,3 +262,17 @@ def test_normalized_expression_needs_a_positive_library_size(trained_model, size
 def test_normalized_expression_needs_a_positive_number_of_samples_overall(trained_model):
     with pytest.raises(ValueError, match="`n_samples_overall` must be >= 1, got 0"):
         trained_model.get_normalized_expression(n_samples_overall=0)
+
+
+def test_differential_expression_refuses_unknown_groups_before_any_work(trained_model, monkeypatch):
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the cells were read before the groups were checked")
+
+    monkeypatch.setattr(trained_model, "_make_data_loader", no_pass)
+    with pytest.raises(ValueError, match=r"`groupby`: column\(s\) \['nope'\] not found in adata.obs"):
+        trained_model.differential_expression(groupby="nope")
+    with pytest.raises(ValueError, match=r"`groupby`: column\(s\) \['nope'\] not found in adata.obs"):
+        trained_model.differential_expression(None, "nope")
+    with pytest.raises(ValueError, match=r"`group1`: \['zzz'\] not among the values of adata.obs\['type'\]"):
+        trained_model.differential_expression(groupby="type", group1=["type_0", "zzz"])
+    assert "_scvi_raw_norm_scaling" not in trained_model.adata.obs

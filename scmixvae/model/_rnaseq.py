@@ -24,6 +24,22 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
+def _check_groups(adata: AnnData, groupby: str | None = None, group1=None) -> None:
+    """Refuse a ``groupby`` that is not a column of ``adata.obs``, or ``group1`` values that the column lacks."""
+    if groupby is None:
+        return
+    check.check_obs_keys(adata, groupby=groupby)
+    if group1 is None:
+        return
+    wanted = [group1] if isinstance(group1, str) else list(group1)
+    present = set(adata.obs[groupby].astype(str))
+    missing = [g for g in wanted if str(g) not in present]
+    if missing:
+        raise ValueError(
+            f"`group1`: {missing} not among the values of adata.obs[{groupby!r}] (e.g. {sorted(present)[:10]})."
+        )
+
+
 class CplMixVAERNAMixin(RNASeqMixin):
     """:class:`~scvi.model.base.RNASeqMixin` with a decoded expression that follows the consensus type.
 
@@ -54,6 +70,8 @@ class CplMixVAERNAMixin(RNASeqMixin):
         scvi-tools' table of differential expression statistics, one row per gene (and comparison).
         """
         target = self.adata if adata is None else adata
+        if isinstance(target, AnnData):
+            _check_groups(target, *args[:2], **{k: v for k, v in kwargs.items() if k in ("groupby", "group1")})
         cached = not isinstance(target, AnnData) or RAW_SCALING_KEY in target.obs
         try:
             return super().differential_expression(adata, *args, **kwargs)
