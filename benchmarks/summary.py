@@ -35,9 +35,8 @@ RESULTS: list[tuple[str, str, str]] = [
     ("bench_simulated.py --parts states", "states",
      "Types and states with K given over simulated regimes (state programs on 2-10% of the genes, effects 0.35-2.25 "
      "log units, type-specific or shared, 2-10 types, of equal or, in `unbalanced`, unequal sizes): the best state "
-     "coordinate's |Spearman| with the true state "
-     "against a PCA within each true type and within each of the model's types, and the types against their Leiden "
-     "start and PCA + Leiden."),
+     "coordinate's |Spearman| with the true state against a PCA within each true type and within each of the "
+     "model's types, and the types against their Leiden start and PCA + Leiden."),
     ("bench_simulated.py --parts subtle_k", "subtle_k",
      "The default fit (K unknown) on the subtle types of `states` (10 types differing in 2% of the genes) against PCA "
      "+ Leiden on the same data: chosen K and ARI per seed. A `chosen_k` other than the last K of `k_path`: no "
