@@ -1,4 +1,5 @@
-"""The package's shape: short functions, no import cycle among its modules, every imported library declared.
+"""The package's shape: short functions, a module constructor of few arguments, no import cycle among its modules,
+every imported library declared.
 
 Read from the source, not run.
 """
@@ -17,6 +18,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "scmixvae"
 MAX_FUNCTION_LINES = 80
 MAX_TRAIN_LINES = 60
+MAX_MODULE_ARGUMENTS = 15
 
 
 def _module_name(path: Path) -> str:
@@ -96,6 +98,16 @@ def test_no_function_is_longer_than_80_lines_and_train_at_most_60():
     assert len(lengths) > 200  # the whole package was read
     assert {name: n for name, n in lengths.items() if n > MAX_FUNCTION_LINES} == {}
     assert lengths["scmixvae.model._model:train"] <= MAX_TRAIN_LINES
+
+
+def test_the_module_constructor_takes_at_most_15_arguments():
+    tree = ast.parse((PACKAGE / "module" / "_module.py").read_text())
+    (cls,) = [node for node in tree.body if isinstance(node, ast.ClassDef) and node.name == "CplMixVAEModule"]
+    (init,) = [node for node in cls.body if isinstance(node, ast.FunctionDef) and node.name == "__init__"]
+    arguments = [arg.arg for arg in init.args.posonlyargs + init.args.args + init.args.kwonlyargs]
+    assert arguments[0] == "self" and "covariates" in arguments
+    assert len(arguments) - 1 <= MAX_MODULE_ARGUMENTS
+    assert init.args.vararg is None and init.args.kwarg is None
 
 
 def test_code_lines_leave_the_docstring_out():

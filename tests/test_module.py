@@ -5,7 +5,14 @@ import torch
 from scvi import REGISTRY_KEYS
 from scvi.distributions import NegativeBinomial
 
-from scmixvae.module import CplMixVAEModule, StackedBatchNorm, StackedLinear, _module, check_temperature
+from scmixvae.module import (
+    CovariateLayout,
+    CplMixVAEModule,
+    StackedBatchNorm,
+    StackedLinear,
+    _module,
+    check_temperature,
+)
 from scmixvae.module._losses import (
     category_condition_discrepancy,
     coupling_distance,
@@ -251,7 +258,9 @@ def test_loss_matches_the_published_formula(counts):
 
 def test_batch_covariate_changes_the_decoder_output(counts):
     torch.manual_seed(0)
-    module = CplMixVAEModule(counts.shape[1], n_batch=2, likelihood="nb", dispersion="gene-batch")
+    module = CplMixVAEModule(
+        counts.shape[1], covariates=CovariateLayout(n_batch=2), likelihood="nb", dispersion="gene-batch"
+    )
     module.eval()
     zeros = torch.zeros(32, 1)
     _, gen0 = module(_tensors(counts, zeros), compute_loss=False)
@@ -362,7 +371,7 @@ def test_condition_discrepancy_per_agent_ignores_absent_conditions_and_pushes_pr
 
 def test_condition_penalty_enters_the_loss_only_with_a_condition(counts):
     torch.manual_seed(0)
-    module = CplMixVAEModule(counts.shape[1], n_categories=4, n_hidden=16, n_conditions=2)
+    module = CplMixVAEModule(counts.shape[1], n_categories=4, n_hidden=16, covariates=CovariateLayout(n_conditions=2))
     module.eval()
     cond = (torch.arange(counts.shape[0]) % 2)[:, None].float()
     tensors = {REGISTRY_KEYS.X_KEY: counts}

@@ -31,7 +31,7 @@ from .._logging import quiet_fit
 from .._scoring import agreement_matrix, co_assignment
 from ..module import CplMixVAEModule
 from ..module._augment import AUGMENTATIONS, Augmentation
-from ..module._module import Likelihood, eval_mode
+from ..module._module import CovariateLayout, Likelihood, eval_mode
 from ..train import CplMixVAETrainingPlan
 from ..train._progress import fit_progress
 from . import _fit, _pruning, _start
@@ -155,7 +155,7 @@ def _check_module_kwargs(model_cls, module_kwargs: dict) -> None:
     """Refuse keyword arguments that the module does not take, or that the model sets itself."""
     module_params = inspect.signature(model_cls._module_cls.__init__).parameters
     model_params = inspect.signature(model_cls.__init__).parameters
-    set_by_model = {"n_input", "n_batch", "n_cats_per_cov", "n_continuous_cov", "n_conditions"}
+    set_by_model = {"n_input", "covariates"}
     accepted = [p for p in module_params if p != "self" and p not in model_params and p not in set_by_model]
     for name in module_kwargs:
         if name in accepted:
@@ -299,7 +299,6 @@ class CplMixVAE(
         defaults = option_defaults(self.choose_n_categories_)
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
         input_dropout = defaults["input_dropout"] if input_dropout is None else input_dropout
-        n_conditions = self.summary_stats.get(f"n_{CONDITION_KEY}", 0)
         _check_init_arguments(
             adata,
             n_agents=n_agents,
@@ -316,27 +315,21 @@ class CplMixVAE(
             coupling_weight=coupling_weight,
             augmentation=augmentation,
         )
-        n_cats_per_cov = None
-        if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
-            n_cats_per_cov = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
         self.module = self._module_cls(
             n_input=self.summary_stats.n_vars,
+            covariates=self._covariate_layout(),
             n_agents=n_agents,
             n_categories=n_categories,
             n_state=n_state,
             n_hidden=n_hidden,
             n_layers=n_layers,
             n_latent=n_latent,
-            n_batch=self.summary_stats.n_batch,
-            n_cats_per_cov=n_cats_per_cov,
-            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
             likelihood=likelihood,
             input_dropout=input_dropout,
             tau=tau,
             beta=beta,
             coupling_weight=coupling_weight,
             augmentation=augmentation,
-            n_conditions=n_conditions,
             **module_kwargs,
         )
         self._model_summary_string = (
@@ -347,6 +340,18 @@ class CplMixVAE(
             f"beta: {beta}, coupling_weight: {coupling_weight}, augmentation: {augmentation}."
         )
         self.init_params_ = self._get_init_params(locals())
+
+    def _covariate_layout(self) -> CovariateLayout:
+        """Describe the registered covariates and condition to the module."""
+        n_cats_per_cov = ()
+        if REGISTRY_KEYS.CAT_COVS_KEY in self.adata_manager.data_registry:
+            n_cats_per_cov = self.adata_manager.get_state_registry(REGISTRY_KEYS.CAT_COVS_KEY).n_cats_per_key
+        return CovariateLayout(
+            n_batch=self.summary_stats.n_batch,
+            n_cats_per_cov=tuple(n_cats_per_cov),
+            n_continuous_cov=self.summary_stats.get("n_extra_continuous_covs", 0),
+            n_conditions=self.summary_stats.get(f"n_{CONDITION_KEY}", 0),
+        )
 
     @classmethod
     def setup_anndata(

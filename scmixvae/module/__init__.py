@@ -3,10 +3,11 @@
 from ._augment import AugmenterModule
 from ._components import StackedBatchNorm, StackedLinear, StackedMLP
 from ._losses import category_condition_discrepancy
-from ._module import CplMixVAEModule, check_temperature
+from ._module import CovariateLayout, CplMixVAEModule, check_temperature
 
 __all__ = [
     "AugmenterModule",
+    "CovariateLayout",
     "CplMixVAEModule",
     "StackedBatchNorm",
     "StackedLinear",

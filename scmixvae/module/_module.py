@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import warnings
-from collections.abc import Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -41,6 +41,37 @@ N_HIDDEN_STATE = 32
 logger = logging.getLogger(__name__)
 
 Likelihood = Literal["nb", "zinb", "gaussian"]
+
+
+@dataclass(frozen=True)
+class CovariateLayout:
+    """The covariates registered with the AnnData, as the module reads them (the model fills this in).
+
+    Attributes
+    ----------
+    n_batch
+        Number of batches (a one-hot covariate of every encoder and decoder when more than one).
+    n_cats_per_cov
+        Categories of each extra categorical covariate (each one-hot).
+    n_continuous_cov
+        Number of continuous covariates.
+    n_conditions
+        Number of codes of the registered experimental condition (0: none). The condition is given to no
+        encoder or decoder: its effect has to be carried by the state. With two or more, the loss adds a penalty,
+        of weight the number of genes, on the difference between the conditions' category proportions in a
+        minibatch (:func:`category_condition_discrepancy`), which keeps them the same in every condition, so that
+        a condition's effect cannot be absorbed by splitting types.
+    """
+
+    n_batch: int = 0
+    n_cats_per_cov: tuple[int, ...] = ()
+    n_continuous_cov: int = 0
+    n_conditions: int = 0
+
+    @property
+    def width(self) -> int:
+        """Length of the covariate vector that encoders and decoders read (see :meth:`CplMixVAEModule.covariates`)."""
+        return (self.n_batch if self.n_batch > 1 else 0) + sum(self.n_cats_per_cov) + self.n_continuous_cov
 
 
 @contextmanager
@@ -99,12 +130,8 @@ class CplMixVAEModule(BaseModuleClass):
         Hidden layers of the encoder trunk and of the decoder.
     n_latent
         Width ``L`` of the encoder trunk's output (batch-normalised without affine parameters).
-    n_batch
-        Number of batches (one-hot covariate of encoder and decoder).
-    n_cats_per_cov
-        Categories of each extra categorical covariate.
-    n_continuous_cov
-        Number of continuous covariates.
+    covariates
+        The registered covariates and experimental condition (:class:`CovariateLayout`); ``None``: none.
     likelihood
         ``"gaussian"`` on log1p of library-normalised expression (published), ``"nb"`` or ``"zinb"`` on
         counts with the observed library size as offset.
@@ -120,12 +147,6 @@ class CplMixVAEModule(BaseModuleClass):
     coupling_weight
         Weight ``lambda`` of the coupling distance (on centred log-ratios, :func:`coupling_distance` with
         ``kind="clr"``).
-    n_conditions
-        Number of codes of the registered experimental condition (0: none). The condition is given to no
-        encoder or decoder: its effect has to be carried by the state. With two or more, the loss adds a penalty,
-        of weight the number of genes, on the difference between the conditions' category proportions in a
-        minibatch (:func:`category_condition_discrepancy`), which keeps them the same in every condition, so that
-        a condition's effect cannot be absorbed by splitting types.
     augmentation
         How each agent's view of a cell is made at training time (read-outs always encode the real cell, and
         the decoders always reconstruct it): ``"dropout"`` (input dropout only, published fallback),
@@ -153,16 +174,13 @@ class CplMixVAEModule(BaseModuleClass):
         n_hidden: int = 100,
         n_layers: int = 2,
         n_latent: int = 10,
-        n_batch: int = 0,
-        n_cats_per_cov: Sequence[int] | None = None,
-        n_continuous_cov: int = 0,
+        covariates: CovariateLayout | None = None,
         likelihood: Likelihood = "nb",
         dispersion: Literal["gene", "gene-batch"] = "gene",
         input_dropout: float = 0.5,
         tau: float | None = None,
         beta: float = 1.0,
         coupling_weight: float = 1.0,
-        n_conditions: int = 0,
         augmentation: Augmentation = "dropout",
     ):
         super().__init__()
@@ -171,32 +189,30 @@ class CplMixVAEModule(BaseModuleClass):
         self.augmentation = augmentation
         self.augmentation_strength = AUGMENTATION_STRENGTH[augmentation]
         self.n_input, self.n_agents, self.n_categories, self.n_state = n_input, n_agents, n_categories, n_state
-        self.n_batch = n_batch
+        layout = covariates or CovariateLayout()
+        self.n_batch, self.n_cats_per_cov = layout.n_batch, list(layout.n_cats_per_cov)
+        self.n_conditions, self.n_cov = layout.n_conditions, layout.width
         self.likelihood, self.dispersion = likelihood, dispersion
         self.input_dropout, self.tau = input_dropout, tau
         self.beta, self.coupling_weight = beta, coupling_weight
-        self.n_conditions = int(n_conditions)
-        self.n_cats_per_cov = list(n_cats_per_cov or [])
-        n_cov = (n_batch if n_batch > 1 else 0) + sum(self.n_cats_per_cov) + n_continuous_cov
-        self.n_cov = n_cov
         if tau is not None:
             check_temperature(tau, n_categories, stacklevel=3)
 
         a = n_agents
-        self.encoder = StackedMLP(a, n_input, n_hidden, n_layers, n_cov=n_cov)
+        self.encoder = StackedMLP(a, n_input, n_hidden, n_layers, n_cov=self.n_cov)
         self.trunk_out = StackedLinear(a, n_hidden, n_latent)
         self.trunk_norm = StackedBatchNorm(a, n_latent, affine=False)
         self.category_head = StackedLinear(a, n_latent, n_categories)
         # the state posterior reads a one-layer encoder of its own of the real (unaugmented) cell
-        self.state_encoder = StackedMLP(a, n_input, N_HIDDEN_STATE, 1, n_cov=n_cov)
+        self.state_encoder = StackedMLP(a, n_input, N_HIDDEN_STATE, 1, n_cov=self.n_cov)
         self.state_head = StackedLinear(a, N_HIDDEN_STATE + n_categories, 2 * n_state)
         n_dec_in = n_categories * (1 + n_state)  # [c; c ⊗ s] (see decoder_input)
-        self.decoder = StackedMLP(a, n_dec_in, n_hidden, n_layers, n_cov=n_cov, inject_covariates=True)
+        self.decoder = StackedMLP(a, n_dec_in, n_hidden, n_layers, n_cov=self.n_cov, inject_covariates=True)
         self.px_head = StackedLinear(a, n_hidden, n_input)
         if likelihood == "zinb":
             self.px_dropout_head = StackedLinear(a, n_hidden, n_input)
         if likelihood in ("nb", "zinb"):
-            n_disp = n_batch if dispersion == "gene-batch" else 1
+            n_disp = self.n_batch if dispersion == "gene-batch" else 1
             self.px_r = nn.Parameter(torch.randn(a, n_disp, n_input))
         self.register_buffer("category_mask", torch.ones(n_categories, dtype=torch.bool))
         # set by the training plan during the state phase (see :meth:`inference`)
