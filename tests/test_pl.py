@@ -58,8 +58,10 @@ def test_consensus_heatmap_from_model_and_matrix(annotated, tmp_path):
     matrix = pd.DataFrame(np.eye(3), index=list("abc"), columns=list("abc"))
     _, own_ax = plt.subplots()
     assert pl.consensus_heatmap(matrix, ax=own_ax, show=False) is own_ax
-    with pytest.raises(ValueError, match="square"):
+    with pytest.raises(ValueError, match=r"square, got shape \(2, 3\)"):
         pl.consensus_heatmap(np.ones((2, 3)), show=False)
+    with pytest.raises(ValueError, match=r"square, got shape \(3,\)"):  # the array's own shape, not a column's
+        pl.consensus_heatmap(np.ones(3), show=False)
     with pytest.raises(TypeError, match="CplMixVAE or a square matrix"):
         pl.consensus_heatmap([[1.0]], show=False)
 

@@ -131,9 +131,10 @@ def consensus_heatmap(
     if isinstance(model_or_matrix, CplMixVAE):
         matrix = model_or_matrix.get_consensus_matrix(agent_a, agent_b, adata, normalize=normalize)
     elif isinstance(model_or_matrix, pd.DataFrame | np.ndarray):
+        shape = np.shape(model_or_matrix)  # before the DataFrame, which makes a column of a 1-D array
+        if len(shape) != 2 or shape[0] != shape[1]:
+            raise ValueError(f"The co-assignment matrix must be square, got shape {shape}.")
         matrix = pd.DataFrame(model_or_matrix)
-        if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-            raise ValueError(f"The co-assignment matrix must be square, got shape {matrix.shape}.")
     else:
         raise TypeError(
             f"`model_or_matrix` must be a CplMixVAE or a square matrix, got {type(model_or_matrix).__name__}."
