@@ -228,6 +228,19 @@ def _check_outputs(files: list[Path], folders: list[Path], *, inputs: list[Path]
     return None
 
 
+def _device_problem(accelerator: str) -> str | None:
+    """Why Lightning cannot train on ``accelerator`` here (checked before the input is read); ``None`` if it can."""
+    from ._logging import quiet_fit
+    from .model._fit import check_devices
+
+    with quiet_fit():
+        try:
+            check_devices(accelerator, "auto")
+        except ValueError as err:
+            return str(err)
+    return None
+
+
 def _read_input(path: Path):
     """Read the input .h5ad, or return the message that says why it cannot be read."""
     import anndata
@@ -250,6 +263,7 @@ def _demo(args) -> int:
     out = args.output
     planned = [out / "demo.h5ad", out / "demo.png"]
     problem = _check_outputs(planned, [out / "model"], inputs=[], overwrite=args.overwrite)
+    problem = problem or _device_problem(args.accelerator)
     if problem is not None:
         return _error(problem)
     import scvi
@@ -319,6 +333,7 @@ def _fit(args) -> int:
         )
     files, folders = _fit_outputs(args)
     problem = _check_outputs(files, folders, inputs=[args.input], overwrite=args.overwrite)
+    problem = problem or _device_problem(args.accelerator)
     if problem is not None:
         return _error(problem)
     adata = _read_input(args.input)

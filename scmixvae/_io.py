@@ -50,14 +50,27 @@ def write_h5ad(adata, path: str | os.PathLike) -> None:
 
 
 def unwritable_reason(path: Path) -> str | None:
-    """Why a file cannot be created at ``path`` (its folder is a file, or not writable); ``None`` if it can."""
-    folder = path.parent
+    """Why a file cannot be created at ``path``; ``None`` if it can.
+
+    Tried, not guessed from permission bits (which say nothing of, e.g., root on a read-only or virtual file
+    system): the first missing folder on the way is created and removed again, or, when the folder exists, a
+    temporary file in it. Nothing is left behind.
+    """
+    folder, missing = path.parent, None
     while not folder.exists():
-        folder = folder.parent
+        folder, missing = folder.parent, folder
     if not folder.is_dir():
         return f"{folder} is a file, not a folder"
-    if not os.access(folder, os.W_OK | os.X_OK):
-        return f"no permission to write in {folder}"
     if path.is_dir():
         return f"{path} is a folder"
+    try:
+        if missing is not None:
+            missing.mkdir()
+            missing.rmdir()
+        else:
+            fd, probe = tempfile.mkstemp(dir=folder, prefix=".scmixvae-write-check.")
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        return f"no file can be created in {folder} ({err.strerror or err})"
     return None

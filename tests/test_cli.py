@@ -1,4 +1,5 @@
 import argparse
+import errno
 import json
 import os
 import subprocess
@@ -12,6 +13,8 @@ import pandas as pd
 import pytest
 
 import scmixvae
+from scmixvae import _cli as cli
+from scmixvae import _io
 from scmixvae._cli import _parser, main
 from scmixvae.model import CplMixVAE
 
@@ -185,6 +188,53 @@ def test_fit_output_that_cannot_be_written_fails_before_training(tmp_path, sim_a
     assert "afile already exists" in capsys.readouterr().err
     assert main(["fit", str(src), "-o", str(tmp_path / "out.csv")]) == 2
     assert "must end in .h5ad" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_fit_output_where_no_file_can_be_created_fails_before_training(
+    tmp_path, sim_adata, capsys, monkeypatch, no_training, existing
+):
+    """Permission bits said yes where no file could be created (root on a read-only or virtual file system, e.g.
+    `--figures /proc/x`): the fit ran, wrote the .h5ad and then failed with a traceback. Now creation is tried."""
+    src = tmp_path / "x.h5ad"
+    sim_adata.write_h5ad(src)
+    (tmp_path / "figs").mkdir()
+    figures = tmp_path / "figs" if existing else tmp_path / "figs" / "new"
+
+    mkdir, mkstemp = Path.mkdir, _io.tempfile.mkstemp
+
+    def read_only(path):  # figs/ is read-only; the rest of tmp_path is not
+        if Path(path).is_relative_to(tmp_path / "figs"):
+            raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: read_only(self) or mkdir(self, *a, **k))
+    monkeypatch.setattr(_io.tempfile, "mkstemp", lambda *a, dir, **k: read_only(dir) or mkstemp(*a, dir=dir, **k))
+    assert main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--figures", str(figures)]) == 2
+    assert f"no file can be created in {tmp_path / 'figs'} (Read-only file system)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["figs", "x.h5ad"]
+
+
+def test_the_write_check_leaves_nothing_behind(tmp_path):
+    (tmp_path / "kept").write_text("")
+    assert _io.unwritable_reason(tmp_path / "out.h5ad") is None
+    assert _io.unwritable_reason(tmp_path / "new" / "deeper" / "out.h5ad") is None
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["kept"]
+    assert _io.unwritable_reason(tmp_path / "kept" / "out.h5ad") == f"{tmp_path / 'kept'} is a file, not a folder"
+    assert _io.unwritable_reason(tmp_path) == f"{tmp_path} is a folder"
+
+
+def test_fit_refuses_an_accelerator_lightning_cannot_use_before_reading_the_input(
+    tmp_path, sim_adata, capsys, monkeypatch, no_training
+):
+    """`--accelerator gpu` on a machine without one failed with Lightning's traceback, after reading the input."""
+    src = tmp_path / "x.h5ad"
+    sim_adata.write_h5ad(src)
+    monkeypatch.setattr(cli, "_read_input", lambda path: pytest.fail("the input was read"))
+    assert main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--accelerator", "nope"]) == 2
+    assert "error: accelerator='nope' with devices='auto' cannot be used on this machine" in capsys.readouterr().err
+    assert main(["demo", "-o", str(tmp_path / "demo"), "--accelerator", "nope"]) == 2
+    assert "cannot be used on this machine" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5ad"]
 
 
 @pytest.mark.parametrize("option", [["--consensus-threshold", "0.9"], ["--n-restarts", "3"]])

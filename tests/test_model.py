@@ -308,11 +308,18 @@ def test_bad_epochs_raise_before_training(sim_adata, train, match):
         ({"max_epoch": 3}, TypeError, r"has no option 'max_epoch' .*Did you mean 'max_epochs'\?"),
         ({"plan_kwargs": {"lrr": 1e-3}}, TypeError, r"plan_kwargs has no option 'lrr' .*Did you mean 'lr'\?"),
         ({"plan_kwargs": [("lr", 1e-3)]}, TypeError, "`plan_kwargs` must be a dict, got list"),
+        (
+            {"accelerator": "nope"},
+            ValueError,
+            r"accelerator='nope' with devices='auto' cannot be used on this machine: .*invalid accelerator name",
+        ),
+        ({"accelerator": "cpu", "devices": 0}, ValueError, r"accelerator='cpu' with devices=0 cannot be used"),
     ],
 )
 def test_misspelt_training_options_raise_before_any_work(sim_adata, options, error, match):
     """A misspelt option of Lightning's trainer failed after the Leiden start; one of the training plan failed
-    inside the first step as "CplMixVAEModule.loss() got an unexpected keyword argument"."""
+    inside the first step as "CplMixVAEModule.loss() got an unexpected keyword argument"; an accelerator or devices
+    Lightning cannot use failed after the Leiden start."""
     CplMixVAE.setup_anndata(sim_adata)
     model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
     with pytest.raises(error, match=match):

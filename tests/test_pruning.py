@@ -612,6 +612,9 @@ def test_prune_refuses_a_misspelt_training_option_before_training():
     with pytest.raises(TypeError, match=r"prune\(\) has no option 'enable_progess_bar'"):
         model.prune(max_rounds=1, epochs_per_round=1, batch_size=64, enable_progess_bar=False)
     assert not model.is_trained_ and model.start_labels is None
+    with pytest.raises(ValueError, match="accelerator='nope' with devices='auto' cannot be used"):
+        model.prune(max_rounds=1, epochs_per_round=1, batch_size=64, accelerator="nope")
+    assert not model.is_trained_ and model.start_labels is None
 
 
 def test_a_choice_of_k_that_fails_is_made_again_by_the_next_train():

@@ -178,6 +178,27 @@ def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") ->
                 close = difflib.get_close_matches(name, sorted(accepted | {"max_epochs"}), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise TypeError(f"{what} has no option {name!r} (nor does {nor}).{hint}")
+    check_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
+
+
+def check_devices(accelerator: Any, devices: Any) -> None:
+    """Refuse, before any work starts, an accelerator or devices that Lightning cannot use on this machine.
+
+    Lightning itself would refuse them only when the first run's trainer is built, after the Leiden start.
+    """
+    try:  # a trainer that is never run: Lightning's own resolution of the two, nothing else
+        LightningTrainer(
+            accelerator=accelerator,
+            devices=devices,
+            logger=False,
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+        )
+    except Exception as err:  # Lightning raises several types here (misconfiguration, a missing backend, ...)
+        raise ValueError(
+            f"accelerator={accelerator!r} with devices={devices!r} cannot be used on this machine: {err}"
+        ) from err
 
 
 def resolve_schedule(
