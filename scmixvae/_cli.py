@@ -230,14 +230,12 @@ def _check_outputs(files: list[Path], folders: list[Path], *, inputs: list[Path]
 
 def _device_problem(accelerator: str) -> str | None:
     """Why Lightning cannot train on ``accelerator`` here (checked before the input is read); ``None`` if it can."""
-    from ._logging import quiet_fit
     from .model._fit import check_devices
 
-    with quiet_fit():
-        try:
-            check_devices(accelerator, "auto")
-        except ValueError as err:
-            return str(err)
+    try:
+        check_devices(accelerator, "auto")
+    except ValueError as err:
+        return str(err)
     return None
 
 

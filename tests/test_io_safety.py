@@ -262,3 +262,17 @@ def test_an_untrained_model_saved_with_a_random_start_names_category_init(sim_ad
     _save_as_before(model, tmp_path / "old", {"category_init": "random"})
     with pytest.raises(ValueError, match=r"saved with category_init='random'.*only category_init='leiden' is kept"):
         CplMixVAE.load(tmp_path / "old", adata=sim_adata)
+
+
+def test_load_and_query_refuse_an_accelerator_lightning_cannot_use_before_reading_files(
+    tmp_path, sim_adata, monkeypatch
+):
+    """Lightning refused them only after the model's files were read (and with its own exception types)."""
+    from scmixvae.model import _model, _query
+
+    monkeypatch.setattr(_model, "load_model", lambda *a, **k: pytest.fail("the model's files were read"))
+    monkeypatch.setattr(_query, "_read_reference", lambda *a, **k: pytest.fail("the reference was read"))
+    with pytest.raises(ValueError, match="accelerator='nope' with devices='auto' cannot be used on this machine"):
+        CplMixVAE.load(tmp_path, adata=sim_adata, accelerator="nope")
+    with pytest.raises(ValueError, match="accelerator='cpu' with devices=0 cannot be used on this machine"):
+        CplMixVAE.load_query_data(sim_adata, tmp_path, accelerator="cpu", device=0)

@@ -25,7 +25,7 @@ from scvi.train import Trainer as ScviTrainer
 from scvi.train import TrainingPlan, TrainRunner
 
 from .. import _validation as check
-from .._logging import log_interval
+from .._logging import log_interval, quiet_fit
 from ..train._progress import current as current_progress
 from ..train._trainingplan import CplMixVAETrainingPlan, InterruptFlag
 from . import _start
@@ -184,17 +184,19 @@ def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") ->
 def check_devices(accelerator: Any, devices: Any) -> None:
     """Refuse, before any work starts, an accelerator or devices that Lightning cannot use on this machine.
 
-    Lightning itself would refuse them only when the first run's trainer is built, after the Leiden start.
+    Lightning itself would refuse them only when the first run's trainer is built (after the Leiden start), or
+    :meth:`CplMixVAE.load` after reading the files.
     """
-    try:  # a trainer that is never run: Lightning's own resolution of the two, nothing else
-        LightningTrainer(
-            accelerator=accelerator,
-            devices=devices,
-            logger=False,
-            enable_checkpointing=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-        )
+    try:
+        with quiet_fit():  # a trainer that is never run: Lightning's own resolution of the two, nothing else
+            LightningTrainer(
+                accelerator=accelerator,
+                devices=devices,
+                logger=False,
+                enable_checkpointing=False,
+                enable_progress_bar=False,
+                enable_model_summary=False,
+            )
     except Exception as err:  # Lightning raises several types here (misconfiguration, a missing backend, ...)
         raise ValueError(
             f"accelerator={accelerator!r} with devices={devices!r} cannot be used on this machine: {err}"

@@ -754,6 +754,7 @@ class CplMixVAE(
         -------
         The loaded model, in evaluation mode.
         """
+        _fit.check_devices(accelerator, device)
         return load_model(
             cls, dir_path, adata, accelerator=accelerator, device=device, prefix=prefix, backup_url=backup_url
         )

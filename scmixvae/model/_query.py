@@ -25,6 +25,7 @@ from scvi import REGISTRY_KEYS
 
 from .. import _validation as check
 from ..module._components import StackedBatchNorm, StackedLinear
+from ._fit import check_devices
 from ._save_load import MODEL_FILE, read_model_file
 
 logger = logging.getLogger(__name__)
@@ -322,6 +323,7 @@ class CplMixVAEQueryMixin:
 
         if not isinstance(adata, AnnData):
             raise TypeError(f"`adata` must be an AnnData object, got {type(adata).__name__}.")
+        check_devices(accelerator, device)
         attrs, genes, state = _read_reference(cls, reference_model)
         registry, init_params = copy.deepcopy(attrs["registry_"]), attrs["init_params_"]
         _check_query_genes(adata, genes)
