@@ -90,6 +90,13 @@ def check_counts(adata: AnnData, layer: str | None = None, *, warn_empty_genes: 
     dtype = getattr(matrix, "dtype", None)
     if dtype is not None and not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
         raise TypeError(f"{where} has dtype {dtype}; raw counts must be numeric (integers stored as int or float).")
+    if dtype is not None and np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"{where} has dtype {dtype}; raw counts are real numbers (integers stored as int or float).")
+    if dtype == np.float16:
+        raise TypeError(
+            f"{where} has dtype float16, which cannot hold raw counts here (it holds integers exactly only up to "
+            f"2,048, and sparse matrices cannot hold it). Convert it first: `{where} = {where}.astype('float32')`."
+        )
     cell_totals = np.zeros(adata.n_obs)
     gene_totals = np.zeros(adata.n_vars)
     start = 0
@@ -159,6 +166,20 @@ def check_obs_keys(adata: AnnData, **keys: str | list[str] | None) -> None:
             raise ValueError(
                 f"`{arg}`: column(s) {missing} not found in adata.obs (available: {list(adata.obs.columns)})."
             )
+
+
+def check_key_list(name: str, keys) -> list[str] | None:
+    """Return the ``obs`` column names of a ``*_covariate_keys`` argument as a list (``None`` when there is none).
+
+    A single string is refused (scvi-tools would read it letter by letter); a tuple is taken as a list.
+    """
+    if keys is None:
+        return None
+    if isinstance(keys, str):
+        raise TypeError(f"`{name}` takes a list of obs columns, got the string {keys!r}; pass [{keys!r}].")
+    if not isinstance(keys, list | tuple) or not all(isinstance(key, str) for key in keys):
+        raise TypeError(f"`{name}` must be a list of obs column names (str), got {keys!r}.")
+    return list(keys) or None
 
 
 def check_covariates(adata: AnnData, *, continuous: list[str] | None = None, **categorical) -> None:

@@ -33,6 +33,37 @@ def test_bad_counts_raise_before_registration(mutate, match):
     assert "_scvi_uuid" not in adata.uns
 
 
+@pytest.mark.parametrize(
+    ("dtype", "match"),
+    [
+        (np.float16, r"adata.X has dtype float16, .* exactly only up to 2,048.*adata.X = adata.X.astype\('float32'\)"),
+        (np.complex64, r"adata.X has dtype complex64; raw counts are real numbers"),
+    ],
+)
+def test_counts_in_a_dtype_that_cannot_hold_them_are_refused_before_registration(dtype, match):
+    """float16 counts passed the checks and failed in the Leiden start with scipy's "does not support dtype"."""
+    adata = _adata((np.random.default_rng(0).poisson(2, (20, 10)) + 1).astype(dtype))
+    with pytest.raises(TypeError, match=match):
+        CplMixVAE.setup_anndata(adata)
+    assert "_scvi_uuid" not in adata.uns and list(adata.obs.columns) == []
+
+
+@pytest.mark.parametrize("arg", ["categorical_covariate_keys", "continuous_covariate_keys"])
+def test_covariate_keys_take_a_list_or_tuple_and_refuse_a_string_before_registration(arg):
+    """A string was read letter by letter (`KeyError: 'c'`) or failed in scvi-tools' obsm field after the batch and
+    label codes were written into adata.obs; a tuple failed with `KeyError: ('col',)`."""
+    adata = _with_obs(np.arange(20.0))
+    with pytest.raises(TypeError, match=rf"`{arg}` takes a list of obs columns, got the string 'col'; pass \['col'\]"):
+        CplMixVAE.setup_anndata(adata, **{arg: "col"})
+    assert "_scvi_uuid" not in adata.uns and list(adata.obs.columns) == ["col"]
+    with pytest.raises(TypeError, match=rf"`{arg}` must be a list of obs column names \(str\), got \[1\]"):
+        CplMixVAE.setup_anndata(adata, **{arg: [1]})
+    CplMixVAE.setup_anndata(adata, **{arg: ("col",)})
+    model = CplMixVAE(adata, n_categories=2)
+    assert model.adata_manager.registry["setup_args"][arg] == ["col"]
+    assert model.module.n_cov == (20 if arg == "categorical_covariate_keys" else 1)
+
+
 def test_missing_layer_and_key_are_named():
     adata = _adata(np.ones((5, 3), dtype=np.float32))
     with pytest.raises(ValueError, match="Layer 'counts' not found"):

@@ -407,6 +407,8 @@ class CplMixVAE(
         """
         check.check_anndata(adata)
         check.check_unique_names(adata)
+        categorical_covariate_keys = check.check_key_list("categorical_covariate_keys", categorical_covariate_keys)
+        continuous_covariate_keys = check.check_key_list("continuous_covariate_keys", continuous_covariate_keys)
         # from a model's registry (load, read-outs, a query): the labels and the condition may be absent
         transfer = kwargs.get("source_registry") is not None
         check.check_obs_keys(
