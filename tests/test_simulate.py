@@ -218,6 +218,9 @@ def test_shared_program_size_defaults_to_the_state_programs():
     assert (default.X != explicit.X).nnz == 0
     with pytest.raises(ValueError, match="n_shared_genes"):
         simulate(**SMALL, shared_state=True, n_shared_genes=SMALL["n_genes"] + 1)
+    # without the shared program the size was ignored, yet recorded in uns["simulation"]["params"]
+    with pytest.raises(ValueError, match=r"`n_shared_genes` \(10\) sizes the shared program, .*shared_state=True"):
+        simulate(**SMALL, n_shared_genes=10)
 
 
 def test_program_sizes_default_to_what_the_genes_allow():

@@ -243,7 +243,21 @@ def read_counts(
         raise ValueError(
             f"{name!r} is neither a data set name ({', '.join([*DATASETS, 'pbmc68k'])}) nor an existing file."
         )
-    return _standardise(ad.read_h5ad(path), path)
+    return _standardise(_read_h5ad(path), path)
+
+
+def _check_hdf5(path: Path) -> None:
+    """Refuse a file that is not HDF5 (what ``.h5ad`` and ``.h5`` files are) before a reader fails inside h5py."""
+    if not h5py.is_hdf5(path):
+        raise ValueError(
+            f"{os.fspath(path)!r} is not an HDF5 file (.h5ad or .h5); for a CSV of counts with cells in rows, convert "
+            "it first: `scanpy.read_csv(path).write_h5ad('counts.h5ad')`."
+        )
+
+
+def _read_h5ad(path: Path) -> AnnData:
+    _check_hdf5(path)
+    return ad.read_h5ad(path)
 
 
 def read_scdcc_h5(path: str | os.PathLike[str]) -> AnnData:
@@ -263,6 +277,7 @@ def read_scdcc_h5(path: str | os.PathLike[str]) -> AnnData:
     -------
     AnnData with the counts in ``X`` (CSR, float32) and ``obs["label"]`` (categorical).
     """
+    _check_hdf5(Path(path))
     with h5py.File(path, "r") as f:
         if "X" not in f or "Y" not in f:
             raise ValueError(f"{os.fspath(path)!r} is not an scDCC file: it needs datasets 'X' and 'Y'.")
@@ -294,13 +309,13 @@ def _load(
         path = Path(path).expanduser()
         if not path.is_file():
             raise ValueError(f"No file at {os.fspath(path)!r}; pass an existing .h5ad or leave `path` out.")
-        return _standardise(ad.read_h5ad(path), path)
+        return _standardise(_read_h5ad(path), path)
     source = DATASETS[name]
     folder = data_dir(folder)
     for file_name in dict.fromkeys((source.file_name, source.cache_name)):
         if (folder / file_name).is_file():
             logger.info("Reading %s from %s.", name, folder / file_name)
-            return _standardise(ad.read_h5ad(folder / file_name), folder / file_name)
+            return _standardise(_read_h5ad(folder / file_name), folder / file_name)
     adata = _download_and_convert(name, source, folder, progress=progress)
     return _standardise(adata, folder / source.cache_name)
 

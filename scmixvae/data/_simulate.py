@@ -289,6 +289,11 @@ def _check_arguments(
             f"`n_state_genes` ({n_state_genes}) must be at most `n_genes - n_marker_genes` "
             f"({n_genes - n_marker_genes}), as state genes are drawn outside the type's markers; lower one of them."
         )
+    if n_shared_genes is not None and not shared_state:
+        raise ValueError(
+            f"`n_shared_genes` ({n_shared_genes}) sizes the shared program, which only `shared_state=True` adds; "
+            "pass shared_state=True or leave n_shared_genes out."
+        )
     if n_shared_genes is None:
         n_shared_genes = n_state_genes
     _check_int("n_shared_genes", n_shared_genes, minimum=0)
