@@ -276,3 +276,24 @@ def test_differential_expression_refuses_unknown_groups_before_any_work(trained_
     with pytest.raises(ValueError, match=r"`group1`: \['zzz'\] not among the values of adata.obs\['type'\]"):
         trained_model.differential_expression(groupby="type", group1=["type_0", "zzz"])
     assert "_scvi_raw_norm_scaling" not in trained_model.adata.obs
+
+
+def test_differential_expression_on_backed_data_needs_all_stats_off(trained_model, tmp_path, monkeypatch):
+    """scvi-tools' raw-count statistics failed on backed data with "'_CSRDataset' object has no attribute 'sum'",
+    after all the sampling."""
+    import anndata
+
+    trained_model.adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    loader = trained_model._make_data_loader
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the cells were read before all_stats was checked")
+
+    monkeypatch.setattr(trained_model, "_make_data_loader", no_pass)
+    with pytest.raises(ValueError, match=r"all_stats=True\) need the counts in memory; .* Pass all_stats=False"):
+        trained_model.differential_expression(backed, groupby="type")
+    monkeypatch.setattr(trained_model, "_make_data_loader", loader)
+    table = trained_model.differential_expression(backed, groupby="type", group1="type_0", all_stats=False)
+    assert table.shape[0] == trained_model.adata.n_vars and "bayes_factor" in table
+    assert "raw_mean1" not in table

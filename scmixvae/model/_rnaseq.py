@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Sequence
 from numbers import Number
@@ -55,7 +56,8 @@ class CplMixVAERNAMixin(RNASeqMixin):
 
         scvi-tools caches every cell's library-size scaling in ``adata.obs["_scvi_raw_norm_scaling"]`` while
         it runs; here that column is removed again (unless it was there before), so ``adata.obs`` is left as
-        it was.
+        it was. On a backed AnnData, scvi-tools' raw-count statistics (``all_stats=True``, its default) cannot be
+        computed: pass ``all_stats=False`` or load the data into memory (``adata.to_memory()``).
 
         Parameters
         ----------
@@ -70,8 +72,14 @@ class CplMixVAERNAMixin(RNASeqMixin):
         scvi-tools' table of differential expression statistics, one row per gene (and comparison).
         """
         target = self.adata if adata is None else adata
+        given = inspect.signature(RNASeqMixin.differential_expression).bind_partial(self, adata, *args, **kwargs)
         if isinstance(target, AnnData):
-            _check_groups(target, *args[:2], **{k: v for k, v in kwargs.items() if k in ("groupby", "group1")})
+            _check_groups(target, given.arguments.get("groupby"), given.arguments.get("group1"))
+            if target.isbacked and given.arguments.get("all_stats", True):
+                raise ValueError(
+                    "scvi-tools' raw-count statistics (all_stats=True) need the counts in memory; this AnnData is "
+                    "backed. Pass all_stats=False, or load it first with `adata.to_memory()`."
+                )
         cached = not isinstance(target, AnnData) or RAW_SCALING_KEY in target.obs
         try:
             return super().differential_expression(adata, *args, **kwargs)
