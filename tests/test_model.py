@@ -314,6 +314,10 @@ def test_bad_epochs_raise_before_training(sim_adata, train, match):
             r"accelerator='nope' with devices='auto' cannot be used on this machine: .*invalid accelerator name",
         ),
         ({"accelerator": "cpu", "devices": 0}, ValueError, r"accelerator='cpu' with devices=0 cannot be used"),
+        ({"plan_kwargs": {"lr": -1}}, ValueError, r"`plan_kwargs\['lr'\]` must be > 0.0, got -1.0"),
+        ({"train_size": 0}, ValueError, r"`train_size` must be > 0.0 and <= 1.0, got 0.0"),  # scvi-tools: 0.9
+        ({"validation_size": 1.0}, ValueError, "`validation_size` must be < 1"),
+        ({"train_size": 0.9, "validation_size": 0.2}, ValueError, "add up to more than all the cells"),
     ],
 )
 def test_misspelt_training_options_raise_before_any_work(sim_adata, options, error, match):
@@ -325,6 +329,16 @@ def test_misspelt_training_options_raise_before_any_work(sim_adata, options, err
     with pytest.raises(error, match=match):
         model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False, **options)
     assert not model.is_trained_ and model.start_labels is None
+
+
+def test_a_validation_size_given_alone_trains_on_the_other_cells(sim_adata):
+    """scvi-tools added its default train_size of 0.9 to it and refused the sum, after the Leiden start."""
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False, validation_size=0.2)
+    n_validation = int(0.2 * sim_adata.n_obs)
+    assert len(model.validation_indices) == n_validation
+    assert len(model.train_indices) == sim_adata.n_obs - n_validation
 
 
 def test_training_options_of_every_layer_are_accepted(sim_adata):

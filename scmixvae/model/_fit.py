@@ -103,7 +103,8 @@ def default_train_size(
     asked (early stopping, ``check_val_every_n_epoch``, checkpoints, a learning-rate monitor). A call that trains
     the categories (``max_epochs > 0``) and validates nothing trains them on every cell, so that no type loses a
     tenth of its cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``), also
-    when resuming from a checkpoint (``ckpt_path``), which a fit that validated wrote.
+    when resuming from a checkpoint (``ckpt_path``), which a fit that validated wrote. A ``validation_size``
+    given alone trains on the other cells (scvi-tools would add its default 0.9 to it and refuse the sum).
     """
     from scvi.train import SaveCheckpoint
 
@@ -114,6 +115,8 @@ def default_train_size(
         or any(kwargs.get(key) for key in ("check_val_every_n_epoch", "enable_checkpointing", "learning_rate_monitor"))
         or any(isinstance(callback, SaveCheckpoint) for callback in kwargs.get("callbacks") or [])
     )
+    if validation_size is not None:
+        return 1.0 - validation_size
     return 1.0 if max_epochs > 0 and not validates else None
 
 
@@ -164,7 +167,11 @@ def _accepted(kind: str) -> frozenset[str]:
 
 
 def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") -> None:
-    """Refuse, before any work starts, a keyword argument that no Lightning run or training plan takes."""
+    """Refuse, before any work starts, options that a run would refuse (or silently replace) later.
+
+    Those are keyword arguments that no Lightning run or training plan takes, a learning rate that is not positive,
+    a split of the cells scvi-tools refuses, and an accelerator or devices Lightning cannot use here.
+    """
     plan_kwargs = trainer.get("plan_kwargs")
     if plan_kwargs is not None and not isinstance(plan_kwargs, dict):
         raise TypeError(f"`plan_kwargs` must be a dict, got {type(plan_kwargs).__name__}.")
@@ -178,7 +185,24 @@ def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") ->
                 close = difflib.get_close_matches(name, sorted(accepted | {"max_epochs"}), n=1)
                 hint = f" Did you mean {close[0]!r}?" if close else ""
                 raise TypeError(f"{what} has no option {name!r} (nor does {nor}).{hint}")
+    if "lr" in (plan_kwargs or {}):  # torch refuses it only when the first run builds its optimiser
+        check.check_float("plan_kwargs['lr']", plan_kwargs["lr"], strict=True)
+    check_split(trainer.get("train_size"), trainer.get("validation_size"))
     check_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
+
+
+def check_split(train_size: Any, validation_size: Any) -> None:
+    """Refuse a split of the cells scvi-tools would refuse after the start, or silently replace (``train_size=0``)."""
+    if train_size is not None:
+        check.check_float("train_size", train_size, strict=True, maximum=1.0)
+    if validation_size is not None:
+        check.check_float("validation_size", validation_size, maximum=1.0)
+        if validation_size == 1.0:
+            raise ValueError("`validation_size` must be < 1: some cells must train.")
+    if train_size is not None and validation_size is not None and train_size + validation_size > 1.0:
+        raise ValueError(
+            f"train_size={train_size} and validation_size={validation_size} add up to more than all the cells."
+        )
 
 
 def check_devices(accelerator: Any, devices: Any) -> None:
