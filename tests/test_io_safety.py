@@ -152,6 +152,33 @@ def test_a_failed_save_leaves_the_earlier_save_intact(sim_adata, tmp_path):
         model.save(tmp_path / "model")
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"prefix": "run/1_"}, ValueError, r"`prefix` must be a file-name prefix without a folder, got 'run/1_'"),
+        ({"save_kwargs": {"compression": 9}}, TypeError, r"save_kwargs \['compression'\] not taken by torch.save"),
+        ({"save_kwargs": [("pickle_protocol", 4)]}, TypeError, "`save_kwargs` must be a dict"),
+        ({"compresion": "gzip"}, TypeError, r"keyword argument \['compresion'\] not taken by AnnData.write_h5ad"),
+    ],
+)
+def test_save_arguments_that_would_fail_half_way_are_refused_before_any_file(sim_adata, tmp_path, kwargs, error, match):
+    """torch.save's and write_h5ad's own errors came after adata.h5ad was written: an earlier save was left with
+    the new AnnData beside the old model.pt; a prefix with a folder failed after the folder was made."""
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3)
+    model.save(tmp_path / "model", save_anndata=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()}
+    sim_adata.obs["new"] = 1  # an AnnData that differs from the saved one
+    with pytest.raises(error, match=match):
+        model.save(tmp_path / "model", overwrite=True, save_anndata=True, **kwargs)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "model").iterdir()} == before
+    with pytest.raises(error, match=match):
+        model.save(tmp_path / "new", save_anndata=True, **kwargs)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    model.save(tmp_path / "new", prefix="run1_", save_kwargs={"pickle_protocol": 4}, compression="gzip")
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["run1_model.pt"]
+
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permission bits")
 def test_written_files_get_the_usual_permissions_not_a_temporary_files(tmp_path):
     adata = anndata.AnnData(np.ones((3, 2), dtype=np.float32))

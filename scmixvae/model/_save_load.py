@@ -8,6 +8,7 @@ into tensors, lists, dicts, strings and numbers when saving (:func:`encode`) and
 
 from __future__ import annotations
 
+import inspect
 import pickle
 import zipfile
 from collections import OrderedDict, defaultdict
@@ -235,6 +236,7 @@ def save_model(
     model, dir_path, *, prefix: str | None, overwrite: bool, save_anndata: bool, save_kwargs, **write_kwargs
 ):
     """Write ``model`` to ``dir_path`` as :meth:`~scmixvae.model.CplMixVAE.save` documents it."""
+    _check_save_arguments(prefix, save_kwargs, write_kwargs)
     folder = Path(dir_path)
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder; pass a folder to save the model in.")
@@ -248,6 +250,25 @@ def save_model(
     if save_anndata:
         atomic_write(folder / f"{prefix}{ADATA_FILE}", lambda tmp: model.adata.write_h5ad(tmp, **write_kwargs))
     atomic_write(folder / f"{prefix}{MODEL_FILE}", lambda tmp: torch.save(content, tmp, **(save_kwargs or {})))
+
+
+def _check_save_arguments(prefix, save_kwargs, write_kwargs: dict) -> None:
+    """Refuse, before any folder or file is made, arguments that would fail half-way through a save."""
+    from anndata import AnnData
+
+    if prefix is not None and (not isinstance(prefix, str) or Path(prefix).name != prefix or prefix in (".", "..")):
+        raise ValueError(f"`prefix` must be a file-name prefix without a folder, got {prefix!r}.")
+    if save_kwargs is not None and not isinstance(save_kwargs, dict):
+        raise TypeError(f"`save_kwargs` must be a dict of torch.save's arguments, got {type(save_kwargs).__name__}.")
+    for what, function, given, internal in (
+        ("save_kwargs", torch.save, save_kwargs or {}, {"obj", "f"}),
+        ("keyword argument", AnnData.write_h5ad, write_kwargs, {"self", "filename"}),
+    ):
+        accepted = set(inspect.signature(function).parameters) - internal
+        unknown = sorted(set(given) - accepted)
+        if unknown:
+            name = "torch.save" if function is torch.save else "AnnData.write_h5ad"
+            raise TypeError(f"save(): {what} {unknown} not taken by {name} (it takes {sorted(accepted)}).")
 
 
 def read_registry(dir_path, prefix: str | None = None) -> dict:
