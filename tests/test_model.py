@@ -331,6 +331,21 @@ def test_misspelt_training_options_raise_before_any_work(sim_adata, options, err
     assert not model.is_trained_ and model.start_labels is None
 
 
+def test_the_device_check_adds_no_warning_of_its_own(monkeypatch):
+    """The check builds a trainer that never runs; its warnings would repeat the real trainer's."""
+    import warnings
+
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    from scmixvae.model import _fit
+
+    monkeypatch.setattr(CUDAAccelerator, "is_available", staticmethod(lambda: True))  # "GPU available but not used"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _fit.check_devices("cpu", 1)
+    assert [str(w.message) for w in caught] == []
+
+
 def test_a_validation_size_given_alone_trains_on_the_other_cells(sim_adata):
     """scvi-tools added its default train_size of 0.9 to it and refused the sum, after the Leiden start."""
     CplMixVAE.setup_anndata(sim_adata)

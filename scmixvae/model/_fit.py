@@ -13,6 +13,7 @@ import difflib
 import functools
 import inspect
 import logging
+import warnings
 from typing import Any
 
 import numpy as np
@@ -211,8 +212,10 @@ def check_devices(accelerator: Any, devices: Any) -> None:
     Lightning itself would refuse them only when the first run's trainer is built (after the Leiden start), or
     :meth:`CplMixVAE.load` after reading the files.
     """
-    try:
-        with quiet_fit():  # a trainer that is never run: Lightning's own resolution of the two, nothing else
+    try:  # a trainer that is never run: Lightning's own resolution of the two, nothing else; its notices and
+        # warnings (e.g. "GPU available but not used") are the real trainer's to give
+        with quiet_fit(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             LightningTrainer(
                 accelerator=accelerator,
                 devices=devices,
