@@ -242,15 +242,13 @@ def _device_problem(accelerator: str) -> str | None:
 def _read_input(path: Path):
     """Read the input .h5ad, or return the message that says why it cannot be read."""
     import anndata
-    import h5py
+
+    from ._io import not_hdf5_reason
 
     if not path.is_file():
         return f"input file {path} does not exist"
-    if not h5py.is_hdf5(path):
-        return (
-            f"input {path} is not an .h5ad (HDF5) file; convert it first, e.g. for a CSV of counts with cells in rows: "
-            "`scanpy.read_csv(path).write_h5ad('counts.h5ad')`"
-        )
+    if (reason := not_hdf5_reason(path)) is not None:
+        return f"input {reason}"
     try:
         return anndata.read_h5ad(path)
     except Exception as err:  # any reader failure: the file is not an AnnData anndata can read

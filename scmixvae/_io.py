@@ -74,3 +74,15 @@ def unwritable_reason(path: Path) -> str | None:
     except OSError as err:
         return f"no file can be created in {folder} ({err.strerror or err})"
     return None
+
+
+def not_hdf5_reason(path: Path) -> str | None:
+    """Why ``path`` cannot hold counts to read: it is not HDF5 (as ``.h5ad`` and ``.h5`` files are); else ``None``."""
+    import h5py
+
+    if h5py.is_hdf5(path):
+        return None
+    return (
+        f"{os.fspath(path)} is not an .h5ad (HDF5) file; convert it first, e.g. for a CSV of counts with cells in "
+        "rows: `scanpy.read_csv(path).write_h5ad('counts.h5ad')`"
+    )

@@ -173,7 +173,7 @@ def test_read_counts_rejects_unknown_names(tmp_path):
 def test_readers_refuse_a_file_that_is_not_hdf5(tmp_path):
     """h5py failed with "Unable to synchronously open file (file signature not found)"."""
     (tmp_path / "counts.h5ad").write_text("cell,gene0\nc1,3\n")
-    match = r"counts.h5ad' is not an HDF5 file \(.h5ad or .h5\); for a CSV of counts .*scanpy.read_csv"
+    match = r"counts.h5ad is not an .h5ad \(HDF5\) file; convert it first, e.g. for a CSV of counts .*scanpy.read_csv"
     for read in (read_counts, read_scdcc_h5, worm_neuron):
         with pytest.raises(ValueError, match=match):
             read(tmp_path / "counts.h5ad")

@@ -21,6 +21,7 @@ from anndata import AnnData
 from tqdm.auto import tqdm
 
 from scmixvae._constants import DATA_DIR_ENV, NORMALISATION_SCALE
+from scmixvae._io import not_hdf5_reason
 
 logger = logging.getLogger(__name__)
 
@@ -247,12 +248,9 @@ def read_counts(
 
 
 def _check_hdf5(path: Path) -> None:
-    """Refuse a file that is not HDF5 (what ``.h5ad`` and ``.h5`` files are) before a reader fails inside h5py."""
-    if not h5py.is_hdf5(path):
-        raise ValueError(
-            f"{os.fspath(path)!r} is not an HDF5 file (.h5ad or .h5); for a CSV of counts with cells in rows, convert "
-            "it first: `scanpy.read_csv(path).write_h5ad('counts.h5ad')`."
-        )
+    """Refuse a file that is not HDF5 before a reader fails inside h5py."""
+    if (reason := not_hdf5_reason(path)) is not None:
+        raise ValueError(f"{reason}.")
 
 
 def _read_h5ad(path: Path) -> AnnData:
