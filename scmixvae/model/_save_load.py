@@ -260,14 +260,13 @@ def _check_save_arguments(prefix, save_kwargs, write_kwargs: dict) -> None:
         raise ValueError(f"`prefix` must be a file-name prefix without a folder, got {prefix!r}.")
     if save_kwargs is not None and not isinstance(save_kwargs, dict):
         raise TypeError(f"`save_kwargs` must be a dict of torch.save's arguments, got {type(save_kwargs).__name__}.")
-    for what, function, given, internal in (
-        ("save_kwargs", torch.save, save_kwargs or {}, {"obj", "f"}),
-        ("keyword argument", AnnData.write_h5ad, write_kwargs, {"self", "filename"}),
+    for what, name, function, given, internal in (
+        ("save_kwargs", "torch.save", torch.save, save_kwargs or {}, {"obj", "f"}),
+        ("keyword argument", "AnnData.write_h5ad", AnnData.write_h5ad, write_kwargs, {"self", "filename"}),
     ):
         accepted = set(inspect.signature(function).parameters) - internal
         unknown = sorted(set(given) - accepted)
         if unknown:
-            name = "torch.save" if function is torch.save else "AnnData.write_h5ad"
             raise TypeError(f"save(): {what} {unknown} not taken by {name} (it takes {sorted(accepted)}).")
 
 
