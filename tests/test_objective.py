@@ -5,7 +5,9 @@ nothing but the objective aligns or shapes the agents) on simulated data with th
 checks the behaviour the term exists for: the coupling makes the agents' categories agree, its normalisation by the
 minibatch variance keeps a strong coupling from collapsing every posterior onto one shared, uniform one, and
 the entropy term pulls the posteriors away from overconfidence. The formulas themselves are tested in
-``test_module.py``; these tests fail when a term is switched off, unnormalised or of the wrong sign.
+``test_module.py``; these tests fail when a term is switched off, unnormalised or of the wrong sign. The last test
+starts from the Leiden partition, as a fit with ``n_categories`` given does, on unbalanced types: the normalisation's
+variance floor must not let the coupling move cells out of an exact start.
 """
 
 import numpy as np
