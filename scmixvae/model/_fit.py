@@ -321,12 +321,20 @@ def train_categories(model, schedule: Schedule) -> None:
     trainer = dict(schedule.trainer)
     if schedule.prune:
         trainer["plan_kwargs"] = {
-            "coupling_variance_floor": PRUNING_VARIANCE_FLOOR,
-            **(trainer.get("plan_kwargs") or {}),
+            **pruning_plan_kwargs(trainer.get("plan_kwargs")),
             "max_coupling_factor": PRUNING_COUPLING_FACTOR,
         }
     state_epochs = 0 if schedule.prune else schedule.state_epochs
     run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **trainer)
+
+
+def pruning_plan_kwargs(plan_kwargs: dict | None) -> dict[str, Any]:
+    """Return the training plan's options of a run that trains categories to prune.
+
+    They are the user's ``plan_kwargs`` with the coupling variance floor :data:`PRUNING_VARIANCE_FLOOR` unless they
+    set one.
+    """
+    return {"coupling_variance_floor": PRUNING_VARIANCE_FLOOR, **(plan_kwargs or {})}
 
 
 def state_phase(model, schedule: Schedule) -> None:

@@ -239,13 +239,13 @@ _PRUNE_PARAMETERS = inspect.signature(prune).parameters  # its defaults, for che
 def _round_run_kwargs(module, max_epochs: int, train_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
     """Keyword arguments of a round's run and its warm-up epochs.
 
-    Every round trains at the coupling variance floor of a fit that prunes (:data:`._fit.PRUNING_VARIANCE_FLOOR`)
-    unless ``plan_kwargs`` set one. When the module last trained below ``coupling_weight`` (the weakly coupled
-    start of a fit that prunes), the round raises the weight geometrically from there to ``coupling_weight`` over
-    the first half of its most epochs (at least one), so that the agents train at the full coupling before the
-    round is scored, without the thousandfold jump of a switch; otherwise there is no warm-up (0 epochs).
+    Every round trains at the coupling variance floor of a fit that prunes (:func:`._fit.pruning_plan_kwargs`).
+    When the module last trained below ``coupling_weight`` (the weakly coupled start of a fit that prunes), the
+    round raises the weight geometrically from there to ``coupling_weight`` over the first half of its most epochs
+    (at least one), so that the agents train at the full coupling before the round is scored, without the
+    thousandfold jump of a switch; otherwise there is no warm-up (0 epochs).
     """
-    plan = {"coupling_variance_floor": _fit.PRUNING_VARIANCE_FLOOR, **(train_kwargs.get("plan_kwargs") or {})}
+    plan = _fit.pruning_plan_kwargs(train_kwargs.get("plan_kwargs"))
     factor = float(getattr(module, "coupling_factor", 1.0))
     if factor >= 1.0:
         return {**train_kwargs, "plan_kwargs": plan}, 0
