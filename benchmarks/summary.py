@@ -29,8 +29,7 @@ RESULTS: list[tuple[str, str, str]] = [
      "CplMixVAE (the default fit; with `cpl-k`, K given), scVI + Leiden and PCA + Leiden on the five real sets over "
      "seeds: ARI, NMI, chosen K, agreement between seeds, time, and the difference of the mean ARIs."),
     ("bench_real.py --methods cpl-k", "real_k",
-     "CplMixVAE given the reference number of types on the five real sets over seeds, next to PCA + Leiden (same "
-     "seeds; scVI + Leiden: `real`)."),
+     "CplMixVAE given the reference number of types on the five real sets, next to the peers (same seed)."),
     ("bench_simulated.py", "pruning",
      "Choice of the number of types on the simulator (8 types): chosen K, ARI, agreement of two model seeds."),
     ("bench_simulated.py --parts states", "states",

@@ -447,32 +447,6 @@ def test_a_model_choosing_k_couples_weakly_then_warms_the_coupling_up_smoothly_i
             torch.testing.assert_close(after["start"][i], exp_avg, rtol=0, atol=0)
 
 
-def test_a_fit_that_prunes_trains_at_the_variance_floor_of_1e4_and_other_runs_at_1_over_b(monkeypatch):
-    from lightning.pytorch.callbacks import Callback
-
-    monkeypatch.setattr(_pruning, "fit_without_consensus", lambda model, schedule: None)  # the rounds alone
-    floors = []
-
-    class Record(Callback):
-        def on_train_start(self, trainer, pl_module):
-            floors.append(pl_module.loss_kwargs["coupling_variance_floor"])
-
-    prune_kwargs = {"max_rounds": 1, "epochs_per_round": 2, "threshold": 0.9999}
-    fit = {"max_epochs": 2, "prune_kwargs": prune_kwargs, "n_restarts": 1, "callbacks": [Record()], **TRAIN}
-    _unknown_k_model().train(state_epochs=1, **fit)
-    assert floors == [1e-4, 1e-4, None]  # the categories, one pruning round; the state phase at 1 / B
-    floors.clear()
-    _unknown_k_model().train(state_epochs=0, plan_kwargs={"coupling_variance_floor": 0.01}, **fit)
-    assert floors == [0.01, 0.01]  # the user's floor wins
-    floors.clear()
-    _unknown_k_model(n_categories=3).train(max_epochs=1, state_epochs=0, callbacks=[Record()], **TRAIN)
-    assert floors == [None]
-    model = _unknown_k_model(n_categories=3)
-    with pytest.raises(ValueError, match=r"plan_kwargs\['coupling_variance_floor'\]"):
-        model.train(max_epochs=1, plan_kwargs={"coupling_variance_floor": 0}, **TRAIN)
-    assert model.start_labels is None  # refused before the Leiden start
-
-
 def test_prune_on_an_untrained_model_of_unknown_k_prunes_once(monkeypatch):
     model = _unknown_k_model()
     calls = {"n": 0}

@@ -78,8 +78,7 @@ assert list(query.var_names) == list(reference.var_names)
 assert query_model.category_names == model.category_names == from_folder.category_names
 assert query_model.module.n_batch == 3 and model.module.n_batch == 2
 assert set(query.obs["cplmixvae_type"].cat.categories) <= set(model.category_names)
-# 147 query cells after 10 epochs of 2 steps: 5 cells in another category give ARI 0.898 (the full run: 1.00)
-assert adjusted_rand_score(query.obs["type"], query.obs["cplmixvae_type"]) >= 0.85
+assert adjusted_rand_score(query.obs["type"], query.obs["cplmixvae_type"]) >= 0.9
 assert same_category.mean() >= 0.9
 assert all("weight_cov" in n for n, p in query_model.module.named_parameters() if p.requires_grad)
 """,

@@ -39,13 +39,6 @@ logger = logging.getLogger(__name__)
 #: cannot undo; the first pruning round warms the weight up to ``coupling_weight`` (:mod:`._pruning`).
 PRUNING_COUPLING_FACTOR = 1e-3
 
-#: Floor of each category's minibatch variance in the coupling distance while a fit prunes (the training plan's
-#: ``coupling_variance_floor``; elsewhere ``1 / B`` for minibatches of ``B`` cells). Far below ``1 / B``, it weighs
-#: a category that no cell of a minibatch holds up to 100 times: that keeps the many categories of a fit that
-#: prunes in use (at ``1 / B`` the fits of three real sets ended at 2-5 types, against 11-15), and it makes the
-#: coupling spike at such minibatches, which moves cells of trained types (see the loss in the user guide).
-PRUNING_VARIANCE_FLOOR = 1e-4
-
 
 #: The published per-agent input dropout: the default of a model that chooses the number of types, and what pruning
 #: needs (agents reading the same cell agree trivially).
@@ -195,8 +188,6 @@ def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") ->
                 raise TypeError(f"{what} has no option {name!r} (nor does {nor}).{hint}")
     if "lr" in (plan_kwargs or {}):  # torch refuses it only when the first run builds its optimiser
         check.check_float("plan_kwargs['lr']", plan_kwargs["lr"], strict=True)
-    if (plan_kwargs or {}).get("coupling_variance_floor") is not None:  # else refused only by the first run's plan
-        check.check_float("plan_kwargs['coupling_variance_floor']", plan_kwargs["coupling_variance_floor"], strict=True)
     check_split(trainer.get("train_size"), trainer.get("validation_size"))
     check_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
 
@@ -320,21 +311,9 @@ def train_categories(model, schedule: Schedule) -> None:
         return
     trainer = dict(schedule.trainer)
     if schedule.prune:
-        trainer["plan_kwargs"] = {
-            **pruning_plan_kwargs(trainer.get("plan_kwargs")),
-            "max_coupling_factor": PRUNING_COUPLING_FACTOR,
-        }
+        trainer["plan_kwargs"] = {**(trainer.get("plan_kwargs") or {}), "max_coupling_factor": PRUNING_COUPLING_FACTOR}
     state_epochs = 0 if schedule.prune else schedule.state_epochs
     run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **trainer)
-
-
-def pruning_plan_kwargs(plan_kwargs: dict | None) -> dict[str, Any]:
-    """Return the training plan's options of a run that trains categories to prune.
-
-    They are the user's ``plan_kwargs`` with the coupling variance floor :data:`PRUNING_VARIANCE_FLOOR` unless they
-    set one.
-    """
-    return {"coupling_variance_floor": PRUNING_VARIANCE_FLOOR, **(plan_kwargs or {})}
 
 
 def state_phase(model, schedule: Schedule) -> None:

@@ -211,7 +211,7 @@ def prune(
             break
         row["pruned"] = json.dumps([category_name(k) for k in drop])
         module.category_mask[torch.as_tensor(drop, device=module.category_mask.device)] = False
-        run_kwargs, warmup = _round_run_kwargs(module, max_epochs, train_kwargs)
+        run_kwargs, warmup = _coupling_warmup(module, max_epochs, train_kwargs)
         callbacks = [
             *user_callbacks,
             *([ConvergenceStopping(warmup_epochs=warmup)] if epochs_per_round is None else []),
@@ -236,22 +236,20 @@ def prune(
 _PRUNE_PARAMETERS = inspect.signature(prune).parameters  # its defaults, for check_prune_kwargs
 
 
-def _round_run_kwargs(module, max_epochs: int, train_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """Keyword arguments of a round's run and its warm-up epochs.
+def _coupling_warmup(module, max_epochs: int, train_kwargs: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Keyword arguments of a round's run and its warm-up epochs: a coupling warm-up after weakly coupled training.
 
-    Every round trains at the coupling variance floor of a fit that prunes (:func:`._fit.pruning_plan_kwargs`).
     When the module last trained below ``coupling_weight`` (the weakly coupled start of a fit that prunes), the
     round raises the weight geometrically from there to ``coupling_weight`` over the first half of its most epochs
     (at least one), so that the agents train at the full coupling before the round is scored, without the
     thousandfold jump of a switch; otherwise there is no warm-up (0 epochs).
     """
-    plan = _fit.pruning_plan_kwargs(train_kwargs.get("plan_kwargs"))
     factor = float(getattr(module, "coupling_factor", 1.0))
     if factor >= 1.0:
-        return {**train_kwargs, "plan_kwargs": plan}, 0
+        return train_kwargs, 0
     warmup = max(1, max_epochs // 2)
-    plan.update(min_coupling_factor=factor, n_epochs_coupling_warmup=warmup)
-    return {**train_kwargs, "plan_kwargs": plan}, warmup
+    plan_kwargs = {"min_coupling_factor": factor, "n_epochs_coupling_warmup": warmup}
+    return {**train_kwargs, "plan_kwargs": {**(train_kwargs.get("plan_kwargs") or {}), **plan_kwargs}}, warmup
 
 
 def _check_arguments(model, threshold, min_categories, max_rounds, epochs_per_round, batch_size, train_kwargs) -> None:

@@ -343,7 +343,7 @@ def coupling_distance(
     mask: torch.Tensor,
     *,
     eps: float = 1e-8,
-    var_eps: float | None = None,
+    var_eps: float = 1e-4,
     kind: str = "aitchison",
 ) -> torch.Tensor:
     """Variance-normalised distance between the agents' categorical posteriors.
@@ -357,12 +357,7 @@ def coupling_distance(
     eps
         Added inside the logarithm.
     var_eps
-        Added to the per-category minibatch variance before the inverse square root. ``None``: ``1 / B`` for a
-        minibatch of ``B`` cells, about the variance of a category that one cell of the minibatch holds. A variance
-        measured on ``B`` cells says nothing finer, and a smaller floor lets a category that no cell of the
-        minibatch holds (its variance near 0) multiply the agents' small log-ratio differences on it by up to
-        ``var_eps ** -0.5``: at 128 cells and a floor of ``1e-4``, spikes of the coupling that scramble trained
-        categories. At the published minibatch of 5,000 cells, ``1 / B`` is ``2e-4``.
+        Added to the per-category minibatch variance before the inverse square root.
     kind
         ``"aitchison"``: ``||log(q_a + eps) r_a - log(q_b + eps) r_b||^2`` with
         ``r = (Var_batch[q] + var_eps)^(-1/2)`` (the published approximation); ``"clr"``: the same on
@@ -377,8 +372,6 @@ def coupling_distance(
         n_active = mask.sum().clamp(min=1)
         centre = (log_q * mask).sum(-1, keepdim=True) / n_active
         log_q = log_q - centre
-    if var_eps is None:
-        var_eps = 1.0 / max(q.shape[1], 1)
     r = torch.rsqrt(q.var(dim=1, keepdim=True, correction=0) + var_eps)
     z = log_q * r * mask
     diff = z.unsqueeze(0) - z.unsqueeze(1)

@@ -545,13 +545,11 @@ class CplMixVAEModule(BaseModuleClass):
         generative_outputs: dict,
         kl_weight: float = 1.0,
         coupling_factor: float | torch.Tensor = 1.0,
-        coupling_variance_floor: float | None = None,
     ) -> LossOutput:
         """Compute the cpl-mixVAE loss.
 
         ``max(A - 1, 1) * sum_a mean_i [Rec_a + beta * kl_weight * KL_a] + sum_{a<b} [NE_a + NE_b + lambda * D_ab]``,
-        ``lambda`` being ``coupling_factor * coupling_weight`` (the training plan's coupling schedule);
-        ``coupling_variance_floor`` is the ``var_eps`` of :func:`coupling_distance` (``None``: ``1 / B``).
+        ``lambda`` being ``coupling_factor * coupling_weight`` (the training plan's coupling schedule).
         """
         x = tensors[REGISTRY_KEYS.X_KEY]
         a = self.n_agents
@@ -563,7 +561,7 @@ class CplMixVAEModule(BaseModuleClass):
         loss = max(a - 1, 1) * elbo_terms.sum()
         extra = {}
         if a > 1:
-            dist = coupling_distance(q, self.category_mask, kind="clr", var_eps=coupling_variance_floor)
+            dist = coupling_distance(q, self.category_mask, kind="clr")
             pairs = torch.triu_indices(a, a, offset=1, device=dist.device)
             pair_dist = dist[pairs[0], pairs[1]]
             # sum_{a<b} (NE_a + NE_b) = (A - 1) sum_a NE_a

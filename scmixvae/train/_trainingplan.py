@@ -58,11 +58,6 @@ class CplMixVAETrainingPlan(TrainingPlan):
         weight's tenfold rises at its low end as at its high end. ``None``: no warm-up. The weight in use is
         logged as ``coupling_weight`` and, at the end of the run, kept with the module as ``coupling_factor``
         (where a later warm-up of a fit starts from).
-    coupling_variance_floor
-        Floor added to each category's minibatch variance in the coupling distance, before the inverse square
-        root. ``None``: ``1 / B`` for a minibatch of ``B`` cells, what a variance measured on ``B`` cells can
-        resolve (see the loss in the user guide). A fit that prunes trains its categories at ``1e-4``
-        (:data:`~scmixvae.model._fit.PRUNING_VARIANCE_FLOOR`).
     state_kl_weight
         Factor of the state KL weight in the state phase (the categorical path frozen). Below 1 the state
         latent keeps more of each type's within-type programs: at 1 (the published weight) moderate programs
@@ -101,7 +96,6 @@ class CplMixVAETrainingPlan(TrainingPlan):
         max_coupling_factor: float = 1.0,
         min_coupling_factor: float = 1e-3,
         n_epochs_coupling_warmup: int | None = None,
-        coupling_variance_floor: float | None = None,
         state_kl_weight: float = 0.1,
         state_phase_start: int | None = None,
         **kwargs: Any,
@@ -116,9 +110,6 @@ class CplMixVAETrainingPlan(TrainingPlan):
         self.max_coupling_factor, self.min_coupling_factor = float(max_coupling_factor), float(min_coupling_factor)
         self.n_epochs_coupling_warmup = n_epochs_coupling_warmup
         self.coupling_factor = self.max_coupling_factor if n_epochs_coupling_warmup is None else min_coupling_factor
-        if coupling_variance_floor is not None:
-            check.check_float("coupling_variance_floor", coupling_variance_floor, strict=True)
-        self.loss_kwargs["coupling_variance_floor"] = coupling_variance_floor
         self._pending_logs: dict[str, dict[str, tuple]] = {}
         self._deferring: str | None = None
         self._current_batch_size = 1
