@@ -14,7 +14,10 @@ Parts:
   for each ranking axis of ``--axes`` (the default axis of ``rank_state_genes`` and the first principal one);
   AUROC of the state projection (the traversal axis of the reference type's consensus type) separating CTRL from
   STIM within each reference type, and per model type along its own axis (``mean_auroc_by_type``); the
-  cell-type ARI next to scVI + Leiden fitted once here on the same cells and genes (``--no-scvi`` to skip it).
+  cell-type ARI next to scVI + Leiden fitted once here on the same cells and genes (``--no-scvi`` to skip it);
+  the ARI of each fit's types to its own Leiden start (``ari_to_start``) and the fraction of cells in types of which
+  90% or more are of one condition (``cells_in_one_condition_types``: types split by condition); a ``SEEDS`` row
+  with the mean and spread of the ARI and the mean ARI between the seeds' types (``ari_between_seeds``).
 - ``memory``: peak resident memory of ``rank_state_genes`` on ``--memory-cells`` (10^5) simulated cells x 2,000
   genes above the model (trained for a few steps only: memory does not depend on training).
 
@@ -33,6 +36,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS_DIR
@@ -41,9 +45,9 @@ ISGS = ["ISG15", "IFIT1", "IFIT3", "IFI6", "MX1", "ISG20", "IFITM3", "OAS1", "RS
 
 
 def part_ifnb(args) -> list[dict]:
-    from _common import run_scvi_leiden
+    from _common import clustering_scores, run_scvi_leiden
 
-    rows = []
+    rows, types = [], []
     scvi_ari = None
     for seed in args.seeds:
         seed_rows, adata, labels = _fit_ifnb(args, seed)
@@ -52,6 +56,13 @@ def part_ifnb(args) -> list[dict]:
         seed_rows[-1]["scvi_leiden_ari"] = scvi_ari
         print(seed_rows[-1], flush=True)
         rows += seed_rows
+        types.append(adata.obs["cplmixvae_type"].astype(str).to_numpy())
+    pairs = [clustering_scores(a, b)["ari"] for i, a in enumerate(types) for b in types[i + 1 :]]
+    aris = [r["ari"] for r in rows if r["reference_type"] == "SUMMARY"]
+    rows.append({"part": "ifnb", "reference_type": "SEEDS", "n_seeds": len(aris), "ari": float(np.mean(aris)),
+                 "ari_sd": float(np.std(aris, ddof=1)) if len(aris) > 1 else None,
+                 "ari_between_seeds": float(np.mean(pairs)) if pairs else None})  # fmt: skip
+    print(rows[-1], flush=True)
     return rows
 
 
@@ -85,7 +96,9 @@ def _fit_ifnb(args, seed: int):
     rows = [{"part": "ifnb", "seed": seed, "reference_type": ref, "n_cells": int((labels == ref).sum()),
              "consensus_type": adata.obs["cplmixvae_type"][labels == ref].astype(str).value_counts().idxmax()}
             for ref in np.unique(labels)]  # fmt: skip
-    summary = {"part": "ifnb", "seed": seed, "reference_type": "SUMMARY", "ari": scores["ari"], "nmi": scores["nmi"]}
+    summary = {"part": "ifnb", "seed": seed, "reference_type": "SUMMARY", "ari": scores["ari"], "nmi": scores["nmi"],
+               "ari_to_start": clustering_scores(model.start_labels, adata.obs["cplmixvae_type"].astype(str))["ari"],
+               "cells_in_one_condition_types": one_condition_share(adata.obs["cplmixvae_type"], stim)}  # fmt: skip
     for name in args.axes:  # "default": rank_state_genes' default axis (the condition's with one registered)
         axis_name, _, measure = name.partition(":")
         axis = None if axis_name == "default" else int(axis_name) if axis_name.isdigit() else axis_name
@@ -113,6 +126,12 @@ def _fit_ifnb(args, seed: int):
         print(row, flush=True)
     rows.append(summary)
     return rows, adata, labels
+
+
+def one_condition_share(types: pd.Series, stim: np.ndarray) -> float:
+    """Fraction of the cells in types of which at least 90% are of one condition (a type split by condition)."""
+    share = pd.Series(stim, index=types.index).groupby(types.astype(str).to_numpy()).transform("mean").to_numpy()
+    return float(np.mean((share >= 0.9) | (share <= 0.1)))
 
 
 def auroc_by_model_type(types: np.ndarray, state: np.ndarray, stim: np.ndarray, groups, directions) -> float:
