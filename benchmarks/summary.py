@@ -44,7 +44,8 @@ RESULTS: list[tuple[str, str, str]] = [
      "as K given."),
     ("bench_state_genes.py", "state_genes",
      "Interferon-β-stimulated PBMCs with the condition registered: interferon-stimulated genes among each type's "
-     "state genes, AUROC of control vs stimulated along the state, cell-type ARI."),
+     "state genes, AUROC of control vs stimulated along the state, cell-type ARI, each fit's ARI to its own Leiden "
+     "start, the share of cells in types split by condition, and the agreement between the seeds' types."),
     ("bench_speed.py", "speed",
      "Speed against scVI on simulated data, one CPU thread: seconds per step and FLOP/s (`throughput`), the whole "
      "fit (`wholefit`), 10^4 to 10^6 cells (`scale`), two fits side by side (`side-by-side`); the file holds the "
