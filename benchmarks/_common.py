@@ -257,6 +257,12 @@ def clustering_scores(truth: np.ndarray, pred: np.ndarray) -> dict[str, float]:
     return {"ari": float(adjusted_rand_score(truth, pred)), "nmi": float(normalized_mutual_info_score(truth, pred))}
 
 
+def mean_pairwise_ari(labelings: list[np.ndarray]) -> float | None:
+    """Mean ARI between every two of ``labelings`` (e.g. the types of several seeds); ``None`` with fewer than two."""
+    pairs = [clustering_scores(a, b)["ari"] for i, a in enumerate(labelings) for b in labelings[i + 1 :]]
+    return float(np.mean(pairs)) if pairs else None
+
+
 def leiden_clusters(adata: ad.AnnData, use_rep: str, seed: int) -> np.ndarray:
     """15-nearest-neighbour graph on ``obsm[use_rep]`` and Leiden (igraph) at resolution 1; the cluster labels.
 

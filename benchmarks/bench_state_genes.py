@@ -45,7 +45,7 @@ ISGS = ["ISG15", "IFIT1", "IFIT3", "IFI6", "MX1", "ISG20", "IFITM3", "OAS1", "RS
 
 
 def part_ifnb(args) -> list[dict]:
-    from _common import clustering_scores, run_scvi_leiden
+    from _common import mean_pairwise_ari, run_scvi_leiden
 
     rows, types = [], []
     scvi_ari = None
@@ -57,11 +57,10 @@ def part_ifnb(args) -> list[dict]:
         print(seed_rows[-1], flush=True)
         rows += seed_rows
         types.append(adata.obs["cplmixvae_type"].astype(str).to_numpy())
-    pairs = [clustering_scores(a, b)["ari"] for i, a in enumerate(types) for b in types[i + 1 :]]
     aris = [r["ari"] for r in rows if r["reference_type"] == "SUMMARY"]
     rows.append({"part": "ifnb", "reference_type": "SEEDS", "n_seeds": len(aris), "ari": float(np.mean(aris)),
                  "ari_sd": float(np.std(aris, ddof=1)) if len(aris) > 1 else None,
-                 "ari_between_seeds": float(np.mean(pairs)) if pairs else None})  # fmt: skip
+                 "ari_between_seeds": mean_pairwise_ari(types)})  # fmt: skip
     print(rows[-1], flush=True)
     return rows
 
@@ -90,15 +89,16 @@ def _fit_ifnb(args, seed: int):
     model = CplMixVAE(adata, n_categories=len(np.unique(labels)), **likelihood, **args.model_kwargs)
     model.train(enable_progress_bar=False, **({} if args.max_epochs is None else {"max_epochs": args.max_epochs}))
     scmixvae.tl.annotate(adata, model)
-    scores = clustering_scores(labels, adata.obs["cplmixvae_type"].astype(str).to_numpy())
+    types = adata.obs["cplmixvae_type"].astype(str)
+    scores = clustering_scores(labels, types.to_numpy())
     stim = (adata.obs["condition"].astype(str) == "STIM").to_numpy()
     state = adata.obsm["X_cplmixvae_state"]
     rows = [{"part": "ifnb", "seed": seed, "reference_type": ref, "n_cells": int((labels == ref).sum()),
-             "consensus_type": adata.obs["cplmixvae_type"][labels == ref].astype(str).value_counts().idxmax()}
+             "consensus_type": types[labels == ref].value_counts().idxmax()}
             for ref in np.unique(labels)]  # fmt: skip
     summary = {"part": "ifnb", "seed": seed, "reference_type": "SUMMARY", "ari": scores["ari"], "nmi": scores["nmi"],
-               "ari_to_start": clustering_scores(model.start_labels, adata.obs["cplmixvae_type"].astype(str))["ari"],
-               "cells_in_one_condition_types": one_condition_share(adata.obs["cplmixvae_type"], stim)}  # fmt: skip
+               "ari_to_start": clustering_scores(model.start_labels, types.to_numpy())["ari"],
+               "cells_in_one_condition_types": one_condition_share(types.to_numpy(), stim)}  # fmt: skip
     for name in args.axes:  # "default": rank_state_genes' default axis (the condition's with one registered)
         axis_name, _, measure = name.partition(":")
         axis = None if axis_name == "default" else int(axis_name) if axis_name.isdigit() else axis_name
@@ -120,7 +120,7 @@ def _fit_ifnb(args, seed: int):
         summary[f"mean_auroc_{name}"] = float(np.nanmean([r[f"auroc_{name}"] for r in rows]))
         summary[f"axis_{name}"] = adata.uns[key]["params"]["axis"]
         summary[f"mean_auroc_by_type_{name}"] = auroc_by_model_type(
-            adata.obs["cplmixvae_type"].astype(str).to_numpy(), state, stim, groups, traversal["direction"]
+            types.to_numpy(), state, stim, groups, traversal["direction"]
         )
     for row in rows:
         print(row, flush=True)
@@ -128,9 +128,9 @@ def _fit_ifnb(args, seed: int):
     return rows, adata, labels
 
 
-def one_condition_share(types: pd.Series, stim: np.ndarray) -> float:
+def one_condition_share(types: np.ndarray, stim: np.ndarray) -> float:
     """Fraction of the cells in types of which at least 90% are of one condition (a type split by condition)."""
-    share = pd.Series(stim, index=types.index).groupby(types.astype(str).to_numpy()).transform("mean").to_numpy()
+    share = pd.Series(stim).groupby(types).transform("mean").to_numpy()
     return float(np.mean((share >= 0.9) | (share <= 0.1)))
 
 
