@@ -14,7 +14,8 @@ from scmixvae.module import (
     check_temperature,
 )
 from scmixvae.module._losses import (
-    category_condition_discrepancy,
+    category_condition_divergence,
+    condition_category_means,
     coupling_distance,
     gaussian_log_likelihood,
     nb_log_likelihood,
@@ -320,53 +321,111 @@ def _one_hot(labels, k):
     return torch.nn.functional.one_hot(labels, k).float()[None]
 
 
-def test_condition_discrepancy_is_unbiased_when_proportions_match_and_grows_with_a_split_type():
+def test_condition_divergence_is_zero_for_equal_proportions_small_for_a_shift_and_large_for_a_split():
+    shares = torch.tensor([0.5, 0.5])
+    same = torch.tensor([[[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]])
+    assert category_condition_divergence(same, shares).abs().item() < 1e-6
+    # a shift of composition: by hand, sum_g pi_g KL(m || r_g)
+    shifted = torch.tensor([[[0.36, 0.44, 0.2], [0.29, 0.51, 0.2]]])
+    m = (shares[:, None] * shifted[0]).sum(0)
+    by_hand = sum(0.5 * (m * (m / shifted[0, g]).log()).sum() for g in range(2))
+    torch.testing.assert_close(category_condition_divergence(shifted, shares)[0], by_hand)
+    # about half the chi-square distance sum_g pi_g sum_k (r_gk - m_k)^2 / m_k
+    chi2 = (shares[:, None] * (shifted[0] - m) ** 2 / m).sum()
+    assert by_hand.item() == pytest.approx(chi2.item() / 2, rel=0.05)
+    # a type of proportion 0.2 split into one category per condition (the fourth category holds its second half)
+    split = torch.tensor([[[0.5, 0.3, 0.2, 0.0], [0.5, 0.3, 0.0, 0.2]]])
+    assert category_condition_divergence(split, shares).item() > 100 * by_hand.item()
+    # in each condition: 0.1 log(0.1 / 1e-6) for the missing half, 0.1 log(0.1 / 0.2) for the doubled one
+    expected = 0.1 * math.log(0.1 / 1e-6) + 0.1 * math.log(0.5)
+    assert category_condition_divergence(split, shares).item() == pytest.approx(expected, rel=1e-4)
+    # a condition of weight 0 takes no part; agents are separate
+    three = torch.cat([shifted, torch.tensor([[[0.0, 0.0, 1.0]]])], 1)
+    torch.testing.assert_close(category_condition_divergence(three, torch.tensor([0.5, 0.5, 0.0])), by_hand[None])
+    agents = torch.cat([same, shifted])
+    torch.testing.assert_close(category_condition_divergence(agents, shares), torch.stack([torch.tensor(0.0), by_hand]))
+
+
+def test_condition_category_means_per_agent_leave_out_unknown_cells_and_count_each_condition():
+    q = torch.softmax(torch.randn(2, 12, 3, generator=torch.Generator().manual_seed(0)), -1)
+    condition = torch.tensor([0, 2] * 4 + [-1] * 4)[:, None]
+    means, n = condition_category_means(q, condition, 3)
+    assert means.shape == (2, 3, 3)
+    torch.testing.assert_close(n, torch.tensor([4.0, 0.0, 4.0]))
+    torch.testing.assert_close(means[:, 0], q[:, 0:8:2].mean(1))
+    torch.testing.assert_close(means[:, 2], q[:, 1:8:2].mean(1))
+    assert means[:, 1].abs().max() == 0
+
+
+def _conditioned_module(n_categories=4):
+    layout = CovariateLayout(n_conditions=2)
+    return CplMixVAEModule(20, n_categories=n_categories, n_hidden=8, n_agents=2, covariates=layout)
+
+
+def test_condition_penalty_takes_its_value_from_running_proportions_and_its_gradient_from_the_minibatch():
+    module = _conditioned_module()
     gen = torch.Generator().manual_seed(0)
-    k, b = 10, 128
-    # same proportions in both conditions: the plug-in estimate would be about (K - 1) / B on average, this one 0
-    null = torch.stack([
-        category_condition_discrepancy(_one_hot(torch.randint(k, (b,), generator=gen), k),
-                                       torch.randint(2, (b,), generator=gen), 2)
-        for _ in range(500)
-    ])  # fmt: skip
-    assert null.shape == (500, 1)
-    assert abs(null.mean().item()) < 4 * null.std().item() / math.sqrt(500)
-    assert abs(null.mean().item()) < 0.01
-    # one category per condition: (1 - 0)^2 / 0.5 + (0 - 1)^2 / 0.5 = 4
-    cond = torch.arange(b) % 2
-    assert category_condition_discrepancy(_one_hot(cond, k), cond, 2).item() == pytest.approx(4.0)
-    # a type of proportion 1/4 split into one category per condition costs about 4 * 1/4
-    cond = (torch.arange(1024) // 4) % 2
-    typ = torch.arange(1024) % 4 + 1
-    split = torch.where((typ == 1) & (cond == 1), torch.zeros_like(typ), typ)
-    assert category_condition_discrepancy(_one_hot(split, k), cond, 2).item() == pytest.approx(1.0, rel=0.05)
+    cond = torch.arange(16) % 2
+    first = torch.softmax(torch.randn(2, 16, 4, generator=gen), -1)
+    module.train()
+    torch.testing.assert_close(
+        module.condition_penalty(first, cond), category_condition_divergence(*_means_and_shares(first, cond))
+    )
+    assert module.condition_seen.all()
+    # a second minibatch moves the running proportions by the momentum only
+    logits = torch.randn(2, 16, 4, generator=gen).requires_grad_()
+    second = torch.softmax(logits, -1)
+    running = _module.CONDITION_MOMENTUM
+    expected = condition_category_means(first, cond, 2)[0].lerp(condition_category_means(second, cond, 2)[0], running)
+    value = module.condition_penalty(second, cond)
+    torch.testing.assert_close(module.condition_means, expected.detach())
+    torch.testing.assert_close(value, category_condition_divergence(expected, torch.tensor([0.5, 0.5])))
+    # the gradient is that of the divergence in the minibatch's own proportions, taken at the running ones
+    value.sum().backward()
+    grad_module = logits.grad.clone()
+    logits.grad = None
+    means = condition_category_means(torch.softmax(logits, -1), cond, 2)[0]
+    at_running = expected.detach() + means - means.detach()
+    category_condition_divergence(at_running, torch.tensor([0.5, 0.5])).sum().backward()
+    torch.testing.assert_close(grad_module, logits.grad)
+    # evaluation mode reads the running proportions without moving them; a condition absent from the minibatch
+    # keeps its own
+    module.eval()
+    only_first = torch.zeros(16, dtype=torch.long)
+    module.condition_penalty(torch.softmax(torch.randn(2, 16, 4, generator=gen), -1), only_first)
+    torch.testing.assert_close(module.condition_means, expected.detach())
+    module.train()
+    third = torch.softmax(torch.randn(2, 16, 4, generator=gen), -1)
+    module.condition_penalty(third, only_first)
+    torch.testing.assert_close(module.condition_means[:, 1], expected[:, 1].detach())
 
 
-def test_condition_discrepancy_per_agent_ignores_absent_conditions_and_pushes_proportions_together():
-    q = torch.softmax(torch.randn(2, 40, 5, generator=torch.Generator().manual_seed(1)), -1).requires_grad_()
-    cond = torch.zeros(40, dtype=torch.long)
-    cond[20:] = 2  # code 1 absent, code 3 has a single cell: neither forms a pair
-    cond[39] = 3
-    out = category_condition_discrepancy(q, cond, 4)
-    only_pair = category_condition_discrepancy(q[:, :39], cond[:39], 4)
-    assert out.shape == (2,)
-    torch.testing.assert_close(out[0], category_condition_discrepancy(q[:1], cond, 4)[0])
-    # the lone cell of code 3 only enters through the weights 1 / m_k
-    assert out.detach().sub(only_pair.detach()).abs().max() < 0.05
-    # one condition only: nothing to compare
-    assert category_condition_discrepancy(q, torch.zeros(40, dtype=torch.long), 4).abs().max() == 0
-    # gradient descent on the discrepancy brings the two conditions' mean posteriors closer
-    logits = torch.randn(1, 64, 4, generator=torch.Generator().manual_seed(2)) + 3 * _one_hot(torch.arange(64) % 2, 4)
-    logits.requires_grad_()
-    halves = torch.arange(64) % 2
-    gap = lambda p: (p[0, halves == 0].mean(0) - p[0, halves == 1].mean(0)).abs().sum().item()  # noqa: E731
-    before = gap(torch.softmax(logits, -1))
-    opt = torch.optim.SGD([logits], lr=5.0)
-    for _ in range(50):
+def _means_and_shares(q, cond):
+    means, n = condition_category_means(q, cond, 2)
+    return means, n / n.sum()
+
+
+def test_descending_the_condition_penalty_rejoins_a_type_split_by_condition():
+    module = _conditioned_module(n_categories=3)
+    module.train()
+    cond = torch.arange(64) % 2
+    # category 1 holds the control half of a type, category 2 its stimulated half
+    split = torch.where((torch.arange(64) % 4 >= 2) & (cond == 1), 2, torch.where(torch.arange(64) % 4 >= 2, 1, 0))
+    logits = (4 * torch.nn.functional.one_hot(split, 3).float()).expand(2, 64, 3).clone().requires_grad_()
+    before = module.condition_penalty(torch.softmax(logits, -1), cond).detach()
+    opt = torch.optim.SGD([logits], lr=1.0)
+    for _ in range(300):
         opt.zero_grad()
-        category_condition_discrepancy(torch.softmax(logits, -1), halves, 2).sum().backward()
+        module.condition_penalty(torch.softmax(logits, -1), cond).sum().backward()
         opt.step()
-    assert gap(torch.softmax(logits, -1)) < 0.2 * before
+    q = torch.softmax(logits.detach(), -1)
+    after = category_condition_divergence(*_means_and_shares(q, cond))
+    assert (after < 0.1 * before).all()
+    # neither condition lacks either of the split type's categories any more (each held ~0.01 of a condition);
+    # the other type stays in its own
+    means = condition_category_means(q, cond, 2)[0]
+    assert means[:, :, 1:].min() > 0.15
+    assert (q[:, split == 0].argmax(-1) == 0).all()
 
 
 def test_condition_penalty_enters_the_loss_only_with_a_condition(counts):
@@ -379,6 +438,6 @@ def test_condition_penalty_enters_the_loss_only_with_a_condition(counts):
     inf, _, plain = module(tensors)
     torch.manual_seed(1)
     _, _, with_cond = module({**tensors, "condition": cond})
-    gap = category_condition_discrepancy(inf["q"], cond, 2)
-    torch.testing.assert_close(with_cond.loss, plain.loss + counts.shape[1] * gap.sum())  # weight: the genes
-    assert "condition_discrepancy" in with_cond.extra_metrics and "condition_discrepancy" not in plain.extra_metrics
+    divergence = category_condition_divergence(*_means_and_shares(inf["q"], cond))
+    torch.testing.assert_close(with_cond.loss, plain.loss + _module.CONDITION_WEIGHT * divergence.sum())
+    assert "condition_divergence" in with_cond.extra_metrics and "condition_divergence" not in plain.extra_metrics

@@ -378,20 +378,15 @@ def coupling_distance(
     return diff.pow(2).sum(-1).mean(-1)
 
 
-def category_condition_discrepancy(q: torch.Tensor, condition: torch.Tensor, n_conditions: int) -> torch.Tensor:
-    """How much the category proportions differ between conditions in a minibatch, per agent.
-
-    For each pair of conditions ``g, h`` with at least two cells each, a chi-square-like distance between their
-    mean posteriors, ``sum_k (m_gk - m_hk)^2 / m_k`` with ``m_k`` the mean posterior of the minibatch's cells of
-    known condition (held constant for the gradient), so that a type split between conditions costs in proportion
-    to its size. The squares are estimated without bias (``m_gk^2`` leaves out each cell's product with itself): a
-    plug-in estimate would be biased upwards by the sampling noise of the proportions, which is smaller with fewer
-    categories, and would so reward merging types. Averaged over the pairs of conditions present.
+def condition_category_means(
+    q: torch.Tensor, condition: torch.Tensor, n_conditions: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean posterior of each condition's cells in a minibatch.
 
     Parameters
     ----------
     q
-        Posteriors ``(A, B, K)``; masked categories carry zero mass.
+        Posteriors ``(A, B, K)``.
     condition
         Integer condition code per cell ``(B,)`` or ``(B, 1)``; cells with a negative code (unknown) are left out.
     n_conditions
@@ -399,26 +394,39 @@ def category_condition_discrepancy(q: torch.Tensor, condition: torch.Tensor, n_c
 
     Returns
     -------
-    ``(A,)`` discrepancy: 0 in expectation when every condition has the same proportions (it can be slightly
-    negative, being unbiased), about ``4 p`` when a type of proportion ``p`` is split into one category per
-    condition between two conditions.
+    The means ``(A, G, K)`` (zero for a condition without cells) and the number of cells of each condition ``(G,)``.
     """
     condition = condition.reshape(-1).long()
     # cells of unknown condition (code -1: a query or new data without it) take no part
     known = (condition >= 0).to(q.dtype)  # (B,)
     g = F.one_hot(condition.clamp(min=0), n_conditions).to(q.dtype) * known.unsqueeze(-1)  # (B, G)
-    n = g.sum(0)  # (G,)
-    mean_q = torch.einsum("b,abk->ak", known, q.detach()) / known.sum().clamp(min=1)
-    weight = 1.0 / mean_q.clamp(min=1e-3)  # (A, K)
-    sums = torch.einsum("bg,abk->agk", g, q)  # (A, G, K)
-    self_products = torch.einsum("bg,abk->agk", g, q.pow(2))  # (A, G, K)
-    present = n >= 2
-    n_safe = n.clamp(min=2)
-    means = sums / n_safe[:, None]
-    square = (sums.pow(2) - self_products) / (n_safe * (n_safe - 1))[:, None]  # unbiased m_gk^2, (A, G, K)
-    # sum_k w_k (m_gk^2 + m_hk^2 - 2 m_gk m_hk) for every pair (g, h), (A, G, G)
-    weighted_square = (square * weight[:, None]).sum(-1)
-    cross = (means * weight[:, None]) @ means.transpose(-1, -2)
-    dist = weighted_square[:, :, None] + weighted_square[:, None, :] - 2 * cross
-    pairs = torch.triu(present[:, None] & present[None, :], diagonal=1).to(q.dtype)  # (G, G)
-    return (dist * pairs).sum((-2, -1)) / pairs.sum().clamp(min=1)
+    n = g.sum(0)
+    return torch.einsum("bg,abk->agk", g, q) / n.clamp(min=1)[:, None], n
+
+
+def category_condition_divergence(means: torch.Tensor, shares: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """How far each condition's category proportions are from missing a category that the others hold, per agent.
+
+    ``sum_g pi_g KL(m || r_g)``, with ``r_g`` the category proportions among the cells of condition ``g``, ``pi_g``
+    the condition's share of the cells and ``m = sum_g pi_g r_g`` the overall proportions. For proportions close
+    to each other it is about half a chi-square distance, so a change of composition between conditions costs
+    little; a category that condition ``g`` lacks while the others hold it costs about ``pi_g m_k log(1 / r_gk)``,
+    without bound as ``r_gk`` goes to 0 (``r`` is clamped at ``eps``): the cost of a type split into one category per
+    condition.
+
+    Parameters
+    ----------
+    means
+        Category proportions of each condition ``(A, G, K)``; masked categories carry zero mass.
+    shares
+        Weight of each condition ``(G,)``, summing to 1; a condition of weight 0 takes no part.
+    eps
+        Floor of the proportions inside the logarithms.
+
+    Returns
+    -------
+    ``(A,)`` divergence, 0 when every condition has the same proportions.
+    """
+    overall = torch.einsum("g,agk->ak", shares, means)
+    cross = torch.einsum("g,agk->ak", shares, torch.log(means.clamp(min=eps)))
+    return (overall * (torch.log(overall.clamp(min=eps)) - cross)).sum(-1)

@@ -21,7 +21,8 @@ from .._constants import CONDITION_KEY, NEIGHBOUR_X_KEY, NORMALISATION_SCALE
 from ._augment import AUGMENTATION_STRENGTH, AUGMENTATIONS, Augmentation, AugmenterModule, mix_neighbours, thin_counts
 from ._components import StackedBatchNorm, StackedLinear, StackedMLP
 from ._losses import (
-    category_condition_discrepancy,
+    category_condition_divergence,
+    condition_category_means,
     coupling_distance,
     csr_nonzero,
     gaussian_log_likelihood,
@@ -37,6 +38,10 @@ from ._losses import (
 GUMBEL_TEMPERATURE = 1.0
 #: Width of the state encoder, the one-layer encoder of the real cell that the state posterior reads.
 N_HIDDEN_STATE = 32
+#: Weight of the condition penalty in the loss (:meth:`CplMixVAEModule.condition_penalty`), in nats per cell.
+CONDITION_WEIGHT = 100.0
+#: Weight of each training minibatch in the running category proportions of the conditions.
+CONDITION_MOMENTUM = 0.02
 
 logger = logging.getLogger(__name__)
 
@@ -57,10 +62,10 @@ class CovariateLayout:
         Number of continuous covariates.
     n_conditions
         Number of codes of the registered experimental condition (0: none). The condition is given to no
-        encoder or decoder: its effect has to be carried by the state. With two or more, the loss adds a penalty,
-        of weight the number of genes, on the difference between the conditions' category proportions in a
-        minibatch (:func:`category_condition_discrepancy`), which keeps them the same in every condition, so that
-        a condition's effect cannot be absorbed by splitting types.
+        encoder or decoder: its effect has to be carried by the state. With two or more, the loss adds a penalty
+        on categories that one condition lacks while the others hold them
+        (:meth:`CplMixVAEModule.condition_penalty`), so that a condition's effect cannot be absorbed by splitting
+        types.
     """
 
     n_batch: int = 0
@@ -215,6 +220,11 @@ class CplMixVAEModule(BaseModuleClass):
             n_disp = self.n_batch if dispersion == "gene-batch" else 1
             self.px_r = nn.Parameter(torch.randn(a, n_disp, n_input))
         self.register_buffer("category_mask", torch.ones(n_categories, dtype=torch.bool))
+        # running category proportions of each condition and the conditions' shares (see condition_penalty)
+        g = max(self.n_conditions, 1)
+        self.register_buffer("condition_means", torch.zeros(a, g, n_categories), persistent=False)
+        self.register_buffer("condition_shares", torch.zeros(g), persistent=False)
+        self.register_buffer("condition_seen", torch.zeros(g, dtype=torch.bool), persistent=False)
         # set by the training plan during the state phase (see :meth:`inference`)
         self.categories_frozen = False
         self.augmenter = (
@@ -572,9 +582,9 @@ class CplMixVAEModule(BaseModuleClass):
                 extra["agreement"] = (labels == labels[:1]).all(0).float().mean()
         condition = tensors.get(CONDITION_KEY)
         if condition is not None and self.n_conditions > 1:
-            gap = category_condition_discrepancy(q, condition, self.n_conditions)  # (A,)
-            loss = loss + self.n_input * gap.sum()
-            extra["condition_discrepancy"] = gap.detach().mean()
+            divergence = self.condition_penalty(q, condition)  # (A,)
+            loss = loss + CONDITION_WEIGHT * divergence.sum()
+            extra["condition_divergence"] = divergence.detach().mean()
         per_agent = torch.stack([rec.detach().mean(-1), kl.detach().mean(-1), neg_ent.detach()])  # one reduction
         for i, (rec_i, kl_i, ne_i) in enumerate(per_agent.unbind(-1)):  # dictionary entries for the logger only
             extra[f"reconstruction_agent{i}"], extra[f"kl_agent{i}"], extra[f"neg_entropy_agent{i}"] = rec_i, kl_i, ne_i
@@ -584,6 +594,39 @@ class CplMixVAEModule(BaseModuleClass):
             kl_local=kl.mean(0),
             extra_metrics=extra,
         )
+
+    def condition_penalty(self, q: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        """Compute each agent's divergence in category proportions between conditions.
+
+        See :func:`category_condition_divergence`. A minibatch holds too few cells of a small type to tell whether a
+        condition lacks it, and the logarithm of a proportion estimated as 0 is unbounded. So the value comes from
+        running proportions (each training minibatch weighs :data:`CONDITION_MOMENTUM`; a condition's first
+        minibatch sets its start) and the gradient from the minibatch's own. In the loss it weighs
+        :data:`CONDITION_WEIGHT`.
+
+        Parameters
+        ----------
+        q
+            Posteriors ``(A, B, K)``.
+        condition
+            Condition code per cell ``(B,)`` or ``(B, 1)``; negative: unknown, left out.
+        """
+        means, n = condition_category_means(q, condition, self.n_conditions)
+        present = n > 0
+        frac = n / n.sum().clamp(min=1)
+        if self.training:
+            with torch.no_grad():
+                first = (present & ~self.condition_seen)[None, :, None]
+                running = torch.where(first, means, self.condition_means.lerp(means, CONDITION_MOMENTUM))
+                self.condition_means.copy_(torch.where(present[None, :, None], running, self.condition_means))
+                started = self.condition_seen.any()
+                self.condition_shares.copy_(self.condition_shares.lerp(frac, CONDITION_MOMENTUM) if started else frac)
+                self.condition_seen |= present
+        seen = self.condition_seen
+        value = torch.where(seen[None, :, None], self.condition_means, means.detach())
+        proportions = value + (means - means.detach()) * present[None, :, None]
+        shares = torch.where(seen.any(), self.condition_shares, frac) * (seen | present)
+        return category_condition_divergence(proportions, shares / shares.sum().clamp(min=1e-12))
 
     @torch.inference_mode()
     def sample(self, tensors: dict[str, torch.Tensor], n_samples: int = 1) -> torch.Tensor:
