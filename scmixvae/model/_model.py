@@ -246,8 +246,8 @@ class CplMixVAE(
     -----
     The state posterior reads a one-layer encoder of its own (32 units) that sees the real cell, and the decoder
     gives each category its own map of the state; with a condition registered
-    (``setup_anndata(condition_key=...)``), a penalty keeps every category's share of cells the same in each
-    condition, so that the condition's effect goes to the state (see the user guide).
+    (``setup_anndata(condition_key=...)``), a penalty keeps any condition from lacking a category that the others
+    hold, so that the condition's effect goes to the state rather than splitting types (see the user guide).
 
     Before its first training, the model fits the agents' categorical heads to a Leiden partition of the cells
     with ``n_categories`` clusters (on a truncated SVD of log-normalised counts), then refines it with the coupled
@@ -400,10 +400,10 @@ class CplMixVAE(
             ``obs`` columns of continuous covariates.
         condition_key
             ``obs`` column of an experimental condition whose effect belongs to the cells' states rather than
-            to their types (control vs stimulated, healthy vs disease, time points): training keeps every
-            category's share of cells the same across conditions (a penalty in the loss), and the
-            condition is given to no encoder or decoder, so its effect is carried by the state latent. Unlike a
-            batch, it is not removed. Use it when every type is present in every condition.
+            to their types (control vs stimulated, healthy vs disease, time points): a penalty in the loss keeps
+            any condition from lacking a category that the others hold (a type's share may still change between
+            conditions), and the condition is given to no encoder or decoder, so its effect is carried by the
+            state latent. Unlike a batch, it is not removed. Use it when every type is present in every condition.
         """
         check.check_anndata(adata)
         check.check_unique_names(adata)
