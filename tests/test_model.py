@@ -472,6 +472,7 @@ def test_condition_key_is_registered_logged_and_round_trips(tmp_path):
     model = _fit(adata, n_categories=3, train={"max_epochs": 2, "state_epochs": 0})
     assert model.module.n_conditions == 2
     assert len(model.history["condition_divergence_train"]) == 2
+    assert len(model.history["condition_discrepancy_train"]) == 2
     model.save(tmp_path / "model", save_anndata=False)
     loaded = CplMixVAE.load(tmp_path / "model", adata=adata)
     assert loaded.module.n_conditions == 2

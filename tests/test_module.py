@@ -14,6 +14,7 @@ from scmixvae.module import (
     check_temperature,
 )
 from scmixvae.module._losses import (
+    category_condition_discrepancy,
     category_condition_divergence,
     condition_category_means,
     coupling_distance,
@@ -321,6 +322,55 @@ def _one_hot(labels, k):
     return torch.nn.functional.one_hot(labels, k).float()[None]
 
 
+def test_condition_discrepancy_is_unbiased_when_proportions_match_and_grows_with_a_split_type():
+    gen = torch.Generator().manual_seed(0)
+    k, b = 10, 128
+    # same proportions in both conditions: the plug-in estimate would be about (K - 1) / B on average, this one 0
+    null = torch.stack([
+        category_condition_discrepancy(_one_hot(torch.randint(k, (b,), generator=gen), k),
+                                       torch.randint(2, (b,), generator=gen), 2)
+        for _ in range(500)
+    ])  # fmt: skip
+    assert null.shape == (500, 1)
+    assert abs(null.mean().item()) < 4 * null.std().item() / math.sqrt(500)
+    assert abs(null.mean().item()) < 0.01
+    # one category per condition: (1 - 0)^2 / 0.5 + (0 - 1)^2 / 0.5 = 4
+    cond = torch.arange(b) % 2
+    assert category_condition_discrepancy(_one_hot(cond, k), cond, 2).item() == pytest.approx(4.0)
+    # a type of proportion 1/4 split into one category per condition costs about 4 * 1/4
+    cond = (torch.arange(1024) // 4) % 2
+    typ = torch.arange(1024) % 4 + 1
+    split = torch.where((typ == 1) & (cond == 1), torch.zeros_like(typ), typ)
+    assert category_condition_discrepancy(_one_hot(split, k), cond, 2).item() == pytest.approx(1.0, rel=0.05)
+
+
+def test_condition_discrepancy_per_agent_ignores_absent_conditions_and_pushes_proportions_together():
+    q = torch.softmax(torch.randn(2, 40, 5, generator=torch.Generator().manual_seed(1)), -1).requires_grad_()
+    cond = torch.zeros(40, dtype=torch.long)
+    cond[20:] = 2  # code 1 absent, code 3 has a single cell: neither forms a pair
+    cond[39] = 3
+    out = category_condition_discrepancy(q, cond, 4)
+    only_pair = category_condition_discrepancy(q[:, :39], cond[:39], 4)
+    assert out.shape == (2,)
+    torch.testing.assert_close(out[0], category_condition_discrepancy(q[:1], cond, 4)[0])
+    # the lone cell of code 3 only enters through the weights 1 / m_k
+    assert out.detach().sub(only_pair.detach()).abs().max() < 0.05
+    # one condition only: nothing to compare
+    assert category_condition_discrepancy(q, torch.zeros(40, dtype=torch.long), 4).abs().max() == 0
+    # gradient descent on the discrepancy brings the two conditions' mean posteriors closer
+    logits = torch.randn(1, 64, 4, generator=torch.Generator().manual_seed(2)) + 3 * _one_hot(torch.arange(64) % 2, 4)
+    logits.requires_grad_()
+    halves = torch.arange(64) % 2
+    gap = lambda p: (p[0, halves == 0].mean(0) - p[0, halves == 1].mean(0)).abs().sum().item()  # noqa: E731
+    before = gap(torch.softmax(logits, -1))
+    opt = torch.optim.SGD([logits], lr=5.0)
+    for _ in range(50):
+        opt.zero_grad()
+        category_condition_discrepancy(torch.softmax(logits, -1), halves, 2).sum().backward()
+        opt.step()
+    assert gap(torch.softmax(logits, -1)) < 0.2 * before
+
+
 def test_condition_divergence_is_zero_for_equal_proportions_small_for_a_shift_and_large_for_a_split():
     shares = torch.tensor([0.5, 0.5])
     same = torch.tensor([[[0.5, 0.3, 0.2], [0.5, 0.3, 0.2]]])
@@ -439,5 +489,8 @@ def test_condition_penalty_enters_the_loss_only_with_a_condition(counts):
     torch.manual_seed(1)
     _, _, with_cond = module({**tensors, "condition": cond})
     divergence = category_condition_divergence(*_means_and_shares(inf["q"], cond))
-    torch.testing.assert_close(with_cond.loss, plain.loss + _module.CONDITION_WEIGHT * divergence.sum())
-    assert "condition_divergence" in with_cond.extra_metrics and "condition_divergence" not in plain.extra_metrics
+    gap = category_condition_discrepancy(inf["q"], cond, 2)
+    penalty = _module.CONDITION_WEIGHT * divergence.sum() + _module.CONDITION_SHARE_WEIGHT * gap.sum()
+    torch.testing.assert_close(with_cond.loss, plain.loss + penalty)
+    for key in ("condition_divergence", "condition_discrepancy"):
+        assert key in with_cond.extra_metrics and key not in plain.extra_metrics

@@ -12,7 +12,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from scmixvae.data import simulate
 from scmixvae.model import CplMixVAE
-from scmixvae.module._losses import condition_category_means
+from scmixvae.module._losses import category_condition_discrepancy, condition_category_means
 
 FIT = {"batch_size": 64, "enable_progress_bar": False}
 
@@ -240,3 +240,5 @@ def test_condition_penalty_leaves_out_cells_of_unknown_condition():
     expected, n_known = condition_category_means(q[:, known], condition[known], 2)
     torch.testing.assert_close(means, expected)
     torch.testing.assert_close(n, n_known)
+    expected = category_condition_discrepancy(q[:, known], condition[known], 2)
+    torch.testing.assert_close(category_condition_discrepancy(q, condition, 2), expected)

@@ -378,6 +378,52 @@ def coupling_distance(
     return diff.pow(2).sum(-1).mean(-1)
 
 
+def category_condition_discrepancy(q: torch.Tensor, condition: torch.Tensor, n_conditions: int) -> torch.Tensor:
+    """How much the category proportions differ between conditions in a minibatch, per agent.
+
+    For each pair of conditions ``g, h`` with at least two cells each, a chi-square-like distance between their
+    mean posteriors, ``sum_k (m_gk - m_hk)^2 / m_k`` with ``m_k`` the mean posterior of the minibatch's cells of
+    known condition (held constant for the gradient), so that a type split between conditions costs in proportion
+    to its size. The squares are estimated without bias (``m_gk^2`` leaves out each cell's product with itself): a
+    plug-in estimate would be biased upwards by the sampling noise of the proportions, which is smaller with fewer
+    categories, and would so reward merging types. Averaged over the pairs of conditions present.
+
+    Parameters
+    ----------
+    q
+        Posteriors ``(A, B, K)``; masked categories carry zero mass.
+    condition
+        Integer condition code per cell ``(B,)`` or ``(B, 1)``; cells with a negative code (unknown) are left out.
+    n_conditions
+        Number of condition codes.
+
+    Returns
+    -------
+    ``(A,)`` discrepancy: 0 in expectation when every condition has the same proportions (it can be slightly
+    negative, being unbiased), about ``4 p`` when a type of proportion ``p`` is split into one category per
+    condition between two conditions.
+    """
+    condition = condition.reshape(-1).long()
+    # cells of unknown condition (code -1: a query or new data without it) take no part
+    known = (condition >= 0).to(q.dtype)  # (B,)
+    g = F.one_hot(condition.clamp(min=0), n_conditions).to(q.dtype) * known.unsqueeze(-1)  # (B, G)
+    n = g.sum(0)  # (G,)
+    mean_q = torch.einsum("b,abk->ak", known, q.detach()) / known.sum().clamp(min=1)
+    weight = 1.0 / mean_q.clamp(min=1e-3)  # (A, K)
+    sums = torch.einsum("bg,abk->agk", g, q)  # (A, G, K)
+    self_products = torch.einsum("bg,abk->agk", g, q.pow(2))  # (A, G, K)
+    present = n >= 2
+    n_safe = n.clamp(min=2)
+    means = sums / n_safe[:, None]
+    square = (sums.pow(2) - self_products) / (n_safe * (n_safe - 1))[:, None]  # unbiased m_gk^2, (A, G, K)
+    # sum_k w_k (m_gk^2 + m_hk^2 - 2 m_gk m_hk) for every pair (g, h), (A, G, G)
+    weighted_square = (square * weight[:, None]).sum(-1)
+    cross = (means * weight[:, None]) @ means.transpose(-1, -2)
+    dist = weighted_square[:, :, None] + weighted_square[:, None, :] - 2 * cross
+    pairs = torch.triu(present[:, None] & present[None, :], diagonal=1).to(q.dtype)  # (G, G)
+    return (dist * pairs).sum((-2, -1)) / pairs.sum().clamp(min=1)
+
+
 def condition_category_means(
     q: torch.Tensor, condition: torch.Tensor, n_conditions: int
 ) -> tuple[torch.Tensor, torch.Tensor]:

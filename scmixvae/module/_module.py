@@ -21,6 +21,7 @@ from .._constants import CONDITION_KEY, NEIGHBOUR_X_KEY, NORMALISATION_SCALE
 from ._augment import AUGMENTATION_STRENGTH, AUGMENTATIONS, Augmentation, AugmenterModule, mix_neighbours, thin_counts
 from ._components import StackedBatchNorm, StackedLinear, StackedMLP
 from ._losses import (
+    category_condition_discrepancy,
     category_condition_divergence,
     condition_category_means,
     coupling_distance,
@@ -38,8 +39,10 @@ from ._losses import (
 GUMBEL_TEMPERATURE = 1.0
 #: Width of the state encoder, the one-layer encoder of the real cell that the state posterior reads.
 N_HIDDEN_STATE = 32
-#: Weight of the condition penalty in the loss (:meth:`CplMixVAEModule.condition_penalty`), in nats per cell.
+#: Weight of the conditions' divergence in the loss (:meth:`CplMixVAEModule.condition_penalty`), in nats per cell.
 CONDITION_WEIGHT = 100.0
+#: Weight of the conditions' chi-square discrepancy in the loss (:func:`category_condition_discrepancy`).
+CONDITION_SHARE_WEIGHT = 30.0
 #: Weight of each training minibatch in the running category proportions of the conditions.
 CONDITION_MOMENTUM = 0.02
 
@@ -64,8 +67,9 @@ class CovariateLayout:
         Number of codes of the registered experimental condition (0: none). The condition is given to no
         encoder or decoder: its effect has to be carried by the state. With two or more, the loss adds a penalty
         on categories that one condition lacks while the others hold them
-        (:meth:`CplMixVAEModule.condition_penalty`), so that a condition's effect cannot be absorbed by splitting
-        types.
+        (:meth:`CplMixVAEModule.condition_penalty`) and a weaker one on differences between the conditions'
+        category proportions (:func:`category_condition_discrepancy`), so that a condition's effect cannot be
+        absorbed by splitting types, wholly or in part.
     """
 
     n_batch: int = 0
@@ -583,8 +587,10 @@ class CplMixVAEModule(BaseModuleClass):
         condition = tensors.get(CONDITION_KEY)
         if condition is not None and self.n_conditions > 1:
             divergence = self.condition_penalty(q, condition)  # (A,)
-            loss = loss + CONDITION_WEIGHT * divergence.sum()
+            gap = category_condition_discrepancy(q, condition, self.n_conditions)  # (A,)
+            loss = loss + CONDITION_WEIGHT * divergence.sum() + CONDITION_SHARE_WEIGHT * gap.sum()
             extra["condition_divergence"] = divergence.detach().mean()
+            extra["condition_discrepancy"] = gap.detach().mean()
         per_agent = torch.stack([rec.detach().mean(-1), kl.detach().mean(-1), neg_ent.detach()])  # one reduction
         for i, (rec_i, kl_i, ne_i) in enumerate(per_agent.unbind(-1)):  # dictionary entries for the logger only
             extra[f"reconstruction_agent{i}"], extra[f"kl_agent{i}"], extra[f"neg_entropy_agent{i}"] = rec_i, kl_i, ne_i
