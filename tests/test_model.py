@@ -484,13 +484,14 @@ def test_condition_key_is_registered_logged_and_round_trips(tmp_path):
     assert CplMixVAE(plain, n_categories=3).module.n_conditions == 0
 
 
-def test_condition_penalty_keeps_types_from_splitting_by_condition():
+@pytest.mark.parametrize("seed", [0, 4])
+def test_condition_penalty_keeps_types_from_splitting_by_condition(seed):
     from sklearn.metrics import adjusted_mutual_info_score
 
     def fit(penalty):
-        adata = _stimulated()
+        adata = _stimulated(seed)
         CplMixVAE.setup_anndata(adata, condition_key="condition")
-        scvi.settings.seed = 0
+        scvi.settings.seed = seed
         model = CplMixVAE(adata, n_categories=4, n_hidden=16)
         if not penalty:  # the condition stays registered (balanced start), but the loss has no penalty
             model.module.n_conditions = 0
@@ -501,7 +502,8 @@ def test_condition_penalty_keeps_types_from_splitting_by_condition():
 
     cond_free, type_free = fit(penalty=False)
     cond_pen, type_pen = fit(penalty=True)
-    # without the penalty the spare categories split the cells by condition; with it they follow the types
+    # without the penalty the spare categories split the cells by condition; with it they follow the types, not
+    # even in part (on seed 4 the divergence alone, without the chi-square, left a condition AMI of 0.29)
     assert cond_free > 0.3
     assert cond_pen < 0.1 and type_pen > type_free
 
