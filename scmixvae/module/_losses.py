@@ -403,10 +403,8 @@ def category_condition_discrepancy(q: torch.Tensor, condition: torch.Tensor, n_c
     negative, being unbiased), about ``4 p`` when a type of proportion ``p`` is split into one category per
     condition between two conditions.
     """
-    condition = condition.reshape(-1).long()
-    # cells of unknown condition (code -1: a query or new data without it) take no part
-    known = (condition >= 0).to(q.dtype)  # (B,)
-    g = F.one_hot(condition.clamp(min=0), n_conditions).to(q.dtype) * known.unsqueeze(-1)  # (B, G)
+    g = condition_indicator(condition, n_conditions, q.dtype)  # (B, G)
+    known = g.sum(-1)  # (B,)
     n = g.sum(0)  # (G,)
     mean_q = torch.einsum("b,abk->ak", known, q.detach()) / known.sum().clamp(min=1)
     weight = 1.0 / mean_q.clamp(min=1e-3)  # (A, K)
@@ -424,28 +422,25 @@ def category_condition_discrepancy(q: torch.Tensor, condition: torch.Tensor, n_c
     return (dist * pairs).sum((-2, -1)) / pairs.sum().clamp(min=1)
 
 
+def condition_indicator(condition: torch.Tensor, n_conditions: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot condition of each cell ``(B, G)`` from codes ``(B,)`` or ``(B, 1)``.
+
+    A negative code (unknown: a query or new data without the condition) gives a row of zeros: the cell takes no part.
+    """
+    condition = condition.reshape(-1).long()
+    known = (condition >= 0).to(dtype)
+    return F.one_hot(condition.clamp(min=0), n_conditions).to(dtype) * known.unsqueeze(-1)
+
+
 def condition_category_means(
     q: torch.Tensor, condition: torch.Tensor, n_conditions: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean posterior of each condition's cells in a minibatch.
+    """Mean posterior ``(A, G, K)`` of each condition's cells in a minibatch, and their numbers ``(G,)``.
 
-    Parameters
-    ----------
-    q
-        Posteriors ``(A, B, K)``.
-    condition
-        Integer condition code per cell ``(B,)`` or ``(B, 1)``; cells with a negative code (unknown) are left out.
-    n_conditions
-        Number of condition codes.
-
-    Returns
-    -------
-    The means ``(A, G, K)`` (zero for a condition without cells) and the number of cells of each condition ``(G,)``.
+    ``q`` holds the posteriors ``(A, B, K)``; ``condition`` and ``n_conditions`` are as in
+    :func:`category_condition_discrepancy`. A condition without cells has means of zero.
     """
-    condition = condition.reshape(-1).long()
-    # cells of unknown condition (code -1: a query or new data without it) take no part
-    known = (condition >= 0).to(q.dtype)  # (B,)
-    g = F.one_hot(condition.clamp(min=0), n_conditions).to(q.dtype) * known.unsqueeze(-1)  # (B, G)
+    g = condition_indicator(condition, n_conditions, q.dtype)
     n = g.sum(0)
     return torch.einsum("bg,abk->agk", g, q) / n.clamp(min=1)[:, None], n
 
