@@ -412,14 +412,14 @@ def _conditioned_module(n_categories=4):
     return CplMixVAEModule(20, n_categories=n_categories, n_hidden=8, n_agents=2, covariates=layout)
 
 
-def test_condition_penalty_takes_its_value_from_running_proportions_and_its_gradient_from_the_minibatch():
+def test_condition_divergence_takes_its_value_from_running_proportions_and_its_gradient_from_the_minibatch():
     module = _conditioned_module()
     gen = torch.Generator().manual_seed(0)
     cond = torch.arange(16) % 2
     first = torch.softmax(torch.randn(2, 16, 4, generator=gen), -1)
     module.train()
     torch.testing.assert_close(
-        module.condition_penalty(first, cond), category_condition_divergence(*_means_and_shares(first, cond))
+        module.condition_divergence(first, cond), category_condition_divergence(*_means_and_shares(first, cond))
     )
     assert module.condition_seen.all()
     # a second minibatch moves the running proportions by the momentum only
@@ -427,7 +427,7 @@ def test_condition_penalty_takes_its_value_from_running_proportions_and_its_grad
     second = torch.softmax(logits, -1)
     running = _module.CONDITION_MOMENTUM
     expected = condition_category_means(first, cond, 2)[0].lerp(condition_category_means(second, cond, 2)[0], running)
-    value = module.condition_penalty(second, cond)
+    value = module.condition_divergence(second, cond)
     torch.testing.assert_close(module.condition_means, expected.detach())
     torch.testing.assert_close(value, category_condition_divergence(expected, torch.tensor([0.5, 0.5])))
     # the gradient is that of the divergence in the minibatch's own proportions, taken at the running ones
@@ -442,11 +442,11 @@ def test_condition_penalty_takes_its_value_from_running_proportions_and_its_grad
     # keeps its own
     module.eval()
     only_first = torch.zeros(16, dtype=torch.long)
-    module.condition_penalty(torch.softmax(torch.randn(2, 16, 4, generator=gen), -1), only_first)
+    module.condition_divergence(torch.softmax(torch.randn(2, 16, 4, generator=gen), -1), only_first)
     torch.testing.assert_close(module.condition_means, expected.detach())
     module.train()
     third = torch.softmax(torch.randn(2, 16, 4, generator=gen), -1)
-    module.condition_penalty(third, only_first)
+    module.condition_divergence(third, only_first)
     torch.testing.assert_close(module.condition_means[:, 1], expected[:, 1].detach())
 
 
@@ -455,18 +455,18 @@ def _means_and_shares(q, cond):
     return means, n / n.sum()
 
 
-def test_descending_the_condition_penalty_rejoins_a_type_split_by_condition():
+def test_descending_the_condition_divergence_rejoins_a_type_split_by_condition():
     module = _conditioned_module(n_categories=3)
     module.train()
     cond = torch.arange(64) % 2
     # category 1 holds the control half of a type, category 2 its stimulated half
     split = torch.where((torch.arange(64) % 4 >= 2) & (cond == 1), 2, torch.where(torch.arange(64) % 4 >= 2, 1, 0))
     logits = (4 * torch.nn.functional.one_hot(split, 3).float()).expand(2, 64, 3).clone().requires_grad_()
-    before = module.condition_penalty(torch.softmax(logits, -1), cond).detach()
+    before = module.condition_divergence(torch.softmax(logits, -1), cond).detach()
     opt = torch.optim.SGD([logits], lr=1.0)
     for _ in range(300):
         opt.zero_grad()
-        module.condition_penalty(torch.softmax(logits, -1), cond).sum().backward()
+        module.condition_divergence(torch.softmax(logits, -1), cond).sum().backward()
         opt.step()
     q = torch.softmax(logits.detach(), -1)
     after = category_condition_divergence(*_means_and_shares(q, cond))

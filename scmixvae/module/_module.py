@@ -39,7 +39,7 @@ from ._losses import (
 GUMBEL_TEMPERATURE = 1.0
 #: Width of the state encoder, the one-layer encoder of the real cell that the state posterior reads.
 N_HIDDEN_STATE = 32
-#: Weight of the conditions' divergence in the loss (:meth:`CplMixVAEModule.condition_penalty`), in nats per cell.
+#: Weight of the conditions' divergence in the loss (:meth:`CplMixVAEModule.condition_divergence`), in nats per cell.
 CONDITION_WEIGHT = 100.0
 #: Weight of the conditions' chi-square discrepancy in the loss (:func:`category_condition_discrepancy`).
 CONDITION_SHARE_WEIGHT = 30.0
@@ -67,7 +67,7 @@ class CovariateLayout:
         Number of codes of the registered experimental condition (0: none). The condition is given to no
         encoder or decoder: its effect has to be carried by the state. With two or more, the loss adds a penalty
         on categories that one condition lacks while the others hold them
-        (:meth:`CplMixVAEModule.condition_penalty`) and a weaker one on differences between the conditions'
+        (:meth:`CplMixVAEModule.condition_divergence`) and a weaker one on differences between the conditions'
         category proportions (:func:`category_condition_discrepancy`), so that a condition's effect cannot be
         absorbed by splitting types, wholly or in part.
     """
@@ -224,7 +224,7 @@ class CplMixVAEModule(BaseModuleClass):
             n_disp = self.n_batch if dispersion == "gene-batch" else 1
             self.px_r = nn.Parameter(torch.randn(a, n_disp, n_input))
         self.register_buffer("category_mask", torch.ones(n_categories, dtype=torch.bool))
-        # running category proportions of each condition and the conditions' shares (see condition_penalty)
+        # running category proportions of each condition and the conditions' shares (see condition_divergence)
         g = max(self.n_conditions, 1)
         self.register_buffer("condition_means", torch.zeros(a, g, n_categories), persistent=False)
         self.register_buffer("condition_shares", torch.zeros(g), persistent=False)
@@ -586,7 +586,7 @@ class CplMixVAEModule(BaseModuleClass):
                 extra["agreement"] = (labels == labels[:1]).all(0).float().mean()
         condition = tensors.get(CONDITION_KEY)
         if condition is not None and self.n_conditions > 1:
-            divergence = self.condition_penalty(q, condition)  # (A,)
+            divergence = self.condition_divergence(q, condition)  # (A,)
             gap = category_condition_discrepancy(q, condition, self.n_conditions)  # (A,)
             loss = loss + CONDITION_WEIGHT * divergence.sum() + CONDITION_SHARE_WEIGHT * gap.sum()
             extra["condition_divergence"] = divergence.detach().mean()
@@ -601,7 +601,7 @@ class CplMixVAEModule(BaseModuleClass):
             extra_metrics=extra,
         )
 
-    def condition_penalty(self, q: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+    def condition_divergence(self, q: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Compute each agent's divergence in category proportions between conditions.
 
         See :func:`category_condition_divergence`. A minibatch holds too few cells of a small type to tell whether a
@@ -625,8 +625,10 @@ class CplMixVAEModule(BaseModuleClass):
                 first = (present & ~self.condition_seen)[None, :, None]
                 running = torch.where(first, means, self.condition_means.lerp(means, CONDITION_MOMENTUM))
                 self.condition_means.copy_(torch.where(present[None, :, None], running, self.condition_means))
-                started = self.condition_seen.any()
-                self.condition_shares.copy_(self.condition_shares.lerp(frac, CONDITION_MOMENTUM) if started else frac)
+                started = self.condition_seen.any()  # a tensor: no host synchronisation on the training path
+                self.condition_shares.copy_(
+                    torch.where(started, self.condition_shares.lerp(frac, CONDITION_MOMENTUM), frac)
+                )
                 self.condition_seen |= present
         seen = self.condition_seen
         value = torch.where(seen[None, :, None], self.condition_means, means.detach())
