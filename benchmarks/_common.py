@@ -48,6 +48,8 @@ REAL_DATASETS: dict[str, tuple[str, str]] = {
     "pbmc": ("10X_PBMC_top2000.h5ad", "label"),
     "kidney": ("human_kidney_counts_top2000.h5ad", "label"),
 }
+#: name -> ``obs`` column of the set's experimental condition, for the sets that have one.
+REAL_CONDITIONS: dict[str, str] = {"ifnb": "condition"}
 #: Gene count that :func:`load_real` reduces larger sets to.
 N_TOP_GENES = 2000
 
@@ -296,11 +298,17 @@ def run_pca_leiden(adata: ad.AnnData, labels: np.ndarray, seed: int = 0) -> dict
 
 
 def run_scvi_leiden(
-    adata: ad.AnnData, labels: np.ndarray, seed: int = 0, max_epochs: int | None = None, accelerator: str = "cpu"
+    adata: ad.AnnData,
+    labels: np.ndarray,
+    seed: int = 0,
+    max_epochs: int | None = None,
+    accelerator: str = "cpu",
+    batch_key: str | None = None,
 ) -> dict[str, Any]:
     """scVI (default model and ``train()``, batch 128) on raw counts, then :func:`leiden_clusters` on its latent.
 
-    ``max_epochs=None``: scVI's own heuristic, ``min(round(20000 / n_cells * 400), 400)``. ``adata`` is not
+    ``max_epochs=None``: scVI's own heuristic, ``min(round(20000 / n_cells * 400), 400)``. ``batch_key``: an
+    ``obs`` column registered as scVI's batch (its effect is removed from the latent). ``adata`` is not
     changed (the model trains on a copy). Returns ``method``, ``ari``, ``nmi``, ``n_clusters``, ``labels``,
     ``epochs``, ``train_seconds``, ``s_per_epoch`` (mean epoch time after the first), ``threads``, ``seconds``
     (whole pipeline) and ``peak_mb``.
@@ -310,8 +318,9 @@ def run_scvi_leiden(
     scvi.settings.seed = seed
     epochs = EpochTimer()
     with Timer() as total:
-        a = ad.AnnData(adata.X.copy(), obs=adata.obs[[]].copy(), var=adata.var[[]].copy())
-        scvi.model.SCVI.setup_anndata(a)
+        obs = adata.obs[[batch_key] if batch_key else []].copy()
+        a = ad.AnnData(adata.X.copy(), obs=obs, var=adata.var[[]].copy())
+        scvi.model.SCVI.setup_anndata(a, batch_key=batch_key)
         model = scvi.model.SCVI(a)
         with Timer(memory=False) as train:
             model.train(max_epochs=max_epochs, accelerator=accelerator, enable_progress_bar=False, callbacks=[epochs])

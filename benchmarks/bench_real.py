@@ -7,6 +7,9 @@
     python benchmarks/bench_real.py --methods cpl scvi --datasets pbmc --seeds 0 1 --max-epochs 2 --scvi-epochs 2 \
         --state-epochs 0 --restarts 1 --prune-kwargs '{"max_rounds": 1, "epochs_per_round": 1}' \
         --fits /tmp/x_fits --out /tmp/x                            # smoke test, minutes
+    python benchmarks/bench_real.py --methods cpl scvi pca --datasets ifnb --condition none registered \
+        --seeds 0 1 2 3 4 --state-epochs 0 --jobs 2 --threads 1 --fits /tmp/scmixvae_fits --name real_condition
+                                                                   # ifnb with and without its condition
 
 Methods, each fitted once per data set and seed in a fresh process (``--jobs`` at a time, ``--threads`` threads
 each):
@@ -18,6 +21,11 @@ each):
 - ``cpl-k``: ``CplMixVAE(adata, n_categories=K)`` with K the number of reference types, then ``train()``.
 - ``scvi``: scVI's default model and ``train()`` (``--scvi-epochs`` to shorten it), Leiden at resolution 1 on
   its latent; ``pca``: normalise, log1p, PCA, Leiden at resolution 1 (``_common.py``).
+
+``--condition registered`` registers the set's experimental condition where it has one (ifnb's ``condition``,
+control or interferon-β-stimulated; ``REAL_CONDITIONS`` in ``_common.py``), as a user of each method would:
+CplMixVAE's ``condition_key``, scVI's ``batch_key``; PCA + Leiden has no counterpart and is fitted as without.
+Such methods are named with `` +condition``; ``--condition none registered`` fits both.
 
 ``--variants`` runs each CplMixVAE method once per JSON of constructor options (``--variants '{}'
 '{"augmentation": "thinning"}'``); a variant's options are part of the method's name. Every fit writes a JSON
@@ -49,20 +57,24 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from _common import DATASETS, RESULTS_DIR  # noqa: E402
+from _common import DATASETS, REAL_CONDITIONS, RESULTS_DIR  # noqa: E402
 
 PEERS = {"scvi": "scVI+Leiden", "pca": "PCA+Leiden"}
+#: Suffix of the methods that registered the set's condition (``--condition registered``).
+WITH_CONDITION = " +condition"
 
 
-def method_name(method: str, variant: dict) -> str:
-    """``CplMixVAE``, ``CplMixVAE K=ref``, with the variant's options: ``CplMixVAE[likelihood=nb]``."""
+def method_name(method: str, variant: dict, condition: str = "none") -> str:
+    """``CplMixVAE``, ``CplMixVAE K=ref``, with the variant's options: ``CplMixVAE[likelihood=nb]``; then
+    :data:`WITH_CONDITION` where the condition is registered (not for PCA + Leiden, which cannot use it)."""
+    suffix = WITH_CONDITION if condition == "registered" and method != "pca" else ""
     if method in PEERS:
-        return PEERS[method]
+        return PEERS[method] + suffix
     name = "CplMixVAE" + (" K=ref" if method == "cpl-k" else "")
-    return name + (f"[{','.join(f'{k}={v}' for k, v in variant.items())}]" if variant else "")
+    return name + (f"[{','.join(f'{k}={v}' for k, v in variant.items())}]" if variant else "") + suffix
 
 
-def fit_cpl(adata, labels, *, method: str, seed: int, variant: dict, args) -> dict[str, Any]:
+def fit_cpl(adata, labels, *, method: str, seed: int, variant: dict, args, condition_key=None) -> dict[str, Any]:
     """One CplMixVAE fit, constructor to the end of ``train()``; its scores, K and times."""
     import scvi
     from _common import Timer, clustering_scores
@@ -78,7 +90,7 @@ def fit_cpl(adata, labels, *, method: str, seed: int, variant: dict, args) -> di
         train["prune_kwargs"] = args.prune_kwargs
     k_ref = int(np.unique(labels).size)
     with Timer() as timer:
-        CplMixVAE.setup_anndata(adata)
+        CplMixVAE.setup_anndata(adata, condition_key=condition_key)
         model = CplMixVAE(adata, **({"n_categories": k_ref} if method == "cpl-k" else {}), **variant)
         model.train(**train)
     pred = model.predict().astype(str).to_numpy()
@@ -94,37 +106,42 @@ def fit_cpl(adata, labels, *, method: str, seed: int, variant: dict, args) -> di
     }  # fmt: skip
 
 
-def worker(method: str, dataset: str, seed: int, variant: dict, args) -> None:
-    """Fit one (method, variant, data set, seed) in this process and write its JSON into ``args.fits``."""
-    from _common import load_real, quiet, run_pca_leiden, run_scvi_leiden, set_threads, warm_up
+def worker(method: str, dataset: str, seed: int, variant: dict, condition: str, args) -> None:
+    """Fit one (method, variant, data set, seed, condition) in this process and write its JSON into ``args.fits``."""
+    from _common import REAL_CONDITIONS, load_real, quiet, run_pca_leiden, run_scvi_leiden, set_threads, warm_up
 
     set_threads(args.threads)
     quiet()
     warm_up(args.accelerator)
     adata, labels = load_real(dataset)
+    key = REAL_CONDITIONS.get(dataset) if condition == "registered" else None
     if method == "scvi":
-        out = run_scvi_leiden(adata, labels, seed=seed, max_epochs=args.scvi_epochs, accelerator=args.accelerator)
+        out = run_scvi_leiden(adata, labels, seed=seed, max_epochs=args.scvi_epochs, accelerator=args.accelerator,
+                              batch_key=key)  # fmt: skip
     elif method == "pca":
         out = run_pca_leiden(adata, labels, seed=seed)
     else:
-        out = fit_cpl(adata, labels, method=method, seed=seed, variant=variant, args=args)
+        out = fit_cpl(adata, labels, method=method, seed=seed, variant=variant, args=args, condition_key=key)
     out.pop("method", None)
-    out = {"method": method_name(method, variant), "dataset": dataset, "seed": seed,
-           "k_ref": int(np.unique(labels).size), "chosen_k": out.get("chosen_k", out["n_clusters"]), **out,
+    out = {"method": method_name(method, variant, condition), "dataset": dataset, "seed": seed,
+           "condition_key": key, "k_ref": int(np.unique(labels).size),
+           "chosen_k": out.get("chosen_k", out["n_clusters"]), **out,
            "labels": [str(x) for x in out["labels"]]}  # fmt: skip
-    fit_file(args.fits, method, variant, dataset, seed).write_text(json.dumps(out))
+    fit_file(args.fits, method, variant, dataset, seed, condition).write_text(json.dumps(out))
     print(out["method"], dataset, seed, f"ARI {out['ari']:.3f} K {out['chosen_k']} {out['seconds']:.0f} s", flush=True)
 
 
-def fit_file(folder: Path, method: str, variant: dict, dataset: str, seed: int) -> Path:
+def fit_file(folder: Path, method: str, variant: dict, dataset: str, seed: int, condition: str = "none") -> Path:
     tag = json.dumps(variant, sort_keys=True, separators=(",", ":")) if variant and method not in PEERS else ""
+    tag += "+condition" if method_name(method, variant, condition).endswith(WITH_CONDITION) else ""
     return folder / f"{method}{tag}__{dataset}__{seed}.json"
 
 
 def run_grid(args) -> list[Path]:
     """Run every missing fit of the grid, ``args.jobs`` processes at a time; return every fit's file."""
-    grid = [(m, v, d, s) for s in args.seeds for m in args.methods for v in (args.variants if m not in PEERS else [{}])
-            for d in args.datasets]  # fmt: skip
+    grid = [(m, v, d, s, c) for s in args.seeds for m in args.methods
+            for v in (args.variants if m not in PEERS else [{}]) for d in args.datasets for c in args.condition
+            if c == "none" or (m != "pca" and d in REAL_CONDITIONS)]  # fmt: skip
     files = [fit_file(args.fits, *g) for g in grid]
     todo = [g for g, f in zip(grid, files, strict=True) if not f.exists()]
     args.fits.mkdir(parents=True, exist_ok=True)
@@ -134,14 +151,14 @@ def run_grid(args) -> list[Path]:
     failed = []
     while todo or running:
         while todo and len(running) < args.jobs:
-            m, v, d, s = todo.pop(0)
-            cmd = [sys.executable, __file__, *own, "--worker", m, d, str(s), json.dumps(v)]
+            m, v, d, s, c = todo.pop(0)
+            cmd = [sys.executable, __file__, *own, "--worker", m, d, str(s), json.dumps(v), c]
             running.append(subprocess.Popen(cmd, env=env))
         time.sleep(1)
         for proc in [p for p in running if p.poll() is not None]:
             running.remove(proc)
             if proc.returncode:
-                failed.append(" ".join(proc.args[-4:]))
+                failed.append(" ".join(proc.args[-5:]))
     if failed:
         print("failed:", "; ".join(failed), file=sys.stderr)
     return [f for f in files if f.exists()]
@@ -162,15 +179,19 @@ def seed_rows(fits: list[dict]) -> list[dict]:
 
 
 def per_seed_means(fits: list[dict], method: str, datasets: list[str]) -> np.ndarray:
-    """ARI ``(seeds, sets)`` of ``method`` over the seeds that have every set."""
-    table = {(f["seed"], f["dataset"]): f["ari"] for f in fits if f["method"] == method}
+    """ARI ``(seeds, sets)`` of ``method`` over the seeds that have every set. A method that registered the
+    condition takes, on a set without one, the same method's fit without it (the fit a user would get)."""
+    base = method.removesuffix(WITH_CONDITION)
+    table = {(f["seed"], f["dataset"]): f["ari"] for f in fits if f["method"] == base}
+    table |= {(f["seed"], f["dataset"]): f["ari"] for f in fits if f["method"] == method}
     seeds = sorted({s for s, _ in table})
     complete = [s for s in seeds if all((s, d) in table for d in datasets)]
     return np.array([[table[(s, d)] for d in datasets] for s in complete]).reshape(-1, len(datasets))
 
 
 def summary_rows(fits: list[dict], datasets: list[str], *, n_boot: int = 10_000) -> list[dict]:
-    """A ``mean`` row per method, then a ``difference`` row per method against scVI + Leiden."""
+    """A ``mean`` row per method, then a ``difference`` row per method against scVI + Leiden (the fit that used
+    the condition as the method did, where there is one)."""
     rows = []
     methods = list(dict.fromkeys(f["method"] for f in fits))
     for method in methods:
@@ -180,15 +201,19 @@ def summary_rows(fits: list[dict], datasets: list[str], *, n_boot: int = 10_000)
             rows.append({"part": "mean", "method": method, "n_seeds": len(ari),
                          **dict(zip(datasets, ari.mean(0), strict=True)), "ari": float(ari.mean()),
                          "sd_of_seed_means": sd})  # fmt: skip
-    peer = per_seed_means(fits, PEERS["scvi"], datasets).mean(1)
     rng = np.random.default_rng(0)
-    for method in (m for m in methods if m != PEERS["scvi"]):
+    scvi_fitted = [m for m in methods if m.startswith(PEERS["scvi"])]
+    for method in (m for m in methods if m not in scvi_fitted):
+        # the scVI fit with the same use of the condition, else the first scVI fit (PCA + Leiden uses none)
+        same = PEERS["scvi"] + (WITH_CONDITION if method.endswith(WITH_CONDITION) else "")
+        versus = same if same in scvi_fitted else next(iter(scvi_fitted), None)
         mine = per_seed_means(fits, method, datasets).mean(1)
+        peer = per_seed_means(fits, versus, datasets).mean(1) if versus else np.zeros(0)
         if mine.size < 2 or peer.size < 2:
             continue
         boot = rng.choice(mine, (n_boot, mine.size)).mean(1) - rng.choice(peer, (n_boot, peer.size)).mean(1)
         low, high = np.quantile(boot, [0.05, 0.95])
-        rows.append({"part": "difference", "method": method, "versus": PEERS["scvi"],
+        rows.append({"part": "difference", "method": method, "versus": versus,
                      "difference": float(mine.mean() - peer.mean()),
                      "standard_error": float(np.sqrt(mine.var(ddof=1) / mine.size + peer.var(ddof=1) / peer.size)),
                      "interval_90_low": float(low), "interval_90_high": float(high), "n_seeds": int(mine.size),
@@ -213,11 +238,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--fits", type=Path, required=True, help="folder of the per-fit JSON files (resumable)")
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the result files")
     p.add_argument("--name", default="real")
-    p.add_argument("--worker", nargs=4, default=None, help=argparse.SUPPRESS)
+    p.add_argument(
+        "--condition",
+        nargs="+",
+        default=["none"],
+        choices=["none", "registered"],
+        help="registered: each method registers the set's condition where it has one (ifnb)",
+    )
+    p.add_argument("--worker", nargs=5, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        method, dataset, seed, variant = args.worker
-        worker(method, dataset, int(seed), json.loads(variant), args)
+        method, dataset, seed, variant, condition = args.worker
+        worker(method, dataset, int(seed), json.loads(variant), condition, args)
         return
     from _common import write_results
 
