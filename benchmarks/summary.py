@@ -28,6 +28,10 @@ RESULTS: list[tuple[str, str, str]] = [
     ("bench_real.py", "real",
      "CplMixVAE (the default fit; with `cpl-k`, K given), scVI + Leiden and PCA + Leiden on the five real sets over "
      "seeds: ARI, NMI, chosen K, agreement between seeds, time, and the difference of the mean ARIs."),
+    ("bench_real.py --datasets ifnb --condition none registered", "real_condition",
+     "ifnb with and without its condition (control or interferon-β-stimulated) registered, as a user of each method "
+     "would register it: CplMixVAE's `condition_key`, scVI's `batch_key` (`+condition`); PCA + Leiden cannot use it. "
+     "The default fit (K unknown) over seeds: ARI, chosen K, agreement between seeds, time."),
     ("bench_real.py --methods cpl-k", "real_k",
      "CplMixVAE given the reference number of types on the five real sets, next to the peers (same seed)."),
     ("bench_simulated.py", "pruning",
