@@ -108,7 +108,7 @@ def fit_cpl(adata, labels, *, method: str, seed: int, variant: dict, args, condi
 
 def worker(method: str, dataset: str, seed: int, variant: dict, condition: str, args) -> None:
     """Fit one (method, variant, data set, seed, condition) in this process and write its JSON into ``args.fits``."""
-    from _common import REAL_CONDITIONS, load_real, quiet, run_pca_leiden, run_scvi_leiden, set_threads, warm_up
+    from _common import load_real, quiet, run_pca_leiden, run_scvi_leiden, set_threads, warm_up
 
     set_threads(args.threads)
     quiet()
