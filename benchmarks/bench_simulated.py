@@ -25,6 +25,8 @@ Parts (``--parts``; their rows go to one result file ``{--out}/{--name}``, by de
   ``pca_per_model_type``: the PCA of each of the model's types instead, which separates the state from the types);
   ``state_depth``, the same against the log library size; the ARI of ``predict()``, of the Leiden partition the
   model started from (``start_labels``) and of scanpy's PCA + Leiden. Then per regime the mean ± SD over seeds.
+  ``--category-batch-size N`` fits each model in two calls instead (the model guide's way of keeping a start you
+  trust): ``train(batch_size=N, state_epochs=0)``, then the state phase alone, ``train(max_epochs=0)``.
 - ``subtle_k``: the ``subtle_types`` regime of ``STATE_REGIMES`` fitted as in ``k_choice`` (K unknown; data and
   model seed both ``--seeds``): chosen K and ARI against scanpy's PCA + Leiden on the same data (``--parts
   subtle_k`` alone writes ``subtle_k``).
@@ -193,7 +195,13 @@ def part_states(args) -> list[dict]:
             model = CplMixVAE(adata, n_categories=spec["n_types"], **args.model_kwargs)
             lengths = ("max_epochs", "state_epochs")
             train = {key: getattr(args, key) for key in lengths if getattr(args, key) is not None}
-            model.train(enable_progress_bar=False, accelerator=args.accelerator, **train)
+            if args.category_batch_size is None:
+                model.train(enable_progress_bar=False, accelerator=args.accelerator, **train)
+            else:  # the model guide's two calls: the categories on larger minibatches, then the state phase alone
+                run = {"enable_progress_bar": False, "accelerator": args.accelerator}
+                model.train(batch_size=args.category_batch_size, **run, **{**train, "state_epochs": 0})
+                if args.state_epochs != 0:
+                    model.train(max_epochs=0, **run, **{k: v for k, v in train.items() if k == "state_epochs"})
             latent = model.get_latent_representation()
             labels = model.predict().to_numpy()
             log_library = np.log(np.asarray(adata.X.sum(axis=1)).ravel())
@@ -283,6 +291,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-epochs", type=int, default=None, help="train(state_epochs=...); 0: no state phase")
     p.add_argument("--prune-kwargs", type=json.loads, default=None, help="train(prune_kwargs=...), JSON")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="CplMixVAE options, JSON")
+    p.add_argument("--category-batch-size", type=int, default=None,
+                   help="states: train(batch_size=N, state_epochs=0), then train(max_epochs=0)")  # fmt: skip
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the result files")
