@@ -201,7 +201,7 @@ def part_states(args) -> list[dict]:
                 run = {"enable_progress_bar": False, "accelerator": args.accelerator}
                 model.train(batch_size=args.category_batch_size, **run, **{**train, "state_epochs": 0})
                 if args.state_epochs != 0:
-                    model.train(max_epochs=0, **run, **{k: v for k, v in train.items() if k == "state_epochs"})
+                    model.train(max_epochs=0, state_epochs=args.state_epochs, **run)
             latent = model.get_latent_representation()
             labels = model.predict().to_numpy()
             log_library = np.log(np.asarray(adata.X.sum(axis=1)).ravel())
