@@ -195,10 +195,10 @@ def part_states(args) -> list[dict]:
             model = CplMixVAE(adata, n_categories=spec["n_types"], **args.model_kwargs)
             lengths = ("max_epochs", "state_epochs")
             train = {key: getattr(args, key) for key in lengths if getattr(args, key) is not None}
+            run = {"enable_progress_bar": False, "accelerator": args.accelerator}
             if args.category_batch_size is None:
-                model.train(enable_progress_bar=False, accelerator=args.accelerator, **train)
+                model.train(**run, **train)
             else:  # the model guide's two calls: the categories on larger minibatches, then the state phase alone
-                run = {"enable_progress_bar": False, "accelerator": args.accelerator}
                 model.train(batch_size=args.category_batch_size, **run, **{**train, "state_epochs": 0})
                 if args.state_epochs != 0:
                     model.train(max_epochs=0, state_epochs=args.state_epochs, **run)
