@@ -180,7 +180,7 @@ def part_states(args) -> list[dict]:
     from _common import clustering_scores, run_pca_leiden
 
     from scmixvae.data import simulate
-    from scmixvae.model import CplMixVAE
+    from scmixvae.model import CplMixVAE, default_state_epochs
 
     rows = []
     for regime in args.regimes:
@@ -200,8 +200,12 @@ def part_states(args) -> list[dict]:
                 model.train(**run, **train)
             else:  # the model guide's two calls: the categories on larger minibatches, then the state phase alone
                 model.train(batch_size=args.category_batch_size, **run, **{**train, "state_epochs": 0})
-                if args.state_epochs != 0:
-                    model.train(max_epochs=0, state_epochs=args.state_epochs, **run)
+                # as long as the one call's state phase (which scales with --max-epochs)
+                state_epochs = args.state_epochs
+                if state_epochs is None:
+                    state_epochs = default_state_epochs(adata.n_obs, args.max_epochs)
+                if state_epochs:
+                    model.train(max_epochs=0, state_epochs=state_epochs, **run)
             latent = model.get_latent_representation()
             labels = model.predict().to_numpy()
             log_library = np.log(np.asarray(adata.X.sum(axis=1)).ravel())
