@@ -318,6 +318,82 @@ def test_clr_coupling_distance_matches_a_hand_computation():
     torch.testing.assert_close(coupling_distance(q, mask, kind="clr", eps=eps, var_eps=var_eps)[0, 1], expected)
 
 
+def test_coupling_weight_cap_clips_a_category_the_minibatch_lacks():
+    # category 2 holds no cell of this minibatch (the same stray mass on every cell, which differs between the
+    # agents): no spread, so its weight is 1 / sqrt(var_eps) = 100, about 20 times that of the others; a cap of 5
+    # weighs it 5, and a cap of 0 caps nothing
+    stray = torch.tensor([1e-3, 1e-4]).view(2, 1, 1)
+    first = torch.tensor([[[0.7], [0.2], [0.9]], [[0.6], [0.3], [0.8]]])
+    q = torch.cat([first - stray, 1 - first, stray.expand(2, 3, 1)], dim=-1)
+    mask = torch.ones(3, dtype=torch.bool)
+    eps, var_eps = 1e-8, 1e-4
+    cap = torch.tensor([0.0, 0.0, 5.0]).view(1, 1, 3)
+    z = []
+    for a in range(2):
+        log_q = torch.log(q[a] + eps)
+        weight = torch.rsqrt(q[a].var(0, unbiased=False) + var_eps)
+        assert weight[2] == pytest.approx(100.0) and weight[:2].max() < 6
+        z.append(log_q * torch.minimum(weight, torch.tensor([math.inf, math.inf, 5.0])))
+    expected = ((z[0] - z[1]) ** 2).sum(-1).mean()
+    capped = coupling_distance(q, mask, eps=eps, var_eps=var_eps, weight_cap=cap)[0, 1]
+    torch.testing.assert_close(capped, expected)
+    uncapped = coupling_distance(q, mask, eps=eps, var_eps=var_eps)
+    torch.testing.assert_close(coupling_distance(q, mask, eps=eps, var_eps=var_eps, weight_cap=0 * cap), uncapped)
+    assert capped < uncapped[0, 1]
+
+
+def test_a_capped_coupling_weight_keeps_the_gradient_of_the_minibatch_spread():
+    # category 2 is nearly absent from the minibatch; its weight is capped at 5. The value is that of the weight 5,
+    # and the gradient still reaches the category's spread: d r / d Var = -(Var_floor + var_eps)^(-3/2) / 2, taken at
+    # the spread that the cap stands for (Var_floor = 5^-2 - var_eps)
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 6, 3, generator=gen)
+    logits[..., 2] -= 6.0
+    mask = torch.ones(3, dtype=torch.bool)
+    eps, var_eps, cap = 1e-8, 1e-4, torch.tensor([0.0, 0.0, 5.0]).view(1, 1, 3)
+    floor = torch.tensor([0.0, 0.0, 5.0**-2 - var_eps]).view(1, 1, 3)
+
+    def hand(x, through_spread):
+        q = x.softmax(-1)
+        var = q.var(dim=1, keepdim=True, correction=0)
+        r = torch.rsqrt(torch.maximum(var, floor).detach() + var_eps)
+        if through_spread:  # the first-order change of the weight with the spread, at the floor
+            r = torch.where(
+                cap > 0, r - 0.5 * (floor + var_eps).pow(-1.5) * (var - var.detach()), torch.rsqrt(var + var_eps)
+            )
+        z = torch.log(q + eps) * r
+        return ((z[0] - z[1]) ** 2).sum(-1).mean()
+
+    grads = []
+    for f in (lambda x: coupling_distance(x.softmax(-1), mask, eps=eps, var_eps=var_eps, weight_cap=cap)[0, 1],
+              lambda x: hand(x, True), lambda x: hand(x, False)):  # fmt: skip
+        x = logits.clone().requires_grad_(True)
+        value = f(x)
+        value.backward()
+        grads.append((value.detach(), x.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0])
+    torch.testing.assert_close(grads[0][1], grads[1][1])
+    assert not torch.allclose(grads[0][1], grads[2][1])  # without the spread's gradient it would differ
+
+
+def test_coupling_weight_caps_follow_the_running_mean_while_the_categories_train():
+    module = CplMixVAEModule(10, n_agents=2, n_categories=3)
+    gen = torch.Generator().manual_seed(0)
+    q1, q2 = (torch.rand(2, 16, 3, generator=gen).softmax(-1) for _ in range(2))
+    weights = [torch.rsqrt(q.var(dim=1, keepdim=True, correction=0) + 1e-4) for q in (q1, q2)]
+    assert torch.equal(module.coupling_weights, torch.zeros(2, 1, 3))  # not started
+    module.train()
+    torch.testing.assert_close(module.coupling_weight_caps(q1, 2.0), 2.0 * weights[0])  # the first sets it
+    running = weights[0] + _module.COUPLING_WEIGHT_MOMENTUM * (weights[1] - weights[0])
+    torch.testing.assert_close(module.coupling_weight_caps(q2, 2.0), 2.0 * running)
+    module.categories_frozen = True  # the state phase: the categories learn nothing, the mean stays
+    torch.testing.assert_close(module.coupling_weight_caps(q1, 1.0), running)
+    module.categories_frozen = False
+    module.eval()  # read-outs and validation neither
+    torch.testing.assert_close(module.coupling_weight_caps(q1, 1.0), running)
+    assert "coupling_weights" not in module.state_dict()  # training state, not saved
+
+
 def _one_hot(labels, k):
     return torch.nn.functional.one_hot(labels, k).float()[None]
 

@@ -445,6 +445,26 @@ def test_a_model_choosing_k_couples_weakly_then_warms_the_coupling_up_smoothly_i
         assert before["end"] and sorted(after["start"]) == sorted(before["end"])
         for i, exp_avg in before["end"].items():
             torch.testing.assert_close(after["start"][i], exp_avg, rtol=0, atol=0)
+    assert not model.module.coupling_weights.any()  # pruning keeps the published normalisation: nothing capped
+
+
+@pytest.mark.parametrize("plan_kwargs", [{}, {"coupling_weight_cap": None}])
+def test_with_k_given_the_coupling_caps_each_category_weight_unless_told_not_to(plan_kwargs):
+    from scmixvae.model import _fit
+
+    model = _unknown_k_model(n_categories=3)
+    caps = []
+    loss = model.module.loss
+
+    def recording_loss(*args, coupling_weight_cap=None, **kwargs):
+        caps.append(coupling_weight_cap)
+        return loss(*args, coupling_weight_cap=coupling_weight_cap, **kwargs)
+
+    model.module.loss = recording_loss
+    model.train(max_epochs=1, state_epochs=0, plan_kwargs=plan_kwargs, **TRAIN)
+    capped = "coupling_weight_cap" not in plan_kwargs
+    assert caps and set(caps) == {_fit.COUPLING_WEIGHT_CAP if capped else None}
+    assert bool(model.module.coupling_weights.gt(0).all()) is capped  # the running mean of the weights
 
 
 def test_prune_on_an_untrained_model_of_unknown_k_prunes_once(monkeypatch):

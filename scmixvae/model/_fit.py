@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 #: cannot undo; the first pruning round warms the weight up to ``coupling_weight`` (:mod:`._pruning`).
 PRUNING_COUPLING_FACTOR = 1e-3
 
+#: With the number of types given, the coupling's weight of each category is capped at this multiple of its running
+#: mean (the training plan's ``coupling_weight_cap``): a minibatch that holds no cell of a type of a few percent no
+#: longer multiplies its weight by ~20. Pruning keeps the published normalisation, on which its consensus rests.
+COUPLING_WEIGHT_CAP = 2**0.5
+
 
 #: The published per-agent input dropout: the default of a model that chooses the number of types, and what pruning
 #: needs (agents reading the same cell agree trivially).
@@ -305,13 +310,17 @@ def train_categories(model, schedule: Schedule) -> None:
 
     Without a choice of K the state phase follows in the same run (``max_epochs=0``: the state phase alone); with
     one, it comes after the choice (:func:`state_phase`), the categories train weakly coupled
-    (:data:`PRUNING_COUPLING_FACTOR`), and a trained model's categories are not trained again.
+    (:data:`PRUNING_COUPLING_FACTOR`), and a trained model's categories are not trained again. Without one, the
+    coupling's category weights are capped (:data:`COUPLING_WEIGHT_CAP`).
     """
     if schedule.prune and model.is_trained_:
         return
     trainer = dict(schedule.trainer)
+    given = trainer.get("plan_kwargs") or {}
     if schedule.prune:
-        trainer["plan_kwargs"] = {**(trainer.get("plan_kwargs") or {}), "max_coupling_factor": PRUNING_COUPLING_FACTOR}
+        trainer["plan_kwargs"] = {**given, "max_coupling_factor": PRUNING_COUPLING_FACTOR}
+    else:  # the caller's plan_kwargs may set another cap, or none
+        trainer["plan_kwargs"] = {"coupling_weight_cap": COUPLING_WEIGHT_CAP, **given}
     state_epochs = 0 if schedule.prune else schedule.state_epochs
     run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **trainer)
 

@@ -497,7 +497,8 @@ class CplMixVAE(
             Stop when the validation ELBO stops improving (scvi-tools' ``early_stopping_*`` options apply).
         plan_kwargs
             Keyword arguments of :class:`~scmixvae.train.CplMixVAETrainingPlan` (``lr``, ``weight_decay``,
-            ``n_epochs_kl_warmup``...).
+            ``n_epochs_kl_warmup``...). Without pruning, each category's weight in the coupling is capped at
+            ``coupling_weight_cap`` (``sqrt(2)``) times its running mean; ``None``: the published weights.
         prune
             Choose the number of categories with :meth:`prune` (its history in :attr:`pruning_history`), after
             training ``max_epochs`` first if the model is untrained. ``None`` (default): prune when the model

@@ -23,6 +23,7 @@ from ._components import StackedBatchNorm, StackedLinear, StackedMLP
 from ._losses import (
     category_condition_discrepancy,
     category_condition_divergence,
+    category_weights,
     condition_category_means,
     coupling_distance,
     csr_nonzero,
@@ -45,6 +46,9 @@ CONDITION_WEIGHT = 100.0
 CONDITION_SHARE_WEIGHT = 30.0
 #: Weight of each training minibatch in the running category proportions of the conditions.
 CONDITION_MOMENTUM = 0.02
+#: Weight of each training minibatch in the running mean of the coupling's category weights (see
+#: :meth:`CplMixVAEModule.coupling_weight_caps`).
+COUPLING_WEIGHT_MOMENTUM = 0.02
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +233,8 @@ class CplMixVAEModule(BaseModuleClass):
         self.register_buffer("condition_means", torch.zeros(a, g, n_categories), persistent=False)
         self.register_buffer("condition_shares", torch.zeros(g), persistent=False)
         self.register_buffer("condition_seen", torch.zeros(g, dtype=torch.bool), persistent=False)
+        # running mean of the coupling's weight of every category (see coupling_weight_caps); 0: not started
+        self.register_buffer("coupling_weights", torch.zeros(a, 1, n_categories), persistent=False)
         # set by the training plan during the state phase (see :meth:`inference`)
         self.categories_frozen = False
         self.augmenter = (
@@ -559,11 +565,14 @@ class CplMixVAEModule(BaseModuleClass):
         generative_outputs: dict,
         kl_weight: float = 1.0,
         coupling_factor: float | torch.Tensor = 1.0,
+        coupling_weight_cap: float | None = None,
     ) -> LossOutput:
         """Compute the cpl-mixVAE loss.
 
         ``max(A - 1, 1) * sum_a mean_i [Rec_a + beta * kl_weight * KL_a] + sum_{a<b} [NE_a + NE_b + lambda * D_ab]``,
         ``lambda`` being ``coupling_factor * coupling_weight`` (the training plan's coupling schedule).
+        ``coupling_weight_cap``: caps each category's weight in ``D_ab`` at that multiple of its running mean
+        (:meth:`coupling_weight_caps`; ``None``: no cap).
         """
         x = tensors[REGISTRY_KEYS.X_KEY]
         a = self.n_agents
@@ -575,7 +584,8 @@ class CplMixVAEModule(BaseModuleClass):
         loss = max(a - 1, 1) * elbo_terms.sum()
         extra = {}
         if a > 1:
-            dist = coupling_distance(q, self.category_mask, kind="clr")
+            caps = None if coupling_weight_cap is None else self.coupling_weight_caps(q, coupling_weight_cap)
+            dist = coupling_distance(q, self.category_mask, kind="clr", weight_cap=caps)
             pairs = torch.triu_indices(a, a, offset=1, device=dist.device)
             pair_dist = dist[pairs[0], pairs[1]]
             # sum_{a<b} (NE_a + NE_b) = (A - 1) sum_a NE_a
@@ -600,6 +610,25 @@ class CplMixVAEModule(BaseModuleClass):
             kl_local=kl.mean(0),
             extra_metrics=extra,
         )
+
+    def coupling_weight_caps(self, q: torch.Tensor, factor: float) -> torch.Tensor:
+        """Largest weight of each category in the coupling: ``factor`` times its running mean, ``(A, 1, K)``.
+
+        The coupling divides each category by its spread in the minibatch (:func:`coupling_distance`). A
+        minibatch that happens to hold no cell of a type of a few percent leaves that category without spread,
+        and its weight jumps from about 5 to 100 for that step, enough to move cells out of a trained type. A
+        cap at a multiple of the running mean (each training minibatch weighs :data:`COUPLING_WEIGHT_MOMENTUM`;
+        the first sets it) clips such jumps and leaves a category that most minibatches lack at its usual weight.
+        The running mean follows training minibatches while the categories train; no gradient flows through it.
+        Entries of 0 (no minibatch seen yet) cap nothing.
+        """
+        with torch.no_grad():
+            if self.training and not self.categories_frozen:
+                weights = category_weights(q).to(self.coupling_weights.dtype)
+                started = (self.coupling_weights > 0).any()  # a tensor: no host synchronisation on the training path
+                running = self.coupling_weights.lerp(weights, COUPLING_WEIGHT_MOMENTUM)
+                self.coupling_weights.copy_(torch.where(started, running, weights))
+            return factor * self.coupling_weights
 
     def condition_divergence(self, q: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """Compute each agent's divergence in category proportions between conditions.

@@ -58,6 +58,10 @@ class CplMixVAETrainingPlan(TrainingPlan):
         weight's tenfold rises at its low end as at its high end. ``None``: no warm-up. The weight in use is
         logged as ``coupling_weight`` and, at the end of the run, kept with the module as ``coupling_factor``
         (where a later warm-up of a fit starts from).
+    coupling_weight_cap
+        Caps each category's weight in the coupling at this multiple of its running mean
+        (:meth:`~scmixvae.module.CplMixVAEModule.coupling_weight_caps`); ``None``: no cap.
+        :meth:`~scmixvae.model.CplMixVAE.train` sets it where the number of types is given.
     state_kl_weight
         Factor of the state KL weight in the state phase (the categorical path frozen). Below 1 the state
         latent keeps more of each type's within-type programs: at 1 (the published weight) moderate programs
@@ -96,6 +100,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
         max_coupling_factor: float = 1.0,
         min_coupling_factor: float = 1e-3,
         n_epochs_coupling_warmup: int | None = None,
+        coupling_weight_cap: float | None = None,
         state_kl_weight: float = 0.1,
         state_phase_start: int | None = None,
         **kwargs: Any,
@@ -109,6 +114,9 @@ class CplMixVAETrainingPlan(TrainingPlan):
         self.state_kl_weight = check.check_float("state_kl_weight", state_kl_weight)
         self.max_coupling_factor, self.min_coupling_factor = float(max_coupling_factor), float(min_coupling_factor)
         self.n_epochs_coupling_warmup = n_epochs_coupling_warmup
+        if coupling_weight_cap is not None:
+            check.check_float("coupling_weight_cap", coupling_weight_cap, strict=True)
+            self.loss_kwargs["coupling_weight_cap"] = float(coupling_weight_cap)
         self.coupling_factor = self.max_coupling_factor if n_epochs_coupling_warmup is None else min_coupling_factor
         self._pending_logs: dict[str, dict[str, tuple]] = {}
         self._deferring: str | None = None
