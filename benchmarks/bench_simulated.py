@@ -25,8 +25,6 @@ Parts (``--parts``; their rows go to one result file ``{--out}/{--name}``, by de
   ``pca_per_model_type``: the PCA of each of the model's types instead, which separates the state from the types);
   ``state_depth``, the same against the log library size; the ARI of ``predict()``, of the Leiden partition the
   model started from (``start_labels``) and of scanpy's PCA + Leiden. Then per regime the mean ± SD over seeds.
-  ``--category-batch-size N`` fits each model in two calls instead (the model guide's way of keeping a start you
-  trust): ``train(batch_size=N, state_epochs=0)``, then the state phase alone, ``train(max_epochs=0)``.
 - ``subtle_k``: the ``subtle_types`` regime of ``STATE_REGIMES`` fitted as in ``k_choice`` (K unknown; data and
   model seed both ``--seeds``): chosen K and ARI against scanpy's PCA + Leiden on the same data (``--parts
   subtle_k`` alone writes ``subtle_k``).
@@ -180,7 +178,7 @@ def part_states(args) -> list[dict]:
     from _common import clustering_scores, run_pca_leiden
 
     from scmixvae.data import simulate
-    from scmixvae.model import CplMixVAE, default_state_epochs
+    from scmixvae.model import CplMixVAE
 
     rows = []
     for regime in args.regimes:
@@ -195,17 +193,7 @@ def part_states(args) -> list[dict]:
             model = CplMixVAE(adata, n_categories=spec["n_types"], **args.model_kwargs)
             lengths = ("max_epochs", "state_epochs")
             train = {key: getattr(args, key) for key in lengths if getattr(args, key) is not None}
-            run = {"enable_progress_bar": False, "accelerator": args.accelerator}
-            if args.category_batch_size is None:
-                model.train(**run, **train)
-            else:  # the model guide's two calls: the categories on larger minibatches, then the state phase alone
-                model.train(batch_size=args.category_batch_size, **run, **{**train, "state_epochs": 0})
-                # as long as the one call's state phase (which scales with --max-epochs)
-                state_epochs = args.state_epochs
-                if state_epochs is None:
-                    state_epochs = default_state_epochs(adata.n_obs, args.max_epochs)
-                if state_epochs:
-                    model.train(max_epochs=0, state_epochs=state_epochs, **run)
+            model.train(enable_progress_bar=False, accelerator=args.accelerator, **train)
             latent = model.get_latent_representation()
             labels = model.predict().to_numpy()
             log_library = np.log(np.asarray(adata.X.sum(axis=1)).ravel())
@@ -219,6 +207,7 @@ def part_states(args) -> list[dict]:
                    "state_depth": best_state_correlation(latent, log_library, types),
                    "ari": clustering_scores(types, labels)["ari"],
                    "start_ari": clustering_scores(types, model.start_labels)["ari"],
+                   "filled_types": int(np.unique(labels).size),
                    "pca_leiden_ari": run_pca_leiden(adata, types, seed=seed)["ari"]}  # fmt: skip
             rows.append(row)
             print(row, flush=True)
@@ -262,7 +251,7 @@ def state_summary(rows: list[dict]) -> list[dict]:
         fits = [r for r in rows if r["regime"] == regime]
         summary = {"part": "states", "regime": regime, "seed": "MEAN ± SD", "n_types": fits[0]["n_types"]}
         keys = ("state", "pca_per_type", "pca_per_type_5", "pca_per_model_type", "state_depth", "ari", "start_ari")
-        for key in (*keys, "pca_leiden_ari"):
+        for key in (*keys, "filled_types", "pca_leiden_ari"):
             summary[key] = mean_sd(np.array([r[key] for r in fits]))
         summary["state_at_least_pca"] = f"{sum(r['state'] >= r['pca_per_type'] for r in fits)}/{len(fits)}"
         summary["state_at_least_model_type_pca"] = (
@@ -295,8 +284,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--state-epochs", type=int, default=None, help="train(state_epochs=...); 0: no state phase")
     p.add_argument("--prune-kwargs", type=json.loads, default=None, help="train(prune_kwargs=...), JSON")
     p.add_argument("--model-kwargs", type=json.loads, default={}, help="CplMixVAE options, JSON")
-    p.add_argument("--category-batch-size", type=int, default=None,
-                   help="states: train(batch_size=N, state_epochs=0), then train(max_epochs=0)")  # fmt: skip
     p.add_argument("--accelerator", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder of the result files")
@@ -316,7 +303,8 @@ def main(argv: list[str] | None = None) -> None:
         "states": "`state`, `pca_per_type` (`_5`: five components; `pca_per_model_type`: the PCA within each of the "
         "model's types), `state_depth`: mean over the true types of the best |Spearman| of a coordinate with the true "
         "state (or the log library size); `ari`, `start_ari`, "
-        "`pca_leiden_ari`: the types of `predict()`, of the Leiden start and of PCA + Leiden; per regime the mean "
+        "`pca_leiden_ari`: the types of `predict()`, of the Leiden start and of PCA + Leiden; `filled_types`: the "
+        "model's categories holding at least one cell (of `n_types` given); per regime the mean "
         "± SD over seeds, `state_at_least_pca`, `state_at_least_model_type_pca` and `ari_at_least_start_and_leiden` "
         "count the seeds.",
         "subtle_k": "`subtle_k`: the default fit (K unknown) on the `subtle_types` regime of `states` (10 types "

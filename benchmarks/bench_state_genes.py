@@ -15,7 +15,8 @@ Parts:
   AUROC of the state projection (the traversal axis of the reference type's consensus type) separating CTRL from
   STIM within each reference type, and per model type along its own axis (``mean_auroc_by_type``); the
   cell-type ARI next to scVI + Leiden fitted once here on the same cells and genes (``--no-scvi`` to skip it);
-  the ARI of each fit's types to its own Leiden start (``ari_to_start``) and the fraction of cells in types of which
+  the ARI of each fit's types to its own Leiden start (``ari_to_start``), the number of types holding at least one
+  cell (``filled_types``, of 13 given) and the fraction of cells in types of which
   90% or more are of one condition (``cells_in_one_condition_types``: types split by condition); a ``SEEDS`` row
   with the mean and spread of the ARI and the mean ARI between the seeds' types (``ari_between_seeds``).
 - ``memory``: peak resident memory of ``rank_state_genes`` on ``--memory-cells`` (10^5) simulated cells x 2,000
@@ -98,6 +99,7 @@ def _fit_ifnb(args, seed: int):
             for ref in np.unique(labels)]  # fmt: skip
     summary = {"part": "ifnb", "seed": seed, "reference_type": "SUMMARY", "ari": scores["ari"], "nmi": scores["nmi"],
                "ari_to_start": clustering_scores(model.start_labels, types.to_numpy())["ari"],
+               "filled_types": int(types.nunique()),
                "cells_in_one_condition_types": one_condition_share(types.to_numpy(), stim)}  # fmt: skip
     for name in args.axes:  # "default": rank_state_genes' default axis (the condition's with one registered)
         axis_name, _, measure = name.partition(":")

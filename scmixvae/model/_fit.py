@@ -41,7 +41,8 @@ PRUNING_COUPLING_FACTOR = 1e-3
 
 #: With the number of types given, the coupling's weight of each category is capped at this multiple of its running
 #: mean (the training plan's ``coupling_weight_cap``): a minibatch that holds no cell of a type of a few percent no
-#: longer multiplies its weight by ~20. Pruning keeps the published normalisation, on which its consensus rests.
+#: longer multiplies its weight by ~20, while the gradient that keeps categories from emptying still flows. Pruning
+#: keeps the published normalisation, on which its consensus rests.
 COUPLING_WEIGHT_CAP = 2**0.5
 
 

@@ -619,8 +619,9 @@ class CplMixVAEModule(BaseModuleClass):
         and its weight jumps from about 5 to 100 for that step, enough to move cells out of a trained type. A
         cap at a multiple of the running mean (each training minibatch weighs :data:`COUPLING_WEIGHT_MOMENTUM`;
         the first sets it) clips such jumps and leaves a category that most minibatches lack at its usual weight.
-        The running mean follows training minibatches while the categories train; no gradient flows through it.
-        Entries of 0 (no minibatch seen yet) cap nothing.
+        Only the weight's value is clipped: the gradient through the minibatch's spread, which keeps a category
+        from emptying, still flows (taken at the cap). The running mean follows training minibatches while the
+        categories train; no gradient flows through it. Entries of 0 (no minibatch seen yet) cap nothing.
         """
         with torch.no_grad():
             if self.training and not self.categories_frozen:
