@@ -356,12 +356,13 @@ def test_a_capped_coupling_weight_keeps_the_gradient_of_the_minibatch_spread():
     def hand(x, through_spread):
         q = x.softmax(-1)
         var = q.var(dim=1, keepdim=True, correction=0)
-        r = torch.rsqrt(torch.maximum(var, floor).detach() + var_eps)
-        if through_spread:  # the first-order change of the weight with the spread, at the floor
-            r = torch.where(
-                cap > 0, r - 0.5 * (floor + var_eps).pow(-1.5) * (var - var.detach()), torch.rsqrt(var + var_eps)
-            )
-        z = torch.log(q + eps) * r
+        full = torch.rsqrt(var + var_eps)
+        if through_spread:  # the weight at the floor plus its first-order change with the spread there
+            capped = torch.rsqrt(torch.maximum(var, floor).detach() + var_eps)
+            capped = capped - 0.5 * (floor + var_eps).pow(-1.5) * (var - var.detach())
+        else:  # a cap that also cuts that gradient: the smaller of the weight and the cap
+            capped = torch.minimum(full, cap)
+        z = torch.log(q + eps) * torch.where(cap > 0, capped, full)
         return ((z[0] - z[1]) ** 2).sum(-1).mean()
 
     grads = []
@@ -373,7 +374,8 @@ def test_a_capped_coupling_weight_keeps_the_gradient_of_the_minibatch_spread():
         grads.append((value.detach(), x.grad))
     torch.testing.assert_close(grads[0][0], grads[1][0])
     torch.testing.assert_close(grads[0][1], grads[1][1])
-    assert not torch.allclose(grads[0][1], grads[2][1])  # without the spread's gradient it would differ
+    torch.testing.assert_close(grads[0][0], grads[2][0])  # the same value either way
+    assert not torch.allclose(grads[0][1], grads[2][1])  # but not the same gradient
 
 
 def test_coupling_weight_caps_follow_the_running_mean_while_the_categories_train():
