@@ -338,9 +338,19 @@ def negative_entropy(q: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (q * torch.where(q > 0, log_q, torch.zeros_like(log_q))).sum(-1).mean(-1)
 
 
-def category_weights(q: torch.Tensor, var_eps: float = 1e-4) -> torch.Tensor:
-    """Compute the coupling's weight of each category, ``(Var_batch[q] + var_eps)^(-1/2)``, shape ``(A, 1, K)``."""
-    return torch.rsqrt(q.var(dim=1, keepdim=True, correction=0) + var_eps)
+def category_weights(q: torch.Tensor, var_eps: float = 1e-4, weight_cap: torch.Tensor | None = None) -> torch.Tensor:
+    """Compute the coupling's weight of each category, ``(Var_batch[q] + var_eps)^(-1/2)``, shape ``(A, 1, K)``.
+
+    ``weight_cap`` (broadcastable to ``(A, 1, K)``; entries that are not positive cap nothing) caps the weight's
+    value: a weight of at most ``c`` is a spread of at least ``c^-2 - var_eps``. The spread is floored there while
+    its gradient stays the minibatch spread's own (taken at the floor), which keeps a category from emptying.
+    """
+    var = q.var(dim=1, keepdim=True, correction=0)
+    if weight_cap is not None:
+        cap = weight_cap.to(var.dtype)
+        floor = torch.where(cap > 0, cap.pow(-2) - var_eps, torch.zeros_like(cap)).clamp(min=0)
+        var = var + (torch.maximum(var, floor) - var).detach()
+    return torch.rsqrt(var + var_eps)
 
 
 def coupling_distance(
@@ -369,8 +379,7 @@ def coupling_distance(
         ``r = (Var_batch[q] + var_eps)^(-1/2)`` (the published approximation); ``"clr"``: the same on
         centred log-ratios.
     weight_cap
-        Largest weight ``r`` of each category, broadcastable to ``(A, 1, K)`` (``None``: no cap); entries that are
-        not positive cap nothing. A capped weight keeps the gradient of the minibatch's spread.
+        Largest weight ``r`` of each category (``None``: no cap); see :func:`category_weights`.
 
     Returns
     -------
@@ -381,15 +390,7 @@ def coupling_distance(
         n_active = mask.sum().clamp(min=1)
         centre = (log_q * mask).sum(-1, keepdim=True) / n_active
         log_q = log_q - centre
-    var = q.var(dim=1, keepdim=True, correction=0)
-    if weight_cap is not None:
-        # a weight of at most c is a spread of at least c^-2 - var_eps: the value is floored, while the gradient
-        # stays the minibatch spread's own (taken at the floor), which keeps a category from emptying
-        cap = weight_cap.to(var.dtype)
-        floor = torch.where(cap > 0, cap.pow(-2) - var_eps, torch.zeros_like(cap)).clamp(min=0)
-        var = var + (torch.maximum(var, floor) - var).detach()
-    r = torch.rsqrt(var + var_eps)
-    z = log_q * r * mask
+    z = log_q * category_weights(q, var_eps, weight_cap) * mask
     diff = z.unsqueeze(0) - z.unsqueeze(1)
     return diff.pow(2).sum(-1).mean(-1)
 
