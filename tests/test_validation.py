@@ -1,5 +1,6 @@
 import warnings
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -310,6 +311,39 @@ def test_readouts_refuse_bad_indices_before_any_work(trained_model, readout, ind
     monkeypatch.setattr(trained_model, "_make_data_loader", no_pass)
     with pytest.raises(error, match=match):
         INDEXED_READOUTS[readout](trained_model, indices)
+
+
+BACKED_READOUTS = {
+    "predict": lambda model, adata, idx: model.predict(adata, indices=idx, batch_size=3),
+    "probabilities": lambda model, adata, idx: model.get_category_probabilities(adata, indices=idx, batch_size=3),
+    "latent": lambda model, adata, idx: model.get_latent_representation(adata, indices=idx, batch_size=3),
+    "expression": lambda model, adata, idx: model.get_normalized_expression(adata, indices=idx, batch_size=3),
+    "library": lambda model, adata, idx: model.get_latent_library_size(adata, indices=idx, batch_size=3),
+}
+
+
+@pytest.mark.parametrize("indices", [[5, 2, 200, 0, 7], [3, 3, 1], [0, -1, 1]])
+def test_readouts_of_backed_data_follow_the_order_of_indices(trained_model, tmp_path, indices):
+    # scvi-tools loads the rows of a backed minibatch in sorted order; they were labelled in the order asked for
+    trained_model.adata.write_h5ad(tmp_path / "cells.h5ad")
+    backed = anndata.read_h5ad(tmp_path / "cells.h5ad", backed="r")
+    for name, readout in BACKED_READOUTS.items():
+        expected = readout(trained_model, trained_model.adata, indices)
+        result = readout(trained_model, backed, indices)
+        if isinstance(expected, pd.Series):
+            pd.testing.assert_series_equal(result, expected, obj=name)
+        elif isinstance(expected, pd.DataFrame):
+            pd.testing.assert_frame_equal(result, expected, rtol=1e-5, obj=name)
+        else:
+            np.testing.assert_allclose(result, expected, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("option", ["shuffle", "drop_last"])
+def test_readouts_refuse_loader_options_that_reorder_or_drop_cells(trained_model, option):
+    with pytest.raises(ValueError, match=rf"data_loader_kwargs may not set \['{option}'\]: a read-out returns one row"):
+        trained_model.get_normalized_expression(data_loader_kwargs={option: True})
+    with pytest.raises(ValueError, match=rf"may not set \['{option}'\]"):
+        trained_model.get_latent_library_size(**{option: True})
 
 
 def test_readouts_take_negative_positions_and_masks_as_numpy_does(trained_model):

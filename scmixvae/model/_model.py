@@ -48,6 +48,8 @@ logger = logging.getLogger(__name__)
 
 #: Fewest cells a model trains on (a minibatch of one cell cannot be trained; the splits need some of each).
 MIN_TRAINING_CELLS = 3
+#: Options of scvi-tools' data loader that would reorder or drop the cells of a read-out (refused there).
+READ_ORDER_OPTIONS = ("shuffle", "drop_last", "sampler", "batch_sampler")
 
 
 def _stops_whole_fit_on_interrupt(fit):
@@ -817,16 +819,44 @@ class CplMixVAE(
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
         indices = check.check_indices(indices, adata.n_obs)
-        loader = self._make_data_loader(
-            adata=adata, indices=indices, batch_size=batch_size, **(data_loader_kwargs or {})
-        )
         module = self.module
         with eval_mode(module):
-            for tensors in loader:
+            for tensors in self._read_minibatches(adata, indices, batch_size, data_loader_kwargs):
                 with torch.inference_mode():  # per minibatch: the grad mode is not left changed between yields
                     inputs = module._get_inference_input(tensors)
                     outputs = module.inference(**inputs)
                 yield inputs, outputs
+
+    def _read_minibatches(
+        self, adata: AnnData, indices: np.ndarray, batch_size: int | None, data_loader_kwargs: dict | None
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        """Yield the registered tensors of the cells ``indices`` of ``adata``, in minibatches and in that order.
+
+        scvi-tools loads the rows of a backed AnnData in sorted order within each minibatch; the rows of such a
+        minibatch are put back in the order asked for. Options of the data loader that would reorder or drop
+        cells are refused: every read-out returns one row per cell of ``indices``, in that order.
+        """
+        kwargs = dict(data_loader_kwargs or {})
+        refused = sorted(set(kwargs) & set(READ_ORDER_OPTIONS))
+        if refused:
+            raise ValueError(
+                f"data_loader_kwargs may not set {refused}: a read-out returns one row per cell of `indices`, "
+                "in that order."
+            )
+        loader = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, **kwargs)
+        start = 0
+        for tensors in loader:
+            asked = indices[start : start + tensors[REGISTRY_KEYS.X_KEY].shape[0]]
+            start += asked.size
+            if adata.isbacked and (np.diff(asked) < 0).any():  # loaded as np.sort(asked): undo that sort
+                restore = torch.from_numpy(np.argsort(np.argsort(asked, kind="stable"), kind="stable"))
+                tensors = {
+                    key: (value if value.layout == torch.strided else value.to_dense())[restore]
+                    if isinstance(value, torch.Tensor)
+                    else value
+                    for key, value in tensors.items()
+                }
+            yield tensors
 
     @torch.inference_mode()
     def _posteriors(

@@ -443,8 +443,10 @@ class CplMixVAERNAMixin(RNASeqMixin):
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         indices = check.check_indices(indices, adata.n_obs)
-        dl = self._make_data_loader(adata=adata, indices=indices, batch_size=batch_size, **data_loader_kwargs)
-        x = [tensors[REGISTRY_KEYS.X_KEY] for tensors in dl]
+        x = [
+            tensors[REGISTRY_KEYS.X_KEY]
+            for tensors in self._read_minibatches(adata, indices, batch_size, data_loader_kwargs)
+        ]
         return np.concatenate(
             [(t.to_dense() if t.layout != torch.strided else t).sum(-1, keepdim=True).numpy() for t in x]
         )
