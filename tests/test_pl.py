@@ -10,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
 import scvi
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
@@ -133,6 +134,22 @@ def test_state_genes_dotplot_wraps_scanpy(annotated, tmp_path):
     assert "empty" not in [t.get_text() for t in axes["mainplot_ax"].get_yticklabels()]
     with pytest.raises(ValueError, match="rank_state_genes first"):
         pl.state_genes_dotplot(adata, key="missing", show=False)
+
+
+def test_state_genes_dotplot_draws_raw_also_when_it_leaves_an_empty_category_out(annotated):
+    # scanpy draws .raw when there is one (here log counts); leaving an empty category out drew the counts of X
+    adata, _ = annotated
+    data = adata.copy()
+    log_counts = sp.csr_matrix(data.X, dtype=np.float32)
+    log_counts.data = np.log1p(log_counts.data)
+    data.raw = ad.AnnData(X=log_counts, var=data.var)
+    ranges = []  # of the mean expression, on the colour bar
+    for extra in ([], ["empty"]):
+        data.obs["cplmixvae_type"] = data.obs["cplmixvae_type"].cat.add_categories(extra)
+        axes = pl.state_genes_dotplot(data, n_genes=2, show=False)
+        ranges.append(axes["color_legend_ax"].get_xlim())
+    assert ranges[0][1] <= np.log1p(data.X.max())  # the raw log counts, not the counts
+    np.testing.assert_allclose(ranges[1], ranges[0], rtol=1e-6)
 
 
 def test_training_history_panels(annotated, tmp_path, monkeypatch):

@@ -302,7 +302,10 @@ def _without_empty_categories(adata: AnnData, groupby: str, *, key: str, layer: 
         return adata
     obs = pd.DataFrame({groupby: column.cat.remove_unused_categories()}, index=adata.obs_names)
     layers = {layer: adata.layers[layer]} if layer is not None and layer in adata.layers else None
-    return AnnData(X=adata.X, obs=obs, var=adata.var.copy(), layers=layers, uns={key: adata.uns[key]})
+    plot_data = AnnData(X=adata.X, obs=obs, var=adata.var.copy(), layers=layers, uns={key: adata.uns[key]})
+    if adata.raw is not None:  # scanpy plots .raw by default when there is one
+        plot_data.raw = AnnData(X=adata.raw.X, var=adata.raw.var)
+    return plot_data
 
 
 def _history_panels(model, keys: Sequence[str] | None) -> list[tuple[str, list[str]]]:
