@@ -403,6 +403,23 @@ def test_enrichment_takes_any_mapping_of_gene_sets(ranked, caplog):
         tl.gene_set_enrichment(ranked, {})
 
 
+def test_enrichment_refuses_a_ranking_cut_to_each_groups_top_genes(ranked):
+    # among a group's top genes alone, a set that ranks high overall looked like chance (p = 1) without a word
+    data = ranked.copy()
+    data.obs["group"] = data.obs["type"].astype(str).astype("category")
+    sc.tl.rank_genes_groups(data, "group", method="t-test", n_genes=20, key_added="top20")
+    group = data.uns["top20"]["names"].dtype.names[0]
+    genes = list(data.uns["top20"]["names"][group][:5])
+    with pytest.raises(ValueError, match=r"ranks only each group's top 20 of the 100 genes; .* n_genes=None"):
+        tl.gene_set_enrichment(data, genes, key="top20")
+    # the same genes ranked in every group (scanpy's mask_var) are a universe of their own
+    mask = np.zeros(data.n_vars, dtype=bool)
+    mask[:60] = True
+    sc.tl.rank_genes_groups(data, "group", method="t-test", mask_var=mask, key_added="masked")
+    result = tl.gene_set_enrichment(data, list(data.var_names[:5]), key="masked")
+    assert (result["n_genes_in_set"] == 5).all()
+
+
 def test_enrichment_defaults_to_the_built_in_sets(ranked):
     data = ranked.copy()
     data.var_names = [*tl.gene_sets("interferon")[:10], *tl.gene_sets("immediate_early")[:5], *data.var_names[15:]]

@@ -158,6 +158,26 @@ def _test_group(names, scores, present, method, n_permutations, rng) -> dict:
     }
 
 
+def _check_same_genes_ranked(ranking: dict, key: str, n_vars: int) -> None:
+    """Refuse a ranking cut to each group's top genes: its groups rank different genes, fewer than all.
+
+    The tests compare a set's genes with the other ranked genes; among a group's top genes alone, a set that ranks
+    high overall looks like chance. A ranking of the same genes in every group (all of them, or a subset such as
+    scanpy's ``mask_var``) is fine.
+    """
+    names = ranking["names"]
+    n_ranked = len(names)
+    if n_ranked >= n_vars:
+        return
+    ranked = {frozenset(np.asarray(names[group], dtype=str)) for group in names.dtype.names}
+    if len(ranked) > 1:
+        raise ValueError(
+            f"adata.uns[{key!r}] ranks only each group's top {n_ranked} of the {n_vars} genes; the test compares a "
+            "set's genes with all the others, so rank every gene (scanpy.tl.rank_genes_groups with n_genes=None, "
+            "its default)."
+        )
+
+
 def gene_set_enrichment(
     adata: AnnData,
     gene_set: Mapping[str, Sequence[str]] | Sequence[str] | None = None,
@@ -220,6 +240,7 @@ def gene_set_enrichment(
     >>> # gseapy.prerank(rnk=ranking, gene_sets="MSigDB_Hallmark_2020")
     """
     ranking = _get_ranking(adata, key)
+    _check_same_genes_ranked(ranking, key, adata.n_vars)
     if method not in ("rank", "permutation"):
         raise ValueError(f'`method` must be "rank" or "permutation", got {method!r}.')
     if isinstance(n_permutations, bool) or not isinstance(n_permutations, int | np.integer) or n_permutations < 1:
