@@ -584,3 +584,17 @@ def test_annotate_needs_an_anndata(fitted):
     adata, model = fitted
     with pytest.raises(TypeError, match="`adata` must be an AnnData object, got ndarray"):
         tl.annotate(adata.X.toarray(), model)
+
+
+def test_annotate_removes_the_columns_of_agents_the_model_lacks(fitted):
+    # a model with three agents wrote cplmixvae_agent2_type; annotating again with two agents left it beside the
+    # new columns, contradicting cplmixvae_agree
+    adata, model = fitted
+    data = adata.copy()
+    tl.annotate(data, model)
+    data.obs["cplmixvae_agent2_type"] = data.obs["cplmixvae_agent0_type"]
+    data.obs["cplmixvae_agent3_type"] = data.obs["cplmixvae_agent0_type"]
+    data.obs["other_agent2_type"] = data.obs["cplmixvae_agent0_type"]  # another key's column stays
+    tl.annotate(data, model)
+    agent_columns = [c for c in data.obs if "_agent" in c]
+    assert agent_columns == ["cplmixvae_agent0_type", "cplmixvae_agent1_type", "other_agent2_type"]
