@@ -116,6 +116,12 @@ def test_prepare_query_anndata_pads_and_orders_the_genes(mapped):
     renamed.var_names = [f"other_{g}" for g in query.var_names]
     with pytest.raises(ValueError, match="none of the reference's genes"):
         CplMixVAE.prepare_query_anndata(renamed, model, inplace=False)
+    twice = _fresh(query)
+    twice.var_names = [genes[0], *genes[:-1]]  # pandas failed on the reindexing ("uniquely valued Index objects")
+    with pytest.raises(
+        ValueError, match=r"adata.var_names has duplicates \(e.g. \['gene_0'\]\); call `adata.var_names"
+    ):
+        CplMixVAE.prepare_query_anndata(twice, model, inplace=False)
 
 
 def test_query_with_no_new_batch_or_no_batch_column_is_refused(mapped):

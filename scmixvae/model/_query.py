@@ -255,6 +255,7 @@ class CplMixVAEQueryMixin:
             return genes
         if not isinstance(adata, AnnData):
             raise TypeError(f"`adata` must be an AnnData object, got {type(adata).__name__}.")
+        check.check_unique_names(adata)
         shared = adata.var_names.intersection(genes)
         if len(shared) == 0:
             raise ValueError(
