@@ -199,6 +199,23 @@ def test_embedding_colours_types_states_and_genes(annotated, tmp_path):
         pl.embedding(adata, color="nope", show=False)
 
 
+def test_embedding_draws_cells_without_a_value_grey(annotated):
+    # cells whose colour value is missing were left out of the plot
+    adata, _ = annotated
+    data = adata.copy()
+    half = np.arange(data.n_obs) < data.n_obs // 2
+    data.obs["label"] = pd.Categorical(np.where(half, None, "x"))
+    data.obs["score"] = np.where(half, np.nan, 1.0)
+    for color in ("label", "score"):
+        ax = pl.embedding(data, color=color, show=False)
+        offsets = np.concatenate([c.get_offsets() for c in ax.collections])
+        assert len(offsets) == data.n_obs, color
+        grey = [c for c in ax.collections if c.get_label() == "NA"]
+        assert len(grey) == 1 and len(grey[0].get_offsets()) == half.sum(), color
+    ax = pl.embedding(data, color="label", show=False)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["x", "NA"]
+
+
 def test_show_true_returns_none(annotated):
     _, model = annotated
     with warnings.catch_warnings():

@@ -407,6 +407,12 @@ def training_history(
     return _finish(fig, axes[0] if len(axes) == 1 else axes, show=show, return_fig=return_fig, save=save)
 
 
+def _draw_missing(ax: Axes, xy: np.ndarray, missing: np.ndarray, size: float) -> None:
+    """Draw the cells without a colour value grey, beneath the others (``"NA"`` in a legend), as scanpy does."""
+    if missing.any():
+        ax.scatter(xy[missing, 0], xy[missing, 1], s=size, c="lightgrey", label="NA", linewidths=0, zorder=0.5)
+
+
 def embedding(
     adata: AnnData,
     *,
@@ -467,6 +473,7 @@ def embedding(
         ax.scatter(xy[:, 0], xy[:, 1], s=size, c="lightgrey", linewidths=0)
     else:
         values = _color_values(adata, color)
+        missing = values.isna().to_numpy()
         if isinstance(values.dtype, pd.CategoricalDtype) or not pd.api.types.is_numeric_dtype(values):
             values = values.astype(str).astype("category") if values.dtype == bool else values.astype("category")
             palette = category_colors(adata, color, values.cat.categories)
@@ -475,11 +482,15 @@ def embedding(
                 if not mask.any():
                     continue
                 ax.scatter(xy[mask, 0], xy[mask, 1], s=size, color=colour, label=str(cat), linewidths=0)
+            _draw_missing(ax, xy, missing, size)
             if legend:
                 ax.legend(title=color, fontsize=7, markerscale=max(1.0, 20 / size) ** 0.5, frameon=False,
                           loc="center left", bbox_to_anchor=(1.0, 0.5))  # fmt: skip
         else:
-            image = ax.scatter(xy[:, 0], xy[:, 1], s=size, c=values.to_numpy(dtype=float), cmap=cmap, linewidths=0)
+            _draw_missing(ax, xy, missing, size)
+            shown = ~missing
+            numbers = values.to_numpy(dtype=float)[shown]
+            image = ax.scatter(xy[shown, 0], xy[shown, 1], s=size, c=numbers, cmap=cmap, linewidths=0)
             if legend:
                 fig.colorbar(image, ax=ax, label=color, shrink=0.8)
         ax.set_title(color)
