@@ -227,6 +227,10 @@ def test_get_state_genes_is_tidy(ranked):
     assert one["names"].tolist() == list(ranked.uns[KEY]["names"][groups[0]])
     with pytest.raises(ValueError, match="not in uns"):
         tl.get_state_genes(ranked, group="nope")
+    # a category's number is read as its name ("TypeError: 'int' object is not iterable"); a repeat counts once
+    number = int(groups[0])
+    pd.testing.assert_frame_equal(tl.get_state_genes(ranked, group=number), one)
+    pd.testing.assert_frame_equal(tl.get_state_genes(ranked, group=[number, groups[0]]), one)
     with pytest.raises(ValueError, match="rank_state_genes first"):
         tl.get_state_genes(ranked, key="missing")
 

@@ -727,7 +727,8 @@ def get_state_genes(
     key
         Key of the ranking in ``uns``.
     group
-        One group, several, or ``None`` for all.
+        One group, several, or ``None`` for all; a group is given by its name (``3`` is read as ``"3"``, the name
+        of category 3).
     n_genes
         Top genes per group; all by default.
 
@@ -738,7 +739,11 @@ def get_state_genes(
     """
     ranking = _get_ranking(adata, key)
     available = list(ranking["names"].dtype.names)
-    groups = available if group is None else [group] if isinstance(group, str) else list(group)
+    if group is None:
+        groups = available
+    else:  # names, as the ranking stores them: category 3 is "3"
+        given = [group] if isinstance(group, str) or np.isscalar(group) else group
+        groups = list(dict.fromkeys(str(g) for g in given))
     missing = [g for g in groups if g not in available]
     if missing:
         raise ValueError(f"Group(s) {missing} not in uns[{key!r}]; available groups: {available}.")
