@@ -88,6 +88,16 @@ def test_agreement_and_consensus_matrix_are_consistent(trained_model):
     norm = trained_model.get_consensus_matrix(0, 1)
     rows = norm.to_numpy().sum(1)
     assert np.all((np.abs(rows - 1) < 1e-9) | (rows == 0))
+    with pytest.raises(ValueError, match=r"`agent_b` must be in \[0, 1\], got 2"):
+        trained_model.get_consensus_matrix(0, 2)
+
+
+def test_consensus_matrix_of_one_agent_is_refused(sim_adata):
+    # the defaults (agents 0 and 1) named an `agent` that was out of range
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_agents=1)
+    with pytest.raises(ValueError, match=r"compares two agents; this model has one \(n_agents=1\)"):
+        model.get_consensus_matrix()
 
 
 def test_save_load_round_trip_is_exact(trained_model, tmp_path):

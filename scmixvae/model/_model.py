@@ -893,9 +893,9 @@ class CplMixVAE(
             )
         return adata.obs_names[indices], q, s
 
-    def _check_agent(self, agent: int | None) -> None:
+    def _check_agent(self, agent: int | None, name: str = "agent") -> None:
         if agent is not None:
-            check.check_int("agent", agent, minimum=0, maximum=self.module.n_agents - 1)
+            check.check_int(name, agent, minimum=0, maximum=self.module.n_agents - 1)
 
     def get_category_probabilities(
         self,
@@ -1010,8 +1010,10 @@ class CplMixVAE(
         with ``normalize=True`` each row is divided by its sum (rows of empty categories stay zero), so
         the diagonal is the per-category consensus.
         """
-        self._check_agent(agent_a)
-        self._check_agent(agent_b)
+        if self.module.n_agents < 2:
+            raise ValueError("A consensus matrix compares two agents; this model has one (n_agents=1).")
+        self._check_agent(agent_a, "agent_a")
+        self._check_agent(agent_b, "agent_b")
         _, q, _ = self._posteriors(adata, indices, batch_size)
         matrix = co_assignment(q[agent_a].argmax(-1), q[agent_b].argmax(-1), q.shape[-1]).astype(float)
         if normalize:
