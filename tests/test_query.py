@@ -144,6 +144,21 @@ def test_readouts_on_an_unseen_batch_point_to_load_query_data(mapped):
         model.predict(new)
 
 
+def test_a_batch_column_of_another_type_is_named_as_such(sim_adata):
+    # batches trained as integers 0 and 1 and read out as strings "0" and "1" were called new batches
+    sim_adata.obs["run"] = sim_adata.obs["batch"].cat.codes.astype(int)
+    CplMixVAE.setup_anndata(sim_adata, batch_key="run")
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False)
+    text = _fresh(sim_adata)
+    text.obs["run"] = text.obs["run"].astype(str)
+    with pytest.raises(ValueError, match=r"holds \['[01]', '[01]'\] as str; the model was trained on the same names as "
+                       r"int64 \(\[0, 1\]\)\. Convert .*astype\('int64'\)"):  # fmt: skip
+        model.predict(text)
+    text.obs["run"] = text.obs["run"].astype("int64")
+    pd.testing.assert_series_equal(model.predict(text), model.predict())
+
+
 class _Payload:
     """Unpickling this object runs a shell command that creates ``marker``."""
 

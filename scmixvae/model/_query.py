@@ -359,6 +359,7 @@ class CplMixVAEQueryMixin:
             unseen = unseen_categories(adata, self.adata_manager.registry)
             if unseen:
                 key, values = next(iter(unseen.items()))
+                _check_same_names_of_another_type(key, values, _categorical_columns(self.adata_manager.registry)[key])
                 raise ValueError(
                     f"adata.obs[{key!r}] holds {len(values)} value(s) the model was not trained on (e.g. "
                     f"{values[:5]}). The batch and categorical covariates enter every encoder, so new values need "
@@ -366,6 +367,18 @@ class CplMixVAEQueryMixin:
                     "the query model on them."
                 )
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+
+
+def _check_same_names_of_another_type(key: str, values: list, mapping: np.ndarray) -> None:
+    """Raise when a column's new values are the model's categories written as another type (``"1"`` for ``1``)."""
+    trained = [str(v) for v in mapping]
+    if all(str(v) in trained for v in values):
+        kind, trained_kind = type(values[0]).__name__, type(mapping[0]).__name__
+        raise ValueError(
+            f"adata.obs[{key!r}] holds {values[:5]} as {kind}; the model was trained on the same names as "
+            f"{trained_kind} ({mapping[:5].tolist()}). Convert the column to the training data's type, e.g. "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype({trained_kind!r})."
+        )
 
 
 def _check_query_covariates(adata: AnnData, registry: dict) -> dict[str, list]:
