@@ -184,6 +184,10 @@ def test_copy_false_writes_in_place_and_returns_none(fitted):
     data = adata.copy()
     assert tl.rank_state_genes(data, model, key_added="sg") is None
     assert "sg" in data.uns and "sg_group" in data.obs
+    # a ranking by another groupby under the same key removes the groups of the earlier one, which it does not use
+    data.obs["ref"] = data.obs["sg_group"].astype(str).astype("category")
+    tl.rank_state_genes(data, model, key_added="sg", groupby="ref")
+    assert "sg_group" not in data.obs and data.uns["sg"]["params"]["groupby"] == "ref"
 
 
 def test_results_survive_h5ad_and_scanpy_readers(fitted, tmp_path):

@@ -545,7 +545,8 @@ def rank_state_genes(
         ``(n_groups, n_steps, 50)``, which :func:`~scmixvae.pl.state_traversal_heatmap` draws.
 
     - ``obs[f"{key_added}_group"]``: the consensus category (categorical; categories without cells are
-      left out, as scanpy's plots need), when ``groupby=None``.
+      left out, as scanpy's plots need), when ``groupby=None``; with another ``groupby``, the column an earlier
+      ranking wrote under ``key_added`` is removed.
 
     Groups with fewer than 3 cells, or whose cells do not spread along the axis, are left out with a
     logged warning.
@@ -583,6 +584,8 @@ def rank_state_genes(
         )
     if write_groups:
         adata.obs[groupby] = groups
+    elif groupby != group_key(key_added) and group_key(key_added) in adata.obs:  # an earlier ranking's groups
+        del adata.obs[group_key(key_added)]
     adata.uns[key_added] = _to_rank_genes_groups(
         results,
         np.asarray(adata.var_names, dtype=str),
