@@ -542,6 +542,22 @@ def test_condition_axis_is_the_default_with_a_condition_and_joins_the_conditions
         assert traversal["sigma"][i] == pytest.approx(projection.std(ddof=1), rel=1e-4)
 
 
+def test_condition_axis_follows_the_models_order_of_conditions(with_condition):
+    # a column with its categories in another order (new cells, a reloaded file) turned the axis round
+    adata, model = with_condition
+    expected = tl.rank_state_genes(adata, model, copy=True).uns[KEY]
+    for column in (
+        adata.obs["treatment"].cat.reorder_categories(["stim", "ctrl"]),
+        adata.obs["treatment"].astype(str),
+    ):
+        data = adata.copy()
+        data.obs["treatment"] = column
+        result = tl.rank_state_genes(data, model, copy=True).uns[KEY]
+        np.testing.assert_allclose(result["traversal"]["direction"], expected["traversal"]["direction"], rtol=1e-6)
+        for g in expected["names"].dtype.names:
+            np.testing.assert_array_equal(result["names"][g], expected["names"][g])
+
+
 def test_condition_axis_falls_back_to_pc1_for_a_group_with_one_condition(with_condition, caplog):
     adata, model = with_condition
     data = adata.copy()

@@ -15,7 +15,7 @@ from scvi import REGISTRY_KEYS
 from torch.nn import functional as F
 
 from .. import _validation as check
-from .._constants import DEFAULT_STATE_GENES_KEY, NORMALISATION_SCALE, category_name
+from .._constants import CONDITION_KEY, DEFAULT_STATE_GENES_KEY, NORMALISATION_SCALE, category_name
 from .._preprocess import log_normalise_block
 from ..module._module import eval_mode
 
@@ -81,7 +81,9 @@ def _condition_key(model) -> str | None:
 def _conditions_for(model, adata: AnnData, axis) -> tuple[np.ndarray | None, list[str]]:
     """Return the cells' conditions and their order when ``axis="condition"``, else ``(None, [])``.
 
-    The conditions are read from the column the model was set up with.
+    The conditions are read from the column the model was set up with, and ordered as the model registered them
+    (the categories of its training column), whatever the order of the column given; conditions the model has
+    not seen follow, sorted.
     """
     if axis != "condition":
         return None, []
@@ -92,9 +94,10 @@ def _conditions_for(model, adata: AnnData, axis) -> tuple[np.ndarray | None, lis
     if column.isna().any():
         raise ValueError(f'`axis="condition"`: adata.obs[{key!r}] has missing values.')
     labels = np.asarray(column.astype(str))
-    if isinstance(column.dtype, pd.CategoricalDtype):
-        return labels, [str(c) for c in column.cat.categories]
-    return labels, sorted(np.unique(labels))
+    field = model.adata_manager.registry["field_registries"].get(CONDITION_KEY, {})
+    registered = [str(c) for c in field.get("state_registry", {}).get("categorical_mapping", [])]
+    present = set(np.unique(labels).tolist())
+    return labels, [c for c in registered if c in present] + sorted(present - set(registered))
 
 
 def _check_groupby(adata: AnnData, groupby: str) -> None:
@@ -484,10 +487,11 @@ def rank_state_genes(
         ``"pc1"`` (first principal component of the group's state means) or the index of one state
         dimension. The sign of a principal axis is arbitrary; it is fixed so that its largest loading is
         positive. ``"condition"`` (models set up with a ``condition_key``): the direction from the mean state
-        of the group's cells in the first condition to that in the second (in the order of the column's
-        categories; with more conditions, the main axis of their mean states, oriented from the first
-        towards the last): the genes the condition moves along the state, within each type. Groups that hold
-        a single condition use ``"pc1"`` (logged; ``traversal["axis"]`` says which axis each group used).
+        of the group's cells in the first condition to that in the second (in the order of the categories of
+        the column the model was set up with; with more conditions, the main axis of their mean states, oriented
+        from the first towards the last): the genes the condition moves along the state, within each type.
+        Groups that hold a single condition use ``"pc1"`` (logged; ``traversal["axis"]`` says which axis each
+        group used).
         ``None`` (default): ``"condition"`` when the model has a condition, else ``"pc1"``.
     n_sigma
         Half-length of the path, in standard deviations of the group's cells along the axis.
