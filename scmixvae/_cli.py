@@ -212,6 +212,10 @@ def _check_outputs(files: list[Path], folders: list[Path], *, inputs: list[Path]
     """Why the planned outputs cannot be written (checked before any work); ``None`` when they can."""
     from ._io import unwritable_reason
 
+    for folder in folders:  # model.save refuses a folder that the outputs, written first, created or filled
+        for path in files:
+            if path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents:
+                return f"the model folder {folder} would hold the output {path}; give the model a folder of its own"
     for path in files + folders:
         same_as_input = any(path.exists() and src.exists() and os.path.samefile(path, src) for src in inputs)
         if same_as_input and path in folders:

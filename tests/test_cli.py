@@ -164,6 +164,22 @@ def test_fit_refuses_its_input_as_the_model_folder(tmp_path, sim_adata, capsys, 
     assert src.read_bytes() == before and not (tmp_path / "out.h5ad").exists()
 
 
+@pytest.mark.parametrize(
+    ("output", "model", "figures"),
+    [("res/out.h5ad", "res", None), ("out.h5ad", "out.h5ad", None), ("out.h5ad", "figs", "figs")],
+)
+def test_fit_refuses_a_model_folder_that_would_hold_an_output(
+    tmp_path, sim_adata, capsys, no_training, output, model, figures
+):
+    """The outputs, written first, created the folder; the model was then refused after the whole fit."""
+    src = tmp_path / "x.h5ad"
+    sim_adata.write_h5ad(src)
+    args = ["fit", str(src), "-o", str(tmp_path / output), "--save-model", str(tmp_path / model), "--quiet"]
+    assert main([*args, *(["--figures", str(tmp_path / figures)] if figures else [])]) == 2
+    assert f"the model folder {tmp_path / model} would hold the output" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5ad"]
+
+
 def test_fit_with_overwrite_replaces_the_input_by_the_annotated_file_and_saves_the_model(tmp_path, sim_adata):
     src = tmp_path / "x.h5ad"
     sim_adata.write_h5ad(src)
