@@ -101,17 +101,15 @@ def default_state_epochs(n_cells: int, max_epochs: int | None = None) -> int:
     return round(max_epochs * n_state_epochs / default_max_epochs(n_cells))
 
 
-def default_train_size(
-    max_epochs: int, early_stopping: bool, validation_size: float | None, kwargs: dict
-) -> float | None:
-    """``train_size`` of a :meth:`CplMixVAE.train` call that gives none: ``1.0`` where the categories train unvalidated.
+def default_train_size(early_stopping: bool, validation_size: float | None, kwargs: dict) -> float | None:
+    """``train_size`` of a Lightning run given none: ``1.0`` where it validates nothing.
 
     scvi-tools holds out 10% of the cells for validation, which then never train, and validates only when
-    asked (early stopping, ``check_val_every_n_epoch``, checkpoints, a learning-rate monitor). A call that trains
-    the categories (``max_epochs > 0``) and validates nothing trains them on every cell, so that no type loses a
-    tenth of its cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``), also
-    when resuming from a checkpoint (``ckpt_path``), which a fit that validated wrote. A ``validation_size``
-    given alone trains on the other cells (scvi-tools would add its default 0.9 to it and refuse the sum).
+    asked (early stopping, ``check_val_every_n_epoch``, checkpoints, a learning-rate monitor). A run that
+    validates nothing trains on every cell, categories and states alike, so that no type loses a tenth of its
+    cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``), also when resuming
+    from a checkpoint (``ckpt_path``), which a fit that validated wrote. A ``validation_size`` given alone
+    trains on the other cells (scvi-tools would add its default 0.9 to it and refuse the sum).
     """
     from scvi.train import SaveCheckpoint
 
@@ -124,7 +122,7 @@ def default_train_size(
     )
     if validation_size is not None:
         return 1.0 - validation_size
-    return 1.0 if max_epochs > 0 and not validates else None
+    return None if validates else 1.0
 
 
 def default_n_restarts(choose_n_categories: bool, n_cells: int) -> int:
@@ -355,7 +353,7 @@ def run(
     :class:`RuntimeError`.
     """
     if train_size is None:
-        train_size = default_train_size(max_epochs, early_stopping, validation_size, kwargs)
+        train_size = default_train_size(early_stopping, validation_size, kwargs)
         if train_size == 1.0:  # no validation set: none must be asked for
             kwargs.setdefault("limit_val_batches", 0)
     if state_epochs:

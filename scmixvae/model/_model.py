@@ -489,10 +489,10 @@ class CplMixVAE(
         accelerator, devices
             Lightning accelerator and devices (``"auto"`` picks a GPU when there is one).
         train_size, validation_size
-            Fractions of cells for training and validation. ``None``: every cell trains when this call trains the
-            categories (``max_epochs > 0``) and nothing asks for validation (early stopping, checkpoints,
-            ``check_val_every_n_epoch``, a ``validation_size``) and it does not resume from a checkpoint;
-            with a ``validation_size`` alone, the other cells train; otherwise scvi-tools' defaults, 0.9 / 0.1.
+            Fractions of cells for training and validation. ``None``: every cell trains (the categories and the
+            states) when nothing asks for validation (early stopping, checkpoints, ``check_val_every_n_epoch``, a
+            ``validation_size``) and the call does not resume from a checkpoint; with a ``validation_size``
+            alone, the other cells train; otherwise scvi-tools' defaults, 0.9 / 0.1.
         batch_size
             Minibatch size.
         early_stopping
