@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import scvi
 import torch
+from lightning.pytorch import Callback
 from scvi import REGISTRY_KEYS
 from scvi.train import TrainingPlan
 
@@ -153,6 +154,29 @@ def test_every_cell_trains_unless_validation_is_asked_for(sim_adata):
     # the state phase alone (as after the choice of K) trains every cell too: it held out a tenth of them
     cells = _trained_cells(model, max_epochs=0, state_epochs=1)
     assert cells == set(range(n)) and len(model.validation_indices_) == 0
+
+
+def test_early_stopping_ends_the_category_fit_and_the_state_phase_still_runs(sim_adata):
+    # categories and states trained in one run, which an early stop in the category epochs ended: no state phase
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    phases = []
+    model.train(
+        max_epochs=10, state_epochs=10, batch_size=64, enable_progress_bar=False, early_stopping=True,
+        early_stopping_patience=1, early_stopping_min_delta=1e9, callbacks=[_PhaseRecorder(phases)],
+    )  # fmt: skip
+    assert phases == [False, False, True, True]  # each run stops after its second epoch: no improvement of 1e9
+    assert len(model.history["train_loss"]) == 4
+
+
+class _PhaseRecorder(Callback):
+    """Record, at the end of every training epoch, whether the categories were frozen (the state phase)."""
+
+    def __init__(self, phases: list[bool]):
+        self.phases = phases
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.phases.append(bool(pl_module.module.categories_frozen))
 
 
 @pytest.mark.parametrize("state_epochs", [0, 1])

@@ -153,6 +153,15 @@ class Schedule:
     prune_kwargs: dict[str, Any]
     trainer: dict[str, Any]
 
+    @property
+    def separate_state_phase(self) -> bool:
+        """Whether the state phase is a Lightning run of its own, after the categories' run.
+
+        After a choice of K (pruning retrains the categories), and with early stopping, which would otherwise end
+        the one run of both, state phase included, as soon as the categories' validation ELBO stops improving.
+        """
+        return self.prune or bool(self.trainer.get("early_stopping"))
+
 
 @functools.cache
 def _accepted(kind: str) -> frozenset[str]:
@@ -307,10 +316,11 @@ def start(model, schedule: Schedule) -> None:
 def train_categories(model, schedule: Schedule) -> None:
     """Train every part of the model for ``max_epochs``, in one Lightning run.
 
-    Without a choice of K the state phase follows in the same run (``max_epochs=0``: the state phase alone); with
-    one, it comes after the choice (:func:`state_phase`), the categories train weakly coupled
-    (:data:`PRUNING_COUPLING_FACTOR`), and a trained model's categories are not trained again. Without one, the
-    coupling's category weights are capped (:data:`COUPLING_WEIGHT_CAP`).
+    Without a choice of K the state phase follows in the same run (``max_epochs=0``: the state phase alone), unless
+    early stopping asks for a run of its own (:attr:`Schedule.separate_state_phase`); with one, it comes after the
+    choice (:func:`state_phase`), the categories train weakly coupled (:data:`PRUNING_COUPLING_FACTOR`), and a
+    trained model's categories are not trained again. Without one, the coupling's category weights are capped
+    (:data:`COUPLING_WEIGHT_CAP`).
     """
     if schedule.prune and model.is_trained_:
         return
@@ -320,13 +330,14 @@ def train_categories(model, schedule: Schedule) -> None:
         trainer["plan_kwargs"] = {**given, "max_coupling_factor": PRUNING_COUPLING_FACTOR}
     else:  # the caller's plan_kwargs may set another cap, or none
         trainer["plan_kwargs"] = {"coupling_weight_cap": COUPLING_WEIGHT_CAP, **given}
-    state_epochs = 0 if schedule.prune else schedule.state_epochs
-    run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **trainer)
+    state_epochs = 0 if schedule.separate_state_phase else schedule.state_epochs
+    if schedule.max_epochs + state_epochs:
+        run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **trainer)
 
 
 def state_phase(model, schedule: Schedule) -> None:
-    """Train the states of the chosen categories for ``state_epochs`` (after a choice of K; see :func:`run`)."""
-    if schedule.prune and schedule.state_epochs:
+    """Train the states for ``state_epochs`` in a run of their own (:attr:`Schedule.separate_state_phase`)."""
+    if schedule.separate_state_phase and schedule.state_epochs:
         run(model, max_epochs=0, state_epochs=schedule.state_epochs, **schedule.trainer)
 
 

@@ -496,7 +496,8 @@ class CplMixVAE(
         batch_size
             Minibatch size.
         early_stopping
-            Stop when the validation ELBO stops improving (scvi-tools' ``early_stopping_*`` options apply).
+            Stop when the validation ELBO stops improving (scvi-tools' ``early_stopping_*`` options apply). It
+            ends the category fit; the state phase then runs on its own and stops the same way.
         plan_kwargs
             Keyword arguments of :class:`~scmixvae.train.CplMixVAETrainingPlan` (``lr``, ``weight_decay``,
             ``n_epochs_kl_warmup``...). Without pruning, each category's weight in the coupling is capped at
