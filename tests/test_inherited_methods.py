@@ -275,7 +275,19 @@ def test_differential_expression_refuses_unknown_groups_before_any_work(trained_
         trained_model.differential_expression(None, "nope")
     with pytest.raises(ValueError, match=r"`group1`: \['zzz'\] not among the values of adata.obs\['type'\]"):
         trained_model.differential_expression(groupby="type", group1=["type_0", "zzz"])
+    with pytest.raises(
+        ValueError, match=r"`group2`: \['zzz'\] not among the values"
+    ):  # was "`indices` selects no cell"
+        trained_model.differential_expression(groupby="type", group1="type_0", group2="zzz")
     assert "_scvi_raw_norm_scaling" not in trained_model.adata.obs
+
+
+def test_differential_expression_takes_a_group_that_is_a_number(trained_model):
+    # scvi-tools wraps a single group1 that is not a string in a list; the check here iterated over it
+    data = trained_model.adata.copy()
+    data.obs["code"] = data.obs["type"].cat.codes.astype(int)
+    table = trained_model.differential_expression(data, groupby="code", group1=0, batch_size=128)
+    assert set(table["group1"]) == {0} and len(table) == data.n_vars
 
 
 def test_differential_expression_on_backed_data_needs_all_stats_off(trained_model, tmp_path, monkeypatch):

@@ -25,20 +25,21 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _check_groups(adata: AnnData, groupby: str | None = None, group1=None) -> None:
-    """Refuse a ``groupby`` that is not a column of ``adata.obs``, or ``group1`` values that the column lacks."""
+def _check_groups(adata: AnnData, groupby: str | None = None, group1=None, group2=None) -> None:
+    """Refuse a ``groupby`` that is not a column of ``adata.obs``, or ``group1``/``group2`` values it lacks."""
     if groupby is None:
         return
     check.check_obs_keys(adata, groupby=groupby)
-    if group1 is None:
-        return
-    wanted = [group1] if isinstance(group1, str) else list(group1)
     present = set(adata.obs[groupby].astype(str))
-    missing = [g for g in wanted if str(g) not in present]
-    if missing:
-        raise ValueError(
-            f"`group1`: {missing} not among the values of adata.obs[{groupby!r}] (e.g. {sorted(present)[:10]})."
-        )
+    for name, groups in (("group1", group1), ("group2", group2)):
+        if groups is None:
+            continue
+        wanted = [groups] if isinstance(groups, str) or np.isscalar(groups) else list(groups)
+        missing = [g for g in wanted if str(g) not in present]
+        if missing:
+            raise ValueError(
+                f"`{name}`: {missing} not among the values of adata.obs[{groupby!r}] (e.g. {sorted(present)[:10]})."
+            )
 
 
 class CplMixVAERNAMixin(RNASeqMixin):
@@ -74,8 +75,9 @@ class CplMixVAERNAMixin(RNASeqMixin):
         target = self.adata if adata is None else adata
         given = inspect.signature(RNASeqMixin.differential_expression).bind_partial(self, adata, *args, **kwargs)
         if isinstance(target, AnnData):
-            _check_groups(target, given.arguments.get("groupby"), given.arguments.get("group1"))
-            if target.isbacked and given.arguments.get("all_stats", True):
+            arguments = given.arguments
+            _check_groups(target, arguments.get("groupby"), arguments.get("group1"), arguments.get("group2"))
+            if target.isbacked and arguments.get("all_stats", True):
                 raise ValueError(
                     "scvi-tools' raw-count statistics (all_stats=True) need the counts in memory; this AnnData is "
                     "backed. Pass all_stats=False, or load it first with `adata.to_memory()`."
