@@ -152,6 +152,17 @@ def test_a_failed_save_leaves_the_earlier_save_intact(sim_adata, tmp_path):
         model.save(tmp_path / "model")
 
 
+def test_overwriting_a_model_without_its_anndata_removes_the_anndata_of_the_model_replaced(sim_adata, tmp_path):
+    # load() paired the new model with the cells the old one had been saved with, without a word
+    CplMixVAE.setup_anndata(sim_adata)
+    CplMixVAE(sim_adata, n_categories=3).save(tmp_path / "model", save_anndata=True)
+    CplMixVAE(sim_adata, n_categories=3).save(tmp_path / "model", prefix="other_", overwrite=True, save_anndata=True)
+    CplMixVAE(sim_adata, n_categories=4).save(tmp_path / "model", overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.pt", "other_adata.h5ad", "other_model.pt"]
+    with pytest.raises(ValueError, match=r"holds no saved AnnData \(adata.h5ad\); pass the data with `adata=`"):
+        CplMixVAE.load(tmp_path / "model")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [

@@ -250,6 +250,8 @@ def save_model(
     if save_anndata:
         atomic_write(folder / f"{prefix}{ADATA_FILE}", lambda tmp: model.adata.write_h5ad(tmp, **write_kwargs))
     atomic_write(folder / f"{prefix}{MODEL_FILE}", lambda tmp: torch.save(content, tmp, **(save_kwargs or {})))
+    if not save_anndata:  # the cells of the model just replaced: load() would read them as this model's
+        (folder / f"{prefix}{ADATA_FILE}").unlink(missing_ok=True)
 
 
 def _check_save_arguments(prefix, save_kwargs, write_kwargs: dict) -> None:
