@@ -144,6 +144,15 @@ def test_readouts_on_an_unseen_batch_point_to_load_query_data(mapped):
         model.predict(new)
 
 
+def test_load_onto_an_unseen_batch_points_to_load_query_data(mapped, tmp_path):
+    # scvi-tools' own error asked for `extend_categories=True`, which load() does not take
+    model, _, query, _, _, _ = mapped
+    model.save(tmp_path / "model")
+    with pytest.raises(ValueError, match=r"adata.obs\['batch'\] holds 1 value\(s\) the model was not trained on.*"
+                       "load_query_data"):  # fmt: skip
+        CplMixVAE.load(tmp_path / "model", adata=_fresh(query))
+
+
 def test_a_batch_column_of_another_type_is_named_as_such(sim_adata):
     # batches trained as integers 0 and 1 and read out as strings "0" and "1" were called new batches
     sim_adata.obs["run"] = sim_adata.obs["batch"].cat.codes.astype(int)

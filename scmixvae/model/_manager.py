@@ -6,7 +6,8 @@ minibatches therefore ask for their rows in sorted order (the same rows, loaded 
 backed) and carry the index of each row (``REGISTRY_KEYS.INDICES_KEY``), from which targets and neighbours are
 looked up. With ``augmentation="knn"`` they also carry one nearest neighbour's counts per cell: the neighbour
 table is computed once per model and attached to the manager only while training. Read-outs and every other
-loader see the plain scvi-tools dataset.
+loader see the plain scvi-tools dataset. Also here: the check of new data's batch and categorical covariate
+columns against a model's registry (read-outs, :meth:`~scmixvae.model.CplMixVAE.load`, queries).
 """
 
 from __future__ import annotations
@@ -137,6 +138,64 @@ class OptionalObsField(CategoricalObsField):
             codes = pd.Categorical(column.astype(object), categories=pd.Index(mapping)).codes.astype(np.int64)
         adata_target.obs[self.attr_key] = codes
         return {self.CATEGORICAL_MAPPING_KEY: mapping.copy(), self.ORIGINAL_ATTR_KEY: key}
+
+
+def _categorical_columns(registry: dict) -> dict[str, np.ndarray]:
+    """Return the ``obs`` columns that enter the encoders one-hot (batch, categorical covariates), with categories."""
+    fields = registry["field_registries"]
+    columns = {}
+    batch = fields.get(REGISTRY_KEYS.BATCH_KEY, {}).get("state_registry", {})
+    if registry["setup_args"].get("batch_key") is not None:
+        columns[registry["setup_args"]["batch_key"]] = np.asarray(batch["categorical_mapping"])
+    covariates = fields.get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry", {})
+    for key, mapping in covariates.get("mappings", {}).items():
+        columns[key] = np.asarray(mapping)
+    return columns
+
+
+def unseen_categories(adata: AnnData, registry: dict) -> dict[str, list]:
+    """Values of the batch and categorical covariate columns of ``adata`` that the registry does not hold.
+
+    A column missing from ``adata`` is left to the checks of :meth:`~scmixvae.model.CplMixVAE.setup_anndata`.
+    """
+    unseen = {}
+    for key, mapping in _categorical_columns(registry).items():
+        if key in adata.obs.columns:
+            values = pd.Index(adata.obs[key].dropna().unique())
+            new = values[~values.isin(mapping)]
+            if len(new):
+                unseen[key] = list(new)
+    return unseen
+
+
+def _check_same_names_of_another_type(key: str, values: list, mapping: np.ndarray) -> None:
+    """Raise when a column's new values are the model's categories written as another type (``"1"`` for ``1``)."""
+    trained = [str(v) for v in mapping]
+    if all(str(v) in trained for v in values):
+        kind, trained_kind = type(values[0]).__name__, type(mapping[0]).__name__
+        raise ValueError(
+            f"adata.obs[{key!r}] holds {values[:5]} as {kind}; the model was trained on the same names as "
+            f"{trained_kind} ({mapping[:5].tolist()}). Convert the column to the training data's type, e.g. "
+            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype({trained_kind!r})."
+        )
+
+
+def check_known_categories(adata: AnnData, registry: dict) -> None:
+    """Raise a clear error when ``adata``'s batch or categorical covariate columns hold values the model lacks.
+
+    Such values need weights of their own (a query model); values that are the model's categories written as
+    another type (``"1"`` for ``1``) are named as such.
+    """
+    unseen = unseen_categories(adata, registry)
+    if not unseen:
+        return
+    key, values = next(iter(unseen.items()))
+    _check_same_names_of_another_type(key, values, _categorical_columns(registry)[key])
+    raise ValueError(
+        f"adata.obs[{key!r}] holds {len(values)} value(s) the model was not trained on (e.g. {values[:5]}). The "
+        "batch and categorical covariates enter every encoder, so new values need weights of their own: map these "
+        "cells with `CplMixVAE.load_query_data(adata, model)` and train the query model on them."
+    )
 
 
 class CplMixVAEDataSplitter(DataSplitter):

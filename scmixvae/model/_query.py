@@ -26,6 +26,7 @@ from scvi import REGISTRY_KEYS
 from .. import _validation as check
 from ..module._components import StackedBatchNorm, StackedLinear
 from ._fit import check_devices
+from ._manager import check_known_categories, unseen_categories
 from ._save_load import MODEL_FILE, read_model_file
 
 logger = logging.getLogger(__name__)
@@ -74,34 +75,6 @@ def _check_query_genes(adata: AnnData, genes: np.ndarray) -> None:
         f"The query AnnData {problem}. Pad and order it as the reference's genes first: "
         "`CplMixVAE.prepare_query_anndata(adata, reference_model)` (missing genes become zero counts)."
     )
-
-
-def _categorical_columns(registry: dict) -> dict[str, np.ndarray]:
-    """Return the ``obs`` columns that enter the encoders one-hot (batch, categorical covariates), with categories."""
-    fields = registry["field_registries"]
-    columns = {}
-    batch = fields.get(REGISTRY_KEYS.BATCH_KEY, {}).get("state_registry", {})
-    if registry["setup_args"].get("batch_key") is not None:
-        columns[registry["setup_args"]["batch_key"]] = np.asarray(batch["categorical_mapping"])
-    covariates = fields.get(REGISTRY_KEYS.CAT_COVS_KEY, {}).get("state_registry", {})
-    for key, mapping in covariates.get("mappings", {}).items():
-        columns[key] = np.asarray(mapping)
-    return columns
-
-
-def unseen_categories(adata: AnnData, registry: dict) -> dict[str, list]:
-    """Values of the batch and categorical covariate columns of ``adata`` that the registry does not hold.
-
-    A column missing from ``adata`` is left to the checks of :meth:`~scmixvae.model.CplMixVAE.setup_anndata`.
-    """
-    unseen = {}
-    for key, mapping in _categorical_columns(registry).items():
-        if key in adata.obs.columns:
-            values = pd.Index(adata.obs[key].dropna().unique())
-            new = values[~values.isin(mapping)]
-            if len(new):
-                unseen[key] = list(new)
-    return unseen
 
 
 def _pad_and_order(adata: AnnData, genes: pd.Index) -> AnnData:
@@ -356,29 +329,8 @@ class CplMixVAEQueryMixin:
     def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
         """Before scvi-tools transfers the registration to new data: a clear error for unseen batches."""
         if adata is not None and self.adata_manager is not None and self.get_anndata_manager(adata) is None:
-            unseen = unseen_categories(adata, self.adata_manager.registry)
-            if unseen:
-                key, values = next(iter(unseen.items()))
-                _check_same_names_of_another_type(key, values, _categorical_columns(self.adata_manager.registry)[key])
-                raise ValueError(
-                    f"adata.obs[{key!r}] holds {len(values)} value(s) the model was not trained on (e.g. "
-                    f"{values[:5]}). The batch and categorical covariates enter every encoder, so new values need "
-                    "weights of their own: map these cells with `CplMixVAE.load_query_data(adata, model)` and train "
-                    "the query model on them."
-                )
+            check_known_categories(adata, self.adata_manager.registry)
         return super()._validate_anndata(adata, copy_if_view=copy_if_view)
-
-
-def _check_same_names_of_another_type(key: str, values: list, mapping: np.ndarray) -> None:
-    """Raise when a column's new values are the model's categories written as another type (``"1"`` for ``1``)."""
-    trained = [str(v) for v in mapping]
-    if all(str(v) in trained for v in values):
-        kind, trained_kind = type(values[0]).__name__, type(mapping[0]).__name__
-        raise ValueError(
-            f"adata.obs[{key!r}] holds {values[:5]} as {kind}; the model was trained on the same names as "
-            f"{trained_kind} ({mapping[:5].tolist()}). Convert the column to the training data's type, e.g. "
-            f"adata.obs[{key!r}] = adata.obs[{key!r}].astype({trained_kind!r})."
-        )
 
 
 def _check_query_covariates(adata: AnnData, registry: dict) -> dict[str, list]:

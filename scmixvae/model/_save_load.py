@@ -20,6 +20,7 @@ import torch
 
 from .. import _validation as check
 from .._io import atomic_write
+from ._manager import check_known_categories
 
 MODEL_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
@@ -335,6 +336,7 @@ def load_model(cls, dir_path, adata, *, accelerator: str, device, prefix: str | 
     elif not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData object or None, got {type(adata).__name__}.")
     check_genes(adata, genes, folder)
+    check_known_categories(adata, registry)
     _, _, torch_device = parse_device_args(
         accelerator=accelerator, devices=device, return_device="torch", validate_single_device=True
     )
