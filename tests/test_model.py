@@ -328,6 +328,11 @@ def test_bad_epochs_raise_before_training(sim_adata, train, match):
         ({"train_size": 0}, ValueError, r"`train_size` must be > 0.0 and <= 1.0, got 0.0"),  # scvi-tools: 0.9
         ({"validation_size": 1.0}, ValueError, "`validation_size` must be < 1"),
         ({"train_size": 0.9, "validation_size": 0.2}, ValueError, "add up to more than all the cells"),
+        (  # Lightning: "An invalid dataloader was returned from CplMixVAEDataSplitter.val_dataloader()"
+            {"early_stopping": True, "train_size": 1.0},
+            ValueError,
+            r"validates .*but its split of the 300 cells \(train_size=1.0, validation_size=None\) leaves none",
+        ),
     ],
 )
 def test_misspelt_training_options_raise_before_any_work(sim_adata, options, error, match):
@@ -364,6 +369,18 @@ def test_a_validation_size_given_alone_trains_on_the_other_cells(sim_adata):
     n_validation = int(0.2 * sim_adata.n_obs)
     assert len(model.validation_indices) == n_validation
     assert len(model.train_indices) == sim_adata.n_obs - n_validation
+
+
+def test_validation_on_too_few_cells_is_refused_and_a_plateau_of_it_validates(sim_adata):
+    tiny = sim_adata[:9].copy()  # scvi-tools' 0.9 trains ceil(8.1) = 9 cells: none validates
+    CplMixVAE.setup_anndata(tiny)
+    CplMixVAE.setup_anndata(sim_adata)
+    with pytest.raises(ValueError, match=r"its split of the 9 cells \(train_size=None, validation_size=None\)"):
+        CplMixVAE(tiny, n_categories=2, n_hidden=16).train(max_epochs=1, check_val_every_n_epoch=1)
+    # a learning rate reduced on the validation ELBO's plateau: Lightning found no elbo_validation to monitor
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model.train(max_epochs=2, state_epochs=0, enable_progress_bar=False, plan_kwargs={"reduce_lr_on_plateau": True})
+    assert len(model.validation_indices) == sim_adata.n_obs - 270 and "elbo_validation" in model.history
 
 
 def test_training_options_of_every_layer_are_accepted(sim_adata):

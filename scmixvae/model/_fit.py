@@ -13,6 +13,7 @@ import difflib
 import functools
 import inspect
 import logging
+import math
 import warnings
 from typing import Any
 
@@ -101,28 +102,61 @@ def default_state_epochs(n_cells: int, max_epochs: int | None = None) -> int:
     return round(max_epochs * n_state_epochs / default_max_epochs(n_cells))
 
 
-def default_train_size(early_stopping: bool, validation_size: float | None, kwargs: dict) -> float | None:
-    """``train_size`` of a Lightning run given none: ``1.0`` where it validates nothing.
+def validates(early_stopping: bool, kwargs: dict, plan_kwargs: dict | None) -> bool:
+    """Whether a Lightning run with these options validates: scvi-tools then holds out a tenth of the cells.
 
-    scvi-tools holds out 10% of the cells for validation, which then never train, and validates only when
-    asked (early stopping, ``check_val_every_n_epoch``, checkpoints, a learning-rate monitor). A run that
-    validates nothing trains on every cell, categories and states alike, so that no type loses a tenth of its
-    cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``), also when resuming
-    from a checkpoint (``ckpt_path``), which a fit that validated wrote. A ``validation_size`` given alone
-    trains on the other cells (scvi-tools would add its default 0.9 to it and refuse the sum).
+    Early stopping, ``check_val_every_n_epoch``, checkpoints (or resuming from one, which a fit that validated
+    wrote), a learning-rate monitor, or a learning rate reduced on a plateau of a validation metric.
     """
     from scvi.train import SaveCheckpoint
 
-    validates = (
+    plan_kwargs = plan_kwargs or {}
+    monitored = str(plan_kwargs.get("lr_scheduler_metric", "elbo_validation"))
+    return bool(
         early_stopping
         or kwargs.get("ckpt_path") is not None
-        or validation_size is not None
         or any(kwargs.get(key) for key in ("check_val_every_n_epoch", "enable_checkpointing", "learning_rate_monitor"))
         or any(isinstance(callback, SaveCheckpoint) for callback in kwargs.get("callbacks") or [])
+        or (plan_kwargs.get("reduce_lr_on_plateau") and monitored.endswith("_validation"))
     )
+
+
+def default_train_size(
+    early_stopping: bool, validation_size: float | None, kwargs: dict, plan_kwargs: dict | None = None
+) -> float | None:
+    """``train_size`` of a Lightning run given none: ``1.0`` where it validates nothing (:func:`validates`).
+
+    A run that validates nothing trains on every cell, categories and states alike, so that no type loses a
+    tenth of its cells (some real types have a dozen); otherwise scvi-tools' default applies (``None``). A
+    ``validation_size`` given alone trains on the other cells (scvi-tools would add its default 0.9 to it and
+    refuse the sum).
+    """
     if validation_size is not None:
         return 1.0 - validation_size
-    return None if validates else 1.0
+    return None if validates(early_stopping, kwargs, plan_kwargs) else 1.0
+
+
+def check_validation_cells(trainer: dict[str, Any], n_cells: int) -> None:
+    """Refuse a call that validates on a split of the cells that leaves none for validation.
+
+    Lightning fails on it only when the first run starts (after the Leiden start), with an error about a
+    missing data loader. The split is scvi-tools': ``ceil(train_size * n)`` cells train.
+    """
+    if not validates(trainer.get("early_stopping", False), trainer, trainer.get("plan_kwargs")):
+        return
+    validation_size = trainer.get("validation_size")
+    train_size = trainer.get("train_size")
+    if validation_size is not None:
+        n_validation = math.floor(validation_size * n_cells)
+    else:
+        n_validation = n_cells - math.ceil((0.9 if train_size is None else train_size) * n_cells)
+    if n_validation < 1:
+        raise ValueError(
+            f"This call validates (early stopping, check_val_every_n_epoch, checkpoints or a plateau of a validation "
+            f"metric), but its split of the {n_cells} cells (train_size={train_size}, validation_size="
+            f"{validation_size}) leaves none for validation. Give a validation_size that holds some cells, or "
+            "validate nothing."
+        )
 
 
 def default_n_restarts(choose_n_categories: bool, n_cells: int) -> int:
@@ -264,6 +298,7 @@ def resolve_schedule(
     check.check_int("state_epochs", state_epochs, minimum=0)
     check.check_int("batch_size", trainer["batch_size"], minimum=2)
     check_trainer_options(trainer)
+    check_validation_cells(trainer, n_cells)
     if max_epochs + state_epochs == 0:
         raise ValueError("max_epochs and state_epochs are both 0: there is nothing to train.")
     if max_epochs == 0 and not model.is_trained_:
@@ -364,7 +399,7 @@ def run(
     :class:`RuntimeError`.
     """
     if train_size is None:
-        train_size = default_train_size(early_stopping, validation_size, kwargs)
+        train_size = default_train_size(early_stopping, validation_size, kwargs, plan_kwargs)
         if train_size == 1.0:  # no validation set: none must be asked for
             kwargs.setdefault("limit_val_batches", 0)
     if state_epochs:
