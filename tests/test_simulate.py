@@ -221,6 +221,12 @@ def test_shared_program_size_defaults_to_the_state_programs():
     # without the shared program the size was ignored, yet recorded in uns["simulation"]["params"]
     with pytest.raises(ValueError, match=r"`n_shared_genes` \(10\) sizes the shared program, .*shared_state=True"):
         simulate(**SMALL, n_shared_genes=10)
+    assert simulate(**SMALL, seed=2).uns["simulation"]["params"]["n_shared_genes"] == 0  # recorded the default 40
+    # no state programs and no size given: a shared program of no gene, which changed nothing
+    with pytest.raises(
+        ValueError, match=r"shared_state=True with n_state_genes=0: .*give its size with n_shared_genes"
+    ):
+        simulate(**{**SMALL, "n_state_genes": 0}, shared_state=True)
 
 
 def test_program_sizes_default_to_what_the_genes_allow():

@@ -295,7 +295,12 @@ def _check_arguments(
             "pass shared_state=True or leave n_shared_genes out."
         )
     if n_shared_genes is None:
-        n_shared_genes = n_state_genes
+        if shared_state and n_state_genes == 0:
+            raise ValueError(
+                "shared_state=True with n_state_genes=0: the shared program takes n_state_genes genes by default, "
+                "none here; give its size with n_shared_genes."
+            )
+        n_shared_genes = n_state_genes if shared_state else 0
     _check_int("n_shared_genes", n_shared_genes, minimum=0)
     if n_shared_genes > n_genes:
         raise ValueError(f"`n_shared_genes` ({n_shared_genes}) must not exceed `n_genes` ({n_genes}).")
