@@ -332,7 +332,7 @@ def test_download_is_checked_against_its_sha256(served, monkeypatch, tmp_path, c
     _patch_source(monkeypatch, "pbmc_10x", f"{url}/small.h5ad", sha256="0" * 64)
     with pytest.raises(ConnectionError, match=f"SHA-256 is {digest}, not the expected 0000"):
         pbmc_10x(data_dir=tmp_path / "bad", progress=False)
-    assert list((tmp_path / "bad").iterdir()) == []  # nothing kept, nothing cached
+    assert not (tmp_path / "bad").exists()  # nothing kept, nothing cached, no folder made
 
     _patch_source(monkeypatch, "pbmc_10x", f"{url}/small.h5ad", sha256=digest.upper())
     adata = pbmc_10x(data_dir=tmp_path / "good", progress=False)
@@ -349,7 +349,11 @@ def test_download_http_404_raises_and_leaves_nothing(served, monkeypatch, tmp_pa
     cache = tmp_path / "cache"
     with pytest.raises(ConnectionError, match="HTTP 404"):
         worm_neuron(data_dir=cache, progress=False)
-    assert list(cache.iterdir()) == []
+    assert not cache.exists()  # nor the folder the download made (a misspelt $SCMIXVAE_DATA_DIR stayed behind)
+    cache.mkdir()
+    with pytest.raises(ConnectionError, match="HTTP 404"):
+        worm_neuron(data_dir=cache, progress=False)
+    assert list(cache.iterdir()) == []  # a folder that was there stays
 
 
 def test_truncated_download_raises_and_leaves_nothing(monkeypatch, tmp_path):
@@ -362,7 +366,7 @@ def test_truncated_download_raises_and_leaves_nothing(monkeypatch, tmp_path):
         cache = tmp_path / "cache"
         with pytest.raises(ConnectionError, match="got 10 of 1000 bytes"):
             pbmc_10x(data_dir=cache, progress=False)
-        assert list(cache.iterdir()) == []
+        assert not cache.exists()
     finally:
         server.shutdown()
         server.server_close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
 import logging
@@ -319,11 +320,24 @@ def _load(
 
 
 def _download_and_convert(name: str, source: _Source, folder: Path, *, progress: bool) -> AnnData:
+    """Download ``name`` into ``folder`` and convert it; a failure leaves nothing, not even a folder it made."""
+    made = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     logger.info("%s not found in %s; downloading it from %s.", name, folder, source.url)
+    try:
+        return _convert_download(source, folder, progress=progress, description=name)
+    except BaseException:
+        if made:  # e.g. a misspelt $SCMIXVAE_DATA_DIR without internet: no stray empty folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _convert_download(source: _Source, folder: Path, *, progress: bool, description: str) -> AnnData:
+    """Download ``source`` through a temporary folder in ``folder`` and write its converted AnnData there."""
     with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
         raw = Path(tmp) / "source"
-        _download(source.url, raw, progress=progress, description=name, folder=folder, sha256=source.sha256)
+        _download(source.url, raw, progress=progress, description=description, folder=folder, sha256=source.sha256)
         if source.source_format == "scdcc_h5":
             adata = read_scdcc_h5(raw)
         elif source.source_format == "kang_h5ad":
