@@ -71,9 +71,9 @@ def get_matrix(adata: AnnData, layer: str | None):
 def check_counts(adata: AnnData, layer: str | None = None, *, warn_empty_genes: bool = True) -> None:
     """Check that the registered matrix holds raw counts.
 
-    Raises a :class:`ValueError` for NaN or infinite values, negative or non-integer values, values above
-    :data:`MAX_COUNT` and cells without any count; with ``warn_empty_genes``, warns about genes without any
-    count (they are kept; they cost time and carry no information, remove them with
+    Raises a :class:`ValueError` for fewer than two genes, NaN or infinite values, negative or non-integer values,
+    values above :data:`MAX_COUNT` and cells without any count; with ``warn_empty_genes``, warns about genes
+    without any count (they are kept; they cost time and carry no information, remove them with
     ``sc.pp.filter_genes(adata, min_counts=1)``). Reads the matrix in chunks of cells (backed data included).
     """
     matrix = get_matrix(adata, layer)
@@ -87,6 +87,8 @@ def check_counts(adata: AnnData, layer: str | None = None, *, warn_empty_genes: 
         )
     if adata.n_obs == 0 or adata.n_vars == 0:
         raise ValueError(f"{where} is empty ({adata.n_obs} cells x {adata.n_vars} genes).")
+    if adata.n_vars == 1:  # the Leiden start's SVD failed on it, after the model was built
+        raise ValueError(f"{where} has 1 gene; the model needs at least two.")
     dtype = getattr(matrix, "dtype", None)
     if dtype is not None and not (np.issubdtype(dtype, np.number) or np.issubdtype(dtype, np.bool_)):
         raise TypeError(f"{where} has dtype {dtype}; raw counts must be numeric (integers stored as int or float).")

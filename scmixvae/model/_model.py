@@ -445,8 +445,6 @@ class CplMixVAE(
             categorical_covariate_keys=categorical_covariate_keys,
         )
         check.check_counts(adata, layer, warn_empty_genes=not transfer)  # the model fixes the genes of new data
-        if adata.n_vars < 2:  # the Leiden start's SVD failed on it, after the model was built
-            raise ValueError(f"adata has {adata.n_vars} gene; the model needs at least two.")
         setup_method_args = cls._get_setup_method_args(**locals())
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
