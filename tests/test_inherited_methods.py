@@ -275,10 +275,11 @@ def test_differential_expression_refuses_unknown_groups_before_any_work(trained_
         trained_model.differential_expression(None, "nope")
     with pytest.raises(ValueError, match=r"`group1`: \['zzz'\] not among the values of adata.obs\['type'\]"):
         trained_model.differential_expression(groupby="type", group1=["type_0", "zzz"])
-    with pytest.raises(
-        ValueError, match=r"`group2`: \['zzz'\] not among the values"
-    ):  # was "`indices` selects no cell"
+    # unknown group2: was "`indices` selects no cell"; no groups at all: was scvi-tools' "KeyError: None"
+    with pytest.raises(ValueError, match=r"`group2`: \['zzz'\] not among the values"):
         trained_model.differential_expression(groupby="type", group1="type_0", group2="zzz")
+    with pytest.raises(ValueError, match=r"needs the cells to compare: `groupby` .* or `idx1`"):
+        trained_model.differential_expression()
     assert "_scvi_raw_norm_scaling" not in trained_model.adata.obs
 
 

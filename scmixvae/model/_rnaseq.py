@@ -74,8 +74,13 @@ class CplMixVAERNAMixin(RNASeqMixin):
         """
         target = self.adata if adata is None else adata
         given = inspect.signature(RNASeqMixin.differential_expression).bind_partial(self, adata, *args, **kwargs)
+        arguments = given.arguments
+        if arguments.get("groupby") is None and arguments.get("idx1") is None:  # scvi-tools: "KeyError: None"
+            raise ValueError(
+                "differential_expression needs the cells to compare: `groupby` (an obs column; `group1` picks its "
+                "groups) or `idx1` (and `idx2`)."
+            )
         if isinstance(target, AnnData):
-            arguments = given.arguments
             _check_groups(target, arguments.get("groupby"), arguments.get("group1"), arguments.get("group2"))
             if target.isbacked and arguments.get("all_stats", True):
                 raise ValueError(
