@@ -6,6 +6,7 @@ import scvi
 import torch
 
 from scmixvae.model import CplMixVAE
+from scmixvae.train import TrainingCheckpoint
 
 
 def _fit(adata, **kwargs):
@@ -371,7 +372,7 @@ def test_a_validation_size_given_alone_trains_on_the_other_cells(sim_adata):
     assert len(model.train_indices) == sim_adata.n_obs - n_validation
 
 
-def test_validation_on_too_few_cells_is_refused_and_a_plateau_of_it_validates(sim_adata):
+def test_validation_on_too_few_cells_is_refused_and_a_plateau_of_it_validates(sim_adata, tmp_path):
     tiny = sim_adata[:9].copy()  # scvi-tools' 0.9 trains ceil(8.1) = 9 cells: none validates
     CplMixVAE.setup_anndata(tiny)
     CplMixVAE.setup_anndata(sim_adata)
@@ -381,6 +382,13 @@ def test_validation_on_too_few_cells_is_refused_and_a_plateau_of_it_validates(si
     model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
     model.train(max_epochs=2, state_epochs=0, enable_progress_bar=False, plan_kwargs={"reduce_lr_on_plateau": True})
     assert len(model.validation_indices) == sim_adata.n_obs - 270 and "elbo_validation" in model.history
+    # checkpoints with validation switched off, as TrainingCheckpoint's documentation says: every cell trains
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model.train(
+        max_epochs=1, state_epochs=0, enable_progress_bar=False, limit_val_batches=0,
+        callbacks=[TrainingCheckpoint(tmp_path)],
+    )  # fmt: skip
+    assert len(model.train_indices) == sim_adata.n_obs and (tmp_path / "last.ckpt").exists()
 
 
 def test_training_options_of_every_layer_are_accepted(sim_adata):

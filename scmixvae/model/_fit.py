@@ -106,10 +106,13 @@ def validates(early_stopping: bool, kwargs: dict, plan_kwargs: dict | None) -> b
     """Whether a Lightning run with these options validates: scvi-tools then holds out a tenth of the cells.
 
     Early stopping, ``check_val_every_n_epoch``, checkpoints (or resuming from one, which a fit that validated
-    wrote), a learning-rate monitor, or a learning rate reduced on a plateau of a validation metric.
+    wrote), a learning-rate monitor, or a learning rate reduced on a plateau of a validation metric; none of them
+    with ``limit_val_batches=0``, which switches validation off.
     """
     from scvi.train import SaveCheckpoint
 
+    if kwargs.get("limit_val_batches") == 0:
+        return False
     plan_kwargs = plan_kwargs or {}
     monitored = str(plan_kwargs.get("lr_scheduler_metric", "elbo_validation"))
     return bool(
