@@ -383,12 +383,13 @@ def test_validation_on_too_few_cells_is_refused_and_a_plateau_of_it_validates(si
     model.train(max_epochs=2, state_epochs=0, enable_progress_bar=False, plan_kwargs={"reduce_lr_on_plateau": True})
     assert len(model.validation_indices) == sim_adata.n_obs - 270 and "elbo_validation" in model.history
     # checkpoints with validation switched off, as TrainingCheckpoint's documentation says: every cell trains
-    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
-    model.train(
-        max_epochs=1, state_epochs=0, enable_progress_bar=False, limit_val_batches=0,
-        callbacks=[TrainingCheckpoint(tmp_path)],
-    )  # fmt: skip
-    assert len(model.train_indices) == sim_adata.n_obs and (tmp_path / "last.ckpt").exists()
+    for split in ({"train_size": 1.0}, {}):  # the first was refused by the check above, the second held out 10%
+        model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+        model.train(
+            max_epochs=1, state_epochs=0, enable_progress_bar=False, limit_val_batches=0,
+            callbacks=[TrainingCheckpoint(tmp_path)], **split,
+        )  # fmt: skip
+        assert len(model.train_indices) == sim_adata.n_obs and (tmp_path / "last.ckpt").exists()
 
 
 def test_training_options_of_every_layer_are_accepted(sim_adata):
