@@ -146,6 +146,11 @@ def check_counts(adata: AnnData, layer: str | None = None, *, warn_empty_genes: 
         )
 
 
+def as_list(values) -> list:
+    """Return ``values`` as a list: a single value (a string or a number) as a list of one, a sequence as a list."""
+    return [values] if isinstance(values, str) or np.isscalar(values) else list(values)
+
+
 def check_unique_names(adata: AnnData) -> None:
     """Raise for duplicated ``obs_names`` or ``var_names``."""
     for axis, names in (("obs_names", adata.obs_names), ("var_names", adata.var_names)):

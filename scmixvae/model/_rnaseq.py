@@ -34,8 +34,7 @@ def _check_groups(adata: AnnData, groupby: str | None = None, group1=None, group
     for name, groups in (("group1", group1), ("group2", group2)):
         if groups is None:
             continue
-        wanted = [groups] if isinstance(groups, str) or np.isscalar(groups) else list(groups)
-        missing = [g for g in wanted if str(g) not in present]
+        missing = [g for g in check.as_list(groups) if str(g) not in present]
         if missing:
             raise ValueError(
                 f"`{name}`: {missing} not among the values of adata.obs[{groupby!r}] (e.g. {sorted(present)[:10]})."

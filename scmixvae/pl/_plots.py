@@ -311,7 +311,7 @@ def _without_empty_categories(adata: AnnData, groupby: str, *, key: str, layer: 
 def _history_panels(model, keys: Sequence[str] | None) -> list[tuple[str, list[str]]]:
     history = model.history
     if keys is not None:
-        keys = [keys] if isinstance(keys, str) else list(keys)
+        keys = check.as_list(keys)
         missing = [k for k in keys if k not in history]
         if missing:
             raise ValueError(f"Keys {missing} are not in model.history; available: {sorted(history)}.")

@@ -749,8 +749,7 @@ def get_state_genes(
     if group is None:
         groups = available
     else:  # names, as the ranking stores them: category 3 is "3"
-        given = [group] if isinstance(group, str) or np.isscalar(group) else group
-        groups = list(dict.fromkeys(str(g) for g in given))
+        groups = list(dict.fromkeys(str(g) for g in check.as_list(group)))
     missing = [g for g in groups if g not in available]
     if missing:
         raise ValueError(f"Group(s) {missing} not in uns[{key!r}]; available groups: {available}.")
