@@ -34,6 +34,23 @@ def _values(block) -> np.ndarray:
     return np.asarray(block)
 
 
+def _check_no_duplicate_entries(block, where: str) -> None:
+    """Refuse a sparse block that stores a count as several entries at one position (scipy sums them).
+
+    The model reads a CSR minibatch's stored entries one by one on the CPU, so ``5`` stored as ``2 + 3`` would enter
+    the likelihood as two counts; the check on integers would also judge the parts, not their sum.
+    """
+    if not sp.issparse(block) or block.format not in ("csr", "csc") or block.has_canonical_format:
+        return
+    summed = block.copy()
+    summed.sum_duplicates()
+    if summed.nnz != block.nnz:
+        raise ValueError(
+            f"{where} stores some counts as several entries at the same position (scipy sums them, the model would "
+            f"not). Sum them once: `{where}.sum_duplicates()`."
+        )
+
+
 def check_anndata(adata, where: str = "`adata`") -> None:
     """Raise a :class:`TypeError` for anything but an AnnData (e.g. a numpy array or a DataFrame)."""
     if not isinstance(adata, AnnData):
@@ -103,6 +120,7 @@ def check_counts(adata: AnnData, layer: str | None = None, *, warn_empty_genes: 
     gene_totals = np.zeros(adata.n_vars)
     start = 0
     for block in _iter_chunks(matrix):
+        _check_no_duplicate_entries(block, where)
         values = _values(block)
         if values.size:
             if not np.all(np.isfinite(values)):

@@ -153,19 +153,37 @@ def test_load_onto_an_unseen_batch_points_to_load_query_data(mapped, tmp_path):
         CplMixVAE.load(tmp_path / "model", adata=_fresh(query))
 
 
-def test_a_batch_column_of_another_type_is_named_as_such(sim_adata):
-    # batches trained as integers 0 and 1 and read out as strings "0" and "1" were called new batches
+@pytest.mark.parametrize("fresh", [True, False], ids=["new AnnData", "copy of the training data"])
+def test_a_batch_column_of_another_type_is_named_as_such(sim_adata, fresh):
+    # batches trained as integers 0 and 1 and read out as strings "0" and "1" were called new batches; as bools,
+    # scvi-tools' "Making .obs["run"] categorical failed"; a copy (which carries the registration) skipped the check
     sim_adata.obs["run"] = sim_adata.obs["batch"].cat.codes.astype(int)
     CplMixVAE.setup_anndata(sim_adata, batch_key="run")
     model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
     model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False)
-    text = _fresh(sim_adata)
+    text = _fresh(sim_adata) if fresh else sim_adata.copy()
     text.obs["run"] = text.obs["run"].astype(str)
     with pytest.raises(ValueError, match=r"holds \['[01]', '[01]'\] as str; the model was trained on the same names as "
                        r"int64 \(\[0, 1\]\)\. Convert .*astype\('int64'\)"):  # fmt: skip
         model.predict(text)
+    text.obs["run"] = text.obs["run"].astype(int).astype(bool)
+    with pytest.raises(ValueError, match=r"holds \[(True|False), (True|False)\] as bool; the model was trained on the "
+                       r"same names as int64 \(\[0, 1\]\)\. Convert .*astype\('int64'\)"):  # fmt: skip
+        model.predict(text)
     text.obs["run"] = text.obs["run"].astype("int64")
     pd.testing.assert_series_equal(model.predict(text), model.predict())
+
+
+def test_readouts_on_a_copy_with_an_unseen_batch_point_to_load_query_data(mapped):
+    # a copy carries the training data's registration: scvi-tools' "Cannot transfer setup without
+    # `extend_categories = True`" came instead of the package's message
+    model, reference, _, _, _, _ = mapped
+    new = reference[:30].copy()
+    new.obs["batch"] = new.obs["batch"].cat.add_categories(["unseen"])
+    new.obs.loc[new.obs_names[:5], "batch"] = "unseen"
+    with pytest.raises(ValueError, match=r"adata.obs\['batch'\] holds 1 value\(s\) the model was not trained on.*"
+                       "load_query_data"):  # fmt: skip
+        model.predict(new)
 
 
 class _Payload:

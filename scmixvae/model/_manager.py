@@ -168,13 +168,20 @@ def unseen_categories(adata: AnnData, registry: dict) -> dict[str, list]:
     return unseen
 
 
-def _check_same_names_of_another_type(key: str, values: list, mapping: np.ndarray) -> None:
-    """Raise when a column's new values are the model's categories written as another type (``"1"`` for ``1``)."""
+def _check_same_names_of_another_type(key: str, column: pd.Series, mapping: np.ndarray) -> None:
+    """Raise when a column holds the model's categories written as another type (``"1"`` or ``True`` for ``1``).
+
+    pandas finds ``True`` among ``[0, 1]``, but scvi-tools cannot register a bool column on integer categories.
+    """
+    values = pd.Index(column.dropna().unique())
+    new = values[~values.isin(mapping)]
+    other_kind = pd.api.types.is_bool_dtype(values) != pd.api.types.is_bool_dtype(mapping)
     trained = [str(v) for v in mapping]
-    if all(str(v) in trained for v in values):
-        kind, trained_kind = type(values[0]).__name__, type(mapping[0]).__name__
+    if (len(new) and all(str(v) in trained for v in new)) or (other_kind and len(values) and not len(new)):
+        shown = list(new if len(new) else values)
+        kind, trained_kind = type(shown[0]).__name__, type(mapping[0]).__name__
         raise ValueError(
-            f"adata.obs[{key!r}] holds {values[:5]} as {kind}; the model was trained on the same names as "
+            f"adata.obs[{key!r}] holds {shown[:5]} as {kind}; the model was trained on the same names as "
             f"{trained_kind} ({mapping[:5].tolist()}). Convert the column to the training data's type, e.g. "
             f"adata.obs[{key!r}] = adata.obs[{key!r}].astype({trained_kind!r})."
         )
@@ -184,13 +191,15 @@ def check_known_categories(adata: AnnData, registry: dict) -> None:
     """Raise a clear error when ``adata``'s batch or categorical covariate columns hold values the model lacks.
 
     Such values need weights of their own (a query model); values that are the model's categories written as
-    another type (``"1"`` for ``1``) are named as such.
+    another type (``"1"`` or ``True`` for ``1``) are named as such.
     """
+    for key, mapping in _categorical_columns(registry).items():
+        if key in adata.obs.columns:
+            _check_same_names_of_another_type(key, adata.obs[key], mapping)
     unseen = unseen_categories(adata, registry)
     if not unseen:
         return
     key, values = next(iter(unseen.items()))
-    _check_same_names_of_another_type(key, values, _categorical_columns(registry)[key])
     raise ValueError(
         f"adata.obs[{key!r}] holds {len(values)} value(s) the model was not trained on (e.g. {values[:5]}). The "
         "batch and categorical covariates enter every encoder, so new values need weights of their own: map these "

@@ -37,7 +37,7 @@ from ..train._progress import fit_progress
 from . import _fit, _pruning, _start
 from ._fit import FitInterrupted, default_max_epochs, option_defaults
 from ._likelihood import CplMixVAELikelihoodMixin
-from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter, OptionalObsField
+from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter, OptionalObsField, check_known_categories
 from ._query import CplMixVAEQueryMixin
 from ._registry import CplMixVAERegistryMixin
 from ._rnaseq import CplMixVAERNAMixin
@@ -81,14 +81,14 @@ def _stops_whole_fit_on_interrupt(fit):
     return wrapper
 
 
-def _check_registrable_counts(field: LayerField, adata: AnnData, layer: str | None) -> None:
+def _check_registrable_counts(adata: AnnData, layer: str | None) -> None:
     """Raise a clear error, before anything is registered, where scvi-tools cannot read the counts' type.
 
     scvi-tools 1.4 reads scipy sparse *matrices* but not sparse *arrays* (``csr_array``), and fails with
     "data type not understood"; converting is the user's call, since ``setup_anndata`` never changes the data.
     """
     try:
-        field.validate_field(adata)
+        LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True).validate_field(adata)
     except TypeError as err:
         matrix = check.get_matrix(adata, layer)
         if not (sp.issparse(matrix) and not isinstance(matrix, sp.spmatrix)):
@@ -455,7 +455,7 @@ class CplMixVAE(
         ]
         if condition_key is not None:  # registered only when given: models saved without it load unchanged
             anndata_fields.append(OptionalObsField(CONDITION_KEY, condition_key))
-        _check_registrable_counts(anndata_fields[0], adata, layer)
+        _check_registrable_counts(adata, layer)
         adata_manager = CplMixVAEAnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
         adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
@@ -662,14 +662,19 @@ class CplMixVAE(
     def _check_new_data(self, adata: AnnData) -> None:
         """Run :meth:`setup_anndata`'s checks of the counts and covariates on an AnnData new to the model.
 
-        The labels and the condition, which inference does not read, may be absent or hold other values.
+        A copy of the training data counts as new (scvi-tools transfers the registration to it). The labels and the
+        condition, which inference does not read, may be absent or hold other values; batches and categorical
+        covariates must be the model's (:func:`~scmixvae.model._manager.check_known_categories`).
         """
-        args = self.adata_manager.registry.get("setup_args", {})
+        registry = self.adata_manager.registry
+        args = registry.get("setup_args", {})
         covariates = {key: args.get(key) for key in ("batch_key", "categorical_covariate_keys")}
         continuous = args.get("continuous_covariate_keys")
         check.check_obs_keys(adata, continuous_covariate_keys=continuous, **covariates)
         check.check_covariates(adata, continuous=continuous, **covariates)
         check.check_counts(adata, args.get("layer"), warn_empty_genes=False)
+        _check_registrable_counts(adata, args.get("layer"))
+        check_known_categories(adata, registry)
 
     def _check_if_trained(self, warn: bool = True, message: str | None = None) -> None:
         """Raise a :class:`ValueError` when the model was never trained: its read-outs would be random.

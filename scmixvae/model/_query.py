@@ -26,7 +26,7 @@ from scvi import REGISTRY_KEYS
 from .. import _validation as check
 from ..module._components import StackedBatchNorm, StackedLinear
 from ._fit import check_devices
-from ._manager import check_known_categories, unseen_categories
+from ._manager import unseen_categories
 from ._save_load import MODEL_FILE, read_model_file
 
 logger = logging.getLogger(__name__)
@@ -325,12 +325,6 @@ class CplMixVAEQueryMixin:
         model.category_init_done_ = True
         logger.info("Query model: new %s on the reference's %d categories.", unseen, model.n_categories)
         return model
-
-    def _validate_anndata(self, adata: AnnData | None = None, copy_if_view: bool = True) -> AnnData:
-        """Before scvi-tools transfers the registration to new data: a clear error for unseen batches."""
-        if adata is not None and self.adata_manager is not None and self.get_anndata_manager(adata) is None:
-            check_known_categories(adata, self.adata_manager.registry)
-        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
 
 def _check_query_covariates(adata: AnnData, registry: dict) -> dict[str, list]:
