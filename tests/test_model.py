@@ -308,6 +308,26 @@ def test_bad_epochs_raise_before_training(sim_adata, train, match):
     assert not model.is_trained_
 
 
+@pytest.mark.parametrize("trained", [False, True])
+def test_train_refuses_counts_normalised_in_place_after_setup(sim_adata, trained):
+    """Setup checked the counts, but a normalisation in place since (scanpy's next step) trained without a word."""
+    import scanpy as sc
+
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    if trained:
+        model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False)
+    weights = {key: value.clone() for key, value in model.module.state_dict().items()}
+    sc.pp.normalize_total(sim_adata)
+    sc.pp.log1p(sim_adata)
+    with pytest.raises(
+        ValueError, match=r"adata.X contains non-integer values: the model needs raw \(integer\) counts"
+    ):
+        model.train(max_epochs=1, enable_progress_bar=False)
+    assert model.is_trained_ == trained
+    assert all(torch.equal(value, weights[key]) for key, value in model.module.state_dict().items())
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [

@@ -333,6 +333,9 @@ def resolve_schedule(
             f"n_restarts={n_restarts} fits the model from fresh weights; this model is already trained "
             "(or resumes from a checkpoint). Create a new model to fit it with restarts."
         )
+    # setup_anndata checked the counts; an in-place normalisation since (a common next step in scanpy) would
+    # otherwise train on log values without a word. One pass over the data, as each epoch makes.
+    check.check_counts(model.adata, model.adata_manager.registry["setup_args"].get("layer"), warn_empty_genes=False)
     return Schedule(max_epochs, state_epochs, prune, n_restarts, resuming, dict(prune_kwargs or {}), trainer)
 
 
