@@ -308,6 +308,33 @@ def test_bad_epochs_raise_before_training(sim_adata, train, match):
     assert not model.is_trained_
 
 
+@pytest.mark.parametrize(("n_cells", "sizes"), [(129, [128]), (130, [128]), (131, [128, 3]), (100, [100])])
+def test_a_last_minibatch_of_one_or_two_cells_is_dropped(n_cells, sizes):
+    """It trained, with a coupling weighted by the spread of one cell (gradient norms up to 25 times a full step's),
+    after scvi-tools' warning "Last batch will have a small size of 1 samples"."""
+    import warnings
+
+    from lightning.pytorch.callbacks import Callback
+
+    from scmixvae.data import simulate
+
+    class Sizes(Callback):
+        def __init__(self):
+            self.sizes = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.sizes.append(int(batch["X"].shape[0]))
+
+    adata = simulate(n_cells=n_cells, n_genes=60, n_types=2, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=2, n_hidden=16)
+    sizes_seen = Sizes()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Last batch will have a small size")
+        model.train(max_epochs=2, state_epochs=1, batch_size=128, enable_progress_bar=False, callbacks=[sizes_seen])
+    assert sizes_seen.sizes == sizes * 3
+
+
 @pytest.mark.parametrize("trained", [False, True])
 def test_train_refuses_counts_normalised_in_place_after_setup(sim_adata, trained):
     """Setup checked the counts, but a normalisation in place since (scanpy's next step) trained without a word."""

@@ -12,6 +12,7 @@ columns against a model's registry (read-outs, :meth:`~scmixvae.model.CplMixVAE.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -20,7 +21,7 @@ import pandas as pd
 import scipy.sparse as sp
 import torch
 from anndata import AnnData
-from scvi import REGISTRY_KEYS
+from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager, AnnTorchDataset
 from scvi.data.fields import CategoricalObsField
 from scvi.dataloaders import DataSplitter
@@ -207,13 +208,30 @@ def check_known_categories(adata: AnnData, registry: dict) -> None:
     )
 
 
+#: Fewest cells of a training minibatch left over at an epoch's end (``n_train % batch_size``): one or two cells give
+#: the coupling the inverse spread of one or two cells (gradient norms 4 to 25 times a full minibatch's).
+MIN_LAST_BATCH_CELLS = 3
+
+
 class CplMixVAEDataSplitter(DataSplitter):
     """:class:`~scvi.dataloaders.DataSplitter` that keeps sparse CSR counts sparse in CPU minibatches.
 
     scvi-tools densifies sparse minibatches after they reach the device (``load_sparse_tensor`` only saves the
     transfer); on the CPU the module reads the non-zero counts from the CSR structure instead, so the counts
     stay sparse there. Other sparse tensors, and every tensor on an accelerator, are densified as before.
+
+    With ``train_size`` given (every cell trains when nothing validates), a last minibatch of one or two cells is
+    dropped (``drop_last``): the shuffle leaves other cells over each epoch. scvi-tools' own split (``train_size``
+    left out) moves those cells to the validation set instead, and warns where neither happens.
     """
+
+    def __init__(self, adata_manager: AnnDataManager, train_size: float | None = None, *args, **kwargs):
+        if train_size and "drop_last" not in kwargs and kwargs.get("external_indexing") is None:
+            batch_size = kwargs.get("batch_size") or settings.batch_size
+            n_train = math.ceil(float(train_size) * adata_manager.adata.n_obs)  # scvi-tools' split
+            if n_train > batch_size and 0 < n_train % batch_size < MIN_LAST_BATCH_CELLS:
+                kwargs["drop_last"] = True
+        super().__init__(adata_manager, train_size, *args, **kwargs)
 
     def on_after_batch_transfer(self, batch, dataloader_idx):
         """Densify sparse tensors, except CSR counts on the CPU."""
