@@ -47,6 +47,33 @@ def test_sparse_counts_stored_as_several_entries_are_refused_before_registration
     CplMixVAE.setup_anndata(adata)
 
 
+def test_setup_on_a_view_says_why_it_is_refused():
+    # scvi-tools' "Please run `adata = adata.copy()`" did not say that the AnnData is a view
+    adata = _adata(np.random.default_rng(0).poisson(2, (20, 10)).astype(np.float32) + 1)
+    view = adata[:10]
+    with pytest.raises(ValueError, match=r"`adata` is a view of another AnnData .*`adata = adata\[mask\].copy\(\)`"):
+        CplMixVAE.setup_anndata(view)
+    assert view.is_view and "_scvi_uuid" not in adata.uns
+
+
+@pytest.mark.parametrize(
+    "readout",
+    [
+        lambda model, size: model.predict(batch_size=size),
+        lambda model, size: model.get_latent_representation(batch_size=size),
+        lambda model, size: model.get_normalized_expression(batch_size=size),
+        lambda model, size: model.get_latent_library_size(batch_size=size),
+        lambda model, size: model.get_elbo(batch_size=size),
+    ],
+    ids=["predict", "latent", "expression", "library", "elbo"],
+)
+@pytest.mark.parametrize(("size", "error", "match"), [(0, ValueError, ">= 1, got 0"), (2.5, TypeError, "integer")])
+def test_readouts_refuse_a_bad_batch_size(trained_model, readout, size, error, match):
+    # torch's sampler: "batch_size should be a positive integer value"
+    with pytest.raises(error, match=rf"`batch_size` must .*{match}"):
+        readout(trained_model, size)
+
+
 def test_one_gene_is_refused_before_registration():
     """It passed setup and failed in the Leiden start, in scikit-learn's TruncatedSVD."""
     adata = _adata(sp.csr_matrix(np.random.default_rng(0).poisson(2, (20, 1)).astype(np.float32) + 1))

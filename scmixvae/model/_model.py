@@ -408,6 +408,11 @@ class CplMixVAE(
             state latent. Unlike a batch, it is not removed. Use it when every type is present in every condition.
         """
         check.check_anndata(adata)
+        if adata.is_view:  # scvi-tools: "Please run `adata = adata.copy()`", without saying why
+            raise ValueError(
+                "`adata` is a view of another AnnData (e.g. `adata[mask]`); setup_anndata adds columns to it, which a "
+                "view cannot hold. Make it an AnnData of its own first: `adata = adata[mask].copy()`."
+            )
         check.check_unique_names(adata)
         categorical_covariate_keys = check.check_key_list("categorical_covariate_keys", categorical_covariate_keys)
         continuous_covariate_keys = check.check_key_list("continuous_covariate_keys", continuous_covariate_keys)
@@ -844,6 +849,8 @@ class CplMixVAE(
         minibatch are put back in the order asked for. Options of the data loader that would reorder or drop
         cells are refused: every read-out returns one row per cell of ``indices``, in that order.
         """
+        if batch_size is not None:  # torch's sampler said "batch_size should be a positive integer value"
+            check.check_int("batch_size", batch_size, minimum=1)
         kwargs = dict(data_loader_kwargs or {})
         refused = sorted(set(kwargs) & set(READ_ORDER_OPTIONS))
         if refused:
