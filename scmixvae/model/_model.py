@@ -656,7 +656,9 @@ class CplMixVAE(
                 )
             if self.adata_manager is not None and not self._registered(adata):
                 self._check_new_data(adata)
-        return super()._validate_anndata(adata, copy_if_view=copy_if_view)
+        with warnings.catch_warnings():  # registering a few new cells for a read-out trains nothing
+            warnings.filterwarnings("ignore", message=r"Category .* has fewer than 3 cells", category=UserWarning)
+            return super()._validate_anndata(adata, copy_if_view=copy_if_view)
 
     def _registered(self, adata: AnnData) -> bool:
         """Whether ``adata`` itself (not a copy carrying its registration) is registered with this model."""
