@@ -1,3 +1,5 @@
+import inspect
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -560,6 +562,11 @@ def test_condition_key_is_registered_logged_and_round_trips(tmp_path):
     loaded = CplMixVAE.load(tmp_path / "model", adata=adata)
     assert loaded.module.n_conditions == 2
     assert loaded.adata_manager.registry["setup_args"]["condition_key"] == "condition"
+    # the arguments of setup_anndata and nothing else (an internal `transfer` flag was recorded, and shown by
+    # view_setup_args and tl.annotate's uns["setup_args"])
+    parameters = set(inspect.signature(CplMixVAE.setup_anndata).parameters) - {"adata", "kwargs"}
+    assert set(model.adata_manager.registry["setup_args"]) == parameters
+    assert set(loaded.adata_manager.registry["setup_args"]) == parameters
     pd.testing.assert_frame_equal(model.predict(soft=True), loaded.predict(soft=True))
     # without a condition the model has none, and models set up without it load as before
     plain = _stimulated()

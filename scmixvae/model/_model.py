@@ -450,7 +450,8 @@ class CplMixVAE(
             categorical_covariate_keys=categorical_covariate_keys,
         )
         check.check_counts(adata, layer, warn_empty_genes=not transfer)  # the model fixes the genes of new data
-        setup_method_args = cls._get_setup_method_args(**locals())
+        arguments = {key: value for key, value in locals().items() if key != "transfer"}  # the call's, not ours
+        setup_method_args = cls._get_setup_method_args(**arguments)
         anndata_fields = [
             LayerField(REGISTRY_KEYS.X_KEY, layer, is_count_data=True),
             CategoricalObsField(REGISTRY_KEYS.BATCH_KEY, batch_key),
