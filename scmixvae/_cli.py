@@ -90,7 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     _common_options(demo)
 
     fit = sub.add_parser("fit", help="fit the model on an .h5ad file of raw counts and write the annotated file")
-    fit.add_argument("input", type=Path, help="input .h5ad with raw counts (never changed)")
+    fit.add_argument(
+        "input",
+        type=Path,
+        help="input .h5ad with raw counts (never changed, unless named as the output with --overwrite)",
+    )
     fit.add_argument(
         "-o", "--output", type=Path, required=True, help="output .h5ad (not the input, unless --overwrite)"
     )

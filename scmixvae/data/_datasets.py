@@ -150,7 +150,7 @@ def mouse_bladder(
     data_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> AnnData:
-    """Mouse bladder (Han et al. 2018, Microwell-seq), top 2,000 genes (2,746 cells, 16 unbalanced types).
+    """Mouse bladder (Han et al. 2018, Microwell-seq), 2,003 genes (2,746 cells, 16 unbalanced types).
 
     Local file ``mouse_bladder_cell_top2000.h5ad``; otherwise downloaded from scDCC and converted. Parameters and
     return value as in :func:`ifnb`; the original labels stay in ``obs["label"]``.

@@ -90,7 +90,7 @@ def default_max_epochs(n_cells: int) -> int:
 def default_state_epochs(n_cells: int, max_epochs: int | None = None) -> int:
     """Default length of the state phase of :meth:`CplMixVAE.train`: ``750,000 / n_cells`` clipped to ``[0, 300]``.
 
-    Three times :func:`default_max_epochs` on data of up to ~9,000 cells, where the agents settle on the types
+    Three times :func:`default_max_epochs` on data of up to about 12,500 cells, where the agents settle on the types
     long before the state latent has learned the within-type programs of the smaller types; on larger data the
     types' own epochs hold enough minibatch steps, and the phase shrinks (8 epochs at 100,000 cells, none above
     1.5 million). With ``max_epochs`` given: the same multiple of it as the defaults have; ``max_epochs=0`` (the

@@ -378,7 +378,9 @@ class CplMixVAE(
         - ``obs["_scvi_batch"]`` and ``obs["_scvi_labels"]`` (and ``obs["_scvi_condition"]`` with a
           ``condition_key``): integer codes of the batch, the labels and the condition, from which scvi-tools
           reads them during training and read-outs (all zeros when the key is not given). They are part of the
-          registration and are re-created by it; do not edit them.
+          registration and are re-created by it; do not edit them;
+        - with covariates, ``obsm["_scvi_extra_categorical_covs"]`` (their codes) and
+          ``obsm["_scvi_extra_continuous_covs"]`` (their values).
 
         Read-outs on a new AnnData register it the same way (the same keys). They need the covariates that
         inference reads (batch, categorical and continuous covariates, with values the model was trained on; new
@@ -539,7 +541,7 @@ class CplMixVAE(
             categorical heads are frozen (they read the real cell, as in a read-out, and learn nothing), so the
             types and :meth:`predict` stay exactly as they are, while the state encoder, the decoder and the
             dispersions go on learning the within-type programs, which take longer than the types. ``None``:
-            :func:`default_state_epochs` (three times ``max_epochs`` on up to ~9,000 cells, fewer on larger
+            :func:`default_state_epochs` (three times ``max_epochs`` on up to about 12,500 cells, fewer on larger
             data); ``0``: none. Its epochs cost less than the others (no backward pass through the trunk) and
             follow them in :attr:`history`. With several devices, a DDP strategy given by name (``"ddp"``,
             ``"ddp_notebook"``...) gets its ``_find_unused_parameters_true`` variant, since the frozen weights
@@ -1056,7 +1058,9 @@ class CplMixVAE(
     ) -> pd.DataFrame:
         """Choose the number of categories: prune the ones the agents do not agree on, keep the best round.
 
-        Start from more categories than there are types (``n_categories``). Round 0 scores the model as it
+        Start from more categories than there are types (``n_categories``), with agents that read different views
+        of a cell (``input_dropout=0.5``, the published value; with ``n_categories`` given the default is 0, the
+        agents read the same cell and agree trivially, and ``prune()`` warns). Round 0 scores the model as it
         is (an untrained model is trained first). Each round labels the cells by each agent's argmax, scores
         every category by the agents' agreement on it (co-assignment ``M_kk / max(row_k, col_k)``, averaged
         over agent pairs), masks the empty ones and those far below the rest (at least one, at most 20% of
@@ -1093,7 +1097,7 @@ class CplMixVAE(
 
         Examples
         --------
-        >>> model = scmixvae.model.CplMixVAE(adata, n_categories=30)
+        >>> model = scmixvae.model.CplMixVAE(adata, n_categories=30, input_dropout=0.5)
         >>> history = model.prune()
         >>> model.n_categories, history.loc[history["selected"], "mean_consensus"]
         """

@@ -233,7 +233,7 @@ def gene_set_enrichment(
 
     To hand one group's ranking to a dedicated enrichment tool instead (neither is a dependency of scmixvae):
 
-    >>> ranking = scmixvae.tl.get_state_genes(adata, group="category3").set_index("names")["scores"]
+    >>> ranking = scmixvae.tl.get_state_genes(adata, group="3").set_index("names")["scores"]
     >>> # decoupler: a genes x sets network with columns source/target
     >>> # dc.run_ulm(mat=ranking.to_frame().T, net=msigdb_net) (dc.mt.ulm in decoupler >= 2)
     >>> # gseapy: pre-ranked GSEA on the same scores
