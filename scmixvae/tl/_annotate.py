@@ -49,8 +49,9 @@ def annotate(
     - ``obsm[f"X_{key_added}_state"]``: the consensus state latent
       (:meth:`~scmixvae.model.CplMixVAE.get_latent_representation`);
     - ``uns[key_added]``: ``params`` (the model's parameters as h5ad-serialisable values), ``setup_args``
-      (the arguments of :meth:`~scmixvae.model.CplMixVAE.setup_anndata`, same encoding), ``categories`` and
-      ``agent_agreement`` (pairwise agreement matrix).
+      (the arguments of :meth:`~scmixvae.model.CplMixVAE.setup_anndata`, same encoding), ``n_categories`` (the
+      model's surviving categories), ``categories`` (their names) and ``agent_agreement`` (pairwise agreement
+      matrix).
     """
     check.check_anndata(adata)
     check.check_model(model)
