@@ -221,12 +221,14 @@ class CplMixVAEDataSplitter(DataSplitter):
     stay sparse there. Other sparse tensors, and every tensor on an accelerator, are densified as before.
 
     With ``train_size`` given (every cell trains when nothing validates), a last minibatch of one or two cells is
-    dropped (``drop_last``): the shuffle leaves other cells over each epoch. scvi-tools' own split (``train_size``
-    left out) moves those cells to the validation set instead, and warns where neither happens.
+    dropped (``drop_last``): the shuffle leaves other cells over each epoch. Not with several devices, where each
+    device's share has a remainder of its own. scvi-tools' own split (``train_size`` left out) moves those cells to
+    the validation set instead, and warns where neither happens.
     """
 
     def __init__(self, adata_manager: AnnDataManager, train_size: float | None = None, *args, **kwargs):
-        if train_size and "drop_last" not in kwargs and kwargs.get("external_indexing") is None:
+        own_split = kwargs.get("external_indexing") is None and not kwargs.get("distributed_sampler")
+        if train_size and "drop_last" not in kwargs and own_split:
             batch_size = kwargs.get("batch_size") or settings.batch_size
             n_train = math.ceil(float(train_size) * adata_manager.adata.n_obs)  # scvi-tools' split
             if n_train > batch_size and 0 < n_train % batch_size < MIN_LAST_BATCH_CELLS:
