@@ -159,8 +159,31 @@ def test_overwriting_a_model_without_its_anndata_removes_the_anndata_of_the_mode
     CplMixVAE(sim_adata, n_categories=3).save(tmp_path / "model", prefix="other_", overwrite=True, save_anndata=True)
     CplMixVAE(sim_adata, n_categories=4).save(tmp_path / "model", overwrite=True)
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.pt", "other_adata.h5ad", "other_model.pt"]
-    with pytest.raises(ValueError, match=r"holds no saved AnnData \(adata.h5ad\); pass the data with `adata=`"):
+    with pytest.raises(ValueError, match=r"holds no saved AnnData of this model \(adata.h5ad\); pass the data with"):
         CplMixVAE.load(tmp_path / "model")
+
+
+@pytest.mark.parametrize("save_anndata", [True, False])
+def test_a_save_that_fails_half_way_cannot_pair_two_saves(sim_adata, tmp_path, monkeypatch, save_anndata):
+    # a full disk while model.pt was written left the new cells beside the old model (and, without the AnnData, a
+    # file that could not be removed left the old cells beside the new model); load() paired them without a word
+    import pathlib
+
+    CplMixVAE.setup_anndata(sim_adata)
+    CplMixVAE(sim_adata, n_categories=3).save(tmp_path / "model", save_anndata=True)
+    other = sim_adata[:200].copy()
+    CplMixVAE.setup_anndata(other)
+    if save_anndata:
+        monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space")))
+    else:
+        monkeypatch.setattr(pathlib.Path, "unlink", lambda *args, **kwargs: (_ for _ in ()).throw(PermissionError()))
+    with pytest.raises(OSError):
+        CplMixVAE(other, n_categories=3).save(tmp_path / "model", overwrite=True, save_anndata=save_anndata)
+    monkeypatch.undo()
+    match = "holds other cells than those saved with model.pt" if save_anndata else "holds no saved AnnData of this"
+    with pytest.raises(ValueError, match=match):
+        CplMixVAE.load(tmp_path / "model")
+    assert CplMixVAE.load(tmp_path / "model", adata=sim_adata if save_anndata else other).adata.n_obs > 0
 
 
 @pytest.mark.parametrize(

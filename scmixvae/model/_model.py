@@ -712,7 +712,9 @@ class CplMixVAE(
 
         ``model.pt`` holds only tensors and plain data (numpy arrays and pandas tables are stored as tensors and
         lists), so :meth:`load` reads it without unpickling any Python object. Each file is written to a
-        temporary file in the folder and moved into place, so a failed save leaves an earlier one intact.
+        temporary file in the folder and moved into place, so a failed save leaves each earlier file intact;
+        ``model.pt`` records which cells were saved with it, and :meth:`load` refuses an ``adata.h5ad`` of
+        another save (left by a save that failed between the two files).
 
         Parameters
         ----------

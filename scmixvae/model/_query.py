@@ -52,7 +52,7 @@ def _read_reference(cls, reference_model) -> tuple[dict, np.ndarray, dict]:
             raise ValueError(
                 f"{folder} is not a folder: pass a trained {cls.__name__} or the folder written by its `save`."
             )
-        attrs, genes, state = read_model_file(folder / MODEL_FILE)
+        attrs, genes, state, _ = read_model_file(folder / MODEL_FILE)
         name = attrs["registry_"].get("model_name", cls.__name__)
         if name != cls.__name__:
             raise ValueError(f"{folder} holds a {name} model, not a {cls.__name__}.")

@@ -8,6 +8,7 @@ into tensors, lists, dicts, strings and numbers when saving (:func:`encode`) and
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import pickle
 import zipfile
@@ -26,6 +27,10 @@ MODEL_FILE = "model.pt"
 ADATA_FILE = "adata.h5ad"
 FORMAT_KEY = "scmixvae_format"
 FORMAT_VERSION = 1
+#: Entry of ``model.pt`` with the :func:`cells_digest` of the AnnData saved beside it (``None``: saved without one).
+SAVED_CELLS_KEY = "saved_cells"
+#: :func:`read_model_file`'s value for a file written before the saved cells were recorded.
+NOT_RECORDED = "not recorded"
 _TAG = "__scmixvae_type__"
 # numpy kinds held in tensors (bool, signed and unsigned integers, floats) or in lists (strings, objects)
 _TENSOR_KINDS = "biuf"
@@ -184,20 +189,33 @@ def _decode_values(value: dict):
     return _decode_array(value)
 
 
-def model_file_content(state_dict: dict, var_names: np.ndarray, attr_dict: dict) -> dict:
-    """Return what ``model.pt`` holds: the state dict, the genes and the encoded attributes (plain data)."""
+def model_file_content(state_dict: dict, var_names: np.ndarray, attr_dict: dict, saved_cells: str | None) -> dict:
+    """Return what ``model.pt`` holds: the state dict, the genes, the attributes (plain data), the saved cells.
+
+    ``saved_cells``: the :func:`cells_digest` of the AnnData saved beside it (``None``: saved without one).
+    """
     return {
         FORMAT_KEY: FORMAT_VERSION,
         "model_state_dict": OrderedDict((k, v.detach().cpu()) for k, v in state_dict.items()),
         "var_names": [str(v) for v in var_names],
         "attr_dict": encode(attr_dict, "model attribute"),
+        SAVED_CELLS_KEY: saved_cells,
     }
 
 
-def read_model_file(path: Path) -> tuple[dict, np.ndarray, dict]:
+def cells_digest(adata) -> str:
+    """SHA-256 of the cell names of ``adata``, in order: what pairs a saved ``model.pt`` with its ``adata.h5ad``."""
+    digest = hashlib.sha256(str(adata.n_obs).encode())
+    for start in range(0, adata.n_obs, 100_000):
+        digest.update("\n".join(map(str, adata.obs_names[start : start + 100_000])).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def read_model_file(path: Path) -> tuple[dict, np.ndarray, dict, str | None]:
     """Read ``model.pt`` written by :func:`save_model`; refuse any file that holds other Python objects.
 
-    Returns the attributes, the training genes and the module's state dict (on the CPU).
+    Returns the attributes, the training genes, the module's state dict (on the CPU) and the digest of the cells
+    saved beside it (:data:`NOT_RECORDED` for files written before it was recorded).
     """
     path = Path(path)
     not_a_model = f"{path} is not a saved scmixvae model"
@@ -228,9 +246,12 @@ def read_model_file(path: Path) -> tuple[dict, np.ndarray, dict]:
             raise ValueError("attributes without a registry or init parameters")
         if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state_dict.items()):
             raise ValueError("state dict with entries other than tensors")
+        saved_cells = content.get(SAVED_CELLS_KEY, NOT_RECORDED)
+        if not (saved_cells is None or isinstance(saved_cells, str)):
+            raise ValueError(f"{SAVED_CELLS_KEY} of type {type(saved_cells).__name__}")
     except Exception as err:  # whatever the content gets wrong, it is not a model this package saved
         raise ValueError(f"{not_a_model}: its content is malformed ({type(err).__name__}: {err}).") from None
-    return attr_dict, var_names, state_dict
+    return attr_dict, var_names, state_dict, saved_cells
 
 
 def save_model(
@@ -246,7 +267,9 @@ def save_model(
     prefix = prefix or ""
     attributes = {name: value for name, value in model._get_user_attributes() if name.endswith("_")}
     # encoded first: an attribute that cannot be saved stops the save before any file is written
-    content = model_file_content(model.module.state_dict(), np.asarray(model.adata.var_names.astype(str)), attributes)
+    genes = np.asarray(model.adata.var_names.astype(str))
+    saved_cells = cells_digest(model.adata) if save_anndata else None
+    content = model_file_content(model.module.state_dict(), genes, attributes, saved_cells)
     folder.mkdir(parents=True, exist_ok=True)
     if save_anndata:
         atomic_write(folder / f"{prefix}{ADATA_FILE}", lambda tmp: model.adata.write_h5ad(tmp, **write_kwargs))
@@ -275,7 +298,7 @@ def _check_save_arguments(prefix, save_kwargs, write_kwargs: dict) -> None:
 
 def read_registry(dir_path, prefix: str | None = None) -> dict:
     """Return the scvi-tools registry saved with a model, read safely."""
-    attr_dict, _, _ = read_model_file(Path(dir_path) / f"{prefix or ''}{MODEL_FILE}")
+    attr_dict, _, _, _ = read_model_file(Path(dir_path) / f"{prefix or ''}{MODEL_FILE}")
     return attr_dict["registry_"]
 
 
@@ -324,15 +347,22 @@ def load_model(cls, dir_path, adata, *, accelerator: str, device, prefix: str | 
         from scvi.data._download import _download
 
         _download(backup_url, str(folder), model_path.name)
-    attr_dict, genes, state_dict = read_model_file(model_path)
+    attr_dict, genes, state_dict, saved_cells = read_model_file(model_path)
     registry = attr_dict.pop("registry_")
     if registry.get("model_name", cls.__name__) != cls.__name__:
         raise ValueError(f"{model_path} holds a {registry['model_name']} model, not a {cls.__name__}.")
     if adata is None:
         adata_path = folder / f"{prefix}{ADATA_FILE}"
-        if not adata_path.is_file():
-            raise ValueError(f"{folder} holds no saved AnnData ({adata_path.name}); pass the data with `adata=`.")
+        if not adata_path.is_file() or saved_cells is None:
+            raise ValueError(
+                f"{folder} holds no saved AnnData of this model ({adata_path.name}); pass the data with `adata=`."
+            )
         adata = read_h5ad(adata_path)
+        if saved_cells is not NOT_RECORDED and cells_digest(adata) != saved_cells:
+            raise ValueError(
+                f"{adata_path} holds other cells than those saved with {model_path.name} (a save that failed "
+                "half-way left files of two saves); pass the data with `adata=`, or save the model again."
+            )
     elif not isinstance(adata, AnnData):
         raise TypeError(f"`adata` must be an AnnData object or None, got {type(adata).__name__}.")
     check_genes(adata, genes, folder)
