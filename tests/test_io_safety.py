@@ -61,17 +61,37 @@ def test_saved_model_file_holds_only_tensors_and_plain_data(trained_model, tmp_p
     )
 
 
+def _flip_a_weight_bit(data: bytes) -> bytes:
+    """Flip a high mantissa bit of one float of the module's weights (a value changed, the size kept)."""
+    import io
+    import zipfile
+
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        info = next(i for i in archive.infolist() if "/data/" in i.filename and i.file_size >= 64)
+    header = info.header_offset  # local header: 30 bytes, then the name and an extra field of its own lengths
+    names = int.from_bytes(data[header + 26 : header + 28], "little") + int.from_bytes(
+        data[header + 28 : header + 30], "little"
+    )
+    start = header + 30 + names
+    flipped = bytearray(data)
+    flipped[start + 2] ^= 0x40  # byte 2 of the first float32 (little-endian): mantissa
+    return bytes(flipped)
+
+
 @pytest.mark.parametrize(
     "content",
-    [b"", b"hello, I am a text file\n", "truncated"],
-    ids=["empty", "text", "truncated"],
+    [b"", b"hello, I am a text file\n", "truncated", "bit flipped"],
+    ids=["empty", "text", "truncated", "bit flipped"],
 )
 def test_load_names_a_file_that_is_not_a_saved_model(trained_model, tmp_path, content):
+    # a flipped bit in a weight loaded as another weight: torch.load does not check the archive's checksums
     folder = tmp_path / "model"
     trained_model.save(folder)
     path = folder / "model.pt"
     if content == "truncated":
         content = path.read_bytes()[: path.stat().st_size // 2]
+    elif content == "bit flipped":
+        content = _flip_a_weight_bit(path.read_bytes())
     path.write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(str(path)) + " is not a saved scmixvae model"):
         CplMixVAE.load(folder, adata=trained_model.adata)

@@ -223,6 +223,13 @@ def read_model_file(path: Path) -> tuple[dict, np.ndarray, dict, str | None]:
         raise ValueError(f"{not_a_model}: the file does not exist. Pass the folder written by `CplMixVAE.save`.")
     if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; not one: empty, truncated, text, ...
         raise ValueError(f"{not_a_model}: it is empty, truncated or not a file written by `CplMixVAE.save`.")
+    try:  # torch.load does not check the archive's checksums: damaged weights would load as others
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+    except Exception as err:
+        raise ValueError(f"{not_a_model} (it could not be read: {type(err).__name__}: {err}).") from None
+    if damaged is not None:
+        raise ValueError(f"{not_a_model} intact: the checksum of its part {damaged!r} does not match (damaged).")
     try:
         content = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
