@@ -3,6 +3,7 @@
 import os
 import shlex
 
+import anndata
 import numpy as np
 import pandas as pd
 import pytest
@@ -112,6 +113,22 @@ def test_prepare_query_anndata_pads_and_orders_the_genes(mapped):
     np.testing.assert_array_equal(padded.X[:, 10:].toarray(), query.X[:, 10:].toarray())
     assert CplMixVAE.prepare_query_anndata(other, model) is None  # scvi-tools' default: in place
     assert list(other.var_names) == genes
+
+
+def test_prepare_query_anndata_keeps_var_columns_writable(mapped, tmp_path):
+    # scanpy's bool highly_variable became an object column with NaN for the padded genes: write_h5ad failed
+    model, _, query, _, _, _ = mapped
+    genes = list(model.adata.var_names)
+    other = _fresh(query[:, genes[10:]])
+    other.var["highly_variable"] = np.arange(90) % 2 == 0
+    other.var["n_cells"] = np.arange(90)
+    other.var["mean"] = np.linspace(0, 1, 90)
+    padded = CplMixVAE.prepare_query_anndata(other, model, inplace=False)
+    assert padded.var["highly_variable"].isna().sum() == 10 and padded.var["n_cells"].isna().sum() == 10
+    padded.write_h5ad(tmp_path / "query.h5ad")
+    back = anndata.read_h5ad(tmp_path / "query.h5ad")
+    pd.testing.assert_frame_equal(back.var, padded.var)
+    pd.testing.assert_frame_equal(back.var.loc[genes[10:]], other.var.loc[genes[10:]], check_dtype=False)
     renamed = _fresh(query)
     renamed.var_names = [f"other_{g}" for g in query.var_names]
     with pytest.raises(ValueError, match="none of the reference's genes"):

@@ -89,11 +89,10 @@ def _pad_and_order(adata: AnnData, genes: pd.Index) -> AnnData:
         matrix = np.asarray(matrix)
         return np.hstack([matrix, np.zeros((adata.n_obs, len(missing)), dtype=matrix.dtype)])
 
-    var = pd.concat([adata.var, pd.DataFrame(index=missing)])
     padded = AnnData(
         X=None if adata.X is None else pad(adata.X),
         obs=adata.obs.copy(),
-        var=var,
+        var=_padded_var(adata.var, missing),
         uns=copy.deepcopy(dict(adata.uns)),
         obsm={k: v.copy() for k, v in adata.obsm.items()},
         obsp={k: v.copy() for k, v in adata.obsp.items()},
@@ -102,6 +101,24 @@ def _pad_and_order(adata: AnnData, genes: pd.Index) -> AnnData:
     if adata.raw is not None:
         padded.raw = adata.raw.to_adata()
     return padded[:, genes].copy()
+
+
+def _padded_var(var: pd.DataFrame, missing: pd.Index) -> pd.DataFrame:
+    """``var`` with rows of missing values for the ``missing`` genes, in dtypes that h5ad files can hold.
+
+    Bool and integer columns become pandas' nullable ``boolean`` and ``Int64`` (``<NA>`` for the padded genes):
+    with NaN they would turn into object columns (scanpy's ``highly_variable``), which ``write_h5ad`` refuses.
+    """
+    var = var.copy()
+    for column in var.columns:
+        values = var[column]
+        if isinstance(values.dtype, pd.CategoricalDtype):
+            continue
+        if pd.api.types.is_bool_dtype(values):
+            var[column] = values.astype("boolean")
+        elif pd.api.types.is_integer_dtype(values):
+            var[column] = values.astype("Int64")
+    return var.reindex(var.index.append(missing))
 
 
 def _covariate_blocks(n_batch: int, n_cats_per_cov, n_continuous: int) -> list[tuple[int, int]]:
