@@ -141,6 +141,19 @@ def test_prepare_query_anndata_keeps_var_columns_writable(mapped, tmp_path):
         CplMixVAE.prepare_query_anndata(twice, model, inplace=False)
 
 
+def test_a_reference_folder_saved_with_a_prefix_is_named(mapped, tmp_path):
+    # "pref/model.pt is not a saved scmixvae model: the file does not exist. Pass the folder written by
+    # CplMixVAE.save", about the folder that save had written
+    model, _, query, _, _, _ = mapped
+    model.save(tmp_path / "pref", prefix="ref_")
+    match = r"holds \['ref_model.pt'\] \(saved with a `prefix`\), not model.pt.*CplMixVAE.load\(.*prefix='ref_'"
+    for call in (CplMixVAE.prepare_query_anndata, CplMixVAE.load_query_data):
+        with pytest.raises(ValueError, match=match):
+            call(_fresh(query), str(tmp_path / "pref"))
+    reference = CplMixVAE.load(tmp_path / "pref", prefix="ref_", adata=model.adata)
+    assert CplMixVAE.load_query_data(_fresh(query), reference).n_categories == model.n_categories
+
+
 def test_query_with_no_new_batch_or_no_batch_column_is_refused(mapped):
     model, reference, query, _, _, _ = mapped
     known = _fresh(reference[:50])

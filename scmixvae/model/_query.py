@@ -52,6 +52,13 @@ def _read_reference(cls, reference_model) -> tuple[dict, np.ndarray, dict]:
             raise ValueError(
                 f"{folder} is not a folder: pass a trained {cls.__name__} or the folder written by its `save`."
             )
+        prefixed = sorted(path.name for path in folder.glob(f"?*{MODEL_FILE}"))
+        if not (folder / MODEL_FILE).exists() and prefixed:
+            prefix = prefixed[0][: -len(MODEL_FILE)]
+            raise ValueError(
+                f"{folder} holds {prefixed} (saved with a `prefix`), not {MODEL_FILE}. Load the reference first and "
+                f"pass the model: `reference = {cls.__name__}.load({str(folder)!r}, prefix={prefix!r}, adata=...)`."
+            )
         attrs, genes, state, _ = read_model_file(folder / MODEL_FILE)
         name = attrs["registry_"].get("model_name", cls.__name__)
         if name != cls.__name__:
