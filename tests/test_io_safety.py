@@ -183,6 +183,28 @@ def test_overwriting_a_model_without_its_anndata_removes_the_anndata_of_the_mode
         CplMixVAE.load(tmp_path / "model")
 
 
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (lambda attrs, state: state.pop("px_r"), r"The weights in .*model.pt do not fit .*Missing key\(s\).*px_r"),
+        (lambda attrs, state: state.__setitem__("px_r", torch.zeros(3)), r"do not fit .*size mismatch for px_r"),
+        (lambda attrs, state: attrs.__setitem__("module", 5), r"is not a saved scmixvae model: it sets .*'module'"),
+    ],
+    ids=["missing weight", "misshapen weight", "attribute module"],
+)
+def test_load_of_weights_or_attributes_that_do_not_fit_is_a_clear_error(trained_model, tmp_path, edit, match):
+    # torch's RuntimeError from load_state_dict, or "'int' object has no attribute 'load_state_dict'"
+    from scmixvae.model._save_load import model_file_content, read_model_file
+
+    trained_model.save(tmp_path / "model")
+    attrs, genes, state, _ = read_model_file(tmp_path / "model" / "model.pt")
+    state = dict(state)
+    edit(attrs, state)
+    torch.save(model_file_content(state, genes, attrs, None), tmp_path / "model" / "model.pt")
+    with pytest.raises(ValueError, match=match):
+        CplMixVAE.load(tmp_path / "model", adata=trained_model.adata.copy())
+
+
 @pytest.mark.parametrize("save_anndata", [True, False])
 def test_a_save_that_fails_half_way_cannot_pair_two_saves(sim_adata, tmp_path, monkeypatch, save_anndata):
     # a full disk while model.pt was written left the new cells beside the old model (and, without the AnnData, a

@@ -385,8 +385,16 @@ def load_model(cls, dir_path, adata, *, accelerator: str, device, prefix: str | 
     )
     model = cls(adata, **kwargs)
     for name, value in attr_dict.items():
+        if not name.endswith("_") or name.startswith("_"):  # save() writes the public attributes ending in "_"
+            raise ValueError(f"{model_path} is not a saved scmixvae model: it sets the attribute {name!r}.")
         setattr(model, name, value)
-    model.module.load_state_dict(state_dict)
+    try:
+        model.module.load_state_dict(state_dict)
+    except RuntimeError as err:  # missing, unexpected or misshapen weights
+        raise ValueError(
+            f"The weights in {model_path} do not fit a model of the options saved with them (a file of another "
+            f"version of scmixvae, or edited). {' '.join(str(err).split())[:400]}"
+        ) from err
     model.to_device(torch_device)
     model.module.eval()
     model._validate_anndata(adata)
