@@ -214,7 +214,10 @@ class CplMixVAEQueryMixin:
     """Reference mapping with scvi-tools' ``ArchesMixin`` API: :meth:`prepare_query_anndata`, :meth:`load_query_data`.
 
     Unlike scvi-tools' mixin, a reference saved in a folder is read with ``torch.load(weights_only=True)``
-    (see :meth:`~scmixvae.model.CplMixVAE.load`): nothing read from the folder is unpickled.
+    (see :meth:`~scmixvae.model.CplMixVAE.load`): nothing read from the folder is unpickled. Of scvi-tools'
+    freezing options only ``unfrozen`` is taken: the reference's weights, dropout and batch normalisation are
+    frozen together (``freeze_dropout``, ``freeze_batchnorm_encoder`` and the like have no counterpart), and the
+    query's genes are padded by :meth:`prepare_query_anndata` (no ``inplace_subset_query_vars``).
     """
 
     @classmethod
