@@ -263,3 +263,25 @@ def test_augmentation_arguments_are_checked(sim_adata):
         learned.train_augmenter(labels=np.array(["a", None] * (sim_adata.n_obs // 2), dtype=object))
     with pytest.raises(ValueError, match="at most n_categories=3"):
         learned.train_augmenter(labels=np.arange(sim_adata.n_obs) % 5)
+
+
+def test_an_augmenter_trained_before_train_is_used_by_every_restart_and_the_fallback(monkeypatch):
+    # restarts and the fit without consensus are fresh models: each trained its own augmenter on a Leiden
+    # partition, and the kept fit dropped the one the user had trained on known types
+    from scmixvae.model import NoConsensusWarning
+
+    adata = simulate(n_cells=300, n_genes=80, n_types=3, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    scvi.settings.seed = 0
+    model = CplMixVAE(adata, augmentation="learned", n_hidden=16)
+    model.train_augmenter(max_epochs=2, labels=adata.obs["type"].to_numpy())
+    encoder = {key: value.clone() for key, value in model.module.augmenter.encoder.state_dict().items()}
+    calls = []
+    monkeypatch.setattr(CplMixVAE, "train_augmenter", lambda self, *args, **kwargs: calls.append(args))
+    rounds = {"max_rounds": 1, "epochs_per_round": 1, "threshold": 0.999}  # no consensus: the fallback fit
+    with pytest.warns(NoConsensusWarning):
+        model.train(max_epochs=2, state_epochs=0, n_restarts=2, prune_kwargs=rounds, enable_progress_bar=False)
+    assert calls == []
+    assert model.pruning_history.attrs["fallback_n_categories"] >= 2
+    assert all(torch.equal(value, encoder[key]) for key, value in model.module.augmenter.encoder.state_dict().items())
+    assert len(model.augmenter_history_) == 2

@@ -488,6 +488,33 @@ def fresh_model(model, **changes):
     return type(model)(model.adata, **{**params["non_kwargs"], **kwargs, **changes})
 
 
+def trained_augmenter(model) -> tuple[dict[str, torch.Tensor], Any] | None:
+    """Return the learned augmenter of ``model`` as trained so far (weights, history); ``None`` when untrained.
+
+    Taken before a fit that builds fresh models (restarts, the fit without consensus), so that an augmenter the
+    user trained first (``train_augmenter(labels=...)``) is the one every fresh model uses (:func:`give_augmenter`).
+    """
+    augmenter = model.module.augmenter
+    if augmenter is None or not bool(augmenter.trained):
+        return None
+    weights = {key: value.detach().clone() for key, value in augmenter.state_dict().items()}
+    return weights, getattr(model, "augmenter_history_", None)
+
+
+def give_augmenter(fit, augmenter: tuple[dict[str, torch.Tensor], Any] | None) -> None:
+    """Load a :func:`trained_augmenter` into the fresh model ``fit``, whose :func:`start` then trains none.
+
+    The classifier, which only trains the augmenter, is left out where ``fit`` has another number of categories.
+    """
+    if augmenter is None:
+        return
+    weights, history = augmenter
+    own = fit.module.augmenter.state_dict()
+    fit.module.augmenter.load_state_dict({k: v for k, v in weights.items() if v.shape == own[k].shape}, strict=False)
+    fit.module.augmenter.trained.fill_(True)
+    fit.augmenter_history_ = history
+
+
 def adopt_fit(model, fitted) -> None:
     """Make ``model`` the fit of ``fitted`` (a :func:`fresh_model` of it): its module, histories and fit state.
 

@@ -600,7 +600,9 @@ class CplMixVAE(
 
         The augmenter is a small VAE with a type classifier: copies of a cell vary along the generator's latent
         while the classifier, trained on real cells, must still give them the cell's type (see
-        :class:`~scmixvae.module.AugmenterModule`). It is saved and loaded with the model.
+        :class:`~scmixvae.module.AugmenterModule`). It is saved and loaded with the model. An augmenter trained
+        before :meth:`train` (e.g. on known types) is the one the whole fit uses, its restarts and the fit without
+        consensus included.
 
         Parameters
         ----------

@@ -347,21 +347,22 @@ def choose_n_categories(model, schedule: _fit.Schedule) -> None:
     """
     check_prune_kwargs(model, schedule)
     from_scratch = not model.is_trained_ and not schedule.resuming
+    augmenter = _fit.trained_augmenter(model)  # one trained before train(): every fresh model uses it
     with warnings.catch_warnings():  # one warning for the whole choice, from fit_without_consensus
         if from_scratch:
             warnings.simplefilter("ignore", NoConsensusWarning)
         if schedule.n_restarts > 1:  # each restart a fresh model
-            fit_restarts(model, schedule)
+            fit_restarts(model, schedule, augmenter)
         else:
             _fit.start(model, schedule)
             _fit.train_categories(model, schedule)
             prune(model, **schedule.prune_kwargs, **schedule.trainer)
     if from_scratch:
-        fit_without_consensus(model, schedule)
+        fit_without_consensus(model, schedule, augmenter)
     model.choose_n_categories_ = False
 
 
-def fit_without_consensus(model, schedule: _fit.Schedule) -> None:
+def fit_without_consensus(model, schedule: _fit.Schedule, augmenter=None) -> None:
     """Fit with K given when the agents of the fit kept agreed on no number of types (no round at the threshold).
 
     :func:`prune` then keeps the round with the highest consensus, and consensus rises as categories are removed:
@@ -372,7 +373,8 @@ def fit_without_consensus(model, schedule: _fit.Schedule) -> None:
     at the same seed: its types are those of ``CplMixVAE(adata, n_categories=K, ...).train(state_epochs=0)`` (the
     defaults of K given where the user chose no ``augmentation`` or ``input_dropout``), and the fit's state phase
     follows. It keeps the pruning and restart histories; ``pruning_history_.attrs["fallback_n_categories"]``
-    records K.
+    records K. ``augmenter``: a learned augmenter trained before ``train()`` (:func:`~._fit.trained_augmenter`),
+    which the new fit uses instead of training its own.
     """
     history = model.pruning_history_
     kept = history.loc[history["selected"]].iloc[0]
@@ -395,6 +397,7 @@ def fit_without_consensus(model, schedule: _fit.Schedule) -> None:
         scvi.settings.seed = scvi.settings.seed  # the random state of a model created at this seed
     options = {**_fit.option_defaults(False), **getattr(model, "given_options_", {})}  # the defaults of K given
     fit = _fit.fresh_model(model, n_categories=n_categories, **options)
+    _fit.give_augmenter(fit, augmenter)
     given_k = dataclasses.replace(schedule, prune=False, n_restarts=1, state_epochs=0)  # the states come next
     _fit.start(fit, given_k)
     _fit.train_categories(fit, given_k)
@@ -429,14 +432,15 @@ def kept_restart(labels: list[np.ndarray], reached: list[bool]) -> tuple[int, np
     return best, agreement
 
 
-def fit_restarts(model, schedule: _fit.Schedule) -> None:
+def fit_restarts(model, schedule: _fit.Schedule, augmenter=None) -> None:
     """Fit ``n_restarts`` models from fresh weights and keep the medoid fit (see :meth:`CplMixVAE.train`).
 
     Restart 0 is ``model`` itself; restart ``r`` a :func:`~scmixvae.model._fit.fresh_model` built after
     ``scvi.settings.seed`` is set to :func:`restart_seed` of the seed and ``r`` (restored afterwards). Each runs
     the start, the category fit and :func:`prune`; ``model`` becomes the fit whose labels agree best with the
     others' among those that reached the consensus threshold (:func:`kept_restart`; a Ctrl-C: the last completed
-    fit).
+    fit). ``augmenter``: a learned augmenter trained before ``train()`` (:func:`~._fit.trained_augmenter`), which
+    every restart uses instead of training its own.
     """
     base_seed = scvi.settings.seed
     first_seed = base_seed or 0
@@ -448,6 +452,8 @@ def fit_restarts(model, schedule: _fit.Schedule) -> None:
             if restart:  # a fresh model, as CplMixVAE(...) after `scvi.settings.seed = restart_seed(...)`
                 scvi.settings.seed = restart_seed(first_seed, restart)
             fit = _fit.fresh_model(model) if restart else model
+            if restart:
+                _fit.give_augmenter(fit, augmenter)
             _fit.start(fit, schedule)
             _fit.train_categories(fit, schedule)
             history = prune(fit, **schedule.prune_kwargs, **schedule.trainer)
