@@ -100,7 +100,7 @@ def fit_cpl(adata, labels, *, method: str, seed: int, variant: dict, args, condi
         "consensus": float(history.loc[history["selected"], "mean_consensus"].iloc[0]) if len(history) else None,
         "k_path": ">".join(str(k) for k in history["n_categories"]) if len(history) else None,
         "restarts": len(restarts) or 1,
-        "restart_kept": int(restarts["selected"].to_numpy().argmax()) if len(restarts) else None,
+        "restart_kept": int(restarts["selected"].to_numpy().argmax()) if restarts["selected"].any() else None,
         "agreement": float(model.get_agent_agreement().iloc[0, 1]), "epochs": len(model.history["train_loss"]),
         "labels": [str(x) for x in pred], **timer.as_dict(),
     }  # fmt: skip

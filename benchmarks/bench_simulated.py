@@ -81,7 +81,7 @@ def fit(adata, *, seed: int, args) -> dict[str, Any]:
         "consensus": float(history.loc[history["selected"], "mean_consensus"].iloc[0]),
         "rounds": len(history) - 1, "k_path": ">".join(str(k) for k in history["n_categories"]),
         "restarts": len(restarts) or 1, "restart_kept": int(restarts["selected"].to_numpy().argmax())
-        if len(restarts) else None, "epochs": len(model.history["train_loss"]), **timer.as_dict(),
+        if restarts["selected"].any() else None, "epochs": len(model.history["train_loss"]), **timer.as_dict(),
         "labels": model.predict().astype(str).to_numpy(),
     }  # fmt: skip
 

@@ -833,8 +833,12 @@ def test_a_fit_without_consensus_becomes_the_fit_with_leidens_k_given(n_restarts
     assert model.pruning_history.attrs["fallback_n_categories"] == k
     assert (model.pruning_history["mean_consensus"] < 0.99999).all()
     assert len(model.restart_history) == (n_restarts if n_restarts > 1 else 0)
-    assert n_restarts == 1 or model.restart_history["selected"].iloc[0] == 0  # a later restart was kept
+    assert n_restarts == 1 or not model.restart_history["selected"].any()  # none of them is the fit kept
     assert model.n_categories == k and not model.choose_n_categories_
+    # print(model) described the model as created: "n_categories: 6 (maximum; train() prunes) ... knn"
+    assert (
+        f"n_categories: {k}, " in model._model_summary_string and "augmentation: dropout" in model._model_summary_string
+    )
     assert model.module.augmentation == "dropout" and model.module.input_dropout == 0  # the defaults of K given
     # the types of the model the user would get by giving that K at the same seed; then the state phase
     scvi.settings.seed = seed
@@ -846,6 +850,16 @@ def test_a_fit_without_consensus_becomes_the_fit_with_leidens_k_given(n_restarts
     loaded = CplMixVAE.load(tmp_path / "m", adata=adata)
     pd.testing.assert_frame_equal(loaded.predict(soft=True), model.predict(soft=True))
     assert loaded.pruning_history.attrs["fallback_n_categories"] == k
+
+
+def test_pruning_a_model_fitted_with_restarts_clears_its_restart_history():
+    # the restarts' rows still said which fit was kept, with its K, after train(prune=True) chose another K
+    scvi.settings.seed = 0
+    model = CplMixVAE(_restart_data(), n_hidden=16)
+    model.train(max_epochs=2, state_epochs=0, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN)
+    assert len(model.restart_history) == 3
+    model.train(prune=True, state_epochs=0, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN)
+    assert model.restart_history.empty and list(model.restart_history.columns) == _pruning.RESTART_COLUMNS
 
 
 def test_adopting_a_restart_keeps_the_options_the_user_gave():

@@ -357,6 +357,7 @@ def choose_n_categories(model, schedule: _fit.Schedule) -> None:
             _fit.start(model, schedule)
             _fit.train_categories(model, schedule)
             prune(model, **schedule.prune_kwargs, **schedule.trainer)
+            model.restart_history_ = None  # those of an earlier train() describe a fit this model no longer is
     if from_scratch:
         fit_without_consensus(model, schedule, augmenter)
     model.choose_n_categories_ = False
@@ -372,9 +373,9 @@ def fit_without_consensus(model, schedule: _fit.Schedule, augmenter=None) -> Non
     model's ``n_categories``), and ``model`` becomes the fit with that many categories given, from fresh weights
     at the same seed: its types are those of ``CplMixVAE(adata, n_categories=K, ...).train(state_epochs=0)`` (the
     defaults of K given where the user chose no ``augmentation`` or ``input_dropout``), and the fit's state phase
-    follows. It keeps the pruning and restart histories; ``pruning_history_.attrs["fallback_n_categories"]``
-    records K. ``augmenter``: a learned augmenter trained before ``train()`` (:func:`~._fit.trained_augmenter`),
-    which the new fit uses instead of training its own.
+    follows. It keeps the pruning and restart histories (no restart ``selected``: none is the fit kept);
+    ``pruning_history_.attrs["fallback_n_categories"]`` records K. ``augmenter``: a learned augmenter trained
+    before ``train()`` (:func:`~._fit.trained_augmenter`), which the new fit uses instead of training its own.
     """
     history = model.pruning_history_
     kept = history.loc[history["selected"]].iloc[0]
@@ -402,7 +403,10 @@ def fit_without_consensus(model, schedule: _fit.Schedule, augmenter=None) -> Non
     _fit.start(fit, given_k)
     _fit.train_categories(fit, given_k)
     restarts = getattr(model, "restart_history_", None)
+    if restarts is not None:  # none of them is the fit kept
+        restarts["selected"] = False
     _fit.adopt_fit(model, fit)
+    model._model_summary_string = fit._model_summary_string  # its options are no longer those of the model created
     history.attrs["fallback_n_categories"] = n_categories
     model.pruning_history_, model.restart_history_ = history, restarts
 
