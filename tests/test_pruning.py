@@ -407,7 +407,7 @@ def test_default_augmentation_is_knn_when_the_model_chooses_k_and_dropout_otherw
 def test_a_model_choosing_k_couples_weakly_then_warms_the_coupling_up_smoothly_in_the_first_round(monkeypatch):
     from lightning.pytorch.callbacks import Callback
 
-    monkeypatch.setattr(_pruning, "fit_without_consensus", lambda model, schedule: None)  # the rounds alone
+    monkeypatch.setattr(_pruning, "fit_without_consensus", lambda model, schedule, augmenter: None)  # the rounds alone
 
     model = _unknown_k_model(coupling_weight=2.0)
     steps, runs = [], []
@@ -522,7 +522,7 @@ def _single_fit(adata, seed):
     scvi.settings.seed = seed
     model = CplMixVAE(adata, n_hidden=16)
     with pytest.MonkeyPatch.context() as patch:  # the restarts' pruned fits, not the fit without consensus
-        patch.setattr(_pruning, "fit_without_consensus", lambda model, schedule: None)
+        patch.setattr(_pruning, "fit_without_consensus", lambda model, schedule, augmenter: None)
         model.train(max_epochs=2, state_epochs=0, prune_kwargs=RESTART_PRUNE, n_restarts=1, **TRAIN)
     return model
 
@@ -533,7 +533,7 @@ def restarted():
     scvi.settings.seed = 4
     model = CplMixVAE(adata, n_hidden=16)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(_pruning, "fit_without_consensus", lambda model, schedule: None)
+        patch.setattr(_pruning, "fit_without_consensus", lambda model, schedule, augmenter: None)
         model.train(max_epochs=2, state_epochs=1, prune_kwargs=RESTART_PRUNE, n_restarts=3, **TRAIN)
     return model, scvi.settings.seed
 
@@ -580,6 +580,26 @@ def test_restart_r_is_the_fit_of_a_new_model_with_its_restart_seed(restarted):
         assert chosen["mean_consensus"] == pytest.approx(history.loc[restart, "mean_consensus"], abs=1e-12)
         if restart == kept:  # the state epoch changes no type
             pd.testing.assert_series_equal(single.predict(), model.predict())
+
+
+def test_unseeded_fits_share_no_restart(tmp_path):
+    # without a seed, restart 0 was recorded as seed 0 and every unseeded fit's restart 1 was seed 0's restart 1
+    adata = _restart_data()
+    seeds = []
+    try:
+        scvi.settings.seed = None
+        for _ in range(2):
+            model = CplMixVAE(adata, n_hidden=16)
+            rounds = {"max_rounds": 1, "epochs_per_round": 1}
+            model.train(max_epochs=1, state_epochs=0, n_restarts=2, prune_kwargs=rounds, **TRAIN)
+            seeds.append(list(model.restart_history["seed"]))
+    finally:
+        scvi.settings.seed = 0
+    assert seeds[0][0] is pd.NA and seeds[1][0] is pd.NA
+    assert seeds[0][1] != seeds[1][1] and _pruning.restart_seed(0, 1) not in (seeds[0][1], seeds[1][1])
+    model.save(tmp_path / "m", save_anndata=False)
+    loaded = CplMixVAE.load(tmp_path / "m", adata=adata)
+    pd.testing.assert_frame_equal(loaded.restart_history, model.restart_history)
 
 
 def test_restart_history_survives_save_load(restarted, tmp_path):
@@ -669,8 +689,8 @@ def test_three_restarts_by_default_only_when_the_model_chooses_k(monkeypatch):
     assert [default_n_restarts(True, n) for n in (400, 50_000, 50_001)] == [3, 3, 1]
     assert default_n_restarts(False, 400) == 1
     seen = []
-    monkeypatch.setattr(_pruning, "fit_restarts", lambda model, schedule: seen.append(schedule.n_restarts))
-    monkeypatch.setattr(_pruning, "fit_without_consensus", lambda model, schedule: None)
+    monkeypatch.setattr(_pruning, "fit_restarts", lambda model, schedule, augmenter: seen.append(schedule.n_restarts))
+    monkeypatch.setattr(_pruning, "fit_without_consensus", lambda model, schedule, augmenter: None)
     single = _pruning.prune
 
     def pruning(model, **kwargs):

@@ -447,7 +447,8 @@ def fit_restarts(model, schedule: _fit.Schedule, augmenter=None) -> None:
     every restart uses instead of training its own.
     """
     base_seed = scvi.settings.seed
-    first_seed = base_seed or 0
+    # unseeded (None): restarts from a fresh draw, so that two unseeded fits share no restart
+    first_seed = int(np.random.SeedSequence().generate_state(1)[0]) if base_seed is None else base_seed
     fits, labels, rows = [], [], []
     try:
         for restart in range(schedule.n_restarts):
@@ -466,7 +467,7 @@ def fit_restarts(model, schedule: _fit.Schedule, augmenter=None) -> None:
             fits.append(fit)
             rows.append({
                 "restart": restart,
-                "seed": restart_seed(first_seed, restart),
+                "seed": restart_seed(first_seed, restart) if restart or base_seed is not None else pd.NA,
                 "n_categories": int(chosen["n_categories"]),
                 "mean_consensus": float(chosen["mean_consensus"]),
             })  # fmt: skip
@@ -482,7 +483,7 @@ def fit_restarts(model, schedule: _fit.Schedule, augmenter=None) -> None:
     best, agreement = kept_restart(labels, [row["mean_consensus"] >= threshold for row in rows])
     if best:
         _fit.adopt_fit(model, fits[best])
-    history = pd.DataFrame(rows, columns=RESTART_COLUMNS[:-2])
+    history = pd.DataFrame(rows, columns=RESTART_COLUMNS[:-2]).astype({"seed": "Int64"})  # <NA>: unseeded
     history["mean_ari"] = mean_agreement(agreement)
     history["selected"] = history["restart"] == best
     history.attrs["ari"] = agreement.tolist()

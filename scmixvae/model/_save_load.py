@@ -65,6 +65,8 @@ def encode(value, where: str = "value"):
     """
     if isinstance(value, _PLAIN):
         return value
+    if value is pd.NA:  # the missing value of pandas' nullable columns
+        return {_TAG: "NA"}
     if isinstance(value, torch.Tensor):
         return value.detach().cpu()
     if isinstance(value, np.generic):
@@ -144,6 +146,8 @@ def decode(value):
     tag = value.get(_TAG)
     if tag is None:
         return {k: decode(v) for k, v in value.items()}
+    if tag == "NA":
+        return pd.NA
     if tag == "ndarray":
         return _decode_array(value)
     if tag == "DataFrame":
