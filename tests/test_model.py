@@ -378,6 +378,16 @@ def test_train_refuses_counts_normalised_in_place_after_setup(sim_adata, trained
         ({"train_size": 0}, ValueError, r"`train_size` must be > 0.0 and <= 1.0, got 0.0"),  # scvi-tools: 0.9
         ({"validation_size": 1.0}, ValueError, "`validation_size` must be < 1"),
         ({"train_size": 0.9, "validation_size": 0.2}, ValueError, "add up to more than all the cells"),
+        # these came after the Leiden start: the plan's own checks, torch's "'>' not supported between instances of
+        # 'float' and 'str'", Lightning's RuntimeError at the first validation
+        ({"plan_kwargs": {"state_kl_weight": -1.0}}, ValueError, r"`state_kl_weight` must be >= 0.0, got -1.0"),
+        ({"plan_kwargs": {"coupling_weight_cap": 0.0}}, ValueError, r"`coupling_weight_cap` must be > 0.0, got 0.0"),
+        ({"plan_kwargs": {"max_kl_weight": "a"}}, TypeError, r"`plan_kwargs\['max_kl_weight'\]` must be a number"),
+        (
+            {"early_stopping": True, "early_stopping_monitor": "elbo_valdation"},
+            ValueError,
+            r"early_stopping_monitor='elbo_valdation' is no validation metric; they end in '_validation'",
+        ),
         (  # Lightning: "An invalid dataloader was returned from CplMixVAEDataSplitter.val_dataloader()"
             {"early_stopping": True, "train_size": 1.0},
             ValueError,

@@ -238,6 +238,15 @@ def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") ->
                 raise TypeError(f"{what} has no option {name!r} (nor does {nor}).{hint}")
     if "lr" in (plan_kwargs or {}):  # torch refuses it only when the first run builds its optimiser
         check.check_float("plan_kwargs['lr']", plan_kwargs["lr"], strict=True)
+    for name in ("weight_decay", "eps", "max_kl_weight", "min_kl_weight"):  # read in the first step
+        if name in (plan_kwargs or {}):
+            check.check_float(f"plan_kwargs[{name!r}]", plan_kwargs[name])
+    monitor = trainer.get("early_stopping_monitor")  # Lightning: a RuntimeError at the first validation
+    if monitor is not None and not (isinstance(monitor, str) and monitor.endswith("_validation")):
+        raise ValueError(
+            f"early_stopping_monitor={monitor!r} is no validation metric; they end in '_validation' (scvi-tools' "
+            "default: 'elbo_validation'; `model.history` lists those a fit logs)."
+        )
     check_split(trainer.get("train_size"), trainer.get("validation_size"))
     check_devices(trainer.get("accelerator", "auto"), trainer.get("devices", "auto"))
 
@@ -301,6 +310,7 @@ def resolve_schedule(
     check.check_int("state_epochs", state_epochs, minimum=0)
     check.check_int("batch_size", trainer["batch_size"], minimum=2)
     check_trainer_options(trainer)
+    CplMixVAETrainingPlan(model.module, **(trainer.get("plan_kwargs") or {}))  # its own checks, before the start
     check_validation_cells(trainer, n_cells)
     if max_epochs + state_epochs == 0:
         raise ValueError("max_epochs and state_epochs are both 0: there is nothing to train.")
