@@ -376,7 +376,7 @@ def test_a_given_n_categories_is_kept_unless_prune_is_asked_for():
     model = _unknown_k_model(n_categories=5)
     model.train(max_epochs=1, **TRAIN)
     assert model.pruning_history.empty and model.n_categories == 5
-    model.train(max_epochs=1, prune=True, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN)
+    model.train(prune=True, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN)
     history = model.pruning_history
     assert 1 <= len(history) <= 2 and history.loc[0, "n_categories"] <= 5
     assert model.n_categories == history.loc[history["selected"], "n_categories"].item()
@@ -680,7 +680,10 @@ def test_restarts_need_an_untrained_model():
     model = _unknown_k_model(n_categories=4)
     model.train(max_epochs=1, **TRAIN)
     with pytest.raises(ValueError, match="this model is already trained"):
-        model.train(max_epochs=1, prune=True, n_restarts=2, **TRAIN)
+        model.train(prune=True, n_restarts=2, **TRAIN)
+    # pruning a trained model retrains it round by round: a max_epochs would be silently unused
+    with pytest.raises(ValueError, match=r"max_epochs=20 trains a model before its first pruning; this model is"):
+        model.train(max_epochs=20, prune=True, **TRAIN)
 
 
 def test_three_restarts_by_default_only_when_the_model_chooses_k(monkeypatch):
@@ -703,7 +706,7 @@ def test_three_restarts_by_default_only_when_the_model_chooses_k(monkeypatch):
     given = _unknown_k_model(n_categories=4)
     given.train(max_epochs=1, state_epochs=0, prune=True, prune_kwargs={"max_rounds": 0}, **TRAIN)
     assert seen == [3, "single"]  # K given, pruned on request: one fit unless restarts are asked for
-    given.train(max_epochs=1, state_epochs=0, prune=True, prune_kwargs={"max_rounds": 0}, **TRAIN)
+    given.train(state_epochs=0, prune=True, prune_kwargs={"max_rounds": 0}, **TRAIN)
     assert seen == [3, "single", "single"]  # trained: prunes on, no restarts
 
 
@@ -904,7 +907,7 @@ def test_a_fit_without_consensus_keeps_the_options_the_user_chose():
 def test_a_trained_model_pruned_without_consensus_keeps_its_round_of_highest_consensus():
     model = _small_model()  # K given, trained
     with pytest.warns(_pruning.NoConsensusWarning, match="the round with the highest consensus was kept"):
-        model.train(max_epochs=1, state_epochs=0, prune=True, prune_kwargs=NO_CONSENSUS, **TRAIN)
+        model.train(state_epochs=0, prune=True, prune_kwargs=NO_CONSENSUS, **TRAIN)
     history = model.pruning_history
     assert "fallback_n_categories" not in history.attrs
     assert model.n_categories == history.loc[history["selected"], "n_categories"].item()

@@ -301,6 +301,7 @@ def resolve_schedule(
 ) -> Schedule:
     """Resolve the defaults of a :meth:`CplMixVAE.train` call and check its arguments before any work starts."""
     n_cells = model.adata.n_obs
+    given_max_epochs = max_epochs
     if max_epochs is not None:
         check.check_int("max_epochs", max_epochs, minimum=0)
     if state_epochs is None:
@@ -325,6 +326,11 @@ def resolve_schedule(
         chooses = model.choose_n_categories_ and prune and not model.is_trained_ and not resuming
         n_restarts = default_n_restarts(chooses, n_cells)
     check.check_int("n_restarts", n_restarts, minimum=1)
+    if prune and model.is_trained_ and given_max_epochs:  # train_categories trains a trained model no further
+        raise ValueError(
+            f"max_epochs={given_max_epochs} trains a model before its first pruning; this model is trained, and "
+            "pruning retrains it round by round (prune_kwargs={'epochs_per_round': ...}). Leave max_epochs out."
+        )
     if n_restarts > 1 and not prune:
         raise ValueError(
             f"n_restarts={n_restarts} restarts the choice of the number of categories; it needs prune=True "
