@@ -151,8 +151,10 @@ class CplMixVAERNAMixin(RNASeqMixin):
         gene_list
             Return only these genes.
         library_size
-            Scale of the frequencies (``1``: they sum to about 1), or ``"latent"``: the observed library
-            size of each cell (the model's offset).
+            Scale of the frequencies (``1``: they sum to 1 for the count likelihoods), or ``"latent"``: the
+            observed library size of each cell (the model's offset). With the Gaussian likelihood the
+            frequencies are not normalised: ``expm1`` of the mean of ``log1p`` values lies below the mean
+            expression, so their sums vary between cells (about 0.4 to 1.7 on simulated data, median 0.8).
         n_samples
             Posterior samples per cell; ``1`` decodes the posterior mean.
         n_samples_overall
