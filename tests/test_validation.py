@@ -348,6 +348,24 @@ def test_readouts_on_new_data_check_the_covariates(sim_adata):
         model.predict(new)
 
 
+def test_a_categorical_covariate_is_read_by_value_whatever_the_order_of_its_categories(sim_adata):
+    # pandas keeps an unordered categorical's codes when cast to the same categories in another order: new data
+    # with the donor's categories reordered was read with d0 and d1 swapped, and every state changed
+    donors = np.random.default_rng(0).choice(["d0", "d1"], sim_adata.n_obs)
+    sim_adata.obs["donor"] = pd.Categorical(donors, categories=["d0", "d1"])
+    CplMixVAE.setup_anndata(sim_adata, categorical_covariate_keys=["donor"])
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model.train(max_epochs=2, state_epochs=0, enable_progress_bar=False)
+    new = sim_adata.copy()
+    new.obs["donor"] = new.obs["donor"].cat.reorder_categories(["d1", "d0"])
+    swapped = sim_adata.copy()
+    swapped.obs["donor"] = pd.Categorical(np.where(donors == "d0", "d1", "d0"), categories=["d0", "d1"])
+    latent = model.get_latent_representation()
+    assert not np.allclose(model.get_latent_representation(swapped), latent)  # the covariate matters
+    np.testing.assert_array_equal(model.get_latent_representation(new), latent)
+    assert list(new.obs["donor"].cat.categories) == ["d1", "d0"]  # the user's column as it was
+
+
 def test_readouts_on_clean_new_data_still_work(trained_model):
     new = trained_model.adata[:50].copy()
     del new.uns["_scvi_uuid"], new.uns["_scvi_manager_uuid"]

@@ -23,6 +23,7 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS, settings
 from scvi.data import AnnDataManager, AnnTorchDataset
+from scvi.data import fields as scvi_fields
 from scvi.data.fields import CategoricalObsField
 from scvi.dataloaders import DataSplitter
 from torch.utils.data import Subset
@@ -106,6 +107,23 @@ class CplMixVAEAnnDataManager(AnnDataManager):
             dataset = NeighbourDataset(self, getitem_tensors=data_and_attributes, load_sparse_tensor=load_sparse_tensor)
             dataset.neighbours = self.neighbours
         return Subset(dataset, indices) if indices is not None else dataset
+
+
+class CategoricalJointObsField(scvi_fields.CategoricalJointObsField):
+    """scvi-tools' field of the categorical covariates, coding new data by value.
+
+    pandas leaves the codes of an unordered categorical unchanged when it is cast to a dtype of the same categories
+    in another order, so a covariate column of new data with its categories reordered (``['d1', 'd0']``) kept its
+    own codes against the model's (``d0`` read as ``d1``). The registered copy of the columns is cast from plain
+    values instead. The batch field casts to an ordered dtype and is not affected.
+    """
+
+    def _make_array_categorical(self, adata: AnnData, category_dict: dict | None = None) -> dict:
+        if category_dict is not None:  # a transfer: the columns copied into obsm by the registration
+            frame = getattr(adata, self.attr_name)[self.attr_key]
+            for key in self.attr_keys:
+                frame[key] = frame[key].astype(object)
+        return super()._make_array_categorical(adata, category_dict)
 
 
 #: Code of a cell whose value of an :class:`OptionalObsField` is unknown to the model (column absent, value unseen).

@@ -18,7 +18,6 @@ import torch
 from anndata import AnnData
 from scvi import REGISTRY_KEYS
 from scvi.data.fields import (
-    CategoricalJointObsField,
     CategoricalObsField,
     LayerField,
     NumericalJointObsField,
@@ -37,7 +36,13 @@ from ..train._progress import fit_progress
 from . import _fit, _pruning, _start
 from ._fit import FitInterrupted, default_max_epochs, option_defaults
 from ._likelihood import CplMixVAELikelihoodMixin
-from ._manager import CplMixVAEAnnDataManager, CplMixVAEDataSplitter, OptionalObsField, check_known_categories
+from ._manager import (
+    CategoricalJointObsField,
+    CplMixVAEAnnDataManager,
+    CplMixVAEDataSplitter,
+    OptionalObsField,
+    check_known_categories,
+)
 from ._query import CplMixVAEQueryMixin
 from ._registry import CplMixVAERegistryMixin
 from ._rnaseq import CplMixVAERNAMixin
