@@ -610,6 +610,17 @@ def test_annotate_needs_an_anndata(fitted):
         tl.annotate(adata.X.toarray(), model)
 
 
+def test_annotate_drops_empty_categories_from_every_type_column(fitted):
+    # the agents' columns kept categories without cells: scanpy's dotplot failed on them with "['5'] not in index"
+    adata, model = fitted
+    labels = model.predict()
+    subset = adata[(labels == labels.iloc[0]).to_numpy()].copy()  # the cells of one consensus category
+    tl.annotate(subset, model)
+    columns = ["cplmixvae_type", "cplmixvae_agent0_type", "cplmixvae_agent1_type"]
+    assert all((subset.obs[column].value_counts() > 0).all() for column in columns)
+    assert len(subset.obs["cplmixvae_type"].cat.categories) == 1
+
+
 def test_annotate_removes_the_columns_of_agents_the_model_lacks(fitted):
     # a model with three agents wrote cplmixvae_agent2_type; annotating again with two agents left it beside the
     # new columns, contradicting cplmixvae_agree

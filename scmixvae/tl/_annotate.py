@@ -44,8 +44,8 @@ def annotate(
       dropped, so that scanpy's plots accept the column);
     - ``obs[f"{key_added}_confidence"]``: mean posterior mass of the agents on the consensus category;
     - ``obs[f"{key_added}_agree"]``: whether every agent's own category equals the consensus;
-    - ``obs[f"{key_added}_agent{a}_type"]``: each agent's category (those of further agents, written by a model
-      with more agents, are removed);
+    - ``obs[f"{key_added}_agent{a}_type"]``: each agent's category (categories without cells dropped, as above;
+      those of further agents, written by a model with more agents, are removed);
     - ``obsm[f"X_{key_added}_state"]``: the consensus state latent
       (:meth:`~scmixvae.model.CplMixVAE.get_latent_representation`);
     - ``uns[key_added]``: ``params`` (the model's parameters as h5ad-serialisable values), ``setup_args``
@@ -72,7 +72,8 @@ def annotate(
     target.obs[confidence_key(key_added)] = mean_q[np.arange(len(consensus)), consensus].astype(np.float32)
     target.obs[agreement_key(key_added)] = (agent_labels == consensus[None]).all(0)
     for a in range(q.shape[0]):
-        target.obs[agent_type_key(key_added, a)] = pd.Categorical.from_codes(agent_labels[a], categories=categories)
+        labels = pd.Categorical.from_codes(agent_labels[a], categories=categories)
+        target.obs[agent_type_key(key_added, a)] = labels.remove_unused_categories()  # as the consensus column
     stale = q.shape[0]  # the columns of agents a model with more agents wrote under this key
     while agent_type_key(key_added, stale) in target.obs:
         del target.obs[agent_type_key(key_added, stale)]
