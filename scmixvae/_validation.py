@@ -60,6 +60,20 @@ def check_anndata(adata, where: str = "`adata`") -> None:
         )
 
 
+def copy_of(adata: AnnData) -> AnnData:
+    """Return a copy of ``adata`` for a verb's ``copy=True``; a backed AnnData gets a clear error instead.
+
+    anndata copies a backed AnnData only into a new file (``.copy(filename=...)``), which a verb cannot choose.
+    """
+    if adata.isbacked:
+        raise ValueError(
+            "copy=True cannot copy a backed AnnData (anndata copies it only into a new file). Write the results "
+            "into it (copy=False: they are kept in memory, the file is not changed), or read the cells into memory "
+            "first: `adata.to_memory()`."
+        )
+    return adata.copy()
+
+
 def check_model(model, where: str = "`model`") -> None:
     """Raise a :class:`TypeError` for anything but a CplMixVAE and a :class:`ValueError` for an untrained one."""
     # by name, so that this module imports no model (the model imports it)

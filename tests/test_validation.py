@@ -193,6 +193,24 @@ def test_backed_anndata_is_checked_and_trained(tmp_path):
     assert model.predict().shape == (60,)
 
 
+def test_a_view_of_backed_data_and_copies_of_backed_data_get_clear_errors(trained_model, tmp_path):
+    # anndata's "To copy an AnnData object in backed mode, pass a filename", from a copy the user never asked for
+    path = tmp_path / "backed.h5ad"
+    trained_model.adata.write_h5ad(path)
+    backed = anndata.read_h5ad(path, backed="r")
+    with pytest.raises(ValueError, match=r"`adata` is a view of a backed AnnData .*`indices=`.*to_memory\(\)"):
+        trained_model.predict(backed[:50])
+    with pytest.raises(ValueError, match=r"`adata` is a view of a backed AnnData"):
+        scmixvae.tl.annotate(backed[:50], trained_model)
+    for verb in (scmixvae.tl.annotate, scmixvae.tl.rank_state_genes):
+        with pytest.raises(ValueError, match=r"copy=True cannot copy a backed AnnData .*adata.to_memory\(\)"):
+            verb(backed, trained_model, copy=True)
+    pd.testing.assert_series_equal(  # what the message offers
+        trained_model.predict(backed, indices=np.arange(50)), trained_model.predict(backed[:50].to_memory())
+    )
+    backed.file.close()
+
+
 def test_sparse_array_counts_get_a_clear_error_or_train():
     x = np.random.default_rng(0).poisson(2, (40, 8)).astype(np.float32) + 1
     adata = _adata(sp.csr_array(x))

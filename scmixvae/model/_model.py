@@ -656,6 +656,12 @@ class CplMixVAE(
         if adata is not None:
             if not isinstance(adata, AnnData):
                 raise TypeError(f"Expected an AnnData object, got {type(adata).__name__}.")
+            if adata.is_view and adata.isbacked:  # anndata: "To copy an AnnData object in backed mode, pass a filename"
+                raise ValueError(
+                    "`adata` is a view of a backed AnnData (e.g. `backed[:100]`), which read-outs cannot copy. Pass "
+                    "the backed AnnData with `indices=` (the cells' positions), or read the cells into memory: "
+                    "`backed[cells].to_memory()`."
+                )
             if adata.is_view:
                 adata = adata.copy()
             genes = self.registry_["field_registries"][REGISTRY_KEYS.X_KEY]["state_registry"]["column_names"]

@@ -57,7 +57,7 @@ def annotate(
     check.check_model(model)
     check.check_key_added(key_added)
     if copy:
-        adata = adata.copy()
+        adata = check.copy_of(adata)
     target = adata
     active = model.module.category_mask.cpu().numpy()
     q = np.concatenate([out["q"].cpu().numpy() for _, out in model.iter_inference(adata, batch_size=batch_size)], 1)

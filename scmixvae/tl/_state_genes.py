@@ -565,7 +565,7 @@ def rank_state_genes(
     if groupby is not None:
         _check_groupby(adata, groupby)
     if copy:
-        adata = adata.copy()
+        adata = check.copy_of(adata)
     model_adata = model._validate_anndata(adata)
 
     consensus, h, cont_mean = _encode(model, model_adata, batch_size)
