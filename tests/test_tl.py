@@ -580,9 +580,19 @@ def test_condition_axis_needs_a_registered_condition_present_in_the_data(fitted,
     cond_adata, cond_model = with_condition
     missing = cond_adata.copy()
     del missing.obs["treatment"]
-    # read-outs need no condition; the condition axis does, and says so
+    # read-outs need no condition; the condition axis does, and says so before any work (it came after the
+    # encoding pass, blaming an axis the user had not given)
+    del missing.uns["_scvi_uuid"], missing.uns["_scvi_manager_uuid"]
     with pytest.raises(ValueError, match=r"`axis=\"condition\"`: adata.obs has no column 'treatment'"):
-        tl.rank_state_genes(missing, cond_model, copy=True)
+        tl.rank_state_genes(missing, cond_model, axis="condition")
+    default = r"`axis=\"condition\"` \(the default axis of a model set up with a condition; pass axis=\"pc1\" .*\)"
+    for verb in (
+        lambda: tl.rank_state_genes(missing, cond_model),
+        lambda: tl.state_traversal(cond_model, cond_model.category_names[0], adata=missing),
+    ):
+        with pytest.raises(ValueError, match=default + ": adata.obs has no column 'treatment'"):
+            verb()
+    assert "_scvi_uuid" not in missing.uns and "cplmixvae_state_genes" not in missing.uns  # nothing done
 
 
 @pytest.mark.parametrize("not_a_model", ["a string", None, 3])

@@ -78,6 +78,22 @@ def _condition_key(model) -> str | None:
     return model.adata_manager.registry.get("setup_args", {}).get("condition_key")
 
 
+def _check_condition_column(model, adata: AnnData, axis, given_axis) -> None:
+    """Before any work: the condition axis needs the model's condition column in ``adata``, without NaN."""
+    if axis != "condition":
+        return
+    key = _condition_key(model)
+    default = (
+        ' (the default axis of a model set up with a condition; pass axis="pc1" for the first principal axis)'
+        if given_axis is None
+        else ""
+    )
+    if key not in adata.obs:
+        raise ValueError(f'`axis="condition"`{default}: adata.obs has no column {key!r}, the model\'s condition.')
+    if adata.obs[key].isna().any():
+        raise ValueError(f'`axis="condition"`{default}: adata.obs[{key!r}] has missing values.')
+
+
 def _conditions_for(model, adata: AnnData, axis) -> tuple[np.ndarray | None, list[str]]:
     """Return the cells' conditions and their order when ``axis="condition"``, else ``(None, [])``.
 
@@ -87,13 +103,8 @@ def _conditions_for(model, adata: AnnData, axis) -> tuple[np.ndarray | None, lis
     """
     if axis != "condition":
         return None, []
-    key = _condition_key(model)
-    if key not in adata.obs:
-        raise ValueError(f'`axis="condition"`: adata.obs has no column {key!r}, the model\'s condition.')
-    column = adata.obs[key]
-    if column.isna().any():
-        raise ValueError(f'`axis="condition"`: adata.obs[{key!r}] has missing values.')
-    labels = np.asarray(column.astype(str))
+    _check_condition_column(model, adata, axis, axis)
+    labels = np.asarray(adata.obs[_condition_key(model)].astype(str))
     field = model.adata_manager.registry["field_registries"].get(CONDITION_KEY, {})
     registered = [str(c) for c in field.get("state_registry", {}).get("categorical_mapping", [])]
     present = set(np.unique(labels).tolist())
@@ -415,9 +426,10 @@ def state_traversal(
     scale of the data's ``log1p``-normalised counts.
     """
     check.check_model(model)
-    axis = _resolve_axis(model, axis)
+    given_axis, axis = axis, _resolve_axis(model, axis)
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
     k = _category_index(model, category)
+    _check_condition_column(model, model.adata if adata is None else adata, axis, given_axis)
     adata = model._validate_anndata(adata)
     if cells is not None:
         cells = check.check_indices(cells, adata.n_obs, name="cells")
@@ -558,8 +570,9 @@ def rank_state_genes(
     check.check_model(model)
     check.check_anndata(adata)
     check.check_key_added(key_added)
-    axis = _resolve_axis(model, axis)
+    given_axis, axis = axis, _resolve_axis(model, axis)
     _check_traversal_args(model, axis=axis, n_sigma=n_sigma, n_steps=n_steps, agent=agent)
+    _check_condition_column(model, adata, axis, given_axis)
     if measure not in ("endpoints", "range"):
         raise ValueError(f'`measure` must be "endpoints" or "range", got {measure!r}.')
     if groupby is not None:
