@@ -197,6 +197,12 @@ def test_embedding_colours_types_states_and_genes(annotated, tmp_path):
         pl.embedding(adata, basis="umap", show=False)
     with pytest.raises(ValueError, match="neither a column"):
         pl.embedding(adata, color="nope", show=False)
+    with pytest.raises(ValueError, match=r"`components` \(0, 0\) must be two different dimensions"):
+        pl.embedding(adata, components=(0, 0), show=False)  # drew the state against itself
+    one = adata.copy()
+    one.obsm["X_cplmixvae_state"] = one.obsm["X_cplmixvae_state"][:, :1]  # a model with n_state=1
+    with pytest.raises(ValueError, match=r"has 1 dimension \(a model with n_state=1\); draw it on another embedding"):
+        pl.embedding(one, show=False)
 
 
 def test_embedding_draws_cells_without_a_value_grey(annotated):

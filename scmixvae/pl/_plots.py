@@ -464,8 +464,21 @@ def embedding(
     if key not in adata.obsm:
         raise ValueError(f"No embedding {basis!r} in adata.obsm (keys: {list(adata.obsm)}); run tl.annotate or a UMAP.")
     coords = np.asarray(adata.obsm[key])
-    if coords.ndim != 2 or len(components) != 2 or max(components) >= coords.shape[1] or min(components) < 0:
-        raise ValueError(f"`components` {components} must be two dimensions of obsm[{key!r}] (shape {coords.shape}).")
+    if coords.ndim == 2 and coords.shape[1] < 2:
+        raise ValueError(
+            f"obsm[{key!r}] has {coords.shape[1]} dimension (a model with n_state=1); draw it on another embedding, "
+            "e.g. `sc.tl.umap` then basis='umap' with color=<the state as an obs column>, or a model with n_state >= 2."
+        )
+    if (
+        coords.ndim != 2
+        or len(components) != 2
+        or len(set(components)) != 2
+        or max(components) >= coords.shape[1]
+        or min(components) < 0
+    ):
+        raise ValueError(
+            f"`components` {components} must be two different dimensions of obsm[{key!r}] (shape {coords.shape})."
+        )
     xy = coords[:, list(components)]
     fig, ax = _new_axes(ax, (5.0, 4.2))
     size = size if size is not None else float(np.clip(12000 / max(adata.n_obs, 1), 1, 40))
