@@ -89,6 +89,9 @@ def test_state_traversal_heatmap_shows_the_top_genes(annotated, tmp_path):
     _save(fig, tmp_path / "traversal.png")
     with pytest.raises(ValueError, match="not a group"):
         pl.state_traversal_heatmap(adata, "nope", show=False)
+    # an integer names the group, as in tl.get_state_genes (it was refused: "`category`=1 is not a group")
+    by_number = pl.state_traversal_heatmap(adata, int(group), n_genes=7, show=False)
+    assert [t.get_text() for t in by_number.get_yticklabels()] == list(adata.uns[KEY]["names"][group][:7])
 
 
 def test_state_traversal_heatmap_draws_the_decoded_ranking_path(annotated, tmp_path):

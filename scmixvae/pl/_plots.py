@@ -159,7 +159,7 @@ def consensus_heatmap(
 
 def state_traversal_heatmap(
     adata: AnnData,
-    category: str,
+    category: str | int,
     *,
     n_genes: int = 20,
     key: str = DEFAULT_STATE_GENES_KEY,
@@ -180,7 +180,8 @@ def state_traversal_heatmap(
     adata
         AnnData with the ranking in ``uns[key]``.
     category
-        A group of the ranking (a field of ``uns[key]["names"]``).
+        A group of the ranking (a field of ``uns[key]["names"]``); an integer is read as the group of that name
+        (``2`` for ``"2"``), as in :func:`~scmixvae.tl.get_state_genes`.
     n_genes
         Number of top-ranked genes (rows), at most the number stored (50).
     key
@@ -212,6 +213,8 @@ def state_traversal_heatmap(
             "if it was written by an older version)."
         )
     groups = [str(g) for g in traversal["groups"]]
+    if isinstance(category, int | np.integer) and not isinstance(category, bool):
+        category = str(category)
     if category not in groups:
         raise ValueError(f"`category`={category!r} is not a group of uns[{key!r}]; groups: {groups}.")
     expression = np.asarray(traversal["expression"])

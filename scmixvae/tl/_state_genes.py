@@ -400,7 +400,8 @@ def state_traversal(
     model
         A trained :class:`~scmixvae.model.CplMixVAE`.
     category
-        A surviving category, by name (as in :attr:`~scmixvae.model.CplMixVAE.category_names`) or index.
+        A surviving category, by name (as in :attr:`~scmixvae.model.CplMixVAE.category_names`); an integer is
+        read as the category of that name (``2`` for ``"2"``, whatever its position among the survivors).
     adata
         AnnData with the model's genes; defaults to the training data.
     cells
