@@ -175,6 +175,8 @@ def test_training_history_panels(annotated, tmp_path, monkeypatch):
     assert isinstance(fig, Figure) and len(titled) == 3
     np.testing.assert_array_equal(titled[-1].get_lines()[0].get_ydata(), [3, 3, 2])
     _save(fig, tmp_path / "history.png")
+    for ticks in (titled[-1].get_xticks(), titled[-1].get_yticks()):  # rounds 0.5 and K = 2.5 were labelled
+        assert np.array_equal(ticks, np.round(ticks))
     assert titled[-1].get_legend() is None
     pruning.attrs["fallback_n_categories"] = 4  # no round reached consensus: the K fitted instead is drawn
     last = [a for a in pl.training_history(model, return_fig=True).axes if a.get_title()][-1]

@@ -17,6 +17,7 @@ from matplotlib import rcParams
 from matplotlib.axes import Axes
 from matplotlib.backend_bases import FigureCanvasBase
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from .. import _validation as check
 from .._constants import DEFAULT_KEY, DEFAULT_STATE_GENES_KEY, state_key, type_key
@@ -403,6 +404,8 @@ def training_history(
         axis.set_xlabel("pruning round")
         axis.set_ylabel("categories K")
         axis.set_title("categories")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and K are whole numbers
+        axis.yaxis.set_major_locator(MaxNLocator(integer=True))
         if (fallback := pruning.attrs.get("fallback_n_categories")) is not None:  # no round reached consensus
             axis.axhline(fallback, color="C3", linestyle="--", label=f"fitted without consensus: {fallback}")
             axis.legend(fontsize=7)
