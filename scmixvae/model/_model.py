@@ -1144,8 +1144,8 @@ class CplMixVAE(
         Columns: ``restart``, ``seed`` (``scvi.settings.seed`` the restart ran with; restart 0 is the model
         as created, ``<NA>`` when unseeded, and then the others' seeds are drawn afresh), ``n_categories`` and
         ``mean_consensus`` of its chosen pruning round, ``mean_ari`` (mean adjusted Rand index of its labels with
-        every other restart's) and ``selected`` (the fit kept; none when
-        no restart reached the consensus threshold and the model was fitted with the number of Leiden clusters,
+        every other restart's) and ``selected`` (the fit kept; none when no restart reached the consensus
+        threshold and the model was fitted with the number of Leiden clusters,
         ``pruning_history.attrs["fallback_n_categories"]``). ``attrs["ari"]`` holds the matrix of adjusted Rand
         indices between the restarts. A later ``train(prune=True)`` clears it.
         """
