@@ -65,3 +65,45 @@ def test_a_fit_resumed_in_the_state_phase_stays_in_it(sim_adata, tmp_path):
         torch.testing.assert_close(resumed.module.state_dict()[name], first.module.state_dict()[name], msg=name)
     assert not torch.equal(resumed.module.px_head.weight, first.module.px_head.weight)
     assert resumed.predict().equals(first.predict())
+
+
+class _Runs(Callback):
+    """Record, for each Lightning run of a fit, the epochs it trained."""
+
+    def __init__(self):
+        self.runs = []
+
+    def on_fit_start(self, trainer, pl_module):
+        self.runs.append([])
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.runs[-1].append(trainer.current_epoch)
+
+
+def test_only_the_first_run_of_a_resumed_fit_loads_the_checkpoint(sim_adata, tmp_path):
+    # every later run got the checkpoint too: with early stopping the state phase reloaded it and trained nothing,
+    # and each pruning round reloaded it (epochs past max_epochs: no round trained, and without max_rounds the
+    # rounds never ended)
+    CplMixVAE.setup_anndata(sim_adata)
+    kwargs = {"batch_size": 90, "enable_progress_bar": False}
+    scvi.settings.seed = 0
+    CplMixVAE(sim_adata, n_categories=3).train(
+        max_epochs=2, state_epochs=0, callbacks=[TrainingCheckpoint(tmp_path)], **kwargs
+    )
+    ckpt = str(tmp_path / "last.ckpt")
+    runs = _Runs()
+    early = CplMixVAE(sim_adata, n_categories=3)
+    early.train(max_epochs=3, state_epochs=2, early_stopping=True, ckpt_path=ckpt, callbacks=[runs], **kwargs)
+    assert runs.runs == [[2], [0, 1]]  # the resumed epoch, then the state phase's two
+    scvi.settings.seed = 0
+    options = {"n_categories": 6, "input_dropout": 0.5}
+    six = tmp_path / "six"
+    CplMixVAE(sim_adata, **options).train(max_epochs=2, state_epochs=0, callbacks=[TrainingCheckpoint(six)], **kwargs)
+    runs = _Runs()
+    rounds = {"max_rounds": 2, "epochs_per_round": 1, "threshold": 1.0}
+    pruned = CplMixVAE(sim_adata, **options)
+    ckpt = str(six / "last.ckpt")
+    pruned.train(
+        max_epochs=3, state_epochs=0, prune=True, prune_kwargs=rounds, ckpt_path=ckpt, callbacks=[runs], **kwargs
+    )
+    assert runs.runs[0] == [2] and len(runs.runs) > 1 and all(run == [0] for run in runs.runs[1:])

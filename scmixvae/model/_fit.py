@@ -191,6 +191,14 @@ class Schedule:
     trainer: dict[str, Any]
 
     @property
+    def later_runs(self) -> dict[str, Any]:
+        """``trainer`` for every Lightning run after the category fit: a checkpoint resumes the first run only.
+
+        Passed on, it made each later run (the state phase, every pruning round) load it again and train nothing.
+        """
+        return {key: value for key, value in self.trainer.items() if key != "ckpt_path"}
+
+    @property
     def separate_state_phase(self) -> bool:
         """Whether the state phase is a Lightning run of its own, after the categories' run.
 
@@ -395,7 +403,7 @@ def train_categories(model, schedule: Schedule) -> None:
 def state_phase(model, schedule: Schedule) -> None:
     """Train the states for ``state_epochs`` in a run of their own (:attr:`Schedule.separate_state_phase`)."""
     if schedule.separate_state_phase and schedule.state_epochs:
-        run(model, max_epochs=0, state_epochs=schedule.state_epochs, **schedule.trainer)
+        run(model, max_epochs=0, state_epochs=schedule.state_epochs, **schedule.later_runs)
 
 
 def run(

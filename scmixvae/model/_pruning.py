@@ -356,7 +356,7 @@ def choose_n_categories(model, schedule: _fit.Schedule) -> None:
         else:
             _fit.start(model, schedule)
             _fit.train_categories(model, schedule)
-            prune(model, **schedule.prune_kwargs, **schedule.trainer)
+            prune(model, **schedule.prune_kwargs, **schedule.later_runs)
             model.restart_history_ = None  # those of an earlier train() describe a fit this model no longer is
     if from_scratch:
         fit_without_consensus(model, schedule, augmenter)
