@@ -337,6 +337,21 @@ def test_a_last_minibatch_of_one_or_two_cells_is_dropped(n_cells, sizes):
     assert sizes_seen.sizes == sizes * 3
 
 
+def test_a_logger_of_the_users_gets_the_metrics_and_the_history_stays(sim_adata, tmp_path):
+    # with logger=CSVLogger(...) model.history was empty, and pruning's table had no losses and 0 epochs per round
+    from lightning.pytorch.loggers import CSVLogger
+
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    logger = CSVLogger(tmp_path, name="fit")
+    model.train(max_epochs=2, state_epochs=1, logger=logger, enable_progress_bar=False)
+    assert len(model.history["train_loss"]) == 3
+    metrics = pd.read_csv(tmp_path / "fit" / "version_0" / "metrics.csv")
+    assert metrics["train_loss"].notna().sum() == 3
+    with pytest.raises(ValueError, match=r"logger=False leaves the fit without the history it reads"):
+        model.train(max_epochs=1, logger=False, enable_progress_bar=False)
+
+
 @pytest.mark.parametrize("trained", [False, True])
 def test_train_refuses_counts_normalised_in_place_after_setup(sim_adata, trained):
     """Setup checked the counts, but a normalisation in place since (scanpy's next step) trained without a word."""

@@ -249,6 +249,11 @@ def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") ->
     for name in ("weight_decay", "eps", "max_kl_weight", "min_kl_weight"):  # read in the first step
         if name in (plan_kwargs or {}):
             check.check_float(f"plan_kwargs[{name!r}]", plan_kwargs[name])
+    if isinstance(trainer.get("logger"), bool):  # no logger object: the fit would have no history to read
+        raise ValueError(
+            f"logger={trainer['logger']} leaves the fit without the history it reads (its losses and epochs); pass "
+            "a Lightning logger object (e.g. CSVLogger or TensorBoardLogger), which gets every run's metrics."
+        )
     monitor = trainer.get("early_stopping_monitor")  # Lightning: a RuntimeError at the first validation
     if monitor is not None and not (isinstance(monitor, str) and monitor.endswith("_validation")):
         raise ValueError(
@@ -451,6 +456,11 @@ def run(
         kwargs["callbacks"].append(
             progress.run(max_epochs=max_epochs, state_epochs=state_epochs, trained=trained, stage=stage)
         )
+    if kwargs.get("logger") is not None:  # the user's logger(s) beside scvi-tools', from which the history comes
+        from scvi.train._logger import SimpleLogger
+
+        given = kwargs["logger"]
+        kwargs["logger"] = [SimpleLogger(), *(given if isinstance(given, list | tuple) else [given])]
     kwargs.setdefault("log_every_n_steps", log_interval(model.adata.n_obs, batch_size, train_size))
     if "load_sparse_tensor" not in (kwargs.get("datasplitter_kwargs") or {}):
         kwargs.setdefault("load_sparse_tensor", sparse_minibatches(model, accelerator))
