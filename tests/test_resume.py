@@ -107,3 +107,16 @@ def test_only_the_first_run_of_a_resumed_fit_loads_the_checkpoint(sim_adata, tmp
         max_epochs=3, state_epochs=0, prune=True, prune_kwargs=rounds, ckpt_path=ckpt, callbacks=[runs], **kwargs
     )
     assert runs.runs[0] == [2] and len(runs.runs) > 1 and all(run == [0] for run in runs.runs[1:])
+
+
+def test_a_checkpoint_path_to_another_kind_of_file_is_refused_before_any_work(sim_adata, tmp_path):
+    # Lightning: "Exception raised during training. <class 'NameError'> 101", then "KeyError: 101"
+    import pytest
+
+    CplMixVAE.setup_anndata(sim_adata)
+    text = tmp_path / "text.ckpt"
+    text.write_text("hello")
+    model = CplMixVAE(sim_adata, n_categories=3)
+    with pytest.raises(ValueError, match=r"ckpt_path='.*text.ckpt' is not a checkpoint written by TrainingCheckpoint"):
+        model.train(max_epochs=2, ckpt_path=str(text), enable_progress_bar=False)
+    assert not model.is_trained_

@@ -14,7 +14,10 @@ import functools
 import inspect
 import logging
 import math
+import os
 import warnings
+import zipfile
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -249,6 +252,9 @@ def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") ->
     for name in ("weight_decay", "eps", "max_kl_weight", "min_kl_weight"):  # read in the first step
         if name in (plan_kwargs or {}):
             check.check_float(f"plan_kwargs[{name!r}]", plan_kwargs[name])
+    ckpt_path = trainer.get("ckpt_path")  # Lightning: "KeyError: 101" for a file that is no checkpoint
+    if isinstance(ckpt_path, str | os.PathLike) and Path(ckpt_path).is_file() and not zipfile.is_zipfile(ckpt_path):
+        raise ValueError(f"ckpt_path={str(ckpt_path)!r} is not a checkpoint written by TrainingCheckpoint (Lightning).")
     if isinstance(trainer.get("logger"), bool):  # no logger object: the fit would have no history to read
         raise ValueError(
             f"logger={trainer['logger']} leaves the fit without the history it reads (its losses and epochs); pass "

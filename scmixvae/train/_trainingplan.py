@@ -364,7 +364,13 @@ class TrainingCheckpoint(SaveCheckpoint):
     optimiser's state and the epoch and step counters is written to ``dirpath``, and ``last.ckpt`` points to
     the newest. To resume, build the model again on the same data with the same arguments and pass the file
     to :meth:`~scmixvae.model.CplMixVAE.train`: ``model.train(max_epochs=..., ckpt_path=".../last.ckpt")``
-    continues at the saved epoch (``max_epochs`` counts from the start of the original fit).
+    continues at the saved epoch (``max_epochs`` counts from the start of the original fit); pass the callback
+    again (``callbacks=[TrainingCheckpoint(...)]``) to keep checkpointing, which also answers Lightning's
+    reminder about the callbacks that made the checkpoint. Only the fit's first run loads it: the state phase and
+    pruning rounds that follow continue from there.
+
+    A checkpoint is a Lightning (pickle) file: resume only from checkpoints you wrote. torch 2.6 and later read
+    it with ``weights_only=True``, which refuses Python objects other than tensors and plain data.
 
     It is a :class:`scvi.train.SaveCheckpoint` only so that scvi-tools' trainer turns checkpointing on
     without adding its own callback; it writes Lightning checkpoints (:class:`~lightning.pytorch.callbacks.
