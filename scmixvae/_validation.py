@@ -20,9 +20,9 @@ _CHUNK = 10_000
 MAX_COUNT = 2**31 - 1
 
 
-def _iter_chunks(matrix):
-    """Yield row blocks of a dense, sparse or backed matrix as dense-or-sparse in-memory arrays."""
-    n = matrix.shape[0]
+def _iter_chunks(matrix, n: int | None = None):
+    """Yield row blocks of the first ``n`` rows (all by default) of a dense, sparse or backed matrix, in memory."""
+    n = matrix.shape[0] if n is None else min(n, matrix.shape[0])
     for start in range(0, n, _CHUNK):
         block = matrix[start : start + _CHUNK]
         yield block
@@ -99,13 +99,16 @@ def get_matrix(adata: AnnData, layer: str | None):
     return adata.layers[layer]
 
 
-def check_counts(adata: AnnData, layer: str | None = None, *, warn_empty_genes: bool = True) -> None:
+def check_counts(
+    adata: AnnData, layer: str | None = None, *, warn_empty_genes: bool = True, first_cells: int | None = None
+) -> None:
     """Check that the registered matrix holds raw counts.
 
     Raises a :class:`ValueError` for fewer than two genes, NaN or infinite values, negative or non-integer values,
     values above :data:`MAX_COUNT` and cells without any count; with ``warn_empty_genes``, warns about genes
     without any count (they are kept; they cost time and carry no information, remove them with
-    ``sc.pp.filter_genes(adata, min_counts=1)``). Reads the matrix in chunks of cells (backed data included).
+    ``sc.pp.filter_genes(adata, min_counts=1)``). Reads the matrix in chunks of cells (backed data included);
+    ``first_cells``: only that many first cells (a check again, e.g. for a transformation of the whole matrix).
     """
     matrix = get_matrix(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
@@ -130,10 +133,10 @@ def check_counts(adata: AnnData, layer: str | None = None, *, warn_empty_genes: 
             f"{where} has dtype float16, which cannot hold raw counts here (it holds integers exactly only up to "
             f"2,048, and sparse matrices cannot hold it). Convert it first: `{where} = {where}.astype('float32')`."
         )
-    cell_totals = np.zeros(adata.n_obs)
+    cell_totals = np.zeros(adata.n_obs if first_cells is None else min(first_cells, adata.n_obs))
     gene_totals = np.zeros(adata.n_vars)
     start = 0
-    for block in _iter_chunks(matrix):
+    for block in _iter_chunks(matrix, cell_totals.size):
         _check_no_duplicate_entries(block, where)
         values = _values(block)
         if values.size:

@@ -50,6 +50,10 @@ PRUNING_COUPLING_FACTOR = 1e-3
 COUPLING_WEIGHT_CAP = 2**0.5
 
 
+#: Cells whose counts :meth:`CplMixVAE.train` checks again (setup checked them all): a chunk of the count check.
+RECHECKED_CELLS = 10_000
+
+
 #: The published per-agent input dropout: the default of a model that chooses the number of types, and what pruning
 #: needs (agents reading the same cell agree trivially).
 PUBLISHED_INPUT_DROPOUT = 0.5
@@ -368,9 +372,10 @@ def resolve_schedule(
             f"n_restarts={n_restarts} fits the model from fresh weights; this model is already trained "
             "(or resumes from a checkpoint). Create a new model to fit it with restarts."
         )
-    # setup_anndata checked the counts; an in-place normalisation since (a common next step in scanpy) would
-    # otherwise train on log values without a word. One pass over the data, as each epoch makes.
-    check.check_counts(model.adata, model.adata_manager.registry["setup_args"].get("layer"), warn_empty_genes=False)
+    # setup_anndata checked every cell; a normalisation in place since (a common next step in scanpy) changes
+    # them all, and would otherwise be trained on without a word: the first cells tell, without a second full pass
+    layer = model.adata_manager.registry["setup_args"].get("layer")
+    check.check_counts(model.adata, layer, warn_empty_genes=False, first_cells=RECHECKED_CELLS)
     return Schedule(max_epochs, state_epochs, prune, n_restarts, resuming, dict(prune_kwargs or {}), trainer)
 
 
