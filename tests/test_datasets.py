@@ -187,6 +187,39 @@ def test_read_counts_rejects_normalised_data(tmp_path):
         read_counts(tmp_path / "norm.h5ad")
 
 
+def test_read_counts_rejects_infinite_counts(tmp_path):
+    adata = _counts_adata()
+    adata.X.data[0] = np.inf
+    adata.write_h5ad(tmp_path / "inf.h5ad")
+    with pytest.raises(ValueError, match="does not hold raw counts"):
+        read_counts(tmp_path / "inf.h5ad")
+
+
+def test_missing_labels_stay_missing_and_the_files_label_order_is_kept(tmp_path):
+    """Missing labels were read as a type named "nan", and numbers were ordered as text (1, 10, 2)."""
+    adata = _counts_adata()
+    labels = ["T", None, "B"] * 10
+    adata.obs["cell_type"] = pd.Categorical(labels, categories=["T", "B"])
+    adata.obs["label"] = pd.Series([1, 10, 2] * 10, index=adata.obs_names)
+    adata.write_h5ad(tmp_path / "missing.h5ad")
+    back = read_counts(tmp_path / "missing.h5ad")
+    assert back.obs["cell_type"].isna().sum() == 10
+    assert list(back.obs["cell_type"].cat.categories) == ["T", "B"]
+    del adata.obs["cell_type"]
+    adata.write_h5ad(tmp_path / "numbers.h5ad")
+    assert list(read_counts(tmp_path / "numbers.h5ad").obs["cell_type"].cat.categories) == ["1", "2", "10"]
+
+
+def test_read_counts_points_other_hdf5_files_to_their_reader(tmp_path):
+    """An scDCC file or an HDF5 file without AnnData's groups failed inside anndata or h5py."""
+    _write_scdcc(tmp_path / "scdcc.h5", np.ones((3, 2)), np.array([0, 1, 1]))
+    with pytest.raises(ValueError, match=r"scdcc.h5' is an scDCC file, not an .h5ad; read it with read_scdcc_h5"):
+        read_counts(tmp_path / "scdcc.h5")
+    h5py.File(tmp_path / "empty.h5ad", "w").close()
+    with pytest.raises(ValueError, match=r"empty.h5ad' is an HDF5 file but not an .h5ad"):
+        read_counts(tmp_path / "empty.h5ad")
+
+
 def test_read_counts_converts_dense_float64(tmp_path):
     adata = _counts_adata()
     adata.X = adata.X.toarray().astype(np.float64)
@@ -316,6 +349,14 @@ def test_read_scdcc_h5_recognises_transposed_files(tmp_path):
     np.testing.assert_array_equal(adata.X.toarray(), x.T)
 
 
+def test_read_scdcc_h5_refuses_labels_that_are_not_integers(tmp_path):
+    """1.7 and 2.2 were both read as "type1"/"type2" (truncated), merging labels."""
+    for labels in ([0.5, 1.7, 2.2], [0.0, np.nan, 2.0]):
+        _write_scdcc(tmp_path / "f.h5", np.ones((3, 2)), np.array(labels))
+        with pytest.raises(ValueError, match=r"f.h5' holds missing or non-integer labels"):
+            read_scdcc_h5(tmp_path / "f.h5")
+
+
 def test_read_scdcc_h5_rejects_other_files(tmp_path):
     with h5py.File(tmp_path / "other.h5", "w") as f:
         f["counts"] = np.zeros((2, 2))
@@ -392,3 +433,7 @@ def test_download_error_names_the_data_folder(monkeypatch, tmp_path):
         pbmc_10x(data_dir=tmp_path / "cache", progress=False)
     assert f"({tmp_path / 'cache'})" in str(info.value)
     assert ".download-" not in str(info.value)
+    assert "The loader reads '10X_PBMC_top2000.h5ad' there." in str(info.value)  # not the .h5 of the URL
+    with pytest.raises(ConnectionError):
+        pbmc_10x(data_dir=tmp_path / "a" / "b" / "c", progress=False)
+    assert not (tmp_path / "a").exists()  # every folder the download made is gone

@@ -234,7 +234,7 @@ def test_program_sizes_default_to_what_the_genes_allow():
     few = simulate(100, 20, 2)
     assert few.uns["simulation"]["params"]["n_marker_genes"] == 10
     assert few.uns["simulation"]["params"]["n_state_genes"] == 10
-    assert simulate(10, 1, 1).shape == (10, 1)
+    assert simulate(10, 2, 1).shape == (10, 2)
 
 
 @pytest.mark.parametrize(
@@ -243,6 +243,7 @@ def test_program_sizes_default_to_what_the_genes_allow():
         ({"n_cells": 0}, "n_cells"),
         ({"n_cells": 2.5}, "n_cells"),
         ({"n_genes": -1}, "n_genes"),
+        ({"n_genes": 1, "n_types": 3}, "`n_genes` must be an integer >= 2"),  # one gene: every type alike
         ({"n_types": 0}, "n_types"),
         ({"n_cells": 5, "n_types": 8}, "must not exceed `n_cells`"),
         ({"n_marker_genes": 2000}, "n_marker_genes"),
@@ -258,6 +259,13 @@ def test_program_sizes_default_to_what_the_genes_allow():
         ({"batch_effect": -1.0}, "batch_effect"),
         ({"state_strength": -0.5}, "state_strength"),
         ({"seed": -1}, "seed"),
+        # beyond these, exp() overflowed (cells without counts), numpy's Poisson failed, the NB tail was cut, or
+        # the seed could not be written to h5ad
+        ({"state_strength": 500.0}, "`state_strength` must be at most 20, got 500"),
+        ({"type_separation": 1e308}, "`type_separation` must be at most 20"),
+        ({"library_size_mean": 1e20}, "`library_size_mean` must be at most 1e\\+08"),
+        ({"dispersion": 1e5}, "`dispersion` must be at most 100"),
+        ({"seed": 2**70}, "`seed` must be at most 18446744073709551615"),
     ],
 )
 def test_bad_parameters_raise(kwargs, match):

@@ -256,6 +256,11 @@ def _check_hdf5(path: Path) -> None:
 
 def _read_h5ad(path: Path) -> AnnData:
     _check_hdf5(path)
+    with h5py.File(path, "r") as f:
+        if "X" in f and "Y" in f and isinstance(f["X"], h5py.Dataset) and "obs" not in f:
+            raise ValueError(f"{os.fspath(path)!r} is an scDCC file, not an .h5ad; read it with read_scdcc_h5(path).")
+        if "obs" not in f or "var" not in f:
+            raise ValueError(f"{os.fspath(path)!r} is an HDF5 file but not an .h5ad (it has no 'obs' and 'var').")
     return ad.read_h5ad(path)
 
 
@@ -289,6 +294,10 @@ def read_scdcc_h5(path: str | os.PathLike[str]) -> AnnData:
     if x.shape[0] != y.size:
         raise ValueError(f"'X' in {os.fspath(path)!r} has shape {x.shape} but 'Y' has {y.size} labels.")
     if y.dtype.kind in "iuf":
+        if not np.all(np.isfinite(y)) or not np.all(y == np.round(y)):
+            raise ValueError(
+                f"'Y' in {os.fspath(path)!r} holds missing or non-integer labels; scDCC labels are integers."
+            )
         labels = [f"type{int(v)}" for v in y]
     else:
         labels = [v.decode() if isinstance(v, bytes) else str(v) for v in y]
@@ -321,16 +330,18 @@ def _load(
 
 def _download_and_convert(name: str, source: _Source, folder: Path, *, progress: bool) -> AnnData:
     """Download ``name`` into ``folder`` and convert it; a failure leaves nothing, not even a folder it made."""
-    made = not folder.exists()
+    made = [parent for parent in (folder, *folder.parents) if not parent.exists()]  # innermost first
     folder.mkdir(parents=True, exist_ok=True)
     logger.info("%s not found in %s; downloading it from %s.", name, folder, source.url)
     try:
         return _convert_download(source, folder, progress=progress, description=name)
-    except BaseException:
-        if made:  # e.g. a misspelt $SCMIXVAE_DATA_DIR without internet: no stray empty folder
+    except ConnectionError as err:  # the file to place is the converted .h5ad, not the source at the URL
+        raise ConnectionError(f"{err} The loader reads {source.file_name!r} there.") from err
+    finally:
+        if made and not (folder / source.cache_name).is_file():  # e.g. a misspelt folder without internet
             with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
+                for parent in made:
+                    parent.rmdir()
 
 
 def _convert_download(source: _Source, folder: Path, *, progress: bool, description: str) -> AnnData:
@@ -446,14 +457,20 @@ def _standardise(adata: AnnData, path: Path) -> AnnData:
         x = sp.csr_matrix(np.asarray(x))
     x = x.astype(np.float32, copy=False) if sp.issparse(x) and x.format == "csr" else sp.csr_matrix(x, dtype=np.float32)
     values = x.data
-    if values.size and (values.min() < 0 or not np.all(values == np.round(values))):
+    if values.size and (not np.all(np.isfinite(values)) or values.min() < 0 or not np.all(values == np.round(values))):
         raise ValueError(
-            f"X of {os.fspath(path)!r} does not hold raw counts (negative or non-integer values); the loaders need "
-            "raw counts in X. Put the counts back in X (e.g. from a 'counts' layer) before loading."
+            f"X of {os.fspath(path)!r} does not hold raw counts (negative, non-integer or infinite values); the "
+            "loaders need raw counts in X. Put the counts back in X (e.g. from a 'counts' layer) before loading."
         )
     adata.X = x
     for key in _LABEL_KEYS:
         if key in adata.obs:
-            adata.obs[CELL_TYPE_KEY] = adata.obs[key].astype(str).astype("category")
+            adata.obs[CELL_TYPE_KEY] = _label_column(adata.obs[key])
             break
     return adata
+
+
+def _label_column(column: pd.Series) -> pd.Series:
+    """Labels as a categorical of strings: missing labels stay missing, the file's category order is kept."""
+    labels = column.astype("category")  # a categorical keeps its order; numbers are ordered as numbers
+    return labels.cat.rename_categories(labels.cat.categories.astype(str))

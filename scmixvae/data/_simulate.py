@@ -30,6 +30,11 @@ _BASELINE_CAP = 5.5
 _UP_FRACTION = 0.8
 #: Entries whose mean exceeds this are drawn as gamma-Poisson mixtures; the rest by inversion of the CDF.
 _HIGH_MEAN = 30.0
+#: Upper bounds of the arguments: beyond them counts overflow (exp of the log-fold changes, above ``MAX_COUNT``)
+#: or the negative-binomial tail is cut; far beyond any real data set (log-fold changes up to 50).
+_MAX_EFFECT_SCALE = 20.0
+_MAX_LIBRARY_SIZE = 1e8
+_MAX_DISPERSION = 100.0
 
 
 def simulate(
@@ -118,15 +123,16 @@ def simulate(
         Number of genes of the shared program (default: ``n_state_genes``). With ``n_state_genes=0`` the shared
         program is the only state, as with a stimulation that acts alike in every type.
     library_size_mean
-        Mean library size (expected total count per cell).
+        Mean library size (expected total count per cell), at most ``1e8``.
     library_size_sigma
         Standard deviation of the log library size.
     dispersion
-        Median gene-wise negative-binomial dispersion ``phi`` (``0`` would be Poisson; must be positive).
+        Median gene-wise negative-binomial dispersion ``phi`` (``0`` would be Poisson; must be positive), at most
+        ``100``.
     type_separation
-        Scale of the type programs' log-fold changes.
+        Scale of the type programs' log-fold changes, at most ``20``.
     state_strength
-        Scale of the state programs' log-fold changes (at ``state == 1``).
+        Scale of the state programs' log-fold changes (at ``state == 1``), at most ``20``.
     seed
         Seed of :func:`numpy.random.default_rng`.
     sparse
@@ -137,7 +143,8 @@ def simulate(
     AnnData with raw integer counts in ``X`` (float32) and
 
     - ``obs["type"]``: categorical ``"type_0"``, ``"type_1"``, ...;
-    - ``obs["state"]``: the within-type state ``s_c`` (float);
+    - ``obs["state"]``: the within-type state ``s_c`` (float; drawn in every case, so with ``n_state_genes=0`` or
+      ``state_strength=0`` no gene follows it);
     - ``obs["shared_state"]``: the shared driver ``r_c`` (only with ``shared_state=True``);
     - ``obs["batch"]``: categorical ``"batch_0"``, ...;
     - ``obs["library_size"]``: the library size ``l_c``;
@@ -270,7 +277,7 @@ def _check_arguments(
 ) -> tuple[int, int, int]:
     """Check the arguments of :func:`simulate`; return ``n_marker_genes``, ``n_state_genes`` and ``n_shared_genes``."""
     _check_int("n_cells", n_cells, minimum=1)
-    _check_int("n_genes", n_genes, minimum=1)
+    _check_int("n_genes", n_genes, minimum=2)  # with one gene, every type has the same proportions
     _check_int("n_types", n_types, minimum=1)
     if n_types > n_cells:
         raise ValueError(f"`n_types` ({n_types}) must not exceed `n_cells` ({n_cells}); ask for fewer types.")
@@ -308,12 +315,12 @@ def _check_arguments(
     if n_batches > n_cells:
         raise ValueError(f"`n_batches` ({n_batches}) must not exceed `n_cells` ({n_cells}).")
     _check_float("batch_effect", batch_effect, positive=False)
-    _check_float("library_size_mean", library_size_mean, positive=True)
+    _check_float("library_size_mean", library_size_mean, positive=True, maximum=_MAX_LIBRARY_SIZE)
     _check_float("library_size_sigma", library_size_sigma, positive=False)
-    _check_float("dispersion", dispersion, positive=True)
-    _check_float("type_separation", type_separation, positive=False)
-    _check_float("state_strength", state_strength, positive=False)
-    _check_int("seed", seed, minimum=0)
+    _check_float("dispersion", dispersion, positive=True, maximum=_MAX_DISPERSION)
+    _check_float("type_separation", type_separation, positive=False, maximum=_MAX_EFFECT_SCALE)
+    _check_float("state_strength", state_strength, positive=False, maximum=_MAX_EFFECT_SCALE)
+    _check_int("seed", seed, minimum=0, maximum=2**64 - 1)  # larger seeds cannot be written to h5ad
     if not isinstance(shared_state, bool | np.bool_):
         raise TypeError(f"`shared_state` must be True or False, got {shared_state!r}.")
     if not isinstance(sparse, bool | np.bool_):
@@ -566,17 +573,21 @@ def _split_counts(proportions: np.ndarray, n: int) -> np.ndarray:
     return counts
 
 
-def _check_int(name: str, value: object, *, minimum: int) -> None:
+def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
     if value < minimum:
         raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be at most {maximum}, got {value}.")
 
 
-def _check_float(name: str, value: object, *, positive: bool) -> None:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) or not np.isfinite(value):
+def _check_float(name: str, value: object, *, positive: bool, maximum: float | None = None) -> None:
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
         raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
     if positive and value <= 0:
         raise ValueError(f"`{name}` must be positive, got {value}.")
     if not positive and value < 0:
         raise ValueError(f"`{name}` must be non-negative, got {value}.")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"`{name}` must be at most {maximum:g}, got {value:g}.")
