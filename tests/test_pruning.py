@@ -933,6 +933,16 @@ def test_leiden_at_a_resolution_gives_more_clusters_above_it():
     assert counts[0] <= counts[1] < counts[2]
 
 
+def test_leiden_start_reaches_128_clusters_and_more():
+    """pandas codes fewer than 128 clusters as int8: K = 130 overflowed ("130 out of bounds for int8")."""
+    from scmixvae.data._simulate import simulate
+    from scmixvae.model import _start
+
+    adata = simulate(n_cells=600, n_genes=60, n_types=3, seed=0)
+    labels = _start.leiden_labels(adata.X, 130, seed=0)
+    assert labels.dtype == np.int64 and labels.max() + 1 <= 130
+
+
 def test_the_restart_kept_is_the_medoid_of_those_that_reached_consensus():
     a, b = np.repeat([0, 1, 2], 20), np.repeat([0, 1], 30)
     near_a = a.copy()

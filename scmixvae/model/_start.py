@@ -168,7 +168,7 @@ def _leiden_with_k(graph, n_clusters: int, leiden_kwargs: dict) -> tuple[np.ndar
     for _ in range(20):
         resolution = float(np.sqrt(lo * hi))
         leiden(graph, resolution=resolution, **leiden_kwargs)
-        labels = graph.obs["leiden"].cat.codes.to_numpy()
+        labels = graph.obs["leiden"].cat.codes.to_numpy().astype(np.int64)  # int8 below 128 clusters
         k = labels.max() + 1
         if (
             best is None
