@@ -682,8 +682,23 @@ def test_non_finite_training_stops_with_an_error_naming_the_causes(sim_adata, ca
 def test_too_few_cells_say_how_many_are_needed(sim_adata, n_cells, n_categories):
     adata = sim_adata[:n_cells].copy()
     CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=n_categories)
     with pytest.raises(ValueError, match=rf"has {n_cells} cell\(s\); training needs at least 3"):
-        CplMixVAE(adata, n_categories=n_categories)
+        model.train()
+
+
+def test_a_trained_model_loads_with_fewer_cells_than_categories(sim_adata, tmp_path):
+    """load() rebuilt the model through CplMixVAE(), which refused 4 cells for K = 5; the read-outs take them."""
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=5, n_hidden=16)
+    model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False)
+    model.save(tmp_path / "model", save_anndata=False)
+    few = sim_adata[:4].copy()
+    loaded = CplMixVAE.load(tmp_path / "model", adata=few)
+    assert loaded.predict().tolist() == model.predict(few).tolist()
+    CplMixVAE.setup_anndata(few)
+    with pytest.raises(ValueError, match=r"n_categories=5 is larger than the number of cells \(4\)"):
+        CplMixVAE(few, n_categories=5).train()
 
 
 def test_untrained_models_refuse_read_outs(sim_adata):

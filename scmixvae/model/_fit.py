@@ -52,6 +52,8 @@ COUPLING_WEIGHT_CAP = 2**0.5
 
 #: Cells whose counts :meth:`CplMixVAE.train` checks again (setup checked them all): a chunk of the count check.
 RECHECKED_CELLS = 10_000
+#: Fewest cells a model trains on (a minibatch of one cell cannot be trained; the splits need some of each).
+MIN_TRAINING_CELLS = 3
 
 
 #: The published per-agent input dropout: the default of a model that chooses the number of types, and what pruning
@@ -312,6 +314,18 @@ def check_devices(accelerator: Any, devices: Any) -> None:
         ) from err
 
 
+def check_training_cells(model) -> None:
+    """Refuse too few cells to train on (checked here, not in ``CplMixVAE()``: a loaded model reads out a few)."""
+    n_cells = model.adata.n_obs
+    if n_cells < MIN_TRAINING_CELLS:
+        raise ValueError(
+            f"The AnnData has {n_cells} cell(s); training needs at least {MIN_TRAINING_CELLS} (in practice "
+            "hundreds). To read out a few new cells, pass them to a trained model's read-outs instead."
+        )
+    if not model.is_trained_ and model.module.n_categories > n_cells:  # the start needs a cell per category
+        raise ValueError(f"n_categories={model.module.n_categories} is larger than the number of cells ({n_cells}).")
+
+
 def resolve_schedule(
     model,
     *,
@@ -324,6 +338,7 @@ def resolve_schedule(
 ) -> Schedule:
     """Resolve the defaults of a :meth:`CplMixVAE.train` call and check its arguments before any work starts."""
     n_cells = model.adata.n_obs
+    check_training_cells(model)
     given_max_epochs = max_epochs
     if max_epochs is not None:
         check.check_int("max_epochs", max_epochs, minimum=0)

@@ -51,8 +51,6 @@ from ._save_load import REMOVED_OPTIONS, load_model, read_registry, save_model
 logger = logging.getLogger(__name__)
 
 
-#: Fewest cells a model trains on (a minibatch of one cell cannot be trained; the splits need some of each).
-MIN_TRAINING_CELLS = 3
 #: Options of scvi-tools' data loader that would reorder or drop the cells of a read-out (refused there).
 READ_ORDER_OPTIONS = ("shuffle", "drop_last", "sampler", "batch_sampler")
 
@@ -115,7 +113,6 @@ def default_n_categories(n_cells: int) -> int:
 
 
 def _check_init_arguments(
-    adata: AnnData | None,
     *,
     n_agents: int,
     choose_n_categories: bool,
@@ -149,13 +146,6 @@ def _check_init_arguments(
     check.check_choice("augmentation", augmentation, AUGMENTATIONS)
     if tau is not None:
         check.check_float("tau", tau, strict=True)
-    if adata is not None and adata.n_obs < MIN_TRAINING_CELLS:
-        raise ValueError(
-            f"The AnnData has {adata.n_obs} cell(s); training needs at least {MIN_TRAINING_CELLS} (in practice "
-            "hundreds). To read out a few new cells, pass them to a trained model's read-outs instead."
-        )
-    if adata is not None and n_categories > adata.n_obs:
-        raise ValueError(f"n_categories={n_categories} is larger than the number of cells ({adata.n_obs}).")
 
 
 def _check_module_kwargs(model_cls, module_kwargs: dict) -> None:
@@ -307,7 +297,6 @@ class CplMixVAE(
         augmentation = defaults["augmentation"] if augmentation is None else augmentation
         input_dropout = defaults["input_dropout"] if input_dropout is None else input_dropout
         _check_init_arguments(
-            adata,
             n_agents=n_agents,
             choose_n_categories=self.choose_n_categories_,
             n_categories=n_categories,
