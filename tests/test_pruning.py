@@ -1,3 +1,4 @@
+import copy
 import itertools
 import json
 import warnings
@@ -254,13 +255,33 @@ def test_prune_restores_the_selected_round(pruned):
     assert history.loc[history["selected"], "round"].item() == selected == history.attrs["selected_round"]
     row = history.set_index("round").loc[selected]
     state = model.module.state_dict()
-    assert state.keys() == snapshots[selected].keys()
-    for name, value in snapshots[selected].items():
+    assert state.keys() == snapshots[selected]["weights"].keys()
+    for name, value in snapshots[selected]["weights"].items():
         assert torch.equal(state[name].cpu(), value), name
     assert model.n_categories == row["n_categories"]
     assert model.category_names == json.loads(row["categories"])
     labels, _ = _pruning._labels(model, 128)
     assert mean_consensus(labels, model.module.category_mask.numpy()) == pytest.approx(row["mean_consensus"])
+
+
+def test_prune_restores_the_optimiser_state_of_the_round_it_keeps(monkeypatch):
+    """Only the weights came back: the state phase trained on with the Adam moments of a later, discarded round."""
+    model = _small_model()
+    moments = []
+    evaluate = _pruning._evaluate
+
+    def recording_evaluate(model, *args, **kwargs):
+        moments.append(copy.deepcopy(model.module.carried_optimizer_state[1]["state"]))
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(_pruning, "_evaluate", recording_evaluate)
+    monkeypatch.setattr(_pruning, "_selection_key", lambda *args: 0)  # every round ties: the first is kept
+    monkeypatch.setattr(_pruning, "select_round", lambda *args: 0)
+    _pruning.prune(model, threshold=1.0, epochs_per_round=1, max_rounds=2, **TRAIN)
+    kept = model.module.carried_optimizer_state[1]["state"]
+    assert len(moments) == 3 and kept.keys() == moments[0].keys()
+    assert all(torch.equal(kept[i]["exp_avg"], moments[0][i]["exp_avg"]) for i in kept)
+    assert not all(torch.equal(kept[i]["exp_avg"], moments[-1][i]["exp_avg"]) for i in kept)
 
 
 def test_mask_is_a_buffer_and_history_survives_save_load(pruned, tmp_path):

@@ -10,6 +10,7 @@ All category indices here are indices among the model's *initial* ``n_categories
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import json
@@ -62,9 +63,16 @@ def default_epochs_per_round(n_cells: int) -> int:
     return int(np.clip(round(100_000 / max(n_cells, 1)), 10, 40))
 
 
-def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Copy the module's state dict to the CPU (weights and the category mask)."""
-    return {name: value.detach().to("cpu", copy=True) for name, value in module.state_dict().items()}
+def _snapshot(module: torch.nn.Module) -> dict[str, Any]:
+    """Copy what a round leaves: the state dict on the CPU (weights, category mask) and the optimiser's state."""
+    weights = {name: value.detach().to("cpu", copy=True) for name, value in module.state_dict().items()}
+    return {"weights": weights, "optimizer": copy.deepcopy(getattr(module, "carried_optimizer_state", None))}
+
+
+def _restore(module: torch.nn.Module, snapshot: dict[str, Any]) -> None:
+    """Bring back a :func:`_snapshot`, the optimiser's state included: the state phase trains on from that round."""
+    module.load_state_dict(snapshot["weights"])
+    module.carried_optimizer_state = copy.deepcopy(snapshot["optimizer"])
 
 
 def _last_loss(model) -> float:
@@ -227,7 +235,7 @@ def prune(
                 **run_kwargs,
             )
         except KeyboardInterrupt:  # Ctrl-C stops the whole fit; keep the best round so far
-            module.load_state_dict(best_state)
+            _restore(module, best_state)
             raise
         round_ += 1
     return _keep_round(model, rows, best_round, best_state, threshold, batch_size)
@@ -296,7 +304,7 @@ def _round_row(model, round_: int, scores: dict[str, Any], epochs_before: int) -
 
 def _keep_round(model, rows, best_round: int, best_state: dict, threshold: float, batch_size: int) -> pd.DataFrame:
     """Restore the round :func:`select_round` chooses, record the history and check the posteriors for collapse."""
-    model.module.load_state_dict(best_state)
+    _restore(model.module, best_state)
     history = pd.DataFrame(rows, columns=HISTORY_COLUMNS[:-1])
     selected = select_round(history, threshold)
     if selected != best_round:  # pragma: no cover - the running best and select_round share one order
