@@ -415,13 +415,40 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scmixvae`` command."""
     args = _parser().parse_args(argv)
     formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
+    caller = _caller_settings()
     try:
         return _demo(args) if args.command == "demo" else _fit(args)
     except KeyboardInterrupt:
         print("scmixvae: interrupted; no output file was replaced by a partial one.", file=sys.stderr)
         return 130
-    finally:  # main is also called in-process (tests, notebooks): give the caller its own format back
+    finally:  # main is also called in-process (tests, notebooks): give the caller its own settings back
         warnings.formatwarning = formatwarning
+        _restore_caller_settings(caller)
+
+
+def _caller_settings() -> dict:
+    """Return what the command changes in-process: scvi-tools' seed and verbosity, matplotlib's backend if used."""
+    import scvi
+
+    matplotlib = sys.modules.get("matplotlib")
+    backend = matplotlib.get_backend() if matplotlib is not None else None
+    return {"seed": scvi.settings.seed, "verbosity": scvi.settings.verbosity, "backend": backend}
+
+
+def _restore_caller_settings(caller: dict) -> None:
+    import scvi
+
+    from ._logging import quiet_fit
+
+    if scvi.settings.seed != caller["seed"]:
+        with quiet_fit():  # no "Seed set to ..." notice for the caller's own seed
+            scvi.settings.seed = caller["seed"]
+    if scvi.settings.verbosity != caller["verbosity"]:
+        scvi.settings.verbosity = caller["verbosity"]
+    if caller["backend"] is not None and sys.modules["matplotlib"].get_backend() != caller["backend"]:
+        import matplotlib.pyplot as plt
+
+        plt.switch_backend(caller["backend"])
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,6 +1,7 @@
 import argparse
 import errno
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
+import scvi
 
 import scmixvae
 from scmixvae import _cli as cli
@@ -52,11 +54,35 @@ def test_demo_writes_annotated_h5ad_figure_and_model(tmp_path):
     assert (out / "model" / "model.pt").exists()
 
 
-def test_fit_writes_output_and_figures(tmp_path, sim_adata):
+def test_fit_writes_output_and_figures(tmp_path, sim_adata, monkeypatch):
+    import matplotlib.pyplot as plt
+
     sim_adata.obs["treatment"] = pd.Categorical(np.where(sim_adata.obs["state"] > 0.5, "stim", "ctrl"))
     src = tmp_path / "in.h5ad"
     sim_adata.write_h5ad(src)
-    rc = main(
+    backend = plt.get_backend()
+    plt.switch_backend("pdf")  # a caller's backend (e.g. a notebook's), which the command used to leave as Agg
+    monkeypatch.setattr(scvi.settings, "verbosity", logging.INFO)
+    try:
+        rc = _fit_with_figures(src, tmp_path)
+        assert plt.get_backend() == "pdf"
+    finally:
+        plt.switch_backend(backend)
+    assert scvi.settings.verbosity == logging.INFO  # --quiet was the command's, not the caller's
+    assert rc == 0
+    adata = anndata.read_h5ad(tmp_path / "out.h5ad")
+    assert "mix_type" in adata.obs
+    assert adata.uns["mix"]["setup_args"]["condition_key"] == "treatment"
+    assert adata.uns["mix"]["setup_args"]["batch_key"] == "batch"
+    assert adata.uns["mix_state_genes"]["names"].dtype.names  # rank_genes_groups schema
+    table = pd.read_csv(tmp_path / "out.state_genes.csv")
+    assert {"group", "names", "scores"} <= set(table.columns)
+    for name in ["types_and_states", "consensus", "training_history", "state_genes_dotplot"]:
+        assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 0
+
+
+def _fit_with_figures(src, tmp_path) -> int:
+    return main(
         [
             "fit",
             str(src),
@@ -77,16 +103,17 @@ def test_fit_writes_output_and_figures(tmp_path, sim_adata):
             "mix",
         ]
     )
-    assert rc == 0
-    adata = anndata.read_h5ad(tmp_path / "out.h5ad")
-    assert "mix_type" in adata.obs
-    assert adata.uns["mix"]["setup_args"]["condition_key"] == "treatment"
-    assert adata.uns["mix"]["setup_args"]["batch_key"] == "batch"
-    assert adata.uns["mix_state_genes"]["names"].dtype.names  # rank_genes_groups schema
-    table = pd.read_csv(tmp_path / "out.state_genes.csv")
-    assert {"group", "names", "scores"} <= set(table.columns)
-    for name in ["types_and_states", "consensus", "training_history", "state_genes_dotplot"]:
-        assert (tmp_path / "figs" / f"{name}.png").stat().st_size > 0
+
+
+def test_a_failed_command_gives_the_caller_its_seed_back(tmp_path, sim_adata):
+    sim_adata.write_h5ad(tmp_path / "in.h5ad")
+    seed = scvi.settings.seed
+    try:
+        scvi.settings.seed = None
+        assert main(["fit", str(tmp_path / "in.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--batch-key", "nope"]) == 2
+        assert scvi.settings.seed is None  # the command's --seed (default 0) was left set
+    finally:
+        scvi.settings.seed = seed
 
 
 def test_fit_with_pruning_records_history(tmp_path, sim_adata):
