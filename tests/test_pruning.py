@@ -1,6 +1,7 @@
 import copy
 import itertools
 import json
+import os
 import warnings
 from types import SimpleNamespace
 
@@ -607,14 +608,21 @@ def test_unseeded_fits_share_no_restart(tmp_path):
     # without a seed, restart 0 was recorded as seed 0 and every unseeded fit's restart 1 was seed 0's restart 1
     adata = _restart_data()
     seeds = []
+    xla_flags = os.environ.get("XLA_FLAGS")
     try:
         scvi.settings.seed = None
+        torch.backends.cudnn.deterministic = False
+        os.environ["XLA_FLAGS"] = "--caller"
         for _ in range(2):
             model = CplMixVAE(adata, n_hidden=16)
             rounds = {"max_rounds": 1, "epochs_per_round": 1}
             model.train(max_epochs=1, state_epochs=0, n_restarts=2, prune_kwargs=rounds, **TRAIN)
             seeds.append(list(model.restart_history["seed"]))
+        # what the restarts' seeds set is given back, not only the seed (the flags grew by one option a restart)
+        assert scvi.settings.seed is None and not torch.backends.cudnn.deterministic
+        assert os.environ["XLA_FLAGS"] == "--caller"
     finally:
+        os.environ.pop("XLA_FLAGS") if xla_flags is None else os.environ.update(XLA_FLAGS=xla_flags)
         scvi.settings.seed = 0
     assert seeds[0][0] is pd.NA and seeds[1][0] is pd.NA
     assert seeds[0][1] != seeds[1][1] and _pruning.restart_seed(0, 1) not in (seeds[0][1], seeds[1][1])

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import scvi
 import torch
 from lightning.pytorch import Trainer as LightningTrainer
 from scvi import REGISTRY_KEYS
@@ -324,6 +325,27 @@ def check_training_cells(model) -> None:
         )
     if not model.is_trained_ and model.module.n_categories > n_cells:  # the start needs a cell per category
         raise ValueError(f"n_categories={model.module.n_categories} is larger than the number of cells ({n_cells}).")
+
+
+def seed_settings() -> dict[str, Any]:
+    """Return scvi-tools' seed and what its setter changes besides: cuDNN's flags and ``$XLA_FLAGS``."""
+    cudnn = torch.backends.cudnn
+    return {
+        "seed": scvi.settings.seed,
+        "cudnn": (cudnn.deterministic, cudnn.benchmark),
+        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+    }
+
+
+def restore_seed_settings(settings: dict[str, Any]) -> None:
+    """Give back what :func:`seed_settings` returned (a seed set again re-seeds the random generators)."""
+    if scvi.settings.seed != settings["seed"]:
+        scvi.settings.seed = settings["seed"]
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = settings["cudnn"]
+    if settings["XLA_FLAGS"] is None:
+        os.environ.pop("XLA_FLAGS", None)
+    else:
+        os.environ["XLA_FLAGS"] = settings["XLA_FLAGS"]
 
 
 def resolve_schedule(

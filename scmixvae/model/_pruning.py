@@ -448,7 +448,8 @@ def fit_restarts(model, schedule: _fit.Schedule, augmenter=None) -> None:
     """Fit ``n_restarts`` models from fresh weights and keep the medoid fit (see :meth:`CplMixVAE.train`).
 
     Restart 0 is ``model`` itself; restart ``r`` a :func:`~scmixvae.model._fit.fresh_model` built after
-    ``scvi.settings.seed`` is set to :func:`restart_seed` of the seed and ``r`` (restored afterwards). Each runs
+    ``scvi.settings.seed`` is set to :func:`restart_seed` of the seed and ``r`` (restored afterwards, with the
+    flags scvi-tools' seed setter changes). Each runs
     the start, the category fit and :func:`prune`; ``model`` becomes the fit whose labels agree best with the
     others' among those that reached the consensus threshold (:func:`kept_restart`; a Ctrl-C: the last completed
     fit). ``augmenter``: a learned augmenter trained before ``train()`` (:func:`~._fit.trained_augmenter`), which
@@ -458,6 +459,7 @@ def fit_restarts(model, schedule: _fit.Schedule, augmenter=None) -> None:
     # unseeded (None): restarts from a fresh draw, so that two unseeded fits share no restart
     first_seed = int(np.random.SeedSequence().generate_state(1)[0]) if base_seed is None else base_seed
     fits, labels, rows = [], [], []
+    caller = _fit.seed_settings()
     try:
         for restart in range(schedule.n_restarts):
             if (progress := current_progress()) is not None:
@@ -485,8 +487,7 @@ def fit_restarts(model, schedule: _fit.Schedule, augmenter=None) -> None:
             _fit.adopt_fit(model, fits[-1])
         raise
     finally:
-        if scvi.settings.seed != base_seed:
-            scvi.settings.seed = base_seed
+        _fit.restore_seed_settings(caller)
     threshold = model.pruning_history_.attrs["threshold"]
     best, agreement = kept_restart(labels, [row["mean_consensus"] >= threshold for row in rows])
     if best:
