@@ -172,13 +172,15 @@ def test_a_failed_save_leaves_the_earlier_save_intact(sim_adata, tmp_path):
         model.save(tmp_path / "model")
 
 
-def test_overwriting_a_model_without_its_anndata_removes_the_anndata_of_the_model_replaced(sim_adata, tmp_path):
-    # load() paired the new model with the cells the old one had been saved with, without a word
+def test_overwriting_a_model_without_its_anndata_keeps_the_anndata_but_does_not_pair_it(sim_adata, tmp_path):
+    # load() paired the new model with the cells the old one had been saved with, without a word; then the cells
+    # were deleted, which lost a user's data where they were its only copy
     CplMixVAE.setup_anndata(sim_adata)
     CplMixVAE(sim_adata, n_categories=3).save(tmp_path / "model", save_anndata=True)
     CplMixVAE(sim_adata, n_categories=3).save(tmp_path / "model", prefix="other_", overwrite=True, save_anndata=True)
     CplMixVAE(sim_adata, n_categories=4).save(tmp_path / "model", overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.pt", "other_adata.h5ad", "other_model.pt"]
+    files = ["adata.h5ad", "model.pt", "other_adata.h5ad", "other_model.pt"]
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == files
     with pytest.raises(ValueError, match=r"holds no saved AnnData of this model \(adata.h5ad\); pass the data with"):
         CplMixVAE.load(tmp_path / "model")
 
@@ -207,21 +209,21 @@ def test_load_of_weights_or_attributes_that_do_not_fit_is_a_clear_error(trained_
 
 @pytest.mark.parametrize("save_anndata", [True, False])
 def test_a_save_that_fails_half_way_cannot_pair_two_saves(sim_adata, tmp_path, monkeypatch, save_anndata):
-    # a full disk while model.pt was written left the new cells beside the old model (and, without the AnnData, a
-    # file that could not be removed left the old cells beside the new model); load() paired them without a word
-    import pathlib
-
+    # a full disk while model.pt was written left the new cells beside the old model (and, without the AnnData, the
+    # old cells stay beside the new model); load() paired them without a word
     CplMixVAE.setup_anndata(sim_adata)
     CplMixVAE(sim_adata, n_categories=3).save(tmp_path / "model", save_anndata=True)
     other = sim_adata[:200].copy()
     CplMixVAE.setup_anndata(other)
     if save_anndata:
         monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (_ for _ in ()).throw(OSError(28, "No space")))
-    else:
-        monkeypatch.setattr(pathlib.Path, "unlink", lambda *args, **kwargs: (_ for _ in ()).throw(PermissionError()))
-    with pytest.raises(OSError):
-        CplMixVAE(other, n_categories=3).save(tmp_path / "model", overwrite=True, save_anndata=save_anndata)
-    monkeypatch.undo()
+        with pytest.raises(OSError):
+            CplMixVAE(other, n_categories=3).save(tmp_path / "model", overwrite=True, save_anndata=True)
+        monkeypatch.undo()
+    else:  # the earlier save's cells stay (they were removed, and so lost when they were the only copy)
+        saved = (tmp_path / "model" / "adata.h5ad").read_bytes()
+        CplMixVAE(other, n_categories=3).save(tmp_path / "model", overwrite=True, save_anndata=False)
+        assert (tmp_path / "model" / "adata.h5ad").read_bytes() == saved
     match = "holds other cells than those saved with model.pt" if save_anndata else "holds no saved AnnData of this"
     with pytest.raises(ValueError, match=match):
         CplMixVAE.load(tmp_path / "model")

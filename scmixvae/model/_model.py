@@ -725,9 +725,9 @@ class CplMixVAE(
         prefix
             Prefix of the file names.
         overwrite
-            Replace the model of an existing folder (otherwise it is an error); without ``save_anndata``, the
-            AnnData saved there with the model replaced is removed, so that :meth:`load` cannot pair it with
-            this model.
+            Replace the model of an existing folder (otherwise it is an error); without ``save_anndata``, an
+            ``adata.h5ad`` saved there earlier is left in place (never deleted), and :meth:`load` does not pair it
+            with this model.
         save_anndata
             Also save the model's AnnData.
         save_kwargs

@@ -284,9 +284,9 @@ def save_model(
     folder.mkdir(parents=True, exist_ok=True)
     if save_anndata:
         atomic_write(folder / f"{prefix}{ADATA_FILE}", lambda tmp: model.adata.write_h5ad(tmp, **write_kwargs))
+    # without save_anndata, an adata.h5ad of an earlier save stays (it may be the user's only copy): model.pt
+    # records that no cells were saved with it, and load() does not pair the two
     atomic_write(folder / f"{prefix}{MODEL_FILE}", lambda tmp: torch.save(content, tmp, **(save_kwargs or {})))
-    if not save_anndata:  # the cells of the model just replaced: load() would read them as this model's
-        (folder / f"{prefix}{ADATA_FILE}").unlink(missing_ok=True)
 
 
 def _check_save_arguments(prefix, save_kwargs, write_kwargs: dict) -> None:
