@@ -14,7 +14,7 @@ import warnings
 from pathlib import Path
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -22,6 +22,8 @@ def _int_at_least(minimum: int):
             raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:  # Lightning's seed_everything takes numpy's 32-bit seeds
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}, got {value}")
         return value
 
     parse.__name__ = "integer"
@@ -65,13 +67,15 @@ def _common_options(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--state-epochs", type=_int_at_least(0), default=None, help="state-phase epochs (default: the model's)"
     )
-    command.add_argument("--seed", type=_int_at_least(0), default=0, help="random seed (scvi.settings.seed)")
+    command.add_argument("--seed", type=_int_at_least(0, 2**32 - 1), default=0, help="random seed (scvi.settings.seed)")
     command.add_argument(
         "--accelerator", default="auto", help="Lightning accelerator: auto, cpu, gpu, mps (default: auto)"
     )
     command.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     command.add_argument(
-        "--quiet", action="store_true", help="no progress bar and no progress messages; warnings and errors only"
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no progress messages: only warnings, errors and the results (what was written)",
     )
 
 
@@ -220,6 +224,10 @@ def _check_outputs(files: list[Path], folders: list[Path], *, inputs: list[Path]
         for path in files:
             if path.resolve() == folder.resolve() or folder.resolve() in path.resolve().parents:
                 return f"the model folder {folder} would hold the output {path}; give the model a folder of its own"
+    for path in files:  # e.g. --figures naming the output file: it failed after the fit, half the files written
+        for other in files + folders:
+            if other is not path and (path.resolve() == other.resolve() or path.resolve() in other.resolve().parents):
+                return f"the outputs {path} and {other} collide (one is, or lies in, the other); give each its own path"
     for path in files + folders:
         same_as_input = any(path.exists() and src.exists() and os.path.samefile(path, src) for src in inputs)
         if same_as_input and path in folders:
@@ -253,6 +261,8 @@ def _read_input(path: Path):
 
     from ._io import not_hdf5_reason
 
+    if path.is_dir():
+        return f"input {path} is a folder; give an .h5ad file"
     if not path.is_file():
         return f"input file {path} does not exist"
     if (reason := not_hdf5_reason(path)) is not None:
@@ -373,7 +383,10 @@ def _fit(args) -> int:
         raise KeyboardInterrupt
     tl.annotate(adata, model, key_added=args.key_added)
     genes_key = f"{args.key_added}_state_genes"
-    tl.rank_state_genes(adata, model, key_added=genes_key)
+    try:
+        tl.rank_state_genes(adata, model, key_added=genes_key)
+    except ValueError as err:  # e.g. too few cells in every type: say so, as for any input error
+        return _error(f"the fit ran, but its state genes could not be ranked, so nothing was written: {err}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     write_h5ad(adata, args.output)
     table = tl.get_state_genes(adata, key=genes_key, n_genes=args.n_state_genes)
@@ -382,10 +395,8 @@ def _fit(args) -> int:
         _fit_figures(adata, model, args.key_added, genes_key, args.figures)
     if args.save_model is not None:
         model.save(args.save_model, overwrite=args.overwrite)
-    print(
-        f"wrote {', '.join(str(p) for p in files[:2] + folders)}"
-        + (f" and figures in {args.figures}" if args.figures else "")
-    )
+    figures = f" and figures in {args.figures}" if args.figures else ""
+    print(f"wrote {', '.join(str(p) for p in files[:2] + folders)}{figures}")
     return 0
 
 

@@ -142,6 +142,9 @@ def test_fit_without_n_categories_chooses_them_by_pruning(tmp_path, sim_adata):
 def test_fit_reports_bad_path_and_bad_key(tmp_path, sim_adata, capsys):
     assert main(["fit", str(tmp_path / "missing.h5ad"), "-o", str(tmp_path / "o.h5ad")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "folder.h5ad").mkdir()  # e.g. a .zarr store: it was said not to exist
+    assert main(["fit", str(tmp_path / "folder.h5ad"), "-o", str(tmp_path / "o.h5ad")]) == 2
+    assert "folder.h5ad is a folder; give an .h5ad file" in capsys.readouterr().err
     src = tmp_path / "in.h5ad"
     sim_adata.write_h5ad(src)
     assert main(["fit", str(src), "-o", str(tmp_path / "o.h5ad"), "--batch-key", "nope"]) == 2
@@ -204,6 +207,47 @@ def test_fit_refuses_a_model_folder_that_would_hold_an_output(
     args = ["fit", str(src), "-o", str(tmp_path / output), "--save-model", str(tmp_path / model), "--quiet"]
     assert main([*args, *(["--figures", str(tmp_path / figures)] if figures else [])]) == 2
     assert f"the model folder {tmp_path / model} would hold the output" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5ad"]
+
+
+@pytest.mark.parametrize(
+    ("output", "figures", "model"),
+    [("a.h5ad", "a.h5ad", None), ("b.h5ad", None, "b.h5ad/model"), ("c.h5ad", "c.h5ad/figs", None),
+     ("d.h5ad", "d.state_genes.csv", None)],
+)  # fmt: skip
+def test_fit_refuses_outputs_that_collide_before_training(
+    tmp_path, sim_adata, capsys, no_training, output, figures, model
+):
+    """They passed the check one by one and failed after the whole fit, with the .h5ad and its table written."""
+    src = tmp_path / "x.h5ad"
+    sim_adata.write_h5ad(src)
+    args = ["fit", str(src), "-o", str(tmp_path / output), "--quiet"]
+    args += ["--figures", str(tmp_path / figures)] if figures else ["--save-model", str(tmp_path / model)]
+    assert main(args) == 2
+    assert "collide (one is, or lies in, the other); give each its own path" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5ad"]
+
+
+def test_a_model_saved_beside_its_input_keeps_the_input(tmp_path, sim_adata):
+    """`fit DIR/adata.h5ad --save-model DIR --overwrite` deleted the input: save() removed the folder's adata.h5ad."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    sim_adata.write_h5ad(folder / "adata.h5ad")
+    before = (folder / "adata.h5ad").read_bytes()
+    args = ["fit", str(folder / "adata.h5ad"), "-o", str(tmp_path / "out.h5ad"), "--n-categories", "3"]
+    assert main([*args, "--max-epochs", "1", "--state-epochs", "1", "--save-model", str(folder), "--overwrite"]) == 0
+    assert (folder / "adata.h5ad").read_bytes() == before
+    with pytest.raises(ValueError, match="holds no saved AnnData of this model"):  # not paired with the new model
+        CplMixVAE.load(folder)
+
+
+def test_fit_says_why_a_tiny_input_has_no_state_genes(tmp_path, sim_adata, capsys):
+    """A traceback after the fit ("No group ... has at least 3 cells"); now the command's error, exit 2."""
+    sim_adata[:5].copy().write_h5ad(tmp_path / "x.h5ad")
+    args = ["fit", str(tmp_path / "x.h5ad"), "-o", str(tmp_path / "o.h5ad"), "--n-categories", "3"]
+    assert main([*args, "--max-epochs", "1", "--state-epochs", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "scmixvae: error: the fit ran, but its state genes could not be ranked, so nothing was written" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5ad"]
 
 
@@ -306,7 +350,8 @@ def test_fit_on_a_file_that_is_not_h5ad_is_a_clear_error(tmp_path, sim_adata, ca
     "option",
     [["--max-epochs", "-1"], ["--max-epochs", "0"], ["--state-epochs", "-1"], ["--n-restarts", "0"],
      ["--n-categories", "0"], ["--batch-size", "1"], ["--consensus-threshold", "1.5"], ["--seed", "-1"],
-     ["--n-state-genes", "0"], ["--max-epochs", "two"], ["--key-added", "run/1"], ["--key-added", ""]],
+     ["--seed", "4294967296"], ["--n-state-genes", "0"], ["--max-epochs", "two"], ["--key-added", "run/1"],
+     ["--key-added", ""]],
 )  # fmt: skip
 def test_fit_options_out_of_range_are_usage_errors(tmp_path, capsys, option):
     with pytest.raises(SystemExit) as exit_info:
@@ -392,15 +437,11 @@ def test_fit_interrupted_by_ctrl_c_writes_nothing_and_exits_130(tmp_path, sim_ad
 
 
 def test_quiet_demo_prints_only_its_results(tmp_path, capfd):
-    import logging
-
-    import scvi
-
     verbosity = scvi.settings.verbosity
     try:
         rc = main(["demo", "--output", str(tmp_path / "demo"), "--n-cells", "300", "--n-genes", "80", "--n-types",
                    "3", "--max-epochs", "1", "--state-epochs", "1", "--quiet", "--accelerator", "cpu"])  # fmt: skip
-        assert scvi.settings.verbosity == logging.WARNING
+        assert scvi.settings.verbosity == verbosity  # the command's WARNING is not left to the caller
     finally:
         scvi.settings.verbosity = verbosity
     assert rc == 0
