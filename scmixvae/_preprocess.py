@@ -1,4 +1,4 @@
-"""The one normalisation shared by the model's input, its initialisation and the gene spreads of ``tl``."""
+"""Log-normalised counts of a block of cells on the CPU: the module's ``normalise``, for the start and ``tl``."""
 
 from __future__ import annotations
 

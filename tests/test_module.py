@@ -211,9 +211,13 @@ def test_dense_dropout_views_without_nonzero_indices(counts):
 
 def test_masked_categories_get_no_mass_and_tau_follows_active_k(counts):
     module = CplMixVAEModule(counts.shape[1], n_categories=5)
-    assert module.effective_tau == pytest.approx(1 / 5)
-    module.category_mask[[1, 3]] = False
-    assert module.effective_tau == pytest.approx(1 / 3)
+    h = torch.randn(2, 7, module.category_head.n_in)
+    for active in ([0, 1, 2, 3, 4], [0, 2, 4]):  # tau = 1 / K of the categories that survive
+        module.category_mask[:] = False
+        module.category_mask[active] = True
+        p = torch.softmax(module.category_head(h)[..., active], dim=-1)
+        q, _ = module.categorical_posterior(h)
+        torch.testing.assert_close(q[..., active], torch.softmax(p * len(active), dim=-1))
     inference, _, loss = module(_tensors(counts))
     assert torch.all(inference["q"][..., [1, 3]] == 0)
     assert torch.all(inference["c"][..., [1, 3]] == 0)

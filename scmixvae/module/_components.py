@@ -26,8 +26,6 @@ class StackedLinear(nn.Module):
     n_cov
         Width of an optional covariate vector shared by all agents (one-hot batch, categorical
         and continuous covariates), concatenated to the input.
-    bias
-        Whether to add a bias.
 
     Notes
     -----
@@ -36,7 +34,7 @@ class StackedLinear(nn.Module):
     ``(A, B, n_out)``.
     """
 
-    def __init__(self, n_agents: int, n_in: int, n_out: int, *, n_cov: int = 0, bias: bool = True):
+    def __init__(self, n_agents: int, n_in: int, n_out: int, *, n_cov: int = 0):
         super().__init__()
         self.n_agents, self.n_in, self.n_out, self.n_cov = n_agents, n_in, n_out, n_cov
         bound = 1.0 / math.sqrt(n_in + n_cov)
@@ -44,7 +42,7 @@ class StackedLinear(nn.Module):
         self.weight_cov = (
             nn.Parameter(torch.empty(n_agents, n_cov, n_out).uniform_(-bound, bound)) if n_cov > 0 else None
         )
-        self.bias = nn.Parameter(torch.empty(n_agents, 1, n_out).uniform_(-bound, bound)) if bias else None
+        self.bias = nn.Parameter(torch.empty(n_agents, 1, n_out).uniform_(-bound, bound))
 
     def _shared(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # (B, n) @ (n, A * n_out) -> (A, B, n_out)
@@ -55,13 +53,9 @@ class StackedLinear(nn.Module):
     def forward(self, x: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the ``A`` layers to a shared ``(B, n_in)`` or a per-agent ``(A, B, n_in)`` input."""
         if x.dim() == 2:
-            out = self._shared(x, self.weight)
-            if self.bias is not None:
-                out = out + self.bias
-        elif self.bias is not None:
-            out = torch.baddbmm(self.bias, x, self.weight)
+            out = self._shared(x, self.weight) + self.bias
         else:
-            out = torch.bmm(x, self.weight)
+            out = torch.baddbmm(self.bias, x, self.weight)
         if self.weight_cov is not None and cov is not None:
             out = out + self._shared(cov, self.weight_cov)
         return out
@@ -71,24 +65,19 @@ class StackedLinear(nn.Module):
 
 
 class StackedBatchNorm(nn.Module):
-    """Batch normalisation over the cells of each agent separately, input ``(A, B, n)``.
+    """Batch normalisation over the cells of each agent separately, input ``(A, B, n)``, without affine parameters.
 
     ``momentum=None``: the running statistics are the cumulative average of the minibatches' statistics since
     ``n_cells_tracked`` was last set to 0, each weighted by its number of cells (as
     :class:`torch.nn.BatchNorm1d` with ``momentum=None``, which weighs minibatches equally).
     """
 
-    def __init__(self, n_agents: int, n_features: int, *, affine: bool = False, momentum: float | None = 0.1, eps=1e-5):
+    def __init__(self, n_agents: int, n_features: int, *, momentum: float | None = 0.1, eps=1e-5):
         super().__init__()
         self.momentum, self.eps = momentum, eps
         self.n_cells_tracked = 0  # cells averaged so far with momentum=None
         self.register_buffer("running_mean", torch.zeros(n_agents, 1, n_features))
         self.register_buffer("running_var", torch.ones(n_agents, 1, n_features))
-        if affine:
-            self.weight = nn.Parameter(torch.ones(n_agents, 1, n_features))
-            self.bias = nn.Parameter(torch.zeros(n_agents, 1, n_features))
-        else:
-            self.weight = self.bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalise ``x`` with batch statistics (training, more than one cell) or running statistics."""
@@ -105,10 +94,7 @@ class StackedBatchNorm(nn.Module):
                 self.running_var.lerp_((var * n / (n - 1)).to(dtype), momentum)
         else:
             mean, var = self.running_mean, self.running_var
-        out = (x - mean) * torch.rsqrt(var + self.eps)
-        if self.weight is not None:
-            out = out * self.weight + self.bias
-        return out
+        return (x - mean) * torch.rsqrt(var + self.eps)
 
 
 class StackedMLP(nn.Module):
@@ -128,8 +114,6 @@ class StackedMLP(nn.Module):
         Width of the shared covariate vector.
     inject_covariates
         Whether the covariates enter every hidden layer (scVI's decoder) or the first only.
-    dropout_rate
-        Dropout after each hidden layer.
     """
 
     def __init__(
@@ -141,7 +125,6 @@ class StackedMLP(nn.Module):
         *,
         n_cov: int = 0,
         inject_covariates: bool = False,
-        dropout_rate: float = 0.0,
     ):
         super().__init__()
         dims = [n_in] + [n_hidden] * n_layers
@@ -149,14 +132,11 @@ class StackedMLP(nn.Module):
             StackedLinear(n_agents, d_in, d_out, n_cov=n_cov if (i == 0 or inject_covariates) else 0)
             for i, (d_in, d_out) in enumerate(itertools.pairwise(dims))
         )
-        self.dropout_rate = dropout_rate
 
     def forward(self, x: torch.Tensor, cov: torch.Tensor | None = None) -> torch.Tensor:
         """Apply the layers; ``x`` is ``(B, n_in)`` (shared) or ``(A, B, n_in)``."""
         for layer in self.layers:
             x = F.relu(layer(x, cov))
-            if self.dropout_rate > 0:
-                x = F.dropout(x, self.dropout_rate, self.training)
         return x
 
 

@@ -214,7 +214,7 @@ class CplMixVAEModule(BaseModuleClass):
         a = n_agents
         self.encoder = StackedMLP(a, n_input, n_hidden, n_layers, n_cov=self.n_cov)
         self.trunk_out = StackedLinear(a, n_hidden, n_latent)
-        self.trunk_norm = StackedBatchNorm(a, n_latent, affine=False)
+        self.trunk_norm = StackedBatchNorm(a, n_latent)
         self.category_head = StackedLinear(a, n_latent, n_categories)
         # the state posterior reads a one-layer encoder of its own of the real (unaugmented) cell
         self.state_encoder = StackedMLP(a, n_input, N_HIDDEN_STATE, 1, n_cov=self.n_cov)
@@ -248,11 +248,6 @@ class CplMixVAEModule(BaseModuleClass):
     def n_active_categories(self) -> int:
         """Number of categories that survive pruning."""
         return int(self.category_mask.sum())
-
-    @property
-    def effective_tau(self) -> float:
-        """Temperature in use: ``tau`` or ``1 / K`` of the surviving categories."""
-        return self.tau if self.tau is not None else 1.0 / max(self.n_active_categories, 1)
 
     def covariates(self, batch_index, cat_covs, cont_covs) -> torch.Tensor | None:
         """One row per cell of the covariates every encoder and decoder reads, or ``None`` without any.
