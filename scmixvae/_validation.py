@@ -390,3 +390,12 @@ def user_stacklevel() -> int:
     while frame is not None and Path(frame.f_code.co_filename).resolve().is_relative_to(package):
         frame, level = frame.f_back, level + 1
     return level
+
+
+def check_finite_posteriors(q: np.ndarray, state: np.ndarray | None = None) -> None:
+    """Refuse read-outs of a model whose posteriors are NaN or infinite (its weights are not finite)."""
+    if not (np.isfinite(q).all() and (state is None or np.isfinite(state).all())):
+        raise ValueError(
+            "The model's posteriors are NaN or infinite: its weights are not finite (a training that diverged, "
+            "or weights changed by hand). Train a new model, with a lower learning rate if training diverged."
+        )

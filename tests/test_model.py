@@ -722,11 +722,15 @@ def test_untrained_models_refuse_read_outs(sim_adata):
 
 
 def test_read_outs_of_a_model_with_non_finite_weights_raise(trained_model):
+    import scmixvae
+
     weights = {k: v.clone() for k, v in trained_model.module.state_dict().items()}
     _nan_weight(trained_model)
     try:
         with pytest.raises(ValueError, match="posteriors are NaN or infinite: its weights are not finite"):
             trained_model.predict()
+        with pytest.raises(ValueError, match="posteriors are NaN or infinite: its weights are not finite"):
+            scmixvae.tl.annotate(trained_model.adata, trained_model, copy=True)
     finally:
         trained_model.module.load_state_dict(weights)
     assert trained_model.predict().shape == (trained_model.adata.n_obs,)

@@ -614,6 +614,20 @@ def test_every_verb_taking_a_model_names_what_it_needs(fitted, not_a_model):
         pl.consensus_heatmap(not_a_model, show=False)
 
 
+def test_annotate_writes_the_read_outs_in_one_pass_over_the_cells(fitted, monkeypatch):
+    """annotate encoded every cell twice (its posteriors, then get_latent_representation)."""
+    adata, model = fitted
+    expected_state = model.get_latent_representation(adata, batch_size=100)
+    expected_types = model.predict(adata, batch_size=100)
+    calls = []
+    inference = model.module.inference
+    monkeypatch.setattr(model.module, "inference", lambda *a, **k: calls.append(1) or inference(*a, **k))
+    data = tl.annotate(adata, model, batch_size=100, copy=True)
+    assert len(calls) == 3  # 300 cells in minibatches of 100
+    np.testing.assert_allclose(data.obsm["X_cplmixvae_state"], expected_state, rtol=1e-5, atol=1e-6)
+    assert data.obs["cplmixvae_type"].astype(str).tolist() == expected_types.astype(str).tolist()
+
+
 def test_annotate_needs_an_anndata(fitted):
     adata, model = fitted
     with pytest.raises(TypeError, match="`adata` must be an AnnData object, got ndarray"):

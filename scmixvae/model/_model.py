@@ -910,11 +910,7 @@ class CplMixVAE(
         active = module.category_mask.cpu().numpy()
         q = torch.cat(qs, dim=1).numpy()[..., active]
         s = torch.cat(states, dim=1).numpy() if states else None
-        if not (np.isfinite(q).all() and (s is None or np.isfinite(s).all())):
-            raise ValueError(
-                "The model's posteriors are NaN or infinite: its weights are not finite (a training that diverged, "
-                "or weights changed by hand). Train a new model, with a lower learning rate if training diverged."
-            )
+        check.check_finite_posteriors(q, s)
         return adata.obs_names[indices], q, s
 
     def _check_agent(self, agent: int | None, name: str = "agent") -> None:

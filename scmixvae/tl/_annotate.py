@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import torch
 from anndata import AnnData
 
 from .. import _validation as check
@@ -59,10 +60,7 @@ def annotate(
     if copy:
         adata = check.copy_of(adata)
     target = adata
-    active = model.module.category_mask.cpu().numpy()
-    q = np.concatenate([out["q"].cpu().numpy() for _, out in model.iter_inference(adata, batch_size=batch_size)], 1)
-    q = q[..., active]
-    state = model.get_latent_representation(adata, batch_size=batch_size)
+    q, state = _posteriors_and_states(model, adata, batch_size)
     categories = model.category_names
     mean_q = q.mean(0)
     consensus = mean_q.argmax(1)
@@ -91,6 +89,23 @@ def annotate(
         "n_categories": int(model.n_categories),
     }
     return adata if copy else None
+
+
+def _posteriors_and_states(model, adata: AnnData, batch_size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Category posteriors ``(A, n, K)`` of the surviving categories and the consensus state latent, in one pass.
+
+    The state is :meth:`~scmixvae.model.CplMixVAE.get_latent_representation`'s (agent 0's state posterior mean
+    given the consensus category).
+    """
+    qs, states = [], []
+    with torch.inference_mode():  # as the model's read-outs
+        for _, out in model.iter_inference(adata, batch_size=batch_size):
+            qs.append(out["q"].cpu().numpy())
+            states.append(model.module.consensus_state(out["q"], out["hs"])[1][0].cpu().numpy())
+    q = np.concatenate(qs, 1)[..., model.module.category_mask.cpu().numpy()]
+    state = np.concatenate(states, 0)
+    check.check_finite_posteriors(q, state)
+    return q, state
 
 
 def _serialisable(values: dict) -> dict:
