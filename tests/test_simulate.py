@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from fractions import Fraction
+
 import anndata as ad
 import numpy as np
 import pandas as pd
@@ -241,9 +243,8 @@ def test_program_sizes_default_to_what_the_genes_allow():
     ("kwargs", "match"),
     [
         ({"n_cells": 0}, "n_cells"),
-        ({"n_cells": 2.5}, "n_cells"),
         ({"n_genes": -1}, "n_genes"),
-        ({"n_genes": 1, "n_types": 3}, "`n_genes` must be an integer >= 2"),  # one gene: every type alike
+        ({"n_genes": 1, "n_types": 3}, "`n_genes` must be >= 2, got 1"),  # one gene: every type alike
         ({"n_types": 0}, "n_types"),
         ({"n_cells": 5, "n_types": 8}, "must not exceed `n_cells`"),
         ({"n_marker_genes": 2000}, "n_marker_genes"),
@@ -251,6 +252,7 @@ def test_program_sizes_default_to_what_the_genes_allow():
         ({"n_batches": 0}, "n_batches"),
         ({"type_sizes": "skewed"}, "type_sizes"),
         ({"type_sizes": [0.5, 0.5]}, "one proportion per type"),
+        ({"n_types": 2, "type_sizes": ["0.25", "0.75"]}, "a sequence of numbers"),
         ({"type_sizes": [0.2] * 8}, "sum to 1"),
         ({"type_sizes": [0.5, -0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1]}, "positive"),
         ({"library_size_mean": 0.0}, "library_size_mean"),
@@ -261,15 +263,23 @@ def test_program_sizes_default_to_what_the_genes_allow():
         ({"seed": -1}, "seed"),
         # beyond these, exp() overflowed (cells without counts), numpy's Poisson failed, the NB tail was cut, or
         # the seed could not be written to h5ad
-        ({"state_strength": 500.0}, "`state_strength` must be at most 20, got 500"),
-        ({"type_separation": 1e308}, "`type_separation` must be at most 20"),
-        ({"library_size_mean": 1e20}, "`library_size_mean` must be at most 1e\\+08"),
-        ({"dispersion": 1e5}, "`dispersion` must be at most 100"),
-        ({"seed": 2**70}, "`seed` must be at most 18446744073709551615"),
+        ({"state_strength": 500.0}, r"`state_strength` must be >= 0.0 and <= 20.0, got 500"),
+        ({"type_separation": 1e308}, r"`type_separation` must be >= 0.0 and <= 20.0"),
+        ({"library_size_mean": 1e20}, r"`library_size_mean` must be > 0.0 and <= 100000000.0"),
+        ({"dispersion": 1e5}, r"`dispersion` must be > 0.0 and <= 100.0"),
+        ({"seed": 2**70}, r"`seed` must be in \[0, 18446744073709551615\]"),
     ],
 )
 def test_bad_parameters_raise(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        simulate(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"n_cells": 2.5}, {"n_genes": True}, {"type_separation": Fraction(1, 2)}, {"seed": "1"}]
+)
+def test_parameters_of_the_wrong_type_raise_a_type_error(kwargs):
+    with pytest.raises(TypeError, match=f"`{next(iter(kwargs))}` must be"):
         simulate(**kwargs)
 
 

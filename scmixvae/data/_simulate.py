@@ -14,6 +14,8 @@ import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
 
+from .. import _validation as check
+
 logger = logging.getLogger(__name__)
 
 #: Matrix entries (cells x genes) drawn at once: bounds the memory of the uniform draws to a few MB.
@@ -276,21 +278,21 @@ def _check_arguments(
     sparse,
 ) -> tuple[int, int, int]:
     """Check the arguments of :func:`simulate`; return ``n_marker_genes``, ``n_state_genes`` and ``n_shared_genes``."""
-    _check_int("n_cells", n_cells, minimum=1)
-    _check_int("n_genes", n_genes, minimum=2)  # with one gene, every type has the same proportions
-    _check_int("n_types", n_types, minimum=1)
+    check.check_int("n_cells", n_cells, minimum=1)
+    check.check_int("n_genes", n_genes, minimum=2)  # with one gene, every type has the same proportions
+    check.check_int("n_types", n_types, minimum=1)
     if n_types > n_cells:
         raise ValueError(f"`n_types` ({n_types}) must not exceed `n_cells` ({n_cells}); ask for fewer types.")
     if n_marker_genes is None:
         n_marker_genes = max(1, min(_DEFAULT_PROGRAM_GENES, n_genes // 2))
     if n_state_genes is None and isinstance(n_marker_genes, numbers.Integral):
         n_state_genes = max(0, min(_DEFAULT_PROGRAM_GENES, n_genes - n_marker_genes))
-    _check_int("n_marker_genes", n_marker_genes, minimum=1)
+    check.check_int("n_marker_genes", n_marker_genes, minimum=1)
     if n_marker_genes > n_genes:
         raise ValueError(
             f"`n_marker_genes` ({n_marker_genes}) must not exceed `n_genes` ({n_genes}); lower it or add genes."
         )
-    _check_int("n_state_genes", n_state_genes, minimum=0)
+    check.check_int("n_state_genes", n_state_genes, minimum=0)
     if n_state_genes > n_genes - n_marker_genes:
         raise ValueError(
             f"`n_state_genes` ({n_state_genes}) must be at most `n_genes - n_marker_genes` "
@@ -308,19 +310,19 @@ def _check_arguments(
                 "none here; give its size with n_shared_genes."
             )
         n_shared_genes = n_state_genes if shared_state else 0
-    _check_int("n_shared_genes", n_shared_genes, minimum=0)
+    check.check_int("n_shared_genes", n_shared_genes, minimum=0)
     if n_shared_genes > n_genes:
         raise ValueError(f"`n_shared_genes` ({n_shared_genes}) must not exceed `n_genes` ({n_genes}).")
-    _check_int("n_batches", n_batches, minimum=1)
+    check.check_int("n_batches", n_batches, minimum=1)
     if n_batches > n_cells:
         raise ValueError(f"`n_batches` ({n_batches}) must not exceed `n_cells` ({n_cells}).")
-    _check_float("batch_effect", batch_effect, positive=False)
-    _check_float("library_size_mean", library_size_mean, positive=True, maximum=_MAX_LIBRARY_SIZE)
-    _check_float("library_size_sigma", library_size_sigma, positive=False)
-    _check_float("dispersion", dispersion, positive=True, maximum=_MAX_DISPERSION)
-    _check_float("type_separation", type_separation, positive=False, maximum=_MAX_EFFECT_SCALE)
-    _check_float("state_strength", state_strength, positive=False, maximum=_MAX_EFFECT_SCALE)
-    _check_int("seed", seed, minimum=0, maximum=2**64 - 1)  # larger seeds cannot be written to h5ad
+    check.check_float("batch_effect", batch_effect)
+    check.check_float("library_size_mean", library_size_mean, strict=True, maximum=_MAX_LIBRARY_SIZE)
+    check.check_float("library_size_sigma", library_size_sigma)
+    check.check_float("dispersion", dispersion, strict=True, maximum=_MAX_DISPERSION)
+    check.check_float("type_separation", type_separation, maximum=_MAX_EFFECT_SCALE)
+    check.check_float("state_strength", state_strength, maximum=_MAX_EFFECT_SCALE)
+    check.check_int("seed", seed, minimum=0, maximum=2**64 - 1)  # larger seeds cannot be written to h5ad
     if not isinstance(shared_state, bool | np.bool_):
         raise TypeError(f"`shared_state` must be True or False, got {shared_state!r}.")
     if not isinstance(sparse, bool | np.bool_):
@@ -545,6 +547,8 @@ def _type_proportions(
             f"`type_sizes` must be 'unbalanced', 'balanced' or a sequence of {n_types} proportions, got {type_sizes!r}."
         )
     try:
+        if any(isinstance(size, str | bytes) for size in type_sizes):  # numpy would read "0.25" as 0.25
+            raise TypeError
         proportions = np.asarray(type_sizes, dtype=np.float64)
     except (TypeError, ValueError) as err:
         raise ValueError(
@@ -571,23 +575,3 @@ def _split_counts(proportions: np.ndarray, n: int) -> np.ndarray:
         counts[np.argmax(counts)] -= 1
         counts[t] = 1
     return counts
-
-
-def _check_int(name: str, value: object, *, minimum: int, maximum: int | None = None) -> None:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be an integer >= {minimum}, got {value}.")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"`{name}` must be at most {maximum}, got {value}.")
-
-
-def _check_float(name: str, value: object, *, positive: bool, maximum: float | None = None) -> None:
-    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real) or not np.isfinite(float(value)):
-        raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
-    if positive and value <= 0:
-        raise ValueError(f"`{name}` must be positive, got {value}.")
-    if not positive and value < 0:
-        raise ValueError(f"`{name}` must be non-negative, got {value}.")
-    if maximum is not None and value > maximum:
-        raise ValueError(f"`{name}` must be at most {maximum:g}, got {value:g}.")
