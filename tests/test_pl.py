@@ -67,6 +67,34 @@ def test_consensus_heatmap_from_model_and_matrix(annotated, tmp_path):
         pl.consensus_heatmap([[1.0]], show=False)
 
 
+@pytest.mark.parametrize(
+    ("name", "wrong"),
+    [("n_samples", 0), ("agent", 2), ("n_steps", 1), ("n_genes", 0), ("n_permutations", 0), ("heatmap n_genes", 0),
+     ("dotplot n_genes", 0)],
+)  # fmt: skip
+def test_count_options_take_numpy_integers_and_refuse_other_types(annotated, name, wrong):
+    """Hand-written checks refused ``np.int64(5)`` genes (``isinstance(n, int)``) and said ValueError for a string."""
+    adata, model = annotated
+    group = str(adata.uns[KEY]["traversal"]["groups"][0])
+    call = {
+        "n_samples": lambda n: model.get_normalized_expression(adata[:10].copy(), n_samples=n),
+        "agent": lambda n: tl.state_traversal(model, 0, agent=n),
+        "n_steps": lambda n: tl.state_traversal(model, 0, n_steps=n),
+        "n_genes": lambda n: tl.get_state_genes(adata, n_genes=n),
+        "n_permutations": lambda n: tl.gene_set_enrichment(
+            adata, list(adata.var_names[:10]), method="permutation", n_permutations=n
+        ),
+        "heatmap n_genes": lambda n: pl.state_traversal_heatmap(adata, group, n_genes=n, show=False),
+        "dotplot n_genes": lambda n: pl.state_genes_dotplot(adata, n_genes=n, show=False),
+    }[name]
+    option = name.split()[-1]
+    call(np.int64(1 if option == "agent" else 2))
+    with pytest.raises(TypeError, match=f"`{option}` must be an integer, got str"):
+        call("2")
+    with pytest.raises(ValueError, match=f"`{option}` must be"):
+        call(wrong)
+
+
 def test_heatmaps_draw_no_grid_under_a_grid_style(annotated):
     adata, model = annotated
     group = str(adata.uns[KEY]["traversal"]["groups"][0])

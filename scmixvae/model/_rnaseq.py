@@ -191,10 +191,8 @@ class CplMixVAERNAMixin(RNASeqMixin):
             raise ValueError(f'Only weights="uniform" is available for CplMixVAE, got {weights!r}.')
         if library_size != "latent" and (isinstance(library_size, bool) or not isinstance(library_size, Number)):
             raise ValueError(f'`library_size` must be a number or "latent", got {library_size!r}.')
-        if isinstance(n_samples, bool) or not isinstance(n_samples, int) or n_samples < 1:
-            raise ValueError(f"`n_samples` must be a positive integer, got {n_samples!r}.")
-        if agent is not None and not (isinstance(agent, int) and 0 <= agent < self.module.n_agents):
-            raise ValueError(f"`agent` must be None or an integer in 0..{self.module.n_agents - 1}, got {agent!r}.")
+        check.check_int("n_samples", n_samples, minimum=1)
+        self._check_agent(agent)
         if n_samples_overall is not None:
             check.check_int("n_samples_overall", n_samples_overall, minimum=1)
         if library_size != "latent" and not (np.isfinite(library_size) and library_size > 0):

@@ -219,8 +219,7 @@ def state_traversal_heatmap(
     if category not in groups:
         raise ValueError(f"`category`={category!r} is not a group of uns[{key!r}]; groups: {groups}.")
     expression = np.asarray(traversal["expression"])
-    if isinstance(n_genes, bool) or not isinstance(n_genes, int) or not 1 <= n_genes <= expression.shape[2]:
-        raise ValueError(f"`n_genes` must be an integer from 1 to {expression.shape[2]}, got {n_genes!r}.")
+    check.check_int("n_genes", n_genes, minimum=1, maximum=expression.shape[2])
     if standard_scale not in ("var", None):
         raise ValueError(f'`standard_scale` must be "var" or None, got {standard_scale!r}.')
     steps = np.asarray(traversal["steps"], dtype=float)
@@ -282,8 +281,7 @@ def state_genes_dotplot(
     from ..tl._state_genes import _get_ranking
 
     ranking = _get_ranking(adata, key)
-    if isinstance(n_genes, bool) or not isinstance(n_genes, int) or n_genes < 1:
-        raise ValueError(f"`n_genes` must be a positive integer, got {n_genes!r}.")
+    check.check_int("n_genes", n_genes, minimum=1)
     kwargs.setdefault("dendrogram", False)
     groupby = kwargs.pop("groupby", None) or str(ranking["params"]["groupby"])
     plot_data = _without_empty_categories(adata, groupby, key=key, layer=kwargs.get("layer"))

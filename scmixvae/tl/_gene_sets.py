@@ -11,6 +11,7 @@ import pandas as pd
 from anndata import AnnData
 from scipy import stats
 
+from .. import _validation as check
 from .._constants import DEFAULT_STATE_GENES_KEY
 from ._state_genes import _get_ranking
 
@@ -243,8 +244,7 @@ def gene_set_enrichment(
     _check_same_genes_ranked(ranking, key, adata.n_vars)
     if method not in ("rank", "permutation"):
         raise ValueError(f'`method` must be "rank" or "permutation", got {method!r}.')
-    if isinstance(n_permutations, bool) or not isinstance(n_permutations, int | np.integer) or n_permutations < 1:
-        raise ValueError(f"`n_permutations` must be a positive integer, got {n_permutations!r}.")
+    check.check_int("n_permutations", n_permutations, minimum=1)
     several = gene_set is None or isinstance(gene_set, Mapping)
     sets = default_gene_sets(species) if gene_set is None else gene_set if several else {"gene_set": gene_set}
     if several and not sets:

@@ -64,13 +64,9 @@ def _check_traversal_args(model, *, axis, n_sigma, n_steps, agent) -> None:
         raise ValueError(
             f"`axis`={axis} is out of range: the model has {n_state} state dimension(s) (0..{n_state - 1})."
         )
-    if isinstance(n_sigma, bool) or not isinstance(n_sigma, int | float) or not np.isfinite(n_sigma) or n_sigma <= 0:
-        raise ValueError(f"`n_sigma` must be a positive number, got {n_sigma!r}.")
-    if isinstance(n_steps, bool) or not isinstance(n_steps, int | np.integer) or n_steps < 2:
-        raise ValueError(f"`n_steps` must be an integer >= 2 (start and end of the path), got {n_steps!r}.")
-    n_agents = model.module.n_agents
-    if isinstance(agent, bool) or not isinstance(agent, int | np.integer) or not 0 <= agent < n_agents:
-        raise ValueError(f"`agent` must be an integer in 0..{n_agents - 1}, got {agent!r}.")
+    check.check_float("n_sigma", n_sigma, strict=True)
+    check.check_int("n_steps", n_steps, minimum=2)  # the start and the end of the path
+    check.check_int("agent", agent, minimum=0, maximum=model.module.n_agents - 1)
 
 
 def _condition_key(model) -> str | None:
@@ -767,8 +763,8 @@ def get_state_genes(
     missing = [g for g in groups if g not in available]
     if missing:
         raise ValueError(f"Group(s) {missing} not in uns[{key!r}]; available groups: {available}.")
-    if n_genes is not None and (isinstance(n_genes, bool) or not isinstance(n_genes, int) or n_genes < 1):
-        raise ValueError(f"`n_genes` must be a positive integer or None, got {n_genes!r}.")
+    if n_genes is not None:
+        check.check_int("n_genes", n_genes, minimum=1)
     columns = [c for c in ("names", "scores", "logfoldchanges", "pvals", "pvals_adj") if c in ranking]
     frames = []
     for g in groups:
