@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 from anndata import AnnData
-from pandas.api.types import is_numeric_dtype
+from pandas.api.types import is_float_dtype, is_numeric_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,24 @@ def check_key_list(name: str, keys) -> list[str] | None:
     if not isinstance(keys, list | tuple) or not all(isinstance(key, str) for key in keys):
         raise TypeError(f"`{name}` must be a list of obs column names (str), got {keys!r}.")
     return list(keys) or None
+
+
+def warn_continuous_categories(adata: AnnData, **categorical: str | list[str] | None) -> None:
+    """Warn about a categorical ``obs`` column (argument name, then column name or list) of non-integer numbers.
+
+    Each value becomes a category of its own (e.g. ``batch_key="library_size"``: one batch per cell).
+    """
+    for arg, value in categorical.items():
+        for key in [value] if isinstance(value, str) else value or []:
+            column = adata.obs[key]
+            if is_float_dtype(column) and not np.all(np.mod(column.to_numpy(), 1) == 0):
+                warnings.warn(
+                    f"adata.obs[{key!r}] (`{arg}`) holds non-integer numbers, {column.nunique()} distinct values for "
+                    f"{adata.n_obs} cells, and each becomes a category of its own. Is it a continuous covariate? "
+                    "Register it with `continuous_covariate_keys` instead.",
+                    UserWarning,
+                    stacklevel=user_stacklevel(),
+                )
 
 
 def check_covariates(adata: AnnData, *, continuous: list[str] | None = None, **categorical) -> None:

@@ -1,4 +1,5 @@
 import inspect
+import warnings
 
 import numpy as np
 import pandas as pd
@@ -675,6 +676,18 @@ def test_non_finite_training_stops_with_an_error_naming_the_causes(sim_adata, ca
     assert not model.is_trained_
     with pytest.raises(ValueError, match="has not been trained"):
         model.predict()
+
+
+def test_setup_warns_of_a_continuous_column_given_as_categories(sim_adata):
+    """``batch_key="library_size"`` made one batch per cell without a word."""
+    sim_adata.obs["codes"] = sim_adata.obs["batch"].cat.codes.astype(float)  # 0.0, 1.0: categories all the same
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        CplMixVAE.setup_anndata(sim_adata, batch_key="codes")
+    assert not [w for w in caught if "non-integer numbers" in str(w.message)]
+    for key in ("batch_key", "condition_key"):
+        with pytest.warns(UserWarning, match=rf"adata.obs\['library_size'\] \(`{key}`\) holds non-integer numbers"):
+            CplMixVAE.setup_anndata(sim_adata, **{key: "library_size"})
 
 
 @pytest.mark.parametrize("n_cells", [1, 2])

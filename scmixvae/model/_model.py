@@ -445,6 +445,13 @@ class CplMixVAE(
             labels_key=None if transfer else labels_key,
             categorical_covariate_keys=categorical_covariate_keys,
         )
+        if not transfer:
+            check.warn_continuous_categories(
+                adata,
+                batch_key=batch_key,
+                condition_key=condition_key,
+                categorical_covariate_keys=categorical_covariate_keys,
+            )
         check.check_counts(adata, layer, warn_empty_genes=not transfer)  # the model fixes the genes of new data
         arguments = {key: value for key, value in locals().items() if key != "transfer"}  # the call's, not ours
         setup_method_args = cls._get_setup_method_args(**arguments)
