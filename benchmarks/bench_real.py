@@ -89,11 +89,11 @@ def fit_cpl(adata, labels, *, method: str, seed: int, variant: dict, args, condi
     if method == "cpl" and args.prune_kwargs:
         train["prune_kwargs"] = args.prune_kwargs
     k_ref = int(np.unique(labels).size)
-    with Timer() as timer:
+    with Timer() as timer:  # to the labels, as the peers' times include their Leiden clustering
         CplMixVAE.setup_anndata(adata, condition_key=condition_key)
         model = CplMixVAE(adata, **({"n_categories": k_ref} if method == "cpl-k" else {}), **variant)
         model.train(**train)
-    pred = model.predict().astype(str).to_numpy()
+        pred = model.predict().astype(str).to_numpy()
     history, restarts = model.pruning_history, model.restart_history
     return {
         **clustering_scores(labels, pred), "chosen_k": int(model.n_categories), "n_clusters": int(np.unique(pred).size),
@@ -127,6 +127,7 @@ def worker(method: str, dataset: str, seed: int, variant: dict, condition: str, 
            "condition_key": key, "k_ref": int(np.unique(labels).size),
            "chosen_k": out.get("chosen_k", out["n_clusters"]), **out,
            "labels": [str(x) for x in out["labels"]]}  # fmt: skip
+    out["settings"] = fit_settings(args, method)
     fit_file(args.fits, method, variant, dataset, seed, condition).write_text(json.dumps(out))
     print(out["method"], dataset, seed, f"ARI {out['ari']:.3f} K {out['chosen_k']} {out['seconds']:.0f} s", flush=True)
 
@@ -137,12 +138,34 @@ def fit_file(folder: Path, method: str, variant: dict, dataset: str, seed: int, 
     return folder / f"{method}{tag}__{dataset}__{seed}.json"
 
 
+def fit_settings(args, method: str) -> dict[str, Any]:
+    """The options of this run that change a fit of ``method`` (stored with each fit, checked when it is reused)."""
+    if method == "pca":
+        return {}
+    if method == "scvi":
+        return {"scvi_epochs": args.scvi_epochs, "accelerator": args.accelerator}
+    settings = {"max_epochs": args.max_epochs, "state_epochs": args.state_epochs, "accelerator": args.accelerator}
+    return settings | ({"restarts": args.restarts, "prune_kwargs": args.prune_kwargs} if method == "cpl" else {})
+
+
+def check_reused_fits(args, grid: list[tuple], files: list[Path]) -> None:
+    """Refuse fits in ``args.fits`` made with other settings than this run's: the result would misstate them."""
+    stale = [f.name for g, f in zip(grid, files, strict=True)
+             if f.exists() and json.loads(f.read_text()).get("settings") != fit_settings(args, g[0])]  # fmt: skip
+    if stale:
+        raise SystemExit(
+            f"{len(stale)} fit(s) in {args.fits} were made with other settings than this run's (or by an older "
+            f"script), e.g. {stale[0]}; use another --fits folder, or remove them to fit them again."
+        )
+
+
 def run_grid(args) -> list[Path]:
     """Run every missing fit of the grid, ``args.jobs`` processes at a time; return every fit's file."""
     grid = [(m, v, d, s, c) for s in args.seeds for m in args.methods
             for v in (args.variants if m not in PEERS else [{}]) for d in args.datasets for c in args.condition
             if c == "none" or (m != "pca" and d in REAL_CONDITIONS)]  # fmt: skip
     files = [fit_file(args.fits, *g) for g in grid]
+    check_reused_fits(args, grid, files)
     todo = [g for g, f in zip(grid, files, strict=True) if not f.exists()]
     args.fits.mkdir(parents=True, exist_ok=True)
     own = sys.argv[1:]
