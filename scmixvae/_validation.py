@@ -18,6 +18,8 @@ logger = logging.getLogger(__name__)
 _CHUNK = 10_000
 #: Largest value accepted as the count of one gene in one cell (far above any real count).
 MAX_COUNT = 2**31 - 1
+#: Fewest counts of a cell that :func:`check_counts` takes without a warning (fewer tell nothing of a type).
+MIN_INFORMATIVE_COUNTS = 10
 
 
 def _iter_chunks(matrix, n: int | None = None):
@@ -100,15 +102,17 @@ def get_matrix(adata: AnnData, layer: str | None):
 
 
 def check_counts(
-    adata: AnnData, layer: str | None = None, *, warn_empty_genes: bool = True, first_cells: int | None = None
+    adata: AnnData, layer: str | None = None, *, warn: bool = True, first_cells: int | None = None
 ) -> None:
     """Check that the registered matrix holds raw counts.
 
     Raises a :class:`ValueError` for fewer than two genes, NaN or infinite values, negative or non-integer values,
-    values above :data:`MAX_COUNT` and cells without any count; with ``warn_empty_genes``, warns about genes
-    without any count (they are kept; they cost time and carry no information, remove them with
-    ``sc.pp.filter_genes(adata, min_counts=1)``). Reads the matrix in chunks of cells (backed data included);
-    ``first_cells``: only that many first cells (a check again, e.g. for a transformation of the whole matrix).
+    values above :data:`MAX_COUNT` and cells without any count; with ``warn``, warns about genes without any count
+    (they are kept; they cost time and carry no information, remove them with
+    ``sc.pp.filter_genes(adata, min_counts=1)``) and cells with fewer than :data:`MIN_INFORMATIVE_COUNTS` counts
+    (too few to tell a type: the model still gives them one, with a confidence that says nothing). Reads the matrix
+    in chunks of cells (backed data included); ``first_cells``: only that many first cells (a check again, e.g. for
+    a transformation of the whole matrix).
     """
     matrix = get_matrix(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
@@ -172,10 +176,20 @@ def check_counts(
             "`sc.pp.filter_cells(adata, min_counts=1)`."
         )
     n_empty_genes = int((gene_totals == 0).sum())
-    if n_empty_genes and warn_empty_genes:
+    if n_empty_genes and warn:
         warnings.warn(
             f"{n_empty_genes} genes have no counts in {where}; they are kept but carry no information. "
             "Remove them with `sc.pp.filter_genes(adata, min_counts=1)`.",
+            UserWarning,
+            stacklevel=3,
+        )
+    few = np.flatnonzero(cell_totals < MIN_INFORMATIVE_COUNTS)
+    if few.size and warn:
+        names = ", ".join(map(str, adata.obs_names[few[:3]]))
+        warnings.warn(
+            f"{few.size} cells have fewer than {MIN_INFORMATIVE_COUNTS} counts in {where} (e.g. {names}): too few to "
+            "tell their type, which the model gives them all the same, with a confidence that means nothing. Remove "
+            f"them first, e.g. `sc.pp.filter_cells(adata, min_counts={MIN_INFORMATIVE_COUNTS})`.",
             UserWarning,
             stacklevel=3,
         )

@@ -678,6 +678,17 @@ def test_non_finite_training_stops_with_an_error_naming_the_causes(sim_adata, ca
         model.predict()
 
 
+def test_setup_warns_of_cells_with_too_few_counts_to_type(sim_adata):
+    """Cells with 1-10 counts all took one type, with a confidence of 0.65-0.87 and the agents agreeing."""
+    counts = sim_adata.X.tolil()
+    counts[:4] = 0
+    counts[:4, 0] = np.array([[1], [3], [9], [10]])  # 10 is enough
+    sim_adata.X = counts.tocsr()
+    match = r"3 cells have fewer than 10 counts in adata.X \(e.g. cell_0, cell_1, cell_2\)"
+    with pytest.warns(UserWarning, match=match):
+        CplMixVAE.setup_anndata(sim_adata)
+
+
 def test_setup_warns_of_a_continuous_column_given_as_categories(sim_adata):
     """``batch_key="library_size"`` made one batch per cell without a word."""
     sim_adata.obs["codes"] = sim_adata.obs["batch"].cat.codes.astype(float)  # 0.0, 1.0: categories all the same

@@ -412,7 +412,7 @@ def resolve_schedule(
     # setup_anndata checked every cell; a normalisation in place since (a common next step in scanpy) changes
     # them all, and would otherwise be trained on without a word: the first cells tell, without a second full pass
     layer = model.adata_manager.registry["setup_args"].get("layer")
-    check.check_counts(model.adata, layer, warn_empty_genes=False, first_cells=RECHECKED_CELLS)
+    check.check_counts(model.adata, layer, warn=False, first_cells=RECHECKED_CELLS)
     return Schedule(max_epochs, state_epochs, prune, n_restarts, resuming, dict(prune_kwargs or {}), trainer)
 
 

@@ -452,7 +452,7 @@ class CplMixVAE(
                 condition_key=condition_key,
                 categorical_covariate_keys=categorical_covariate_keys,
             )
-        check.check_counts(adata, layer, warn_empty_genes=not transfer)  # the model fixes the genes of new data
+        check.check_counts(adata, layer, warn=not transfer)  # the model fixes the genes of new data
         arguments = {key: value for key, value in locals().items() if key != "transfer"}  # the call's, not ours
         setup_method_args = cls._get_setup_method_args(**arguments)
         anndata_fields = [
@@ -691,7 +691,7 @@ class CplMixVAE(
         continuous = args.get("continuous_covariate_keys")
         check.check_obs_keys(adata, continuous_covariate_keys=continuous, **covariates)
         check.check_covariates(adata, continuous=continuous, **covariates)
-        check.check_counts(adata, args.get("layer"), warn_empty_genes=False)
+        check.check_counts(adata, args.get("layer"), warn=False)
         _check_registrable_counts(adata, args.get("layer"))
         check_known_categories(adata, registry)
 
