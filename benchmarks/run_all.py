@@ -31,25 +31,52 @@ HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 QUICK = Path("/tmp/scmixvae_bench_quick")
 
-#: name -> (script, arguments of the full run, arguments of the quick run). Result file stem = name.
+#: name -> (script, arguments of the full run, arguments of the quick run). Result file stem = name. The full
+#: arguments are those each stored result file records (its command), but the folders of the cached fits.
+_REAL_QUICK = ["--seeds", "0", "1", "--max-epochs", "2", "--scvi-epochs", "2", "--state-epochs", "0"]
+_CPL_QUICK = ["--restarts", "1", "--prune-kwargs", '{"max_rounds": 1, "epochs_per_round": 1}']
 SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "real": (
         "bench_real.py",
         ["--methods", "cpl", "scvi", "pca", "--seeds", "0", "1", "2", "3", "4", "--state-epochs", "0",
          "--jobs", "2", "--fits", "/tmp/scmixvae_fits"],
-        ["--methods", "cpl", "scvi", "pca", "--datasets", "pbmc", "--seeds", "0", "1", "--max-epochs", "2",
-         "--scvi-epochs", "2", "--state-epochs", "0", "--restarts", "1", "--prune-kwargs",
-         '{"max_rounds": 1, "epochs_per_round": 1}', "--fits", "/tmp/scmixvae_fits_quick"],
+        ["--methods", "cpl", "scvi", "pca", "--datasets", "pbmc", *_REAL_QUICK, *_CPL_QUICK,
+         "--fits", "/tmp/scmixvae_fits_quick"],
+    ),
+    "real_condition": (
+        "bench_real.py",
+        ["--methods", "cpl", "scvi", "pca", "--datasets", "ifnb", "--condition", "none", "registered", "--seeds",
+         "0", "1", "2", "3", "4", "--state-epochs", "0", "--jobs", "2", "--fits", "/tmp/scmixvae_fits_condition",
+         "--name", "real_condition"],
+        ["--methods", "cpl", "scvi", "pca", "--datasets", "ifnb", "--condition", "none", "registered", *_REAL_QUICK,
+         *_CPL_QUICK, "--fits", "/tmp/scmixvae_fits_condition_quick", "--name", "real_condition"],
+    ),
+    "real_k": (
+        "bench_real.py",
+        ["--methods", "cpl-k", "scvi", "pca", "--seeds", "0", "--state-epochs", "0", "--jobs", "1",
+         "--fits", "/tmp/scmixvae_fits_k", "--name", "real_k"],
+        ["--methods", "cpl-k", "scvi", "pca", "--datasets", "pbmc", *_REAL_QUICK, "--fits",
+         "/tmp/scmixvae_fits_k_quick", "--name", "real_k"],
     ),
     "pruning": (
         "bench_simulated.py",
         ["--seeds", "0", "1", "2", "3", "4", "--model-seeds", "0", "1", "--state-epochs", "0"],
         ["--seeds", "0", "1", "--n-cells", "600", "--n-genes", "200", "--max-epochs", "2", "--state-epochs", "0",
-         "--restarts", "1", "--prune-kwargs", '{"max_rounds": 1, "epochs_per_round": 1}'],
+         *_CPL_QUICK],
+    ),
+    "states": (
+        "bench_simulated.py",
+        ["--parts", "states", "--seeds", "0", "1", "2", "3", "4"],
+        ["--parts", "states", "--seeds", "0", "--regimes", "strong", "--max-epochs", "2", "--state-epochs", "2"],
+    ),
+    "subtle_k": (
+        "bench_simulated.py",
+        ["--parts", "subtle_k", "--seeds", "0", "1", "2", "3", "4", "--state-epochs", "0"],
+        ["--parts", "subtle_k", "--seeds", "0", "--max-epochs", "2", "--state-epochs", "0", *_CPL_QUICK],
     ),
     "state_genes": (
         "bench_state_genes.py",
-        ["--seeds", "0", "1", "2", "--axes", "default", "--likelihood", "gaussian"],
+        ["--parts", "ifnb", "memory", "--seeds", "0", "1", "2", "3", "4"],
         ["--seeds", "0", "--max-epochs", "2", "--scvi-epochs", "2", "--memory-cells", "2000"],
     ),
     "speed": (
