@@ -449,11 +449,10 @@ def fit_restarts(model, schedule: _fit.Schedule, augmenter=None) -> None:
 
     Restart 0 is ``model`` itself; restart ``r`` a :func:`~scmixvae.model._fit.fresh_model` built after
     ``scvi.settings.seed`` is set to :func:`restart_seed` of the seed and ``r`` (restored afterwards, with the
-    flags scvi-tools' seed setter changes). Each runs
-    the start, the category fit and :func:`prune`; ``model`` becomes the fit whose labels agree best with the
-    others' among those that reached the consensus threshold (:func:`kept_restart`; a Ctrl-C: the last completed
-    fit). ``augmenter``: a learned augmenter trained before ``train()`` (:func:`~._fit.trained_augmenter`), which
-    every restart uses instead of training its own.
+    flags scvi-tools' seed setter changes). Each runs the start, the category fit and :func:`prune`; ``model``
+    becomes the fit whose labels agree best with the others' among those that reached the consensus threshold
+    (:func:`kept_restart`; a Ctrl-C: the last completed fit). ``augmenter``: a learned augmenter trained before
+    ``train()`` (:func:`~._fit.trained_augmenter`), which every restart uses instead of training its own.
     """
     base_seed = scvi.settings.seed
     # unseeded (None): restarts from a fresh draw, so that two unseeded fits share no restart
