@@ -175,23 +175,29 @@ def check_counts(
             f"{empty_cells.size} cells have no counts in {where} (e.g. {names}). Remove them first, e.g. "
             "`sc.pp.filter_cells(adata, min_counts=1)`."
         )
+    if warn:
+        _warn_uninformative(adata, where, cell_totals, gene_totals)
+
+
+def _warn_uninformative(adata: AnnData, where: str, cell_totals: np.ndarray, gene_totals: np.ndarray) -> None:
+    """Warn about genes without any count and cells with too few counts to tell a type (from :func:`check_counts`)."""
     n_empty_genes = int((gene_totals == 0).sum())
-    if n_empty_genes and warn:
+    if n_empty_genes:
         warnings.warn(
             f"{n_empty_genes} genes have no counts in {where}; they are kept but carry no information. "
             "Remove them with `sc.pp.filter_genes(adata, min_counts=1)`.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
     few = np.flatnonzero(cell_totals < MIN_INFORMATIVE_COUNTS)
-    if few.size and warn:
+    if few.size:
         names = ", ".join(map(str, adata.obs_names[few[:3]]))
         warnings.warn(
             f"{few.size} cells have fewer than {MIN_INFORMATIVE_COUNTS} counts in {where} (e.g. {names}): too few to "
             "tell their type, which the model gives them all the same, with a confidence that means nothing. Remove "
             f"them first, e.g. `sc.pp.filter_cells(adata, min_counts={MIN_INFORMATIVE_COUNTS})`.",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
 
 

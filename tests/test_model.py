@@ -503,7 +503,6 @@ def test_readouts_on_new_data_with_the_same_genes(trained_model):
     [
         ({"n_categories": 0}, ValueError, "n_categories"),
         ({"n_categories": 2.5}, TypeError, "n_categories"),
-        ({"n_categories": 10_000}, ValueError, "larger than the number of cells"),
         ({"likelihood": "poisson"}, ValueError, "likelihood"),
         ({"input_dropout": 1.0}, ValueError, "input_dropout"),
         ({"tau": 0.0}, ValueError, "tau"),

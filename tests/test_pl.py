@@ -142,7 +142,7 @@ def test_state_traversal_heatmap_rejects_what_it_cannot_draw(annotated):
     group = adata.uns[KEY]["names"].dtype.names[0]
     stored = adata.uns[KEY]["traversal"]["expression"].shape[2]
     assert stored == min(50, adata.n_vars)
-    with pytest.raises(ValueError, match=f"integer from 1 to {stored}"):
+    with pytest.raises(ValueError, match=rf"`n_genes` must be in \[1, {stored}\], got {stored + 1}"):
         pl.state_traversal_heatmap(adata, group, n_genes=stored + 1, show=False)
     old = adata.copy()
     del old.uns[KEY]["traversal"]["expression"]
