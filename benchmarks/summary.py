@@ -189,7 +189,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         stale += results_out_of_step()  # a .md is written by its script, not here: rerun the script
         if stale:
-            print(f"out of date: {', '.join(stale)}; run python benchmarks/summary.py", file=sys.stderr)
+            print(
+                f"out of date: {', '.join(stale)}; run python benchmarks/summary.py (for a result's .md, rerun its "
+                "script)",
+                file=sys.stderr,
+            )
         return 1 if stale else 0
     for path, text in wanted.items():
         path.write_text(text)
