@@ -438,22 +438,27 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _caller_settings() -> dict:
-    """Return what the command changes in-process: scvi-tools' seed and verbosity, matplotlib's backend if used."""
+    """Return what the command changes in-process: scvi-tools' seed and verbosity, matplotlib's backend if used.
+
+    The seed comes with the flags scvi-tools' seed setter changes besides (:func:`~.model._fit.seed_settings`).
+    """
     import scvi
+
+    from .model._fit import seed_settings
 
     matplotlib = sys.modules.get("matplotlib")
     backend = matplotlib.get_backend() if matplotlib is not None else None
-    return {"seed": scvi.settings.seed, "verbosity": scvi.settings.verbosity, "backend": backend}
+    return {"seed": seed_settings(), "verbosity": scvi.settings.verbosity, "backend": backend}
 
 
 def _restore_caller_settings(caller: dict) -> None:
     import scvi
 
     from ._logging import quiet_fit
+    from .model._fit import restore_seed_settings
 
-    if scvi.settings.seed != caller["seed"]:
-        with quiet_fit():  # no "Seed set to ..." notice for the caller's own seed
-            scvi.settings.seed = caller["seed"]
+    with quiet_fit():  # no "Seed set to ..." notice for the caller's own seed
+        restore_seed_settings(caller["seed"])
     if scvi.settings.verbosity != caller["verbosity"]:
         scvi.settings.verbosity = caller["verbosity"]
     if caller["backend"] is not None and sys.modules["matplotlib"].get_backend() != caller["backend"]:

@@ -249,17 +249,23 @@ def warn_continuous_categories(adata: AnnData, **categorical: str | list[str] | 
 
     Each value becomes a category of its own (e.g. ``batch_key="library_size"``: one batch per cell).
     """
+    for arg, key in _named_columns(categorical):
+        column = adata.obs[key]
+        if is_float_dtype(column) and not np.all(np.mod(column.to_numpy(), 1) == 0):
+            warnings.warn(
+                f"adata.obs[{key!r}] (`{arg}`) holds non-integer numbers, {column.nunique()} distinct values for "
+                f"{adata.n_obs} cells, and each becomes a category of its own. Is it a continuous covariate? "
+                "Register it with `continuous_covariate_keys` instead.",
+                UserWarning,
+                stacklevel=user_stacklevel(),
+            )
+
+
+def _named_columns(categorical: dict[str, str | list[str] | None]):
+    """Yield ``(argument, obs column)`` for keyword arguments that name one column, a list of them or none."""
     for arg, value in categorical.items():
         for key in [value] if isinstance(value, str) else value or []:
-            column = adata.obs[key]
-            if is_float_dtype(column) and not np.all(np.mod(column.to_numpy(), 1) == 0):
-                warnings.warn(
-                    f"adata.obs[{key!r}] (`{arg}`) holds non-integer numbers, {column.nunique()} distinct values for "
-                    f"{adata.n_obs} cells, and each becomes a category of its own. Is it a continuous covariate? "
-                    "Register it with `continuous_covariate_keys` instead.",
-                    UserWarning,
-                    stacklevel=user_stacklevel(),
-                )
+            yield arg, key
 
 
 def check_covariates(adata: AnnData, *, continuous: list[str] | None = None, **categorical) -> None:
@@ -282,16 +288,15 @@ def check_covariates(adata: AnnData, *, continuous: list[str] | None = None, **c
                 f"adata.obs[{key!r}] (`continuous_covariate_keys`) has {int(bad.sum())} NaN or infinite value(s) "
                 f"(e.g. cells {list(adata.obs_names[bad][:3])}); fill them or remove those cells."
             )
-    for arg, value in categorical.items():
-        for key in [value] if isinstance(value, str) else value or []:
-            missing = adata.obs[key].isna().to_numpy()
-            if missing.any():
-                raise ValueError(
-                    f"adata.obs[{key!r}] (`{arg}`) has {int(missing.sum())} missing value(s) (e.g. cells "
-                    f"{list(adata.obs_names[missing][:3])}); every cell needs a category. Remove those cells or give "
-                    f"them a category of their own, e.g. `adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)` "
-                    "(they become 'nan')."
-                )
+    for arg, key in _named_columns(categorical):
+        missing = adata.obs[key].isna().to_numpy()
+        if missing.any():
+            raise ValueError(
+                f"adata.obs[{key!r}] (`{arg}`) has {int(missing.sum())} missing value(s) (e.g. cells "
+                f"{list(adata.obs_names[missing][:3])}); every cell needs a category. Remove those cells or give "
+                f"them a category of their own, e.g. `adata.obs[{key!r}] = adata.obs[{key!r}].astype(str)` "
+                "(they become 'nan')."
+            )
 
 
 def check_int(name: str, value, *, minimum: int = 1, maximum: int | None = None) -> int:
