@@ -757,3 +757,24 @@ def test_read_outs_of_a_model_with_non_finite_weights_raise(trained_model):
     finally:
         trained_model.module.load_state_dict(weights)
     assert trained_model.predict().shape == (trained_model.adata.n_obs,)
+
+
+def test_a_fit_with_k_given_warns_when_training_empties_a_category():
+    """The Leiden start fills every category; a learning rate 100x the default merges types: not in silence."""
+    from scmixvae.data import simulate
+
+    scvi.settings.seed = 0
+    adata = simulate(n_cells=400, n_genes=200, n_types=4, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=4, n_hidden=64)
+    with pytest.warns(
+        UserWarning, match=r"After training, category \d holds no cell of the 4 given: the fit merged it"
+    ):
+        model.train(max_epochs=20, state_epochs=0, plan_kwargs={"lr": 0.1}, enable_progress_bar=False)
+    assert model.predict().value_counts().eq(0).any()
+    scvi.settings.seed = 0
+    model = CplMixVAE(adata, n_categories=4, n_hidden=64)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="After training")
+        model.train(max_epochs=20, state_epochs=0, enable_progress_bar=False)
+    assert model.predict().value_counts().gt(0).all()

@@ -451,6 +451,29 @@ def train_categories(model, schedule: Schedule) -> None:
     state_epochs = 0 if schedule.separate_state_phase else schedule.state_epochs
     if schedule.max_epochs + state_epochs:
         run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **trainer)
+    if not schedule.prune and schedule.max_epochs and model.start_labels is not None and not model.interrupted_:
+        warn_empty_categories(model)
+
+
+def warn_empty_categories(model) -> None:
+    """Warn when training left one of the ``n_categories`` given without a cell: it merged types silently.
+
+    Only for a model with a Leiden start (:attr:`~scmixvae.model.CplMixVAE.start_labels`), which fills every category:
+    an empty one after training means the fit merged it into others (a learning rate too high, or fewer
+    distinguishable types than ``n_categories``). Pruning fits skip the check (their many categories empty by
+    design), as do query models (a query may lack some of the reference's types).
+    """
+    sizes = model.predict().value_counts(sort=False)
+    empty = [str(name) for name, size in sizes.items() if size == 0]
+    if empty:
+        which = f"category {empty[0]} holds no cell" if len(empty) == 1 else f"categories {', '.join(empty)} hold none"
+        warnings.warn(
+            f"After training, {which} of the {sizes.size} given: the fit merged {'it' if len(empty) == 1 else 'them'} "
+            "into others. The data may hold fewer distinguishable types than n_categories, or training was unstable "
+            "(lower plan_kwargs['lr'] if you raised it).",
+            UserWarning,
+            stacklevel=check.user_stacklevel(),
+        )
 
 
 def state_phase(model, schedule: Schedule) -> None:

@@ -560,6 +560,8 @@ class CplMixVAE(
         It stops the whole fit: no later stage (pruning round, restart, state phase) runs; an interrupted pruning
         keeps the best round so far, interrupted restarts the last completed one. ``model.interrupted_`` tells
         whether the last ``train()`` or ``prune()`` call was interrupted.
+        With ``n_categories`` given, a fit whose training leaves a category without a cell (the Leiden start fills
+        every one) warns: it merged types.
         A long fit that saves :class:`~scmixvae.train.TrainingCheckpoint` files resumes in a new model built
         with the same arguments: ``train(max_epochs=..., ckpt_path=".../last.ckpt")`` restores the weights,
         the optimiser and the epoch counter (the category initialisation is then skipped).
