@@ -107,16 +107,16 @@ def check_counts(
     """Check that the registered matrix holds raw counts.
 
     Raises a :class:`ValueError` for fewer than two genes, NaN or infinite values, negative or non-integer values,
-    values above :data:`MAX_COUNT` and cells without any count; with ``warn``, warns about genes without any count
-    (they are kept; they cost time and carry no information, remove them with
-    ``sc.pp.filter_genes(adata, min_counts=1)``) and cells with fewer than :data:`MIN_INFORMATIVE_COUNTS` counts
-    (too few to tell a type: the model still gives them one, with a confidence that says nothing). Reads the matrix
-    in chunks of cells (backed data included); ``first_cells``: only that many first cells (a check again, e.g. for
-    a transformation of the whole matrix).
+    values above :data:`MAX_COUNT` and cells without any count; with ``warn``, warns about a CSC matrix (slow to
+    read by rows), genes without any count (they are kept; they cost time and carry no information, remove them
+    with ``sc.pp.filter_genes(adata, min_counts=1)``) and cells with fewer than :data:`MIN_INFORMATIVE_COUNTS`
+    counts (too few to tell a type: the model still gives them one, with a confidence that says nothing). Reads the
+    matrix in chunks of cells (backed data included); ``first_cells``: only that many first cells (a check again,
+    e.g. for a transformation of the whole matrix).
     """
     matrix = get_matrix(adata, layer)
     where = "adata.X" if layer is None else f"adata.layers[{layer!r}]"
-    if sp.issparse(matrix) and matrix.format == "csc":
+    if warn and sp.issparse(matrix) and matrix.format == "csc":
         warnings.warn(
             f"{where} is a CSC matrix: every minibatch reads rows, which is slow in CSC. Convert it once with "
             f"`{where} = {where}.tocsr()`.",

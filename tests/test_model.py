@@ -373,6 +373,27 @@ def test_train_refuses_counts_normalised_in_place_after_setup(sim_adata, trained
     assert all(torch.equal(value, weights[key]) for key, value in model.module.state_dict().items())
 
 
+def test_read_outs_refuse_counts_normalised_in_place_after_training(sim_adata):
+    """A normalisation in place after the fit (e.g. for plots) was read as counts by every read-out and tl call."""
+    import scanpy as sc
+
+    import scmixvae
+
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
+    model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False)
+    sc.pp.normalize_total(sim_adata)
+    sc.pp.log1p(sim_adata)
+    non_integer = r"adata.X contains non-integer values: the model needs raw \(integer\) counts"
+    for read_out in (model.get_latent_representation, lambda: model.predict(sim_adata), model.get_agent_agreement):
+        with pytest.raises(ValueError, match=non_integer):
+            read_out()
+    columns = list(sim_adata.obs.columns)
+    with pytest.raises(ValueError, match=non_integer):
+        scmixvae.tl.annotate(sim_adata, model)
+    assert list(sim_adata.obs.columns) == columns
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [

@@ -174,11 +174,19 @@ def test_readout_with_an_unseen_batch_is_refused(sim_adata):
         model.predict(new)
 
 
-def test_csc_input_warns_about_speed():
+def test_csc_input_warns_about_speed_once():
     x = np.random.default_rng(0).poisson(2, (20, 6)).astype(np.float32) + 1
     adata = _adata(sp.csc_matrix(x))
-    with pytest.warns(UserWarning, match="tocsr"):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         CplMixVAE.setup_anndata(adata)
+    said = [str(w.message) for w in caught if "CSC" in str(w.message) or "CSR" in str(w.message)]
+    assert len(said) == 1 and "adata.X = adata.X.tocsr()" in said[0], said  # not scvi-tools' as well
+    model = CplMixVAE(adata, n_categories=2, n_hidden=8)
+    with warnings.catch_warnings():  # train() and the read-outs check the counts again, without the warning
+        warnings.filterwarnings("error", message=".*CSC matrix")
+        model.train(max_epochs=1, batch_size=10, enable_progress_bar=False)
+        model.predict()
 
 
 def test_backed_anndata_is_checked_and_trained(tmp_path):

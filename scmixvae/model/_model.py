@@ -53,6 +53,8 @@ logger = logging.getLogger(__name__)
 
 #: Options of scvi-tools' data loader that would reorder or drop the cells of a read-out (refused there).
 READ_ORDER_OPTIONS = ("shuffle", "drop_last", "sampler", "batch_sampler")
+#: Cells of the registered AnnData whose counts every read-out checks again (setup checked them all).
+READOUT_RECHECKED_CELLS = 1_000
 
 
 def _stops_whole_fit_on_interrupt(fit):
@@ -466,7 +468,9 @@ class CplMixVAE(
             anndata_fields.append(OptionalObsField(CONDITION_KEY, condition_key))
         _check_registrable_counts(adata, layer)
         adata_manager = CplMixVAEAnnDataManager(fields=anndata_fields, setup_method_args=setup_method_args)
-        adata_manager.register_fields(adata, **kwargs)
+        with warnings.catch_warnings():  # check_counts warned of a CSC matrix, with the line that converts it
+            warnings.filterwarnings("ignore", message="Training will be faster when sparse matrix is formatted as CSR")
+            adata_manager.register_fields(adata, **kwargs)
         cls.register_manager(adata_manager)
 
     @_stops_whole_fit_on_interrupt
@@ -670,6 +674,10 @@ class CplMixVAE(
                 )
             if self.adata_manager is not None and not self._registered(adata):
                 self._check_new_data(adata)
+            elif self.adata_manager is not None:
+                self._recheck_counts(adata)
+        elif self.adata_manager is not None:
+            self._recheck_counts(self.adata)
         with warnings.catch_warnings():  # registering a few new cells for a read-out trains nothing
             warnings.filterwarnings("ignore", message=r"Category .* has fewer than 3 cells", category=UserWarning)
             return super()._validate_anndata(adata, copy_if_view=copy_if_view)
@@ -679,6 +687,15 @@ class CplMixVAE(
         store = getattr(type(self), "_per_instance_manager_store", {}).get(self.id, {})
         manager = store.get(adata.uns.get("_scvi_uuid"))
         return manager is not None and manager.adata is adata
+
+    def _recheck_counts(self, adata: AnnData) -> None:
+        """Check the first cells of a registered AnnData's counts again (:data:`READOUT_RECHECKED_CELLS`).
+
+        Counts normalised in place since setup (a common next step in scanpy, e.g. for plots) were otherwise read as
+        counts without a word.
+        """
+        layer = self.adata_manager.registry["setup_args"].get("layer")
+        check.check_counts(adata, layer, warn=False, first_cells=READOUT_RECHECKED_CELLS)
 
     def _check_new_data(self, adata: AnnData) -> None:
         """Run :meth:`setup_anndata`'s checks of the counts and covariates on an AnnData new to the model.
