@@ -285,3 +285,18 @@ def test_an_augmenter_trained_before_train_is_used_by_every_restart_and_the_fall
     assert model.pruning_history.attrs["fallback_n_categories"] >= 2
     assert all(torch.equal(value, encoder[key]) for key, value in model.module.augmenter.encoder.state_dict().items())
     assert len(model.augmenter_history_) == 2
+
+
+def test_knn_neighbours_follow_cells_filtered_in_place_between_fits(sim_adata):
+    """The table of 300 cells was kept after an in-place filter: training again failed with 'index out of range'."""
+    import scanpy as sc
+
+    CplMixVAE.setup_anndata(sim_adata)
+    model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16, augmentation="knn")
+    model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False)
+    assert model.neighbours_.shape[0] == 300
+    sc.pp.filter_cells(sim_adata, min_counts=int(np.median(np.asarray(sim_adata.X.sum(1)).ravel())))
+    n_kept = sim_adata.n_obs
+    assert 50 < n_kept < 300
+    model.train(max_epochs=1, state_epochs=0, enable_progress_bar=False)
+    assert model.neighbours_.shape[0] == n_kept and model.neighbours_.max() < n_kept

@@ -354,8 +354,13 @@ def default_resolution_clusters(model) -> int:
 
 
 def neighbours(model) -> np.ndarray:
-    """``model``'s ``"knn"`` neighbour table (:func:`neighbour_table`), found once and kept as ``neighbours_``."""
-    if getattr(model, "neighbours_", None) is None:
+    """``model``'s ``"knn"`` neighbour table (:func:`neighbour_table`), found once and kept as ``neighbours_``.
+
+    Found again when the registered cells changed in number since (e.g. ``sc.pp.filter_cells`` in place between two
+    ``train()`` calls): the old table pointed past the last cell, or at other cells.
+    """
+    table = getattr(model, "neighbours_", None)
+    if table is None or table.shape[0] != model.adata.n_obs:
         matrix = model.adata_manager.get_from_registry(REGISTRY_KEYS.X_KEY)
         model.neighbours_ = neighbour_table(matrix, seed=scvi.settings.seed or 0, groups=balance_groups(model))
     return model.neighbours_
