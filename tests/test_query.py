@@ -115,6 +115,21 @@ def test_prepare_query_anndata_pads_and_orders_the_genes(mapped):
     assert list(other.var_names) == genes
 
 
+def test_prepare_query_anndata_of_a_backed_query_says_to_read_it_into_memory(mapped, tmp_path):
+    """anndata's own error ("pass a filename: .copy(filename=...)") came after the advice to call this function."""
+    model, _, query, _, _, _ = mapped
+    genes = list(model.adata.var_names)
+    _fresh(query[:, genes[::-1]]).write_h5ad(tmp_path / "reversed.h5ad")
+    _fresh(query).write_h5ad(tmp_path / "ordered.h5ad")
+    reversed_ = anndata.read_h5ad(tmp_path / "reversed.h5ad", backed="r")
+    ordered = anndata.read_h5ad(tmp_path / "ordered.h5ad", backed="r")
+    for backed, inplace in ((reversed_, True), (reversed_, False), (ordered, False)):
+        with pytest.raises(ValueError, match=r"`adata` is backed .* `adata = adata.to_memory\(\)`"):
+            CplMixVAE.prepare_query_anndata(backed, model, inplace=inplace)
+    assert CplMixVAE.prepare_query_anndata(ordered, model) is None  # nothing to change
+    assert list(reversed_.var_names) == genes[::-1] and reversed_.isbacked
+
+
 def test_prepare_query_anndata_keeps_var_columns_writable(mapped, tmp_path):
     # scanpy's bool highly_variable became an object column with NaN for the padded genes: write_h5ad failed
     model, _, query, _, _, _ = mapped

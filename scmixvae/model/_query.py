@@ -236,7 +236,8 @@ class CplMixVAEQueryMixin:
         Parameters
         ----------
         adata
-            The query: raw counts of new cells.
+            The query: raw counts of new cells, in memory (a backed query whose genes need a change: read it with
+            ``adata.to_memory()`` first).
         reference_model
             A trained :class:`CplMixVAE` or the folder it was saved in with :meth:`save`.
         return_reference_var_names
@@ -269,9 +270,15 @@ class CplMixVAEQueryMixin:
                 UserWarning,
                 stacklevel=2,
             )
-        if adata.n_vars == len(genes) and adata.var_names.equals(genes):
-            return None if inplace else adata.copy()
-        padded = _pad_and_order(adata, genes)
+        matches = adata.n_vars == len(genes) and adata.var_names.equals(genes)
+        if matches and inplace:
+            return None
+        if adata.isbacked:  # anndata copies a backed AnnData only into a file
+            raise ValueError(
+                "`adata` is backed (read with backed='r'); giving it the reference's genes builds a new AnnData in "
+                "memory. Read the query into memory first: `adata = adata.to_memory()`."
+            )
+        padded = adata.copy() if matches else _pad_and_order(adata, genes)
         if not inplace:
             return padded
         adata._init_as_actual(padded)
