@@ -244,10 +244,12 @@ def check_key_list(name: str, keys) -> list[str] | None:
     return list(keys) or None
 
 
-def warn_continuous_categories(adata: AnnData, **categorical: str | list[str] | None) -> None:
-    """Warn about a categorical ``obs`` column (argument name, then column name or list) of non-integer numbers.
+def warn_category_columns(adata: AnnData, **categorical: str | list[str] | None) -> None:
+    """Warn about categorical ``obs`` columns (argument name, then column name or list) that hold odd categories.
 
-    Each value becomes a category of its own (e.g. ``batch_key="library_size"``: one batch per cell).
+    A column of non-integer numbers makes each value a category of its own (e.g. ``batch_key="library_size"``: one
+    batch per cell); a categorical column with categories no cell has (e.g. left by subsetting) registers them too:
+    a batch without cells, whose weights nothing trains, and which read-outs may decode in.
     """
     for arg, key in _named_columns(categorical):
         column = adata.obs[key]
@@ -259,6 +261,22 @@ def warn_continuous_categories(adata: AnnData, **categorical: str | list[str] | 
                 UserWarning,
                 stacklevel=user_stacklevel(),
             )
+        elif isinstance(column.dtype, pd.CategoricalDtype):
+            _warn_unused_categories(column, key, arg)
+
+
+def _warn_unused_categories(column: pd.Series, key: str, arg: str) -> None:
+    unused = column.cat.categories.difference(column.unique().dropna())
+    if len(unused) == 0:
+        return
+    named = ", ".join(map(repr, unused[:5].tolist())) + ("..." if len(unused) > 5 else "")
+    warnings.warn(
+        f"adata.obs[{key!r}] (`{arg}`) has {len(unused)} {'category' if len(unused) == 1 else 'categories'} that no "
+        f"cell has ({named}); each is registered as one without cells, which the model cannot learn. Drop them "
+        f"first: `adata.obs[{key!r}] = adata.obs[{key!r}].cat.remove_unused_categories()`.",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _named_columns(categorical: dict[str, str | list[str] | None]):

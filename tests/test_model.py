@@ -721,6 +721,23 @@ def test_setup_warns_of_a_continuous_column_given_as_categories(sim_adata):
             CplMixVAE.setup_anndata(sim_adata, **{key: "library_size"})
 
 
+def test_setup_warns_of_categories_without_cells(sim_adata):
+    """Categories of a metadata table that no cell has each became a batch without cells (tl decoded in batch 0)."""
+    batches = sim_adata.obs["batch"].cat.categories
+    subset = sim_adata[sim_adata.obs["batch"] == batches[1]].copy()
+    subset.obs["batch"] = pd.Categorical(subset.obs["batch"], categories=batches)  # anndata's subset had dropped it
+    subset.obs["group"] = pd.Categorical(["a"] * subset.n_obs, categories=["a", "b"])
+    for key in ("batch_key", "condition_key"):
+        with pytest.warns(UserWarning, match=rf"adata.obs\['batch'\] \(`{key}`\) has 1 category that no cell has"):
+            CplMixVAE.setup_anndata(subset, **{key: "batch"})
+    with pytest.warns(UserWarning, match=r"\(`categorical_covariate_keys`\) has 1 category .*\('b'\)"):
+        CplMixVAE.setup_anndata(subset, categorical_covariate_keys=["group"])
+    subset.obs["batch"] = subset.obs["batch"].cat.remove_unused_categories()  # as the warning says
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*that no cell has")
+        CplMixVAE.setup_anndata(subset, batch_key="batch")
+
+
 @pytest.mark.parametrize("n_cells", [1, 2])
 @pytest.mark.parametrize("n_categories", [1, None])
 def test_too_few_cells_say_how_many_are_needed(sim_adata, n_cells, n_categories):

@@ -448,7 +448,7 @@ class CplMixVAE(
             categorical_covariate_keys=categorical_covariate_keys,
         )
         if not transfer:
-            check.warn_continuous_categories(
+            check.warn_category_columns(
                 adata,
                 batch_key=batch_key,
                 condition_key=condition_key,
