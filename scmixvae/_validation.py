@@ -96,9 +96,19 @@ def get_matrix(adata: AnnData, layer: str | None):
     if layer not in adata.layers:
         raise ValueError(
             f"Layer {layer!r} not found in adata.layers (available: {list(adata.layers.keys())}). "
-            "Pass the name of the layer that holds the raw counts, or layer=None for adata.X."
+            "Pass the name of the layer that holds the raw counts, or layer=None for adata.X." + _raw_hint(adata)
         )
     return adata.layers[layer]
+
+
+def _raw_hint(adata: AnnData) -> str:
+    """How to use counts kept in ``adata.raw`` (models read ``X`` or a layer), when there is a ``raw``."""
+    if adata.raw is None:
+        return ""
+    return (
+        " If adata.raw holds the counts, copy them into a layer first: "
+        "`adata.layers['counts'] = adata.raw[:, adata.var_names].X`, then `layer='counts'`."
+    )
 
 
 def check_counts(
@@ -157,7 +167,7 @@ def check_counts(
                 raise ValueError(
                     f"{where} contains non-integer values: the model needs raw (integer) counts, not normalised or "
                     "log-transformed data. Pass `layer=` naming the layer with the raw counts "
-                    "(e.g. adata.layers['counts'])."
+                    "(e.g. adata.layers['counts'])." + _raw_hint(adata)
                 )
             if values.max() > MAX_COUNT:
                 raise ValueError(

@@ -478,3 +478,20 @@ def test_readouts_take_negative_positions_and_masks_as_numpy_does(trained_model)
     np.testing.assert_allclose(trained_model.get_latent_representation(indices=[3, 7, -1]), expected)
     names = trained_model.predict(indices=[3, 7, -1]).index
     assert names.tolist() == trained_model.adata.obs_names[[3, 7, n - 1]].tolist()
+
+
+def test_counts_kept_in_raw_are_pointed_to():
+    counts = np.random.default_rng(0).poisson(2, (20, 6)).astype(np.float32) + 1
+    adata = _adata(counts)
+    adata.raw = adata.copy()
+    adata.X = np.log1p(counts)
+    hint = r"If adata.raw holds the counts, copy them into a layer first: `adata.layers\['counts'\] = adata.raw"
+    with pytest.raises(ValueError, match=r"adata.X contains non-integer values.*" + hint):
+        CplMixVAE.setup_anndata(adata)
+    with pytest.raises(ValueError, match=r"Layer 'raw' not found in adata.layers.*" + hint):
+        CplMixVAE.setup_anndata(adata, layer="raw")
+    adata.layers["counts"] = adata.raw[:, adata.var_names].X  # as the message says
+    CplMixVAE.setup_anndata(adata, layer="counts")
+    del adata.raw
+    with pytest.raises(ValueError, match=r"adata.layers\['counts'\]\)\.$"):  # no hint without a raw
+        CplMixVAE.setup_anndata(adata)
