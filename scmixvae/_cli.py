@@ -360,6 +360,7 @@ def _fit(args) -> int:
     from ._io import atomic_write, write_h5ad
     from .model import CplMixVAE
     from .model._fit import PUBLISHED_INPUT_DROPOUT
+    from .train import TrainingDivergedError
 
     _scvi_settings(scvi, args)
     try:
@@ -377,7 +378,7 @@ def _fit(args) -> int:
             n_restarts=args.n_restarts,
             **_train_kwargs(args),
         )
-    except (ValueError, TypeError) as err:
+    except (ValueError, TypeError, TrainingDivergedError) as err:
         return _error(str(err))
     if model.interrupted_:  # train() kept the partial fit for Python users; the command writes nothing
         raise KeyboardInterrupt
@@ -428,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     caller = _caller_settings()
     try:
-        return _demo(args) if args.command == "demo" else _fit(args)
+        with warnings.catch_warnings():  # the command says it in its own words, below
+            warnings.filterwarnings("ignore", message="Training was interrupted", category=UserWarning)
+            return _demo(args) if args.command == "demo" else _fit(args)
     except KeyboardInterrupt:
         print("scmixvae: interrupted; no output file was replaced by a partial one.", file=sys.stderr)
         return 130

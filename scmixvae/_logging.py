@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import warnings
 from collections.abc import Iterator
 
@@ -86,3 +87,36 @@ def quiet_fit() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+class _WithoutTrainRunnerPrint:
+    """A text stream that passes everything on to ``stream`` but scvi-tools' print of a training run's exception.
+
+    scvi-tools' training runner prints ``Exception raised during training. <class 'NameError'> <error>`` to stdout
+    for any exception of a run (a Ctrl-C included), then raises it: the caller gets the error itself. ``print``
+    writes each argument, separator and end on its own, so the line is dropped from its first piece to its end.
+    """
+
+    _FIRST_PIECE = "Exception raised during training."
+
+    def __init__(self, stream) -> None:
+        self._stream = stream
+        self._dropping = False
+
+    def write(self, text: str) -> int:
+        if text == self._FIRST_PIECE:
+            self._dropping = True
+        if not self._dropping:
+            return self._stream.write(text)
+        self._dropping = text != "\n"
+        return len(text)
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def without_train_runner_print() -> Iterator[None]:
+    """Scope of a training run whose errors reach the caller without scvi-tools' stray print of them."""
+    with contextlib.redirect_stdout(_WithoutTrainRunnerPrint(sys.stdout)):
+        yield

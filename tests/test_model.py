@@ -9,7 +9,7 @@ import scvi
 import torch
 
 from scmixvae.model import CplMixVAE
-from scmixvae.train import TrainingCheckpoint
+from scmixvae.train import TrainingCheckpoint, TrainingDivergedError
 
 
 def _fit(adata, **kwargs):
@@ -684,15 +684,16 @@ def _nan_weight(model):
 
 
 @pytest.mark.parametrize("case", ["nan weight", "huge learning rate"], ids=lambda case: case.replace(" ", "-"))
-def test_non_finite_training_stops_with_an_error_naming_the_causes(sim_adata, case):
+def test_non_finite_training_stops_with_an_error_naming_the_causes(sim_adata, case, capsys):
     CplMixVAE.setup_anndata(sim_adata)
     model = CplMixVAE(sim_adata, n_categories=3, n_hidden=16)
     plan_kwargs = {"lr": 1e6} if case == "huge learning rate" else None
     if case == "nan weight":
         _nan_weight(model)
     match = r"loss became NaN or infinite in epoch \d.*learning rate too high.*NaN or infinite values in the counts or"
-    with pytest.raises(RuntimeError, match=match):
+    with pytest.raises(TrainingDivergedError, match=match):
         model.train(max_epochs=3, batch_size=64, enable_progress_bar=False, plan_kwargs=plan_kwargs)
+    assert "Exception raised during training" not in capsys.readouterr().out  # scvi-tools' print of the error
     assert not model.is_trained_
     with pytest.raises(ValueError, match="has not been trained"):
         model.predict()

@@ -31,7 +31,7 @@ from scvi.train import Trainer as ScviTrainer
 from scvi.train import TrainingPlan, TrainRunner
 
 from .. import _validation as check
-from .._logging import log_interval, quiet_fit
+from .._logging import log_interval, quiet_fit, without_train_runner_print
 from ..train._progress import current as current_progress
 from ..train._trainingplan import CplMixVAETrainingPlan, InterruptFlag
 from . import _start
@@ -501,8 +501,8 @@ def run(
 
     In the state phase the categorical path is frozen (the training plan's ``state_phase_start``). ``stage`` names
     the run on the fit's progress display (by default, from what it trains). A Ctrl-C keeps
-    the weights reached so far and raises :class:`FitInterrupted`; a non-finite loss raises the training plan's
-    :class:`RuntimeError`.
+    the weights reached so far and raises :class:`FitInterrupted`; a non-finite loss raises
+    :class:`~scmixvae.train.TrainingDivergedError`.
     """
     if train_size is None:
         train_size = default_train_size(early_stopping, validation_size, kwargs, plan_kwargs)
@@ -540,18 +540,19 @@ def run(
     model.adata_manager.neighbours = table
     model.adata_manager.carry_indices = True
     try:
-        UnsupervisedTrainingMixin.train(
-            model,
-            max_epochs=max_epochs + state_epochs,
-            accelerator=accelerator,
-            devices=devices,
-            train_size=train_size,
-            validation_size=validation_size,
-            batch_size=batch_size,
-            early_stopping=early_stopping,
-            plan_kwargs=plan_kwargs,
-            **kwargs,
-        )
+        with without_train_runner_print():
+            UnsupervisedTrainingMixin.train(
+                model,
+                max_epochs=max_epochs + state_epochs,
+                accelerator=accelerator,
+                devices=devices,
+                train_size=train_size,
+                validation_size=validation_size,
+                batch_size=batch_size,
+                early_stopping=early_stopping,
+                plan_kwargs=plan_kwargs,
+                **kwargs,
+            )
     except SystemExit:
         if not flag.interrupted:
             raise

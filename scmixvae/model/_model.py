@@ -79,7 +79,6 @@ def _stops_whole_fit_on_interrupt(fit):
                 "(with pruning: those of the best round so far; with restarts: the last completed restart) and is "
                 "ready for read-outs; call train() to train it further."
             )
-            logger.warning(message)
             warnings.warn(message, UserWarning, stacklevel=2)
             return None
 

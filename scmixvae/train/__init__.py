@@ -10,12 +10,13 @@ from .._scoring import (
     select_round,
 )
 from ._callbacks import ConvergenceStopping
-from ._trainingplan import CplMixVAETrainingPlan, TrainingCheckpoint
+from ._trainingplan import CplMixVAETrainingPlan, TrainingCheckpoint, TrainingDivergedError
 
 __all__ = [
     "ConvergenceStopping",
     "CplMixVAETrainingPlan",
     "TrainingCheckpoint",
+    "TrainingDivergedError",
     "categories_to_prune",
     "category_agreement",
     "check_collapse",

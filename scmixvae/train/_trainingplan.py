@@ -18,6 +18,10 @@ from ..module._components import recompute_norm_statistics
 logger = logging.getLogger(__name__)
 
 
+class TrainingDivergedError(RuntimeError):
+    """Training stopped because the loss became NaN or infinite; the model's weights are not usable."""
+
+
 class CplMixVAETrainingPlan(TrainingPlan):
     """scvi-tools :class:`~scvi.train.TrainingPlan` with the published schedule of cpl-mixVAE.
 
@@ -328,7 +332,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
         """
         if self._nonfinite is None or not bool(self._nonfinite.any()):
             return
-        raise RuntimeError(
+        raise TrainingDivergedError(
             f"Training stopped: the loss became NaN or infinite in epoch {self.current_epoch} (lr={self.lr}). "
             "Likely causes: a learning rate too high (lower it with plan_kwargs={'lr': ...}; the default is "
             "1e-3), NaN or infinite values in the counts or covariates, or NaN weights in the model (changed "
