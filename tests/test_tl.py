@@ -572,6 +572,19 @@ def test_condition_axis_falls_back_to_pc1_for_a_group_with_one_condition(with_co
     assert "one condition only" in caplog.text
 
 
+def test_groups_without_a_condition_axis_are_named_in_one_line(with_condition, caplog):
+    """A line per group: 20 lines for 20 types of a data set with one condition."""
+    adata, model = with_condition
+    data = adata[adata.obs["treatment"] == "stim"].copy()
+    data.obs["part"] = pd.Categorical((np.arange(data.n_obs) % 3).astype(str))
+    with caplog.at_level("WARNING", logger="scmixvae"):
+        tl.rank_state_genes(data, model, groupby="part", axis="condition")
+    said = [r.getMessage() for r in caplog.records if "No condition axis" in r.getMessage()]
+    assert said == ["No condition axis for group '0', group '1', group '2' (one condition only, or equal mean "
+                    "states): axis pc1 instead."]  # fmt: skip
+    assert set(data.uns[KEY]["traversal"]["axis"]) == {"pc1"}
+
+
 def test_condition_axis_needs_a_registered_condition_present_in_the_data(fitted, with_condition):
     adata, model = fitted
     with pytest.raises(ValueError, match="needs a condition registered"):

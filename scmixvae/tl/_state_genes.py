@@ -219,25 +219,31 @@ def _condition_direction(states: np.ndarray, conditions: np.ndarray, order: Sequ
     return direction / norm if norm > 0 else None
 
 
+def _log_no_condition_axis(names: Sequence[str]) -> None:
+    """Log, in one line, the groups or categories whose condition axis fell back to ``pc1``."""
+    if names:
+        logger.warning(
+            "No condition axis for %s (one condition only, or equal mean states): axis pc1 instead.", ", ".join(names)
+        )
+
+
 def _path_geometry(
     states: np.ndarray,
     axis: Axis,
     conditions: np.ndarray | None = None,
     order: Sequence[str] = (),
-    name: str = "the cells",
 ) -> tuple[np.ndarray, np.ndarray, float, str]:
     """Centre, unit direction and spread (sd of the projections) of the chosen axis of ``states``, and the axis.
 
     ``axis="condition"`` needs the cells' ``conditions``; where fewer than two conditions are present, or
-    their mean states coincide, it falls back to the first principal component (logged for ``name``; the returned
-    axis says so).
+    their mean states coincide, it falls back to the first principal component (the returned axis says so, and
+    the caller logs it: :func:`_log_no_condition_axis`).
     """
     center = states.mean(0)
     if axis == "condition":
         direction = _condition_direction(states, conditions, order)
         if direction is not None:
             return center, direction, float(((states - center) @ direction).std(ddof=1)), "condition"
-        logger.warning("No condition axis for %s (one condition only, or equal mean states): axis pc1 instead.", name)
         axis = "pc1"
     if axis == "pc1":
         centred = states - center
@@ -442,9 +448,10 @@ def state_traversal(
         )
     states = _states(model, h[:, torch.as_tensor(np.flatnonzero(mask))], k, agent)
     conditions, order = _conditions_for(model, adata, axis)
-    center, direction, sigma, _ = _path_geometry(
-        states, axis, None if conditions is None else conditions[mask], order, name=f"category {category!r}"
+    center, direction, sigma, used = _path_geometry(
+        states, axis, None if conditions is None else conditions[mask], order
     )
+    _log_no_condition_axis([f"category {category!r}"] if used != axis else [])
     t, x_log, _ = _decode_path(
         model, k, center, direction, sigma, n_sigma=n_sigma, n_steps=n_steps, agent=agent, cont_mean=cont_mean
     )
@@ -631,7 +638,7 @@ def _rank_groups(model, groups, consensus, h, counts, std, axis, conditions, tra
     :func:`_rank_group` and its geometry ``(category, n_cells, center, direction, sigma, axis)``.
     """
     codes, order = conditions
-    results, geometry = {}, {}
+    results, geometry, without_condition_axis = {}, {}, []
     for group in groups.categories:
         idx = np.flatnonzero(np.asarray(groups == group))
         if len(idx) < _MIN_CELLS:
@@ -641,14 +648,16 @@ def _rank_groups(model, groups, consensus, h, counts, std, axis, conditions, tra
             continue
         k = int(np.bincount(consensus[idx]).argmax())
         states = _states(model, h[:, torch.as_tensor(idx)], k, traversal["agent"])
-        center, direction, sigma, group_axis = _path_geometry(
-            states, axis, None if codes is None else codes[idx], order, name=f"group {group!r}"
-        )
+        cell_codes = None if codes is None else codes[idx]
+        center, direction, sigma, group_axis = _path_geometry(states, axis, cell_codes, order)
+        if group_axis != axis:
+            without_condition_axis.append(f"group {group!r}")
         if not sigma > 0:
             logger.warning("The cells of group %r do not spread along the state axis; it is left out.", group)
             continue
         results[str(group)] = _rank_group(model, k, counts[idx], states, center, direction, sigma, std, traversal)
         geometry[str(group)] = (category_name(k), len(idx), center, direction, sigma, str(group_axis))
+    _log_no_condition_axis(without_condition_axis)
     return results, geometry
 
 
