@@ -280,6 +280,7 @@ def _demo(args) -> int:
     problem = problem or _device_problem(args.accelerator)
     if problem is not None:
         return _error(problem)
+    import numpy as np
     import scvi
     from sklearn.metrics import adjusted_rand_score
 
@@ -291,6 +292,7 @@ def _demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _scvi_settings(scvi, args)
     adata = simulate(n_cells=args.n_cells, n_genes=args.n_genes, n_types=args.n_types, seed=args.seed)
+    adata = adata[:, np.asarray(adata.X.sum(0)).ravel() > 0].copy()  # as a user filters genes before the fit
     CplMixVAE.setup_anndata(adata)
     model = CplMixVAE(adata, n_categories=args.n_types)
     model.train(**_train_kwargs(args))

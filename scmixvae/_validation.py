@@ -194,7 +194,8 @@ def _warn_uninformative(adata: AnnData, where: str, cell_totals: np.ndarray, gen
     n_empty_genes = int((gene_totals == 0).sum())
     if n_empty_genes:
         warnings.warn(
-            f"{n_empty_genes} genes have no counts in {where}; they are kept but carry no information. "
+            f"{n_empty_genes} {'gene has' if n_empty_genes == 1 else 'genes have'} no counts in {where}; they are "
+            "kept but carry no information. "
             "Remove them with `sc.pp.filter_genes(adata, min_counts=1)`.",
             UserWarning,
             stacklevel=4,

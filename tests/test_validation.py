@@ -132,7 +132,7 @@ def test_empty_genes_warn_but_are_kept():
     x = np.ones((6, 3), dtype=np.float32)
     x[:, 2] = 0
     adata = _adata(x)
-    with pytest.warns(UserWarning, match="1 genes have no counts"):
+    with pytest.warns(UserWarning, match="1 gene has no counts"):
         CplMixVAE.setup_anndata(adata)
     assert adata.n_vars == 3
 
