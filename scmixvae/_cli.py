@@ -7,6 +7,7 @@ Importing this module imports neither torch, scvi-tools nor scanpy: they are loa
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -425,14 +426,42 @@ def _format_warning(message, category, filename, lineno, line=None) -> str:
     return f"scmixvae: warning: {message}\n"
 
 
+class _CommandFormatter(logging.Formatter):
+    """Format the package's log records as the command's messages: ``scmixvae: ...``, ``scmixvae: warning: ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = "" if record.levelno < logging.WARNING else f"{record.levelname.lower()}: "
+        return f"scmixvae: {level}{record.getMessage()}"
+
+
+@contextlib.contextmanager
+def _command_messages():
+    """Show the package's log lines as the command's own, on stderr beside its warnings, without terminal colours.
+
+    They otherwise reach scvi-tools' console handler, which writes them to stdout (where the command's results go)
+    with colour codes and wrapped at 80 columns, also into a file. Their level still follows ``--quiet``.
+    """
+    logger = logging.getLogger("scmixvae")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_CommandFormatter())
+    propagate = logger.propagate
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = propagate
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``scmixvae`` command."""
     args = _parser().parse_args(argv)
     formatwarning, warnings.formatwarning = warnings.formatwarning, _format_warning
     caller = _caller_settings()
     try:
-        with warnings.catch_warnings():  # the command says it in its own words, below
-            warnings.filterwarnings("ignore", message="Training was interrupted", category=UserWarning)
+        with warnings.catch_warnings(), _command_messages():
+            warnings.filterwarnings("ignore", message="Training was interrupted", category=UserWarning)  # said below
             return _demo(args) if args.command == "demo" else _fit(args)
     except KeyboardInterrupt:
         print("scmixvae: interrupted; no output file was replaced by a partial one.", file=sys.stderr)

@@ -477,6 +477,23 @@ def test_quiet_demo_prints_only_its_results(tmp_path, capfd):
     assert not [str(w.message) for w in caught if "no counts" in str(w.message)]  # the demo leaves such genes out
 
 
+def test_messages_and_progress_go_to_stderr_as_plain_lines_and_stdout_holds_the_results(tmp_path, sim_adata):
+    """Redirected, stdout held the log lines in terminal colours, wrapped at 80 columns, and the progress bar."""
+    src = tmp_path / "in.h5ad"
+    sim_adata.write_h5ad(src)
+    args = ["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--n-categories", "3", "--max-epochs", "1",
+            "--state-epochs", "1", "--accelerator", "cpu"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    env.update({"MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-m", "scmixvae", *args], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [f"wrote {tmp_path / 'out.h5ad'}, {tmp_path / 'out.state_genes.csv'}"]
+    lines = [line for line in result.stderr.replace("\r", "\n").splitlines() if line.strip()]
+    assert "\x1b[" not in result.stderr
+    assert any(line.startswith("scmixvae: categorical heads fitted to the initial partition: ") for line in lines)
+    assert any(line.startswith("states: 100%") for line in lines)
+
+
 def test_warnings_read_as_the_commands_messages_even_when_quiet(tmp_path, sim_adata):
     """Python's warning display named an internal file and printed a line of the package's code."""
     import warnings as python_warnings

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -48,17 +49,17 @@ class FitProgress(Callback):
         self.state_phase_start = max_epochs if max_epochs and state_epochs else None
         return self
 
-    def _describe(self, epoch: int) -> None:
+    def _describe(self, epoch: int, refresh: bool = True) -> None:
         name = "states" if self.state_phase_start is not None and epoch >= self.state_phase_start else self.name
-        self.bar.set_description(f"{self.restart}{name}")
+        self.bar.set_description(f"{self.restart}{name}", refresh=refresh)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not trainer.is_global_zero:
             return
-        if self.bar is None:
-            from scvi.utils import track
+        if self.bar is None:  # on stderr, as tqdm's bars: stdout holds results (those of the CLI, for one)
+            from tqdm.auto import tqdm
 
-            self.bar = track(None, description=self.name, total=trainer.max_epochs, style="tqdm", unit="epoch")
+            self.bar = tqdm(desc=self.name, total=trainer.max_epochs, unit="epoch", file=sys.stderr)
         else:
             self.bar.reset(total=trainer.max_epochs)
             self.bar.set_postfix_str("", refresh=False)
@@ -71,8 +72,8 @@ class FitProgress(Callback):
         loss = trainer.callback_metrics.get("train_loss_epoch", trainer.callback_metrics.get("train_loss"))
         if loss is not None:
             self.bar.set_postfix(train_loss=f"{float(loss):.4g}", refresh=False)
+        self._describe(trainer.current_epoch + 1, refresh=False)  # drawn once, by the update
         self.bar.update(1)
-        self._describe(trainer.current_epoch + 1)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.bar is not None and trainer.is_global_zero:
