@@ -269,7 +269,9 @@ def _read_input(path: Path):
     if (reason := not_hdf5_reason(path)) is not None:
         return f"input {reason}"
     try:
-        return anndata.read_h5ad(path)
+        with warnings.catch_warnings():  # setup refuses duplicate names, saying how to fix them
+            warnings.filterwarnings("ignore", message="(Variable|Observation) names are not unique")
+            return anndata.read_h5ad(path)
     except Exception as err:  # any reader failure: the file is not an AnnData anndata can read
         return f"input {path} could not be read as an AnnData ({type(err).__name__}: {err})"
 

@@ -173,6 +173,23 @@ def no_training(monkeypatch):
     monkeypatch.setattr(CplMixVAE, "train", train)
 
 
+@pytest.mark.parametrize("names", ["var", "obs"])
+def test_duplicate_names_in_the_input_are_the_commands_error_alone(tmp_path, sim_adata, capsys, names):
+    """anndata's warning about them came first, as 'scmixvae: warning: Variable names are not unique...'."""
+    index = getattr(sim_adata, f"{names}_names").to_numpy().copy()
+    index[1] = index[0]
+    setattr(sim_adata, f"{names}_names", index)
+    src = tmp_path / "in.h5ad"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sim_adata.write_h5ad(src)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["fit", str(src), "-o", str(tmp_path / "out.h5ad")]) == 2
+    assert not [str(w.message) for w in caught if "not unique" in str(w.message)]
+    assert "make_unique()" in capsys.readouterr().err
+
+
 def test_fit_refuses_to_overwrite_its_input(tmp_path, sim_adata, capsys, no_training):
     src = tmp_path / "x.h5ad"
     sim_adata.write_h5ad(src)
