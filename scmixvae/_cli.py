@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -212,8 +213,29 @@ def _save_figure(fig, path: Path, **kwargs) -> None:
         plt.close(fig)
 
 
+#: The API's arguments that the package's messages name, and the command's options that set them.
+_OPTIONS = {
+    name: "--" + name.replace("_", "-")
+    for name in ("layer", "batch_key", "condition_key", "n_categories", "n_restarts", "likelihood", "batch_size",
+                 "key_added", "max_epochs", "state_epochs", "accelerator")
+}  # fmt: skip
+
+
+def _in_command_words(message: str) -> str:
+    """Name the command's options where a message of the package names the API's arguments.
+
+    ``batch_key``/`` `batch_key` `` becomes ``--batch-key``, `` `layer=` `` ``--layer``, ``layer=None`` ``no --layer``
+    and ``n_categories=400`` ``--n-categories 400``.
+    """
+    for name, option in _OPTIONS.items():
+        message = re.sub(rf"`{name}=?`", option, message)
+        message = re.sub(rf"\b{name}=None\b", f"no {option}", message)
+        message = re.sub(rf"\b{name}=(['\"]?)([^\s,;:()'\"]+)\1", rf"{option} \2", message)
+    return message
+
+
 def _error(message: str) -> int:
-    print(f"scmixvae: error: {message}", file=sys.stderr)
+    print(f"scmixvae: error: {_in_command_words(message)}", file=sys.stderr)
     return 2
 
 
@@ -425,7 +447,7 @@ def _fit_figures(adata, model, key: str, genes_key: str, folder: Path) -> None:
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """Format a warning as the command's message, ``scmixvae: warning: ...``, not with a source file and line."""
-    return f"scmixvae: warning: {message}\n"
+    return f"scmixvae: warning: {_in_command_words(str(message))}\n"
 
 
 class _CommandFormatter(logging.Formatter):

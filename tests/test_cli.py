@@ -154,7 +154,11 @@ def test_fit_reports_bad_path_and_bad_key(tmp_path, sim_adata, capsys):
     assert main(["fit", str(src), "-o", str(tmp_path / "o.h5ad"), "--batch-key", "nope"]) == 2
     assert "nope" in capsys.readouterr().err
     assert main(["fit", str(src), "-o", str(tmp_path / "o.h5ad"), "--condition-key", "nope"]) == 2
-    assert "`condition_key`" in capsys.readouterr().err
+    assert "error: --condition-key: column(s) ['nope'] not found" in capsys.readouterr().err  # not `condition_key`
+    assert main(["fit", str(src), "-o", str(tmp_path / "o.h5ad"), "--layer", "counts"]) == 2
+    assert "raw counts, or no --layer for adata.X." in capsys.readouterr().err  # not layer=None
+    assert main(["fit", str(src), "-o", str(tmp_path / "o.h5ad"), "--n-categories", "400"]) == 2
+    assert "error: --n-categories 400 is larger than the number of cells" in capsys.readouterr().err
     assert main(["fit", str(src), "-o", str(tmp_path / "o.txt")]) == 2
 
 
@@ -339,7 +343,7 @@ def test_fit_refuses_an_accelerator_lightning_cannot_use_before_reading_the_inpu
     sim_adata.write_h5ad(src)
     monkeypatch.setattr(cli, "_read_input", lambda path: pytest.fail("the input was read"))
     assert main(["fit", str(src), "-o", str(tmp_path / "out.h5ad"), "--accelerator", "nope"]) == 2
-    assert "error: accelerator='nope' with devices='auto' cannot be used on this machine" in capsys.readouterr().err
+    assert "error: --accelerator nope with devices='auto' cannot be used on this machine" in capsys.readouterr().err
     assert main(["demo", "-o", str(tmp_path / "demo"), "--accelerator", "nope"]) == 2
     assert "cannot be used on this machine" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.h5ad"]
