@@ -26,8 +26,7 @@ def _iter_chunks(matrix, n: int | None = None):
     """Yield row blocks of the first ``n`` rows (all by default) of a dense, sparse or backed matrix, in memory."""
     n = matrix.shape[0] if n is None else min(n, matrix.shape[0])
     for start in range(0, n, _CHUNK):
-        block = matrix[start : start + _CHUNK]
-        yield block
+        yield matrix[start : min(start + _CHUNK, n)]
 
 
 def _values(block) -> np.ndarray:

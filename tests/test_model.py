@@ -373,6 +373,18 @@ def test_train_refuses_counts_normalised_in_place_after_setup(sim_adata, trained
     assert all(torch.equal(value, weights[key]) for key, value in model.module.state_dict().items())
 
 
+def test_read_outs_of_a_model_on_more_cells_than_they_recheck():
+    """The recheck of the first 1,000 cells failed on any larger AnnData ("could not broadcast ... (1000,)")."""
+    from scmixvae.data import simulate
+    from scmixvae.model._model import READOUT_RECHECKED_CELLS
+
+    adata = simulate(n_cells=READOUT_RECHECKED_CELLS + 200, n_genes=50, n_types=3, seed=0)
+    CplMixVAE.setup_anndata(adata)
+    model = CplMixVAE(adata, n_categories=3, n_hidden=16)
+    model.train(max_epochs=1, state_epochs=0, batch_size=256, enable_progress_bar=False)
+    assert model.predict().shape == (adata.n_obs,)
+
+
 def test_read_outs_refuse_counts_normalised_in_place_after_training(sim_adata):
     """A normalisation in place after the fit (e.g. for plots) was read as counts by every read-out and tl call."""
     import scanpy as sc

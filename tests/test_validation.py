@@ -495,3 +495,17 @@ def test_counts_kept_in_raw_are_pointed_to():
     del adata.raw
     with pytest.raises(ValueError, match=r"adata.layers\['counts'\]\)\.$"):  # no hint without a raw
         CplMixVAE.setup_anndata(adata)
+
+
+@pytest.mark.parametrize("kind", ["dense", "csr"])
+def test_a_check_of_the_first_cells_reads_only_those(kind):
+    """first_cells=1000 of 1,500 cells read all 1,500 into 1,000 slots (a read-out of every model on > 1,000 cells)."""
+    from scmixvae._validation import check_counts
+
+    x = np.random.default_rng(0).poisson(2, (1500, 6)).astype(np.float32) + 1
+    adata = _adata(x if kind == "dense" else sp.csr_matrix(x))
+    check_counts(adata, first_cells=1000)
+    adata.X[1200, 0] = 0.5  # past the cells checked
+    check_counts(adata, first_cells=1000)
+    with pytest.raises(ValueError, match="non-integer values"):
+        check_counts(adata)
