@@ -604,6 +604,35 @@ def test_restart_r_is_the_fit_of_a_new_model_with_its_restart_seed(restarted):
             pd.testing.assert_series_equal(single.predict(), model.predict())
 
 
+def test_restarts_leave_the_random_generators_where_the_fit_left_them():
+    """Restoring the caller's seed re-seeded them: the caller's next draws repeated those after its own seeding."""
+    import random
+
+    adata = _restart_data()
+    scvi.settings.seed = 0
+    after_seeding = np.random.rand(3), random.random(), torch.rand(3)  # noqa: NPY002 (the global generators)
+    pl_seed = os.environ.pop("PL_GLOBAL_SEED", None)
+    try:
+        scvi.settings.seed = 0
+        model = CplMixVAE(adata, n_hidden=16)
+        rounds = {"max_rounds": 1, "epochs_per_round": 1, "threshold": 0.05}  # no fit without consensus, which
+        model.train(max_epochs=1, state_epochs=0, n_restarts=2, prune_kwargs=rounds, **TRAIN)  # seeds it anew
+        assert model.restart_history["selected"].any()
+        after_fit = np.random.rand(3), random.random(), torch.rand(3)  # noqa: NPY002
+        assert scvi.settings.seed == 0
+        assert not np.allclose(after_fit[0], after_seeding[0]) and after_fit[1] != after_seeding[1]
+        assert not torch.equal(after_fit[2], after_seeding[2])
+        os.environ.pop("PL_GLOBAL_SEED", None)
+        scvi.settings.seed = None
+        model = CplMixVAE(adata, n_hidden=16)
+        model.train(max_epochs=1, state_epochs=0, n_restarts=2, prune_kwargs=rounds, **TRAIN)
+        assert "PL_GLOBAL_SEED" not in os.environ  # the restarts' seeds, which a seed_everything() would reuse
+    finally:
+        scvi.settings.seed = 0
+        if pl_seed is not None:
+            os.environ["PL_GLOBAL_SEED"] = pl_seed
+
+
 def test_unseeded_fits_share_no_restart(tmp_path):
     # without a seed, restart 0 was recorded as seed 0 and every unseeded fit's restart 1 was seed 0's restart 1
     adata = _restart_data()

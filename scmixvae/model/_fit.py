@@ -15,6 +15,7 @@ import inspect
 import logging
 import math
 import os
+import random
 import warnings
 import zipfile
 from pathlib import Path
@@ -327,25 +328,39 @@ def check_training_cells(model) -> None:
         raise ValueError(f"n_categories={model.module.n_categories} is larger than the number of cells ({n_cells}).")
 
 
+#: Environment variables that scvi-tools' and Lightning's seed setters change: jax's determinism flags and the seed
+#: that a later ``lightning.seed_everything()`` without a seed would reuse.
+SEED_ENVIRONMENT = ("XLA_FLAGS", "PL_GLOBAL_SEED", "PL_SEED_WORKERS")
+
+
 def seed_settings() -> dict[str, Any]:
-    """Return scvi-tools' seed and what its setter changes besides: cuDNN's flags and ``$XLA_FLAGS``."""
+    """Return scvi-tools' seed and what its setter changes besides: cuDNN's flags and :data:`SEED_ENVIRONMENT`."""
     cudnn = torch.backends.cudnn
     return {
         "seed": scvi.settings.seed,
         "cudnn": (cudnn.deterministic, cudnn.benchmark),
-        "XLA_FLAGS": os.environ.get("XLA_FLAGS"),
+        "environment": {name: os.environ.get(name) for name in SEED_ENVIRONMENT},
     }
 
 
 def restore_seed_settings(settings: dict[str, Any]) -> None:
-    """Give back what :func:`seed_settings` returned (a seed set again re-seeds the random generators)."""
+    """Give back what :func:`seed_settings` returned; the random generators stay where the work left them.
+
+    Setting the seed again re-seeds numpy's, Python's and torch's generators: the caller's next draws would repeat
+    those that followed its own seeding.
+    """
     if scvi.settings.seed != settings["seed"]:
-        scvi.settings.seed = settings["seed"]
+        numpy_state, python_state = np.random.get_state(), random.getstate()  # noqa: NPY002 (the global generator)
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # torch's, CUDA's included
+            scvi.settings.seed = settings["seed"]
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(python_state)
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = settings["cudnn"]
-    if settings["XLA_FLAGS"] is None:
-        os.environ.pop("XLA_FLAGS", None)
-    else:
-        os.environ["XLA_FLAGS"] = settings["XLA_FLAGS"]
+    for name, value in settings["environment"].items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 def resolve_schedule(
