@@ -206,28 +206,54 @@ class CplMixVAERNAMixin(RNASeqMixin):
             n_samples = n_samples_overall // max(len(indices), 1) + 1
         batch_codes = self._transform_batch_codes(adata, transform_batch)
 
-        module = self.module
-        exprs = []
-        read = self.iter_inference(adata, indices, batch_size=batch_size, data_loader_kwargs=data_loader_kwargs)
-        for inputs, out in read:
-            c, mean, var = module.consensus_state(out["q"], out["hs"])
-            per_sample = []
-            for _ in range(n_samples):
-                s = mean + var.sqrt() * torch.randn_like(mean) if sample else mean
-                per_sample.append(self._decode_scale(out, inputs, s, c, batch_codes, agent, library_size))
-            exprs.append(torch.stack(per_sample).cpu().numpy()[..., gene_mask])
-        exprs = np.concatenate(exprs, axis=1)  # (n_samples, n_cells, n_genes)
-
-        if n_samples_overall is not None:
-            flat = exprs.reshape(-1, exprs.shape[-1])
+        picked = None
+        if n_samples_overall is not None:  # rows `sample * n_cells + cell` of all the samples, drawn before decoding
             # numpy's global generator, seeded by scvi.settings.seed, as scvi-tools' own implementation
-            return flat[np.random.choice(flat.shape[0], n_samples_overall, replace=True)]  # noqa: NPY002
-        if n_samples > 1 and not return_mean:
-            return exprs
-        exprs = exprs.mean(0)
-        if return_numpy:
+            picked = np.random.choice(n_samples * len(indices), n_samples_overall, replace=True)  # noqa: NPY002
+        keep_samples = picked is None and n_samples > 1 and not return_mean
+        exprs = self._decoded_expression(
+            adata, indices, n_samples, sample, picked, keep_samples, gene_mask,
+            decode={"batch_codes": batch_codes, "agent": agent, "library_size": library_size},
+            read={"batch_size": batch_size, "data_loader_kwargs": data_loader_kwargs},
+        )  # fmt: skip
+        if picked is not None or keep_samples or return_numpy:
             return exprs
         return pd.DataFrame(exprs, index=adata.obs_names[indices], columns=adata.var_names[gene_mask])
+
+    def _decoded_expression(
+        self, adata, indices, n_samples, sample, picked, keep_samples, gene_mask, *, decode: dict, read: dict
+    ) -> np.ndarray:
+        """Decode the cells minibatch by minibatch into one array of the result's size, the ``gene_mask`` genes only.
+
+        The result: the ``picked`` rows of the ``(n_samples * n_cells, n_genes)`` samples, all ``(n_samples, n_cells,
+        n_genes)`` samples (``keep_samples``) or their mean ``(n_cells, n_genes)``. No array of every cell's samples
+        of every gene is built (it grew to several times the result on large data).
+        """
+        genes = torch.as_tensor(np.flatnonzero(gene_mask))
+        if picked is not None:
+            picked_sample, picked_cell = np.divmod(picked, len(indices))
+        result, start = None, 0
+        for inputs, out in self.iter_inference(adata, indices, **read):
+            c, mean, var = self.module.consensus_state(out["q"], out["hs"])
+            draws = []
+            for _ in range(n_samples):
+                s = mean + var.sqrt() * torch.randn_like(mean) if sample else mean
+                draws.append(self._decode_scale(out, inputs, s, c, **decode)[:, genes.to(mean.device)])
+            draws = torch.stack(draws).cpu().numpy()  # (n_samples, B, n_genes)
+            stop = start + draws.shape[1]
+            if result is None:
+                cells = (n_samples, len(indices)) if keep_samples else (len(indices),)
+                rows = (len(picked),) if picked is not None else cells
+                result = np.empty((*rows, len(genes)), dtype=draws.dtype)
+            if picked is not None:
+                rows = (picked_cell >= start) & (picked_cell < stop)
+                result[rows] = draws[picked_sample[rows], picked_cell[rows] - start]
+            elif keep_samples:
+                result[:, start:stop] = draws
+            else:
+                result[start:stop] = draws.mean(0)
+            start = stop
+        return result
 
     def _decode_scale(self, out, inputs, s, c, batch_codes, agent, library_size) -> torch.Tensor:
         """Expression frequencies ``(B, D)`` of states ``s`` ``(A, B, S)``, averaged over ``batch_codes``."""
@@ -449,13 +475,11 @@ class CplMixVAERNAMixin(RNASeqMixin):
         self._check_if_trained(warn=False)
         adata = self._validate_anndata(adata)
         indices = check.check_indices(indices, adata.n_obs)
-        x = [
-            tensors[REGISTRY_KEYS.X_KEY]
-            for tensors in self._read_minibatches(adata, indices, batch_size, data_loader_kwargs)
-        ]
-        return np.concatenate(
-            [(t.to_dense() if t.layout != torch.strided else t).sum(-1, keepdim=True).numpy() for t in x]
-        )
+        minibatches = self._read_minibatches(adata, indices, batch_size, data_loader_kwargs)
+        return np.concatenate([  # each minibatch's totals as it is read: the counts are not kept
+            (x.to_dense() if x.layout != torch.strided else x).sum(-1, keepdim=True).numpy()
+            for x in (tensors[REGISTRY_KEYS.X_KEY] for tensors in minibatches)
+        ])  # fmt: skip
 
     def get_importance_weights(self, *args, **kwargs):
         """Not available: importance weights need a single posterior over one latent, which the mixture lacks.
