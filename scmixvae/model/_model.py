@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import logging
 import os
 import warnings
 from collections.abc import Iterator, Sequence
@@ -47,9 +46,6 @@ from ._query import CplMixVAEQueryMixin
 from ._registry import CplMixVAERegistryMixin
 from ._rnaseq import CplMixVAERNAMixin
 from ._save_load import REMOVED_OPTIONS, load_model, read_registry, save_model
-
-logger = logging.getLogger(__name__)
-
 
 #: Options of scvi-tools' data loader that would reorder or drop the cells of a read-out (refused there).
 READ_ORDER_OPTIONS = ("shuffle", "drop_last", "sampler", "batch_sampler")

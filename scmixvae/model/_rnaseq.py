@@ -235,10 +235,11 @@ class CplMixVAERNAMixin(RNASeqMixin):
         result, start = None, 0
         for inputs, out in self.iter_inference(adata, indices, **read):
             c, mean, var = self.module.consensus_state(out["q"], out["hs"])
+            genes = genes.to(mean.device)
             draws = []
             for _ in range(n_samples):
                 s = mean + var.sqrt() * torch.randn_like(mean) if sample else mean
-                draws.append(self._decode_scale(out, inputs, s, c, **decode)[:, genes.to(mean.device)])
+                draws.append(self._decode_scale(out, inputs, s, c, **decode)[:, genes])
             draws = torch.stack(draws).cpu().numpy()  # (n_samples, B, n_genes)
             stop = start + draws.shape[1]
             if result is None:
