@@ -401,7 +401,6 @@ def fit_without_consensus(model, schedule: _fit.Schedule, augmenter=None) -> Non
         NoConsensusWarning,
         stacklevel=check.user_stacklevel(),
     )
-    logger.info("No consensus: fitting %d categories (Leiden at resolution 1).", n_categories)
     if scvi.settings.seed is not None:
         scvi.settings.seed = scvi.settings.seed  # the random state of a model created at this seed
     options = {**_fit.option_defaults(False), **getattr(model, "given_options_", {})}  # the defaults of K given
