@@ -339,8 +339,9 @@ def test_prune_rejects_bad_arguments_before_training(kwargs, match):
 def test_prune_warns_when_every_agent_reads_the_same_cell():
     model = _small_model(input_dropout=None)  # K given: input_dropout 0, augmentation "dropout"
     assert model.module.input_dropout == 0
-    with pytest.warns(UserWarning, match="Every agent reads the same cell"):
+    with pytest.warns(UserWarning, match="Every agent reads the same cell") as record:
         model.prune(max_rounds=1, epochs_per_round=1, **TRAIN)
+    assert [w.filename for w in record if "same cell" in str(w.message)] == [__file__]  # the user's line
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="Every agent reads the same cell")
         _small_model().prune(max_rounds=1, epochs_per_round=1, **TRAIN)  # own views: no warning

@@ -466,7 +466,7 @@ def train_categories(model, schedule: Schedule) -> None:
     state_epochs = 0 if schedule.separate_state_phase else schedule.state_epochs
     if schedule.max_epochs + state_epochs:
         run(model, max_epochs=schedule.max_epochs, state_epochs=state_epochs, **trainer)
-    if not schedule.prune and schedule.max_epochs and model.start_labels is not None and not model.interrupted_:
+    if not schedule.prune and schedule.max_epochs and model.start_labels is not None:
         warn_empty_categories(model)
 
 
@@ -525,7 +525,6 @@ def run(
             kwargs.setdefault("limit_val_batches", 0)
     if state_epochs:
         plan_kwargs = {**(plan_kwargs or {}), "state_phase_start": max_epochs}
-    if state_epochs:
         strategy = kwargs.get("strategy")
         if isinstance(strategy, str) and strategy.startswith("ddp") and "find_unused" not in strategy:
             # the frozen categorical path gets no gradients in the state phase: DDP must expect that
@@ -553,9 +552,8 @@ def run(
     # the neighbours' counts are loaded into the training minibatches only while training; their rows are
     # loaded in sorted order, the same in memory and backed
     model.adata_manager.neighbours = table
-    model.adata_manager.carry_indices = True
     try:
-        with without_train_runner_print():
+        with without_train_runner_print(), model.adata_manager.indexed_minibatches():
             UnsupervisedTrainingMixin.train(
                 model,
                 max_epochs=max_epochs + state_epochs,
@@ -579,7 +577,6 @@ def run(
         raise FitInterrupted from None
     finally:
         model.adata_manager.neighbours = None
-        model.adata_manager.carry_indices = False
         model.module.categories_frozen = False
 
 

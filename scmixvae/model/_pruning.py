@@ -66,7 +66,7 @@ def default_epochs_per_round(n_cells: int) -> int:
 def _snapshot(module: torch.nn.Module) -> dict[str, Any]:
     """Copy what a round leaves: the state dict on the CPU (weights, category mask) and the optimiser's state."""
     weights = {name: value.detach().to("cpu", copy=True) for name, value in module.state_dict().items()}
-    return {"weights": weights, "optimizer": copy.deepcopy(getattr(module, "carried_optimizer_state", None))}
+    return {"weights": weights, "optimizer": copy.deepcopy(module.carried_optimizer_state)}
 
 
 def _restore(module: torch.nn.Module, snapshot: dict[str, Any]) -> None:
@@ -183,11 +183,10 @@ def prune(
             "number of types, create the model with n_categories=None, or give each agent its own view "
             "(input_dropout=0.5, published, or another augmentation).",
             UserWarning,
-            stacklevel=3,
+            stacklevel=check.user_stacklevel(),
         )
     user_callbacks = list(train_kwargs.pop("callbacks", None) or [])
-    trainer = train_kwargs  # the keyword arguments of every Lightning run but its epochs and callbacks
-    if not model.is_trained_:  # train first, as train(prune=False) does (pruning is what this call does next)
+    if not model.is_trained_:  # the start and the category fit first, as train() runs them before its first round
         trainer = {"batch_size": batch_size, "callbacks": list(user_callbacks), **train_kwargs}
         schedule = _fit.resolve_schedule(
             model, max_epochs=None, state_epochs=0, prune=True, n_restarts=1, prune_kwargs=None, trainer=trainer
@@ -252,7 +251,7 @@ def _coupling_warmup(module, max_epochs: int, train_kwargs: dict[str, Any]) -> t
     (at least one), so that the agents train at the full coupling before the round is scored, without the
     thousandfold jump of a switch; otherwise there is no warm-up (0 epochs).
     """
-    factor = float(getattr(module, "coupling_factor", 1.0))
+    factor = float(module.coupling_factor)
     if factor >= 1.0:
         return train_kwargs, 0
     warmup = max(1, max_epochs // 2)
@@ -402,7 +401,7 @@ def fit_without_consensus(model, schedule: _fit.Schedule, augmenter=None) -> Non
         stacklevel=check.user_stacklevel(),
     )
     if scvi.settings.seed is not None:
-        scvi.settings.seed = scvi.settings.seed  # the random state of a model created at this seed
+        scvi.settings.seed = scvi.settings.seed  # not a no-op: the setter seeds the generators again, as at creation
     options = {**_fit.option_defaults(False), **getattr(model, "given_options_", {})}  # the defaults of K given
     fit = _fit.fresh_model(model, n_categories=n_categories, **options)
     _fit.give_augmenter(fit, augmenter)
@@ -469,7 +468,7 @@ def fit_restarts(model, schedule: _fit.Schedule, augmenter=None) -> None:
                 _fit.give_augmenter(fit, augmenter)
             _fit.start(fit, schedule)
             _fit.train_categories(fit, schedule)
-            history = prune(fit, **schedule.prune_kwargs, **schedule.trainer)
+            history = prune(fit, **schedule.prune_kwargs, **schedule.later_runs)
             chosen = history.loc[history["selected"]].iloc[0]
             labels.append(fit.predict(batch_size=schedule.trainer["batch_size"]).to_numpy())
             fits.append(fit)

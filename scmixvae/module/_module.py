@@ -235,8 +235,12 @@ class CplMixVAEModule(BaseModuleClass):
         self.register_buffer("condition_seen", torch.zeros(g, dtype=torch.bool), persistent=False)
         # running mean of the coupling's weight of every category (see coupling_weight_caps); 0: not started
         self.register_buffer("coupling_weights", torch.zeros(a, 1, n_categories), persistent=False)
-        # set by the training plan during the state phase (see :meth:`inference`)
+        # set by the training plan (CplMixVAETrainingPlan): during the state phase (see :meth:`inference`); at the end
+        # of a run, the coupling's factor reached (where a later warm-up of the fit starts) and the optimiser's state
+        # (which the next run of the same parameters loads)
         self.categories_frozen = False
+        self.coupling_factor = 1.0
+        self.carried_optimizer_state: tuple | None = None
         self.augmenter = (
             AugmenterModule(n_input, n_categories, noise=self.augmentation_strength)
             if augmentation == "learned"

@@ -155,7 +155,7 @@ class CplMixVAETrainingPlan(TrainingPlan):
         """
         config = super().configure_optimizers()
         optimizer = config["optimizer"]
-        carried = getattr(self.module, "carried_optimizer_state", None)
+        carried = self.module.carried_optimizer_state
         if carried is not None and carried[0] == self._optimizer_signature(optimizer):
             optimizer.load_state_dict(carried[1])
             for group in optimizer.param_groups:
