@@ -417,6 +417,11 @@ def test_read_outs_refuse_counts_normalised_in_place_after_training(sim_adata):
         ({"max_epoch": 3}, TypeError, r"has no option 'max_epoch' .*Did you mean 'max_epochs'\?"),
         ({"plan_kwargs": {"lrr": 1e-3}}, TypeError, r"plan_kwargs has no option 'lrr' .*Did you mean 'lr'\?"),
         ({"plan_kwargs": [("lr", 1e-3)]}, TypeError, "`plan_kwargs` must be a dict, got list"),
+        (  # the fit set it in some runs and kept the caller's in others (state_phase_start=0 froze pruning rounds)
+            {"plan_kwargs": {"state_phase_start": 0, "max_coupling_factor": 2.0}},
+            TypeError,
+            r"plan_kwargs may not hold \['max_coupling_factor', 'state_phase_start'\]: the fit sets them",
+        ),
         (
             {"accelerator": "nope"},
             ValueError,

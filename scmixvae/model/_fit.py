@@ -44,6 +44,8 @@ logger = logging.getLogger(__name__)
 #: agents keep similar types apart (each over-split into pure categories) instead of merging them, which pruning
 #: cannot undo; the first pruning round warms the weight up to ``coupling_weight`` (:mod:`._pruning`).
 PRUNING_COUPLING_FACTOR = 1e-3
+#: Options of the training plan that the fit sets for each of its runs (refused in ``plan_kwargs``).
+FIT_PLAN_OPTIONS = ("max_coupling_factor", "min_coupling_factor", "n_epochs_coupling_warmup", "state_phase_start")
 
 #: With the number of types given, the coupling's weight of each category is capped at this multiple of its running
 #: mean (the training plan's ``coupling_weight_cap``): a minibatch that holds no cell of a type of a few percent no
@@ -245,6 +247,12 @@ def check_trainer_options(trainer: dict[str, Any], *, where: str = "train()") ->
     plan_kwargs = trainer.get("plan_kwargs")
     if plan_kwargs is not None and not isinstance(plan_kwargs, dict):
         raise TypeError(f"`plan_kwargs` must be a dict, got {type(plan_kwargs).__name__}.")
+    if managed := [name for name in FIT_PLAN_OPTIONS if name in (plan_kwargs or {})]:
+        raise TypeError(
+            f"plan_kwargs may not hold {managed}: the fit sets them for each of its runs (the coupling's warm-up of "
+            "a fit that prunes, the start of the state phase). Set the coupling with CplMixVAE(coupling_weight=...) "
+            "and the state phase with train(state_epochs=...)."
+        )
     for kind, options, what, nor in (
         ("trainer", trainer, where, "scvi-tools' or Lightning's trainer"),
         ("plan", plan_kwargs or {}, "plan_kwargs", "scvi-tools' training plan"),

@@ -82,6 +82,10 @@ class CplMixVAETrainingPlan(TrainingPlan):
 
     Notes
     -----
+    :meth:`~scmixvae.model.CplMixVAE.train` and :meth:`~scmixvae.model.CplMixVAE.prune` set ``max_coupling_factor``,
+    ``min_coupling_factor``, ``n_epochs_coupling_warmup`` and ``state_phase_start`` for each run of a fit, and
+    refuse them in ``plan_kwargs``.
+
     Each call of ``self.log`` costs Lightning's bookkeeping on the host (about a millisecond under a profiler),
     and a step logs about twenty values (the loss, scvi-tools' ELBO metrics, the per-agent terms). With the
     default epoch-level logging (``on_step=False``) these values are kept (on the device) during the epoch and
