@@ -587,8 +587,8 @@ class CplMixVAE(
             _pruning.choose_n_categories(self, schedule)
         else:
             _fit.start(self, schedule)
-            _fit.train_categories(self, schedule)
-        _fit.state_phase(self, schedule)
+            _fit.train_categories(self, schedule)  # the state phase too, in the same run, unless it has one of its own
+        _fit.state_phase(self, schedule)  # a run of its own: after a choice of K, or with early stopping
 
     def train_augmenter(
         self,
@@ -859,9 +859,19 @@ class CplMixVAE(
         and its inference outputs (``q``: posteriors ``(A, n, K)`` over all initial categories, masked ones 0;
         ``hs``: the state features; ``qs_m``, ``qs_v``: each agent's state posterior given its own category).
         """
+        adata, indices = self._read_out_cells(adata, indices)
+        yield from self._inference(adata, indices, batch_size, data_loader_kwargs)
+
+    def _read_out_cells(self, adata: AnnData | None, indices: Sequence[int] | None) -> tuple[AnnData, np.ndarray]:
+        """Check, once per read-out, that the model is trained, then ``adata`` (as registered) and ``indices``."""
         self._check_if_trained(warn=True)
         adata = self._validate_anndata(adata)
-        indices = check.check_indices(indices, adata.n_obs)
+        return adata, check.check_indices(indices, adata.n_obs)
+
+    def _inference(
+        self, adata: AnnData, indices: np.ndarray, batch_size: int | None, data_loader_kwargs: dict | None = None
+    ) -> Iterator[tuple[dict[str, torch.Tensor | None], dict[str, torch.Tensor]]]:
+        """:meth:`iter_inference` of cells a read-out has already checked (:meth:`_read_out_cells`)."""
         module = self.module
         with eval_mode(module):
             for tensors in self._read_minibatches(adata, indices, batch_size, data_loader_kwargs):
@@ -914,12 +924,10 @@ class CplMixVAE(
         give_mean: bool = True,
     ) -> tuple[pd.Index, np.ndarray, np.ndarray | None]:
         """Category posteriors ``(A, n, K)`` and optionally state latents ``(A, n, S)`` of the real cells."""
-        self._check_if_trained(warn=True)
-        adata = self._validate_anndata(adata)
-        indices = check.check_indices(indices, adata.n_obs)
+        adata, indices = self._read_out_cells(adata, indices)
         module = self.module
         qs, states = [], []
-        for _, out in self.iter_inference(adata, indices, batch_size=batch_size):
+        for _, out in self._inference(adata, indices, batch_size):
             qs.append(out["q"].cpu())
             if state is None:
                 continue

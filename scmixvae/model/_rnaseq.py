@@ -197,9 +197,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
             check.check_int("n_samples_overall", n_samples_overall, minimum=1)
         if library_size != "latent" and not (np.isfinite(library_size) and library_size > 0):
             raise ValueError(f'`library_size` must be a positive number or "latent", got {library_size!r}.')
-        self._check_if_trained(warn=True)
-        adata = self._validate_anndata(adata)
-        indices = check.check_indices(indices, adata.n_obs)
+        adata, indices = self._read_out_cells(adata, indices)
         gene_mask = check.check_gene_list(gene_list, adata.var_names)
         sample = n_samples > 1 or n_samples_overall is not None
         if n_samples_overall is not None:
@@ -233,7 +231,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
         if picked is not None:
             picked_sample, picked_cell = np.divmod(picked, len(indices))
         result, start = None, 0
-        for inputs, out in self.iter_inference(adata, indices, **read):
+        for inputs, out in self._inference(adata, indices, **read):
             c, mean, var = self.module.consensus_state(out["q"], out["hs"])
             genes = genes.to(mean.device)
             draws = []
@@ -277,10 +275,12 @@ class CplMixVAERNAMixin(RNASeqMixin):
         return scale * (out["library"] if library_size == "latent" else library_size)
 
     def _consensus_decodes(self, adata, indices, batch_size, *, give_mean: bool, data_loader_kwargs=None):
-        """Yield ``(inputs, inference outputs, generative outputs)`` decoded with the consensus category."""
+        """Yield ``(inputs, inference outputs, generative outputs)`` decoded with the consensus category.
+
+        ``adata`` and ``indices`` as checked by :meth:`_read_out_cells`.
+        """
         module = self.module
-        read = self.iter_inference(adata, indices, batch_size=batch_size, data_loader_kwargs=data_loader_kwargs)
-        for inputs, out in read:
+        for inputs, out in self._inference(adata, indices, batch_size, data_loader_kwargs):
             c, mean, var = module.consensus_state(out["q"], out["hs"])
             s = mean if give_mean else mean + var.sqrt() * torch.randn_like(mean)
             yield inputs, out, module.generative(s, c, out["library"], inputs.get("batch_index"), out["cov"])
@@ -336,7 +336,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
             )
         check.check_int("n_samples", n_samples)
         check.check_int("agent", agent, minimum=0, maximum=self.module.n_agents - 1)
-        adata = self._validate_anndata(adata)
+        adata, indices = self._read_out_cells(adata, indices)
         gene_mask = check.check_gene_list(gene_list, adata.var_names)
         samples = []
         for _ in range(n_samples):
@@ -430,6 +430,7 @@ class CplMixVAERNAMixin(RNASeqMixin):
             raise ValueError("A custom `dataloader` is not supported; pass `adata` and `indices`.")
         check.check_int("n_samples", n_samples)
         self._check_agent(agent)
+        adata, indices = self._read_out_cells(adata, indices)
         per_sample = []
         for _ in range(n_samples):
             params: dict[str, list[np.ndarray]] = {}
