@@ -19,6 +19,7 @@ import scipy.sparse as sp
 import scvi
 import torch
 from scvi import REGISTRY_KEYS
+from torch.utils.data import Dataset, default_convert
 
 from .._constants import CONDITION_KEY
 from .._preprocess import log_normalise_block
@@ -189,6 +190,27 @@ def _leiden_with_k(graph, n_clusters: int, leiden_kwargs: dict) -> tuple[np.ndar
     return labels, resolution
 
 
+def indexed_dataset(model) -> Dataset:
+    """Return the registered cells of ``model`` as a dataset whose minibatches carry their cells' indices.
+
+    Built once for all the passes of :func:`fit_categorical_heads` or :func:`train_augmenter` (scvi-tools' loader
+    builds one, with its registry lookups, per pass); the indices give the targets of the cells in a minibatch.
+    """
+    with model.adata_manager.indexed_minibatches():
+        return model.adata_manager.create_torch_dataset()
+
+
+def minibatches(dataset: Dataset, order: np.ndarray, batch_size: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Yield the minibatches of the cells ``order`` that scvi-tools' data loader gives (``shuffle=False``).
+
+    A pass also takes one number from torch's random generator, as a data loader's iterator does (its base seed), so
+    that the random draws of training (input dropout, augmentations) stay those of a fit through data loaders.
+    """
+    torch.empty((), dtype=torch.int64).random_()
+    for start in range(0, len(order), batch_size):
+        yield default_convert(dataset[order[start : start + batch_size]])
+
+
 def fit_categorical_heads(
     model, labels: np.ndarray, *, min_steps: int = 300, min_epochs: int = 2, batch_size: int = 256, lr: float = 1e-3
 ) -> float:
@@ -207,12 +229,10 @@ def fit_categorical_heads(
     was_training = module.training
     module.train()
     correct = total = 0
+    dataset = indexed_dataset(model)
     for _ in range(epochs):
         correct = total = 0
-        order = generator.permutation(model.adata.n_obs)
-        with model.adata_manager.indexed_minibatches():  # targets from the cells actually in each minibatch
-            loader = model._make_data_loader(adata=model.adata, indices=order, batch_size=batch_size, shuffle=False)
-        for tensors in loader:
+        for tensors in minibatches(dataset, generator.permutation(model.adata.n_obs), batch_size):
             target = labels_t[tensors[REGISTRY_KEYS.INDICES_KEY].reshape(-1).long()].to(module.device)
             out = module.inference(**module._get_inference_input(tensors))
             log_q = out["log_q"]
@@ -291,12 +311,10 @@ def train_augmenter(
     was_training = augmenter.training
     augmenter.train()
     rows = []
+    dataset = indexed_dataset(model)
     for _ in range(max_epochs):
-        order = generator.permutation(model.adata.n_obs)
-        with model.adata_manager.indexed_minibatches():  # targets from the cells actually in each minibatch
-            loader = model._make_data_loader(adata=model.adata, indices=order, batch_size=batch_size, shuffle=False)
         sums, n_steps = {}, 0
-        for tensors in loader:
+        for tensors in minibatches(dataset, generator.permutation(model.adata.n_obs), batch_size):
             x = tensors[REGISTRY_KEYS.X_KEY].to(module.device)
             target = labels_t[tensors[REGISTRY_KEYS.INDICES_KEY].reshape(-1).long()].to(module.device)
             x_norm = module.normalise(x, x.sum(-1, keepdim=True))
