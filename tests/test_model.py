@@ -648,7 +648,8 @@ def test_condition_penalty_keeps_types_from_splitting_by_condition(seed):
         model = CplMixVAE(adata, n_categories=4, n_hidden=16)
         if not penalty:  # the condition stays registered (balanced start), but the loss has no penalty
             model.module.n_conditions = 0
-        model.train(max_epochs=30, batch_size=64, enable_progress_bar=False)
+        # no state phase: it changes no type (the labels of 30 + 90 state epochs were the same on both seeds)
+        model.train(max_epochs=30, state_epochs=0, batch_size=64, enable_progress_bar=False)
         labels = model.predict().astype(str)
         return (adjusted_mutual_info_score(adata.obs["condition"], labels),
                 adjusted_mutual_info_score(adata.obs["type"], labels))  # fmt: skip

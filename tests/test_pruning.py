@@ -21,7 +21,7 @@ from scmixvae._scoring import (
     mean_consensus,
     select_round,
 )
-from scmixvae.model import CplMixVAE, _pruning
+from scmixvae.model import CplMixVAE, _fit, _pruning
 from scmixvae.train import ConvergenceStopping
 
 TRAIN = {"batch_size": 64, "enable_progress_bar": False}
@@ -399,7 +399,7 @@ def test_a_given_n_categories_is_kept_unless_prune_is_asked_for():
     model = _unknown_k_model(n_categories=5)
     model.train(max_epochs=1, **TRAIN)
     assert model.pruning_history.empty and model.n_categories == 5
-    model.train(prune=True, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, **TRAIN)
+    model.train(prune=True, prune_kwargs={"max_rounds": 1, "epochs_per_round": 1}, state_epochs=0, **TRAIN)
     history = model.pruning_history
     assert 1 <= len(history) <= 2 and history.loc[0, "n_categories"] <= 5
     assert model.n_categories == history.loc[history["selected"], "n_categories"].item()
@@ -500,6 +500,7 @@ def test_prune_on_an_untrained_model_of_unknown_k_prunes_once(monkeypatch):
         return prune(*args, **kwargs)
 
     monkeypatch.setattr(_pruning, "prune", counting)
+    monkeypatch.setattr(_fit, "default_max_epochs", lambda n_cells: 2)  # a short first training
     # prune() trains the untrained model first; that training must not start a pruning of its own
     history = model.prune(max_rounds=1, epochs_per_round=1, batch_size=64, enable_progress_bar=False)
     assert calls["n"] == 1
