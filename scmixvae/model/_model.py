@@ -258,6 +258,12 @@ class CplMixVAE(
     >>> adata.obsm["X_state"] = model.get_latent_representation()
     """
 
+    # The fit's state lives in attributes its stages set (those whose names end in "_" are saved with the model):
+    # choose_n_categories_ (K is still to be chosen: created without n_categories, cleared once a choice completes),
+    # given_options_ (the augmentation options the user gave), category_init_done_ (no Leiden start is left to do),
+    # _initial_labels (the Leiden start's partition, read as start_labels; not saved), neighbours_ (the "knn" neighbour
+    # table, found by the first run that mixes neighbours), pruning_history_ and restart_history_ (the choice of K),
+    # augmenter_history_ (train_augmenter), interrupted_ (the last train() or prune() was stopped by Ctrl-C).
     _module_cls = CplMixVAEModule
     _training_plan_cls = CplMixVAETrainingPlan
     _data_splitter_cls = CplMixVAEDataSplitter
