@@ -35,6 +35,8 @@ def _package_records_reach_caplog(monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
+    # the long end-to-end tests first: parallel workers (pytest-xdist) then end with short tests, and together
+    items.sort(key=lambda item: "slow" not in item.keywords)
     if not torch.cuda.is_available():
         skip = pytest.mark.skip(reason="needs a CUDA device")
         for item in items:

@@ -498,6 +498,7 @@ def test_quiet_demo_prints_only_its_results(tmp_path, capfd):
     assert not [str(w.message) for w in caught if "no counts" in str(w.message)]  # the demo leaves such genes out
 
 
+@pytest.mark.slow
 def test_messages_and_progress_go_to_stderr_as_plain_lines_and_stdout_holds_the_results(tmp_path, sim_adata):
     """Redirected, stdout held the log lines in terminal colours, wrapped at 80 columns, and the progress bar."""
     src = tmp_path / "in.h5ad"
@@ -515,6 +516,7 @@ def test_messages_and_progress_go_to_stderr_as_plain_lines_and_stdout_holds_the_
     assert any(line.startswith("states: 100%") for line in lines)
 
 
+@pytest.mark.slow
 def test_warnings_read_as_the_commands_messages_even_when_quiet(tmp_path, sim_adata):
     """Python's warning display named an internal file and printed a line of the package's code."""
     import warnings as python_warnings

@@ -70,6 +70,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_two_process_ddp_trains_and_reads_out(tmp_path):
     script, log = tmp_path / "ddp_fit.py", tmp_path / "batches.txt"
     script.write_text(SCRIPT)

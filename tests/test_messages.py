@@ -184,6 +184,7 @@ def _run(mode: str, fit_kwargs: dict) -> tuple[str, str]:
     return out, err  # without the terminal colours of scvi-tools' console
 
 
+@pytest.mark.slow
 def test_default_fit_raises_no_warning_or_notice_of_its_own():
     out, err = _run("loud", {**FIT_KWARGS, "n_restarts": 2})
     warned = json.loads(out.rsplit("WARNINGS ", 1)[1])
@@ -201,6 +202,7 @@ def test_default_fit_raises_no_warning_or_notice_of_its_own():
     assert "restart 2/2 · states" not in err  # the state phase trains the restart kept, whichever it is
 
 
+@pytest.mark.slow
 def test_no_progress_bar_and_verbosity_warning_leave_a_fit_silent():
     out, err = _run("quiet", FIT_KWARGS)
     assert (out, err) == ("", "")

@@ -39,6 +39,7 @@ print(json.dumps({"before": before, "training": sorted(set(Threads.seen)), "afte
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", ["OMP_NUM_THREADS", "set"])
 def test_training_runs_at_the_users_thread_count(how):
     if (os.cpu_count() or 1) < 2:
