@@ -113,6 +113,7 @@ def _fit_ifnb(args, seed: int):
         table = scmixvae.tl.get_state_genes(adata, key=key)
         traversal = adata.uns[key]["traversal"]
         groups = list(np.asarray(traversal["groups"], dtype=str))
+        position = path_position(types.to_numpy(), state, traversal)
         for row in rows:
             sel = labels == row["reference_type"]
             consensus = row["consensus_type"]
@@ -121,8 +122,10 @@ def _fit_ifnb(args, seed: int):
             proj = state[sel] @ direction if direction is not None else state[sel, 0]
             row[f"isgs_in_top20_{name}"] = len(set(top) & set(ISGS))
             row[f"auroc_{name}"] = separation(stim[sel], proj)
+            row[f"auroc_own_frame_{name}"] = separation(stim[sel], position[sel])
         summary[f"types_with_5_isgs_{name}"] = sum(r[f"isgs_in_top20_{name}"] >= 5 for r in rows)
         summary[f"mean_auroc_{name}"] = float(np.nanmean([r[f"auroc_{name}"] for r in rows]))
+        summary[f"mean_auroc_own_frame_{name}"] = float(np.nanmean([r[f"auroc_own_frame_{name}"] for r in rows]))
         summary[f"axis_{name}"] = adata.uns[key]["params"]["axis"]
         summary[f"mean_auroc_by_type_{name}"] = auroc_by_model_type(
             types.to_numpy(), state, stim, groups, traversal["direction"]
@@ -148,6 +151,22 @@ def auroc_by_model_type(types: np.ndarray, state: np.ndarray, stim: np.ndarray, 
     aurocs = [separation(stim[types == group], state[types == group] @ direction)
               for group, direction in zip(groups, np.asarray(directions), strict=True)]  # fmt: skip
     return float(np.nanmean(aurocs)) if not np.isnan(aurocs).all() else float("nan")
+
+
+def path_position(types: np.ndarray, state: np.ndarray, traversal: dict) -> np.ndarray:
+    """Each cell's position on its own type's traversal path, ``(s - center) @ direction / sigma``.
+
+    A cell's state is read in the frame of the type it is assigned to (the decoder pairs it with that type), so a
+    reference type split over several model types is compared along each part's own path, in units of its spread.
+    """
+    position = np.full(len(types), np.nan)
+    for group, center, direction, sigma in zip(
+        np.asarray(traversal["groups"], dtype=str), traversal["center"], traversal["direction"], traversal["sigma"],
+        strict=True,
+    ):
+        cells = types == group
+        position[cells] = (state[cells] - center) @ direction / (sigma if sigma > 0 else 1.0)
+    return position
 
 
 def separation(stim: np.ndarray, projection: np.ndarray) -> float:

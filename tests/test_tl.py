@@ -325,6 +325,26 @@ def test_observed_statistics_find_the_simulated_state_program():
         assert (lfc[up] > 0).all() and (rho[up] > 0).all()
 
 
+@pytest.mark.parametrize("layout", ["dense", "csr", "csc"])
+def test_observed_statistics_are_spearman_of_the_log_normalised_counts_and_leave_the_counts_alone(layout):
+    rng = np.random.default_rng(0)
+    dense = rng.poisson(rng.gamma(0.5, 2.0, size=(120, 9))).astype(np.float64)
+    dense[:, 0] = 0.0  # a gene without counts: rho 0, p 1
+    position = rng.normal(size=120)
+    counts = {"dense": dense.copy(), "csr": sparse.csr_matrix(dense), "csc": sparse.csc_matrix(dense)}[layout]
+    before = counts.copy()
+    lfc, rho, pvals = observed_state_statistics(counts, position, max_entries=250)  # blocks of 2 genes
+    log_normalised = np.log1p(dense / np.maximum(dense.sum(1, keepdims=True), 1.0) * 1e4)  # empty cells stay 0
+    for g in range(1, dense.shape[1]):
+        expected = stats.spearmanr(log_normalised[:, g], position)
+        assert rho[g] == pytest.approx(expected.statistic, rel=1e-9)
+        assert pvals[g] == pytest.approx(expected.pvalue, rel=1e-9)
+    assert (rho[0], pvals[0]) == (0.0, 1.0)
+    assert lfc.shape == rho.shape == (9,)
+    after = counts.toarray() if sparse.issparse(counts) else counts
+    np.testing.assert_array_equal(after, before.toarray() if sparse.issparse(before) else before)
+
+
 # ------------------------------------------------------------------------------------------ gene sets
 def test_gene_sets_have_human_and_mouse_symbols():
     ieg_human = tl.gene_sets("immediate_early", "human")

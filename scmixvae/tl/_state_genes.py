@@ -30,7 +30,7 @@ _MIN_CELLS = 3
 #: Fraction of a group's cells at each end of its state (``logfoldchanges`` of :func:`rank_state_genes`).
 ENDS_QUANTILE = 0.25
 #: Matrix entries densified at once by the per-gene test over cells.
-_DENSE_ENTRIES = 1 << 22
+_DENSE_ENTRIES = 1 << 20
 #: Top genes of each group whose decoded path :func:`rank_state_genes` stores (``traversal["expression"]``).
 N_STORED_GENES = 50
 
@@ -338,30 +338,48 @@ def observed_state_statistics(
     """
     library = np.asarray(counts.sum(1), dtype=np.float64).ravel()
     scale = NORMALISATION_SCALE / np.maximum(library, 1.0)
-    if sparse.issparse(counts):
-        normalised = sparse.csc_matrix(sparse.csr_matrix(counts, dtype=np.float64).multiply(scale[:, None]))
+    if sparse.issparse(counts):  # one float64 CSC copy, scaled in place (the genes' blocks below are its columns)
+        normalised = sparse.csc_matrix(counts).astype(np.float64)
+        normalised.data *= scale[normalised.indices]
     else:
-        normalised = np.asarray(counts, dtype=np.float64) * scale[:, None]
+        normalised = np.array(counts, dtype=np.float64)
+        normalised *= scale[:, None]
     low, high = _position_of_ends(position, quantile)
     mean_high = np.asarray(normalised[high].mean(0)).ravel()
     mean_low = np.asarray(normalised[low].mean(0)).ravel()
     lfc = np.log2((mean_high + 1e-9) / (mean_low + 1e-9))
 
     n_cells, n_genes = normalised.shape
-    position_ranks = stats.rankdata(position)
     rho, pvals = np.zeros(n_genes), np.ones(n_genes)
-    width = max(1, max_entries // max(n_cells, 1))
+    position_ranks = stats.rankdata(position)
+    position_ranks -= position_ranks.mean()
+    if n_cells < 3 or not position_ranks.any():
+        return lfc, rho, pvals
+    width = max(1, max_entries // n_cells)
     for start in range(0, n_genes, width):
         block = normalised[:, start : start + width]
-        block = np.log1p(block.toarray() if sparse.issparse(block) else block)
-        ranks = stats.rankdata(block, axis=0)
+        block = block.toarray() if sparse.issparse(block) else block  # dense: a view of our own copy
+        np.log1p(block, out=block)
         varies = np.ptp(block, axis=0) > 0
-        if n_cells < 3 or not varies.any():
-            continue
-        result = stats.pearsonr(ranks[:, varies], np.broadcast_to(position_ranks[:, None], ranks[:, varies].shape))
-        rho[start : start + width][varies] = result.statistic
-        pvals[start : start + width][varies] = result.pvalue
-    return lfc, rho, np.clip(np.nan_to_num(pvals, nan=1.0), 0.0, 1.0)
+        if varies.any():
+            rho[start : start + width][varies] = _rank_correlation(block[:, varies], position_ranks)
+    varies = rho != 0
+    pvals[varies] = _correlation_pvalues(rho[varies], n_cells)
+    return lfc, rho, pvals
+
+
+def _rank_correlation(block: np.ndarray, centred_position_ranks: np.ndarray) -> np.ndarray:
+    """Pearson correlation of each column's ranks (ties averaged) with the centred ranks of the positions."""
+    ranks = stats.rankdata(block, axis=0)
+    ranks -= ranks.mean(0)
+    norms = np.sqrt(np.einsum("ij,ij->j", ranks, ranks) * (centred_position_ranks @ centred_position_ranks))
+    return np.clip((centred_position_ranks @ ranks) / norms, -1.0, 1.0)
+
+
+def _correlation_pvalues(rho: np.ndarray, n: int) -> np.ndarray:
+    """Two-sided p-values of correlations ``rho`` over ``n`` pairs, as :func:`scipy.stats.pearsonr` gives them."""
+    null = stats.beta(n / 2 - 1, n / 2 - 1, loc=-1, scale=2)  # the exact null distribution of r (normal data)
+    return np.clip(2 * null.sf(np.abs(rho)), 0.0, 1.0)
 
 
 def _traversal_scores(
