@@ -13,7 +13,9 @@ Parts:
   ISGs (ISG15, IFIT1, IFIT3, IFI6, MX1, ISG20, IFITM3, OAS1, RSAD2, LY6E) among that type's top 20 state genes
   for each ranking axis of ``--axes`` (the default axis of ``rank_state_genes`` and the first principal one);
   AUROC of the state projection (the traversal axis of the reference type's consensus type) separating CTRL from
-  STIM within each reference type, and per model type along its own axis (``mean_auroc_by_type``); the
+  STIM within each reference type; the same with each cell placed on its own model type's path, in that type's
+  standard deviations (``auroc_own_frame``: a cell's state is read in the frame of the type it is assigned to);
+  per model type along its own axis (``mean_auroc_by_type``); the
   cell-type ARI (the model given the 13 types) next to scVI + Leiden (Leiden at resolution 1) fitted here at each
   seed on the same cells and genes, with the condition as scVI's batch (``--no-scvi`` to skip it);
   the ARI of each fit's types to its own Leiden start (``ari_to_start``), the number of types holding at least one
