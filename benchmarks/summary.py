@@ -48,7 +48,8 @@ RESULTS: list[tuple[str, str, str]] = [
      "as K given. Its `seconds` were measured beside another benchmark on the two cores: compare them with nothing."),
     ("bench_state_genes.py", "state_genes",
      "Interferon-β-stimulated PBMCs with the condition registered: interferon-stimulated genes among each type's "
-     "state genes, AUROC of control vs stimulated along the state, cell-type ARI, each fit's ARI to its own Leiden "
+     "state genes, AUROC of control vs stimulated along the state (each reference type along its majority type's "
+     "axis; `own_frame`: each cell along its own type's), cell-type ARI, each fit's ARI to its own Leiden "
      "start, the share of cells in types split by condition, and the agreement between the seeds' types."),
     ("bench_speed.py", "speed",
      "Speed against scVI on simulated data, one CPU thread: seconds per step and FLOP/s (`throughput`), the whole "
