@@ -163,7 +163,10 @@ def path_position(types: np.ndarray, state: np.ndarray, traversal: dict) -> np.n
     """
     position = np.full(len(types), np.nan)
     for group, center, direction, sigma in zip(
-        np.asarray(traversal["groups"], dtype=str), traversal["center"], traversal["direction"], traversal["sigma"],
+        np.asarray(traversal["groups"], dtype=str),
+        traversal["center"],
+        traversal["direction"],
+        traversal["sigma"],
         strict=True,
     ):
         cells = types == group
