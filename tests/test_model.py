@@ -816,19 +816,29 @@ def test_read_outs_of_a_model_with_non_finite_weights_raise(trained_model):
     assert trained_model.predict().shape == (trained_model.adata.n_obs,)
 
 
-def test_a_fit_with_k_given_warns_when_training_empties_a_category():
-    """The Leiden start fills every category; a learning rate 100x the default merges types: not in silence."""
+def test_a_fit_with_k_given_warns_when_training_empties_a_category(monkeypatch):
+    """The Leiden start fills every category; a fit that merges one of them into another does not do it in silence.
+
+    Which fits merge (a learning rate 100x the default merged two of four types here) depends on the random stream,
+    which other tests and the number of threads change: the merge is made by hand, in what the fit reads back.
+    """
     from scmixvae.data import simulate
 
     scvi.settings.seed = 0
     adata = simulate(n_cells=400, n_genes=200, n_types=4, seed=0)
     CplMixVAE.setup_anndata(adata)
     model = CplMixVAE(adata, n_categories=4, n_hidden=64)
-    with pytest.warns(
-        UserWarning, match=r"After training, category \d holds no cell of the 4 given: the fit merged it"
-    ):
-        model.train(max_epochs=20, state_epochs=0, plan_kwargs={"lr": 0.1}, enable_progress_bar=False)
-    assert model.predict().value_counts().eq(0).any()
+    predict = CplMixVAE.predict
+
+    def merged(self, *args, **kwargs):  # what a fit that merged category 3 into category 0 predicts
+        labels = predict(self, *args, **kwargs)
+        categories = labels.cat.categories
+        return labels.where(labels != categories[3], categories[0])
+
+    monkeypatch.setattr(CplMixVAE, "predict", merged)
+    with pytest.warns(UserWarning, match=r"After training, category 3 holds no cell of the 4 given: the fit merged it"):
+        model.train(max_epochs=5, state_epochs=0, enable_progress_bar=False)
+    monkeypatch.undo()
     scvi.settings.seed = 0
     model = CplMixVAE(adata, n_categories=4, n_hidden=64)
     with warnings.catch_warnings():
