@@ -124,7 +124,8 @@ def _fit_ifnb(args, seed: int):
             proj = state[sel] @ direction if direction is not None else state[sel, 0]
             row[f"isgs_in_top20_{name}"] = len(set(top) & set(ISGS))
             row[f"auroc_{name}"] = separation(stim[sel], proj)
-            row[f"auroc_own_frame_{name}"] = separation(stim[sel], position[sel])
+            on_path = sel & ~np.isnan(position)
+            row[f"auroc_own_frame_{name}"] = separation(stim[on_path], position[on_path])
         summary[f"types_with_5_isgs_{name}"] = sum(r[f"isgs_in_top20_{name}"] >= 5 for r in rows)
         summary[f"mean_auroc_{name}"] = float(np.nanmean([r[f"auroc_{name}"] for r in rows]))
         summary[f"mean_auroc_own_frame_{name}"] = float(np.nanmean([r[f"auroc_own_frame_{name}"] for r in rows]))
@@ -160,6 +161,7 @@ def path_position(types: np.ndarray, state: np.ndarray, traversal: dict) -> np.n
 
     A cell's state is read in the frame of the type it is assigned to (the decoder pairs it with that type), so a
     reference type split over several model types is compared along each part's own path, in units of its spread.
+    Cells of a type that ``rank_state_genes`` left out (too few cells, or no spread) have no path: NaN.
     """
     position = np.full(len(types), np.nan)
     for group, center, direction, sigma in zip(
@@ -170,7 +172,7 @@ def path_position(types: np.ndarray, state: np.ndarray, traversal: dict) -> np.n
         strict=True,
     ):
         cells = types == group
-        position[cells] = (state[cells] - center) @ direction / (sigma if sigma > 0 else 1.0)
+        position[cells] = (state[cells] - center) @ direction / sigma  # a ranked type spreads: sigma > 0
     return position
 
 

@@ -820,7 +820,7 @@ def test_a_fit_with_k_given_warns_when_training_empties_a_category(monkeypatch):
     """The Leiden start fills every category; a fit that merges one of them into another does not do it in silence.
 
     Which fits merge (a learning rate 100x the default merged two of four types here) depends on the random stream,
-    which other tests and the number of threads change: the merge is made by hand, in what the fit reads back.
+    which the tests run before it in the same process change: the merge is made by hand, in what the fit reads back.
     """
     from scmixvae.data import simulate
 
